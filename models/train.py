@@ -1,0 +1,301 @@
+"""Training: a config dataclass and one loop you can read top to bottom.
+
+``cnnserve train ARCH --data NAME --epochs N`` writes one run folder:
+  model.pt      best weights (by validation accuracy), spec, labels, test metrics
+  last.pt       everything needed to resume (optimizer, schedule, history, RNG)
+  metrics.json  per-epoch metrics, the config, the spec and the test result
+  curves.png    loss and accuracy per epoch; confusion.png: the test confusion matrix
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .data import DATASETS, NATIVE_CHANNELS, DataError, load_dataset
+from .registry import Classifier, build_classifier, get_entry, spec_for
+
+OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
+DEFAULT_LR = {"sgd": 0.05, "momentum": 0.05, "adagrad": 0.01, "rmsprop": 1e-3, "adadelta": 1.0,
+              "adam": 1e-3, "adamw": 1e-3}
+SCHEDULES = ("cosine", "step", "none")
+INITS = ("kaiming", "xavier", "default")
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "lenet5"
+    data: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    img_size: int | None = None  # default: the registry's input size for the architecture
+    channels: int | None = None  # default: the data set's own (1 for digits/MNIST, 3 for RGB sets)
+    limit: int | None = None  # use at most this many training images
+    epochs: int = 30
+    batch_size: int = 32
+    optimizer: str = "adam"
+    lr: float | None = None  # default per optimizer (DEFAULT_LR)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    step_size: int = 10  # epochs between decays of the step schedule
+    gamma: float = 0.1
+    init: str = "kaiming"
+    augment: bool | None = None  # default: on for RGB data (random crop + horizontal flip)
+    label_smoothing: float = 0.0
+    patience: int = 10  # early stop after this many epochs without a better validation accuracy; 0: never
+    seed: int = 0
+    out: str | None = None  # default: runs/ARCH-DATA
+    workers: int = 0  # data loader processes (folder data sets)
+
+    def __post_init__(self):
+        for name, value, valid in (("data set", self.data, DATASETS), ("optimizer", self.optimizer, OPTIMIZERS),
+                                   ("schedule", self.schedule, SCHEDULES), ("init", self.init, INITS)):
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        get_entry(self.arch)  # raises with the list of valid names
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch size must be at least 1")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.arch}-{self.data}")
+
+
+def init_weights(model: nn.Module, scheme: str) -> None:
+    """Per layer type: convolutions and linear layers get Kaiming (fan-out, ReLU) or Xavier
+    initialisation, biases zero; batch norm keeps its (1, 0) default."""
+    if scheme == "default":
+        return
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if scheme == "kaiming":
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(m.weight)
+        elif isinstance(m, nn.Linear):
+            if scheme == "kaiming":
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(m.weight)
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    lr, wd = cfg.lr or DEFAULT_LR[cfg.optimizer], cfg.weight_decay
+    o = cfg.optimizer
+    if o in ("sgd", "momentum"):
+        return torch.optim.SGD(params, lr, momentum=cfg.momentum if o == "momentum" else 0.0, weight_decay=wd)
+    if o == "adagrad":
+        return torch.optim.Adagrad(params, lr, weight_decay=wd)
+    if o == "rmsprop":
+        return torch.optim.RMSprop(params, lr, weight_decay=wd)
+    if o == "adadelta":
+        return torch.optim.Adadelta(params, lr, weight_decay=wd)
+    return (torch.optim.AdamW if o == "adamw" else torch.optim.Adam)(params, lr, weight_decay=wd)
+
+
+def make_schedule(cfg: TrainConfig, opt, steps_per_epoch: int):
+    """Stepped once per batch: linear warm-up, then cosine decay or step decay (or constant)."""
+    from torch.optim import lr_scheduler as S
+
+    total, warm = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+    if cfg.schedule == "cosine":
+        main = S.CosineAnnealingLR(opt, T_max=max(1, total - warm))
+    elif cfg.schedule == "step":
+        main = S.StepLR(opt, step_size=cfg.step_size * steps_per_epoch, gamma=cfg.gamma)
+    else:
+        main = S.ConstantLR(opt, factor=1.0, total_iters=0)
+    if not warm:
+        return main
+    return S.SequentialLR(opt, [S.LinearLR(opt, 0.01, 1.0, total_iters=warm), main], milestones=[warm])
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding by an eighth of the side, and random horizontal flip (uint8 batch)."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+
+
+def _loss(output, target, smoothing: float) -> torch.Tensor:
+    if isinstance(output, tuple):  # GoogLeNet with auxiliary heads in training: 0.3 weight each
+        main, *aux = output
+        return F.cross_entropy(main, target, label_smoothing=smoothing) + sum(
+            0.3 * F.cross_entropy(a, target, label_smoothing=smoothing) for a in aux)
+    return F.cross_entropy(output, target, label_smoothing=smoothing)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader) -> dict:
+    """Loss, accuracy and the predictions on a whole split."""
+    model.eval()
+    losses, preds, targets = [], [], []
+    for x, y in loader:
+        logits = model(x)
+        losses.append(F.cross_entropy(logits, y, reduction="sum").item())
+        preds.append(logits.argmax(1))
+        targets.append(y)
+    preds, targets = torch.cat(preds), torch.cat(targets)
+    n = len(targets)
+    return {"loss": sum(losses) / max(1, n), "accuracy": (preds == targets).float().mean().item() if n else 0.0,
+            "n": n, "preds": preds.numpy(), "targets": targets.numpy()}
+
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = None) -> Path:
+    """Train ``cfg.arch`` on ``cfg.data``; returns the run folder. ``resume``: a last.pt to continue."""
+    state = None
+    if resume is not None:
+        state = load_checkpoint(resume)
+        if "optimizer" not in state:
+            raise CheckpointError(f"{resume}: holds no training state (resume from the run's last.pt)")
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    # -- data and spec: the registry's spec, specialised to the data's labels and statistics
+    channels = cfg.channels or NATIVE_CHANNELS[cfg.data]
+    size = cfg.img_size or get_entry(cfg.arch).spec.height
+    data = load_dataset(cfg.data, spec_for(cfg.arch, (), channels, size), cfg.data_dir, cfg.download, cfg.limit)
+    spec = state["spec"] if state else spec_for(cfg.arch, data.labels, channels, size, data.mean, data.std)
+    if spec.labels != data.labels:
+        raise CheckpointError(f"{resume}: its labels {spec.labels} differ from the data set's {data.labels}")
+    print(f"data {cfg.data}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
+          f"{len(data.labels)} classes, input {spec.channels}x{spec.height}x{spec.width}")
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = lambda ds, shuffle: DataLoader(  # noqa: E731
+        ds, batch_size=cfg.batch_size if shuffle else 256, shuffle=shuffle, generator=gen if shuffle else None,
+        num_workers=cfg.workers, drop_last=shuffle and len(ds) > cfg.batch_size)
+    train_loader, val_loader, test_loader = loader(data.train, True), loader(data.val, False), loader(data.test, False)
+
+    # -- model, optimizer, schedule
+    model: Classifier = build_classifier(spec)
+    init_weights(model.net, cfg.init)
+    opt = make_optimizer(cfg, model.parameters())
+    sched = make_schedule(cfg, opt, len(train_loader))
+    history, start, best_acc, best_state, stale = [], 0, -1.0, None, 0
+    if state:
+        model.net.load_state_dict(state["state_dict"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        history, start, best_acc, stale = state["history"], state["epoch"], state["best_val_accuracy"], state["stale"]
+        best_state = state["best_state_dict"]
+        torch.set_rng_state(state["rng"]["torch"])
+        gen.set_state(state["rng"]["loader"])
+        print(f"resuming {resume} after epoch {start}")
+    do_augment = cfg.augment if cfg.augment is not None else spec.channels == 3
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model {cfg.arch}: {n_params:,} parameters; optimizer {cfg.optimizer} lr {opt.param_groups[0]['lr']:g}, "
+          f"schedule {cfg.schedule}, augment {'on' if do_augment else 'off'}; writing {out}/")
+
+    # -- the loop
+    t0 = time.time()
+    for epoch in range(start, cfg.epochs):
+        model.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        # progress None: a bar on a terminal only; the per-epoch line below is always printed
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
+                   disable=None if progress is None else not progress)
+        for x, y in bar:
+            if do_augment:
+                x = augment(x, gen)
+            output = model(x)
+            loss = _loss(output, y, cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            logits = output[0] if isinstance(output, tuple) else output
+            seen += len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        val = evaluate(model, val_loader)
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": opt.param_groups[0]["lr"],
+               "seconds": round(time.time() - t0, 2)}
+        history.append(row)
+        improved = val["accuracy"] > best_acc
+        if improved:
+            best_acc, best_state, stale = val["accuracy"], copy.deepcopy(model.net.state_dict()), 0
+        else:
+            stale += 1
+        print(f"epoch {epoch + 1:3d}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+              f"  val loss {val['loss']:.4f} acc {val['accuracy']:.4f}  {row['seconds']:.1f}s"
+              f"{'  *best' if improved else ''}", flush=True)
+        save_checkpoint(out / "last.pt", {
+            "arch": cfg.arch, "spec": spec.to_dict(), "state_dict": model.net.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
+            "history": history, "best_val_accuracy": best_acc, "best_state_dict": best_state, "stale": stale,
+            "train_config": asdict(cfg), "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state()}})
+        _write_metrics(out, cfg, spec, history, None)
+        if cfg.patience and stale >= cfg.patience:
+            print(f"early stop: no better validation accuracy for {cfg.patience} epochs")
+            break
+
+    # -- the best weights, measured once on the held-out test split
+    model.net.load_state_dict(best_state)
+    test = evaluate(model, test_loader)
+    best_epoch = max(history, key=lambda r: r["val_accuracy"])["epoch"]
+    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], "n_test": test["n"],
+               "val_accuracy": best_acc, "best_epoch": best_epoch, "epochs_run": len(history),
+               "train_seconds": history[-1]["seconds"] if history else 0.0}
+    save_checkpoint(out / "model.pt", {
+        "arch": cfg.arch, "spec": spec.to_dict(), "state_dict": model.net.state_dict(), "metrics": metrics,
+        "train_config": asdict(cfg), "data": cfg.data, "torch_version": str(torch.__version__),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    _write_metrics(out, cfg, spec, history, metrics)
+    from .report import plot_confusion, plot_curves
+
+    plot_curves(history, out / "curves.png", title=f"{cfg.arch} on {cfg.data}")
+    plot_confusion(test["targets"], test["preds"], spec.labels, out / "confusion.png",
+                   title=f"{cfg.arch} on {cfg.data}: test accuracy {test['accuracy']:.2%}")
+    print(f"test accuracy {test['accuracy']:.4f} ({test['n']} images, best epoch {best_epoch}); "
+          f"checkpoint {out / 'model.pt'}")
+    return out
+
+
+def _write_metrics(out: Path, cfg: TrainConfig, spec, history: list, test: dict | None) -> None:
+    doc = {"config": asdict(cfg), "spec": spec.to_dict(), "epochs": history, "test": test}
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(out / "metrics.json")
+
+
+def config_from_args(given: dict, resume: str | None = None) -> TrainConfig:
+    """A config from the options given on the command line; on resume, the stored config with those on top."""
+    known = {f.name for f in fields(TrainConfig)}
+    given = {k: v for k, v in given.items() if k in known}
+    if resume:
+        stored = load_checkpoint(resume).get("train_config", {})
+        given = {**{k: v for k, v in stored.items() if k in known}, **given}
+    return TrainConfig(**given)
+
+
+__all__ = ["TrainConfig", "train", "evaluate", "config_from_args", "DataError", "CheckpointError"]

@@ -1,0 +1,46 @@
+"""Shared fixtures: one real training run of the default model, reused by the slower tests."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+# the installed console script when there is one (the real entry point), else the module
+_SCRIPT = Path(sys.executable).with_name("cnnserve")
+CNNSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cnnserve.cli"]
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600, check=False) -> subprocess.CompletedProcess:
+    """The real ``cnnserve`` command in a subprocess."""
+    proc = subprocess.run([*CNNSERVE, *map(str, args)], cwd=cwd or ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cnnserve {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
+    """H x W or H x W x 3 uint8 array to image bytes, by Pillow."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory) -> Path:
+    """The default training run (LeNet-5 on digits, default config), trained once per session."""
+    from models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("runs") / "lenet5-digits"
+    return train(TrainConfig(out=str(out)), progress=False)

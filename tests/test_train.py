@@ -1,0 +1,144 @@
+"""Real training runs on the bundled and generated data (small and fast)."""
+
+import json
+
+import pytest
+import torch
+
+from models.checkpoint import CheckpointError, classifier_from_checkpoint, load_checkpoint
+from models.train import OPTIMIZERS, TrainConfig, augment, make_optimizer, make_schedule, train
+from tests.conftest import run_cli
+
+
+def test_default_run_reaches_97_percent(default_run):
+    """The embedded default (LeNet-5 on digits) reaches the issue's bar of 97% test accuracy."""
+    ckpt = torch.load(default_run / "model.pt", weights_only=True)  # plain data, no pickled objects
+    assert ckpt["metrics"]["test_accuracy"] >= 0.97
+    assert ckpt["metrics"]["n_test"] == 360
+    assert ckpt["spec"]["labels"] == list("0123456789")
+    assert ckpt["spec"]["height"] == 28 and ckpt["spec"]["channels"] == 1
+    for name in ("model.pt", "last.pt", "metrics.json", "curves.png", "confusion.png"):
+        assert (default_run / name).stat().st_size > 0
+    assert (default_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((default_run / "metrics.json").read_text())
+    assert len(metrics["epochs"]) == ckpt["metrics"]["epochs_run"]
+    assert metrics["test"]["test_accuracy"] == ckpt["metrics"]["test_accuracy"]
+
+
+def test_checkpoint_reproduces_its_accuracy(default_run):
+    from models.data import load_dataset
+    from models.train import evaluate
+    from torch.utils.data import DataLoader
+
+    ckpt = load_checkpoint(default_run)
+    model = classifier_from_checkpoint(ckpt)
+    data = load_dataset("digits", ckpt["spec"])
+    result = evaluate(model, DataLoader(data.test, batch_size=100))
+    assert result["accuracy"] == pytest.approx(ckpt["metrics"]["test_accuracy"], abs=1e-9)
+
+
+def quick(tmp_path, **kw):
+    return TrainConfig(**{"out": str(tmp_path / "run"), "epochs": 2, "limit": 200, "patience": 0, **kw})
+
+
+def test_same_seed_same_result(tmp_path):
+    a = json.loads((train(quick(tmp_path / "a"), progress=False) / "metrics.json").read_text())
+    b = json.loads((train(quick(tmp_path / "b"), progress=False) / "metrics.json").read_text())
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(a["epochs"]) == strip(b["epochs"])
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Two epochs then a resume to four give the same history as four epochs straight.
+
+    A constant schedule: a cosine schedule's shape depends on the planned epoch count."""
+    straight = train(quick(tmp_path / "s", epochs=4, schedule="none"), progress=False)
+    part = train(quick(tmp_path / "p", epochs=2, schedule="none"), progress=False)
+    resumed = train(quick(tmp_path / "p", epochs=4, schedule="none"), resume=str(part / "last.pt"), progress=False)
+    h1 = json.loads((straight / "metrics.json").read_text())["epochs"]
+    h2 = json.loads((resumed / "metrics.json").read_text())["epochs"]
+    assert [r["epoch"] for r in h2] == [1, 2, 3, 4]
+    for r1, r2 in zip(h1, h2):
+        assert r1["val_loss"] == pytest.approx(r2["val_loss"], rel=1e-5)
+        assert r1["train_loss"] == pytest.approx(r2["train_loss"], rel=1e-5)
+
+
+def test_resume_needs_training_state(default_run):
+    with pytest.raises(CheckpointError, match="holds no training state"):
+        train(TrainConfig(out=str(default_run)), resume=str(default_run / "model.pt"), progress=False)
+
+
+def test_early_stop_keeps_best_weights(tmp_path):
+    run = train(quick(tmp_path, epochs=30, patience=2, lr=0.5, optimizer="sgd"), progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    best = max(r["val_accuracy"] for r in m["epochs"])
+    assert m["test"]["val_accuracy"] == best
+    assert m["test"]["epochs_run"] < 30  # stopped early
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_learns(tmp_path, optimizer):
+    run = train(quick(tmp_path, optimizer=optimizer, epochs=3, limit=400), progress=False)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["epochs"][-1]["train_loss"] < m["epochs"][0]["train_loss"] or m["test"]["test_accuracy"] > 0.5
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_schedules_with_warmup(schedule):
+    cfg = TrainConfig(epochs=10, schedule=schedule, warmup_epochs=2, step_size=3, gamma=0.5, lr=1.0, optimizer="sgd")
+    opt = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
+    sched = make_schedule(cfg, opt, steps_per_epoch=5)
+    lrs = []
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < 0.05 and lrs[9] > lrs[0]  # warm-up rises
+    assert max(lrs) == pytest.approx(1.0, rel=0.05)
+    assert lrs[-1] < 0.6  # and decays afterwards
+
+
+@pytest.mark.parametrize("init", ["kaiming", "xavier"])
+def test_rgb_training_with_augmentation(tmp_path, init):
+    run = train(quick(tmp_path, arch="resnet18", data="shapes", img_size=32, init=init, epochs=1, limit=64,
+                      batch_size=16), progress=False)
+    ckpt = load_checkpoint(run)
+    assert ckpt["spec"].channels == 3 and ckpt["train_config"]["augment"] is None
+    assert ckpt["spec"].labels == ("circle", "square", "triangle", "cross")
+
+
+def test_augment_keeps_shape_and_content():
+    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3, 16, 16)
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+
+
+def test_train_cli_end_to_end(tmp_path):
+    proc = run_cli("train", "lenet5_classic", "--epochs", "1", "--limit", "100", "--out", tmp_path / "r",
+                   "--optimizer", "momentum", "--schedule", "step", check=True)
+    assert "epoch   1/1" in proc.stdout and "test accuracy" in proc.stdout
+    assert load_checkpoint(tmp_path / "r").get("spec").height == 32
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "resnet9000"], "valid names: alexnet"),
+    (["train", "--data", "imagenet"], "valid: digits, mnist"),
+    (["train", "--data", "mnist", "--data-dir", "/nonexistent/mnist"], "/nonexistent/mnist: data directory does not exist"),
+    (["train", "--data", "folder"], "needs --data-dir"),
+    (["train", "--resume", "/nonexistent/last.pt"], "/nonexistent/last.pt: no such file"),
+])
+def test_train_cli_bad_input_is_one_clear_line(args, message):
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_train_cli_unreadable_folder_image_names_it(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            (tmp_path / cls / f"{i}.png").write_bytes(b"not a png")
+    proc = run_cli("train", "--data", "folder", "--data-dir", tmp_path, "--channels", "1", "--epochs", "1",
+                   "--out", tmp_path / "run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert str(tmp_path) in proc.stderr and ".png" in proc.stderr
