@@ -1,0 +1,145 @@
+"""The ``cnnserve`` command: one door with subcommands.
+
+Parsers are declared here; each handler imports its module only when it runs, so the
+serving commands never import torch and ``cnnserve --help`` is instant.
+A bad input ends with one line, ``cnnserve: error: ...``, and exit status 2; set
+``CNNSERVE_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_ARCH = "lenet5"
+DEFAULT_DATA = "digits"
+DEFAULT_RUN = "runs/lenet5-digits"
+
+
+def _cmd_models(args) -> int:
+    import models
+    from models.summary import format_table, human, summarize_arch
+
+    if args.name:
+        entry = models.get_entry(args.name)
+        classes = args.classes or (10 if entry.spec.channels == 1 else 1000)
+        s = summarize_arch(args.name, classes, args.channels, args.img_size)
+        if args.summary:
+            print(format_table(s))
+        else:
+            print(f"{entry.name}: {entry.description}\n  input {'x'.join(map(str, s.input))}, "
+                  f"{classes} classes: {s.params:,} parameters, {s.macs:,} multiply-adds")
+        return 0
+    rows = []
+    for name in models.list_models():
+        e = models.get_entry(name)
+        classes = 10 if e.spec.channels == 1 else 1000
+        s = summarize_arch(name, classes)
+        rows.append((name, e.family, "x".join(map(str, s.input)), str(classes), f"{s.params:,}", human(s.macs),
+                     e.description))
+    head = ("name", "family", "input", "classes", "params", "MACs", "description")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) if i in (0, 1, 2, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from models.train import config_from_args, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "resume") and v is not None}
+    train(config_from_args(given, args.resume), resume=args.resume)
+    return 0
+
+
+def _add_train(sub) -> None:
+    from_doc = "Train an architecture on a data set; writes a run folder (checkpoint, metrics, PNGs)."
+    p = sub.add_parser("train", help=from_doc, description=from_doc)
+    S = argparse.SUPPRESS  # options not given keep TrainConfig's defaults (or, on --resume, the stored ones)
+    p.add_argument("arch", nargs="?", default=S, help=f"architecture (see `cnnserve models`; default {DEFAULT_ARCH})")
+    p.add_argument("--data", default=S, help="digits (default), mnist, fashion-mnist, cifar10, folder, shapes")
+    p.add_argument("--data-dir", default=S, help="directory of the data set's files")
+    p.add_argument("--download", action="store_true", default=S, help="fetch MNIST / Fashion-MNIST into --data-dir")
+    p.add_argument("--img-size", type=int, default=S, help="input side in pixels (default: the architecture's)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=S, help="input channels (default: the data's)")
+    p.add_argument("--limit", type=int, default=S, help="use at most this many training images")
+    p.add_argument("--epochs", type=int, default=S, help="default 30")
+    p.add_argument("--batch-size", type=int, default=S, help="default 32")
+    p.add_argument("--optimizer", default=S, help="sgd, momentum, adagrad, rmsprop, adadelta, adam (default), adamw")
+    p.add_argument("--lr", type=float, default=S, help="learning rate (default per optimizer)")
+    p.add_argument("--momentum", type=float, default=S)
+    p.add_argument("--weight-decay", type=float, default=S)
+    p.add_argument("--schedule", default=S, help="cosine (default), step, none")
+    p.add_argument("--warmup-epochs", type=int, default=S, help="linear warm-up epochs")
+    p.add_argument("--step-size", type=int, default=S, help="epochs between step decays")
+    p.add_argument("--gamma", type=float, default=S, help="step decay factor")
+    p.add_argument("--init", default=S, help="kaiming (default), xavier, default")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=S,
+                   help="random crop and horizontal flip (default: on for RGB data)")
+    p.add_argument("--label-smoothing", type=float, default=S)
+    p.add_argument("--patience", type=int, default=S, help="early-stop patience in epochs (0: off; default 10)")
+    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--workers", type=int, default=S, help="data loader processes")
+    p.add_argument("--out", default=S, help="run folder (default runs/ARCH-DATA)")
+    p.add_argument("--resume", default=None, help="continue from a run's last.pt")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_up(args) -> int:
+    """The main job on the embedded default: train LeNet-5 on digits unless a checkpoint exists."""
+    from pathlib import Path
+
+    run = Path(args.run)
+    if (run / "model.pt").is_file() and not args.retrain:
+        print(f"using the trained model in {run}/ (--retrain to train again)")
+    else:
+        from models.train import TrainConfig, train
+
+        train(TrainConfig(arch=DEFAULT_ARCH, data=DEFAULT_DATA, out=str(run)))
+    print(f"checkpoint: {run / 'model.pt'}; curves: {run / 'curves.png'}; confusion matrix: {run / 'confusion.png'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnserve", description="Train CNNs, export them to ONNX, serve them with BentoML.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the architectures, or describe one",
+                       description="List the registry with input size, parameters and multiply-adds.")
+    p.add_argument("name", nargs="?", help="one architecture")
+    p.add_argument("--summary", action="store_true", help="layer-by-layer table")
+    p.add_argument("--classes", type=int, help="number of classes (default 10 for grey models, 1000 for RGB)")
+    p.add_argument("--channels", type=int, choices=(1, 3))
+    p.add_argument("--img-size", type=int)
+    p.set_defaults(func=_cmd_models)
+
+    _add_train(sub)
+
+    p = sub.add_parser("up", help="the main job: train the default model if needed, then export and serve it",
+                       description="Train LeNet-5 on the bundled digits unless a checkpoint exists.")
+    p.add_argument("--run", default=DEFAULT_RUN, help=f"run folder of the default model (default {DEFAULT_RUN})")
+    p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
+    p.set_defaults(func=_cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        print("cnnserve: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, LookupError, OSError) as e:
+        # Every error the project raises for bad input is a ValueError or KeyError subclass with a
+        # message that names the file or the value; OSError covers files that vanish or cannot be written.
+        if os.environ.get("CNNSERVE_DEBUG"):
+            raise
+        print(f"cnnserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
