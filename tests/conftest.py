@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ _SCRIPT = Path(sys.executable).with_name("cnnserve")
 CNNSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cnnserve.cli"]
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Every test (and every server or CLI it starts) uses a model store of its own, never the user's.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="cnnserve-bentoml-")
 
 
 def run_cli(*args, cwd=None, env=None, timeout=600, check=False) -> subprocess.CompletedProcess:
@@ -44,3 +47,11 @@ def default_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "lenet5-digits"
     return train(TrainConfig(out=str(out)), progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_onnx(default_run) -> Path:
+    """The default model exported (fp32, verified) beside its checkpoint."""
+    from export.onnx import export_checkpoint
+
+    return export_checkpoint(default_run, log=lambda *a: None)[0]["path"]

@@ -1,0 +1,76 @@
+"""The contract between the exporter and everything that runs an exported model.
+
+An exported ONNX file takes ``pixels`` (uint8, N x C x H x W at the spec's size) and
+gives ``logits`` and ``probabilities`` (float32, N x classes). Its ``metadata_props``
+carry what a server needs and must not guess; they are written by ``export/onnx.py``
+and read back here, by the service and the batch scorer (through onnxruntime's
+``custom_metadata_map``: no onnx or torch import needed).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .spec import ModelSpec, SpecError
+
+FORMAT = "cnnserve-onnx/1"
+INPUT = "pixels"
+OUTPUTS = ("logits", "probabilities")
+PRECISIONS = ("fp32", "fp16")
+
+KEY_FORMAT = "cnnserve.format"
+KEY_SPEC = "cnnserve.spec"
+KEY_ARCH = "cnnserve.arch"
+KEY_LABELS = "cnnserve.labels"
+KEY_METRICS = "cnnserve.metrics"
+KEY_CHECKPOINT = "cnnserve.checkpoint_sha256"
+KEY_PRECISION = "cnnserve.precision"
+KEY_VERSIONS = "cnnserve.versions"
+KEY_DATA = "cnnserve.data"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an exported model says about itself."""
+
+    spec: ModelSpec
+    precision: str = "fp32"
+    metrics: dict = field(default_factory=dict)
+    checkpoint_sha256: str = ""
+    versions: dict = field(default_factory=dict)
+    data: str = ""
+
+    def to_metadata(self) -> dict[str, str]:
+        return {
+            KEY_FORMAT: FORMAT,
+            KEY_ARCH: self.spec.arch,
+            KEY_SPEC: self.spec.to_json(),
+            KEY_LABELS: json.dumps(list(self.spec.labels)),
+            KEY_METRICS: json.dumps(self.metrics, sort_keys=True),
+            KEY_CHECKPOINT: self.checkpoint_sha256,
+            KEY_PRECISION: self.precision,
+            KEY_VERSIONS: json.dumps(self.versions, sort_keys=True),
+            KEY_DATA: self.data,
+        }
+
+    @classmethod
+    def from_metadata(cls, props: dict[str, str], source: str = "model") -> "ModelInfo":
+        """Parse ``metadata_props``; a file that is not a cnnserve export is refused by name."""
+        if props.get(KEY_FORMAT) != FORMAT:
+            raise SpecError(f"{source}: not a cnnserve export (metadata {KEY_FORMAT!r} is "
+                            f"{props.get(KEY_FORMAT)!r}, expected {FORMAT!r}); export it with `cnnserve export`")
+        try:
+            spec = ModelSpec.from_json(props[KEY_SPEC])
+            return cls(spec=spec, precision=props.get(KEY_PRECISION, "fp32"),
+                       metrics=json.loads(props.get(KEY_METRICS) or "{}"),
+                       checkpoint_sha256=props.get(KEY_CHECKPOINT, ""),
+                       versions=json.loads(props.get(KEY_VERSIONS) or "{}"), data=props.get(KEY_DATA, ""))
+        except (KeyError, json.JSONDecodeError, SpecError) as e:
+            raise SpecError(f"{source}: damaged cnnserve metadata: {e}") from None
+
+    def summary(self) -> dict:
+        """A JSON-ready description (for model stores, APIs and reports)."""
+        return {"arch": self.spec.arch, "spec": self.spec.to_dict(), "labels": list(self.spec.labels),
+                "precision": self.precision, "metrics": self.metrics, "data": self.data,
+                "checkpoint_sha256": self.checkpoint_sha256, "versions": self.versions}

@@ -1,0 +1,181 @@
+"""ONNX export: self-contained files with their spec, verified against PyTorch; the model store."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import models
+from cnnserve.onnxmeta import INPUT, OUTPUTS, ModelInfo
+from export.onnx import ExportError, export_checkpoint, to_onnx
+from export.store import StoreError, read_info, store_model
+from export.verify import verify
+from models.checkpoint import file_sha256, save_checkpoint
+from models.registry import build_classifier, spec_for
+from tests.conftest import run_cli
+
+
+def test_default_export_is_self_contained_and_described(default_run, default_onnx, tmp_path):
+    assert not list(default_run.glob("*.onnx.data"))
+    moved = tmp_path / "elsewhere.onnx"  # one file is the whole model: it runs from anywhere
+    shutil.copyfile(default_onnx, moved)
+    proto = onnx.load(str(moved))
+    onnx.checker.check_model(proto, full_check=True)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    (inp,) = proto.graph.input
+    assert inp.name == INPUT and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param == "batch" and [d.dim_value for d in dims[1:]] == [1, 28, 28]
+    assert [o.name for o in proto.graph.output] == list(OUTPUTS)
+
+    props = {p.key: p.value for p in proto.metadata_props}
+    info = ModelInfo.from_metadata(props)
+    ckpt = torch.load(default_run / "model.pt", weights_only=True)
+    assert info.spec.arch == "lenet5" and info.spec.labels == tuple("0123456789")
+    assert info.spec.mean == tuple(ckpt["spec"]["mean"]) and info.spec.resize == "stretch"
+    assert info.metrics["test_accuracy"] == ckpt["metrics"]["test_accuracy"]
+    assert info.checkpoint_sha256 == file_sha256(default_run / "model.pt")
+    assert info.versions["torch"].startswith("2.") and info.versions["onnx"] == onnx.__version__
+    assert json.loads(props["cnnserve.labels"]) == list("0123456789")
+
+
+def test_normalisation_is_inside_the_graph(default_run, default_onnx):
+    """Raw uint8 pixels in, the checkpoint's predictions out: no client-side normalisation."""
+    from models.checkpoint import classifier_from_checkpoint, load_checkpoint
+    from models.data import load_dataset
+
+    ckpt = load_checkpoint(default_run)
+    test = load_dataset("digits", ckpt["spec"]).test
+    x = np.stack([test[i][0].numpy() for i in range(50)])
+    sess = ort.InferenceSession(str(default_onnx), providers=["CPUExecutionProvider"])
+    logits, probs = sess.run(None, {INPUT: x})
+    with torch.no_grad():
+        ref = classifier_from_checkpoint(ckpt)(torch.from_numpy(x)).numpy()
+    assert np.abs(logits - ref).max() < 1e-4
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert sess.run(None, {INPUT: x[:1]})[0].shape == (1, 10)  # dynamic batch
+
+
+def test_verification_report(default_run, default_onnx):
+    report = json.loads(default_onnx.with_name("model.verify.json").read_text())
+    ckpt_acc = torch.load(default_run / "model.pt", weights_only=True)["metrics"]["test_accuracy"]
+    assert report["passed"] and report["n_images"] == 360
+    assert report["max_abs_logit_diff"] <= 1e-4 and report["top1_agreement"] == 1.0
+    assert report["provider"] == "CPUExecutionProvider"
+    assert abs(report["accuracy_onnxruntime"] - ckpt_acc) <= 0.001
+
+
+def test_fp16_variant(default_run, tmp_path):
+    results = export_checkpoint(default_run, tmp_path / "m.onnx", fp16=True, log=lambda *a: None)
+    half = results[1]
+    assert half["path"].name == "m.fp16.onnx" and half["info"].precision == "fp16"
+    r = half["report"]
+    assert r["passed"] and r["top1_agreement"] >= 0.995 and r["provider"] in ort.get_available_providers()
+    sess = ort.InferenceSession(str(half["path"]), providers=["CPUExecutionProvider"])
+    assert sess.get_inputs()[0].type == "tensor(uint8)" and sess.get_outputs()[0].type == "tensor(float)"
+    assert ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map).precision == "fp16"
+    assert half["path"].stat().st_size < 0.7 * results[0]["path"].stat().st_size
+
+
+def test_failed_verification_writes_no_model(default_run, tmp_path):
+    """A checkpoint whose recorded accuracy the export cannot reproduce fails loudly."""
+    ckpt = torch.load(default_run / "model.pt", weights_only=True)
+    ckpt["metrics"]["test_accuracy"] = 0.5
+    ckpt.pop("format")
+    save_checkpoint(tmp_path / "lying.pt", ckpt)
+    with pytest.raises(ExportError, match="verification failed.*accuracy"):
+        export_checkpoint(tmp_path / "lying.pt", tmp_path / "lying.onnx", log=lambda *a: None)
+    assert not (tmp_path / "lying.onnx").exists()
+    assert not json.loads((tmp_path / "lying.verify.json").read_text())["passed"]
+
+
+SMALLEST = {"lenet5": 28, "lenet5_classic": 32}
+
+
+@pytest.mark.parametrize("name", models.list_models())
+def test_every_architecture_exports_with_parity(name):
+    size = SMALLEST.get(name, 32)
+    channels = models.default_spec(name).channels
+    spec = spec_for(name, ("a", "b", "c"), channels, size)
+    torch.manual_seed(0)
+    model = build_classifier(spec).eval()
+    proto = to_onnx(model, ModelInfo(spec=spec))
+    blob = proto.SerializeToString()
+    images = np.random.default_rng(1).integers(0, 256, (7, *spec.input_shape), dtype=np.uint8)
+    for batch in (1, 7):
+        report = verify(blob, model, images, batch_size=batch)
+        # random weights give small logits; agreement must be exact, differences at float rounding
+        assert report["top1_agreement"] == 1.0, report
+        assert report["max_abs_logit_diff"] <= 1e-4 * max(1.0, report["max_abs_logit"]), report
+
+
+def test_store_shows_spec_and_labels(default_onnx):
+    model = store_model(default_onnx)
+    assert model.tag.name == "lenet5-digits"
+    meta = model.info.metadata
+    assert meta["spec"]["height"] == 28 and meta["labels"] == list("0123456789")
+    assert Path(model.path_of("model.onnx")).read_bytes() == default_onnx.read_bytes()
+    shown = subprocess.run([str(Path(sys.executable).with_name("bentoml")), "models", "get",
+                            "lenet5-digits:latest"], capture_output=True, text=True, check=True).stdout
+    assert "labels:" in shown and "spec:" in shown and "resize: stretch" in shown
+
+
+def test_export_cli_with_store(default_run, tmp_path):
+    proc = run_cli("export", default_run / "model.pt", "--out", tmp_path / "cli.onnx", "--store", "--name",
+                   "cli-model", check=True)
+    assert "PASSED" in proc.stdout and "stored" in proc.stdout
+    import bentoml
+
+    assert bentoml.models.get("cli-model:latest").info.labels["arch"] == "lenet5"
+
+
+def test_store_refuses_foreign_onnx(tmp_path, default_onnx):
+    proto = onnx.load(str(default_onnx))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "plain.onnx"))
+    with pytest.raises(StoreError, match="not a cnnserve export"):
+        read_info(tmp_path / "plain.onnx")
+    (tmp_path / "text.onnx").write_text("hello")
+    proc = run_cli("store", tmp_path / "text.onnx")
+    assert proc.returncode == 2 and "text.onnx: not an ONNX file" in proc.stderr
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def bad_checkpoints(default_run, tmp_path):
+    good = (default_run / "model.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (tmp_path / "notes.pt").write_text("just some text")
+    torch.save({"format": "cnnserve-checkpoint/1", "x": Payload()}, tmp_path / "pickled.pt")
+    ckpt = torch.load(default_run / "model.pt", weights_only=True)
+    ckpt["arch"] = ckpt["spec"]["arch"] = "resnet18"  # LeNet weights declared as a ResNet
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    return {
+        "missing.pt": "no such file",
+        "truncated.pt": "not a readable PyTorch checkpoint",
+        "notes.pt": "not a readable PyTorch checkpoint",
+        "pickled.pt": "refused to load",
+        "mismatch.pt": "weights do not fit architecture 'resnet18'",
+        "foreign.pt": "not a cnnserve checkpoint",
+    }
+
+
+def test_export_bad_checkpoints_give_one_clear_line(default_run, tmp_path):
+    for name, message in bad_checkpoints(default_run, tmp_path).items():
+        proc = run_cli("export", tmp_path / name)
+        assert proc.returncode == 2, name
+        err = proc.stderr.strip()
+        assert len(err.splitlines()) == 1, err
+        assert str(tmp_path / name) in err and message in err, err
+        assert "this must never run" not in proc.stdout + err
