@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -49,7 +48,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
         raise CheckpointError(f"{path}: refused to load (it holds objects other than weights): {first}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # torch.load raises KeyError, RuntimeError, EOFError... for non-checkpoints
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format?): {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
