@@ -86,19 +86,73 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _store(path, name=None) -> str:
+    from export.store import store_model
+
+    model = store_model(path, name)
+    print(f"stored {path} as {model.tag} in BentoML's model store")
+    return str(model.tag)
+
+
+def _cmd_export(args) -> int:
+    from export.onnx import export_checkpoint
+
+    results = export_checkpoint(args.checkpoint, args.out, fp16=args.fp16, simplify_graph=args.simplify,
+                                data_dir=args.data_dir, opset=args.opset)
+    if args.store:
+        for r in results:
+            _store(r["path"], args.name if r["info"].precision == "fp32" else
+                   (f"{args.name}-{r['info'].precision}" if args.name else None))
+    return 0
+
+
+def _cmd_store(args) -> int:
+    _store(args.onnx, args.name)
+    return 0
+
+
 def _cmd_up(args) -> int:
-    """The main job on the embedded default: train LeNet-5 on digits unless a checkpoint exists."""
+    """The main job on the embedded default: train LeNet-5 on digits unless a checkpoint exists,
+    export and verify it unless an up-to-date ONNX file exists, store it unless the store holds it."""
     from pathlib import Path
 
     run = Path(args.run)
-    if (run / "model.pt").is_file() and not args.retrain:
-        print(f"using the trained model in {run}/ (--retrain to train again)")
+    ckpt, onnx_path = run / "model.pt", run / "model.onnx"
+    if ckpt.is_file() and not args.retrain:
+        print(f"[1/3] using the trained model in {run}/ (--retrain to train again)")
     else:
         from models.train import TrainConfig, train
 
+        print(f"[1/3] training {DEFAULT_ARCH} on {DEFAULT_DATA} into {run}/")
         train(TrainConfig(arch=DEFAULT_ARCH, data=DEFAULT_DATA, out=str(run)))
-    print(f"checkpoint: {run / 'model.pt'}; curves: {run / 'curves.png'}; confusion matrix: {run / 'confusion.png'}")
+    if onnx_path.is_file() and onnx_path.stat().st_mtime >= ckpt.stat().st_mtime:
+        print(f"[2/3] using the exported {onnx_path}")
+    else:
+        from export.onnx import export_checkpoint
+
+        print(f"[2/3] exporting {ckpt} to ONNX")
+        export_checkpoint(ckpt, onnx_path)
+    tag = _ensure_stored(onnx_path)
+    print(f"[3/3] model store holds {tag}")
+    print(f"checkpoint {ckpt}; curves {run / 'curves.png'}; confusion matrix {run / 'confusion.png'}")
     return 0
+
+
+def _ensure_stored(onnx_path) -> str:
+    """Store the file unless the store's latest model of that name came from the same checkpoint."""
+    import bentoml
+
+    from export.store import default_name, read_info
+
+    info = read_info(onnx_path)
+    name = default_name(info)
+    try:
+        latest = bentoml.models.get(f"{name}:latest")
+        if latest.info.metadata.get("checkpoint_sha256") == info.checkpoint_sha256:
+            return str(latest.tag)
+    except bentoml.exceptions.NotFound:
+        pass
+    return _store(onnx_path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +170,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     _add_train(sub)
+
+    p = sub.add_parser("export", help="checkpoint to a verified, self-contained ONNX file",
+                       description="Export a checkpoint to ONNX (uint8 input, normalisation inside, spec and labels "
+                                   "in the metadata), verify it against PyTorch on the test split, optionally store it.")
+    p.add_argument("checkpoint", help="a run's model.pt (or the run folder)")
+    p.add_argument("--out", "-o", help="ONNX file to write (default: beside the checkpoint, model.onnx)")
+    p.add_argument("--fp16", action="store_true", help="also write a half-precision variant (NAME.fp16.onnx)")
+    p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=False,
+                   help="simplify the graph with onnxslim (off by default: measured not to pay on CPU, see README)")
+    p.add_argument("--data-dir", help="where the checkpoint's data set lives now (to rebuild its test split)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--store", action="store_true", help="save the exported file(s) into BentoML's model store")
+    p.add_argument("--name", help="model store name (default ARCH-DATA, ARCH-DATA-fp16)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("store", help="save an exported ONNX file into BentoML's model store")
+    p.add_argument("onnx", help="a file written by `cnnserve export`")
+    p.add_argument("--name", help="model name (default ARCH-DATA)")
+    p.set_defaults(func=_cmd_store)
 
     p = sub.add_parser("up", help="the main job: train the default model if needed, then export and serve it",
                        description="Train LeNet-5 on the bundled digits unless a checkpoint exists.")
