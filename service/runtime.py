@@ -1,0 +1,147 @@
+"""ONNX sessions for serving and batch scoring: providers, warm-up, predict, top-k.
+
+A model is one file written by ``cnnserve export``: its spec and labels come from the
+file's metadata, never from code. Sessions try CUDA first and fall back to CPU; the
+providers really in use (``session.get_providers()``) are what gets reported, since
+onnxruntime-gpu lists CUDA even on machines where its libraries cannot load.
+No torch, no model code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from cnnserve import onnxmeta
+from cnnserve.onnxmeta import ModelInfo
+
+log = logging.getLogger("cnnserve.runtime")
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+# CUDA provider options. HEURISTIC conv-algorithm search avoids EXHAUSTIVE's long first run
+# per new input shape (every new batch size); the arena grows by what is requested, not by doubling.
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded or run as asked (named, with the reason)."""
+
+
+def requested_providers(choice: str = "auto") -> list:
+    """The provider list to ask onnxruntime for. ``auto``: CUDA when listed, then CPU;
+    ``cpu``: CPU only; ``cuda``: CUDA, failing if it does not really load."""
+    if choice not in PROVIDER_CHOICES:
+        raise ValueError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}, got {choice!r}")
+    if choice == "cpu" or CUDA not in ort.get_available_providers():
+        return [CPU]
+    return [(CUDA, CUDA_OPTIONS), CPU]
+
+
+def create_session(path: str | os.PathLike | bytes, providers: str = "auto", threads: int | None = None,
+                   source: str | None = None) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    wanted = requested_providers(providers)
+    source = source or (str(path) if not isinstance(path, bytes) else "model")
+    if len(wanted) > 1:
+        # A failed CUDA load is logged by onnxruntime as an error, then it falls back to CPU:
+        # keep that out of the log and report the outcome ourselves.
+        ort.set_default_logger_severity(4)
+    try:
+        sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=wanted)
+    except Exception as e:  # onnxruntime raises its own exception classes per failure
+        raise ModelLoadError(f"{source}: onnxruntime cannot load it: {e}") from None
+    finally:
+        ort.set_default_logger_severity(2)
+    used = sess.get_providers()
+    if providers == "cuda" and used[0] != CUDA:
+        raise ModelLoadError(f"{source}: CUDA was required but onnxruntime fell back to {used[0]} "
+                            "(CUDA 13 and cuDNN 9 libraries missing, or no GPU)")
+    if len(wanted) > 1 and used[0] != CUDA:
+        log.info("%s: CUDA provider unavailable here, running on %s", source, used[0])
+    return sess
+
+
+@dataclass
+class Model:
+    """A loaded, warmed model: its name and version, what it says about itself, and its session."""
+
+    name: str
+    version: str
+    info: ModelInfo
+    session: ort.InferenceSession
+    source: str = ""
+    warmup_ms: float = 0.0
+    _output: list = field(default_factory=lambda: ["probabilities"])
+
+    @property
+    def spec(self):
+        return self.info.spec
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def check_input(self, pixels: np.ndarray) -> None:
+        """The exact input the graph takes: uint8, N x C x H x W at the spec's size."""
+        want = self.spec.input_shape
+        if pixels.dtype != np.uint8:
+            raise ValueError(f"input must be uint8 pixels, got {pixels.dtype}")
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want or pixels.shape[0] < 1:
+            raise ValueError(f"input must have shape [N, {', '.join(map(str, want))}] (N >= 1), "
+                             f"got {list(pixels.shape)}")
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """Probabilities (float32, N x classes) for a batch of uint8 images; one onnxruntime run."""
+        return self.session.run(self._output, {onnxmeta.INPUT: pixels})[0]
+
+    def run(self, pixels: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        return self.session.run(outputs, {onnxmeta.INPUT: pixels})
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[dict]]:
+        """Per image, the k most probable classes as label, index and probability (descending)."""
+        k = min(k, probs.shape[1])
+        idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        labels = self.spec.labels
+        return [[{"label": labels[i], "index": int(i), "probability": float(p[i])} for i in row]
+                for row, p in zip(idx, probs)]
+
+    def warm_up(self, batch_sizes=(1, 8)) -> None:
+        """Run once per batch size before reporting ready: the first runs allocate and pick kernels."""
+        t = time.perf_counter()
+        for n in batch_sizes:
+            self.predict(np.zeros((n, *self.spec.input_shape), np.uint8))
+        self.warmup_ms = (time.perf_counter() - t) * 1000
+
+    def describe(self) -> dict:
+        """Metadata for the API: spec, labels, version, precision, providers in use, I/O."""
+        c, h, w = self.spec.input_shape
+        return {
+            "name": self.name, "version": self.version, "arch": self.spec.arch, "precision": self.info.precision,
+            "providers": self.providers, "spec": self.spec.to_dict(), "labels": list(self.spec.labels),
+            "metrics": self.info.metrics, "data": self.info.data,
+            "input": {"name": onnxmeta.INPUT, "datatype": "UINT8", "shape": [-1, c, h, w]},
+            "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, self.spec.num_classes]}
+                        for o in onnxmeta.OUTPUTS],
+        }
+
+
+def load_model(path: str | os.PathLike, name: str | None = None, version: str = "", providers: str = "auto",
+               threads: int | None = None, warm_up: bool = True) -> Model:
+    """Load an exported ONNX file; its spec and labels come from its metadata."""
+    sess = create_session(path, providers, threads)
+    info = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, str(path))
+    model = Model(name=name or info.spec.arch, version=version, info=info, session=sess, source=str(path))
+    if warm_up:
+        model.warm_up()
+    log.info("loaded %s:%s (%s, %s) from %s on %s; warm-up %.0f ms", model.name, version or "-", info.spec.arch,
+             info.precision, path, ", ".join(model.providers), model.warmup_ms)
+    return model
