@@ -1,0 +1,160 @@
+"""The HTTP API: classification, model metadata, and the Open Inference Protocol (KServe v2).
+
+A FastAPI app mounted on the BentoML service (``service.py``); BentoML adds /readyz,
+/livez, /metrics and merges these routes into its OpenAPI document (/docs.json).
+Handlers are thin: each reads the request within its size limit and calls the Engine.
+Errors are JSON ``{"error": message, "code": reason}`` with a 4xx status (503 with
+Retry-After under overload), never a 500 for anything a client sends.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from .engine import APIError, Engine
+
+IMAGE_FIELD, IMAGES_FIELD = "image", "images"
+RAW_TYPES = ("image/", "application/octet-stream")
+
+CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
+        IMAGE_FIELD: {"type": "string", "format": "binary", "description": "the image file"}}}},
+    "image/*": {"schema": {"type": "string", "format": "binary"}, "description": "raw image bytes"},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+BATCH_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": [IMAGES_FIELD], "properties": {
+        IMAGES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object", "required": ["inputs"], "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string", "enum": ["pixels"]}, "datatype": {"type": "string", "enum": ["UINT8"]},
+            "shape": {"type": "array", "items": {"type": "integer"}, "example": [1, 1, 28, 28]},
+            "data": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}}}},
+        "outputs": {"type": "array", "items": {"type": "object", "properties": {
+            "name": {"type": "string", "enum": ["logits", "probabilities"]}}}}}}}}}}
+TOP_K = Query(None, description="how many classes to return (default 5, at most the number of classes)")
+MODEL = Query(None, description="model name (default: the first served model)")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refusing with 413 as soon as it passes ``limit`` (Content-Length or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, "too_large", f"the request is {int(declared):,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, "too_large", f"the request passed the limit of {limit:,} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's form parser replays a body already read
+    return body
+
+
+async def image_files(request: Request, field: str, limit: int, max_files: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of the uploads: multipart ``field``, or for ``image`` a raw image body."""
+    body = await read_body(request, limit)
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_files + 1, max_part_size=limit)
+        except Exception as e:  # malformed multipart, too many parts
+            raise APIError(400, "bad_form", f"the multipart form could not be parsed: {e}") from None
+        uploads = [v for v in form.getlist(field) if hasattr(v, "read")]
+        if not uploads:
+            raise APIError(400, "missing_field", f"no file in form field {field!r}; fields sent: "
+                                                 f"{sorted(form.keys()) or 'none'}")
+        return [(u.filename or "", await u.read()) for u in uploads]
+    if field == IMAGE_FIELD and any(ctype.startswith(t) for t in RAW_TYPES):
+        return [("", body)]
+    allowed = "multipart/form-data" + (", image/* or application/octet-stream" if field == IMAGE_FIELD else "")
+    raise APIError(415, "unsupported_media_type", f"Content-Type {ctype or 'none'!r} is not accepted; send {allowed}")
+
+
+def create_app(engine: Callable[[], Engine], max_request_bytes: int) -> FastAPI:
+    """The API over the Engine that ``engine()`` returns (the running BentoML service's)."""
+    app = FastAPI(title="cnnserve", version="1", description=__doc__.split("\n\n")[0])
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        metrics = engine().metrics
+        if metrics:  # the one place where refusals are counted, by reason
+            metrics.rejected.labels(e.code).inc()
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_params(request, e: RequestValidationError):
+        where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        return await api_error(request, APIError(400, "bad_parameter", f"invalid request: {where}"))
+
+    def eng() -> Engine:
+        return engine()
+
+    @app.post("/classify", tags=["classification"], openapi_extra=CLASSIFY_BODY,
+              summary="Classify one image (multipart field 'image', or the raw image as the body)")
+    async def classify(request: Request, top_k: int | None = TOP_K, model: str | None = MODEL):
+        e = eng()
+        e.top_k(e.model(model), top_k)  # refuse a bad model or top_k before reading the upload
+        files = await image_files(request, IMAGE_FIELD, max_request_bytes, 1)
+        return await e.classify(files[0][1], model, top_k)
+
+    @app.post("/classify/batch", tags=["classification"], openapi_extra=BATCH_BODY,
+              summary="Classify many images (multipart field 'images', repeated); per-image results in order")
+    async def classify_batch(request: Request, top_k: int | None = TOP_K, model: str | None = MODEL):
+        e = eng()
+        files = await image_files(request, IMAGES_FIELD, max_request_bytes, e.config.max_images_per_request)
+        return await e.classify_many(files, model, top_k)
+
+    @app.get("/models", tags=["models"], summary="The served models: spec, labels, version, providers in use")
+    async def list_models():
+        return eng().describe()
+
+    @app.get("/models/{name}", tags=["models"], summary="One model's metadata")
+    async def get_model(name: str):
+        return eng().model(name).describe()
+
+    # -- Open Inference Protocol (KServe v2), JSON with the binary tensor extension on input ----
+    v2 = ["open inference protocol (KServe v2)"]
+
+    @app.get("/v2", tags=v2, summary="Server metadata")
+    async def v2_server():
+        from cnnserve import __version__
+
+        return {"name": "cnnserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", tags=v2, summary="Server liveness")
+    async def v2_live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=v2, summary="Server readiness: every model loaded and warmed")
+    async def v2_ready():
+        ready = eng().ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/v2/models/{name}", tags=v2, summary="Model metadata: inputs and outputs with shapes and datatypes")
+    @app.get("/v2/models/{name}/versions/{version}", tags=v2, include_in_schema=False)
+    async def v2_model(name: str, version: str | None = None):
+        return eng().v2_model_metadata(name, version)
+
+    @app.get("/v2/models/{name}/ready", tags=v2, summary="Model readiness")
+    @app.get("/v2/models/{name}/versions/{version}/ready", tags=v2, include_in_schema=False)
+    async def v2_model_ready(name: str, version: str | None = None):
+        m = eng().model(name, version)
+        return {"name": m.name, "ready": m.warmup_ms > 0}
+
+    @app.post("/v2/models/{name}/infer", tags=v2, openapi_extra=V2_BODY,
+              summary="Inference on a uint8 N x C x H x W tensor named 'pixels'")
+    @app.post("/v2/models/{name}/versions/{version}/infer", tags=v2, include_in_schema=False)
+    async def v2_infer(request: Request, name: str, version: str | None = None):
+        e = eng()
+        e.model(name, version)
+        body = await read_body(request, max_request_bytes)
+        return await e.v2_infer(name, version, body, request.headers.get("inference-header-content-length"))
+
+    return app
