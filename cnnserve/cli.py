@@ -132,10 +132,49 @@ def _cmd_up(args) -> int:
 
         print(f"[2/3] exporting {ckpt} to ONNX")
         export_checkpoint(ckpt, onnx_path)
+    _write_samples(run)
     tag = _ensure_stored(onnx_path)
     print(f"[3/3] model store holds {tag}")
     print(f"checkpoint {ckpt}; curves {run / 'curves.png'}; confusion matrix {run / 'confusion.png'}")
-    return 0
+    if args.no_serve:
+        return 0
+    return _serve([tag], args.port, args.host)
+
+
+def _serve(tags, port: int, host: str, extra=()) -> int:
+    """Replace this process with `bentoml serve` of the project's service (from the repository root)."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
+    if not bentoml:
+        raise OSError("the bentoml command is not installed next to this Python")
+    argv = [bentoml, "serve", "service.service:CnnServe", "--working-dir", str(root), "--host", host,
+            "--port", str(port), "--arg", "models=" + " ".join(tags), *extra]
+    print(f"serving {' '.join(tags)} on http://{host}:{port} (Ctrl+C to stop); try:\n"
+          f"  curl -F image=@runs/lenet5-digits/sample-7.png http://127.0.0.1:{port}/classify")
+    sys.stdout.flush()
+    os.execv(bentoml, argv)
+    return 0  # not reached
+
+
+def _write_samples(run) -> None:
+    """One held-out test image per class as sample-LABEL.png, for trying the service by hand."""
+    if list(run.glob("sample-*.png")):
+        return
+    from models.checkpoint import load_checkpoint
+    from models.data import load_dataset, save_png
+
+    spec = load_checkpoint(run / "model.pt")["spec"]
+    test = load_dataset(DEFAULT_DATA, spec).test
+    done = set()
+    for i in range(len(test)):
+        x, y = test[i]
+        if int(y) not in done:
+            done.add(int(y))
+            (run / f"sample-{spec.labels[int(y)]}.png").write_bytes(save_png(x.numpy()))
+    print(f"wrote {len(done)} sample images to {run}/sample-*.png (held-out test images)")
 
 
 def _ensure_stored(onnx_path) -> str:
@@ -194,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train LeNet-5 on the bundled digits unless a checkpoint exists.")
     p.add_argument("--run", default=DEFAULT_RUN, help=f"run folder of the default model (default {DEFAULT_RUN})")
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
+    p.add_argument("--no-serve", action="store_true", help="stop after storing the model")
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--host", default="0.0.0.0")
     p.set_defaults(func=_cmd_up)
     return parser
 
