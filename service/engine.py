@@ -86,8 +86,11 @@ class Engine:
         return model
 
     def top_k(self, model: Model, k: int | None) -> int:
-        k = self.config.default_top_k if k is None else k
+        """The number of classes to return: the default is clamped to the model's classes, an explicit
+        value out of range is refused."""
         n = model.spec.num_classes
+        if k is None:
+            return min(self.config.default_top_k, n)
         if not 1 <= k <= n:
             raise APIError(400, "bad_top_k", f"top_k must be between 1 and {n} for model {model.name!r}, got {k}")
         return min(k, n)

@@ -96,3 +96,20 @@ def test_batcher_sheds_load_and_survives_failures():
     shed, ok, bad, after = asyncio.run(main())
     assert len(shed) >= 1 and shed[0].retry_after >= 1 and len(ok) >= 3
     assert isinstance(bad[0], RuntimeError) and float(after[0, 0]) == 5.0
+
+
+def test_default_top_k_is_clamped_explicit_is_refused(default_onnx):
+    """A model with fewer classes than the default top-k answers with all its classes."""
+    import copy
+
+    from service.engine import APIError, Engine
+
+    m = load_model(default_onnx)
+    few = copy.copy(m)
+    few.info = copy.copy(m.info)
+    object.__setattr__(few.info, "spec", m.spec.with_labels(("a", "b", "c")))
+    engine = Engine([m])
+    assert engine.top_k(few, None) == 3 and engine.top_k(m, None) == 5
+    with pytest.raises(APIError, match="between 1 and 3"):
+        engine.top_k(few, 4)
+    engine.close()
