@@ -44,11 +44,14 @@ def requested_providers(choice: str = "auto") -> list:
 
 
 def create_session(path: str | os.PathLike | bytes, providers: str = "auto", threads: int | None = None,
-                   source: str | None = None) -> ort.InferenceSession:
+                   source: str | None = None, spin: bool = False) -> ort.InferenceSession:
+    """``spin``: let onnxruntime's worker threads busy-wait between runs. Off by default: a server
+    shares its cores with decoding and HTTP, and spinning threads take CPU from both."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     wanted = requested_providers(providers)
     source = source or (str(path) if not isinstance(path, bytes) else "model")
     if len(wanted) > 1:
@@ -135,9 +138,9 @@ class Model:
 
 
 def load_model(path: str | os.PathLike, name: str | None = None, version: str = "", providers: str = "auto",
-               threads: int | None = None, warm_up: bool = True) -> Model:
+               threads: int | None = None, warm_up: bool = True, spin: bool = False) -> Model:
     """Load an exported ONNX file; its spec and labels come from its metadata."""
-    sess = create_session(path, providers, threads)
+    sess = create_session(path, providers, threads, spin=spin)
     info = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, str(path))
     model = Model(name=name or info.spec.arch, version=version, info=info, session=sess, source=str(path))
     if warm_up:

@@ -30,7 +30,9 @@ log = logging.getLogger("cnnserve.service")
 class ServiceArgs(BaseModel):
     models: str = "lenet5-digits:latest"  # model store tags, space-separated; the first is the default
     providers: str = "auto"  # auto (CUDA, then CPU), cuda (fail without it), cpu
+    workers: int = 1  # server processes, each with its own sessions and batcher
     threads: int = 0  # onnxruntime intra-op threads per model; 0: onnxruntime's default (all cores)
+    spin: bool = False  # onnxruntime threads busy-wait between runs (takes CPU from decoding and HTTP)
     max_batch_size: int = 64  # images per onnxruntime run
     max_wait_ms: float = 0.0  # hold a batch open this long to fill it (0: run as soon as the model is free)
     max_queue: int = 1024  # images waiting per model before answering 503 with Retry-After
@@ -56,7 +58,7 @@ class CnnServe:
             stored = getattr(self, f"model_{i}")  # BentoModel resolves to the stored model here
             models.append(load_model(stored.path_of("model.onnx"), name=stored.tag.name,
                                      version=stored.tag.version or "", providers=ARGS.providers,
-                                     threads=ARGS.threads or None))
+                                     threads=ARGS.threads or None, spin=ARGS.spin))
         config = EngineConfig(
             max_batch_size=ARGS.max_batch_size, max_wait_ms=ARGS.max_wait_ms, max_queue=ARGS.max_queue,
             max_images_per_request=ARGS.max_images_per_request,
@@ -90,5 +92,5 @@ for _i, _tag in enumerate(TAGS):
     setattr(CnnServe, f"model_{_i}", bentoml.models.BentoModel(_tag))
 
 CnnServe = bentoml.asgi_app(app, path="/")(
-    bentoml.service(name="cnnserve", workers=1, traffic={"timeout": 60}, logging={"access": {"enabled": False}})(
+    bentoml.service(name="cnnserve", workers=ARGS.workers, traffic={"timeout": 60}, logging={"access": {"enabled": False}})(
         CnnServe))
