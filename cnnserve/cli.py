@@ -194,6 +194,30 @@ def _ensure_stored(onnx_path) -> str:
     return _store(onnx_path)
 
 
+def _cmd_score(args) -> int:
+    from service.batch import score
+
+    summary = score(args.inputs, args.out, model=args.model, engine=args.engine, top_k=args.top_k,
+                    batch_size=args.batch_size, workers=args.workers, url=args.url, concurrency=args.concurrency,
+                    ray_address=args.ray_address, providers=args.providers, resume=args.resume,
+                    overwrite=args.overwrite)
+    if summary["interrupted"]:
+        return 130
+    return 1 if args.fail_on_error and summary["failed"] else 0
+
+
+def _cmd_container(args) -> int:
+    from cnnserve.container import main as container_main
+
+    return container_main(args.models, args.gpu, args.backend, args.image_tag, args.opt)
+
+
+def _cmd_bench(args) -> int:
+    from bench.harness import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve", description="Train CNNs, export them to ONNX, serve them with BentoML.")
@@ -228,6 +252,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("onnx", help="a file written by `cnnserve export`")
     p.add_argument("--name", help="model name (default ARCH-DATA)")
     p.set_defaults(func=_cmd_store)
+
+    p = sub.add_parser("score", help="score folders, globs or manifests of images into a predictions file",
+                       description="Batch scoring with the service's own preprocessing and model. Output format "
+                                   "from --out's extension: .csv, .jsonl, .parquet. Written as it goes; --resume "
+                                   "completes a partial file.")
+    p.add_argument("inputs", nargs="+", help="folders (recursive), globs, manifests (.txt/.csv/.parquet with a "
+                                             "'path' column) or image files")
+    p.add_argument("--model", help="an exported .onnx file or a model store tag (http engine: the served model name)")
+    p.add_argument("--out", "-o", required=True, help="predictions file: .csv, .jsonl or .parquet")
+    p.add_argument("--engine", default="local", help="local (default), http, ray")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, help="decoding threads (local) or Ray CPUs (default: all cores)")
+    p.add_argument("--url", help="http engine: the service, e.g. http://127.0.0.1:3000")
+    p.add_argument("--concurrency", type=int, default=16, help="http engine: requests in flight")
+    p.add_argument("--ray-address", help="ray engine: join this cluster (default: start a local Ray)")
+    p.add_argument("--providers", default="auto", help="auto, cuda, cpu")
+    p.add_argument("--resume", action="store_true", help="skip inputs already in --out and complete it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any input failed")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("container", help="build the serving image (bentoml build + containerize)",
+                       description="Build the bento and its OCI image with docker (when a Docker engine answers) "
+                                   "or podman.")
+    p.add_argument("--models", default="lenet5-digits:latest", help="model store tags to serve, space-separated")
+    p.add_argument("--gpu", action="store_true", help="the CUDA image (bentofile-gpu.yaml)")
+    p.add_argument("--backend", default="auto", choices=("auto", "docker", "podman"))
+    p.add_argument("--image-tag", help="image name:tag (default: the bento's tag)")
+    p.add_argument("--opt", action="append", default=[], help="KEY=VALUE passed to the engine's build")
+    p.set_defaults(func=_cmd_container)
+
+    p = sub.add_parser("bench", help="the benchmark harness (see `cnnserve bench -- --help`)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("up", help="the main job: train the default model if needed, then export and serve it",
                        description="Train LeNet-5 on the bundled digits unless a checkpoint exists.")

@@ -1,0 +1,66 @@
+"""A real `bentoml serve` of the project's service on a free loopback port (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real `bentoml serve` of the project's service on a free loopback port."""
+
+    def __init__(self, *args: str, ready_timeout: float = 90):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        bentoml = Path(sys.executable).with_name("bentoml")
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(
+            [str(bentoml), "serve", "service.service:CnnServe", "--host", "127.0.0.1", "--port", str(self.port),
+             *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import time
+        import urllib.request
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"bentoml serve not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-5000:]
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
