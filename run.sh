@@ -2,7 +2,8 @@
 # The project's two commands (see README.md):
 #   ./run.sh up     install into .venv, train the default model if none exists, export it, serve it
 #   ./run.sh test   install into .venv and run the whole test suite
-# Extra arguments go to `cnnserve up` or to pytest.
+#   ./run.sh container   build the serving image (docker if an engine answers, else podman)
+# Extra arguments go to `cnnserve up`, pytest or `cnnserve container`.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,7 +21,7 @@ install() {
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "run.sh: installing cnnserve and its dependencies into .venv ..."
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e '.[train,test]'
+    .venv/bin/python -m pip install --quiet -e '.[train,scale,test]'
     touch "$stamp"
   fi
 }
@@ -30,5 +31,6 @@ cmd=${1:-}
 case "$cmd" in
   up)   install; exec .venv/bin/cnnserve up "$@" ;;
   test) install; exec .venv/bin/python -m pytest "$@" ;;
-  *)    sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  container) install; exec .venv/bin/cnnserve container "$@" ;;
+  *)    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

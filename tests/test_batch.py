@@ -1,0 +1,205 @@
+"""Batch scoring on real files, with every engine, kills and resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.batch import ScoreError, collect_inputs, read_predictions, score
+from service.preprocess import preprocess
+from tests.conftest import CNNSERVE, ROOT, encode, run_cli
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory, digits_test):
+    """40 held-out digits as PNG and JPEG in sub-folders, plus four broken files."""
+    root = tmp_path_factory.mktemp("images")
+    x, y = digits_test
+    for i in range(40):
+        sub = root / ("png" if i % 2 == 0 else "jpeg")
+        sub.mkdir(exist_ok=True)
+        fmt, ext = ("PNG", "png") if i % 2 == 0 else ("JPEG", "jpg")
+        (sub / f"{i:03d}_{y[i]}.{ext}").write_bytes(encode(x[i][0], fmt, **({"quality": 95} if fmt == "JPEG" else {})))
+    bad = root / "bad"
+    bad.mkdir()
+    good = encode(x[0][0])
+    (bad / "truncated.png").write_bytes(good[: len(good) // 2])
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "text.jpg").write_text("not a picture")
+    (bad / "noise.bmp").write_bytes(os.urandom(300))
+    return root
+
+
+def by_path(rows):
+    return {r["path"]: r for r in rows}
+
+
+def test_local_engine_scores_everything_and_keeps_errors(image_dir, default_onnx, tmp_path):
+    out = tmp_path / "p.csv"
+    s = score([str(image_dir)], str(out), model=str(default_onnx), top_k=3, batch_size=8, progress=False)
+    assert (s["scored"], s["failed"]) == (40, 4) and not s["interrupted"]
+    rows = read_predictions(out)
+    assert [r["path"] for r in rows] == collect_inputs([str(image_dir)]).paths  # stable, sorted order
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"truncated.png", "empty.png", "text.jpg", "noise.bmp"}
+    assert "empty" in errors["empty.png"] and "truncated" in errors["truncated.png"]
+    good = [r for r in rows if not r["error"]]
+    assert all(len(r["labels"]) == 3 for r in good)
+    correct = sum(r["labels"][0] == Path(r["path"]).stem.split("_")[1] for r in good)
+    assert correct >= 36
+    # the same answer as the exported model on the same decoded pixels, in-process
+    sess = ort.InferenceSession(str(default_onnx), providers=["CPUExecutionProvider"])
+    from cnnserve.onnxmeta import ModelInfo
+
+    spec = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map).spec
+    r = good[5]
+    probs = sess.run(["probabilities"], {"pixels": preprocess(Path(r["path"]).read_bytes(), spec)[None]})[0][0]
+    assert spec.labels[int(probs.argmax())] == r["labels"][0]
+    assert r["probabilities"][0] == pytest.approx(float(probs.max()), rel=1e-5)
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet"])
+def test_output_formats_agree(image_dir, default_onnx, tmp_path, ext):
+    base, other = tmp_path / "p.csv", tmp_path / f"p.{ext}"
+    score([str(image_dir)], str(base), model=str(default_onnx), progress=False)
+    score([str(image_dir)], str(other), model=str(default_onnx), progress=False)
+    a, b = read_predictions(base), read_predictions(other)
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["labels"] == rb["labels"] and ra["error"] == rb["error"]
+        assert np.allclose(ra["probabilities"], rb["probabilities"], rtol=1e-5)
+    assert not list(tmp_path.glob("*.partial.jsonl"))
+
+
+def test_manifests_globs_and_bad_lines(image_dir, default_onnx, tmp_path):
+    pngs = sorted((image_dir / "png").glob("*.png"))
+    (tmp_path / "list.txt").write_text("# a comment\n\n" + "\n".join(str(p) for p in pngs[:3]) + "\n")
+    rel = tmp_path / "sub"
+    rel.mkdir()
+    (rel / "m.csv").write_text("path,label\n" + f"{pngs[3]},x\n" + ",empty\n" + f"{tmp_path / 'missing.png'},y\n")
+    found = collect_inputs([str(tmp_path / "list.txt"), str(rel / "m.csv"), str(image_dir / "jpeg" / "*.jpg")])
+    assert found.paths[:4] == [str(p) for p in pngs[:4]]
+    assert found.bad == [(f"{rel / 'm.csv'}:3", "bad manifest line: no path")]
+    out = tmp_path / "p.jsonl"
+    s = score([str(tmp_path / "list.txt"), str(rel / "m.csv"), str(image_dir / "jpeg" / "*.jpg")], str(out),
+              model=str(default_onnx), progress=False)
+    rows = by_path(read_predictions(out))
+    assert rows[f"{rel / 'm.csv'}:3"]["error"] == "bad manifest line: no path"
+    assert "cannot read" in rows[str(tmp_path / "missing.png")]["error"]
+    assert s["scored"] == 4 + 20 and s["failed"] == 2
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"path": [str(p) for p in pngs[:2]]}), tmp_path / "m.parquet")
+    assert collect_inputs([str(tmp_path / "m.parquet")]).paths == [str(p) for p in pngs[:2]]
+    (tmp_path / "nopath.csv").write_text("file\nx.png\n")
+    with pytest.raises(ScoreError, match="no 'path' column"):
+        collect_inputs([str(tmp_path / "nopath.csv")])
+
+
+@pytest.mark.slow
+def test_engines_give_identical_predictions(image_dir, default_onnx, server, tmp_path):
+    """local, http (a real server of the same model) and ray (a local Ray with 2 CPUs) agree."""
+    results = {}
+    for engine, kw in (("local", {"model": str(default_onnx)}), ("http", {"url": server.url}),
+                       ("ray", {"model": str(default_onnx), "workers": 2})):
+        out = tmp_path / f"{engine}.jsonl"
+        s = score([str(image_dir)], str(out), engine=engine, batch_size=8, progress=False, **kw)
+        assert (s["scored"], s["failed"]) == (40, 4), engine
+        results[engine] = read_predictions(out)
+    local = results["local"]
+    for engine in ("http", "ray"):
+        other = results[engine]
+        assert [r["path"] for r in other] == [r["path"] for r in local], engine
+        for a, b in zip(local, other):
+            assert a["labels"] == b["labels"], (engine, a["path"])
+            assert bool(a["error"]) == bool(b["error"]), (engine, a["path"])
+            assert np.allclose(a["probabilities"], b["probabilities"], atol=1e-5), (engine, a["path"])
+    # the service and the local engine decode with the same code: same error messages too
+    assert [r["error"] for r in results["http"]] == [r["error"] for r in local]
+
+
+@pytest.fixture(scope="module")
+def slow_job(tmp_path_factory):
+    """A job slow enough to kill midway: a random-weight ResNet-18 at 224 px and 300 JPEGs."""
+    import torch
+
+    from cnnserve.onnxmeta import ModelInfo
+    from export.onnx import save, to_onnx
+    from models.registry import build_classifier, spec_for
+
+    root = tmp_path_factory.mktemp("slow")
+    torch.manual_seed(0)
+    spec = spec_for("resnet18", ("a", "b", "c"))
+    model_path = save(to_onnx(build_classifier(spec).eval(), ModelInfo(spec=spec)), root / "r18.onnx")
+    images = root / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        (images / f"{i:04d}.jpg").write_bytes(encode(rng.integers(0, 256, (240, 260, 3), dtype=np.uint8), "JPEG"))
+    return model_path, images
+
+
+def count_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, ext", [(signal.SIGKILL, "jsonl"), (signal.SIGINT, "csv"), (signal.SIGKILL, "parquet")])
+def test_killed_run_resumes_to_exactly_once(slow_job, tmp_path, sig, ext):
+    model_path, images = slow_job
+    out = tmp_path / f"p.{ext}"
+    written = out.with_name(out.name + ".partial.jsonl") if ext == "parquet" else out
+    args = ["score", images, "--model", model_path, "--out", out, "--batch-size", "4", "--workers", "2",
+            "--providers", "cpu"]
+    proc = subprocess.Popen([*CNNSERVE, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while count_lines(written) < 20 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    partial = count_lines(written)
+    assert 20 <= partial < 300 + 1
+    if sig == signal.SIGINT:  # a clean stop: says how to resume, exit 130
+        assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err
+    again = run_cli(*args)  # without --resume an existing output is not overwritten
+    assert again.returncode == 2 and "--resume" in again.stderr
+    done = run_cli(*args, "--resume", check=True)
+    assert "already done" in done.stderr
+    rows = read_predictions(out)
+    paths = [r["path"] for r in rows]
+    assert sorted(paths) == sorted(str(p) for p in images.glob("*.jpg"))  # every input exactly once
+    assert len(paths) == len(set(paths)) == 300
+    assert all(not r["error"] and len(r["labels"]) == 3 for r in rows)
+
+
+def test_fail_on_error_and_cli_errors(image_dir, default_onnx, tmp_path):
+    out = tmp_path / "p.csv"
+    ok = run_cli("score", image_dir, "--model", default_onnx, "--out", out)
+    assert ok.returncode == 0 and "40 scored, 4 failed" in ok.stderr
+    strict = run_cli("score", image_dir, "--model", default_onnx, "--out", out, "--overwrite", "--fail-on-error")
+    assert strict.returncode == 1
+    for args, message in ((["score", tmp_path / "nowhere", "--model", default_onnx, "--out", tmp_path / "x.csv"],
+                           "nowhere: no such file, folder or matching glob"),
+                          (["score", image_dir, "--model", default_onnx, "--out", tmp_path / "x.xlsx"],
+                           "unknown output format"),
+                          (["score", image_dir, "--model", tmp_path / "none.onnx", "--out", tmp_path / "y.csv"],
+                           "none.onnx: no such ONNX file"),
+                          (["score", image_dir, "--engine", "http", "--out", tmp_path / "z.csv"], "needs --url")):
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_scoring_by_model_store_tag(image_dir, stored_default, tmp_path):
+    out = tmp_path / "p.jsonl"
+    s = score([str(image_dir / "png")], str(out), model=stored_default, progress=False)
+    assert s["scored"] == 20
+    assert json.loads(out.read_text().splitlines()[0])["labels"]
