@@ -1,0 +1,103 @@
+"""Build the serving container in one command: ``bentoml build``, then ``bentoml containerize``.
+
+    ./run.sh container                      # CPU image of the default model
+    ./run.sh container --models "lenet5-digits:latest resnet18-shapes:latest" --image-tag cnnserve:1
+    ./run.sh container --gpu                # CUDA 13 / cuDNN 9 base (build deploy/gpu/Containerfile first)
+
+The engine is docker when a Docker engine answers (``docker info``), podman otherwise.
+Extra ``--opt KEY=VALUE`` pass through to the engine's build (``bentoml containerize --opt``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = "lenet5-digits:latest"
+
+
+class ContainerError(ValueError):
+    """A container build that cannot go ahead; the message says what is missing and how to fix it."""
+
+
+def _bentoml() -> str:
+    found = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
+    if not found:
+        raise ContainerError("the bentoml command is not installed (./run.sh installs it into .venv)")
+    return found
+
+
+def choose_backend(preferred: str = "auto") -> str:
+    def docker_answers() -> bool:
+        if not shutil.which("docker"):
+            return False
+        try:
+            return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+    if preferred == "docker" or (preferred == "auto" and docker_answers()):
+        if not docker_answers():
+            raise ContainerError("docker was asked for, but no Docker engine answers `docker info`")
+        return "docker"
+    if shutil.which("podman"):
+        return "podman"
+    raise ContainerError("no container engine: no Docker engine answers `docker info` and podman is not installed "
+                         "(Debian/Ubuntu: apt-get install podman)")
+
+
+def check_models(tags: list[str]) -> None:
+    """Every tag must be in the model store: the bento carries the models it serves."""
+    import bentoml
+
+    if not tags:
+        raise ContainerError("no model to put in the image (--models is empty)")
+    for tag in tags:
+        try:
+            bentoml.models.get(tag)
+        except (bentoml.exceptions.NotFound, ValueError):
+            home = os.environ.get("BENTOML_HOME", "~/bentoml")
+            raise ContainerError(
+                f"model {tag!r} is not in BentoML's model store ({home}), so it cannot go into the image. "
+                "Make the default model with `./run.sh up --no-serve`, or store an export with "
+                "`cnnserve export RUN/model.pt --store`; `bentoml models list` shows what is there") from None
+
+
+def build_bento(tags: list[str], gpu: bool = False) -> str:
+    """``bentoml build`` with the models as the bento's arguments; returns the bento tag."""
+    bentofile = "bentofile-gpu.yaml" if gpu else "bentofile.yaml"
+    cmd = [_bentoml(), "build", "-f", bentofile, "--arg", "models=" + " ".join(tags), "--output", "tag"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    match = re.search(r"__tag__:(\S+)", proc.stdout)
+    if proc.returncode != 0 or not match:
+        raise ContainerError(f"bentoml build failed:\n{(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return match.group(1)
+
+
+def containerize(bento: str, backend: str, image_tag: str | None, opts: list[str]) -> str:
+    image = image_tag or bento
+    cmd = [_bentoml(), "containerize", bento, "--backend", backend, "--image-tag", image,
+           *[f"--opt={o}" for o in opts]]
+    print("+ " + " ".join(cmd), flush=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise ContainerError(f"bentoml containerize with {backend} failed (see its output above)")
+    return image
+
+
+def main(models: str = DEFAULT_MODELS, gpu: bool = False, backend: str = "auto", image_tag: str | None = None,
+         opts: list[str] | None = None) -> int:
+    tags = models.split()
+    check_models(tags)
+    engine = choose_backend(backend)
+    bento = build_bento(tags, gpu)
+    print(f"built bento {bento}")
+    image = containerize(bento, engine, image_tag, opts or [])
+    print(f"built image {image} with {engine}. Run it:\n"
+          f"  {engine} run --rm -p 3000:3000 {image}" + (" --gpus all" if gpu else "") +
+          "\n  curl -F image=@runs/lenet5-digits/sample-7.png http://localhost:3000/classify")
+    return 0

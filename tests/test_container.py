@@ -1,0 +1,139 @@
+"""The serving container: built with podman and run for real (slow; skipped, with the reason, where
+podman cannot run), plus the configuration checks that need no engine."""
+
+import shutil
+import subprocess
+import time
+import uuid
+import urllib.request
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import ROOT, encode, free_port, run_cli
+
+PODMAN = ["podman", "--runtime", "runc"]
+RUN_OPTS = ["--network=host", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+CA = "/etc/ssl/certs/ca-certificates.crt"
+BASE = "docker.io/library/python:3.11-slim"
+
+
+def podman_unusable() -> str | None:
+    for tool in ("podman", "runc"):
+        if not shutil.which(tool):
+            return f"{tool} is not installed (.ci/run installs podman and runc with apt where it can)"
+    try:
+        info = subprocess.run([*PODMAN, "info"], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return "podman info timed out"
+    return None if info.returncode == 0 else f"podman cannot run here: {info.stderr.strip()[-300:]}"
+
+
+@pytest.fixture(scope="module")
+def podman_env(tmp_path_factory):
+    reason = podman_unusable()
+    if reason:
+        pytest.skip(reason)
+    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
+    conf.write_text('[engine]\nruntime = "runc"\n')  # crun fails on these hosts' cgroups
+    if subprocess.run([*PODMAN, "image", "exists", BASE]).returncode != 0:
+        if not shutil.which("debootstrap"):
+            pytest.skip(f"no {BASE} locally and no debootstrap to build a stand-in")
+        build = subprocess.run(["bash", str(ROOT / "deploy" / "local-base-image.sh")], capture_output=True,
+                               text=True, timeout=600)
+        if build.returncode != 0:
+            pytest.skip(f"could not build the local base image: {build.stdout[-500:]} {build.stderr[-500:]}")
+    return {"CONTAINERS_CONF": str(conf)}
+
+
+@pytest.mark.slow
+def test_container_end_to_end(podman_env, stored_default, default_onnx, digits_test, capsys):
+    image = f"localhost/cnnserve-test:{uuid.uuid4().hex[:8]}"
+    name = f"cnnserve-test-{uuid.uuid4().hex[:8]}"
+    opts = ["--opt", "network=host", "--opt", "ulimit=nofile=1024:1024", "--opt", "ulimit=nproc=1024:1024"]
+    if shutil.os.path.exists(CA):  # registries are reached through a proxy whose CA lives here
+        opts += ["--opt", f"volume={CA}:{CA}:ro"]
+    try:
+        run_cli("container", "--backend", "podman", "--models", stored_default, "--image-tag", image, *opts,
+                env=podman_env, check=True, timeout=900)
+        size = int(subprocess.run([*PODMAN, "image", "inspect", "--format", "{{.Size}}", image],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+        with capsys.disabled():
+            print(f"\n[container] image {image}: {size / 1e6:.0f} MB (base image included)")
+        # the serving image carries no PyTorch
+        torch = subprocess.run([*PODMAN, "run", "--rm", *RUN_OPTS, "--entrypoint", "python", image, "-c",
+                                "import torch"], capture_output=True, text=True, env={**podman_env, **shutil.os.environ})
+        assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr
+
+        port = free_port()
+        subprocess.run([*PODMAN, "run", "-d", "--name", name, *RUN_OPTS, image, "serve", "--port", str(port)],
+                       check=True, capture_output=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(url + "/readyz", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            logs = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True).stdout
+            pytest.fail(f"container not ready:\n{logs[-3000:]}")
+
+        import json
+
+        from service.runtime import load_model
+
+        x = digits_test[0][11]
+        req = urllib.request.Request(url + "/classify?top_k=3", data=encode(x[0]), headers={"Content-Type": "image/png"})
+        got = json.load(urllib.request.urlopen(req, timeout=30))["predictions"]
+        ref = load_model(default_onnx, warm_up=False)
+        probs = ref.predict(x[None])[0]
+        assert got[0]["index"] == int(np.argmax(probs))
+        assert got[0]["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+        assert "cnnserve_batch_size_count" in metrics and "bentoml_service_request_total" in metrics
+
+        # SIGTERM: the container must stop by itself well within the 30 s grace period
+        t = time.time()
+        subprocess.run([*PODMAN, "stop", "-t", "30", name], check=True, capture_output=True)
+        elapsed = time.time() - t
+        code = subprocess.run([*PODMAN, "inspect", "--format", "{{.State.ExitCode}}", name], capture_output=True,
+                              text=True).stdout.strip()
+        assert elapsed < 25 and code == "0", (elapsed, code)
+    finally:
+        subprocess.run([*PODMAN, "rm", "-f", name], capture_output=True)
+        subprocess.run([*PODMAN, "rmi", "-f", image], capture_output=True)
+
+
+def test_missing_model_stops_the_build_with_its_name():
+    proc = run_cli("container", "--models", "no-such-model:latest")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "'no-such-model:latest' is not in BentoML's model store" in proc.stderr and "./run.sh up" in proc.stderr
+
+
+def test_gpu_bento_and_kubernetes_manifests_are_valid(stored_default):
+    """The GPU image cannot be built here (its CUDA base is not pullable): its bento must build and its
+    Dockerfile start from the CUDA base; the Kubernetes manifests must probe BentoML's health endpoints."""
+    import bentoml
+
+    from cnnserve.container import build_bento
+
+    tag = build_bento([stored_default], gpu=True)
+    try:
+        bento = bentoml.get(tag)
+        dockerfile = (shutil.os.path.join(bento.path, "env", "docker", "Dockerfile"))
+        text = open(dockerfile).read()
+        assert "FROM cnnserve-cuda-base:13.0" in text
+        assert "torch" not in open(shutil.os.path.join(bento.path, "env", "python", "requirements.txt")).read()
+        doc = yaml.safe_load(open(shutil.os.path.join(bento.path, "bento.yaml")))
+        assert [m["tag"].split(":")[0] for m in doc["services"][0]["models"]] == [stored_default.split(":")[0]]
+        assert doc["args"]["models"] == stored_default
+    finally:
+        bentoml.delete(tag)
+    assert "nvidia/cuda:13" in (ROOT / "deploy" / "gpu" / "Containerfile").read_text()
+    deploy, service = yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "cnnserve.yaml").read_text())
+    c = deploy["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
