@@ -209,7 +209,7 @@ def _cmd_score(args) -> int:
 def _cmd_container(args) -> int:
     from cnnserve.container import main as container_main
 
-    return container_main(args.models, args.gpu, args.backend, args.image_tag, args.opt)
+    return container_main(args.models, args.gpu, args.backend, args.image_tag, args.opt, args.arg)
 
 
 def _cmd_bench(args) -> int:
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=("auto", "docker", "podman"))
     p.add_argument("--image-tag", help="image name:tag (default: the bento's tag)")
     p.add_argument("--opt", action="append", default=[], help="KEY=VALUE passed to the engine's build")
+    p.add_argument("--arg", action="append", default=[],
+                   help="service argument KEY=VALUE baked into the bento (e.g. workers=2; see README)")
     p.set_defaults(func=_cmd_container)
 
     p = sub.add_parser("bench", help="the benchmark harness (see `cnnserve bench -- --help`)", add_help=False)

@@ -3,6 +3,7 @@
     ./run.sh container                      # CPU image of the default model
     ./run.sh container --models "lenet5-digits:latest resnet18-shapes:latest" --image-tag cnnserve:1
     ./run.sh container --gpu                # CUDA 13 / cuDNN 9 base (build deploy/gpu/Containerfile first)
+    ./run.sh container --arg workers=2 --arg threads=1   # service arguments baked into the image
 
 The engine is docker when a Docker engine answers (``docker info``), podman otherwise.
 Extra ``--opt KEY=VALUE`` pass through to the engine's build (``bentoml containerize --opt``).
@@ -68,10 +69,13 @@ def check_models(tags: list[str]) -> None:
                 "`cnnserve export RUN/model.pt --store`; `bentoml models list` shows what is there") from None
 
 
-def build_bento(tags: list[str], gpu: bool = False) -> str:
-    """``bentoml build`` with the models as the bento's arguments; returns the bento tag."""
+def build_bento(tags: list[str], gpu: bool = False, args: list[str] | None = None) -> str:
+    """``bentoml build`` with the models (and any other service arguments, KEY=VALUE) as the bento's
+    arguments; returns the bento tag. Settings read when the service is declared (``workers``) are
+    fixed here; per-worker ones (``providers``, limits) can still be overridden by ``serve --arg``."""
     bentofile = "bentofile-gpu.yaml" if gpu else "bentofile.yaml"
-    cmd = [_bentoml(), "build", "-f", bentofile, "--arg", "models=" + " ".join(tags), "--output", "tag"]
+    extra = [a for kv in (args or []) for a in ("--arg", kv)]
+    cmd = [_bentoml(), "build", "-f", bentofile, "--arg", "models=" + " ".join(tags), *extra, "--output", "tag"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     match = re.search(r"__tag__:(\S+)", proc.stdout)
     if proc.returncode != 0 or not match:
@@ -90,11 +94,11 @@ def containerize(bento: str, backend: str, image_tag: str | None, opts: list[str
 
 
 def main(models: str = DEFAULT_MODELS, gpu: bool = False, backend: str = "auto", image_tag: str | None = None,
-         opts: list[str] | None = None) -> int:
+         opts: list[str] | None = None, args: list[str] | None = None) -> int:
     tags = models.split()
     check_models(tags)
     engine = choose_backend(backend)
-    bento = build_bento(tags, gpu)
+    bento = build_bento(tags, gpu, args)
     print(f"built bento {bento}")
     image = containerize(bento, engine, image_tag, opts or [])
     print(f"built image {image} with {engine}. Run it:\n"
