@@ -208,6 +208,65 @@ def bench_service(w: dict, concurrencies, duration: float, short: float, warmup:
     return rows
 
 
+# --- batch scoring --------------------------------------------------------------------------
+
+def scoring_folder(w: dict, n: int) -> Path:
+    """``n`` request images (the workload's, repeated under new names) for a steady-state scoring run."""
+    folder = WORK / "scoring" / w["name"]
+    if folder.is_dir() and len(list(folder.iterdir())) == n:
+        return folder
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    src = sorted(Path(w["images"]).iterdir())
+    for i in range(n):
+        shutil.copyfile(src[i % len(src)], folder / f"{i:05d}{src[i % len(src)].suffix}")
+    return folder
+
+
+def bench_batch(w: dict, engines, n: int, batch: int) -> dict:
+    """Each engine on the same ``n`` files, against onnxruntime alone on pre-decoded tensors at the same
+    batch size (with spinning off, as the engines run it)."""
+    from service.runtime import load_model
+
+    from .server import Server
+
+    folder = scoring_folder(w, n)
+    m = load_model(w["onnx"], providers="cpu")
+    x = np.random.default_rng(0).integers(0, 256, (batch, *w["spec"].input_shape), dtype=np.uint8)
+    ceiling = timed(lambda: m.predict(x), batch, 3, 3)
+    out = {"images": n, "batch": batch, "onnxruntime": ceiling, "engines": {}}
+    log(f"{w['name']}: onnxruntime alone, batch {batch}: {ceiling['images_per_s']:.0f} img/s")
+    for engine in engines:
+        kw = {"model": w["onnx"]}
+        srv = None
+        if engine == "http":
+            settings = [a for k, v in w["serve"].items() for a in ("--arg", f"{k}={v}")]
+            srv = Server("--arg", f"models={w['tag']}", *settings)
+            kw = {"url": srv.url, "concurrency": 32}
+        try:
+            # each run in a process of its own, as users run `cnnserve score` (in the harness's process,
+            # after the other sections, the same run measured 0.73 of onnxruntime instead of 1.0)
+            result = WORK / f"scores-{w['name']}-{engine}.jsonl"
+            call = (f"import json; from service.batch import score; print(json.dumps(score({[str(folder)]!r}, "
+                    f"{str(result)!r}, engine={engine!r}, batch_size={batch}, overwrite=True, progress=False, "
+                    f"providers='cpu', **{kw!r})))")
+            proc = subprocess.run([sys.executable, "-c", call], cwd=ROOT, capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"score --engine {engine} failed:\n{proc.stderr[-2000:]}")
+            s = json.loads(proc.stdout.strip().splitlines()[-1])
+        finally:
+            if srv:
+                srv.stop()
+        s["ratio_to_onnxruntime"] = s["images_per_s"] / ceiling["images_per_s"]
+        out["engines"][engine] = s
+        log(f"{w['name']}: score --engine {engine}: {s['images_per_s']:.0f} img/s "
+            f"({s['ratio_to_onnxruntime']:.2f} of onnxruntime alone); decode {s['decode_s']}s summed, "
+            f"inference {s['inference_s']}s, wall {s['seconds']}s")
+    return out
+
+
 # --- report ---------------------------------------------------------------------------------
 
 def report(doc: dict, stem: Path) -> str:
@@ -217,7 +276,8 @@ def report(doc: dict, stem: Path) -> str:
              + ", ".join(f"{k} {v}" for k, v in doc["machine"]["versions"].items()) + ".",
              "The load generator runs on the same machine (loopback), so it takes CPU from the server.", ""]
     lines += ["## Ratios", "", "| model | service / onnxruntime in-process (best batch) | onnxruntime / PyTorch eager "
-              "(best batch each) | 503 rate at 64 clients | failures at 64 clients |", "|---|---|---|---|---|"]
+              "(best batch each) | 503 rate at 64 clients | failures at 64 clients | batch scoring (local) / onnxruntime "
+              "(same batch) |", "|---|---|---|---|---|---|"]
     for name, r in doc["workloads"].items():
         ort_best = max(x["images_per_s"] for x in r["onnxruntime"]) if r.get("onnxruntime") else 0
         torch_best = max(x["images_per_s"] for x in r["pytorch"]) if r.get("pytorch") else 0
@@ -228,7 +288,9 @@ def report(doc: dict, stem: Path) -> str:
                      f"{ort_best / torch_best:.2f} | "
                      + (f"{at64['n_503'] / max(1, at64['requests']):.2%} ({at64['n_503']} of {at64['requests']}) | "
                         f"{at64['n_non_200'] - at64['n_503']} |" if at64 else "- | - |")
-                     if ort_best and torch_best else f"| {name} | - | - | - | - |")
+                     + (f" {r['batch']['engines']['local']['ratio_to_onnxruntime']:.2f} |"
+                        if r.get("batch", {}).get("engines", {}).get("local") else " - |")
+                     if ort_best and torch_best else f"| {name} | - | - | - | - | - |")
     for name, r in doc["workloads"].items():
         settings = ", ".join(f"{k}={v}" for k, v in r["serve"].items())
         lines += ["", f"## {name} ({r['input']}, {r['format']} requests; service {settings})", "",
@@ -246,6 +308,18 @@ def report(doc: dict, stem: Path) -> str:
                              f"{x['throughput_rps']:.0f} | {lat.get('p50', 0):.1f} | {lat.get('p95', 0):.1f} | "
                              f"{lat.get('p99', 0):.1f} | {x['n_503']} | {x['n_non_200'] - x['n_503']} | "
                              f"{x['mean_batch_size']:.1f} |")
+    scoring = {n: r["batch"] for n, r in doc["workloads"].items() if r.get("batch")}
+    if scoring:
+        lines += ["", "## Batch scoring (`cnnserve score`), same files for every engine", "",
+                  "| model | engine | images | img/s | / onnxruntime alone (same batch) | decode s (summed over threads) "
+                  "| inference s | wall s |", "|---|---|---|---|---|---|---|---|"]
+        for name, b in scoring.items():
+            lines.append(f"| {name} | onnxruntime alone, batch {b['batch']} | - | "
+                         f"{b['onnxruntime']['images_per_s']:.0f} | 1.00 | - | - | - |")
+            for engine, e in b["engines"].items():
+                lines.append(f"| {name} | {engine} | {b['images']} | {e['images_per_s']:.0f} | "
+                             f"{e['ratio_to_onnxruntime']:.2f} | {e['decode_s'] if engine == 'local' else '-'} | "
+                             f"{e['inference_s'] if engine == 'local' else '-'} | {e['seconds']} |")
     lines += ["", f"Reproduce: `{doc['command']}`", ""]
     text = "\n".join(lines)
     stem.with_suffix(".md").write_text(text)
@@ -301,8 +375,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=3)
     ap.add_argument("--seconds", type=float, default=2, help="per in-process measurement")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sections", nargs="+", default=["pytorch", "onnxruntime", "service"],
-                    choices=["pytorch", "onnxruntime", "service"])
+    ap.add_argument("--sections", nargs="+", default=["pytorch", "onnxruntime", "service", "batch"],
+                    choices=["pytorch", "onnxruntime", "service", "batch"])
+    ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"])
+    ap.add_argument("--score-images", type=int, default=1000, help="files per batch-scoring run")
     ap.add_argument("--out", default=None, help="result stem (default bench/results/DATE-HOST)")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
@@ -318,6 +394,8 @@ def main(argv=None) -> int:
             r["onnxruntime"] = bench_ort(w, (1, 8, 32, 128), args.seconds, args.repeats)
         if "service" in args.sections:
             r["service"] = bench_service(w, sorted(args.concurrency), args.duration, args.short, args.warmup)
+        if "batch" in args.sections:
+            r["batch"] = bench_batch(w, args.engines, args.score_images, 64)
         doc["workloads"][name] = r
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) if args.out else RESULTS / f"{time.strftime('%Y-%m-%d')}-{doc['machine']['host']}"

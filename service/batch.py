@@ -471,7 +471,9 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         top_k = min(top_k, _served_classes(url, model))
     else:
         model_path = resolve_model(model)[0]
-        local_model = load_model(model_path, providers=providers, warm_up=engine == "local")
+        local_model = load_model(model_path, providers=providers, warm_up=False)
+        if engine == "local":  # the first run at a new batch size allocates: do it before the clock starts
+            local_model.warm_up((batch_size,))
         top_k = min(top_k, local_model.spec.num_classes)
     writer = Writer(Path(out), top_k, resume, overwrite)
     todo = [p for p in found.paths if p not in writer.done]
