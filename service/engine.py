@@ -93,7 +93,7 @@ class Engine:
             return min(self.config.default_top_k, n)
         if not 1 <= k <= n:
             raise APIError(400, "bad_top_k", f"top_k must be between 1 and {n} for model {model.name!r}, got {k}")
-        return min(k, n)
+        return k
 
     # -- images --------------------------------------------------------------------------------
 

@@ -93,15 +93,6 @@ class Model:
     def providers(self) -> list[str]:
         return self.session.get_providers()
 
-    def check_input(self, pixels: np.ndarray) -> None:
-        """The exact input the graph takes: uint8, N x C x H x W at the spec's size."""
-        want = self.spec.input_shape
-        if pixels.dtype != np.uint8:
-            raise ValueError(f"input must be uint8 pixels, got {pixels.dtype}")
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != want or pixels.shape[0] < 1:
-            raise ValueError(f"input must have shape [N, {', '.join(map(str, want))}] (N >= 1), "
-                             f"got {list(pixels.shape)}")
-
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities (float32, N x classes) for a batch of uint8 images; one onnxruntime run."""
         return self.session.run(self._output, {onnxmeta.INPUT: pixels})[0]
