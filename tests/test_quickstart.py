@@ -30,8 +30,11 @@ def test_up_trains_exports_stores_and_serves(tmp_path):
     run = tmp_path / "runs" / "lenet5-digits"
     port = free_port()
     log = open(tmp_path / "up.log", "w+")
+    # a store of its own: two BentoML servers sharing one BENTOML_HOME reset each other's Prometheus
+    # multiprocess files at start (the session's server then lost its cnnserve_* counters)
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
     proc = subprocess.Popen([*CNNSERVE, "up", "--run", str(run), "--port", str(port), "--host", "127.0.0.1"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
