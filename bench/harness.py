@@ -256,6 +256,7 @@ def bench_batch(w: dict, engines, n: int, batch: int) -> dict:
             if proc.returncode != 0:
                 raise RuntimeError(f"score --engine {engine} failed:\n{proc.stderr[-2000:]}")
             s = json.loads(proc.stdout.strip().splitlines()[-1])
+            s["out"] = str(Path(s["out"]).relative_to(ROOT))  # reports name no machine's paths
         finally:
             if srv:
                 srv.stop()
