@@ -52,8 +52,11 @@ class MicroBatcher:
     def queued(self) -> int:
         return self._queued
 
-    async def submit(self, pixels: np.ndarray) -> np.ndarray:
-        """Run ``pixels`` (N x C x H x W) in a shared batch; returns this request's N result rows."""
+    async def submit(self, pixels: np.ndarray, timings: dict | None = None) -> np.ndarray:
+        """Run ``pixels`` (N x C x H x W) in a shared batch; returns this request's N result rows.
+
+        ``timings``, if given, gets ``queue`` (seconds waiting for a batch to start) and
+        ``inference`` (seconds of the run that carried these images)."""
         n = len(pixels)
         if self._queued + n > self.max_queue:
             raise Overloaded(self._queued, self.retry_after())
@@ -62,10 +65,13 @@ class MicroBatcher:
             self._wake = asyncio.Event()
             self._task = loop.create_task(self._drain(), name=f"batcher-{self.name}")
         fut = loop.create_future()
-        self._queue.append((pixels, fut))
+        self._queue.append((pixels, fut, time.perf_counter()))
         self._queued += n
         self._wake.set()
-        return await fut
+        rows, waited, seconds = await fut
+        if timings is not None:
+            timings["queue"], timings["inference"] = waited, seconds
+        return rows
 
     def retry_after(self) -> int:
         return max(1, math.ceil(self._queued / self._rate)) if self._rate > 0 else 1
@@ -73,11 +79,11 @@ class MicroBatcher:
     def _take(self) -> list:
         items, n = [], 0
         while self._queue and (not items or n + len(self._queue[0][0]) <= self.max_batch_size):
-            pixels, fut = self._queue.popleft()
+            pixels, fut, queued_at = self._queue.popleft()
             self._queued -= len(pixels)
             if fut.cancelled():  # the client went away while waiting
                 continue
-            items.append((pixels, fut))
+            items.append((pixels, fut, queued_at))
             n += len(pixels)
         return items
 
@@ -92,12 +98,12 @@ class MicroBatcher:
             items = self._take()
             if not items:
                 continue
-            batch = items[0][0] if len(items) == 1 else np.concatenate([p for p, _ in items])
+            batch = items[0][0] if len(items) == 1 else np.concatenate([p for p, _, _ in items])
             t = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self._pool, self.fn, batch)
             except Exception as e:  # fail this batch's requests only
-                for _, fut in items:
+                for _, fut, _ in items:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
@@ -109,9 +115,9 @@ class MicroBatcher:
             if self.on_batch:
                 self.on_batch(len(batch), seconds)
             start = 0
-            for pixels, fut in items:
+            for pixels, fut, queued_at in items:
                 if not fut.done():
-                    fut.set_result(out[start:start + len(pixels)])
+                    fut.set_result((out[start:start + len(pixels)], t - queued_at, seconds))
                 start += len(pixels)
 
     def close(self) -> None:

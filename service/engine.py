@@ -18,10 +18,25 @@ import numpy as np
 from cnnserve import onnxmeta
 
 from .batching import MicroBatcher, Overloaded
-from .preprocess import ImageError, Limits, preprocess
+from .preprocess import ImageError, Limits, open_image, preprocess
 from .runtime import Model
 
 log = logging.getLogger("cnnserve.engine")
+
+
+# Where one /classify request's time goes, in order (seconds; the Server-Timing header and the
+# cnnserve_request_stage_seconds histogram carry them). ``total`` is the handler's time from entry
+# to a serialised response; what a client sees beyond it is HTTP parsing, the framework and the network.
+STAGES = {
+    "read": "receiving the request body and parsing the form",
+    "decode": "Pillow decoding the image (JPEG draft mode included)",
+    "resize": "mode conversion, resize and array layout",
+    "thread": "handing the image to a worker thread and back",
+    "queue": "waiting for the model (the batch before this one, and batching)",
+    "inference": "the onnxruntime run of the batch that carried the image",
+    "respond": "top-k, the JSON body and its serialisation",
+    "total": "all of the above, from handler entry to a serialised response",
+}
 
 
 class APIError(Exception):
@@ -39,6 +54,7 @@ class EngineConfig:
     max_wait_ms: float = 0.0
     max_queue: int = 1024  # images waiting per model before 503
     max_images_per_request: int = 256
+    inline_decode_pixels: int = 128 * 128  # images up to this size decode on the event loop
     default_top_k: int = 5
     limits: Limits = Limits()
 
@@ -55,6 +71,7 @@ class Engine:
         self.default = models[0].name
         self.batchers = {m.name: self._batcher(m) for m in models}
         self.started = time.time()
+        self._stage_metrics: dict = {}  # (model, stage) -> histogram child, looked up once
 
     def _batcher(self, model: Model) -> MicroBatcher:
         outputs = list(onnxmeta.OUTPUTS)
@@ -97,31 +114,57 @@ class Engine:
 
     # -- images --------------------------------------------------------------------------------
 
-    async def decode(self, model: Model, data: bytes) -> np.ndarray:
-        """Bytes to the model's uint8 input in a worker thread; a bad image fails here, alone."""
+    async def decode(self, model: Model, data: bytes, timings: dict | None = None) -> np.ndarray:
+        """Bytes to the model's uint8 input; a bad image fails here, alone. The header is read on the
+        event loop; an image of at most ``inline_decode_pixels`` is decoded there too (faster than a
+        thread hand-off), a larger one in a worker thread. ``timings`` gets ``decode``, ``resize`` and
+        ``thread`` (the hand-off to the thread and back)."""
         t = time.perf_counter()
         try:
-            pixels = await anyio.to_thread.run_sync(preprocess, data, model.spec, self.config.limits)
+            img = open_image(data, self.config.limits)
+            opened = time.perf_counter() - t
+            w, h = img.size
+            if w * h <= self.config.inline_decode_pixels:
+                pixels = preprocess(img, model.spec, self.config.limits, timings)
+            else:
+                pixels = await anyio.to_thread.run_sync(preprocess, img, model.spec, self.config.limits, timings)
         except ImageError as e:
             raise APIError(e.status, e.code, str(e)) from None
-        if self.metrics:
-            self.metrics.preprocess.labels(model.name).observe(time.perf_counter() - t)
+        if timings is not None:
+            timings["decode"] += opened
+            timings["thread"] = time.perf_counter() - t - timings["decode"] - timings["resize"]
         return pixels
 
-    async def run(self, model: Model, pixels: np.ndarray) -> np.ndarray:
-        """Logits and probabilities (N x 2K) through the model's batcher; overload becomes 503."""
+    async def run(self, model: Model, pixels: np.ndarray, timings: dict | None = None) -> np.ndarray:
+        """Logits and probabilities (N x 2K) through the model's batcher; overload becomes 503.
+        ``timings`` gets ``queue`` (waiting for a batch) and ``inference`` (the batch's run)."""
         try:
-            return await self.batchers[model.name].submit(pixels)
+            return await self.batchers[model.name].submit(pixels, timings)
         except Overloaded as e:
             raise APIError(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)}) from None
 
-    async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None) -> dict:
+    async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None,
+                       timings: dict | None = None) -> dict:
+        """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""
         model = self.model(name)
         k = self.top_k(model, top_k)
-        pixels = await self.decode(model, data)
-        out = await self.run(model, pixels[None])
+        pixels = await self.decode(model, data, timings)
+        out = await self.run(model, pixels[None], timings)
+        t = time.perf_counter()
         probs = out[:, model.spec.num_classes:]
-        return {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0]}
+        result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0]}
+        if timings is not None:
+            timings["respond"] = time.perf_counter() - t
+        return result
+
+    def observe(self, model: str, timings: dict) -> None:
+        """One request's stage timings into the ``cnnserve_request_stage_seconds`` histogram."""
+        if self.metrics:
+            for stage, seconds in timings.items():
+                child = self._stage_metrics.get((model, stage))
+                if child is None:
+                    child = self._stage_metrics[model, stage] = self.metrics.stage.labels(model, stage)
+                child.observe(seconds)
 
     async def classify_many(self, files: list[tuple[str, bytes]], name: str | None = None,
                             top_k: int | None = None) -> dict:

@@ -15,12 +15,12 @@ from types import SimpleNamespace
 def metrics() -> SimpleNamespace:
     from prometheus_client import Counter, Histogram
 
-    seconds = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+    seconds = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
     return SimpleNamespace(
         batch_size=Histogram("cnnserve_batch_size", "Images per onnxruntime run (batch formed)", ["model"],
                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)),
         inference=Histogram("cnnserve_inference_seconds", "Time of one onnxruntime run", ["model"], buckets=seconds),
-        preprocess=Histogram("cnnserve_preprocess_seconds", "Time to decode and resize one image", ["model"],
-                             buckets=seconds),
+        stage=Histogram("cnnserve_request_stage_seconds", "Time of one /classify request in each stage "
+                        "(service.engine.STAGES)", ["model", "stage"], buckets=seconds),
         rejected=Counter("cnnserve_rejected_requests", "Requests refused, by reason", ["reason"]),
     )

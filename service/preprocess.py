@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -50,13 +51,8 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, target: tuple[int, int] | None = None) -> Image.Image:
-    """Bytes to a fully decoded, upright, single-frame PIL image.
-
-    ``target`` (width, height) lets JPEG decoding use draft mode: the decoder scales by
-    1/2, 1/4 or 1/8 while decoding, never below twice the target, which is far cheaper
-    than decoding every pixel and resizing afterwards.
-    """
+def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
+    """Bytes to a PIL image whose header passed the limits; no pixel is decoded yet (cheap)."""
     if not data:
         raise ImageError("the image is empty (0 bytes)", 400, "empty")
     if len(data) > limits.max_bytes:
@@ -80,6 +76,16 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, target: tuple[int, int]
                          413, "too_many_pixels")
     if w < 1 or h < 1:
         raise ImageError(f"the image has no pixels ({w}x{h})", 400, "bad_image")
+    return img
+
+
+def load_image(img: Image.Image, target: tuple[int, int] | None = None) -> Image.Image:
+    """An opened image fully decoded, upright and single-frame.
+
+    ``target`` (width, height) lets JPEG decoding use draft mode: the decoder scales by
+    1/2, 1/4 or 1/8 while decoding, never below twice the target, which is far cheaper
+    than decoding every pixel and resizing afterwards.
+    """
     try:
         if img.format == "JPEG" and target is not None:
             # Draft needs the size after orientation is undone: EXIF rotations swap the axes.
@@ -89,12 +95,14 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, target: tuple[int, int]
             img.draft(img.mode if img.mode in ("L", "RGB") else "RGB", (2 * tw, 2 * th))
         img.seek(0)  # first frame of an animation
         img.load()  # decode every pixel now: a truncated file fails here, not in a batch
-        img = ImageOps.exif_transpose(img)
-    except ImageError:
-        raise
+        return ImageOps.exif_transpose(img)
     except Exception as e:
         raise ImageError(f"the image data is damaged or truncated: {e}", 400, "truncated") from None
-    return img
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS, target: tuple[int, int] | None = None) -> Image.Image:
+    """Bytes to a fully decoded, upright, single-frame PIL image (``open_image`` then ``load_image``)."""
+    return load_image(open_image(data, limits), target)
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:
@@ -153,9 +161,19 @@ def draft_target(spec: ModelSpec) -> tuple[int, int]:
     return spec.width, spec.height
 
 
-def preprocess(data: bytes, spec: ModelSpec, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
-    """Image bytes to the uint8 C x H x W array the model takes."""
-    return to_array(decode(data, limits, draft_target(spec)), spec)
+def preprocess(data: bytes | Image.Image, spec: ModelSpec, limits: Limits = DEFAULT_LIMITS,
+               timings: dict | None = None) -> np.ndarray:
+    """Image bytes (or an image from ``open_image``) to the uint8 C x H x W array the model takes.
+    ``timings``, if given, gets the seconds spent in ``decode`` and in ``resize`` (mode conversion,
+    resize, array layout)."""
+    t0 = time.perf_counter()
+    img = open_image(data, limits) if isinstance(data, bytes) else data
+    img = load_image(img, draft_target(spec))
+    t1 = time.perf_counter()
+    out = to_array(img, spec)
+    if timings is not None:
+        timings["decode"], timings["resize"] = t1 - t0, time.perf_counter() - t1
+    return out
 
 
 def load_file(path: str | os.PathLike, spec: ModelSpec, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:

@@ -12,6 +12,7 @@ The HTTP API lives in ``api.py``, the request logic in ``engine.py``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -19,6 +20,7 @@ import bentoml
 from pydantic import BaseModel
 
 from .api import create_app
+from .bentoml_fixes import patch_timeout_middleware
 from .engine import Engine, EngineConfig
 from .metrics import metrics
 from .preprocess import DEFAULT_FORMATS, Limits
@@ -40,8 +42,10 @@ class ServiceArgs(BaseModel):
     max_image_pixels: int = 50_000_000  # decompression-bomb limit (413)
     max_images_per_request: int = 256
     formats: str = " ".join(sorted(DEFAULT_FORMATS))  # accepted image formats (415 otherwise)
+    inline_decode_pixels: int = 128 * 128  # images up to this size decode on the event loop, larger in threads
 
 
+patch_timeout_middleware()  # BentoML's per-request timers otherwise keep every request alive for 60 s
 ARGS = bentoml.use_arguments(ServiceArgs)
 TAGS = ARGS.models.split()
 MAX_BYTES = int(ARGS.max_request_mb * 1024 * 1024)
@@ -61,12 +65,17 @@ class CnnServe:
                                      threads=ARGS.threads or None, spin=ARGS.spin))
         config = EngineConfig(
             max_batch_size=ARGS.max_batch_size, max_wait_ms=ARGS.max_wait_ms, max_queue=ARGS.max_queue,
-            max_images_per_request=ARGS.max_images_per_request,
+            max_images_per_request=ARGS.max_images_per_request, inline_decode_pixels=ARGS.inline_decode_pixels,
             limits=Limits(max_bytes=MAX_BYTES, max_pixels=ARGS.max_image_pixels,
                           formats=frozenset(ARGS.formats.upper().split())))
         self.engine = Engine(models, config, metrics())
         for m in models:
             log.info("serving %s:%s on %s", m.name, m.version, ", ".join(m.providers))
+        # Everything loaded so far (BentoML, FastAPI, onnxruntime, ~140k objects) lives as long as the
+        # process: freeze it out of the garbage collector. Measured on LeNet-5 at 64 clients: full
+        # collections went from 70-110 ms to about 5 ms, and p99 latency from ~150 to ~80 ms.
+        gc.collect()
+        gc.freeze()
 
     def __is_ready__(self) -> bool:
         return self.engine.ready

@@ -109,3 +109,80 @@ def test_default_top_k_is_clamped_explicit_is_refused(default_onnx):
     with pytest.raises(APIError, match="between 1 and 3"):
         engine.top_k(few, 4)
     engine.close()
+
+
+def test_engine_decodes_inline_or_in_threads_alike(default_onnx, digits_test):
+    """Small images decode on the event loop, large ones in worker threads: same answers, all stages timed;
+    a broken image fails alone on either path."""
+    from service.engine import STAGES, APIError, Engine, EngineConfig
+    from service.preprocess import preprocess
+    from tests.conftest import encode
+
+    m = load_model(default_onnx)
+    x, _ = digits_test
+    small = encode(x[3][0])  # 8x8
+    large = encode(np.kron(x[3][0], np.ones((40, 40), np.uint8)))  # 320x320, same digit
+
+    async def classify(engine, data):
+        timings = {}
+        out = await engine.classify(data, timings=timings)
+        return out["predictions"], timings
+
+    for limit in (0, 128 * 128):  # always threads; the default
+        engine = Engine([m], EngineConfig(inline_decode_pixels=limit))
+        try:
+            for data in (small, large):
+                preds, timings = asyncio.run(classify(engine, data))
+                assert set(timings) == set(STAGES) - {"read", "total"}
+                assert all(v >= 0 for v in timings.values())
+                ref = m.top_k(m.predict(preprocess(data, m.spec)[None]), 5)[0]
+                assert preds == ref
+            for data in (small, large):
+                with pytest.raises(APIError) as err:
+                    asyncio.run(engine.classify(data[: len(data) // 2]))
+                assert err.value.status == 400 and err.value.code in ("truncated", "bad_image")
+        finally:
+            engine.close()
+
+
+def test_bentoml_timeout_middleware_fix_releases_timers_and_still_times_out():
+    """BentoML's TimeoutMiddleware, patched: no timer outlives its request, and a slow request still gets
+    a 504 with a JSON reason."""
+    import json
+
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from service.bentoml_fixes import patch_timeout_middleware
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/slow":
+            await asyncio.sleep(5)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def call(mw, path):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await mw({"type": "http", "path": path, "method": "GET", "headers": []}, receive, send)
+        return sent
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        fast, slow = TimeoutMiddleware(app, timeout=60), TimeoutMiddleware(app, timeout=0.2)
+        for _ in range(50):
+            assert (await call(fast, "/"))[0]["status"] == 200
+        live = [h for h in loop._scheduled if not h.cancelled()]  # noqa: SLF001 - asyncio's timer heap
+        sent = await call(slow, "/slow")
+        return live, sent
+
+    assert patch_timeout_middleware()
+    live, sent = asyncio.run(main())
+    assert live == []
+    assert sent[0]["status"] == 504
+    assert json.loads(sent[1]["body"])["code"] == "timeout"

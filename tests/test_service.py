@@ -53,6 +53,26 @@ def test_classify_multipart_and_raw_body(client, digits_test, reference):
     assert preds[0]["label"] == reference[1].spec.labels[preds[0]["index"]]
 
 
+def test_server_timing_breaks_down_each_request(client, digits_test):
+    """Every /classify answer says where its time went (Server-Timing) and feeds the stage histogram."""
+    from service.engine import STAGES
+
+    r = client.post("/classify", content=png(digits_test[0][1]), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200
+    stages = {}
+    for part in r.headers["Server-Timing"].split(","):
+        name, dur = part.strip().split(";dur=")
+        stages[name] = float(dur)
+    assert list(stages) == [s for s in STAGES if s in stages] and set(stages) == set(STAGES)
+    assert all(v >= 0 for v in stages.values())
+    assert stages["inference"] > 0 and stages["decode"] > 0
+    parts = sum(v for k, v in stages.items() if k != "total")
+    assert parts <= stages["total"] + 0.01  # the stages do not overlap; the rest is event-loop time
+    text = client.get("/metrics").text
+    for stage in STAGES:
+        assert f'cnnserve_request_stage_seconds_count{{model="lenet5-digits",stage="{stage}"}}' in text
+
+
 def test_held_out_digits_over_http_reproduce_exported_accuracy(server, digits_test, reference):
     """All 360 test images, PNG-encoded and sent concurrently, score the accuracy recorded at export."""
     x, y = digits_test
@@ -216,7 +236,7 @@ def test_health_metrics_and_openapi(client):
     client.post("/classify", content=b"", headers={"Content-Type": "image/png"})  # one rejection
     text = client.get("/metrics").text
     for name in ("cnnserve_batch_size_bucket", "cnnserve_inference_seconds_bucket",
-                 "cnnserve_preprocess_seconds_bucket", 'cnnserve_rejected_requests_total{reason="empty"}'):
+                 "cnnserve_request_stage_seconds_bucket", 'cnnserve_rejected_requests_total{reason="empty"}'):
         assert name in text
     paths = client.get("/docs.json").json()["paths"]
     for p in ("/classify", "/classify/batch", "/models", "/v2/models/{name}/infer", "/v2/health/ready"):
