@@ -6,11 +6,16 @@ for LeNet-5 (28x28 PNGs) and ResNet-18 (224x224 JPEGs):
 1. PyTorch eager in-process (what a user who skips ONNX would run), batches 1, 8, 32;
 2. onnxruntime in-process on pre-decoded tensors, batches 1, 8, 32, 128 (the serving ceiling);
 3. the cnnserve service over HTTP (real ``bentoml serve``, load from a separate process,
-   loopback): throughput, p50/p95/p99, errors and 503s, mean batch size formed, at each
-   concurrency (64 clients for the full ``--duration``, the others for ``--short``).
+   loopback, one-image multipart uploads): throughput, p50/p95/p99, errors and 503s, mean
+   batch size formed, and where each request's time went (its Server-Timing header);
+4. the naive BentoML service of ``bench/naive_service.py`` (the baseline users would copy)
+   under the same load;
+5. batch scoring (``cnnserve score``) with each engine on the same folder.
 
-Writes bench/results/<date>-<host>.json, .md (also printed) and PNG plots. Timings in
-process are the median of ``--repeats`` runs, with min and max as the spread.
+Each HTTP concurrency runs ``--http-repeats`` times (``--duration`` seconds at the highest,
+``--short`` at the others) and reports the median and the spread; in-process timings are
+the median of ``--repeats`` runs. Writes bench/results/<date>-<host>.json, .md (also
+printed) and .png; the ratios and the project's targets, met or missed, come first.
 """
 
 from __future__ import annotations
@@ -174,18 +179,41 @@ def batch_metrics(url: str, model: str) -> tuple[float, float]:
     return total, count
 
 
-def load(url: str, files: str, concurrency: int, duration: float, warmup: float) -> dict:
+def load(url: str, files: str, concurrency: int, duration: float, warmup: float, field: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.load", url, "--files", files, "--concurrency",
-                          str(concurrency), "--duration", str(duration), "--warmup", str(warmup)],
+                          str(concurrency), "--duration", str(duration), "--warmup", str(warmup), "--field", field],
                          cwd=ROOT, capture_output=True, text=True, check=True, timeout=duration + warmup + 120)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_service(w: dict, concurrencies, duration: float, short: float, warmup: float) -> list[dict]:
+def summarise(runs: list[dict]) -> dict:
+    """Repeated runs at one concurrency: the median run's figures, the spread, and the sums of failures."""
+    rates = [r["throughput_rps"] for r in runs]
+    out = {"concurrency": runs[0]["concurrency"], "repeats": len(runs), "duration_s": runs[0]["duration_s"],
+           "throughput_rps": statistics.median(rates), "spread": [min(rates), max(rates)],
+           "requests": sum(r["requests"] for r in runs), "n_503": sum(r["n_503"] for r in runs),
+           "n_non_200": sum(r["n_non_200"] for r in runs),
+           "connections_opened": sum(r.get("connections_opened", 0) for r in runs),
+           "latency_ms": {q: statistics.median(r["latency_ms"].get(q, 0) for r in runs)
+                          for q in ("p50", "p95", "p99", "mean", "max")}, "runs": runs}
+    timed = [r["server_timing_ms"] for r in runs if r.get("server_timing_ms")]
+    if timed:
+        out["server_timing_ms"] = {k: statistics.mean(t[k] for t in timed) for k in timed[0]}
+    return out
+
+
+def bench_http(w: dict, service: str, concurrencies, duration: float, short: float, warmup: float,
+               repeats: int) -> list[dict]:
+    """One server (cnnserve with the workload's settings, or the naive baseline) under the load generator,
+    ``repeats`` runs at each concurrency. Every request is a one-image multipart upload (``curl -F``)."""
     from .server import Server
 
-    settings = [a for k, v in w["serve"].items() for a in ("--arg", f"{k}={v}")]
-    srv = Server("--arg", f"models={w['tag']}", *settings)
+    naive = service == "naive"
+    if naive:
+        srv = Server("--arg", f"model={w['tag']}", service="bench.naive_service:NaiveOnnx")
+    else:
+        settings = [a for k, v in w["serve"].items() for a in ("--arg", f"{k}={v}")]
+        srv = Server("--arg", f"models={w['tag']}", *settings)
     rows = []
     try:
         ext = "png" if w["format"] == "PNG" else "jpg"
@@ -193,16 +221,24 @@ def bench_service(w: dict, concurrencies, duration: float, short: float, warmup:
         name = w["tag"].split(":")[0]
         for c in concurrencies:
             secs = duration if c == max(concurrencies) else short
-            before = batch_metrics(srv.url, name)
-            r = load(srv.url + "/classify", files, c, secs, warmup)
-            after = batch_metrics(srv.url, name)
-            runs = after[1] - before[1]
-            r["mean_batch_size"] = (after[0] - before[0]) / runs if runs else 0.0
-            rows.append(r)
-            lat = r["latency_ms"]
-            log(f"{w['name']}: HTTP x{c}: {r['throughput_rps']:.0f} req/s, p50 {lat.get('p50', 0):.1f} ms, "
-                f"p99 {lat.get('p99', 0):.1f} ms, 503s {r['n_503']}, other failures "
-                f"{r['n_non_200'] - r['n_503']}, mean batch {r['mean_batch_size']:.1f}")
+            runs = []
+            for _ in range(repeats):
+                before = None if naive else batch_metrics(srv.url, name)
+                r = load(srv.url + "/classify", files, c, secs, warmup, "images" if naive else "image")
+                if before:
+                    after = batch_metrics(srv.url, name)
+                    n = after[1] - before[1]
+                    r["mean_batch_size"] = (after[0] - before[0]) / n if n else 0.0
+                runs.append(r)
+            row = summarise(runs)
+            if not naive:
+                row["mean_batch_size"] = statistics.mean(r["mean_batch_size"] for r in runs)
+            rows.append(row)
+            lat = row["latency_ms"]
+            log(f"{w['name']}: {service} HTTP x{c}: {row['throughput_rps']:.0f} req/s (median of {repeats}, "
+                f"{row['spread'][0]:.0f}-{row['spread'][1]:.0f}), p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, "
+                f"503s {row['n_503']}, other failures {row['n_non_200'] - row['n_503']}"
+                + (f", mean batch {row['mean_batch_size']:.1f}" if not naive else ""))
     finally:
         srv.stop()
     return rows
@@ -270,45 +306,118 @@ def bench_batch(w: dict, engines, n: int, batch: int) -> dict:
 
 # --- report ---------------------------------------------------------------------------------
 
-def report(doc: dict, stem: Path) -> str:
-    lines = [f"# cnnserve benchmark, {doc['date']}", "",
-             f"Machine: {doc['machine']['cpu']}, {doc['machine']['cores']} cores, GPU: {doc['machine']['gpu']}; "
-             f"Python {doc['machine']['python']}; "
-             + ", ".join(f"{k} {v}" for k, v in doc["machine"]["versions"].items()) + ".",
-             "The load generator runs on the same machine (loopback), so it takes CPU from the server.", ""]
-    lines += ["## Ratios", "", "| model | service / onnxruntime in-process (best batch) | onnxruntime / PyTorch eager "
-              "(best batch each) | 503 rate at 64 clients | failures at 64 clients | batch scoring (local) / onnxruntime "
-              "(same batch) |", "|---|---|---|---|---|---|"]
+TARGETS = {"service_over_ort": 0.90, "over_naive": 2.0, "scoring_over_ort": 0.90}
+BREAKDOWN = ["read", "decode", "resize", "thread", "queue", "inference", "respond"]
+
+
+def best(rows: list[dict] | None, key: str) -> float:
+    return max((x[key] for x in rows or []), default=0.0)
+
+
+def at(rows: list[dict] | None, concurrency: int) -> dict | None:
+    return next((x for x in rows or [] if x["concurrency"] == concurrency), None)
+
+
+def ratios(r: dict) -> dict:
+    """The figures the report states at the top, for one workload (None where not measured)."""
+    ort, torch = best(r.get("onnxruntime"), "images_per_s"), best(r.get("pytorch"), "images_per_s")
+    http = best(r.get("service"), "throughput_rps")
+    top = max((x["concurrency"] for x in r.get("service") or []), default=None)
+    ours, naive = at(r.get("service"), top), at(r.get("naive"), top)
+    local = (r.get("batch") or {}).get("engines", {}).get("local")
+    return {"service_over_ort": http / ort if http and ort else None,
+            "ort_over_torch": ort / torch if ort and torch else None,
+            "clients": top,
+            "over_naive": ours["throughput_rps"] / naive["throughput_rps"] if ours and naive else None,
+            "rate_503": ours["n_503"] / max(1, ours["requests"]) if ours else None,
+            "naive_rate_503": naive["n_503"] / max(1, naive["requests"]) if naive else None,
+            "failures": ours["n_non_200"] - ours["n_503"] if ours else None,
+            "scoring_over_ort": local["ratio_to_onnxruntime"] if local else None}
+
+
+def fmt(x, spec=".2f", none="-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def verdicts(doc: dict) -> list[str]:
+    """The project's targets, met or missed, in words."""
+    out = []
     for name, r in doc["workloads"].items():
-        ort_best = max(x["images_per_s"] for x in r["onnxruntime"]) if r.get("onnxruntime") else 0
-        torch_best = max(x["images_per_s"] for x in r["pytorch"]) if r.get("pytorch") else 0
-        http = {x["concurrency"]: x for x in r.get("service", [])}
-        best_http = max((x["throughput_rps"] for x in http.values()), default=0)
-        at64 = http.get(64)
-        lines.append(f"| {name} | {best_http / ort_best:.2f} ({best_http:.0f} / {ort_best:.0f} img/s) | "
-                     f"{ort_best / torch_best:.2f} | "
-                     + (f"{at64['n_503'] / max(1, at64['requests']):.2%} ({at64['n_503']} of {at64['requests']}) | "
-                        f"{at64['n_non_200'] - at64['n_503']} |" if at64 else "- | - |")
-                     + (f" {r['batch']['engines']['local']['ratio_to_onnxruntime']:.2f} |"
-                        if r.get("batch", {}).get("engines", {}).get("local") else " - |")
-                     if ort_best and torch_best else f"| {name} | - | - | - | - | - |")
+        q = ratios(r)
+        if name == "resnet18" and q["service_over_ort"] is not None:
+            ok = q["service_over_ort"] >= TARGETS["service_over_ort"]
+            out.append(f"- {'MET' if ok else 'MISSED'}: service at least 0.90 of in-process onnxruntime for ResNet-18: "
+                       f"{q['service_over_ort']:.2f}.")
+        if name == "lenet5" and q["over_naive"] is not None:
+            ok = q["over_naive"] >= TARGETS["over_naive"] and q["rate_503"] == 0 and q["failures"] == 0
+            out.append(f"- {'MET' if ok else 'MISSED'}: at least 2x the naive BentoML service for LeNet-5 at "
+                       f"{q['clients']} clients with zero 503s: {q['over_naive']:.2f}x, {q['rate_503']:.2%} 503s, "
+                       f"{q['failures']} other failures.")
+        if q["scoring_over_ort"] is not None:
+            ok = q["scoring_over_ort"] >= TARGETS["scoring_over_ort"]
+            out.append(f"- {'MET' if ok else 'MISSED'}: batch scoring (local) at least 0.90 of onnxruntime alone, "
+                       f"{name}: {q['scoring_over_ort']:.2f}.")
+    return out
+
+
+def breakdown(row: dict) -> dict | None:
+    """Mean milliseconds per request in each stage, plus what the stages do not cover."""
+    t = row.get("server_timing_ms")
+    if not t:
+        return None
+    out = {k: t.get(k, 0.0) for k in BREAKDOWN}
+    out["event loop, other"] = max(0.0, t["total"] - sum(out.values()))
+    out["HTTP, framework, client"] = max(0.0, t["client"] - t["total"])
+    out["client latency"] = t["client"]
+    return out
+
+
+def report(doc: dict, stem: Path) -> str:
+    m = doc["machine"]
+    lines = [f"# cnnserve benchmark, {doc['date']}", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; Python {m['python']}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
+             "The load generator runs on the same machine (loopback), so it takes CPU from the server. "
+             f"HTTP figures are the median of {doc.get('http_repeats', 1)} runs, with the spread (min-max).", ""]
+    lines += ["## Ratios", "", "| model | service / onnxruntime in-process (best batch) | cnnserve / naive BentoML "
+              "(most clients) | onnxruntime / PyTorch eager (best batch each) | batch scoring (local) / onnxruntime "
+              "(same batch) | 503 rate at most clients (cnnserve; naive) | other failures (cnnserve) |",
+              "|---|---|---|---|---|---|---|"]
+    for name, r in doc["workloads"].items():
+        q = ratios(r)
+        lines.append(f"| {name} | {fmt(q['service_over_ort'])} | {fmt(q['over_naive'])} | {fmt(q['ort_over_torch'])} "
+                     f"| {fmt(q['scoring_over_ort'])} | {fmt(q['rate_503'], '.2%')}; {fmt(q['naive_rate_503'], '.2%')} "
+                     f"| {fmt(q['failures'], 'd')} |")
+    lines += ["", "Targets:", *verdicts(doc)]
     for name, r in doc["workloads"].items():
         settings = ", ".join(f"{k}={v}" for k, v in r["serve"].items())
-        lines += ["", f"## {name} ({r['input']}, {r['format']} requests; service {settings})", "",
+        lines += ["", f"## {name} ({r['input']}, {r['format']} requests; cnnserve with {settings})", "",
                   "| in-process | batch | images/s (median) | spread |", "|---|---|---|---|"]
         for kind in ("pytorch", "onnxruntime"):
             for x in r.get(kind, []):
                 lines.append(f"| {kind} | {x['batch']} | {x['images_per_s']:.0f} | "
                              f"{x['spread'][0]:.0f}-{x['spread'][1]:.0f} |")
-        if r.get("service"):
-            lines += ["", "| HTTP clients | seconds | requests | req/s | p50 ms | p95 ms | p99 ms | 503s | "
-                          "other failures | mean batch |", "|---|---|---|---|---|---|---|---|---|---|"]
-            for x in r["service"]:
+        http = [("cnnserve", x) for x in r.get("service", [])] + [("naive BentoML", x) for x in r.get("naive", [])]
+        if http:
+            lines += ["", "| server | HTTP clients | runs x s | req/s (median) | spread | p50 ms | p95 ms | p99 ms "
+                          "| 503s | other failures | mean batch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for who, x in http:
                 lat = x["latency_ms"]
-                lines.append(f"| {x['concurrency']} | {x['duration_s']:.0f} | {x['requests']} | "
-                             f"{x['throughput_rps']:.0f} | {lat.get('p50', 0):.1f} | {lat.get('p95', 0):.1f} | "
-                             f"{lat.get('p99', 0):.1f} | {x['n_503']} | {x['n_non_200'] - x['n_503']} | "
-                             f"{x['mean_batch_size']:.1f} |")
+                lines.append(f"| {who} | {x['concurrency']} | {x['repeats']} x {x['duration_s']:.0f} | "
+                             f"{x['throughput_rps']:.0f} | {x['spread'][0]:.0f}-{x['spread'][1]:.0f} | "
+                             f"{lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} | {x['n_503']} | "
+                             f"{x['n_non_200'] - x['n_503']} | "
+                             + (f"{x['mean_batch_size']:.1f} |" if "mean_batch_size" in x else "- |"))
+        rows = [(x["concurrency"], breakdown(x)) for x in r.get("service", []) if breakdown(x)]
+        if rows:
+            cols = list(rows[0][1])
+            lines += ["", "Where the time of one request goes (cnnserve, mean ms per request, from the Server-Timing "
+                          "header of every answer; `service/engine.py` STAGES says what each stage covers):", "",
+                      "| clients | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            for c, b in rows:
+                lines.append(f"| {c} | " + " | ".join(f"{b[k]:.2f}" for k in cols) + " |")
+    if doc.get("torchserve"):
+        lines += ["", "## TorchServe", "", doc["torchserve"]]
     scoring = {n: r["batch"] for n, r in doc["workloads"].items() if r.get("batch")}
     if scoring:
         lines += ["", "## Batch scoring (`cnnserve score`), same files for every engine", "",
@@ -337,30 +446,51 @@ def plot(doc: dict, stem: Path) -> None:
     names = [n for n, r in doc["workloads"].items() if r.get("service")]
     if not names:
         return
-    fig, axes = plt.subplots(2, len(names), figsize=(6 * len(names), 8), squeeze=False)
+    fig, axes = plt.subplots(3, len(names), figsize=(6.5 * len(names), 12), squeeze=False)
     for j, name in enumerate(names):
         r = doc["workloads"][name]
-        cs = [x["concurrency"] for x in r["service"]]
         ax = axes[0][j]
-        ax.plot(cs, [x["throughput_rps"] for x in r["service"]], marker="o", label="cnnserve over HTTP")
+        for key, label, style in (("service", "cnnserve", "-"), ("naive", "naive BentoML (baseline)", "--")):
+            rows = r.get(key) or []
+            if rows:
+                cs = [x["concurrency"] for x in rows]
+                ax.errorbar(cs, [x["throughput_rps"] for x in rows], ls=style, marker="o", capsize=3, label=label,
+                            yerr=[[x["throughput_rps"] - x["spread"][0] for x in rows],
+                                  [x["spread"][1] - x["throughput_rps"] for x in rows]])
         if r.get("onnxruntime"):
-            ax.axhline(max(x["images_per_s"] for x in r["onnxruntime"]), color="g", ls="--",
+            ax.axhline(best(r["onnxruntime"], "images_per_s"), color="g", ls="-.",
                        label="onnxruntime in-process, best batch")
         if r.get("pytorch"):
-            ax.axhline(max(x["images_per_s"] for x in r["pytorch"]), color="r", ls=":",
-                       label="PyTorch eager in-process, best batch")
-        ax.set(xscale="log", xlabel="concurrent clients", ylabel="images / s", title=f"{name}: throughput")
+            ax.axhline(best(r["pytorch"], "images_per_s"), color="r", ls=":", label="PyTorch eager in-process, best batch")
+        cs = [x["concurrency"] for x in r["service"]]
+        ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="images / s",
+               title=f"{name}: throughput (median, min-max)")
         ax.set_xticks(cs, [str(c) for c in cs])
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         ax = axes[1][j]
-        for q in ("p50", "p95", "p99"):
-            ax.plot(cs, [x["latency_ms"].get(q, 0) for x in r["service"]], marker="o", label=q)
+        for key, who, style in (("service", "cnnserve", "-"), ("naive", "naive", "--")):
+            for q, color in (("p50", "C0"), ("p99", "C3")):
+                rows = r.get(key) or []
+                if rows:
+                    ax.plot([x["concurrency"] for x in rows], [x["latency_ms"][q] for x in rows], ls=style,
+                            color=color, marker="o", label=f"{who} {q}")
         ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency, ms",
                title=f"{name}: latency percentiles")
         ax.set_xticks(cs, [str(c) for c in cs])
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+        ax = axes[2][j]
+        rows = [(x["concurrency"], breakdown(x)) for x in r["service"] if breakdown(x)]
+        if rows:
+            parts = [k for k in rows[0][1] if k != "client latency"]
+            left = np.zeros(len(rows))
+            for i, part in enumerate(parts):
+                vals = np.array([b[part] for _, b in rows])
+                ax.barh([str(c) for c, _ in rows], vals, left=left, label=part, color=plt.cm.tab10(i))
+                left += vals
+            ax.set(xlabel="mean ms per request", ylabel="concurrent clients", title=f"{name}: where the time goes")
+            ax.legend(fontsize=7, ncol=2)
     fig.suptitle(f"cnnserve on {doc['machine']['cpu']} ({doc['machine']['cores']} cores)", fontsize=10)
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=100)
@@ -371,20 +501,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="cnnserve bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
-    ap.add_argument("--duration", type=float, default=60, help="seconds at the highest concurrency")
-    ap.add_argument("--short", type=float, default=15, help="seconds at the other concurrencies")
+    ap.add_argument("--duration", type=float, default=30, help="seconds per run at the highest concurrency")
+    ap.add_argument("--short", type=float, default=10, help="seconds per run at the other concurrencies")
+    ap.add_argument("--http-repeats", type=int, default=3, help="runs at each concurrency (median reported)")
     ap.add_argument("--warmup", type=float, default=3)
     ap.add_argument("--seconds", type=float, default=2, help="per in-process measurement")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sections", nargs="+", default=["pytorch", "onnxruntime", "service", "batch"],
-                    choices=["pytorch", "onnxruntime", "service", "batch"])
+    ap.add_argument("--sections", nargs="+", default=["pytorch", "onnxruntime", "service", "naive", "batch"],
+                    choices=["pytorch", "onnxruntime", "service", "naive", "batch"],
+                    help="naive: the baseline BentoML service of bench/naive_service.py under the same load")
     ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"])
     ap.add_argument("--score-images", type=int, default=1000, help="files per batch-scoring run")
     ap.add_argument("--out", default=None, help="result stem (default bench/results/DATE-HOST)")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
-           "command": "cnnserve bench " + " ".join(argv if argv is not None else sys.argv[1:]), "workloads": {}}
+           "command": "cnnserve bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "http_repeats": args.http_repeats, "workloads": {}}
     for name in args.models:
         w = prepare(name)
         r = {"input": "x".join(map(str, w["spec"].input_shape)), "format": w["format"],
@@ -393,8 +526,10 @@ def main(argv=None) -> int:
             r["pytorch"] = bench_torch(w, (1, 8, 32), args.seconds, args.repeats)
         if "onnxruntime" in args.sections:
             r["onnxruntime"] = bench_ort(w, (1, 8, 32, 128), args.seconds, args.repeats)
-        if "service" in args.sections:
-            r["service"] = bench_service(w, sorted(args.concurrency), args.duration, args.short, args.warmup)
+        for section in ("service", "naive"):
+            if section in args.sections:
+                r[section] = bench_http(w, section, sorted(args.concurrency), args.duration, args.short, args.warmup,
+                                        args.http_repeats)
         if "batch" in args.sections:
             r["batch"] = bench_batch(w, args.engines, args.score_images, 64)
         doc["workloads"][name] = r

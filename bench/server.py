@@ -20,15 +20,15 @@ def free_port() -> int:
 
 
 class Server:
-    """A real `bentoml serve` of the project's service on a free loopback port."""
+    """A real `bentoml serve` of the project's service (or ``service``) on a free loopback port."""
 
-    def __init__(self, *args: str, ready_timeout: float = 90):
+    def __init__(self, *args: str, ready_timeout: float = 90, service: str = "service.service:CnnServe"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         bentoml = Path(sys.executable).with_name("bentoml")
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [str(bentoml), "serve", "service.service:CnnServe", "--host", "127.0.0.1", "--port", str(self.port),
+            [str(bentoml), "serve", service, "--host", "127.0.0.1", "--port", str(self.port),
              *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(ready_timeout)
 
