@@ -10,7 +10,10 @@ for LeNet-5 (28x28 PNGs) and ResNet-18 (224x224 JPEGs):
    batch size formed, and where each request's time went (its Server-Timing header);
 4. the naive BentoML service of ``bench/naive_service.py`` (the baseline users would copy)
    under the same load;
-5. batch scoring (``cnnserve score``) with each engine on the same folder.
+5. TorchServe (``bench/torchserve/``, installed into bench/work on first use) serving the same
+   checkpoint as TorchScript, under the same load; reported as not run, with the reason,
+   where it cannot start;
+6. batch scoring (``cnnserve score``) with each engine on the same folder.
 
 Each HTTP concurrency runs ``--http-repeats`` times (``--duration`` seconds at the highest,
 ``--short`` at the others) and reports the median and the spread; in-process timings are
@@ -202,18 +205,32 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def bench_http(w: dict, service: str, concurrencies, duration: float, short: float, warmup: float,
-               repeats: int) -> list[dict]:
-    """One server (cnnserve with the workload's settings, or the naive baseline) under the load generator,
-    ``repeats`` runs at each concurrency. Every request is a one-image multipart upload (``curl -F``)."""
+def start(w: dict, service: str):
+    """The server under test, and the URL and multipart field its clients use."""
     from .server import Server
 
-    naive = service == "naive"
-    if naive:
+    if service == "naive":
         srv = Server("--arg", f"model={w['tag']}", service="bench.naive_service:NaiveOnnx")
-    else:
-        settings = [a for k, v in w["serve"].items() for a in ("--arg", f"{k}={v}")]
-        srv = Server("--arg", f"models={w['tag']}", *settings)
+        return srv, srv.url + "/classify", "images"
+    if service == "torchserve":
+        from .torchserve.peer import TorchServe, archive, install
+
+        install()
+        srv = TorchServe(archive(Path(w["run"]), w["tag"].split(":")[0]), workers=w["serve"]["workers"],
+                         batch_size=w["serve"]["max_batch_size"], max_batch_delay_ms=5)
+        return srv, f"{srv.url}/predictions/{srv.name}", "data"
+    settings = [a for k, v in w["serve"].items() for a in ("--arg", f"{k}={v}")]
+    srv = Server("--arg", f"models={w['tag']}", *settings)
+    return srv, srv.url + "/classify", "image"
+
+
+def bench_http(w: dict, service: str, concurrencies, duration: float, short: float, warmup: float,
+               repeats: int) -> list[dict]:
+    """One server (cnnserve with the workload's settings, the naive baseline, or TorchServe) under the
+    load generator, ``repeats`` runs at each concurrency. Every request is a one-image multipart upload
+    (what ``curl -F`` sends)."""
+    ours = service == "service"
+    srv, url, field = start(w, service)
     rows = []
     try:
         ext = "png" if w["format"] == "PNG" else "jpg"
@@ -223,22 +240,22 @@ def bench_http(w: dict, service: str, concurrencies, duration: float, short: flo
             secs = duration if c == max(concurrencies) else short
             runs = []
             for _ in range(repeats):
-                before = None if naive else batch_metrics(srv.url, name)
-                r = load(srv.url + "/classify", files, c, secs, warmup, "images" if naive else "image")
+                before = batch_metrics(srv.url, name) if ours else None
+                r = load(url, files, c, secs, warmup, field)
                 if before:
                     after = batch_metrics(srv.url, name)
                     n = after[1] - before[1]
                     r["mean_batch_size"] = (after[0] - before[0]) / n if n else 0.0
                 runs.append(r)
             row = summarise(runs)
-            if not naive:
+            if ours:
                 row["mean_batch_size"] = statistics.mean(r["mean_batch_size"] for r in runs)
             rows.append(row)
             lat = row["latency_ms"]
             log(f"{w['name']}: {service} HTTP x{c}: {row['throughput_rps']:.0f} req/s (median of {repeats}, "
                 f"{row['spread'][0]:.0f}-{row['spread'][1]:.0f}), p50 {lat['p50']:.1f} ms, p99 {lat['p99']:.1f} ms, "
                 f"503s {row['n_503']}, other failures {row['n_non_200'] - row['n_503']}"
-                + (f", mean batch {row['mean_batch_size']:.1f}" if not naive else ""))
+                + (f", mean batch {row['mean_batch_size']:.1f}" if ours else ""))
     finally:
         srv.stop()
     return rows
@@ -306,6 +323,7 @@ def bench_batch(w: dict, engines, n: int, batch: int) -> dict:
 
 # --- report ---------------------------------------------------------------------------------
 
+PEERS = [("service", "cnnserve"), ("naive", "naive BentoML (baseline)"), ("torchserve", "TorchServe (PyTorch eager)")]
 TARGETS = {"service_over_ort": 0.90, "over_naive": 2.0, "scoring_over_ort": 0.90}
 BREAKDOWN = ["read", "decode", "resize", "thread", "queue", "inference", "respond"]
 
@@ -323,12 +341,13 @@ def ratios(r: dict) -> dict:
     ort, torch = best(r.get("onnxruntime"), "images_per_s"), best(r.get("pytorch"), "images_per_s")
     http = best(r.get("service"), "throughput_rps")
     top = max((x["concurrency"] for x in r.get("service") or []), default=None)
-    ours, naive = at(r.get("service"), top), at(r.get("naive"), top)
+    ours, naive, ts = at(r.get("service"), top), at(r.get("naive"), top), at(r.get("torchserve"), top)
     local = (r.get("batch") or {}).get("engines", {}).get("local")
     return {"service_over_ort": http / ort if http and ort else None,
             "ort_over_torch": ort / torch if ort and torch else None,
             "clients": top,
             "over_naive": ours["throughput_rps"] / naive["throughput_rps"] if ours and naive else None,
+            "over_torchserve": ours["throughput_rps"] / ts["throughput_rps"] if ours and ts else None,
             "rate_503": ours["n_503"] / max(1, ours["requests"]) if ours else None,
             "naive_rate_503": naive["n_503"] / max(1, naive["requests"]) if naive else None,
             "failures": ours["n_non_200"] - ours["n_503"] if ours else None,
@@ -380,12 +399,13 @@ def report(doc: dict, stem: Path) -> str:
              "The load generator runs on the same machine (loopback), so it takes CPU from the server. "
              f"HTTP figures are the median of {doc.get('http_repeats', 1)} runs, with the spread (min-max).", ""]
     lines += ["## Ratios", "", "| model | service / onnxruntime in-process (best batch) | cnnserve / naive BentoML "
-              "(most clients) | onnxruntime / PyTorch eager (best batch each) | batch scoring (local) / onnxruntime "
-              "(same batch) | 503 rate at most clients (cnnserve; naive) | other failures (cnnserve) |",
-              "|---|---|---|---|---|---|---|"]
+              "(most clients) | cnnserve / TorchServe (most clients) | onnxruntime / PyTorch eager (best batch each) "
+              "| batch scoring (local) / onnxruntime (same batch) | 503 rate at most clients (cnnserve; naive) "
+              "| other failures (cnnserve) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in doc["workloads"].items():
         q = ratios(r)
-        lines.append(f"| {name} | {fmt(q['service_over_ort'])} | {fmt(q['over_naive'])} | {fmt(q['ort_over_torch'])} "
+        lines.append(f"| {name} | {fmt(q['service_over_ort'])} | {fmt(q['over_naive'])} | {fmt(q['over_torchserve'])} "
+                     f"| {fmt(q['ort_over_torch'])} "
                      f"| {fmt(q['scoring_over_ort'])} | {fmt(q['rate_503'], '.2%')}; {fmt(q['naive_rate_503'], '.2%')} "
                      f"| {fmt(q['failures'], 'd')} |")
     lines += ["", "Targets:", *verdicts(doc)]
@@ -397,7 +417,7 @@ def report(doc: dict, stem: Path) -> str:
             for x in r.get(kind, []):
                 lines.append(f"| {kind} | {x['batch']} | {x['images_per_s']:.0f} | "
                              f"{x['spread'][0]:.0f}-{x['spread'][1]:.0f} |")
-        http = [("cnnserve", x) for x in r.get("service", [])] + [("naive BentoML", x) for x in r.get("naive", [])]
+        http = [(who, x) for key, who in PEERS for x in r.get(key, [])]
         if http:
             lines += ["", "| server | HTTP clients | runs x s | req/s (median) | spread | p50 ms | p95 ms | p99 ms "
                           "| 503s | other failures | mean batch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -408,6 +428,9 @@ def report(doc: dict, stem: Path) -> str:
                              f"{lat['p50']:.1f} | {lat['p95']:.1f} | {lat['p99']:.1f} | {x['n_503']} | "
                              f"{x['n_non_200'] - x['n_503']} | "
                              + (f"{x['mean_batch_size']:.1f} |" if "mean_batch_size" in x else "- |"))
+        for key, who in PEERS:
+            if r.get(f"{key}_error"):
+                lines.append(f"\n{who} could not run: `{r[key + '_error']}`")
         rows = [(x["concurrency"], breakdown(x)) for x in r.get("service", []) if breakdown(x)]
         if rows:
             cols = list(rows[0][1])
@@ -416,8 +439,6 @@ def report(doc: dict, stem: Path) -> str:
                       "| clients | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             for c, b in rows:
                 lines.append(f"| {c} | " + " | ".join(f"{b[k]:.2f}" for k in cols) + " |")
-    if doc.get("torchserve"):
-        lines += ["", "## TorchServe", "", doc["torchserve"]]
     scoring = {n: r["batch"] for n, r in doc["workloads"].items() if r.get("batch")}
     if scoring:
         lines += ["", "## Batch scoring (`cnnserve score`), same files for every engine", "",
@@ -450,7 +471,7 @@ def plot(doc: dict, stem: Path) -> None:
     for j, name in enumerate(names):
         r = doc["workloads"][name]
         ax = axes[0][j]
-        for key, label, style in (("service", "cnnserve", "-"), ("naive", "naive BentoML (baseline)", "--")):
+        for (key, label), style in zip(PEERS, ("-", "--", ":")):
             rows = r.get(key) or []
             if rows:
                 cs = [x["concurrency"] for x in rows]
@@ -469,12 +490,12 @@ def plot(doc: dict, stem: Path) -> None:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         ax = axes[1][j]
-        for key, who, style in (("service", "cnnserve", "-"), ("naive", "naive", "--")):
+        for (key, who), style in zip(PEERS, ("-", "--", ":")):
             for q, color in (("p50", "C0"), ("p99", "C3")):
                 rows = r.get(key) or []
                 if rows:
                     ax.plot([x["concurrency"] for x in rows], [x["latency_ms"][q] for x in rows], ls=style,
-                            color=color, marker="o", label=f"{who} {q}")
+                            color=color, marker="o", label=f"{who.split(' (')[0]} {q}")
         ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency, ms",
                title=f"{name}: latency percentiles")
         ax.set_xticks(cs, [str(c) for c in cs])
@@ -507,9 +528,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=3)
     ap.add_argument("--seconds", type=float, default=2, help="per in-process measurement")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--sections", nargs="+", default=["pytorch", "onnxruntime", "service", "naive", "batch"],
-                    choices=["pytorch", "onnxruntime", "service", "naive", "batch"],
-                    help="naive: the baseline BentoML service of bench/naive_service.py under the same load")
+    ap.add_argument("--sections", nargs="+",
+                    default=["pytorch", "onnxruntime", "service", "naive", "torchserve", "batch"],
+                    choices=["pytorch", "onnxruntime", "service", "naive", "torchserve", "batch"],
+                    help="naive: the baseline BentoML service of bench/naive_service.py; torchserve: TorchServe "
+                         "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve")
     ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"])
     ap.add_argument("--score-images", type=int, default=1000, help="files per batch-scoring run")
     ap.add_argument("--out", default=None, help="result stem (default bench/results/DATE-HOST)")
@@ -526,10 +549,16 @@ def main(argv=None) -> int:
             r["pytorch"] = bench_torch(w, (1, 8, 32), args.seconds, args.repeats)
         if "onnxruntime" in args.sections:
             r["onnxruntime"] = bench_ort(w, (1, 8, 32, 128), args.seconds, args.repeats)
-        for section in ("service", "naive"):
+        for section in ("service", "naive", "torchserve"):
             if section in args.sections:
-                r[section] = bench_http(w, section, sorted(args.concurrency), args.duration, args.short, args.warmup,
-                                        args.http_repeats)
+                try:
+                    r[section] = bench_http(w, section, sorted(args.concurrency), args.duration, args.short,
+                                            args.warmup, args.http_repeats)
+                except Exception as e:  # noqa: BLE001 - a peer that cannot run here is reported, not fatal
+                    if section == "service":
+                        raise
+                    r[f"{section}_error"] = f"{type(e).__name__}: {str(e)[-500:]}"
+                    log(f"{name}: {section} could not run: {r[f'{section}_error']}")
         if "batch" in args.sections:
             r["batch"] = bench_batch(w, args.engines, args.score_images, 64)
         doc["workloads"][name] = r
