@@ -55,12 +55,17 @@ class Server:
         return Path(self.log.name).read_text()[-5000:]
 
     def stop(self) -> None:
-        import signal
+        stop_group(self.proc, 20)
 
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+
+def stop_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM to the process group a server was started in; SIGKILL after ``timeout`` seconds."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -138,10 +138,11 @@ def _cmd_up(args) -> int:
     print(f"checkpoint {ckpt}; curves {run / 'curves.png'}; confusion matrix {run / 'confusion.png'}")
     if args.no_serve:
         return 0
-    return _serve([tag], args.port, args.host)
+    samples = sorted(run.glob("sample-*.png"))
+    return _serve([tag], args.port, args.host, sample=samples[-1] if samples else None)
 
 
-def _serve(tags, port: int, host: str, extra=()) -> int:
+def _serve(tags, port: int, host: str, extra=(), sample=None) -> int:
     """Replace this process with `bentoml serve` of the project's service (from the repository root)."""
     import shutil
     from pathlib import Path
@@ -153,7 +154,7 @@ def _serve(tags, port: int, host: str, extra=()) -> int:
     argv = [bentoml, "serve", "service.service:CnnServe", "--working-dir", str(root), "--host", host,
             "--port", str(port), "--arg", "models=" + " ".join(tags), *extra]
     print(f"serving {' '.join(tags)} on http://{host}:{port} (Ctrl+C to stop); try:\n"
-          f"  curl -F image=@runs/lenet5-digits/sample-7.png http://127.0.0.1:{port}/classify")
+          f"  curl -F image=@{sample or 'IMAGE.png'} http://127.0.0.1:{port}/classify")
     sys.stdout.flush()
     os.execv(bentoml, argv)
     return 0  # not reached
@@ -212,7 +213,7 @@ def _cmd_container(args) -> int:
     return container_main(args.models, args.gpu, args.backend, args.image_tag, args.opt, args.arg)
 
 
-def _cmd_bench(args) -> int:
+def _cmd_bench(args) -> int:  # reached only through parse_args (main sends `bench ...` to the harness first)
     from bench.harness import main as bench_main
 
     return bench_main(args.bench_args)
@@ -286,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="service argument KEY=VALUE baked into the bento (e.g. workers=2; see README)")
     p.set_defaults(func=_cmd_container)
 
-    p = sub.add_parser("bench", help="the benchmark harness (see `cnnserve bench -- --help`)", add_help=False)
+    p = sub.add_parser("bench", help="the benchmark harness (`cnnserve bench --help` lists its options)",
+                       add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_bench)
 
@@ -302,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the harness parses its own options (argparse's REMAINDER would not take them)
+        from bench.harness import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

@@ -128,13 +128,7 @@ class TorchServe:
         return (self.home / "torchserve.out").read_text()[-1500:]
 
     def stop(self) -> None:
-        import signal
+        from bench.server import stop_group
 
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 30)
         self.log.close()

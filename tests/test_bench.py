@@ -1,0 +1,50 @@
+"""The benchmark harness, run for real on a tiny budget: cnnserve and the naive BentoML baseline under
+the load generator, onnxruntime and PyTorch in-process, batch scoring; the report's files and figures.
+(Speed is never asserted here: these machines are noisy. The harness's report is where speed lives.)"""
+
+import json
+
+import pytest
+
+from bench.load import multipart, parse_server_timing
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_server_timing_and_multipart_helpers():
+    assert parse_server_timing("decode;dur=0.412, total;desc=\"x\";dur=2.5, bad;dur=x, nodur") == {
+        "decode": 0.412, "total": 2.5}
+    body, ctype = multipart("image", "a.png", b"\x89PNG...", "image/png")
+    boundary = ctype.split("boundary=")[1]
+    assert ctype.startswith("multipart/form-data; ")
+    assert body.startswith(f"--{boundary}\r\n".encode()) and body.endswith(f"\r\n--{boundary}--\r\n".encode())
+    assert b'name="image"; filename="a.png"' in body and b"\r\n\r\n\x89PNG...\r\n" in body
+
+
+def test_bench_runs_end_to_end_and_reports(tmp_path):
+    out = tmp_path / "report"
+    proc = run_cli("bench", "--models", "lenet5", "--sections", "pytorch", "onnxruntime", "service", "naive", "batch",
+                   "--engines", "local", "--concurrency", "1", "8", "--duration", "2", "--short", "1",
+                   "--http-repeats", "2", "--warmup", "0.5", "--seconds", "0.2", "--repeats", "2",
+                   "--score-images", "64", "--work", str(tmp_path / "work"), "--out", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    r = doc["workloads"]["lenet5"]
+    assert doc["machine"]["cores"] and doc["http_repeats"] == 2
+    assert [x["batch"] for x in r["onnxruntime"]] == [1, 8, 32, 128] and all(x["images_per_s"] > 0 for x in r["pytorch"])
+    for key in ("service", "naive"):
+        assert [x["concurrency"] for x in r[key]] == [1, 8]
+        for row in r[key]:
+            assert row["repeats"] == len(row["runs"]) == 2
+            assert row["n_non_200"] == 0 and row["throughput_rps"] > 0
+            assert row["spread"][0] <= row["throughput_rps"] <= row["spread"][1]
+    stages = r["service"][1]["server_timing_ms"]  # cnnserve says where the time went; the baseline cannot
+    assert {"decode", "queue", "inference", "total", "client"} <= set(stages) and stages["client"] >= stages["total"]
+    assert "server_timing_ms" not in r["naive"][0]
+    assert r["batch"]["images"] == 64 and r["batch"]["engines"]["local"]["scored"] == 64
+    md = out.with_suffix(".md").read_text()
+    assert "## Ratios" in md and "naive BentoML (baseline)" in md and "Where the time of one request goes" in md
+    assert "NOT MEASURED: the naive-baseline target is set at 64 clients" in md  # 8 were run
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    assert str(tmp_path) not in md  # reports name no machine's paths
