@@ -27,7 +27,10 @@ def test_bench_runs_end_to_end_and_reports(tmp_path):
     proc = run_cli("bench", "--models", "lenet5", "--sections", "pytorch", "onnxruntime", "service", "naive", "batch",
                    "--engines", "local", "--concurrency", "1", "8", "--duration", "2", "--short", "1",
                    "--http-repeats", "2", "--warmup", "0.5", "--seconds", "0.2", "--repeats", "2",
-                   "--score-images", "64", "--work", str(tmp_path / "work"), "--out", str(out), timeout=600)
+                   "--score-images", "64", "--work", str(tmp_path / "work"), "--out", str(out), timeout=600,
+                   # a model store of its own: servers sharing one BENTOML_HOME reset each other's
+                   # Prometheus files, and the suite's shared server may be running
+                   env={"BENTOML_HOME": str(tmp_path / "bentoml")})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads(out.with_suffix(".json").read_text())
     r = doc["workloads"]["lenet5"]
