@@ -242,6 +242,8 @@ def test_health_metrics_and_openapi(client):
     for p in ("/classify", "/classify/batch", "/models", "/v2/models/{name}/infer", "/v2/health/ready"):
         assert p in paths
     assert "multipart/form-data" in json.dumps(paths["/classify"])
+    home = client.get("/")  # BentoML's browsable API page, over the same document
+    assert home.status_code == 200 and home.headers["content-type"].startswith("text/html")
 
 
 def test_overload_sheds_with_503_and_retry_after(stored_default, digits_test):
