@@ -230,10 +230,12 @@ def test_concurrent_burst_with_bad_requests_mixed_in(server, digits_test, refere
     assert got == expected.tolist()
 
 
-def test_health_metrics_and_openapi(client):
+def test_health_metrics_and_openapi(client, digits_test):
     assert client.get("/readyz").status_code == 200
     assert client.get("/livez").status_code == 200
-    client.post("/classify", content=b"", headers={"Content-Type": "image/png"})  # one rejection
+    ok = client.post("/classify", content=png(digits_test[0][0]), headers={"Content-Type": "image/png"})
+    assert ok.status_code == 200  # one answer and one rejection, whatever ran before
+    client.post("/classify", content=b"", headers={"Content-Type": "image/png"})
     text = client.get("/metrics").text
     for name in ("cnnserve_batch_size_bucket", "cnnserve_inference_seconds_bucket",
                  "cnnserve_request_stage_seconds_bucket", 'cnnserve_rejected_requests_total{reason="empty"}'):
