@@ -9,14 +9,20 @@ Retry-After under overload), never a 500 for anything a client sends.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from typing import Callable
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from .engine import APIError, Engine
+
+log = logging.getLogger("cnnserve.api")
 
 IMAGE_FIELD, IMAGES_FIELD = "image", "images"
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -40,42 +46,76 @@ V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"s
             "name": {"type": "string", "enum": ["logits", "probabilities"]}}}}}}}}}}
 TOP_K = Query(None, description="how many classes to return (default 5, at most the number of classes)")
 MODEL = Query(None, description="model name (default: the first served model)")
+TIMEOUT_MS = Query(None, description="deadline in milliseconds from arrival (default: the server's timeout_ms); "
+                                     "a request still waiting for the model then gets 504 and is not run")
+PRIORITY = Query(None, description="interactive (default) or bulk: bulk requests fill batches after "
+                                   "interactive ones and may take at most half of the queue")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The whole body, refusing with 413 as soon as it passes ``limit`` (Content-Length or streamed)."""
+async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
+    """The whole body, refusing with 413 as soon as it passes ``limit`` (Content-Length or streamed),
+    with 408 when no byte arrives for ``idle_timeout`` seconds (a Content-Length never completed),
+    and with 499 when the client goes away mid-body (logged in one line)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise APIError(413, "too_large", f"the request is {int(declared):,} bytes; the limit is {limit:,}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, "too_large", f"the request passed the limit of {limit:,} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # Starlette's form parser replays a body already read
-    return body
+    loop = asyncio.get_running_loop()
+    problem = None
+    try:
+        async with asyncio.timeout(idle_timeout) as timer:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, "too_large", f"the request passed the limit of {limit:,} bytes")
+                chunks.append(chunk)
+                timer.reschedule(loop.time() + idle_timeout)
+    except TimeoutError:
+        problem = (408, "body_timeout", f"no part of the request body arrived for {idle_timeout:g} s "
+                                        f"({size:,} of {declared or 'unknown'} bytes received)",
+                   {"Connection": "close"})
+    except ClientDisconnect:
+        problem = (499, "client_closed", f"the client closed the connection after {size:,} bytes of the body")
+    if problem:
+        raise APIError(*problem)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def image_files(request: Request, field: str, limit: int, max_files: int) -> list[tuple[str, bytes]]:
-    """(filename, bytes) of the uploads: multipart ``field``, or for ``image`` a raw image body."""
-    body = await read_body(request, limit)
+async def _once(data: bytes):
+    yield data
+
+
+async def image_files(request: Request, body: bytes, field: str, limit: int,
+                      max_files: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of the uploads in ``body``: multipart ``field``, or for ``image`` a raw image."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
+        problem = None
         try:
-            form = await request.form(max_files=max_files + 1, max_part_size=limit)
-        except Exception as e:  # malformed multipart, too many parts
-            raise APIError(400, "bad_form", f"the multipart form could not be parsed: {e}") from None
-        uploads = [v for v in form.getlist(field) if hasattr(v, "read")]
-        if not uploads:
-            raise APIError(400, "missing_field", f"no file in form field {field!r}; fields sent: "
-                                                 f"{sorted(form.keys()) or 'none'}")
-        return [(u.filename or "", await u.read()) for u in uploads]
+            form = await MultiPartParser(request.headers, _once(body), max_files=max_files + 1, max_fields=64,
+                                         max_part_size=limit).parse()
+        except (MultiPartException, ValueError, KeyError) as e:  # malformed multipart, too many parts
+            problem = f"the multipart form could not be parsed: {e}"
+        if problem:
+            raise APIError(400, "bad_form", problem)
+        try:
+            uploads = [v for v in form.getlist(field) if hasattr(v, "read")]
+            if not uploads:
+                raise APIError(400, "missing_field", f"no file in form field {field!r}; fields sent: "
+                                                     f"{sorted(form.keys()) or 'none'}")
+            return [(u.filename or "", await u.read()) for u in uploads]
+        finally:
+            await form.close()
     if field == IMAGE_FIELD and any(ctype.startswith(t) for t in RAW_TYPES):
         return [("", body)]
     allowed = "multipart/form-data" + (", image/* or application/octet-stream" if field == IMAGE_FIELD else "")
     raise APIError(415, "unsupported_media_type", f"Content-Type {ctype or 'none'!r} is not accepted; send {allowed}")
+
+
+def watch_disconnect(request: Request) -> asyncio.Future:
+    """A future that is done once the client disconnects (or the answer is sent): the batcher skips
+    a request whose client has gone. Call after the body is read."""
+    return asyncio.ensure_future(request.receive())
 
 
 def server_timing(timings: dict) -> str:
@@ -83,15 +123,20 @@ def server_timing(timings: dict) -> str:
     return ", ".join(f"{stage};dur={seconds * 1000:.3f}" for stage, seconds in timings.items())
 
 
-def create_app(engine: Callable[[], Engine], max_request_bytes: int) -> FastAPI:
+def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeout_s: float = 10.0) -> FastAPI:
     """The API over the Engine that ``engine()`` returns (the running BentoML service's)."""
     app = FastAPI(title="cnnserve", version="1", description=__doc__.split("\n\n")[0])
 
     @app.exception_handler(APIError)
     async def api_error(_, e: APIError):
+        # The traceback's frames hold the request, its body and decoded images: drop them now rather
+        # than when the garbage collector next finds the cycle (a rejected image must hold no memory).
+        e.__traceback__ = e.__context__ = None
         metrics = engine().metrics
         if metrics:  # the one place where refusals are counted, by reason
             metrics.rejected.labels(e.code).inc()
+        if e.code == "client_closed":
+            log.info("client disconnected: %s", e.message)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -102,15 +147,21 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int) -> FastAPI:
     def eng() -> Engine:
         return engine()
 
+    async def read(request: Request) -> bytes:
+        return await read_body(request, max_request_bytes, body_timeout_s)
+
     @app.post("/classify", tags=["classification"], openapi_extra=CLASSIFY_BODY,
               summary="Classify one image (multipart field 'image', or the raw image as the body)")
-    async def classify(request: Request, top_k: int | None = TOP_K, model: str | None = MODEL):
+    async def classify(request: Request, top_k: int | None = TOP_K, model: str | None = MODEL,
+                       timeout_ms: float | None = TIMEOUT_MS, priority: str | None = PRIORITY):
         t0 = time.perf_counter()
         e = eng()
-        e.top_k(e.model(model), top_k)  # refuse a bad model or top_k before reading the upload
-        files = await image_files(request, IMAGE_FIELD, max_request_bytes, 1)
+        e.top_k(e.model(model), top_k)  # refuse a bad model, top_k or deadline before reading the upload
+        e.ticket(timeout_ms, priority)
+        files = await image_files(request, await read(request), IMAGE_FIELD, max_request_bytes, 1)
+        ticket = e.ticket(timeout_ms, priority, watch_disconnect(request), t0)
         timings = {"read": time.perf_counter() - t0}
-        result = await e.classify(files[0][1], model, top_k, timings)
+        result = await e.classify(files[0][1], model, top_k, timings, ticket)
         t = time.perf_counter()
         response = JSONResponse(result)  # serialised here, so that its time is measured
         timings["respond"] += time.perf_counter() - t
@@ -121,10 +172,14 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int) -> FastAPI:
 
     @app.post("/classify/batch", tags=["classification"], openapi_extra=BATCH_BODY,
               summary="Classify many images (multipart field 'images', repeated); per-image results in order")
-    async def classify_batch(request: Request, top_k: int | None = TOP_K, model: str | None = MODEL):
+    async def classify_batch(request: Request, top_k: int | None = TOP_K, model: str | None = MODEL,
+                             timeout_ms: float | None = TIMEOUT_MS, priority: str | None = PRIORITY):
+        t0 = time.perf_counter()
         e = eng()
-        files = await image_files(request, IMAGES_FIELD, max_request_bytes, e.config.max_images_per_request)
-        return await e.classify_many(files, model, top_k)
+        e.ticket(timeout_ms, priority)
+        files = await image_files(request, await read(request), IMAGES_FIELD, max_request_bytes,
+                                  e.config.max_images_per_request)
+        return await e.classify_many(files, model, top_k, e.ticket(timeout_ms, priority, watch_disconnect(request), t0))
 
     @app.get("/models", tags=["models"], summary="The served models: spec, labels, version, providers in use")
     async def list_models():
@@ -166,10 +221,14 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int) -> FastAPI:
     @app.post("/v2/models/{name}/infer", tags=v2, openapi_extra=V2_BODY,
               summary="Inference on a uint8 N x C x H x W tensor named 'pixels'")
     @app.post("/v2/models/{name}/versions/{version}/infer", tags=v2, include_in_schema=False)
-    async def v2_infer(request: Request, name: str, version: str | None = None):
+    async def v2_infer(request: Request, name: str, version: str | None = None,
+                       timeout_ms: float | None = TIMEOUT_MS, priority: str | None = PRIORITY):
+        t0 = time.perf_counter()
         e = eng()
         e.model(name, version)
-        body = await read_body(request, max_request_bytes)
-        return await e.v2_infer(name, version, body, request.headers.get("inference-header-content-length"))
+        e.ticket(timeout_ms, priority)
+        body = await read(request)
+        return await e.v2_infer(name, version, body, request.headers.get("inference-header-content-length"),
+                                e.ticket(timeout_ms, priority, watch_disconnect(request), t0))
 
     return app

@@ -7,8 +7,10 @@ and a message that names the problem, so nothing a client sends becomes a 500.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -17,7 +19,7 @@ import numpy as np
 
 from cnnserve import onnxmeta
 
-from .batching import MicroBatcher, Overloaded
+from .batching import PRIORITIES, DeadlineExceeded, MicroBatcher, Overloaded
 from .preprocess import ImageError, Limits, open_image, preprocess
 from .runtime import Model
 
@@ -54,9 +56,35 @@ class EngineConfig:
     max_wait_ms: float = 0.0
     max_queue: int = 1024  # images waiting per model before 503
     max_images_per_request: int = 256
-    inline_decode_pixels: int = 128 * 128  # images up to this size decode on the event loop
+    inline_decode_pixels: int = 128 * 128  # images up to this size ...
+    inline_decode_bytes: int = 16 * 1024  # ... and this many bytes decode on the event loop
+    decode_threads: int = 0  # images decoded at once in worker threads (0: the number of cores)
+    timeout_ms: float = 30_000  # default deadline of a request, counted from arrival; 504 past it
+    max_json_bytes: int = 4 * 1024 * 1024  # the JSON part of an Open Inference Protocol request
+    max_json_depth: int = 32
     default_top_k: int = 5
     limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What the batcher needs to know about one request: when its answer stops being useful
+    (``deadline``, ``time.perf_counter()`` seconds), whether it is ``interactive`` or ``bulk``, and
+    a future that is done once its client has gone (``gone``)."""
+
+    deadline: float | None = None
+    priority: str = "interactive"
+    gone: asyncio.Future | None = None
+
+
+def json_depth(data: bytes) -> int:
+    """The deepest nesting of brackets and braces in ``data`` (brackets inside strings count too,
+    so this is an upper bound), in C speed: a JSON bomb is refused before the parser recurses."""
+    if not data:
+        return 0
+    a = np.frombuffer(data, np.uint8)
+    step = ((a == 0x5B) | (a == 0x7B)).astype(np.int32) - ((a == 0x5D) | (a == 0x7D))
+    return int(np.cumsum(step).max())
 
 
 class Engine:
@@ -70,7 +98,8 @@ class Engine:
         self.models = {m.name: m for m in models}
         self.default = models[0].name
         self.batchers = {m.name: self._batcher(m) for m in models}
-        self.started = time.time()
+        self.draining = False  # set on SIGTERM: not ready, answers close their connections
+        self._decode_limiter: anyio.CapacityLimiter | None = None
         self._stage_metrics: dict = {}  # (model, stage) -> histogram child, looked up once
 
     def _batcher(self, model: Model) -> MicroBatcher:
@@ -84,12 +113,12 @@ class Engine:
                 self.metrics.batch_size.labels(model.name).observe(n)
                 self.metrics.inference.labels(model.name).observe(seconds)
 
-        return MicroBatcher(run, self.config.max_batch_size, self.config.max_wait_ms, self.config.max_queue,
+        return MicroBatcher(run, self.config.max_batch_size, self.config.max_queue, self.config.max_wait_ms,
                             observe, model.name)
 
     @property
     def ready(self) -> bool:
-        return all(m.warmup_ms > 0 for m in self.models.values())
+        return not self.draining and all(m.warmup_ms > 0 for m in self.models.values())
 
     # -- lookups and validation --------------------------------------------------------------
 
@@ -114,42 +143,73 @@ class Engine:
 
     # -- images --------------------------------------------------------------------------------
 
+    def ticket(self, timeout_ms: float | None = None, priority: str | None = None,
+               gone: asyncio.Future | None = None, start: float | None = None) -> Ticket:
+        """A request's deadline and priority from its parameters (the server's defaults otherwise)."""
+        if timeout_ms is not None and not 0 < timeout_ms <= 3_600_000:
+            raise APIError(400, "bad_timeout", f"timeout_ms must be between 1 and 3600000, got {timeout_ms:g}")
+        if priority not in (None, *PRIORITIES):
+            raise APIError(400, "bad_priority", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+        ms = timeout_ms if timeout_ms is not None else self.config.timeout_ms
+        deadline = (start or time.perf_counter()) + ms / 1000 if ms else None
+        return Ticket(deadline, priority or "interactive", gone)
+
     async def decode(self, model: Model, data: bytes, timings: dict | None = None) -> np.ndarray:
-        """Bytes to the model's uint8 input; a bad image fails here, alone. The header is read on the
-        event loop; an image of at most ``inline_decode_pixels`` is decoded there too (faster than a
-        thread hand-off), a larger one in a worker thread. ``timings`` gets ``decode``, ``resize`` and
-        ``thread`` (the hand-off to the thread and back)."""
+        """Bytes to the model's uint8 input; a bad image fails here, alone. Only work proven cheap
+        runs on the event loop: an image of at most ``inline_decode_bytes`` bytes (so its chunks
+        are few) and ``inline_decode_pixels`` pixels. Anything larger is opened and decoded in a
+        worker thread, at most ``decode_threads`` at once (each may take up to
+        ``limits.max_decoded_bytes``). ``timings`` gets ``decode``, ``resize`` and ``thread``."""
         t = time.perf_counter()
+        limits = self.config.limits
+        problem = None
         try:
-            img = open_image(data, self.config.limits)
-            opened = time.perf_counter() - t
-            w, h = img.size
-            if w * h <= self.config.inline_decode_pixels:
-                pixels = preprocess(img, model.spec, self.config.limits, timings)
-            else:
-                pixels = await anyio.to_thread.run_sync(preprocess, img, model.spec, self.config.limits, timings)
+            img = None
+            if len(data) <= self.config.inline_decode_bytes:
+                img = open_image(data, limits)
+                opened = time.perf_counter() - t
+                w, h = img.size
+                if w * h <= self.config.inline_decode_pixels:
+                    pixels = preprocess(img, model.spec, limits, timings)
+                    if timings is not None:
+                        timings["decode"] += opened
+                        timings["thread"] = 0.0
+                    return pixels
+            if self._decode_limiter is None:
+                self._decode_limiter = anyio.CapacityLimiter(self.config.decode_threads or os.cpu_count() or 2)
+            pixels = await anyio.to_thread.run_sync(preprocess, img or data, model.spec, limits, timings,
+                                                    limiter=self._decode_limiter)
         except ImageError as e:
-            raise APIError(e.status, e.code, str(e)) from None
+            problem = (e.status, e.code, str(e))
+        if problem:  # raised outside the handler, so no frame holding the upload stays referenced
+            raise APIError(*problem)
         if timings is not None:
-            timings["decode"] += opened
             timings["thread"] = time.perf_counter() - t - timings["decode"] - timings["resize"]
         return pixels
 
-    async def run(self, model: Model, pixels: np.ndarray, timings: dict | None = None) -> np.ndarray:
-        """Logits and probabilities (N x 2K) through the model's batcher; overload becomes 503.
-        ``timings`` gets ``queue`` (waiting for a batch) and ``inference`` (the batch's run)."""
+    async def run(self, model: Model, pixels: np.ndarray, timings: dict | None = None,
+                  ticket: Ticket | None = None) -> np.ndarray:
+        """Logits and probabilities (N x 2K) through the model's batcher; overload becomes 503, a
+        passed deadline 504. ``timings`` gets ``queue`` (waiting for a batch) and ``inference``."""
+        ticket = ticket or Ticket()
+        problem = None
         try:
-            return await self.batchers[model.name].submit(pixels, timings)
+            return await self.batchers[model.name].submit(pixels, timings, deadline=ticket.deadline,
+                                                          priority=ticket.priority, gone=ticket.gone)
         except Overloaded as e:
-            raise APIError(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)}) from None
+            problem = (503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})
+        except DeadlineExceeded:
+            problem = (504, "deadline_exceeded", "the request's deadline (timeout_ms) passed before the model "
+                                                 "could run it; it was not run")
+        raise APIError(*problem)
 
     async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None,
-                       timings: dict | None = None) -> dict:
+                       timings: dict | None = None, ticket: Ticket | None = None) -> dict:
         """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""
         model = self.model(name)
         k = self.top_k(model, top_k)
         pixels = await self.decode(model, data, timings)
-        out = await self.run(model, pixels[None], timings)
+        out = await self.run(model, pixels[None], timings, ticket)
         t = time.perf_counter()
         probs = out[:, model.spec.num_classes:]
         result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0]}
@@ -167,7 +227,7 @@ class Engine:
                 child.observe(seconds)
 
     async def classify_many(self, files: list[tuple[str, bytes]], name: str | None = None,
-                            top_k: int | None = None) -> dict:
+                            top_k: int | None = None, ticket: Ticket | None = None) -> dict:
         """Per-image results in order; a bad image gets its own error entry, the others still run."""
         model = self.model(name)
         k = self.top_k(model, top_k)
@@ -191,7 +251,7 @@ class Engine:
         good = [i for i, d in enumerate(decoded) if not isinstance(d, APIError)]
         preds = []
         if good:
-            out = await self.run(model, np.stack([decoded[i] for i in good]))
+            out = await self.run(model, np.stack([decoded[i] for i in good]), ticket=ticket)
             preds = model.top_k(out[:, model.spec.num_classes:], k)
         by_index = dict(zip(good, preds))
         results = []
@@ -215,57 +275,74 @@ class Engine:
         return {"name": m.name, "versions": [m.version] if m.version else [], "platform": "onnxruntime_onnx",
                 "inputs": [d["input"]], "outputs": d["outputs"]}
 
-    def parse_v2(self, body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-        """The JSON part of an infer request and, with the binary tensor extension, the binary part."""
+    async def parse_v2(self, body: bytes, header_length: str | None) -> tuple[dict, bytes]:
+        """The JSON part of an infer request and, with the binary tensor extension, the binary part.
+        Its size and nesting are checked before the parser sees it; a large one parses in a thread."""
+        n = len(body)
         if header_length is not None:
-            try:
-                n = int(header_length)
-                assert 0 <= n <= len(body)
-            except (ValueError, AssertionError):
-                raise APIError(400, "bad_request", f"Inference-Header-Content-Length {header_length!r} "
-                                                      f"does not fit a body of {len(body)} bytes") from None
-            head, binary = body[:n], body[n:]
-        else:
-            head, binary = body, b""
+            n = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
+            if not 0 <= n <= len(body):
+                raise APIError(400, "bad_request", f"Inference-Header-Content-Length {header_length[:40]!r} "
+                                                   f"does not fit a body of {len(body)} bytes")
+        head, binary = body[:n], body[n:]
+        if len(head) > self.config.max_json_bytes:
+            raise APIError(413, "too_large", f"the JSON part is {len(head):,} bytes; the limit is "
+                                             f"{self.config.max_json_bytes:,} (send tensors with the binary "
+                                             "tensor extension)")
+        if json_depth(head) > self.config.max_json_depth:
+            raise APIError(400, "bad_json", f"the JSON nests deeper than {self.config.max_json_depth} levels")
+        problem = None
         try:
-            req = json.loads(head or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, "bad_json", f"the request is not valid JSON: {e}") from None
+            if len(head) > 64 * 1024:
+                req = await anyio.to_thread.run_sync(json.loads, head or b"{}")
+            else:
+                req = json.loads(head or b"{}")
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, over-long integers
+            problem = f"the request is not valid JSON: {str(e)[:200]}"
+        if problem:
+            raise APIError(400, "bad_json", problem)
         if not isinstance(req, dict):
             raise APIError(400, "bad_request", "the request must be a JSON object with 'inputs'")
         return req, binary
 
     def v2_tensor(self, model: Model, req: dict, binary: bytes) -> np.ndarray:
+        """The ``pixels`` tensor of a request, every field type-checked (a bool is not an int)."""
         inputs = req.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
             raise APIError(400, "bad_request", f"'inputs' must hold exactly one tensor named {onnxmeta.INPUT!r}")
         t = inputs[0]
         c, h, w = model.spec.input_shape
         if t.get("name") != onnxmeta.INPUT:
-            raise APIError(400, "bad_input_name", f"input must be named {onnxmeta.INPUT!r}, got {t.get('name')!r}")
+            raise APIError(400, "bad_input_name", f"input must be named {onnxmeta.INPUT!r}, got {_short(t.get('name'))}")
         if t.get("datatype") != "UINT8":
-            raise APIError(400, "bad_datatype", f"input datatype must be UINT8, got {t.get('datatype')!r}")
+            raise APIError(400, "bad_datatype", f"input datatype must be UINT8, got {_short(t.get('datatype'))}")
         shape = t.get("shape")
-        if (not isinstance(shape, list) or len(shape) != 4 or not all(isinstance(s, int) for s in shape)
+        if (not isinstance(shape, list) or len(shape) != 4 or not all(type(s) is int for s in shape)
                 or shape[1:] != [c, h, w] or shape[0] < 1):
-            raise APIError(400, "bad_shape", f"input shape must be [N, {c}, {h}, {w}] with N >= 1, got {shape}")
+            raise APIError(400, "bad_shape", f"input shape must be [N, {c}, {h}, {w}] with N >= 1, got {_short(shape)}")
         if shape[0] > self.config.max_images_per_request:
             raise APIError(413, "too_many_images", f"{shape[0]} images in one request; the limit is "
                                                       f"{self.config.max_images_per_request}")
         count = shape[0] * c * h * w
-        size = (t.get("parameters") or {}).get("binary_data_size")
+        params = t.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise APIError(400, "bad_parameters", f"input 'parameters' must be an object, got {_short(params)}")
+        size = (params or {}).get("binary_data_size")
         if size is not None:
-            if size != count or len(binary) < size:
-                raise APIError(400, "bad_binary", f"binary_data_size {size} does not match shape {shape} "
+            if type(size) is not int or size != count or len(binary) < size:
+                raise APIError(400, "bad_binary", f"binary_data_size {_short(size)} does not match shape {shape} "
                                                      f"({count} bytes) or the {len(binary)} bytes sent")
-            return np.frombuffer(binary[:size], np.uint8).reshape(shape)
+            return np.frombuffer(binary, np.uint8, count).reshape(shape)
         data = t.get("data")
-        if data is None:
-            raise APIError(400, "bad_request", "input has neither 'data' nor binary_data_size")
+        if not isinstance(data, list):
+            raise APIError(400, "bad_request", "input needs 'data' (a list of integers) or binary_data_size")
+        problem = None
         try:
             arr = np.asarray(data)
-        except ValueError:
-            raise APIError(400, "bad_data", "input data is ragged (rows of different lengths)") from None
+        except (ValueError, TypeError, OverflowError):
+            problem = "input data is ragged or holds values that are not integers"
+        if problem:
+            raise APIError(400, "bad_data", problem)
         if arr.size != count or arr.dtype.kind not in "iu":
             raise APIError(400, "bad_data", f"input data must be {count} integers for shape {shape}, "
                                                f"got {arr.size} values of type {arr.dtype}")
@@ -273,16 +350,27 @@ class Engine:
             raise APIError(400, "bad_data", "UINT8 data must lie in 0..255")
         return arr.astype(np.uint8).reshape(shape)
 
-    async def v2_infer(self, name: str, version: str | None, body: bytes, header_length: str | None) -> dict:
-        model = self.model(name, version)
-        req, binary = self.parse_v2(body, header_length)
-        pixels = self.v2_tensor(model, req, binary)
-        wanted = [o.get("name") if isinstance(o, dict) else o for o in (req.get("outputs") or [])] or \
-            list(onnxmeta.OUTPUTS)
-        unknown = [o for o in wanted if o not in onnxmeta.OUTPUTS]
+    def v2_outputs(self, req: dict) -> list[str]:
+        wanted = req.get("outputs")
+        if wanted is None:
+            return list(onnxmeta.OUTPUTS)
+        if not isinstance(wanted, list):
+            raise APIError(400, "bad_output", f"'outputs' must be a list, got {_short(wanted)}")
+        names = [o.get("name") if isinstance(o, dict) else o for o in wanted]
+        unknown = [_short(o) for o in names if not isinstance(o, str) or o not in onnxmeta.OUTPUTS]
         if unknown:
             raise APIError(400, "bad_output", f"unknown outputs {unknown}; this model has {list(onnxmeta.OUTPUTS)}")
-        out = await self.run(model, pixels)
+        return names or list(onnxmeta.OUTPUTS)
+
+    async def v2_infer(self, name: str, version: str | None, body: bytes, header_length: str | None,
+                       ticket: Ticket | None = None) -> dict:
+        model = self.model(name, version)
+        req, binary = await self.parse_v2(body, header_length)
+        if "id" in req and not isinstance(req["id"], str):
+            raise APIError(400, "bad_request", f"'id' must be a string, got {_short(req['id'])}")
+        pixels = self.v2_tensor(model, req, binary)
+        wanted = self.v2_outputs(req)
+        out = await self.run(model, pixels, ticket=ticket)
         k = model.spec.num_classes
         parts = {"logits": out[:, :k], "probabilities": out[:, k:]}
         resp = {"model_name": model.name, "model_version": model.version,
@@ -295,3 +383,9 @@ class Engine:
     def close(self) -> None:
         for b in self.batchers.values():
             b.close()
+
+
+def _short(value) -> str:
+    """A client's value for an error message, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
