@@ -1,0 +1,163 @@
+"""What cnnserve adds to the HTTP server that BentoML runs (uvicorn with httptools).
+
+- **A bound on request heads.** httptools sets no limit on the size of a request's head:
+  measured here, a 96 MB header held a worker for 13.8 s (the parser joins each header's
+  pieces anew per read, so the cost grows with the square of its size) and a 256 MB one
+  for 131 s, while every other client of that worker waited. ``GuardedHttpTools`` answers
+  431 once a head passes ``max_head_bytes``, and 408 when a head is still incomplete
+  after ``head_timeout_s``, then closes the connection. uvicorn's h11 parser has its own
+  limit (16 KiB) and is left alone.
+- **A graceful drain on SIGTERM.** ``install_drain`` makes the first SIGTERM start a drain
+  instead of an immediate stop: ``/readyz`` answers 503 at once (load balancers stop
+  sending), every answer carries ``Connection: close`` (kept-alive clients reconnect
+  elsewhere instead of sending into a closing socket), and after ``drain_s`` seconds
+  uvicorn's own shutdown runs: it stops accepting and waits up to ``grace_s`` seconds for
+  the requests in flight. A second SIGTERM or a SIGINT stops at once.
+
+Both are applied to the uvicorn version they were written against (checked by the names
+they use) and log once whether they applied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from typing import Callable
+
+log = logging.getLogger("cnnserve.service")
+
+
+class _DrainState:
+    active = False
+
+
+DRAIN = _DrainState()
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # no httptools: uvicorn runs h11, which bounds heads itself
+    HttpToolsProtocol = None
+
+
+if HttpToolsProtocol is not None:
+    class GuardedHttpTools(HttpToolsProtocol):
+        """uvicorn's httptools protocol with a size limit and a time limit on each request head."""
+
+        max_head_bytes = 64 * 1024
+        head_timeout_s = 10.0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._head_bytes, self._head_done, self._head_timer = 0, True, None
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes, self._head_done = 0, False
+
+        def on_headers_complete(self) -> None:
+            self._head_done = True
+            self._cancel_head_timer()
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._head_done or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)  # the head is still incomplete after this read
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(431, "Request Header Fields Too Large",
+                             f"the request head passed {self.max_head_bytes:,} bytes (max_header_kb)")
+            elif self._head_timer is None:  # only slow heads pay for a timer
+                self._head_timer = asyncio.get_running_loop().call_later(self.head_timeout_s, self._head_expired)
+
+        def _head_expired(self) -> None:
+            self._head_timer = None
+            if not self._head_done and not self.transport.is_closing():
+                self._refuse(408, "Request Timeout",
+                             f"the request head was not complete after {self.head_timeout_s:g} s")
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _refuse(self, status: int, reason: str, message: str) -> None:
+            self._cancel_head_timer()
+            body = ('{"error": "%s", "code": "%s"}' % (message, "header_too_large" if status == 431 else
+                                                        "header_timeout")).encode()
+            self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                                 b"connection: close\r\n\r\n" % (status, reason.encode(), len(body)) + body)
+            self.transport.close()
+            log.info("refused a request head from %s: %s", self.client, message)
+else:  # pragma: no cover
+    GuardedHttpTools = None
+
+
+def install_head_limits(max_head_bytes: int, head_timeout_s: float) -> bool:
+    """Make uvicorn's ``auto`` and ``httptools`` choices use ``GuardedHttpTools`` in this process."""
+    try:
+        import uvicorn.config as uc
+    except ImportError:  # pragma: no cover
+        return False
+    if GuardedHttpTools is None or not {"auto", "httptools"} <= set(getattr(uc, "HTTP_PROTOCOLS", {})):
+        log.info("uvicorn without httptools or its protocol table: request heads are bounded by h11 alone")
+        return False
+    GuardedHttpTools.max_head_bytes, GuardedHttpTools.head_timeout_s = max_head_bytes, head_timeout_s
+    uc.HTTP_PROTOCOLS["auto"] = uc.HTTP_PROTOCOLS["httptools"] = f"{__name__}:GuardedHttpTools"
+    return True
+
+
+def install_drain(on_drain: Callable[[], None], drain_s: float, grace_s: float) -> bool:
+    """On the first SIGTERM: ``on_drain()``, answers with ``Connection: close`` for ``drain_s`` seconds,
+    then uvicorn's graceful shutdown bounded by ``grace_s``. Returns whether it applied."""
+    try:
+        import uvicorn
+    except ImportError:  # pragma: no cover
+        return False
+    server = uvicorn.Server
+    original = getattr(server, "handle_exit", None)
+    original = getattr(original, "__wrapped__", original)
+    code = getattr(original, "__code__", None)
+    if code is None or "should_exit" not in code.co_names:
+        log.warning("uvicorn's Server.handle_exit is not the one cnnserve knows: SIGTERM stops without a drain")
+        return False
+
+    def handle_exit(self, sig, frame) -> None:
+        self.config.timeout_graceful_shutdown = grace_s
+        if sig != signal.SIGTERM or DRAIN.active or self.should_exit or drain_s <= 0:
+            return original(self, sig, frame)
+        DRAIN.active = True
+        on_drain()
+        log.info("SIGTERM: draining for %g s (readyz 503, Connection: close), then stopping within %g s",
+                 drain_s, grace_s)
+        timer = threading.Timer(drain_s, original, (self, sig, None))
+        timer.daemon = True
+        timer.start()
+
+    handle_exit.__wrapped__ = original
+    server.handle_exit = handle_exit
+    return True
+
+
+class ConnectionCloseWhileDraining:
+    """ASGI middleware: during a drain, every answer carries ``Connection: close``."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if not DRAIN.active or scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_closing(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+            await send(message)
+
+        return await self.app(scope, receive, send_closing)
