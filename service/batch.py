@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import glob
+import io
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ import numpy as np
 
 from cnnserve.spec import ModelSpec
 
-from .preprocess import DEFAULT_LIMITS, ImageError, preprocess
+from .preprocess import DEFAULT_LIMITS, ImageError, preprocess, read_file
 from .runtime import Model, load_model
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -126,12 +127,22 @@ def row(path: str, preds: list[dict] | None, error: str = "") -> dict:
             "probabilities": [p["probability"] for p in preds or []], "error": error}
 
 
+def printable(text: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogate
+    escapes) become ``\\xNN``. Used where the format must be UTF-8 (Parquet, the terminal)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class Writer:
     """Appends rows batch by batch, flushed and fsynced; every batch leaves a valid file.
 
     CSV and JSON Lines are appended in place. Parquet cannot be appended to, so rows go to a
     JSON Lines journal beside it (OUT.parquet.partial.jsonl) that becomes the Parquet file when
     the run completes; a killed run leaves the journal, which --resume continues.
+
+    File names of any bytes round-trip exactly: JSON escapes them (``\\udcNN``), CSV writes the
+    original bytes (surrogateescape) and quotes names holding commas, quotes or newlines, and a
+    resume reads each back as the same string, so every input is written exactly once.
     """
 
     def __init__(self, out: Path, top_k: int, resume: bool, overwrite: bool):
@@ -154,28 +165,31 @@ class Writer:
             existing.unlink()
             if self.format == "parquet" and out.exists():
                 out.unlink()
-        new = not self.journal.exists()
-        self.f = self.journal.open("a", newline="", encoding="utf-8")
+        new = not self.journal.exists() or self.journal.stat().st_size == 0
+        self.f = self.journal.open("a", newline="", encoding="utf-8", errors="surrogateescape")
         self.csv = None
         if self.format == "csv":
             self.csv = csv.writer(self.f)
             if new:
                 header = ["path"] + [f"{c}_{i}" for i in range(1, top_k + 1) for c in ("label", "probability")]
-                self.csv.writerow(header + ["error"])
+                self._commit(lambda: self.csv.writerow(header + ["error"]))
 
     def _read_existing(self, path: Path) -> set[str]:
-        """Paths already written; a torn last line (a kill mid-write) is cut off first."""
+        """Paths already written. A torn last record (a kill or a full disk mid-write) is cut off
+        first, so the file ends with whole records and those inputs are scored again."""
         data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
+        if self.format == "csv":
+            text = data.decode("utf-8", "surrogateescape")
+            chars, rows = _whole_csv_records(text)
+            keep = len(text[:chars].encode("utf-8", "surrogateescape"))
+            paths = [r[0] for r in rows[1:]]
+        else:
             keep = data.rfind(b"\n") + 1
+            paths = [json.loads(line)["path"] for line in data[:keep].splitlines() if line.strip()]
+        if keep < len(data):
             with path.open("r+b") as f:
                 f.truncate(keep)
-            data = data[:keep]
-        text = data.decode("utf-8", errors="replace")
-        if self.format == "csv":
-            rows = list(csv.reader(text.splitlines()))
-            return {r[0] for r in rows[1:] if r}
-        return {json.loads(line)["path"] for line in text.splitlines() if line.strip()}
+        return set(paths)
 
     def _restore_journal_from(self, parquet: Path) -> None:
         import pyarrow.parquet as pq
@@ -184,33 +198,84 @@ class Writer:
             for r in pq.read_table(parquet).to_pylist():
                 f.write(json.dumps(r) + "\n")
 
+    def _commit(self, write) -> None:
+        """Run ``write`` and make it durable; a failed write (a full disk) says so, naming the file."""
+        try:
+            write()
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as e:
+            raise ScoreError(f"{self.journal}: cannot write: {e.strerror or e}; the rows written before are "
+                             "kept: make room and run the same command with --resume") from None
+
     def write(self, rows: list[dict]) -> None:
-        for r in rows:
-            if self.csv is not None:
-                cells = [r["path"]]
-                for i in range(self.top_k):
-                    has = i < len(r["labels"])
-                    cells += [r["labels"][i] if has else "", f"{r['probabilities'][i]:.6g}" if has else ""]
-                self.csv.writerow(cells + [r["error"]])
-            else:
-                self.f.write(json.dumps(r) + "\n")
-            self.done.add(r["path"])
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        def write_rows():
+            for r in rows:
+                if self.csv is not None:
+                    cells = [r["path"]]
+                    for i in range(self.top_k):
+                        has = i < len(r["labels"])
+                        cells += [r["labels"][i] if has else "", f"{r['probabilities'][i]:.6g}" if has else ""]
+                    self.csv.writerow(cells + [r["error"]])
+                else:
+                    self.f.write(json.dumps(r) + "\n")
+
+        self._commit(write_rows)
+        self.done.update(r["path"] for r in rows)
 
     def close(self, complete: bool) -> None:
-        self.f.close()
+        """Close the file; with ``complete`` (every input has its row) a Parquet run is finalized:
+        the journal becomes OUT.parquet and is removed. Otherwise the journal stays for --resume."""
+        try:
+            self.f.close()
+        except OSError:
+            complete = False
         if complete and self.format == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            rows = [json.loads(line) for line in self.journal.read_text().splitlines() if line.strip()]
+            rows = [json.loads(line) for line in self.journal.read_text("utf-8", "surrogateescape").splitlines()
+                    if line.strip()]
+            for r in rows:  # Parquet strings must be UTF-8: undecodable name bytes are written as \xNN
+                r["path"], r["error"] = printable(r["path"]), printable(r["error"])
             tmp = self.out.with_name(self.out.name + ".tmp")
-            pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
-                ("path", pa.string()), ("labels", pa.list_(pa.string())), ("indices", pa.list_(pa.int64())),
-                ("probabilities", pa.list_(pa.float64())), ("error", pa.string())])), tmp)
-            tmp.replace(self.out)
+            try:
+                pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
+                    ("path", pa.string()), ("labels", pa.list_(pa.string())), ("indices", pa.list_(pa.int64())),
+                    ("probabilities", pa.list_(pa.float64())), ("error", pa.string())])), tmp)
+                tmp.replace(self.out)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise ScoreError(f"{self.out}: cannot write: {e.strerror or e}; every row is kept in "
+                                 f"{self.journal}: make room and run again with --resume") from None
             self.journal.unlink()
+
+
+def _whole_csv_records(text: str) -> tuple[int, list[list[str]]]:
+    """The records of a CSV text that are whole, and how many characters they take. A record torn
+    by a kill (no line end, an open quote, or fewer fields than the header) is left out."""
+    lines = list(io.StringIO(text, newline=""))  # split at \n and \r only, as csv expects
+    reader = csv.reader(lines)
+    rows, ends, consumed = [], [], 0
+    try:
+        for r in reader:
+            rows.append(r)
+            ends.append(reader.line_num)
+    except csv.Error:  # an unterminated quote at the end: a torn record
+        pass
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    width = len(rows[0]) if rows else 0
+    while rows:
+        end = offsets[ends[-1]]
+        last_line = lines[ends[-1] - 1]
+        if len(rows[-1]) == width and last_line.endswith(("\n", "\r")):
+            consumed = end
+            break
+        rows.pop()
+        ends.pop()
+    return consumed, rows
 
 
 def _read_parquet_paths(path: Path) -> list[str]:
@@ -251,16 +316,23 @@ class Stats:
 
 
 def read_and_decode(path: str, spec: ModelSpec) -> tuple[np.ndarray | None, str, float]:
-    """(pixels or None, error message, seconds) for one file, exactly as the service decodes it."""
+    """(pixels or None, error message, seconds) for one file, exactly as the service decodes it.
+    Never raises: whatever goes wrong with one file becomes that file's error message."""
     t = time.perf_counter()
     try:
-        with open(path, "rb") as f:
-            data = f.read(DEFAULT_LIMITS.max_bytes + 1)
-        return preprocess(data, spec), "", time.perf_counter() - t
-    except OSError as e:
-        return None, f"cannot read: {e.strerror or e}", time.perf_counter() - t
+        return preprocess(read_file(path, DEFAULT_LIMITS.max_bytes), spec), "", time.perf_counter() - t
     except ImageError as e:
-        return None, str(e), time.perf_counter() - t
+        message = str(e)
+    except MemoryError:
+        message = "not enough memory to decode it"
+    except Exception as e:  # a failure nobody foresaw still belongs to this file alone
+        message = f"{type(e).__name__}: {e}"
+    return None, _without_path(message, path), time.perf_counter() - t
+
+
+def _without_path(message: str, path: str) -> str:
+    prefix = os.fsdecode(path) + ": "  # the row names the file already
+    return message[len(prefix):] if message.startswith(prefix) else message
 
 
 def score_local(paths: list[str], model: Model, top_k: int, batch_size: int, workers: int,
@@ -301,14 +373,14 @@ def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, b
     connection failures with backoff (honouring Retry-After); yields rows in input order."""
     import httpx
 
-    params = {"top_k": top_k, **({"model": model_name} if model_name else {})}
+    # bulk: the service fills its batches with interactive requests first, so scoring never starves them
+    params = {"top_k": top_k, "priority": "bulk", **({"model": model_name} if model_name else {})}
 
     async def one(client: httpx.AsyncClient, sem: asyncio.Semaphore, path: str) -> dict:
         try:
-            with open(path, "rb") as f:
-                data = f.read(DEFAULT_LIMITS.max_bytes + 1)
-        except OSError as e:
-            return row(path, None, f"cannot read: {e.strerror or e}")
+            data = read_file(path, DEFAULT_LIMITS.max_bytes)
+        except ImageError as e:
+            return row(path, None, _without_path(str(e), path))
         delay = 0.2
         for attempt in range(max_retries + 1):
             async with sem:
@@ -509,6 +581,8 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
     columns = [TextColumn("scoring"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]:.0f} img/s"), TextColumn("{task.fields[failed]} failed"),
                TextColumn("ETA"), TimeRemainingColumn()]
+    wanted = set(todo) | {where for where, _ in bad}
+    finished = False
     try:
         with Progress(*columns, disable=progress is False, transient=False,
                       console=Console(stderr=True)) as bar:
@@ -523,9 +597,16 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
                            failed=stats.failed)
                 if interrupted:
                     break
+        finished = not interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
-        writer.close(complete=not interrupted)
+        missing = wanted - writer.done
+        # Finalized only when every input has its row: an error that stopped the run, or an engine
+        # that came back short, leaves the partial file (or Parquet journal) for --resume.
+        writer.close(complete=finished and not missing)
+    if missing and not interrupted:
+        raise ScoreError(f"{len(missing)} inputs got no row (first: {printable(min(missing))}); "
+                         f"{writer.journal} is kept: run the same command with --resume")
     elapsed = time.perf_counter() - t0
     summary = {"inputs": len(found.paths) + len(found.bad), "already_done": skipped, "scored": stats.scored,
                "failed": stats.failed, "seconds": round(elapsed, 2),
@@ -536,7 +617,7 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
              if engine == "local" else "")
     print(f"{'interrupted: ' if interrupted else ''}{summary['scored']} scored, {summary['failed']} failed, "
           f"{summary['already_done']} already done, in {elapsed:.1f}s ({summary['images_per_s']} img/s){split}; "
-          f"predictions in {writer.journal if interrupted else out}", file=sys.stderr)
+          f"predictions in {printable(str(writer.journal if interrupted else out))}", file=sys.stderr)
     if interrupted:
         print("resume with the same command and --resume", file=sys.stderr)
     return summary
