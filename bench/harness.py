@@ -264,6 +264,19 @@ def bench_http(w: dict, service: str, concurrencies, duration: float, short: flo
 
 # --- batch scoring --------------------------------------------------------------------------
 
+def bench_faults(w: dict) -> dict:
+    """Drain on SIGTERM, kill -9 of a worker, and a soak with hostile images (``bench/faults.py``)."""
+    from . import faults, hostile
+
+    log(f"{w['name']}: fault trials (drain, kill -9 of a worker, soak with hostile images)")
+    files = sorted(Path(w["images"]).iterdir())[:16]
+    ctype = "image/png" if w["format"] == "PNG" else "image/jpeg"
+    bodies = [(f.read_bytes(), ctype) for f in files]
+    bad = [(data, "application/octet-stream") for data, _, _ in hostile.images().values()]
+    settings = [a for k, v in w["serve"].items() if k != "workers" for a in ("--arg", f"{k}={v}")]
+    return faults.run_all(["--arg", f"models={w['tag']}", *settings], bodies, bad)
+
+
 def scoring_folder(w: dict, n: int) -> Path:
     """``n`` request images (the workload's, repeated under new names) for a steady-state scoring run."""
     folder = WORK / "scoring" / w["name"]
@@ -492,6 +505,13 @@ def report(doc: dict, stem: Path) -> str:
                 lines.append(f"| {name} | {engine} | {b['images']} | {e['images_per_s']:.0f} | "
                              f"{e['ratio_to_onnxruntime']:.2f} | {e['decode_s'] if engine == 'local' else '-'} | "
                              f"{e['inference_s'] if engine == 'local' else '-'} | {e['seconds']} |")
+    trials = {n: r["faults"] for n, r in doc["workloads"].items() if r.get("faults")}
+    if trials:
+        from .faults import report_lines
+
+        lines += ["", "## Reliability: faults under load (`bench/faults.py`; servers with the default 2 workers)", ""]
+        for name, t in trials.items():
+            lines += [*report_lines(name, t), ""]
     lines += ["", f"Reproduce: `{doc['command']}`", ""]
     text = "\n".join(lines)
     stem.with_suffix(".md").write_text(text)
@@ -576,8 +596,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=2, help="per in-process measurement")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sections", nargs="+",
-                    default=["pytorch", "onnxruntime", "service", "naive", "torchserve", "batch"],
-                    choices=["pytorch", "onnxruntime", "service", "naive", "torchserve", "batch"],
+                    default=["pytorch", "onnxruntime", "service", "naive", "torchserve", "batch", "faults"],
+                    choices=["pytorch", "onnxruntime", "service", "naive", "torchserve", "batch", "faults"],
                     help="naive: the baseline BentoML service of bench/naive_service.py; torchserve: TorchServe "
                          "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve")
     ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"])
@@ -613,6 +633,8 @@ def main(argv=None) -> int:
                     log(f"{name}: {section} could not run: {r[f'{section}_error']}")
         if "batch" in args.sections:
             r["batch"] = bench_batch(w, args.engines, args.score_images, 64)
+        if "faults" in args.sections:
+            r["faults"] = bench_faults(w)
         doc["workloads"][name] = r
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) if args.out else RESULTS / f"{time.strftime('%Y-%m-%d')}-{doc['machine']['host']}"

@@ -22,14 +22,18 @@ def free_port() -> int:
 class Server:
     """A real `bentoml serve` of the project's service (or ``service``) on a free loopback port."""
 
-    def __init__(self, *args: str, ready_timeout: float = 90, service: str = "service.service:CnnServe"):
+    def __init__(self, *args: str, ready_timeout: float = 90, service: str = "service.service:CnnServe",
+                 memory_limit_mb: int | None = None):
+        """``memory_limit_mb`` caps the address space of every process of the server (``RLIMIT_AS``),
+        so a test feeding it hostile input fails instead of exhausting the machine."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         bentoml = Path(sys.executable).with_name("bentoml")
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [str(bentoml), "serve", service, "--host", "127.0.0.1", "--port", str(self.port),
-             *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+             *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=(lambda: cap_memory(memory_limit_mb)) if memory_limit_mb else None)
         self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -56,6 +60,14 @@ class Server:
 
     def stop(self) -> None:
         stop_group(self.proc, 20)
+
+
+def cap_memory(megabytes: int) -> None:
+    """Cap this process's address space (inherited by its children)."""
+    import resource
+
+    limit = megabytes * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def stop_group(proc: subprocess.Popen, timeout: float) -> None:

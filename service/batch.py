@@ -71,7 +71,7 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, str | None]]:
         for i, v in enumerate(table.column("path").to_pylist()):
             yield i + 1, (str(v) if v not in (None, "") else None)
         return
-    with path.open(newline="", encoding="utf-8", errors="replace") as f:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:  # names of any bytes
         if suffix == ".csv":
             reader = csv.DictReader(f)
             if not reader.fieldnames or "path" not in reader.fieldnames:
@@ -173,6 +173,10 @@ class Writer:
             if new:
                 header = ["path"] + [f"{c}_{i}" for i in range(1, top_k + 1) for c in ("label", "probability")]
                 self._commit(lambda: self.csv.writerow(header + ["error"]))
+
+    def has(self, path: str) -> bool:
+        """Whether ``path`` already has its row (a finished Parquet file holds printable names)."""
+        return path in self.done or printable(path) in self.done
 
     def _read_existing(self, path: Path) -> set[str]:
         """Paths already written. A torn last record (a kill or a full disk mid-write) is cut off
@@ -293,8 +297,8 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
 
         return pq.read_table(path).to_pylist()
     if fmt == "jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    with path.open(newline="") as f:
+        return [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
         out = []
         for r in csv.DictReader(f):
             k = sum(1 for key in r if key.startswith("label_"))
@@ -548,8 +552,8 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
             local_model.warm_up((batch_size,))
         top_k = min(top_k, local_model.spec.num_classes)
     writer = Writer(Path(out), top_k, resume, overwrite)
-    todo = [p for p in found.paths if p not in writer.done]
-    bad = [b for b in found.bad if b[0] not in writer.done]
+    todo = [p for p in found.paths if not writer.has(p)]
+    bad = [b for b in found.bad if not writer.has(b[0])]
     stats, t0 = Stats(), time.perf_counter()
     total = len(todo) + len(bad)
     skipped = len(found.paths) + len(found.bad) - total
@@ -600,7 +604,7 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         finished = not interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
-        missing = wanted - writer.done
+        missing = {p for p in wanted if not writer.has(p)}
         # Finalized only when every input has its row: an error that stopped the run, or an engine
         # that came back short, leaves the partial file (or Parquet journal) for --resume.
         writer.close(complete=finished and not missing)

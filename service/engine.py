@@ -20,6 +20,7 @@ import numpy as np
 from cnnserve import onnxmeta
 
 from .batching import PRIORITIES, DeadlineExceeded, MicroBatcher, Overloaded
+from .http_server import DRAIN
 from .preprocess import ImageError, Limits, open_image, preprocess
 from .runtime import Model
 
@@ -98,7 +99,6 @@ class Engine:
         self.models = {m.name: m for m in models}
         self.default = models[0].name
         self.batchers = {m.name: self._batcher(m) for m in models}
-        self.draining = False  # set on SIGTERM: not ready, answers close their connections
         self._decode_limiter: anyio.CapacityLimiter | None = None
         self._stage_metrics: dict = {}  # (model, stage) -> histogram child, looked up once
 
@@ -118,7 +118,7 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and all(m.warmup_ms > 0 for m in self.models.values())
+        return not DRAIN.active and all(m.warmup_ms > 0 for m in self.models.values())
 
     # -- lookups and validation --------------------------------------------------------------
 

@@ -24,13 +24,11 @@ import asyncio
 import logging
 import signal
 import threading
-from typing import Callable
-
 log = logging.getLogger("cnnserve.service")
 
 
 class _DrainState:
-    active = False
+    active = False  # set by the first SIGTERM: not ready, answers close their connections
 
 
 DRAIN = _DrainState()
@@ -66,6 +64,8 @@ if HttpToolsProtocol is not None:
             super().on_headers_complete()
 
         def data_received(self, data: bytes) -> None:
+            if self._head_bytes < 0:  # refused: discard what the client still sends
+                return
             super().data_received(data)
             if self._head_done or self.transport.is_closing():
                 return
@@ -93,7 +93,15 @@ if HttpToolsProtocol is not None:
                                                         "header_timeout")).encode()
             self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                                  b"connection: close\r\n\r\n" % (status, reason.encode(), len(body)) + body)
-            self.transport.close()
+            # A lingering close: closing with unread bytes in the socket would send a reset that can
+            # destroy the answer before the client reads it. End our side, discard what still comes
+            # in, and close a moment later.
+            self._head_bytes = -1
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+                asyncio.get_running_loop().call_later(2.0, self.transport.close)
+            else:  # pragma: no cover
+                self.transport.close()
             log.info("refused a request head from %s: %s", self.client, message)
 else:  # pragma: no cover
     GuardedHttpTools = None
@@ -113,8 +121,8 @@ def install_head_limits(max_head_bytes: int, head_timeout_s: float) -> bool:
     return True
 
 
-def install_drain(on_drain: Callable[[], None], drain_s: float, grace_s: float) -> bool:
-    """On the first SIGTERM: ``on_drain()``, answers with ``Connection: close`` for ``drain_s`` seconds,
+def install_drain(drain_s: float, grace_s: float) -> bool:
+    """On the first SIGTERM: ``DRAIN.active`` (readiness reads it), answers with ``Connection: close`` for ``drain_s`` seconds,
     then uvicorn's graceful shutdown bounded by ``grace_s``. Returns whether it applied."""
     try:
         import uvicorn
@@ -133,7 +141,6 @@ def install_drain(on_drain: Callable[[], None], drain_s: float, grace_s: float) 
         if sig != signal.SIGTERM or DRAIN.active or self.should_exit or drain_s <= 0:
             return original(self, sig, frame)
         DRAIN.active = True
-        on_drain()
         log.info("SIGTERM: draining for %g s (readyz 503, Connection: close), then stopping within %g s",
                  drain_s, grace_s)
         timer = threading.Timer(drain_s, original, (self, sig, None))

@@ -63,7 +63,7 @@ class Limits:
 
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
-    max_decoded_bytes: int = 256 * 1024 * 1024
+    max_decoded_bytes: int = 128 * 1024 * 1024
     max_aspect_ratio: float = 32.0
     max_chunks: int = 10_000
     formats: frozenset[str] = field(default=DEFAULT_FORMATS)

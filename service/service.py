@@ -28,6 +28,9 @@ from .preprocess import DEFAULT_FORMATS, Limits, return_freed_memory
 from .runtime import load_model
 
 log = logging.getLogger("cnnserve.service")
+# BentoML sets the root logger to WARNING: cnnserve's own lines (models served, drain, refused
+# heads, disconnects, which fixes applied) are INFO and operators need them.
+logging.getLogger("cnnserve").setLevel(logging.INFO)
 CORES = os.cpu_count() or 1
 
 
@@ -48,7 +51,7 @@ class ServiceArgs(BaseModel):
     max_header_kb: int = 64  # request head limit (431)
     header_timeout_s: float = 10.0  # longest a request head may take to arrive (408)
     max_image_pixels: int = 50_000_000  # decompression-bomb limit (413)
-    max_decoded_mb: float = 256.0  # memory of one decoded image, by mode and bit depth (413)
+    max_decoded_mb: float = 128.0  # memory of one decoded image, by mode and bit depth (413)
     max_aspect_ratio: float = 32.0  # longer side over shorter side (400)
     max_chunks: int = 10_000  # PNG chunks, JPEG segments before the first scan, TIFF strips or tiles (400)
     max_images_per_request: int = 256
@@ -66,6 +69,8 @@ ARGS = bentoml.use_arguments(ServiceArgs)
 TAGS = ARGS.models.split()
 MAX_BYTES = int(ARGS.max_request_mb * 1024 * 1024)
 install_head_limits(ARGS.max_header_kb * 1024, ARGS.header_timeout_s)
+# At import: uvicorn binds its signal handlers before the service instance exists.
+install_drain(ARGS.drain_s, ARGS.grace_s)
 
 app = create_app(lambda: bentoml.get_current_service().engine, MAX_BYTES, ARGS.body_timeout_s)
 
@@ -93,16 +98,12 @@ class CnnServe:
         self.engine = Engine(models, config, metrics())
         for m in models:
             log.info("serving %s:%s on %s", m.name, m.version, ", ".join(m.providers))
-        install_drain(self._drain, ARGS.drain_s, ARGS.grace_s)
         return_freed_memory()
         # Everything loaded so far (BentoML, FastAPI, onnxruntime, ~140k objects) lives as long as the
         # process: freeze it out of the garbage collector. Measured on LeNet-5 at 64 clients: full
         # collections went from 70-110 ms to about 5 ms, and p99 latency from ~150 to ~80 ms.
         gc.collect()
         gc.freeze()
-
-    def _drain(self) -> None:
-        self.engine.draining = True
 
     async def __is_ready__(self) -> bool:
         return self.engine.ready

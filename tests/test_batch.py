@@ -203,3 +203,75 @@ def test_scoring_by_model_store_tag(image_dir, stored_default, tmp_path):
     s = score([str(image_dir / "png")], str(out), model=stored_default, progress=False)
     assert s["scored"] == 20
     assert json.loads(out.read_text().splitlines()[0])["labels"]
+
+
+@pytest.fixture(scope="module")
+def odd_inputs(tmp_path_factory, digits_test):
+    """20 good digits, and beside them a LAB TIFF, a non-UTF-8 file name, names with a newline and a
+    comma, and (through a manifest) a FIFO: each must get its own row, exactly once."""
+    root = tmp_path_factory.mktemp("odd")
+    folder = root / "images"
+    folder.mkdir()
+    x, _ = digits_test
+    for i in range(20):
+        (folder / f"{i:03d}.png").write_bytes(encode(x[i][0]))
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.new("LAB", (28, 28)).save(buf, "TIFF")
+    (folder / "lab.tif").write_bytes(buf.getvalue())
+    os.close(os.open(os.fsencode(folder) + b"/latin-1 caf\xe9.png", os.O_CREAT | os.O_WRONLY))
+    Path(os.fsdecode(os.fsencode(folder) + b"/latin-1 caf\xe9.png")).write_bytes(encode(x[20][0]))
+    (folder / "new\nline, \"quoted\".png").write_bytes(encode(x[21][0]))
+    fifo = root / "pipe.png"
+    os.mkfifo(fifo)
+    manifest = root / "more.txt"
+    manifest.write_text(f"{fifo}\n")
+    return folder, manifest, 20 + 3 + 1
+
+
+@pytest.mark.parametrize("ext", ["csv", "jsonl", "parquet"])
+def test_odd_files_get_error_rows_and_resume_scores_each_once(odd_inputs, default_onnx, tmp_path, ext):
+    folder, manifest, n = odd_inputs
+    out = tmp_path / f"preds.{ext}"
+    args = ["score", str(folder), str(manifest), "--model", default_onnx, "--out", out, "--batch-size", "8"]
+    first = run_cli(*args, timeout=120)  # a FIFO read would hang here
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr
+    rows = read_predictions(out)
+    assert len(rows) == n and len({r["path"] for r in rows}) == n
+    errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
+    assert "cannot be converted" in errors.pop("lab.tif") or "LAB" in str(errors)
+    assert "FIFO" in errors.pop("pipe.png")
+    assert not errors, errors  # the odd names were scored like any other
+    names = {Path(r["path"]).name for r in rows}
+    assert "new\nline, \"quoted\".png" in names
+    assert ("latin-1 caf\\xe9.png" if ext == "parquet" else os.fsdecode(b"latin-1 caf\xe9.png")) in names
+    again = run_cli(*args, "--resume", timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert f"scoring 0 inputs ({n} already in" in again.stderr
+    assert len(read_predictions(out)) == n
+
+
+@pytest.mark.parametrize("ext", ["parquet", "csv"])
+def test_a_full_disk_is_reported_and_nothing_is_finalized_short(image_dir, default_onnx, tmp_path, ext):
+    """The output cannot grow past 3 kB (RLIMIT_FSIZE stands in for a full disk): the run says it
+    cannot write, keeps what it wrote, never finalizes; --resume with room completes it exactly once."""
+    import resource
+
+    out = tmp_path / f"preds.{ext}"
+    args = [*CNNSERVE, "score", str(image_dir), "--model", str(default_onnx), "--out", str(out), "--batch-size", "4"]
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
+
+    full = subprocess.run(args, capture_output=True, text=True, timeout=120, preexec_fn=small_disk, cwd=ROOT)
+    assert full.returncode == 2, full.stderr
+    assert "cannot write: File too large" in full.stderr and "--resume" in full.stderr
+    assert "Traceback" not in full.stderr
+    assert not out.exists() if ext == "parquet" else out.stat().st_size <= 3000
+    done = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    rows = read_predictions(out)
+    assert len(rows) == len({r["path"] for r in rows}) == len(collect_inputs([str(image_dir)]).paths)

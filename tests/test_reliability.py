@@ -1,0 +1,361 @@
+"""Hostile input, overload and faults: every case that once cost gigabytes, froze a worker,
+answered 500 or lost rows, each against the real thing. Anything that could allocate without
+bound runs in a process with an address-space cap (RLIMIT_AS), so a regression fails the test
+instead of exhausting the machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+
+from bench import faults, hostile
+from service.batching import DeadlineExceeded, MicroBatcher
+from tests.conftest import ROOT, Server, encode
+
+pytestmark = pytest.mark.slow
+CAP_MB = 6144  # per process: a BentoML worker with onnxruntime maps about 2 GB of address space
+
+
+def run_capped(code: str, megabytes: int = 3072, timeout: float = 300) -> dict:
+    """Run ``code`` in a fresh Python with its address space capped; it prints one JSON line last."""
+    prelude = f"import resource; resource.setrlimit(resource.RLIMIT_AS, ({megabytes} << 20, {megabytes} << 20))\n"
+    proc = subprocess.run([sys.executable, "-c", prelude + code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"capped process failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- in-process, under a memory cap -------------------------------------------------------------
+
+def test_hostile_images_refused_from_their_headers_under_a_memory_cap():
+    """Each hostile image gets its 4xx from the header or the byte structure, for a stretch and a
+    centre-crop model, in a process capped at 1.5 GB (several once took 3-20 GB)."""
+    out = run_capped("""
+import json
+from bench import hostile
+from cnnserve.spec import ModelSpec
+from service.preprocess import ImageError, preprocess
+specs = [ModelSpec("lenet5", 1, 28, 28, (0.5,), (0.5,), labels=tuple("0123456789")),
+         ModelSpec("mobilenet_v1", 3, 224, 224, (0.5,) * 3, (0.5,) * 3, resize="center-crop", labels=("a", "b"))]
+got = {}
+for name, (data, _, _) in hostile.images().items():
+    for spec in specs:
+        try:
+            preprocess(data, spec)
+            got[f"{name} / {spec.resize}"] = "accepted"
+        except ImageError as e:
+            got[f"{name} / {spec.resize}"] = [e.status, e.code]
+print(json.dumps(got))
+""", megabytes=1536)
+    expected = {f"{name} / {resize}": [status, code] for name, (_, status, code) in hostile.images().items()
+                for resize in ("stretch", "center-crop")}
+    assert out == expected
+
+
+def test_rejected_images_hold_no_memory():
+    """200 images that allocate 18 MB each and then fail (truncated half-way) through the service's
+    own decode path, with the garbage collector frozen as in the server: memory and live objects
+    stay flat (they grew without bound while tracebacks kept the buffers)."""
+    out = run_capped("""
+import asyncio, gc, json, resource
+from bench import hostile
+from cnnserve.spec import ModelSpec
+from service.engine import APIError, Engine, EngineConfig
+from service.preprocess import return_freed_memory
+
+return_freed_memory()
+class Fake:  # the engine's decode path needs a model's spec only
+    name, spec = "m", ModelSpec("m", 3, 64, 64, (0.5,) * 3, (0.5,) * 3, labels=("a", "b"))
+engine = Engine.__new__(Engine)
+engine.config, engine._decode_limiter = EngineConfig(), None
+bad = hostile.truncated_png()
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+
+async def reject(n):
+    for _ in range(n):
+        try:
+            await engine.decode(Fake, bad)
+        except APIError as e:
+            assert e.code == "truncated", e.code
+            e.__traceback__ = e.__context__ = None  # what the API's error handler does
+
+async def main():
+    await reject(20)
+    before, objects = rss(), len(gc.get_objects())
+    await reject(200)
+    return {"before": before, "after": rss(), "objects": len(gc.get_objects()) - objects}
+
+gc.collect(); gc.freeze()
+print(json.dumps(asyncio.run(main())))
+""", megabytes=2048)
+    assert out["after"] - out["before"] < 60, out  # 200 x 18 MB = 3.6 GB if any were kept
+    assert out["objects"] < 500, out
+
+
+# --- the batcher: deadlines, priorities, clients that left ---------------------------------------
+
+def test_batcher_runs_interactive_first_and_never_runs_expired_or_abandoned_requests():
+    import threading
+
+    gate, seen = threading.Event(), []
+
+    def fn(x):
+        gate.wait(5)
+        seen.append([int(v) for v in x[:, 0]])
+        return x.astype(np.float32)
+
+    async def main():
+        b = MicroBatcher(fn, max_batch_size=4, max_queue=100)
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(b.submit(np.array([[0]], np.uint8)))  # holds the model
+        await asyncio.sleep(0.05)
+        gone = loop.create_future()
+        bulk = [asyncio.create_task(b.submit(np.array([[10 + i]], np.uint8), priority="bulk")) for i in range(3)]
+        inter = [asyncio.create_task(b.submit(np.array([[20 + i]], np.uint8))) for i in range(3)]
+        left = asyncio.create_task(b.submit(np.array([[30]], np.uint8), gone=gone))
+        late = asyncio.create_task(b.submit(np.array([[40]], np.uint8), deadline=time.perf_counter() + 0.05))
+        await asyncio.sleep(0.01)
+        gone.set_result({"type": "http.disconnect"})  # its client went away while it waited
+        expired = await asyncio.gather(late, return_exceptions=True)  # answered at its deadline, queue still held
+        gate.set()
+        await asyncio.gather(first, *bulk, *inter)
+        abandoned = await asyncio.gather(left, return_exceptions=True)
+        b.close()
+        return expired[0], abandoned[0]
+
+    expired, abandoned = asyncio.run(main())
+    assert isinstance(expired, DeadlineExceeded)
+    assert isinstance(abandoned, asyncio.CancelledError)
+    assert seen[0] == [0]
+    assert seen[1] == [20, 21, 22, 10]  # interactive first, bulk takes the room left
+    assert seen[2] == [11, 12]
+    assert all(v not in sum(seen, []) for v in (30, 40))  # never run
+
+
+def test_bulk_requests_take_at_most_half_the_queue():
+    import threading
+
+    from service.batching import Overloaded
+
+    gate = threading.Event()
+
+    def fn(x):
+        gate.wait(5)
+        return x.astype(np.float32)
+
+    async def main():
+        b = MicroBatcher(fn, max_batch_size=1, max_queue=4)
+        one = np.zeros((1, 1), np.uint8)
+        running = asyncio.create_task(b.submit(one))
+        await asyncio.sleep(0.05)  # the model is busy with it; everything else waits
+        tasks = [asyncio.create_task(b.submit(one, priority=p)) for p in ("bulk", "bulk", "bulk", "interactive",
+                                                                           "interactive")]
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.gather(running, *tasks, return_exceptions=True)
+        b.close()
+        return ["Overloaded" if isinstance(r, Overloaded) else "ok" for r in results[1:]]
+
+    assert asyncio.run(main()) == ["ok", "ok", "Overloaded", "ok", "ok"]
+
+
+# --- a real server, capped ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def center_crop_tag(default_onnx, tmp_path_factory):
+    """The default model re-labelled as a 28-px centre-crop model (same graph, other resize policy)."""
+    from cnnserve.onnxmeta import KEY_SPEC
+    from cnnserve.spec import ModelSpec
+    from export.store import store_model
+
+    m = onnx.load(str(default_onnx))
+    prop = next(p for p in m.metadata_props if p.key == KEY_SPEC)
+    prop.value = replace(ModelSpec.from_json(prop.value), resize="center-crop").to_json()
+    path = tmp_path_factory.mktemp("cc") / "model.onnx"
+    onnx.save(m, str(path))
+    return str(store_model(path, "lenet5-centercrop").tag)
+
+
+@pytest.fixture(scope="module")
+def capped_server(stored_default, center_crop_tag):
+    srv = Server("--arg", f"models={stored_default} {center_crop_tag}", "--arg", "body_timeout_s=1",
+                 "--arg", "header_timeout_s=2", memory_limit_mb=CAP_MB)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(capped_server):
+    with httpx.Client(base_url=capped_server.url, timeout=60) as c:
+        yield c
+
+
+@pytest.mark.parametrize("model", ["lenet5-digits", "lenet5-centercrop"])
+def test_hostile_images_over_http(client, model):
+    for name, (data, status, code) in hostile.images().items():
+        r = client.post("/classify", params={"model": model}, content=data,
+                        headers={"Content-Type": "application/octet-stream"})
+        assert (r.status_code, r.json()["code"]) == (status, code), name
+    assert client.get("/readyz").status_code == 200
+
+
+def test_v2_bodies_that_once_answered_500(client):
+    for name, (body, status, code) in hostile.v2_bodies([1, 1, 28, 28]).items():
+        r = client.post("/v2/models/lenet5-digits/infer", content=body,
+                        headers={"Content-Type": "application/json"})
+        assert (r.status_code, r.json().get("code")) == (status, code), (name, r.text[:200])
+    r = client.post("/v2/models/lenet5-digits/infer", content=b"{}", headers={"Inference-Header-Content-Length": "\xb2".encode("latin-1")})
+    assert r.status_code == 400
+
+
+def test_worker_memory_stays_flat_over_rejections(capped_server, client):
+    """400 rejected uploads that each allocate 18 MB before failing: the workers give it back."""
+    bad = hostile.truncated_png()
+    for _ in range(40):
+        client.post("/classify", content=bad, headers={"Content-Type": "image/png"})
+    before = faults.tree_rss_mb(capped_server.proc.pid)
+    for _ in range(400):
+        r = client.post("/classify", content=bad, headers={"Content-Type": "image/png"})
+        assert r.status_code == 400
+    after = faults.tree_rss_mb(capped_server.proc.pid)
+    assert after - before < 150, (before, after)  # 400 x 18 MB = 7 GB if kept
+
+
+def raw(port: int, data: bytes, wait: float = 8.0) -> bytes:
+    """Send raw bytes on a new connection, keep it open, and return what the server answers."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    try:
+        s.sendall(data)
+        out = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def test_incomplete_bodies_and_heads_get_a_prompt_4xx(capped_server):
+    port = capped_server.port
+    t = time.monotonic()
+    answer = raw(port, b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+                 + b"\x89PNG" + b"\0" * 122)
+    assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer, answer[:300]
+    assert time.monotonic() - t < 30  # not BentoML's 60 s timeout (a bound far from the 1 s setting)
+    answer = raw(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    answer = raw(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")  # the head never ends
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert httpx.get(capped_server.url + "/readyz").status_code == 200
+
+
+def test_disconnect_mid_body_is_one_info_line(capped_server):
+    s = socket.create_connection(("127.0.0.1", capped_server.port))
+    s.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+              + b"\0" * 100)
+    time.sleep(0.3)
+    s.close()
+    deadline = time.monotonic() + 10
+    while "client disconnected" not in capped_server.output() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    log = capped_server.output()
+    assert "client disconnected" in log
+    assert "Traceback" not in log and "ClientDisconnect" not in log
+
+
+def test_deadline_and_priority_parameters(client, digits_test):
+    png = encode(digits_test[0][0][0])
+    headers = {"Content-Type": "image/png"}
+    r = client.post("/classify", content=png, headers=headers, params={"timeout_ms": 0.001})
+    assert r.status_code == 504 and r.json()["code"] == "deadline_exceeded"
+    r = client.post("/classify", content=png, headers=headers, params={"timeout_ms": 5000, "priority": "bulk"})
+    assert r.status_code == 200
+    for params in ({"timeout_ms": -1}, {"priority": "urgent"}):
+        r = client.post("/classify", content=png, headers=headers, params=params)
+        assert r.status_code == 400, params
+
+
+def test_fuzzed_from_the_openapi_document(capped_server, client):
+    """schemathesis generates requests for every operation of /docs.json: never a 5xx (but the 504
+    a client asks for with its own timeout_ms), and the server stays ready with bounded memory."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_dict(client.get("/docs.json").json())
+    checked = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+
+        @settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy())
+        def check(case):
+            r = case.call(base_url=capped_server.url, timeout=60)
+            # the one 5xx a client may ask for: a deadline of its own choosing (timeout_ms) that passed
+            asked = r.status_code == 504 and "timeout_ms" in (case.query or {}) and \
+                r.json().get("code") == "deadline_exceeded"
+            assert r.status_code < 500 or asked, (case.method, case.path, case.query, r.status_code, r.text[:300])
+
+        check()
+        checked.append(f"{op.method.upper()} {op.path}")
+    assert "POST /classify" in checked and "POST /v2/models/{name}/infer" in checked
+    assert client.get("/readyz").status_code == 200
+    assert faults.tree_rss_mb(capped_server.proc.pid) < 4096
+
+
+# --- faults: drain, a killed worker, a soak -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bodies(digits_test):
+    x = digits_test[0]
+    return [(encode(x[i][0]), "image/png") for i in range(8)]
+
+
+def test_sigterm_under_load_drains_without_dropping(stored_default, bodies):
+    srv = Server("--arg", f"models={stored_default}", "--arg", "drain_s=2", memory_limit_mb=CAP_MB)
+    try:
+        out = faults.drain_trial(srv, bodies, clients=16)
+    finally:
+        srv.stop()
+    assert out["exit_code"] == 0, out
+    assert out["readyz_503_after_s"] is not None and out["readyz_503_after_s"] < 2, out
+    assert out["answered_after_sigterm"] > 0 and out["5xx_after_sigterm"] == 0, out
+    assert out["dropped_after_sigterm"] == 0, out
+
+
+def test_kill_9_of_a_worker_is_not_an_outage(stored_default, bodies):
+    srv = Server("--arg", f"models={stored_default}", memory_limit_mb=CAP_MB)
+    try:
+        out = faults.kill_worker_trial(srv, bodies, clients=16)
+    finally:
+        srv.stop()
+    assert out["workers"] == 2, out  # the default where there are two cores
+    assert out["5xx"] == 0, out
+    assert out["failed"] <= out["clients"], out  # at most the requests the dead worker held
+    assert out["answered_after_kill"] > 100, out  # the other worker kept answering
+    assert out["worker_back_after_s"] is not None, out  # and the lost one was started again
+
+
+def test_soak_with_hostile_images_mixed_in(capped_server, bodies):
+    hostile_bodies = [(data, "application/octet-stream") for data, _, _ in list(hostile.images().values())[:6]]
+    out = faults.soak_trial(capped_server, bodies, hostile_bodies, seconds=8, clients=8)
+    assert out["5xx"] == 0 and out["failed"] == 0 and out["ready_after"], out
+    assert out["statuses"].get(200, 0) > 50, out
+    assert out["rss_after_mb"] - out["rss_before_mb"] < 300, out
