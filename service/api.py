@@ -21,6 +21,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from .engine import APIError, Engine
+from .preprocess import trim_memory
 
 log = logging.getLogger("cnnserve.api")
 
@@ -76,9 +77,26 @@ async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
                    {"Connection": "close"})
     except ClientDisconnect:
         problem = (499, "client_closed", f"the client closed the connection after {size:,} bytes of the body")
+    if len(chunks) > 4:  # a body of many pieces: give their heap pages back once it is answered
+        _trim_later(loop)
     if problem:
         raise APIError(*problem)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_trim = {"pending": False}
+
+
+def _trim_later(loop, delay: float = 0.5) -> None:
+    """One ``malloc_trim`` ``delay`` seconds from now (however many large bodies arrive meanwhile)."""
+    if not _trim["pending"]:
+        _trim["pending"] = True
+
+        def run() -> None:
+            _trim["pending"] = False
+            trim_memory()
+
+        loop.call_later(delay, run)
 
 
 async def _once(data: bytes):

@@ -41,6 +41,10 @@ class DeadlineExceeded(Exception):
     """The request's deadline passed before its batch could start; it was not run."""
 
 
+class ClientGone(Exception):
+    """The request's client disconnected while it waited; it was not run."""
+
+
 class MicroBatcher:
     """Greedy dynamic batches over two queues: ``interactive`` requests fill a batch first, ``bulk``
     ones (batch scoring, explanations) take the room left. Each request may carry a deadline
@@ -112,7 +116,7 @@ class MicroBatcher:
                 if fut.done():  # cancelled (the handler went away) or already expired
                     continue
                 if gone is not None and gone.done():  # the client disconnected while waiting
-                    fut.cancel()
+                    fut.set_exception(ClientGone())
                     continue
                 if deadline is not None and now >= deadline:
                     _expire(fut)

@@ -19,7 +19,7 @@ import numpy as np
 
 from cnnserve import onnxmeta
 
-from .batching import PRIORITIES, DeadlineExceeded, MicroBatcher, Overloaded
+from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .http_server import DRAIN
 from .preprocess import ImageError, Limits, open_image, preprocess
 from .runtime import Model
@@ -201,6 +201,9 @@ class Engine:
         except DeadlineExceeded:
             problem = (504, "deadline_exceeded", "the request's deadline (timeout_ms) passed before the model "
                                                  "could run it; it was not run")
+        except ClientGone:
+            problem = (499, "client_closed", "the client closed the connection while the request waited for "
+                                             "the model; it was not run")
         raise APIError(*problem)
 
     async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None,

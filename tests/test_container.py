@@ -137,3 +137,6 @@ def test_gpu_bento_and_kubernetes_manifests_are_valid(stored_default):
     c = deploy["spec"]["template"]["spec"]["containers"][0]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+    # shutdown: preStop, then the drain (3 s) and the grace period (25 s) of the service's defaults
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop >= 1 and deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > pre_stop + 3 + 25

@@ -19,7 +19,7 @@ import onnx
 import pytest
 
 from bench import faults, hostile
-from service.batching import DeadlineExceeded, MicroBatcher
+from service.batching import ClientGone, DeadlineExceeded, MicroBatcher
 from tests.conftest import ROOT, Server, encode
 
 pytestmark = pytest.mark.slow
@@ -137,7 +137,7 @@ def test_batcher_runs_interactive_first_and_never_runs_expired_or_abandoned_requ
 
     expired, abandoned = asyncio.run(main())
     assert isinstance(expired, DeadlineExceeded)
-    assert isinstance(abandoned, asyncio.CancelledError)
+    assert isinstance(abandoned, ClientGone)
     assert seen[0] == [0]
     assert seen[1] == [20, 21, 22, 10]  # interactive first, bulk takes the room left
     assert seen[2] == [11, 12]
@@ -318,6 +318,36 @@ def test_fuzzed_from_the_openapi_document(capped_server, client):
     assert "POST /classify" in checked and "POST /v2/models/{name}/infer" in checked
     assert client.get("/readyz").status_code == 200
     assert faults.tree_rss_mb(capped_server.proc.pid) < 4096
+
+
+def metric_sum(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_requests_whose_clients_left_are_never_run(stored_default, digits_test):
+    """Twenty clients send an image and hang up at once; the batcher holds batches open 400 ms, by
+    which time every one of them has gone: none reaches the model, none is logged as an error."""
+    srv = Server("--arg", f"models={stored_default}", "--arg", "workers=1", "--arg", "max_wait_ms=400",
+                 memory_limit_mb=CAP_MB)
+    try:
+        png = encode(digits_test[0][0][0])
+        r = httpx.post(srv.url + "/classify", content=png, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200
+        ran = metric_sum(srv.url, "cnnserve_batch_size_sum")
+        head = (f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                f"Content-Length: {len(png)}\r\n\r\n").encode()
+        socks = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(20)]
+        for s in socks:
+            s.sendall(head + png)
+        for s in socks:
+            s.close()
+        time.sleep(1.5)
+        assert metric_sum(srv.url, "cnnserve_batch_size_sum") == ran  # not one of them ran
+        assert 'reason="client_closed"' in httpx.get(srv.url + "/metrics").text
+        assert "Traceback" not in srv.output()
+    finally:
+        srv.stop()
 
 
 # --- faults: drain, a killed worker, a soak -------------------------------------------------------
