@@ -447,18 +447,22 @@ def report(doc: dict, stem: Path) -> str:
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
              "The load generator runs on the same machine (loopback), so it takes CPU from the server. "
              f"HTTP figures are the median of {doc.get('http_repeats', 1)} runs, with the spread (min-max).", ""]
+    measured = {n: r for n, r in doc["workloads"].items()
+                if any(r.get(k) for k in ("pytorch", "onnxruntime", "service", "naive", "torchserve"))}
     lines += ["## Ratios", "", "| model | service / onnxruntime in-process (best batch) | cnnserve / naive BentoML "
               "(most clients) | cnnserve / TorchServe (most clients) | onnxruntime / PyTorch eager (best batch each) "
               "| batch scoring (local) / onnxruntime (same batch) | 503 rate at most clients (cnnserve; naive) "
               "| other failures (cnnserve) |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in doc["workloads"].items():
+    for name, r in measured.items():
         q = ratios(r)
         lines.append(f"| {name} | {fmt(q['service_over_ort'])} | {fmt(q['over_naive'])} | {fmt(q['over_torchserve'])} "
                      f"| {fmt(q['ort_over_torch'])} "
                      f"| {fmt(q['scoring_over_ort'])} | {fmt(q['rate_503'], '.2%')}; {fmt(q['naive_rate_503'], '.2%')} "
                      f"| {fmt(q['failures'], 'd')} |")
     lines += ["", "Targets:", *verdicts(doc)]
-    for name, r in doc["workloads"].items():
+    if not measured:  # a run of other sections only (batch scoring, faults)
+        lines = lines[:lines.index("## Ratios")]
+    for name, r in measured.items():
         settings = ", ".join(f"{k}={v}" for k, v in r["serve"].items())
         lines += ["", f"## {name} ({r['input']}, {r['format']} requests; cnnserve with {settings})", "",
                   "| in-process | batch | images/s (median) | spread |", "|---|---|---|---|"]

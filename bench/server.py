@@ -33,6 +33,7 @@ class Server:
         self.proc = subprocess.Popen(
             [str(bentoml), "serve", service, "--host", "127.0.0.1", "--port", str(self.port),
              *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "BENTOML_HOME": home_of_its_own()},
             preexec_fn=(lambda: cap_memory(memory_limit_mb)) if memory_limit_mb else None)
         self._wait_ready(ready_timeout)
 
@@ -60,6 +61,17 @@ class Server:
 
     def stop(self) -> None:
         stop_group(self.proc, 20)
+
+
+def home_of_its_own() -> str:
+    """A BENTOML_HOME for one server that shares the current model store (a link) but not the rest:
+    BentoML keeps its Prometheus multiprocess files under BENTOML_HOME and a starting server wipes
+    them, so two servers on one home lose each other's counters."""
+    shared = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
+    (shared / "models").mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
+    (home / "models").symlink_to(shared / "models", target_is_directory=True)
+    return str(home)
 
 
 def cap_memory(megabytes: int) -> None:

@@ -110,7 +110,8 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
     if not data:
         raise ImageError("the image is empty (0 bytes)", 400, "empty")
     if len(data) > limits.max_bytes:
-        raise ImageError(f"the image is {len(data):,} bytes; the limit is {limits.max_bytes:,}", 413, "too_large")
+        raise ImageError(f"the image is {len(data):,} bytes; the limit is {limits.max_bytes:,} (max_request_mb)",
+                         413, "too_large")
     chunks = count_chunks(data, limits.max_chunks)
     if chunks > limits.max_chunks:
         raise ImageError(f"the image holds more than {limits.max_chunks:,} chunks or segments (max_chunks)",
@@ -150,7 +151,8 @@ def check_header(img: Image.Image, limits: Limits) -> None:
     if w < 1 or h < 1:
         raise ImageError(f"the image has no pixels ({w}x{h})", 400, "bad_image")
     if w * h > limits.max_pixels:
-        raise ImageError(f"the image is {w}x{h} = {w * h:,} pixels; the limit is {limits.max_pixels:,}",
+        raise ImageError(f"the image is {w}x{h} = {w * h:,} pixels; the limit is {limits.max_pixels:,} "
+                         "(max_image_pixels)",
                          413, "too_many_pixels")
     if max(w, h) > limits.max_aspect_ratio * min(w, h):
         raise ImageError(f"the image is {w}x{h}: its aspect ratio passes the limit of "
@@ -196,7 +198,7 @@ def load_image(img: Image.Image, target: tuple[int, int] | None = None,
         need = img.width * img.height * pixel_bytes(img.mode)
         if need > limits.max_decoded_bytes:
             problem = (f"the image would take {need / 2**20:,.0f} MiB decoded ({img.width}x{img.height} "
-                       f"{img.mode}); the limit is {limits.max_decoded_bytes / 2**20:,.0f} MiB",
+                       f"{img.mode}); the limit is {limits.max_decoded_bytes / 2**20:,.0f} MiB (max_decoded_mb)",
                        413, "too_large_decoded")
         else:
             img.seek(0)  # first frame of an animation
