@@ -104,13 +104,46 @@ def test_rgb_training_with_augmentation(tmp_path, init):
                       batch_size=16), progress=False)
     ckpt = load_checkpoint(run)
     assert ckpt["spec"].channels == 3 and ckpt["train_config"]["augment"] is None
+    assert ckpt["train_config"]["init"] == init
     assert ckpt["spec"].labels == ("circle", "square", "triangle", "cross")
 
 
+@pytest.mark.parametrize("init", ["kaiming", "xavier"])
+def test_init_schemes_give_their_published_spread(init):
+    """Each large convolution's weights have the standard deviation of the scheme: Kaiming normal
+    with fan-out, sqrt(2 / fan_out); Xavier uniform, sqrt(2 / (fan_in + fan_out)). Biases are zero."""
+    import models
+    from models.train import init_weights
+
+    torch.manual_seed(0)
+    model = models.create_model("resnet18", num_classes=4, in_chans=3, img_size=32)
+    init_weights(model, init)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 4096]
+    assert convs
+    for m in convs:
+        out_c, in_c, kh, kw = m.weight.shape
+        fan_in, fan_out = in_c * kh * kw, out_c * kh * kw
+        want = (2 / fan_out) ** 0.5 if init == "kaiming" else (2 / (fan_in + fan_out)) ** 0.5
+        assert float(m.weight.detach().std()) == pytest.approx(want, rel=0.1), (m, init)
+        assert m.bias is None or float(m.bias.abs().max()) == 0.0
+
+
 def test_augment_keeps_shape_and_content():
-    x = torch.arange(2 * 3 * 16 * 16, dtype=torch.int64).remainder(256).to(torch.uint8).view(2, 3, 16, 16)
+    """Every output image is its input shifted by at most an eighth of the side (zeros coming in)
+    and maybe mirrored; across a batch both shifts and flips happen."""
+    x = torch.randint(1, 256, (64, 3, 16, 16), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     out = augment(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == torch.uint8
+    pad = 2
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    flipped = shifted = 0
+    for i in range(len(x)):
+        matches = [(dy, dx, f) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1) for f in (False, True)
+                   if torch.equal(out[i], (lambda c: c.flip(-1) if f else c)(padded[i, :, dy:dy + 16, dx:dx + 16]))]
+        assert matches, f"image {i} is not a shifted (and maybe flipped) copy of its input"
+        flipped += all(f for _, _, f in matches)
+        shifted += all((dy, dx) != (pad, pad) for dy, dx, _ in matches)
+    assert 10 < flipped < 54 and shifted > 32  # about half flipped, most shifted
 
 
 def test_train_cli_end_to_end(tmp_path):
