@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from .spec import DEFAULT_MODEL
+
 DEFAULT_ARCH = "lenet5"
 DEFAULT_DATA = "digits"
 DEFAULT_RUN = "runs/lenet5-digits"
@@ -260,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "completes a partial file.")
     p.add_argument("inputs", nargs="+", help="folders (recursive), globs, manifests (.txt/.csv/.parquet with a "
                                              "'path' column) or image files")
-    p.add_argument("--model", help="an exported .onnx file or a model store tag (http engine: the served model name)")
+    p.add_argument("--model", help=f"an exported .onnx file or a model store tag (default {DEFAULT_MODEL}, as "
+                                   "the service; http engine: the served model name, default the service's)")
     p.add_argument("--out", "-o", required=True, help="predictions file: .csv, .jsonl or .parquet")
     p.add_argument("--engine", default="local", help="local (default), http, ray")
     p.add_argument("--top-k", type=int, default=5)
@@ -278,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("container", help="build the serving image (bentoml build + containerize)",
                        description="Build the bento and its OCI image with docker (when a Docker engine answers) "
                                    "or podman.")
-    p.add_argument("--models", default="lenet5-digits:latest", help="model store tags to serve, space-separated")
+    p.add_argument("--models", default=DEFAULT_MODEL, help="model store tags to serve, space-separated")
     p.add_argument("--gpu", action="store_true", help="the CUDA image (bentofile-gpu.yaml)")
     p.add_argument("--backend", default="auto", choices=("auto", "docker", "podman"))
     p.add_argument("--image-tag", help="image name:tag (default: the bento's tag)")

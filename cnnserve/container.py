@@ -18,8 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .spec import DEFAULT_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_MODELS = "lenet5-digits:latest"
+DEFAULT_MODELS = DEFAULT_MODEL
 
 
 class ContainerError(ValueError):

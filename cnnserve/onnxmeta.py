@@ -17,7 +17,6 @@ from .spec import ModelSpec, SpecError
 FORMAT = "cnnserve-onnx/1"
 INPUT = "pixels"
 OUTPUTS = ("logits", "probabilities")
-PRECISIONS = ("fp32", "fp16")
 
 KEY_FORMAT = "cnnserve.format"
 KEY_SPEC = "cnnserve.spec"

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DATASETS, NATIVE_CHANNELS, DataError, load_dataset
@@ -220,22 +221,26 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
         seen = correct = 0
         loss_sum = 0.0
         # progress None: a bar on a terminal only; the per-epoch line below is always printed
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, file=sys.stderr,
-                   disable=None if progress is None else not progress)
-        for x, y in bar:
-            if do_augment:
-                x = augment(x, gen)
-            output = model(x)
-            loss = _loss(output, y, cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            logits = output[0] if isinstance(output, tuple) else output
-            seen += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            loss_sum += loss.item() * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        bar = Progress(TextColumn(f"epoch {epoch + 1}/{cfg.epochs}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[stats]}"), TimeRemainingColumn(), transient=True,
+                       console=Console(stderr=True),
+                       disable=not (sys.stderr.isatty() if progress is None else progress))
+        task = bar.add_task("train", total=len(train_loader), stats="")
+        with bar:
+            for x, y in train_loader:
+                if do_augment:
+                    x = augment(x, gen)
+                output = model(x)
+                loss = _loss(output, y, cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                logits = output[0] if isinstance(output, tuple) else output
+                seen += len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                loss_sum += loss.item() * len(y)
+                bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f}")
         val = evaluate(model, val_loader)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
                "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": opt.param_groups[0]["lr"],

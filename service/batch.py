@@ -34,7 +34,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from cnnserve.spec import ModelSpec
+from cnnserve.spec import DEFAULT_MODEL, ModelSpec
 
 from .preprocess import DEFAULT_LIMITS, ImageError, preprocess, read_file
 from .runtime import Model, load_model
@@ -539,7 +539,7 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
     if engine == "http" and not url:
         raise ScoreError("--engine http needs --url of a running cnnserve service")
     if engine != "http" and not model:
-        raise ScoreError(f"--engine {engine} needs --model (an ONNX file or a model store tag)")
+        model = DEFAULT_MODEL  # the service's default
     workers = workers or os.cpu_count() or 2
     found = collect_inputs(inputs)
     local_model = None

@@ -10,8 +10,9 @@ measured on LeNet-5 at 64 clients, gen-2 collections grew from 87 to 180 ms with
 at 5-10x p95. ``patch_timeout_middleware`` replaces the middleware's ``__call__``
 with the same logic that cancels its timer when the request ends.
 
-The replacement is applied only to the class it was written against (checked by the
-attributes it uses), so a BentoML release that changes the middleware is left alone.
+The replacement is applied only to the BentoML versions it was checked against
+(``CHECKED_VERSIONS``: read that release's ``TimeoutMiddleware.__call__`` before adding one),
+so a release that changes the middleware is left alone; the service logs once either way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import asyncio
 import logging
 
 log = logging.getLogger("cnnserve.service")
+
+#: BentoML releases whose TimeoutMiddleware.__call__ was read and found to be the one `_call` mirrors.
+CHECKED_VERSIONS = frozenset({"1.4.39"})
 
 
 async def _call(self, scope, receive, send) -> None:
@@ -52,16 +56,20 @@ async def _call(self, scope, receive, send) -> None:
 
 
 def patch_timeout_middleware() -> bool:
-    """Apply the fix; False (and a log line) where BentoML's middleware is not the one it fits."""
+    """Apply the fix where it fits; logs once whether it applied."""
+    import bentoml
+
     try:
         from bentoml._internal.server.http.traffic import TimeoutMiddleware
     except ImportError:
-        log.info("BentoML has no TimeoutMiddleware here; nothing to patch")
+        log.info("BentoML %s has no TimeoutMiddleware: nothing to patch", bentoml.__version__)
         return False
     if TimeoutMiddleware.__call__ is _call:
         return True
-    if not hasattr(TimeoutMiddleware, "_set_timer_out"):
-        log.warning("BentoML's TimeoutMiddleware changed; its per-request timers are left as they are")
+    if bentoml.__version__ not in CHECKED_VERSIONS or not hasattr(TimeoutMiddleware, "_set_timer_out"):
+        log.warning("BentoML %s was not checked for its per-request timer leak (checked: %s); its "
+                    "TimeoutMiddleware is left as it is", bentoml.__version__, ", ".join(sorted(CHECKED_VERSIONS)))
         return False
     TimeoutMiddleware.__call__ = _call
+    log.info("BentoML %s: TimeoutMiddleware patched to cancel its per-request timers", bentoml.__version__)
     return True

@@ -81,7 +81,6 @@ class Model:
     version: str
     info: ModelInfo
     session: ort.InferenceSession
-    source: str = ""
     warmup_ms: float = 0.0
     _output: list = field(default_factory=lambda: ["probabilities"])
 
@@ -133,7 +132,7 @@ def load_model(path: str | os.PathLike, name: str | None = None, version: str = 
     """Load an exported ONNX file; its spec and labels come from its metadata."""
     sess = create_session(path, providers, threads, spin=spin)
     info = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, str(path))
-    model = Model(name=name or info.spec.arch, version=version, info=info, session=sess, source=str(path))
+    model = Model(name=name or info.spec.arch, version=version, info=info, session=sess)
     if warm_up:
         model.warm_up()
     log.info("loaded %s:%s (%s, %s) from %s on %s; warm-up %.0f ms", model.name, version or "-", info.spec.arch,

@@ -19,6 +19,8 @@ import os
 import bentoml
 from pydantic import BaseModel
 
+from cnnserve.spec import DEFAULT_MODEL
+
 from .api import create_app
 from .bentoml_fixes import patch_timeout_middleware
 from .engine import Engine, EngineConfig
@@ -35,7 +37,7 @@ CORES = os.cpu_count() or 1
 
 
 class ServiceArgs(BaseModel):
-    models: str = "lenet5-digits:latest"  # model store tags, space-separated; the first is the default
+    models: str = DEFAULT_MODEL  # model store tags, space-separated; the first is the default
     providers: str = "auto"  # auto (CUDA, then CPU), cuda (fail without it), cpu
     # Server processes, each with its own sessions and batcher. Two where there are the cores, so a
     # worker that dies (OOM kill, kill -9) is not an outage: the other answers while it restarts.

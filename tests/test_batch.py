@@ -1,5 +1,6 @@
 """Batch scoring on real files, with every engine, kills and resumes."""
 
+import io
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from service.batch import ScoreError, collect_inputs, read_predictions, score
 from service.preprocess import preprocess
@@ -203,6 +205,10 @@ def test_scoring_by_model_store_tag(image_dir, stored_default, tmp_path):
     s = score([str(image_dir / "png")], str(out), model=stored_default, progress=False)
     assert s["scored"] == 20
     assert json.loads(out.read_text().splitlines()[0])["labels"]
+    # without --model: the service's default model, as `bentoml serve` would use
+    default = run_cli("score", image_dir / "png", "--out", tmp_path / "d.jsonl")
+    assert default.returncode == 0, default.stderr
+    assert read_predictions(tmp_path / "d.jsonl") == read_predictions(out)
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +221,6 @@ def odd_inputs(tmp_path_factory, digits_test):
     x, _ = digits_test
     for i in range(20):
         (folder / f"{i:03d}.png").write_bytes(encode(x[i][0]))
-    from PIL import Image
-    import io
-
     buf = io.BytesIO()
     Image.new("LAB", (28, 28)).save(buf, "TIFF")
     (folder / "lab.tif").write_bytes(buf.getvalue())

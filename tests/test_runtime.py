@@ -186,3 +186,20 @@ def test_bentoml_timeout_middleware_fix_releases_timers_and_still_times_out():
     assert live == []
     assert sent[0]["status"] == 504
     assert json.loads(sent[1]["body"])["code"] == "timeout"
+
+
+def test_bentoml_fix_is_fenced_on_the_versions_it_was_checked_against(monkeypatch, caplog):
+    """On a BentoML release nobody read, the middleware is left alone and the log says so."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from service import bentoml_fixes
+
+    async def upstream(self, scope, receive, send):  # stands in for another release's __call__
+        return None
+
+    monkeypatch.setattr(TimeoutMiddleware, "__call__", upstream)
+    monkeypatch.setattr(bentoml_fixes, "CHECKED_VERSIONS", frozenset({"0.0.0"}))
+    with caplog.at_level("INFO", logger="cnnserve.service"):
+        assert bentoml_fixes.patch_timeout_middleware() is False
+    assert TimeoutMiddleware.__call__ is upstream
+    assert "was not checked" in caplog.text
