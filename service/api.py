@@ -197,7 +197,8 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
         e.ticket(timeout_ms, priority)
         files = await image_files(request, await read(request), IMAGES_FIELD, max_request_bytes,
                                   e.config.max_images_per_request)
-        return await e.classify_many(files, model, top_k, e.ticket(timeout_ms, priority, watch_disconnect(request), t0))
+        ticket = e.ticket(timeout_ms, priority, watch_disconnect(request), t0)
+        return await e.classify_many(files, model, top_k, ticket)
 
     @app.get("/models", tags=["models"], summary="The served models: spec, labels, version, providers in use")
     async def list_models():

@@ -10,7 +10,7 @@ killed run leaves a valid partial file and ``--resume`` completes it, scoring ea
 input exactly once. A file that cannot be read or decoded gets a row with its error.
 
 Engines: ``local`` (threads decode while onnxruntime runs the previous batch), ``http``
-(a running cnnserve service, bounded concurrency, retries on 503), ``ray`` (Ray Data:
+(a running cnnserve service, bounded concurrency, priority=bulk, retries on 503 and 504), ``ray`` (Ray Data:
 parallel decode and an actor pool holding onnxruntime sessions; local or a cluster).
 No torch.
 """
@@ -373,8 +373,9 @@ def score_local(paths: list[str], model: Model, top_k: int, batch_size: int, wor
 
 def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, batch_size: int,
                concurrency: int, stats: Stats, max_retries: int = 8) -> Iterator[list[dict]]:
-    """Send each image to a running service (raw body), ``concurrency`` at a time, retrying 503 and
-    connection failures with backoff (honouring Retry-After); yields rows in input order."""
+    """Send each image to a running service (raw body, priority=bulk), ``concurrency`` at a time,
+    retrying 503, 504 and connection failures with backoff (honouring Retry-After); yields rows in
+    input order."""
     import httpx
 
     # bulk: the service fills its batches with interactive requests first, so scoring never starves them
@@ -395,7 +396,7 @@ def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, b
                     r, err = None, f"{type(e).__name__}: {e}"
             if r is not None and r.status_code == 200:
                 return row(path, r.json()["predictions"])
-            if r is not None and r.status_code != 503:
+            if r is not None and r.status_code not in (503, 504):  # 504: a bulk request's deadline passed
                 try:
                     return row(path, None, r.json().get("error", r.text))
                 except ValueError:
@@ -404,7 +405,8 @@ def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, b
                 wait = float(r.headers.get("Retry-After", delay)) if r is not None else delay
                 await asyncio.sleep(min(wait, 30.0))
                 delay = min(delay * 2, 10.0)
-        return row(path, None, f"gave up after {max_retries} retries: " + ("503 overloaded" if r is not None else err))
+        return row(path, None, f"gave up after {max_retries} retries: " +
+                   (f"HTTP {r.status_code} (overloaded or past its deadline)" if r is not None else err))
 
     async def run_chunk(client, sem, chunk):
         return await asyncio.gather(*(one(client, sem, p) for p in chunk))

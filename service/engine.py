@@ -147,7 +147,7 @@ class Engine:
                gone: asyncio.Future | None = None, start: float | None = None) -> Ticket:
         """A request's deadline and priority from its parameters (the server's defaults otherwise)."""
         if timeout_ms is not None and not 0 < timeout_ms <= 3_600_000:
-            raise APIError(400, "bad_timeout", f"timeout_ms must be between 1 and 3600000, got {timeout_ms:g}")
+            raise APIError(400, "bad_timeout", f"timeout_ms must be above 0 and at most 3600000, got {timeout_ms:g}")
         if priority not in (None, *PRIORITIES):
             raise APIError(400, "bad_priority", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
         ms = timeout_ms if timeout_ms is not None else self.config.timeout_ms

@@ -118,6 +118,7 @@ def install_head_limits(max_head_bytes: int, head_timeout_s: float) -> bool:
         return False
     GuardedHttpTools.max_head_bytes, GuardedHttpTools.head_timeout_s = max_head_bytes, head_timeout_s
     uc.HTTP_PROTOCOLS["auto"] = uc.HTTP_PROTOCOLS["httptools"] = f"{__name__}:GuardedHttpTools"
+    log.info("request heads limited to %d bytes and %g s", max_head_bytes, head_timeout_s)
     return True
 
 
@@ -149,6 +150,7 @@ def install_drain(drain_s: float, grace_s: float) -> bool:
 
     handle_exit.__wrapped__ = original
     server.handle_exit = handle_exit
+    log.info("SIGTERM drains for %g s, then stops within %g s", drain_s, grace_s)
     return True
 
 

@@ -132,8 +132,8 @@ def open_image(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Image.Image:
         if any(_tile_past_end(tile, len(data)) for tile in img.tile):
             # a truncated file claiming 7000x7000 (a 186-byte TIFF): refused before the decoder
             # allocates the whole picture
-            raise ImageError("the image data is truncated: its pixel data would start past the end of the "
-                             f"{len(data):,} bytes sent", 400, "truncated")
+            raise ImageError(f"the image data is truncated: its pixels cannot fit in the {len(data):,} bytes sent",
+                             400, "truncated")
     except ImageError:
         img.close()
         raise
