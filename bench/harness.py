@@ -295,7 +295,7 @@ def scoring_folder(w: dict, n: int) -> Path:
 DECODE_ALONE = """
 import json, os, sys, time
 from concurrent.futures import ThreadPoolExecutor
-from service.batch import read_and_decode
+from service.scoring.engines import read_and_decode
 from service.runtime import load_model
 spec = load_model(sys.argv[2], providers="cpu").spec
 paths = sorted(os.path.join(sys.argv[1], f) for f in os.listdir(sys.argv[1]))

@@ -31,12 +31,11 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from cnnserve.spec import ModelSpec
-from service.preprocess import ImageError, load_file, to_array
+from service.preprocess import IMAGE_EXTENSIONS, ImageError, load_file, to_array
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder", "shapes")
 NATIVE_CHANNELS = {"digits": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "folder": 3, "shapes": 3}
 SPLIT_SEED = 0  # splits are fixed: the same images are held out in every run
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 IDX_SOURCES = {
     "mnist": ("https://ossci-datasets.s3.amazonaws.com/mnist/", {

@@ -27,6 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from cnnserve.spec import ModelSpec
 
 DEFAULT_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
+#: File name endings of images, for folders walked by training and batch scoring.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESAMPLE = Image.Resampling.BILINEAR
 # Modes that convert to "L" and "RGB" (LAB and the premultiplied "La" do not: Pillow refuses them).
 MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV", "LA", "PA",

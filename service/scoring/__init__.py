@@ -1,0 +1,22 @@
+"""Batch scoring, in three parts: where the images come from (``inputs``), where the rows go
+(``writers``), and what scores them (``engines``: local, http, ray). The ``cnnserve score``
+command that joins them is ``service.batch``. No torch.
+"""
+
+from __future__ import annotations
+
+
+class ScoreError(ValueError):
+    """A scoring run that cannot start or finish (bad arguments, unreadable manifest, output
+    exists, disk full...); the message names the file and what to do."""
+
+
+def row(path: str, preds: list[dict] | None, error: str = "") -> dict:
+    return {"path": path, "labels": [p["label"] for p in preds or []], "indices": [p["index"] for p in preds or []],
+            "probabilities": [p["probability"] for p in preds or []], "error": error}
+
+
+def printable(text: str) -> str:
+    """A file name as valid UTF-8 text: bytes that are not UTF-8 (kept by Python as surrogate
+    escapes) become ``\\xNN``. Used where the format must be UTF-8 (Parquet, the terminal)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

@@ -1,0 +1,212 @@
+"""What scores the images: ``local`` (threads decode while onnxruntime runs the previous batch),
+``http`` (a running cnnserve service, bounded concurrency, priority=bulk, retries on 503 and
+504), ``ray`` (Ray Data: parallel decode and an actor pool holding onnxruntime sessions; local or
+a cluster). Each yields lists of rows in input order; every engine decodes with
+``service.preprocess`` and runs the exported graph, so all give the same answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from cnnserve.spec import ModelSpec
+
+from ..preprocess import DEFAULT_LIMITS, ImageError, preprocess, read_file
+from ..runtime import Model, load_model
+from . import ScoreError, row
+
+ENGINES = ("local", "http", "ray")
+
+
+@dataclass
+class Stats:
+    scored: int = 0
+    failed: int = 0
+    decode_s: float = 0.0  # summed over decoding workers
+    infer_s: float = 0.0
+
+
+def read_and_decode(path: str, spec: ModelSpec) -> tuple[np.ndarray | None, str, float]:
+    """(pixels or None, error message, seconds) for one file, exactly as the service decodes it.
+    Never raises: whatever goes wrong with one file becomes that file's error message."""
+    t = time.perf_counter()
+    try:
+        return preprocess(read_file(path, DEFAULT_LIMITS.max_bytes), spec), "", time.perf_counter() - t
+    except ImageError as e:
+        message = str(e)
+    except MemoryError:
+        message = "not enough memory to decode it"
+    except Exception as e:  # a failure nobody foresaw still belongs to this file alone
+        message = f"{type(e).__name__}: {e}"
+    return None, _without_path(message, path), time.perf_counter() - t
+
+
+def _without_path(message: str, path: str) -> str:
+    prefix = os.fsdecode(path) + ": "  # the row names the file already
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def score_local(paths: list[str], model: Model, top_k: int, batch_size: int, workers: int,
+                stats: Stats) -> Iterator[list[dict]]:
+    """Decode in ``workers`` threads, ``prefetch`` batches ahead, while the model runs the current one."""
+    spec = model.spec
+    prefetch = 2
+    with ThreadPoolExecutor(workers, thread_name_prefix="decode") as pool:
+        chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+        pending: deque = deque()
+
+        def submit(chunk):
+            return chunk, [pool.submit(read_and_decode, p, spec) for p in chunk]
+
+        for chunk in chunks[:prefetch]:
+            pending.append(submit(chunk))
+        nxt = prefetch
+        while pending:
+            chunk, futures = pending.popleft()
+            if nxt < len(chunks):
+                pending.append(submit(chunks[nxt]))
+                nxt += 1
+            decoded = [f.result() for f in futures]
+            stats.decode_s += sum(d[2] for d in decoded)
+            good = [i for i, d in enumerate(decoded) if d[0] is not None]
+            preds = {}
+            if good:
+                t = time.perf_counter()
+                probs = model.predict(np.stack([decoded[i][0] for i in good]))
+                stats.infer_s += time.perf_counter() - t
+                preds = dict(zip(good, model.top_k(probs, top_k)))
+            yield [row(p, preds.get(i), "" if i in preds else decoded[i][1]) for i, p in enumerate(chunk)]
+
+
+def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, batch_size: int,
+               concurrency: int, stats: Stats, max_retries: int = 8) -> Iterator[list[dict]]:
+    """Send each image to a running service (raw body, priority=bulk), ``concurrency`` at a time,
+    retrying 503, 504 and connection failures with backoff (honouring Retry-After); yields rows in
+    input order."""
+    import httpx
+
+    # bulk: the service fills its batches with interactive requests first, so scoring never starves them
+    params = {"top_k": top_k, "priority": "bulk", **({"model": model_name} if model_name else {})}
+
+    async def one(client: httpx.AsyncClient, sem: asyncio.Semaphore, path: str) -> dict:
+        try:
+            data = read_file(path, DEFAULT_LIMITS.max_bytes)
+        except ImageError as e:
+            return row(path, None, _without_path(str(e), path))
+        delay = 0.2
+        for attempt in range(max_retries + 1):
+            async with sem:
+                try:
+                    r = await client.post("/classify", content=data, params=params,
+                                          headers={"Content-Type": "application/octet-stream"})
+                except httpx.TransportError as e:
+                    r, err = None, f"{type(e).__name__}: {e}"
+            if r is not None and r.status_code == 200:
+                return row(path, r.json()["predictions"])
+            if r is not None and r.status_code not in (503, 504):  # 504: a bulk request's deadline passed
+                try:
+                    return row(path, None, r.json().get("error", r.text))
+                except ValueError:
+                    return row(path, None, f"HTTP {r.status_code}: {r.text[:200]}")
+            if attempt < max_retries:
+                wait = float(r.headers.get("Retry-After", delay)) if r is not None else delay
+                await asyncio.sleep(min(wait, 30.0))
+                delay = min(delay * 2, 10.0)
+        return row(path, None, f"gave up after {max_retries} retries: " +
+                   (f"HTTP {r.status_code} (overloaded or past its deadline)" if r is not None else err))
+
+    async def run_chunk(client, sem, chunk):
+        return await asyncio.gather(*(one(client, sem, p) for p in chunk))
+
+    loop = asyncio.new_event_loop()
+    try:
+        client = httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency))
+        sem = asyncio.Semaphore(concurrency)
+        # chunks several times the concurrency keep every connection busy while rows stay in order
+        step = max(batch_size, 4 * concurrency)
+        for i in range(0, len(paths), step):
+            t = time.perf_counter()
+            rows = loop.run_until_complete(run_chunk(client, sem, paths[i:i + step]))
+            stats.infer_s += time.perf_counter() - t
+            for j in range(0, len(rows), batch_size):
+                yield rows[j:j + batch_size]
+        loop.run_until_complete(client.aclose())
+    finally:
+        loop.close()
+
+
+class _RayScorer:
+    """A Ray actor holding one onnxruntime session (one GPU per actor when CUDA is present)."""
+
+    def __init__(self, model_bytes, providers: str, top_k: int):
+        import ray
+
+        from cnnserve.onnxmeta import ModelInfo
+
+        from ..runtime import create_session
+
+        if isinstance(model_bytes, ray.ObjectRef):  # the model travels through the object store
+            model_bytes = ray.get(model_bytes)
+
+        self.session = create_session(model_bytes, providers, source="ray actor")
+        info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map)
+        self.model = Model(name=info.spec.arch, version="", info=info, session=self.session)
+        self.top_k = top_k
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.array([not e for e in batch["error"]])
+        preds = ["[]"] * len(ok)
+        if ok.any():
+            for i, p in zip(np.flatnonzero(ok), self.model.top_k(self.model.predict(batch["pixels"][ok]), self.top_k)):
+                preds[i] = json.dumps(p)
+        return {"path": batch["path"], "preds": np.array(preds, dtype=object), "error": batch["error"]}
+
+
+def score_ray(paths: list[str], model_path: str, top_k: int, batch_size: int, workers: int, providers: str,
+              address: str | None, stats: Stats) -> Iterator[list[dict]]:
+    """Ray Data: read and decode in parallel tasks, an actor pool of onnxruntime sessions, results in order.
+    Without ``address`` a local Ray starts with ``workers`` CPUs; with it, the run joins that cluster."""
+    try:
+        import ray
+    except ImportError:
+        raise ScoreError("the ray engine needs Ray Data: pip install 'cnnserve[scale]' (ray[data])") from None
+    from ..runtime import CUDA, requested_providers
+
+    model_bytes = Path(model_path).read_bytes()
+    spec = load_model(model_path, providers="cpu", warm_up=False).spec
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=None if address else workers, include_dashboard=False,
+                 log_to_driver=False, logging_level="ERROR")
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False
+        gpus = 1 if requested_providers(providers)[0][0] == CUDA and ray.cluster_resources().get("GPU") else 0
+
+        def decode(batch: dict) -> dict:
+            out = [read_and_decode(p, spec) for p in batch["path"]]
+            zeros = np.zeros(spec.input_shape, np.uint8)
+            return {"path": batch["path"], "pixels": np.stack([o[0] if o[0] is not None else zeros for o in out]),
+                    "error": np.array([o[1] for o in out], dtype=object)}
+
+        ds = ray.data.from_items([{"path": p} for p in paths])
+        ds = ds.map_batches(decode, batch_size=batch_size, batch_format="numpy")
+        ds = ds.map_batches(_RayScorer, fn_constructor_args=(ray.put(model_bytes), providers, top_k),
+                            batch_size=batch_size, batch_format="numpy", num_gpus=gpus,
+                            concurrency=max(1, workers // 2) if not gpus else max(1, int(ray.cluster_resources()["GPU"])))
+        for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            yield [row(str(p), json.loads(pr) if not e else None, str(e))
+                   for p, pr, e in zip(b["path"], b["preds"], b["error"])]
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,84 @@
+"""Where the images of a scoring run come from: folders (recursive), globs, manifests
+(.txt/.lst, .csv or .parquet with a ``path`` column) and single files, in the order given."""
+
+from __future__ import annotations
+
+import csv
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..preprocess import IMAGE_EXTENSIONS
+from . import ScoreError
+
+MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")
+
+
+@dataclass
+class Inputs:
+    paths: list[str]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (manifest:line, problem)
+
+
+def _manifest_rows(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, path or None when the line is bad) of a manifest; relative paths from its folder."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ScoreError(f"{path}: reading Parquet manifests needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(path)
+        if "path" not in table.column_names:
+            raise ScoreError(f"{path}: no 'path' column (columns: {', '.join(table.column_names)})")
+        for i, v in enumerate(table.column("path").to_pylist()):
+            yield i + 1, (str(v) if v not in (None, "") else None)
+        return
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:  # names of any bytes
+        if suffix == ".csv":
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise ScoreError(f"{path}: the CSV header has no 'path' column "
+                                 f"(header: {', '.join(reader.fieldnames or []) or 'empty'})")
+            for row in reader:
+                value = row.get("path")
+                yield reader.line_num, (value.strip() if value and value.strip() and None not in row else None)
+        else:
+            for i, line in enumerate(f, 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    yield i, line
+
+
+def collect_inputs(specs: Iterable[str]) -> Inputs:
+    """Folders (recursive, sorted), globs (sorted), manifests and single files, in the order given;
+    a path seen twice is scored once."""
+    seen, out = set(), Inputs([])
+
+    def add(p: str) -> None:
+        if p not in seen:
+            seen.add(p)
+            out.paths.append(p)
+
+    for spec in specs:
+        p = Path(spec)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():
+                    add(str(f))
+        elif any(ch in spec for ch in "*?["):
+            for f in sorted(glob.glob(spec, recursive=True)):
+                if Path(f).is_file():
+                    add(f)
+        elif p.is_file() and p.suffix.lower() in MANIFEST_EXTENSIONS:
+            for line, value in _manifest_rows(p):
+                if value is None:
+                    out.bad.append((f"{p}:{line}", "bad manifest line: no path"))
+                else:
+                    add(str((p.parent / value) if not Path(value).is_absolute() else Path(value)))
+        elif p.is_file():
+            add(str(p))
+        else:
+            raise ScoreError(f"{spec}: no such file, folder or matching glob")
+    return out

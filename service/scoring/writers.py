@@ -1,0 +1,190 @@
+"""Where the rows of a scoring run go: CSV, JSON Lines or Parquet, appended batch by batch and
+made durable, read back exactly once on ``--resume``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+from . import ScoreError, printable
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+
+
+class Writer:
+    """Appends rows batch by batch, flushed and fsynced; every batch leaves a valid file.
+
+    CSV and JSON Lines are appended in place. Parquet cannot be appended to, so rows go to a
+    JSON Lines journal beside it (OUT.parquet.partial.jsonl) that becomes the Parquet file when
+    the run completes; a killed run leaves the journal, which --resume continues.
+
+    File names of any bytes round-trip exactly: JSON escapes them (``\\udcNN``), CSV writes the
+    original bytes (surrogateescape) and quotes names holding commas, quotes or newlines, and a
+    resume reads each back as the same string, so every input is written exactly once.
+    """
+
+    def __init__(self, out: Path, top_k: int, resume: bool, overwrite: bool):
+        self.out, self.top_k = out, top_k
+        self.format = FORMATS.get(out.suffix.lower())
+        if self.format is None:
+            raise ScoreError(f"{out}: unknown output format; use one of {', '.join(FORMATS)}")
+        self.journal = out.with_name(out.name + ".partial.jsonl") if self.format == "parquet" else out
+        existing = self.journal if self.journal.exists() else (out if out.exists() else None)
+        if existing is not None and not (resume or overwrite):
+            raise ScoreError(f"{existing}: already exists; --resume to complete it or --overwrite to replace it")
+        self.done: set[str] = set()
+        if existing is not None and resume:
+            if self.format == "parquet" and existing == out:
+                self.done = set(_read_parquet_paths(out))  # a finished file: nothing left unless inputs grew
+                self._restore_journal_from(out)
+            else:
+                self.done = self._read_existing(self.journal)
+        elif existing is not None:
+            existing.unlink()
+            if self.format == "parquet" and out.exists():
+                out.unlink()
+        new = not self.journal.exists() or self.journal.stat().st_size == 0
+        self.f = self.journal.open("a", newline="", encoding="utf-8", errors="surrogateescape")
+        self.csv = None
+        if self.format == "csv":
+            self.csv = csv.writer(self.f)
+            if new:
+                header = ["path"] + [f"{c}_{i}" for i in range(1, top_k + 1) for c in ("label", "probability")]
+                self._commit(lambda: self.csv.writerow(header + ["error"]))
+
+    def has(self, path: str) -> bool:
+        """Whether ``path`` already has its row (a finished Parquet file holds printable names)."""
+        return path in self.done or printable(path) in self.done
+
+    def _read_existing(self, path: Path) -> set[str]:
+        """Paths already written. A torn last record (a kill or a full disk mid-write) is cut off
+        first, so the file ends with whole records and those inputs are scored again."""
+        data = path.read_bytes()
+        if self.format == "csv":
+            text = data.decode("utf-8", "surrogateescape")
+            chars, rows = _whole_csv_records(text)
+            keep = len(text[:chars].encode("utf-8", "surrogateescape"))
+            paths = [r[0] for r in rows[1:]]
+        else:
+            keep = data.rfind(b"\n") + 1
+            paths = [json.loads(line)["path"] for line in data[:keep].splitlines() if line.strip()]
+        if keep < len(data):
+            with path.open("r+b") as f:
+                f.truncate(keep)
+        return set(paths)
+
+    def _restore_journal_from(self, parquet: Path) -> None:
+        import pyarrow.parquet as pq
+
+        with self.journal.open("w", encoding="utf-8") as f:
+            for r in pq.read_table(parquet).to_pylist():
+                f.write(json.dumps(r) + "\n")
+
+    def _commit(self, write) -> None:
+        """Run ``write`` and make it durable; a failed write (a full disk) says so, naming the file."""
+        try:
+            write()
+            self.f.flush()
+            os.fsync(self.f.fileno())
+        except OSError as e:
+            raise ScoreError(f"{self.journal}: cannot write: {e.strerror or e}; the rows written before are "
+                             "kept: make room and run the same command with --resume") from None
+
+    def write(self, rows: list[dict]) -> None:
+        def write_rows():
+            for r in rows:
+                if self.csv is not None:
+                    cells = [r["path"]]
+                    for i in range(self.top_k):
+                        has = i < len(r["labels"])
+                        cells += [r["labels"][i] if has else "", f"{r['probabilities'][i]:.6g}" if has else ""]
+                    self.csv.writerow(cells + [r["error"]])
+                else:
+                    self.f.write(json.dumps(r) + "\n")
+
+        self._commit(write_rows)
+        self.done.update(r["path"] for r in rows)
+
+    def close(self, complete: bool) -> None:
+        """Close the file; with ``complete`` (every input has its row) a Parquet run is finalized:
+        the journal becomes OUT.parquet and is removed. Otherwise the journal stays for --resume."""
+        try:
+            self.f.close()
+        except OSError:
+            complete = False
+        if complete and self.format == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            rows = [json.loads(line) for line in self.journal.read_text("utf-8", "surrogateescape").splitlines()
+                    if line.strip()]
+            for r in rows:  # Parquet strings must be UTF-8: undecodable name bytes are written as \xNN
+                r["path"], r["error"] = printable(r["path"]), printable(r["error"])
+            tmp = self.out.with_name(self.out.name + ".tmp")
+            try:
+                pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
+                    ("path", pa.string()), ("labels", pa.list_(pa.string())), ("indices", pa.list_(pa.int64())),
+                    ("probabilities", pa.list_(pa.float64())), ("error", pa.string())])), tmp)
+                tmp.replace(self.out)
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise ScoreError(f"{self.out}: cannot write: {e.strerror or e}; every row is kept in "
+                                 f"{self.journal}: make room and run again with --resume") from None
+            self.journal.unlink()
+
+
+def _whole_csv_records(text: str) -> tuple[int, list[list[str]]]:
+    """The records of a CSV text that are whole, and how many characters they take. A record torn
+    by a kill (no line end, an open quote, or fewer fields than the header) is left out."""
+    lines = list(io.StringIO(text, newline=""))  # split at \n and \r only, as csv expects
+    reader = csv.reader(lines)
+    rows, ends, consumed = [], [], 0
+    try:
+        for r in reader:
+            rows.append(r)
+            ends.append(reader.line_num)
+    except csv.Error:  # an unterminated quote at the end: a torn record
+        pass
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    width = len(rows[0]) if rows else 0
+    while rows:
+        end = offsets[ends[-1]]
+        last_line = lines[ends[-1] - 1]
+        if len(rows[-1]) == width and last_line.endswith(("\n", "\r")):
+            consumed = end
+            break
+        rows.pop()
+        ends.pop()
+    return consumed, rows
+
+
+def _read_parquet_paths(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["path"]).column("path").to_pylist()
+
+
+def read_predictions(path: str | os.PathLike) -> list[dict]:
+    """Rows of a predictions file in any of the formats (for tests and downstream code)."""
+    path = Path(path)
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if fmt == "jsonl":
+        return [json.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:
+        out = []
+        for r in csv.DictReader(f):
+            k = sum(1 for key in r if key.startswith("label_"))
+            labels = [r[f"label_{i}"] for i in range(1, k + 1) if r[f"label_{i}"]]
+            out.append({"path": r["path"], "labels": labels,
+                        "probabilities": [float(r[f"probability_{i}"]) for i in range(1, len(labels) + 1)],
+                        "error": r["error"]})
+        return out
