@@ -168,6 +168,13 @@ def report(doc: dict, stem: Path) -> str:
     return text
 
 
+def _log_axes(ax, clients: list[int], ylabel: str, title: str) -> None:
+    ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel=ylabel, title=title)
+    ax.set_xticks(clients, [str(c) for c in clients])
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def plot(doc: dict, stem: Path) -> None:
     import matplotlib
 
@@ -194,11 +201,7 @@ def plot(doc: dict, stem: Path) -> None:
         if r.get("pytorch"):
             ax.axhline(best(r["pytorch"], "images_per_s"), color="r", ls=":", label="PyTorch eager in-process, best batch")
         cs = [x["concurrency"] for x in r["service"]]
-        ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="images / s",
-               title=f"{name}: throughput (median, min-max)")
-        ax.set_xticks(cs, [str(c) for c in cs])
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _log_axes(ax, cs, "images / s", f"{name}: throughput (median, min-max)")
         ax = axes[1][j]
         for (key, who), style in zip(PEERS, ("-", "--", ":")):
             for q, color in (("p50", "C0"), ("p99", "C3")):
@@ -206,11 +209,7 @@ def plot(doc: dict, stem: Path) -> None:
                 if rows:
                     ax.plot([x["concurrency"] for x in rows], [x["latency_ms"][q] for x in rows], ls=style,
                             color=color, marker="o", label=f"{who.split(' (')[0]} {q}")
-        ax.set(xscale="log", yscale="log", xlabel="concurrent clients", ylabel="latency, ms",
-               title=f"{name}: latency percentiles")
-        ax.set_xticks(cs, [str(c) for c in cs])
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _log_axes(ax, cs, "latency, ms", f"{name}: latency percentiles")
         ax = axes[2][j]
         rows = [(x["concurrency"], breakdown(x)) for x in r["service"] if breakdown(x)]
         if rows:
