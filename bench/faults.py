@@ -174,7 +174,7 @@ def drain_trial(server: Server, bodies, clients: int = 16, warm_s: float = 2.0) 
 
 
 def kill_worker_trial(server: Server, bodies, clients: int = 16, warm_s: float = 2.0,
-                      watch_s: float = 20.0) -> dict:
+                      watch_s: float = 60.0) -> dict:
     """kill -9 of one worker under load: what failed, how long answers stopped, when it came back."""
     workers = worker_pids(server)
     load = Load(server.port, bodies, clients, keep_alive=True).start()
