@@ -175,9 +175,9 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
         t0 = time.perf_counter()
         e = eng()
         e.top_k(e.model(model), top_k)  # refuse a bad model, top_k or deadline before reading the upload
-        e.ticket(timeout_ms, priority)
+        ticket = e.ticket(timeout_ms, priority, t0)
         files = await image_files(request, await read(request), IMAGE_FIELD, max_request_bytes, 1)
-        ticket = e.ticket(timeout_ms, priority, watch_disconnect(request), t0)
+        ticket.gone = watch_disconnect(request)
         timings = {"read": time.perf_counter() - t0}
         result = await e.classify(files[0][1], model, top_k, timings, ticket)
         t = time.perf_counter()
@@ -194,10 +194,10 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
                              timeout_ms: float | None = TIMEOUT_MS, priority: str | None = PRIORITY):
         t0 = time.perf_counter()
         e = eng()
-        e.ticket(timeout_ms, priority)
+        ticket = e.ticket(timeout_ms, priority, t0)
         files = await image_files(request, await read(request), IMAGES_FIELD, max_request_bytes,
                                   e.config.max_images_per_request)
-        ticket = e.ticket(timeout_ms, priority, watch_disconnect(request), t0)
+        ticket.gone = watch_disconnect(request)
         return await e.classify_many(files, model, top_k, ticket)
 
     @app.get("/models", tags=["models"], summary="The served models: spec, labels, version, providers in use")
@@ -245,9 +245,10 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
         t0 = time.perf_counter()
         e = eng()
         e.model(name, version)
-        e.ticket(timeout_ms, priority)
+        ticket = e.ticket(timeout_ms, priority, t0)
         body = await read(request)
+        ticket.gone = watch_disconnect(request)
         return await e.v2_infer(name, version, body, request.headers.get("inference-header-content-length"),
-                                e.ticket(timeout_ms, priority, watch_disconnect(request), t0))
+                                ticket)
 
     return app

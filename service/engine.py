@@ -67,11 +67,11 @@ class EngineConfig:
     limits: Limits = Limits()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Ticket:
     """What the batcher needs to know about one request: when its answer stops being useful
     (``deadline``, ``time.perf_counter()`` seconds), whether it is ``interactive`` or ``bulk``, and
-    a future that is done once its client has gone (``gone``)."""
+    a future that is done once its client has gone (``gone``, set once the body is read)."""
 
     deadline: float | None = None
     priority: str = "interactive"
@@ -144,15 +144,16 @@ class Engine:
     # -- images --------------------------------------------------------------------------------
 
     def ticket(self, timeout_ms: float | None = None, priority: str | None = None,
-               gone: asyncio.Future | None = None, start: float | None = None) -> Ticket:
-        """A request's deadline and priority from its parameters (the server's defaults otherwise)."""
+               start: float | None = None) -> Ticket:
+        """A request's deadline and priority from its parameters (the server's defaults otherwise),
+        refused with 400 before its body is read."""
         if timeout_ms is not None and not 0 < timeout_ms <= 3_600_000:
             raise APIError(400, "bad_timeout", f"timeout_ms must be above 0 and at most 3600000, got {timeout_ms:g}")
         if priority not in (None, *PRIORITIES):
             raise APIError(400, "bad_priority", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
         ms = timeout_ms if timeout_ms is not None else self.config.timeout_ms
         deadline = (start or time.perf_counter()) + ms / 1000 if ms else None
-        return Ticket(deadline, priority or "interactive", gone)
+        return Ticket(deadline, priority or "interactive")
 
     async def decode(self, model: Model, data: bytes, timings: dict | None = None) -> np.ndarray:
         """Bytes to the model's uint8 input; a bad image fails here, alone. Only work proven cheap
