@@ -44,8 +44,7 @@ from .report import report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-WORK = ROOT / "bench" / "work"  # images, scoring folders and scores the harness makes (ignored by git)
-RUNS = ROOT  # where the workloads' runs/ live (``--work`` moves both)
+WORK = ROOT / "bench" / "work"  # default: images, scoring folders and scores the harness makes (ignored by git)
 
 WORKLOADS = {
     # name: how to make the model, the image format sent, the service's batching settings
@@ -96,14 +95,15 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "cnnserve.cli", *args], cwd=ROOT, check=True)
 
 
-def prepare(name: str) -> dict:
-    """Train (if needed), export and store the workload's model; write its request images."""
-    from export.store import read_info, store_model
-    from models.checkpoint import load_checkpoint
-    from models.data import load_dataset
+def prepare(name: str, runs: Path, work: Path) -> dict:
+    """Train (if needed), export and store the workload's model under ``runs``; write its request
+    images under ``work``."""
+    from cnnserve.export.store import read_info, store_model
+    from cnnserve.models.checkpoint import load_checkpoint
+    from cnnserve.models.data import load_dataset
 
     w = WORKLOADS[name]
-    run = RUNS / w["run"]
+    run = runs / w["run"]
     if not (run / "model.pt").is_file():
         log(f"{name}: training {' '.join(w['train'])} (speed does not depend on accuracy)")
         cli("train", *w["train"], "--out", str(run))
@@ -112,7 +112,7 @@ def prepare(name: str) -> dict:
         cli("export", str(run / "model.pt"))
     info = read_info(onnx_path)
     tag = str(store_model(onnx_path, w["tag"]).tag)
-    images = WORK / "images" / name
+    images = work / "images" / name
     if not images.is_dir() or not any(images.iterdir()):
         images.mkdir(parents=True, exist_ok=True)
         ckpt = load_checkpoint(run / "model.pt")
@@ -125,7 +125,7 @@ def prepare(name: str) -> dict:
             img = Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
             img.save(images / f"{i:03d}.{w['format'].lower().replace('jpeg', 'jpg')}", w["format"], quality=90)
     return {"name": name, "tag": tag, "onnx": str(onnx_path), "images": str(images), "spec": info.spec,
-            "format": w["format"], "serve": w["serve"], "run": str(run)}
+            "format": w["format"], "serve": w["serve"], "run": str(run), "work": work}
 
 
 # --- in-process -----------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def timed(fn, batch: int, seconds: float, repeats: int) -> dict:
 
 
 def bench_ort(w: dict, batches, seconds: float, repeats: int) -> list[dict]:
-    from service.runtime import load_model
+    from cnnserve.service.runtime import load_model
 
     m = load_model(w["onnx"], providers="cpu")
     rows = []
@@ -159,7 +159,7 @@ def bench_ort(w: dict, batches, seconds: float, repeats: int) -> list[dict]:
 def bench_torch(w: dict, batches, seconds: float, repeats: int) -> list[dict]:
     import torch
 
-    from models.checkpoint import classifier_from_checkpoint, load_checkpoint
+    from cnnserve.models.checkpoint import classifier_from_checkpoint, load_checkpoint
 
     model = classifier_from_checkpoint(load_checkpoint(Path(w["run"]) / "model.pt"))
     rows = []
@@ -189,7 +189,7 @@ def batch_metrics(url: str, model: str) -> tuple[float, float]:
 
 
 def load(url: str, files: str, concurrency: int, duration: float, warmup: float, field: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "bench.load", url, "--files", files, "--concurrency",
+    out = subprocess.run([sys.executable, "-m", f"{__package__}.load", url, "--files", files, "--concurrency",
                           str(concurrency), "--duration", str(duration), "--warmup", str(warmup), "--field", field],
                          cwd=ROOT, capture_output=True, text=True, check=True, timeout=duration + warmup + 120)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -284,7 +284,7 @@ def bench_faults(w: dict) -> dict:
 
 def scoring_folder(w: dict, n: int) -> Path:
     """``n`` request images (the workload's, repeated under new names) for a steady-state scoring run."""
-    folder = WORK / "scoring" / w["name"]
+    folder = w["work"] / "scoring" / w["name"]
     if folder.is_dir() and len(list(folder.iterdir())) == n:
         return folder
     import shutil
@@ -297,33 +297,42 @@ def scoring_folder(w: dict, n: int) -> Path:
     return folder
 
 
-DECODE_ALONE = """
-import json, os, sys, time
-from concurrent.futures import ThreadPoolExecutor
-from service.scoring.engines import read_and_decode
-from service.runtime import load_model
-spec = load_model(sys.argv[2], providers="cpu").spec
-paths = sorted(os.path.join(sys.argv[1], f) for f in os.listdir(sys.argv[1]))
-with ThreadPoolExecutor(os.cpu_count()) as pool:
-    t = time.perf_counter()
-    bad = sum(d[0] is None for d in pool.map(lambda p: read_and_decode(p, spec), paths, chunksize=64))
-    seconds = time.perf_counter() - t
-print(json.dumps({"images": len(paths), "failed": bad, "seconds": seconds, "images_per_s": len(paths) / seconds}))
-"""
+def in_a_process_of_its_own(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a fresh interpreter (spawned, as a user's command would start), its
+    result returned here."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
+def _decode_folder(folder: str, onnx: str) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cnnserve.core.config import CORES
+    from cnnserve.service.runtime import load_model
+    from cnnserve.service.scoring.engines import read_and_decode
+
+    spec = load_model(onnx, providers="cpu").spec
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+    with ThreadPoolExecutor(CORES) as pool:
+        t = time.perf_counter()
+        bad = sum(d[0] is None for d in pool.map(lambda p: read_and_decode(p, spec), paths, chunksize=64))
+        seconds = time.perf_counter() - t
+    return {"images": len(paths), "failed": bad, "seconds": seconds, "images_per_s": len(paths) / seconds}
 
 
 def decode_alone(folder: Path, onnx: str) -> dict:
     """Reading and decoding the folder as the local engine does (a thread per core), with no model:
     the other ceiling of batch scoring, in a process of its own."""
-    proc = subprocess.run([sys.executable, "-c", DECODE_ALONE, str(folder), onnx], cwd=ROOT, capture_output=True,
-                          text=True, timeout=1800, check=True)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return in_a_process_of_its_own(_decode_folder, str(folder), onnx)
 
 
 def bench_batch(w: dict, engines, n: int, batch: int) -> dict:
     """Each engine on the same ``n`` files, against onnxruntime alone on pre-decoded tensors at the same
     batch size (with spinning off, as the engines run it)."""
-    from service.runtime import load_model
+    from cnnserve.service.runtime import load_model
 
     from .server import Server
 
@@ -345,14 +354,11 @@ def bench_batch(w: dict, engines, n: int, batch: int) -> dict:
         try:
             # each run in a process of its own, as users run `cnnserve score` (in the harness's process,
             # after the other sections, the same run measured 0.73 of onnxruntime instead of 1.0)
-            result = WORK / f"scores-{w['name']}-{engine}.jsonl"
-            call = (f"import json; from service.batch import score; print(json.dumps(score({[str(folder)]!r}, "
-                    f"{str(result)!r}, engine={engine!r}, batch_size={batch}, overwrite=True, progress=False, "
-                    f"providers='cpu', **{kw!r})))")
-            proc = subprocess.run([sys.executable, "-c", call], cwd=ROOT, capture_output=True, text=True, timeout=1800)
-            if proc.returncode != 0:
-                raise RuntimeError(f"score --engine {engine} failed:\n{proc.stderr[-2000:]}")
-            s = json.loads(proc.stdout.strip().splitlines()[-1])
+            result = w["work"] / f"scores-{w['name']}-{engine}.jsonl"
+            from cnnserve.service.batch import score
+
+            s = in_a_process_of_its_own(score, [str(folder)], str(result), engine=engine, batch_size=batch,
+                                        overwrite=True, progress=False, providers="cpu", **kw)
             s["out"] = Path(s["out"]).name  # reports name no machine's paths
         finally:
             if srv:
@@ -394,15 +400,14 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="keep the trained models, images and scores here "
                                                  "(default: runs/ and bench/work/ in the repository)")
     args = ap.parse_args(argv)
-    if args.work:
-        global WORK, RUNS
-        WORK = RUNS = Path(args.work).resolve()
+    work = Path(args.work).resolve() if args.work else WORK
+    runs = work if args.work else ROOT  # the workloads' runs/ (``--work`` moves them too)
     os.chdir(ROOT)
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(),
            "command": command(argv if argv is not None else sys.argv[1:]),
            "http_repeats": args.http_repeats, "workloads": {}}
     for name in args.models:
-        w = prepare(name)
+        w = prepare(name, runs, work)
         r = {"input": "x".join(map(str, w["spec"].input_shape)), "format": w["format"],
              "serve": w["serve"], "model": w["tag"]}
         if "pytorch" in args.sections:

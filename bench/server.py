@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
+
+from cnnserve.core.store import bentoml_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +29,9 @@ class Server:
         so a test feeding it hostile input fails instead of exhausting the machine."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        bentoml = Path(sys.executable).with_name("bentoml")
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [str(bentoml), "serve", service, "--host", "127.0.0.1", "--port", str(self.port),
+            [bentoml_command(), "serve", service, "--host", "127.0.0.1", "--port", str(self.port),
              *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "BENTOML_HOME": home_of_its_own()},
             preexec_fn=(lambda: cap_memory(memory_limit_mb)) if memory_limit_mb else None)

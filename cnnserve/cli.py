@@ -12,7 +12,8 @@ import argparse
 import os
 import sys
 
-from .spec import DEFAULT_MODEL
+from .core.config import DEFAULT_MODEL, DEFAULTS
+from .core.store import NotStored, bentoml_command, stored_model
 
 DEFAULT_ARCH = "lenet5"
 DEFAULT_DATA = "digits"
@@ -20,8 +21,8 @@ DEFAULT_RUN = "runs/lenet5-digits"
 
 
 def _cmd_models(args) -> int:
-    import models
-    from models.summary import format_table, human, summarize_arch
+    from cnnserve import models
+    from cnnserve.models.summary import format_table, human, summarize_arch
 
     if args.name:
         entry = models.get_entry(args.name)
@@ -48,7 +49,7 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from models.train import config_from_args, train
+    from cnnserve.models.train import config_from_args, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "resume") and v is not None}
     train(config_from_args(given, args.resume), resume=args.resume)
@@ -89,7 +90,7 @@ def _add_train(sub) -> None:
 
 
 def _store(path, name=None) -> str:
-    from export.store import store_model
+    from cnnserve.export.store import store_model
 
     model = store_model(path, name)
     print(f"stored {path} as {model.tag} in BentoML's model store")
@@ -97,7 +98,7 @@ def _store(path, name=None) -> str:
 
 
 def _cmd_export(args) -> int:
-    from export.onnx import export_checkpoint
+    from cnnserve.export.onnx import export_checkpoint
 
     results = export_checkpoint(args.checkpoint, args.out, fp16=args.fp16, simplify_graph=args.simplify,
                                 data_dir=args.data_dir, opset=args.opset)
@@ -123,14 +124,14 @@ def _cmd_up(args) -> int:
     if ckpt.is_file() and not args.retrain:
         print(f"[1/3] using the trained model in {run}/ (--retrain to train again)")
     else:
-        from models.train import TrainConfig, train
+        from cnnserve.models.train import TrainConfig, train
 
         print(f"[1/3] training {DEFAULT_ARCH} on {DEFAULT_DATA} into {run}/")
         train(TrainConfig(arch=DEFAULT_ARCH, data=DEFAULT_DATA, out=str(run)))
     if onnx_path.is_file() and onnx_path.stat().st_mtime >= ckpt.stat().st_mtime:
         print(f"[2/3] using the exported {onnx_path}")
     else:
-        from export.onnx import export_checkpoint
+        from cnnserve.export.onnx import export_checkpoint
 
         print(f"[2/3] exporting {ckpt} to ONNX")
         export_checkpoint(ckpt, onnx_path)
@@ -146,14 +147,14 @@ def _cmd_up(args) -> int:
 
 def _serve(tags, port: int, host: str, extra=(), sample=None) -> int:
     """Replace this process with `bentoml serve` of the project's service (from the repository root)."""
-    import shutil
     from pathlib import Path
 
+    # A source checkout serves service/ as bentofile.yaml names it; an installed wheel holds the same
+    # package as cnnserve.service (see the README's layout section).
     root = Path(__file__).resolve().parents[1]
-    bentoml = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
-    if not bentoml:
-        raise OSError("the bentoml command is not installed next to this Python")
-    argv = [bentoml, "serve", "service.service:CnnServe", "--working-dir", str(root), "--host", host,
+    target = "service.service:CnnServe" if (root / "bentofile.yaml").is_file() else "cnnserve.service.service:CnnServe"
+    bentoml = bentoml_command()
+    argv = [bentoml, "serve", target, "--working-dir", str(root), "--host", host,
             "--port", str(port), "--arg", "models=" + " ".join(tags), *extra]
     print(f"serving {' '.join(tags)} on http://{host}:{port} (Ctrl+C to stop); try:\n"
           f"  curl -F image=@{sample or 'IMAGE.png'} http://127.0.0.1:{port}/classify")
@@ -166,8 +167,8 @@ def _write_samples(run) -> None:
     """One held-out test image per class as sample-LABEL.png, for trying the service by hand."""
     if list(run.glob("sample-*.png")):
         return
-    from models.checkpoint import load_checkpoint
-    from models.data import load_dataset, save_png
+    from cnnserve.models.checkpoint import load_checkpoint
+    from cnnserve.models.data import load_dataset, save_png
 
     spec = load_checkpoint(run / "model.pt")["spec"]
     test = load_dataset(DEFAULT_DATA, spec).test
@@ -182,23 +183,20 @@ def _write_samples(run) -> None:
 
 def _ensure_stored(onnx_path) -> str:
     """Store the file unless the store's latest model of that name came from the same checkpoint."""
-    import bentoml
-
-    from export.store import default_name, read_info
+    from cnnserve.export.store import default_name, read_info
 
     info = read_info(onnx_path)
-    name = default_name(info)
     try:
-        latest = bentoml.models.get(f"{name}:latest")
+        latest = stored_model(f"{default_name(info)}:latest")
         if latest.info.metadata.get("checkpoint_sha256") == info.checkpoint_sha256:
             return str(latest.tag)
-    except bentoml.exceptions.NotFound:
+    except NotStored:
         pass
     return _store(onnx_path)
 
 
 def _cmd_score(args) -> int:
-    from service.batch import score
+    from cnnserve.service.batch import score
 
     summary = score(args.inputs, args.out, model=args.model, engine=args.engine, top_k=args.top_k,
                     batch_size=args.batch_size, workers=args.workers, url=args.url, concurrency=args.concurrency,
@@ -216,7 +214,7 @@ def _cmd_container(args) -> int:
 
 
 def _cmd_bench(args) -> int:  # reached only through parse_args (main sends `bench ...` to the harness first)
-    from bench.harness import main as bench_main
+    from cnnserve.bench.harness import main as bench_main
 
     return bench_main(args.bench_args)
 
@@ -266,13 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the service; http engine: the served model name, default the service's)")
     p.add_argument("--out", "-o", required=True, help="predictions file: .csv, .jsonl or .parquet")
     p.add_argument("--engine", default="local", help="local (default), http, ray")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.max_batch_size)
     p.add_argument("--workers", type=int, help="decoding threads (local) or Ray CPUs (default: all cores)")
     p.add_argument("--url", help="http engine: the service, e.g. http://127.0.0.1:3000")
     p.add_argument("--concurrency", type=int, default=16, help="http engine: requests in flight")
     p.add_argument("--ray-address", help="ray engine: join this cluster (default: start a local Ray)")
-    p.add_argument("--providers", default="auto", help="auto, cuda, cpu")
+    p.add_argument("--providers", default=DEFAULTS.providers, help="auto, cuda, cpu")
     p.add_argument("--resume", action="store_true", help="skip inputs already in --out and complete it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any input failed")
@@ -309,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the harness parses its own options (argparse's REMAINDER would not take them)
-        from bench.harness import main as bench_main
+        from cnnserve.bench.harness import main as bench_main
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

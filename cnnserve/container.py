@@ -11,14 +11,13 @@ Extra ``--opt KEY=VALUE`` pass through to the engine's build (``bentoml containe
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from .spec import DEFAULT_MODEL
+from .core.config import DEFAULT_MODEL
+from .core.store import NotStored, bentoml_command, stored_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = DEFAULT_MODEL
@@ -29,10 +28,10 @@ class ContainerError(ValueError):
 
 
 def _bentoml() -> str:
-    found = shutil.which("bentoml", path=str(Path(sys.executable).parent)) or shutil.which("bentoml")
-    if not found:
-        raise ContainerError("the bentoml command is not installed (./run.sh installs it into .venv)")
-    return found
+    try:
+        return bentoml_command()
+    except FileNotFoundError as e:
+        raise ContainerError(str(e)) from None
 
 
 def choose_backend(preferred: str = "auto") -> str:
@@ -56,19 +55,13 @@ def choose_backend(preferred: str = "auto") -> str:
 
 def check_models(tags: list[str]) -> None:
     """Every tag must be in the model store: the bento carries the models it serves."""
-    import bentoml
-
     if not tags:
         raise ContainerError("no model to put in the image (--models is empty)")
     for tag in tags:
         try:
-            bentoml.models.get(tag)
-        except (bentoml.exceptions.NotFound, ValueError):
-            home = os.environ.get("BENTOML_HOME", "~/bentoml")
-            raise ContainerError(
-                f"model {tag!r} is not in BentoML's model store ({home}), so it cannot go into the image. "
-                "Make the default model with `./run.sh up --no-serve`, or store an export with "
-                "`cnnserve export RUN/model.pt --store`; `bentoml models list` shows what is there") from None
+            stored_model(tag)
+        except NotStored as e:
+            raise ContainerError(f"{e} (the image carries the models it serves)") from None
 
 
 def build_bento(tags: list[str], gpu: bool = False, args: list[str] | None = None) -> str:

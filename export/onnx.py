@@ -4,7 +4,7 @@ The graph takes uint8 pixels (N x C x H x W, dynamic N) and normalises inside, s
 client can disagree about preprocessing; it returns logits and softmax probabilities.
 Weights are stored inline (no ``.onnx.data`` side file), the file passes
 ``onnx.checker`` with full checking, and ``metadata_props`` carry the spec, labels,
-metrics, the checkpoint's sha256 and the library versions (``cnnserve.onnxmeta``).
+metrics, the checkpoint's sha256 and the library versions (``cnnserve.core.onnxmeta``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import onnx
 import torch
 from torch import nn
 
-from cnnserve import onnxmeta
-from cnnserve.onnxmeta import ModelInfo
-from models.registry import Classifier
+from cnnserve.core import onnxmeta
+from cnnserve.core.onnxmeta import ModelInfo
+from cnnserve.models.registry import Classifier
 
 DEFAULT_OPSET = 18
 
@@ -142,7 +142,7 @@ def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64):
     that names no data set (random weights) is checked on seeded random images instead."""
     import numpy as np
 
-    from models.data import DataError, load_dataset
+    from cnnserve.models.data import DataError, load_dataset
 
     data = ckpt.get("data")
     spec = ckpt["spec"]
@@ -169,7 +169,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
     import json
     from dataclasses import replace
 
-    from models.checkpoint import classifier_from_checkpoint, file_sha256, load_checkpoint
+    from cnnserve.models.checkpoint import classifier_from_checkpoint, file_sha256, load_checkpoint
 
     from .verify import format_report, verify
 
@@ -211,3 +211,4 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         results.append({"path": path, "report_path": report_path, "report": report,
                          "info": replace(info, precision=precision)})
     return results
+

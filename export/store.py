@@ -14,8 +14,8 @@ from pathlib import Path
 
 import onnx
 
-from cnnserve.onnxmeta import ModelInfo
-from cnnserve.spec import SpecError
+from cnnserve.core.onnxmeta import ModelInfo
+from cnnserve.core.spec import SpecError
 
 MODEL_FILE = "model.onnx"
 

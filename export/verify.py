@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from models.registry import Classifier
+from cnnserve.models.registry import Classifier
 
 TOLERANCES = {
     "fp32": {"max_abs_logit_diff": 1e-4, "top1_agreement_min": 1.0, "accuracy_delta_max": 0.001},

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cnnserve.spec import ModelSpec, SpecError
+from cnnserve.core.spec import ModelSpec, SpecError
 
 from .registry import Classifier, UnknownModelError, build_classifier
 

@@ -1,7 +1,7 @@
 """Data sets as uint8 images at a spec's size, with fixed train/validation/test splits.
 
 Every loader yields ``(uint8 tensor C x H x W, class index)`` and brings its images to
-the spec through ``service.preprocess``: training sees pictures converted and resized
+the spec through ``cnnserve.core.preprocess``: training sees pictures converted and resized
 exactly as the service will convert and resize them.
 
 - ``digits`` (the embedded default): scikit-learn's 1,797 real 8x8 handwritten digits.
@@ -30,8 +30,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from cnnserve.spec import ModelSpec
-from service.preprocess import IMAGE_EXTENSIONS, ImageError, load_file, to_array
+from cnnserve.core.spec import ModelSpec
+from cnnserve.core.preprocess import IMAGE_EXTENSIONS, ImageError, load_file, to_array
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "folder", "shapes")
 NATIVE_CHANNELS = {"digits": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "folder": 3, "shapes": 3}
@@ -293,7 +293,7 @@ def _cifar10(root: Path, spec: ModelSpec) -> DataSplits:
 # --- image folder ---------------------------------------------------------------------------
 
 class FolderDataset(Dataset):
-    """Image files with class indices, decoded on access through ``service.preprocess``."""
+    """Image files with class indices, decoded on access through ``cnnserve.core.preprocess``."""
 
     def __init__(self, items: list[tuple[Path, int]], spec: ModelSpec):
         self.items, self.spec = items, spec

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from cnnserve.spec import ModelSpec
+from cnnserve.core.spec import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

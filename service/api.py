@@ -21,7 +21,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from .engine import APIError, Engine
-from .preprocess import trim_memory
+from .memory import trim_memory
 
 log = logging.getLogger("cnnserve.api")
 

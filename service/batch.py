@@ -4,7 +4,7 @@
     cnnserve score 'imgs/**/*.png' --model runs/x/model.onnx --out preds.parquet --engine ray
     cnnserve score manifest.csv --engine http --url http://127.0.0.1:3000 --out preds.jsonl --resume
 
-Every engine decodes with ``service.preprocess`` and runs the exported graph, like the
+Every engine decodes with ``cnnserve.core.preprocess`` and runs the exported graph, like the
 HTTP service, so all give the same answers. Output goes to disk batch by batch: a
 killed run leaves a valid partial file and ``--resume`` completes it, scoring each
 input exactly once. A file that cannot be read or decoded gets a row with its error.
@@ -14,13 +14,13 @@ The parts live in ``service/scoring/``: inputs, writers, engines. No torch.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
 from pathlib import Path
 
-from cnnserve.spec import DEFAULT_MODEL
+from cnnserve.core.config import CORES, DEFAULT_MODEL, DEFAULTS
+from cnnserve.core.store import NotStored, stored_model
 
 from .runtime import load_model
 from .scoring import ScoreError, printable, row
@@ -38,12 +38,10 @@ def resolve_model(model: str) -> tuple[str, str]:
         if not p.is_file():
             raise ScoreError(f"{model}: no such ONNX file")
         return str(p), p.name
-    import bentoml
-
     try:
-        stored = bentoml.models.get(model)
-    except (bentoml.exceptions.NotFound, ValueError) as e:
-        raise ScoreError(f"{model}: neither an ONNX file nor a model in the store ({e})") from None
+        stored = stored_model(model)
+    except NotStored as e:
+        raise ScoreError(f"{model}: no such ONNX file, and {e}") from None
     return stored.path_of("model.onnx"), str(stored.tag)
 
 
@@ -64,9 +62,10 @@ def _served_classes(url: str, model: str | None) -> int:
     raise ScoreError(f"{url}: serves no model {name!r} (it serves {', '.join(m['name'] for m in info['models'])})")
 
 
-def score(inputs: list[str], out: str, *, model: str | None = None, engine: str = "local", top_k: int = 5,
-          batch_size: int = 64, workers: int | None = None, url: str | None = None, concurrency: int = 16,
-          ray_address: str | None = None, providers: str = "auto", resume: bool = False, overwrite: bool = False,
+def score(inputs: list[str], out: str, *, model: str | None = None, engine: str = "local",
+          top_k: int = DEFAULTS.top_k, batch_size: int = DEFAULTS.max_batch_size, workers: int | None = None,
+          url: str | None = None, concurrency: int = 16, ray_address: str | None = None,
+          providers: str = DEFAULTS.providers, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None) -> dict:
     """Score ``inputs`` into ``out``; returns the summary. Ctrl+C stops after the current batch."""
     if engine not in ENGINES:
@@ -75,7 +74,7 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         raise ScoreError("--engine http needs --url of a running cnnserve service")
     if engine != "http" and not model:
         model = DEFAULT_MODEL  # the service's default
-    workers = workers or os.cpu_count() or 2
+    workers = workers or CORES
     found = collect_inputs(inputs)
     local_model = None
     if engine == "http":

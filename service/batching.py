@@ -52,7 +52,7 @@ class MicroBatcher:
     done once its client has disconnected; neither kind is ever run."""
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_queue: int,
-                 max_wait_ms: float = 0.0, on_batch: Callable[[int, float], None] | None = None, name: str = "model"):
+                 max_wait_ms: float, on_batch: Callable[[int, float], None] | None = None, name: str = "model"):
         self.fn, self.max_batch_size, self.max_wait = fn, max_batch_size, max_wait_ms / 1000
         self.max_queue, self.on_batch, self.name = max_queue, on_batch, name
         self._queues: dict[str, deque] = {p: deque() for p in PRIORITIES}

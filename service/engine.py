@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 
 import anyio
 import numpy as np
 
-from cnnserve import onnxmeta
+from cnnserve.core import onnxmeta
+from cnnserve.core.config import CORES, DEFAULTS, Settings
 
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .http_server import DRAIN
-from .preprocess import ImageError, Limits, open_image, preprocess
+from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from .runtime import Model
 
 log = logging.getLogger("cnnserve.engine")
@@ -51,22 +51,6 @@ class APIError(Exception):
         return {"error": self.message, "code": self.code}
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 64
-    max_wait_ms: float = 0.0
-    max_queue: int = 1024  # images waiting per model before 503
-    max_images_per_request: int = 256
-    inline_decode_pixels: int = 128 * 128  # images up to this size ...
-    inline_decode_bytes: int = 16 * 1024  # ... and this many bytes decode on the event loop
-    decode_threads: int = 0  # images decoded at once in worker threads (0: the number of cores)
-    timeout_ms: float = 30_000  # default deadline of a request, counted from arrival; 504 past it
-    max_json_bytes: int = 4 * 1024 * 1024  # the JSON part of an Open Inference Protocol request
-    max_json_depth: int = 32
-    default_top_k: int = 5
-    limits: Limits = Limits()
-
-
 @dataclass
 class Ticket:
     """What the batcher needs to know about one request: when its answer stops being useful
@@ -89,7 +73,7 @@ def json_depth(data: bytes) -> int:
 
 
 class Engine:
-    def __init__(self, models: list[Model], config: EngineConfig = EngineConfig(), metrics=None):
+    def __init__(self, models: list[Model], config: Settings = DEFAULTS, metrics=None):
         if not models:
             raise ValueError("no models to serve")
         names = [m.name for m in models]
@@ -136,7 +120,7 @@ class Engine:
         value out of range is refused."""
         n = model.spec.num_classes
         if k is None:
-            return min(self.config.default_top_k, n)
+            return min(self.config.top_k, n)
         if not 1 <= k <= n:
             raise APIError(400, "bad_top_k", f"top_k must be between 1 and {n} for model {model.name!r}, got {k}")
         return k
@@ -177,7 +161,7 @@ class Engine:
                         timings["thread"] = 0.0
                     return pixels
             if self._decode_limiter is None:
-                self._decode_limiter = anyio.CapacityLimiter(self.config.decode_threads or os.cpu_count() or 2)
+                self._decode_limiter = anyio.CapacityLimiter(self.config.decode_threads or CORES)
             pixels = await anyio.to_thread.run_sync(preprocess, img or data, model.spec, limits, timings,
                                                     limiter=self._decode_limiter)
         except ImageError as e:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnxruntime as ort
 
-from cnnserve import onnxmeta
-from cnnserve.onnxmeta import ModelInfo
+from cnnserve.core import onnxmeta
+from cnnserve.core.onnxmeta import ModelInfo
 
 log = logging.getLogger("cnnserve.runtime")
 

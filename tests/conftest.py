@@ -15,7 +15,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from bench.server import Server, free_port  # noqa: E402,F401  (a real `bentoml serve`, shared with the harness)
+from cnnserve.bench.server import Server, free_port  # noqa: E402,F401  (a real `bentoml serve`, shared with the harness)
 # the installed console script when there is one (the real entry point), else the module
 _SCRIPT = Path(sys.executable).with_name("cnnserve")
 CNNSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cnnserve.cli"]
@@ -45,7 +45,7 @@ def encode(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory) -> Path:
     """The default training run (LeNet-5 on digits, default config), trained once per session."""
-    from models.train import TrainConfig, train
+    from cnnserve.models.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("runs") / "lenet5-digits"
     return train(TrainConfig(out=str(out)), progress=False)
@@ -54,7 +54,7 @@ def default_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_onnx(default_run) -> Path:
     """The default model exported (fp32, verified) beside its checkpoint."""
-    from export.onnx import export_checkpoint
+    from cnnserve.export.onnx import export_checkpoint
 
     return export_checkpoint(default_run, log=lambda *a: None)[0]["path"]
 
@@ -62,7 +62,7 @@ def default_onnx(default_run) -> Path:
 @pytest.fixture(scope="session")
 def stored_default(default_onnx) -> str:
     """The default model in the (test) model store; returns its tag."""
-    from export.store import store_model
+    from cnnserve.export.store import store_model
 
     return str(store_model(default_onnx).tag)
 
@@ -77,8 +77,8 @@ def server(stored_default):
 @pytest.fixture(scope="session")
 def digits_test(default_run):
     """The default model's held-out test images (uint8 1x28x28) and labels."""
-    from models.checkpoint import load_checkpoint
-    from models.data import load_dataset
+    from cnnserve.models.checkpoint import load_checkpoint
+    from cnnserve.models.data import load_dataset
 
     split = load_dataset("digits", load_checkpoint(default_run)["spec"]).test
     return (np.stack([split[i][0].numpy() for i in range(len(split))]),

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service.batch import ScoreError, collect_inputs, read_predictions, score
-from service.preprocess import preprocess
+from cnnserve.service.batch import ScoreError, collect_inputs, read_predictions, score
+from cnnserve.core.preprocess import preprocess
 from tests.conftest import CNNSERVE, ROOT, encode, run_cli
 
 
@@ -57,7 +57,7 @@ def test_local_engine_scores_everything_and_keeps_errors(image_dir, default_onnx
     assert correct >= 36
     # the same answer as the exported model on the same decoded pixels, in-process
     sess = ort.InferenceSession(str(default_onnx), providers=["CPUExecutionProvider"])
-    from cnnserve.onnxmeta import ModelInfo
+    from cnnserve.core.onnxmeta import ModelInfo
 
     spec = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map).spec
     r = good[5]
@@ -132,9 +132,9 @@ def slow_job(tmp_path_factory):
     """A job slow enough to kill midway: a random-weight ResNet-18 at 224 px and 300 JPEGs."""
     import torch
 
-    from cnnserve.onnxmeta import ModelInfo
-    from export.onnx import save, to_onnx
-    from models.registry import build_classifier, spec_for
+    from cnnserve.core.onnxmeta import ModelInfo
+    from cnnserve.export.onnx import save, to_onnx
+    from cnnserve.models.registry import build_classifier, spec_for
 
     root = tmp_path_factory.mktemp("slow")
     torch.manual_seed(0)

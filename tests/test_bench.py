@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.load import multipart, parse_server_timing
+from cnnserve.bench.load import multipart, parse_server_timing
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -6,11 +6,13 @@ import subprocess
 import time
 import uuid
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from cnnserve.core.config import DEFAULTS
 from tests.conftest import ROOT, encode, free_port, run_cli
 
 PODMAN = ["podman", "--runtime", "runc"]
@@ -83,7 +85,7 @@ def test_container_end_to_end(podman_env, stored_default, default_onnx, digits_t
 
         import json
 
-        from service.runtime import load_model
+        from cnnserve.service.runtime import load_model
 
         x = digits_test[0][11]
         req = urllib.request.Request(url + "/classify?top_k=3", data=encode(x[0]), headers={"Content-Type": "image/png"})
@@ -130,13 +132,23 @@ def test_gpu_bento_and_kubernetes_manifests_are_valid(stored_default):
         doc = yaml.safe_load(open(shutil.os.path.join(bento.path, "bento.yaml")))
         assert [m["tag"].split(":")[0] for m in doc["services"][0]["models"]] == [stored_default.split(":")[0]]
         assert doc["args"]["models"] == stored_default
+        # the ground floor and the service, not the command (cli.py, container.py) nor torch-side code
+        src = Path(bento.path, "src")
+        shipped = {str(f.relative_to(src)) for f in src.rglob("*.py")}
+        assert {"cnnserve/core/preprocess.py", "service/service.py", "service/scoring/engines.py"} <= shipped
+        assert not any(f.startswith(("cnnserve/cli", "cnnserve/container", "models/", "export/", "bench/"))
+                       for f in shipped), shipped
     finally:
         bentoml.delete(tag)
     assert "nvidia/cuda:13" in (ROOT / "deploy" / "gpu" / "Containerfile").read_text()
+    cpu, gpu = (yaml.safe_load((ROOT / f).read_text()) for f in ("bentofile.yaml", "bentofile-gpu.yaml"))
+    assert gpu["service"] == cpu["service"] and gpu["include"] == cpu["include"]
+    assert gpu["python"]["packages"] == cpu["python"]["packages"]
     deploy, service = yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "cnnserve.yaml").read_text())
     c = deploy["spec"]["template"]["spec"]["containers"][0]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
-    # shutdown: preStop, then the drain (3 s) and the grace period (25 s) of the service's defaults
+    # shutdown: preStop, then the drain and the grace period of the service's defaults
     pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pre_stop >= 1 and deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > pre_stop + 3 + 25
+    grace = deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert pre_stop >= 1 and grace > pre_stop + DEFAULTS.drain_s + DEFAULTS.grace_s

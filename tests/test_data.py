@@ -7,8 +7,8 @@ import struct
 import numpy as np
 import pytest
 
-from models import spec_for
-from models.data import DataError, load_dataset, read_idx
+from cnnserve.models import spec_for
+from cnnserve.models.data import DataError, load_dataset, read_idx
 from tests.conftest import encode
 
 GREY28 = spec_for("lenet5", ())

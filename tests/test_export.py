@@ -12,13 +12,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import models
-from cnnserve.onnxmeta import INPUT, OUTPUTS, ModelInfo
-from export.onnx import ExportError, export_checkpoint, to_onnx
-from export.store import StoreError, read_info, store_model
-from export.verify import TOLERANCES, verify
-from models.checkpoint import file_sha256, save_checkpoint
-from models.registry import build_classifier, spec_for
+from cnnserve import models
+from cnnserve.core.onnxmeta import INPUT, OUTPUTS, ModelInfo
+from cnnserve.export.onnx import ExportError, export_checkpoint, to_onnx
+from cnnserve.export.store import StoreError, read_info, store_model
+from cnnserve.export.verify import TOLERANCES, verify
+from cnnserve.models.checkpoint import file_sha256, save_checkpoint
+from cnnserve.models.registry import build_classifier, spec_for
 from tests.conftest import run_cli
 
 
@@ -48,8 +48,8 @@ def test_default_export_is_self_contained_and_described(default_run, default_onn
 
 def test_normalisation_is_inside_the_graph(default_run, default_onnx):
     """Raw uint8 pixels in, the checkpoint's predictions out: no client-side normalisation."""
-    from models.checkpoint import classifier_from_checkpoint, load_checkpoint
-    from models.data import load_dataset
+    from cnnserve.models.checkpoint import classifier_from_checkpoint, load_checkpoint
+    from cnnserve.models.data import load_dataset
 
     ckpt = load_checkpoint(default_run)
     test = load_dataset("digits", ckpt["spec"]).test

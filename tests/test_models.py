@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import models
-from models.registry import register_model
-from models.summary import summarize_arch
+from cnnserve import models
+from cnnserve.models.registry import register_model
+from cnnserve.models.summary import summarize_arch
 from tests.conftest import run_cli
 
 ALL = models.list_models()

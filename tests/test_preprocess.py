@@ -1,13 +1,15 @@
-"""service/preprocess.py on real images encoded by Pillow."""
+"""cnnserve/core/preprocess.py on real images encoded by Pillow."""
 
 import io
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from cnnserve.spec import ModelSpec
-from service.preprocess import ImageError, Limits, decode, load_file, preprocess, to_array
+from cnnserve.core.config import Settings
+from cnnserve.core.preprocess import DEFAULT_LIMITS, ImageError, decode, load_file, preprocess, to_array
+from cnnserve.core.spec import ModelSpec
 from tests.conftest import encode
 
 GREY = ModelSpec("lenet5", 1, 28, 28, (0.5,), (0.5,), labels=tuple("0123456789"))
@@ -96,13 +98,13 @@ def test_truncated_images_fail_at_decode(fmt):
 def test_limits():
     png = encode(gradient(100, 100))
     with pytest.raises(ImageError) as e:
-        decode(png, Limits(max_bytes=100))
+        decode(png, replace(DEFAULT_LIMITS, max_bytes=100))
     assert e.value.status == 413
     with pytest.raises(ImageError) as e:
-        decode(png, Limits(max_pixels=99 * 99))
+        decode(png, replace(DEFAULT_LIMITS, max_pixels=99 * 99))
     assert e.value.status == 413 and e.value.code == "too_many_pixels"
     with pytest.raises(ImageError) as e:
-        decode(encode(gradient(), "BMP"), Limits(formats=frozenset({"PNG"})))
+        decode(encode(gradient(), "BMP"), Settings(formats="PNG").limits)
     assert e.value.status == 415
 
 

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 import pytest
 
-from bench import faults, hostile
-from service.batching import ClientGone, DeadlineExceeded, MicroBatcher
+from cnnserve.bench import faults, hostile
+from cnnserve.service.batching import ClientGone, DeadlineExceeded, MicroBatcher
 from tests.conftest import ROOT, Server, encode
 
 pytestmark = pytest.mark.slow
@@ -42,9 +42,9 @@ def test_hostile_images_refused_from_their_headers_under_a_memory_cap():
     centre-crop model, in a process capped at 1.5 GB (several once took 3-20 GB)."""
     out = run_capped("""
 import json
-from bench import hostile
-from cnnserve.spec import ModelSpec
-from service.preprocess import ImageError, preprocess
+from cnnserve.bench import hostile
+from cnnserve.core.spec import ModelSpec
+from cnnserve.core.preprocess import ImageError, preprocess
 specs = [ModelSpec("lenet5", 1, 28, 28, (0.5,), (0.5,), labels=tuple("0123456789")),
          ModelSpec("mobilenet_v1", 3, 224, 224, (0.5,) * 3, (0.5,) * 3, resize="center-crop", labels=("a", "b"))]
 got = {}
@@ -68,16 +68,17 @@ def test_rejected_images_hold_no_memory():
     stay flat (they grew without bound while tracebacks kept the buffers)."""
     out = run_capped("""
 import asyncio, gc, json, resource
-from bench import hostile
-from cnnserve.spec import ModelSpec
-from service.engine import APIError, Engine, EngineConfig
-from service.preprocess import return_freed_memory
+from cnnserve.bench import hostile
+from cnnserve.core.spec import ModelSpec
+from cnnserve.core.config import DEFAULTS
+from cnnserve.service.engine import APIError, Engine
+from cnnserve.service.memory import return_freed_memory
 
 return_freed_memory()
 class Fake:  # the engine's decode path needs a model's spec only
     name, spec = "m", ModelSpec("m", 3, 64, 64, (0.5,) * 3, (0.5,) * 3, labels=("a", "b"))
 engine = Engine.__new__(Engine)
-engine.config, engine._decode_limiter = EngineConfig(), None
+engine.config, engine._decode_limiter = DEFAULTS, None
 bad = hostile.truncated_png()
 
 def rss():
@@ -117,7 +118,7 @@ def test_batcher_runs_interactive_first_and_never_runs_expired_or_abandoned_requ
         return x.astype(np.float32)
 
     async def main():
-        b = MicroBatcher(fn, max_batch_size=4, max_queue=100)
+        b = MicroBatcher(fn, max_batch_size=4, max_queue=100, max_wait_ms=0)
         loop = asyncio.get_running_loop()
         first = asyncio.create_task(b.submit(np.array([[0]], np.uint8)))  # holds the model
         await asyncio.sleep(0.05)
@@ -147,7 +148,7 @@ def test_batcher_runs_interactive_first_and_never_runs_expired_or_abandoned_requ
 def test_bulk_requests_take_at_most_half_the_queue():
     import threading
 
-    from service.batching import Overloaded
+    from cnnserve.service.batching import Overloaded
 
     gate = threading.Event()
 
@@ -156,7 +157,7 @@ def test_bulk_requests_take_at_most_half_the_queue():
         return x.astype(np.float32)
 
     async def main():
-        b = MicroBatcher(fn, max_batch_size=1, max_queue=4)
+        b = MicroBatcher(fn, max_batch_size=1, max_queue=4, max_wait_ms=0)
         one = np.zeros((1, 1), np.uint8)
         running = asyncio.create_task(b.submit(one))
         await asyncio.sleep(0.05)  # the model is busy with it; everything else waits
@@ -176,9 +177,9 @@ def test_bulk_requests_take_at_most_half_the_queue():
 @pytest.fixture(scope="module")
 def center_crop_tag(default_onnx, tmp_path_factory):
     """The default model re-labelled as a 28-px centre-crop model (same graph, other resize policy)."""
-    from cnnserve.onnxmeta import KEY_SPEC
-    from cnnserve.spec import ModelSpec
-    from export.store import store_model
+    from cnnserve.core.onnxmeta import KEY_SPEC
+    from cnnserve.core.spec import ModelSpec
+    from cnnserve.export.store import store_model
 
     m = onnx.load(str(default_onnx))
     prop = next(p for p in m.metadata_props if p.key == KEY_SPEC)

@@ -8,8 +8,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.batching import MicroBatcher, Overloaded
-from service.runtime import CPU, CUDA, ModelLoadError, load_model, requested_providers
+from cnnserve.service.batching import MicroBatcher, Overloaded
+from cnnserve.service.runtime import CPU, CUDA, ModelLoadError, load_model, requested_providers
 
 
 def test_provider_choice():
@@ -58,7 +58,7 @@ def test_batcher_forms_batches_under_concurrency():
         return x.reshape(len(x), -1).sum(1, keepdims=True).astype(np.float32)
 
     async def main():
-        b = MicroBatcher(fn, max_batch_size=16, max_queue=100)
+        b = MicroBatcher(fn, max_batch_size=16, max_queue=100, max_wait_ms=0)
         tasks = [asyncio.create_task(b.submit(np.full((1, 2), i, np.uint8))) for i in range(40)]
         await asyncio.sleep(0.05)
         gate.set()
@@ -79,7 +79,7 @@ def test_batcher_sheds_load_and_survives_failures():
         return x.astype(np.float32)
 
     async def main():
-        b = MicroBatcher(fn, max_batch_size=1, max_queue=3)
+        b = MicroBatcher(fn, max_batch_size=1, max_queue=3, max_wait_ms=0)
         jobs = [b.submit(np.array([[i]], np.uint8)) for i in range(10)]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         shed = [r for r in results if isinstance(r, Overloaded)]
@@ -98,7 +98,7 @@ def test_default_top_k_is_clamped_explicit_is_refused(default_onnx):
     """A model with fewer classes than the default top-k answers with all its classes."""
     import copy
 
-    from service.engine import APIError, Engine
+    from cnnserve.service.engine import APIError, Engine
 
     m = load_model(default_onnx)
     few = copy.copy(m)
@@ -114,8 +114,9 @@ def test_default_top_k_is_clamped_explicit_is_refused(default_onnx):
 def test_engine_decodes_inline_or_in_threads_alike(default_onnx, digits_test):
     """Small images decode on the event loop, large ones in worker threads: same answers, all stages timed;
     a broken image fails alone on either path."""
-    from service.engine import STAGES, APIError, Engine, EngineConfig
-    from service.preprocess import preprocess
+    from cnnserve.core.config import Settings
+    from cnnserve.service.engine import STAGES, APIError, Engine
+    from cnnserve.core.preprocess import preprocess
     from tests.conftest import encode
 
     m = load_model(default_onnx)
@@ -129,7 +130,7 @@ def test_engine_decodes_inline_or_in_threads_alike(default_onnx, digits_test):
         return out["predictions"], timings
 
     for limit in (0, 128 * 128):  # always threads; the default
-        engine = Engine([m], EngineConfig(inline_decode_pixels=limit))
+        engine = Engine([m], Settings(inline_decode_pixels=limit))
         try:
             for data in (small, large):
                 preds, timings = asyncio.run(classify(engine, data))
@@ -152,7 +153,7 @@ def test_bentoml_timeout_middleware_fix_releases_timers_and_still_times_out():
 
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    from service.bentoml_fixes import patch_timeout_middleware
+    from cnnserve.service.bentoml_fixes import patch_timeout_middleware
 
     async def app(scope, receive, send):
         if scope["path"] == "/slow":
@@ -192,7 +193,7 @@ def test_bentoml_fix_is_fenced_on_the_versions_it_was_checked_against(monkeypatc
     """On a BentoML release nobody read, the middleware is left alone and the log says so."""
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    from service import bentoml_fixes
+    from cnnserve.service import bentoml_fixes
 
     async def upstream(self, scope, receive, send):  # stands in for another release's __call__
         return None

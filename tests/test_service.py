@@ -11,7 +11,7 @@ import pytest
 import tritonclient.http as triton
 from PIL import Image
 
-from cnnserve.onnxmeta import ModelInfo
+from cnnserve.core.onnxmeta import ModelInfo
 from tests.conftest import Server, encode
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def test_classify_multipart_and_raw_body(client, digits_test, reference):
 
 def test_server_timing_breaks_down_each_request(client, digits_test):
     """Every /classify answer says where its time went (Server-Timing) and feeds the stage histogram."""
-    from service.engine import STAGES
+    from cnnserve.service.engine import STAGES
 
     r = client.post("/classify", content=png(digits_test[0][1]), headers={"Content-Type": "image/png"})
     assert r.status_code == 200

@@ -1,6 +1,6 @@
 import pytest
 
-from cnnserve.spec import ModelSpec, SpecError
+from cnnserve.core.spec import ModelSpec, SpecError
 
 
 def spec(**kw):

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from models.checkpoint import CheckpointError, classifier_from_checkpoint, load_checkpoint
-from models.train import OPTIMIZERS, TrainConfig, augment, make_optimizer, make_schedule, train
+from cnnserve.models.checkpoint import CheckpointError, classifier_from_checkpoint, load_checkpoint
+from cnnserve.models.train import OPTIMIZERS, TrainConfig, augment, make_optimizer, make_schedule, train
 from tests.conftest import run_cli
 
 
@@ -26,8 +26,8 @@ def test_default_run_reaches_97_percent(default_run):
 
 
 def test_checkpoint_reproduces_its_accuracy(default_run):
-    from models.data import load_dataset
-    from models.train import evaluate
+    from cnnserve.models.data import load_dataset
+    from cnnserve.models.train import evaluate
     from torch.utils.data import DataLoader
 
     ckpt = load_checkpoint(default_run)
@@ -42,10 +42,13 @@ def quick(tmp_path, **kw):
 
 
 def test_same_seed_same_result(tmp_path):
-    a = json.loads((train(quick(tmp_path / "a"), progress=False) / "metrics.json").read_text())
-    b = json.loads((train(quick(tmp_path / "b"), progress=False) / "metrics.json").read_text())
+    """Two runs with one seed agree to the last digit; another seed gives another run (so the equality
+    is the seed's doing, not an empty or constant history)."""
+    a, b, c = (json.loads((train(quick(tmp_path / name, seed=seed), progress=False) / "metrics.json").read_text())
+               for name, seed in (("a", 0), ("b", 0), ("c", 1)))
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
-    assert strip(a["epochs"]) == strip(b["epochs"])
+    assert len(a["epochs"]) == 2 and strip(a["epochs"]) == strip(b["epochs"])
+    assert [r["train_loss"] for r in c["epochs"]] != [r["train_loss"] for r in a["epochs"]]
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -78,9 +81,12 @@ def test_early_stop_keeps_best_weights(tmp_path):
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_learns(tmp_path, optimizer):
+    """Each optimizer moves the weights the right way: the loss falls by a tenth or more and the test
+    accuracy clears chance (10 classes) by a wide margin. A step that did nothing would leave both."""
     run = train(quick(tmp_path, optimizer=optimizer, epochs=3, limit=400), progress=False)
     m = json.loads((run / "metrics.json").read_text())
-    assert m["epochs"][-1]["train_loss"] < m["epochs"][0]["train_loss"] or m["test"]["test_accuracy"] > 0.5
+    assert m["epochs"][-1]["train_loss"] < 0.9 * m["epochs"][0]["train_loss"]
+    assert m["test"]["test_accuracy"] > 0.3
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "step"])
@@ -112,8 +118,8 @@ def test_rgb_training_with_augmentation(tmp_path, init):
 def test_init_schemes_give_their_published_spread(init):
     """Each large convolution's weights have the standard deviation of the scheme: Kaiming normal
     with fan-out, sqrt(2 / fan_out); Xavier uniform, sqrt(2 / (fan_in + fan_out)). Biases are zero."""
-    import models
-    from models.train import init_weights
+    from cnnserve import models
+    from cnnserve.models.train import init_weights
 
     torch.manual_seed(0)
     model = models.create_model("resnet18", num_classes=4, in_chans=3, img_size=32)

@@ -48,7 +48,7 @@ def archive(run: Path, name: str) -> Path:
     """The run's checkpoint as TorchScript in a .mar with ``handler.py``; rebuilt when the checkpoint changes."""
     import torch
 
-    from models.checkpoint import classifier_from_checkpoint, load_checkpoint
+    from cnnserve.models.checkpoint import classifier_from_checkpoint, load_checkpoint
 
     store = WORK / "model-store"
     mar = store / f"{name}.mar"
@@ -76,7 +76,7 @@ class TorchServe:
     """``torchserve --foreground`` with one model, on free loopback ports, until ``stop()``."""
 
     def __init__(self, mar: Path, workers: int, batch_size: int, max_batch_delay_ms: int, ready_timeout: float = 180):
-        from bench.server import free_port
+        from cnnserve.bench.server import free_port
 
         self.name = mar.stem
         port, mgmt, metrics = free_port(), free_port(), free_port()
@@ -89,7 +89,7 @@ class TorchServe:
         (home / "config.properties").write_text("\n".join([
             f"inference_address=http://127.0.0.1:{port}", f"management_address=http://127.0.0.1:{mgmt}",
             f"metrics_address=http://127.0.0.1:{metrics}", f"model_store={mar.parent}",
-            f"grpc_inference_address=127.0.0.1", f"grpc_management_address=127.0.0.1",
+            "grpc_inference_address=127.0.0.1", "grpc_management_address=127.0.0.1",
             f"grpc_inference_port={free_port()}", f"grpc_management_port={free_port()}",
             f"load_models={mar.name}", "disable_token_authorization=true", "enable_envvars_config=false",
             "install_py_dep_per_model=false", f"default_workers_per_model={workers}",
@@ -128,7 +128,7 @@ class TorchServe:
         return (self.home / "torchserve.out").read_text()[-1500:]
 
     def stop(self) -> None:
-        from bench.server import stop_group
+        from cnnserve.bench.server import stop_group
 
         stop_group(self.proc, 30)
         self.log.close()

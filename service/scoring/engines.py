@@ -2,7 +2,7 @@
 ``http`` (a running cnnserve service, bounded concurrency, priority=bulk, retries on 503 and
 504), ``ray`` (Ray Data: parallel decode and an actor pool holding onnxruntime sessions; local or
 a cluster). Each yields lists of rows in input order; every engine decodes with
-``service.preprocess`` and runs the exported graph, so all give the same answers."""
+``cnnserve.core.preprocess`` and runs the exported graph, so all give the same answers."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from typing import Iterator
 
 import numpy as np
 
-from cnnserve.spec import ModelSpec
+from cnnserve.core.spec import ModelSpec
 
-from ..preprocess import DEFAULT_LIMITS, ImageError, preprocess, read_file
+from cnnserve.core.preprocess import DEFAULT_LIMITS, ImageError, preprocess, read_file
 from ..runtime import Model, load_model
 from . import ScoreError, row
 
@@ -150,7 +150,7 @@ class _RayScorer:
     def __init__(self, model_bytes, providers: str, top_k: int):
         import ray
 
-        from cnnserve.onnxmeta import ModelInfo
+        from cnnserve.core.onnxmeta import ModelInfo
 
         from ..runtime import create_session
 

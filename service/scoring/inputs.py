@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..preprocess import IMAGE_EXTENSIONS
+from cnnserve.core.preprocess import IMAGE_EXTENSIONS
 from . import ScoreError
 
 MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")

@@ -19,14 +19,13 @@ import os
 import stat
 import struct
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cnnserve.spec import ModelSpec
+from .config import DEFAULTS, Limits
+from .spec import ModelSpec
 
-DEFAULT_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"})
 #: File name endings of images, for folders walked by training and batch scoring.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 RESAMPLE = Image.Resampling.BILINEAR
@@ -50,28 +49,7 @@ class ImageError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What an image may be, checked before its pixels are allocated.
-
-    ``max_bytes``: the encoded size (413). ``max_pixels``: width x height from the header (413;
-    a decompression bomb is refused before any pixel is decoded). ``max_decoded_bytes``: the memory
-    the decoded image takes, by mode and bit depth, after JPEG draft scaling (413).
-    ``max_aspect_ratio``: the longer side over the shorter (400). ``max_chunks``: PNG chunks, JPEG
-    segments before the first scan, TIFF strips or tiles; each costs Python-level work in Pillow,
-    so a tiny picture padded with a million of them would take seconds (400). A format not in
-    ``formats``: 415; a pixel mode that cannot be converted (LAB): 415. Whatever the image, the
-    resize never allocates more than the model's input (the crop is taken from the source)."""
-
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    max_decoded_bytes: int = 128 * 1024 * 1024
-    max_aspect_ratio: float = 32.0
-    max_chunks: int = 10_000
-    formats: frozenset[str] = field(default=DEFAULT_FORMATS)
-
-
-DEFAULT_LIMITS = Limits()
+DEFAULT_LIMITS = DEFAULTS.limits
 
 
 def count_chunks(data: bytes, limit: int) -> int:
@@ -249,7 +227,7 @@ def convert(img: Image.Image, channels: int) -> Image.Image:
 
 
 def resize(img: Image.Image, spec: ModelSpec) -> Image.Image:
-    """Resize by the spec's policy (see ``cnnserve.spec.RESIZE_POLICIES``). The output is the
+    """Resize by the spec's policy (see ``cnnserve.core.spec.RESIZE_POLICIES``). The output is the
     spec's size and nothing larger is allocated: the centre crop is taken from the source (a
     box), not from a resized copy of the whole image."""
     w, h = spec.width, spec.height
@@ -344,36 +322,3 @@ def load_file(path: str | os.PathLike, spec: ModelSpec, limits: Limits = DEFAULT
     except ImageError as e:
         problem = (f"{os.fsdecode(path)}: {e}", e.status, e.code)
     raise ImageError(*problem)
-
-
-def _libc():
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-_LIBC = _libc()
-def return_freed_memory() -> bool:
-    """Make freed image buffers go back to the operating system (glibc only).
-
-    glibc raises its mmap threshold after a large buffer is freed, up to 32 MiB, so the next
-    image buffers come from heap arenas that rarely shrink (issue 12 saw four 7000x7000 RGBA
-    decodes leave 3.4 GB held after they finished). A fixed threshold of 1 MiB keeps every
-    larger buffer in its own mapping, returned the moment it is freed. Its effect was not
-    measured on its own; the soak figures in the benchmark report include it."""
-    try:
-        return bool(_LIBC.mallopt(-3, 1024 * 1024))  # M_MMAP_THRESHOLD
-    except AttributeError:
-        return False
-
-
-def trim_memory() -> None:
-    """Give the heap's free pages back to the OS (glibc ``malloc_trim``; elsewhere nothing). Large
-    request bodies arrive in 64-256 kB pieces, below the mmap threshold; once freed, the heap
-    keeps them unless trimmed."""
-    if hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)

@@ -23,11 +23,6 @@ RESIZE_POLICIES = ("stretch", "center-crop")
 
 SPEC_FORMAT = "cnnserve-spec/1"
 
-#: The model every entry point uses when none is named: what `./run.sh up` trains, exports and
-#: stores, what `bentoml serve` serves, what `cnnserve score` and `cnnserve container` take.
-DEFAULT_MODEL = "lenet5-digits:latest"
-
-
 class SpecError(ValueError):
     """A spec that is inconsistent or comes from an unknown format."""
 

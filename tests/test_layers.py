@@ -1,0 +1,140 @@
+"""The project's floors, checked from its own imports (read with ``ast``, nothing is imported).
+
+ground  cnnserve/__init__.py, cnnserve/core/   imports nothing else of the project
+models  models/                                the ground floor
+export  export/                                models and the ground floor
+service service/                               the ground floor only; no torch reachable
+command cnnserve/*.py, bench/                  anything
+
+Across floors, code names the installed namespace (``cnnserve.models``); within a floor it imports
+relatively. The wheel maps the repository's folders to that namespace (pyproject.toml).
+"""
+
+import ast
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = {"models": "models", "export": "export", "service": "service", "bench": "bench"}
+ALLOWED = {
+    "ground": {"ground"},
+    "models": {"ground", "models"},
+    "export": {"ground", "models", "export"},
+    "service": {"ground", "service"},
+    "command": {"ground", "models", "export", "service", "command"},
+}
+
+
+def module_of(path: Path) -> str:
+    """The installed name of a repository file: models/data.py -> cnnserve.models.data."""
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts if parts[0] == "cnnserve" else ["cnnserve", *parts])
+
+
+def floor_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "cnnserve":
+        return None  # not the project's
+    if len(parts) == 1 or parts[1] == "core" or parts[1].startswith("__"):  # __version__: the ground's
+        return "ground"
+    return {"models": "models", "export": "export", "service": "service"}.get(parts[1], "command")
+
+
+def project_files() -> list[Path]:
+    files = sorted((ROOT / "cnnserve").rglob("*.py"))
+    for folder in FOLDERS.values():
+        files += sorted((ROOT / folder).rglob("*.py"))
+    return files
+
+
+def imports(path: Path) -> list[tuple[int, str]]:
+    """Every module ``path`` imports, at any depth (function-level imports included), resolved to
+    absolute names: (line, module). ``from X import y`` yields X.y as well, since y may be a module."""
+    module = module_of(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module
+            found.append((node.lineno, name))
+            found += [(node.lineno, f"{name}.{a.name}") for a in node.names]
+    return found
+
+
+def test_every_import_goes_down_a_floor_or_stays():
+    wrong = []
+    for path in project_files():
+        here = floor_of(module_of(path))
+        for line, name in imports(path):
+            top = name.split(".")[0]
+            if top in FOLDERS:  # `from models import ...` works in a checkout only; the wheel has no `models`
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {name} (use cnnserve.{name})")
+                continue
+            there = floor_of(name)
+            if there and there not in ALLOWED[here]:
+                wrong.append(f"{path.relative_to(ROOT)}:{line}: {here} imports {name} ({there})")
+    assert not wrong, "imports against the floors:\n" + "\n".join(wrong)
+
+
+def reachable(start: set[str]) -> dict[str, str]:
+    """Project modules reachable from ``start`` through imports: module -> the module that imported it."""
+    files = {module_of(p): p for p in project_files()}
+    seen, todo = {m: "" for m in start}, list(start)
+    while todo:
+        m = todo.pop()
+        for _, name in imports(files[m]):
+            if name in files and name not in seen:
+                seen[name] = m
+                todo.append(name)
+    return seen
+
+
+def test_no_torch_is_reachable_from_the_service():
+    service = {module_of(p) for p in (ROOT / "service").rglob("*.py")}
+    via = reachable(service)
+    files = {module_of(p): p for p in project_files()}
+    torch = [f"{m} (reached from {via[m] or 'service/'})" for m in via
+             if any(name.split(".")[0] == "torch" for _, name in imports(files[m]))]
+    assert not torch, "torch is imported on the serving path: " + ", ".join(torch)
+    assert {floor_of(m) for m in via} <= {"ground", "service"}
+
+
+def test_the_checker_sees_a_wrong_import(tmp_path, monkeypatch):
+    """The walk itself: a service module importing training code, or torch through the ground floor,
+    is caught (run against a copy of the tree with one bad line added)."""
+    for path in project_files():
+        dest = tmp_path / path.relative_to(ROOT)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(path.read_text())
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    api = tmp_path / "service" / "api.py"
+    api.write_text(api.read_text() + "\nfrom cnnserve.models.data import load_dataset\n")
+    with pytest.raises(AssertionError, match="service imports cnnserve.models.data"):
+        test_every_import_goes_down_a_floor_or_stays()
+    api.write_text(api.read_text().replace("from cnnserve.models.data import load_dataset", ""))
+    spec = tmp_path / "cnnserve" / "core" / "spec.py"
+    spec.write_text(spec.read_text() + "\ndef f():\n    import torch\n")
+    with pytest.raises(AssertionError, match="cnnserve.core.spec"):
+        test_no_torch_is_reachable_from_the_service()
+
+
+def test_the_wheel_maps_every_package_folder_under_cnnserve():
+    """Every folder of Python files is a package the wheel installs, under the cnnserve namespace,
+    from the repository folder of the same name."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {module_of(p.parent / "__init__.py") for p in project_files() if "results" not in p.parts}
+    assert set(tool["packages"]) == folders
+    assert tool["package-dir"] == {f"cnnserve.{k}": v for k, v in FOLDERS.items()}
