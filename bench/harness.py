@@ -128,6 +128,30 @@ def prepare(name: str, runs: Path, work: Path) -> dict:
             "format": w["format"], "serve": w["serve"], "run": str(run), "work": work}
 
 
+def prepare_stored(tag: str, work: Path) -> dict:
+    """A model already in the store (fine-tuned, a library's, imported): no checkpoint to train or
+    time in PyTorch; its request images are shapes drawn with Pillow, JPEG at the model's input size."""
+    from cnnserve.core.store import stored_model
+    from cnnserve.export.store import read_info
+    from cnnserve.models.data import LABELS, render_shape
+
+    stored = stored_model(tag)
+    onnx_path = stored.path_of("model.onnx")
+    spec = read_info(onnx_path).spec
+    name = stored.tag.name
+    images = work / "images" / name
+    if not images.is_dir() or not any(images.iterdir()):
+        images.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        for i in range(200):
+            render_shape(LABELS["shapes"][i % 4], rng, size=max(spec.height, 64)).save(images / f"{i:03d}.jpg",
+                                                                                       "JPEG", quality=90)
+    small = spec.height < 64  # as the zoo's workloads: small models are bound by per-request work
+    serve = WORKLOADS["lenet5" if small else "resnet18"]["serve"]
+    return {"name": name, "tag": str(stored.tag), "onnx": onnx_path, "images": str(images), "spec": spec,
+            "format": "JPEG", "serve": serve, "run": None, "work": work}
+
+
 # --- in-process -----------------------------------------------------------------------------
 
 def timed(fn, batch: int, seconds: float, repeats: int) -> dict:
@@ -381,7 +405,9 @@ def command(argv: list[str]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="cnnserve bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--models", nargs="+", default=list(WORKLOADS), metavar="MODEL",
+                    help=f"workloads ({', '.join(WORKLOADS)}) or store:TAG for any stored model (fine-tuned, "
+                         "a library's, imported); those have no PyTorch or TorchServe sections")
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--duration", type=float, default=30, help="seconds per run at the highest concurrency")
     ap.add_argument("--short", type=float, default=10, help="seconds per run at the other concurrencies")
@@ -407,14 +433,19 @@ def main(argv=None) -> int:
            "command": command(argv if argv is not None else sys.argv[1:]),
            "http_repeats": args.http_repeats, "workloads": {}}
     for name in args.models:
-        w = prepare(name, runs, work)
+        if name not in WORKLOADS and not name.startswith("store:"):
+            ap.error(f"--models: {name!r} is neither a workload ({', '.join(WORKLOADS)}) nor store:TAG")
+    for name in args.models:
+        w = prepare_stored(name.removeprefix("store:"), work) if name.startswith("store:") else prepare(name, runs, work)
         r = {"input": "x".join(map(str, w["spec"].input_shape)), "format": w["format"],
              "serve": w["serve"], "model": w["tag"]}
-        if "pytorch" in args.sections:
+        if "pytorch" in args.sections and w["run"]:
             r["pytorch"] = bench_torch(w, (1, 8, 32), args.seconds, args.repeats)
         if "onnxruntime" in args.sections:
             r["onnxruntime"] = bench_ort(w, (1, 8, 32, 128), args.seconds, args.repeats)
         for section in ("service", "naive", "torchserve"):
+            if section == "torchserve" and not w["run"]:
+                continue  # TorchServe is given the PyTorch checkpoint; a stored model has none
             if section in args.sections:
                 try:
                     r[section] = bench_http(w, section, sorted(args.concurrency), args.duration, args.short,

@@ -84,6 +84,11 @@ def _add_train(sub) -> None:
     p.add_argument("--patience", type=int, default=S, help="early-stop patience in epochs (0: off; default 10)")
     p.add_argument("--seed", type=int, default=S)
     p.add_argument("--workers", type=int, default=S, help="data loader processes")
+    p.add_argument("--pretrained", default=S, help="fine-tune from these weights: a torchvision or timm state dict "
+                                                    "(.pth, .safetensors); the head is replaced for the data's classes")
+    p.add_argument("--freeze-backbone", action="store_true", default=S, help="with --pretrained: train the head only")
+    p.add_argument("--backbone-lr", type=float, default=S,
+                   help="the backbone's learning rate as a fraction of --lr (default 0.1 with --pretrained)")
     p.add_argument("--out", default=S, help="run folder (default runs/ARCH-DATA)")
     p.add_argument("--resume", default=None, help="continue from a run's last.pt")
     p.set_defaults(func=_cmd_train)
@@ -98,14 +103,48 @@ def _store(path, name=None) -> str:
 
 
 def _cmd_export(args) -> int:
-    from cnnserve.export.onnx import export_checkpoint
+    from pathlib import Path
 
-    results = export_checkpoint(args.checkpoint, args.out, fp16=args.fp16, simplify_graph=args.simplify,
+    from cnnserve.export.onnx import checkpoint_from_weights, export_checkpoint
+
+    checkpoint = args.checkpoint
+    if args.weights:  # an architecture by name and a weights file: first a checkpoint of them
+        run = Path(args.out).parent if args.out else Path("runs") / checkpoint.replace(":", "-")
+        checkpoint = checkpoint_from_weights(checkpoint, args.weights, run, args.labels)
+        print(f"wrote {checkpoint} ({args.checkpoint} with {args.weights})")
+    elif args.labels:
+        raise ValueError("--labels goes with --weights (a checkpoint carries its own labels)")
+    results = export_checkpoint(checkpoint, args.out, fp16=args.fp16, simplify_graph=args.simplify,
                                 data_dir=args.data_dir, opset=args.opset)
     if args.store:
         for r in results:
             _store(r["path"], args.name if r["info"].precision == "fp32" else
                    (f"{args.name}-{r['info'].precision}" if args.name else None))
+    return 0
+
+
+def _cmd_import(args) -> int:
+    from pathlib import Path
+
+    from cnnserve.export.importer import ModelImportError, import_onnx
+
+    try:
+        size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
+        if size is not None and len(size) != 2:
+            raise ValueError
+    except ValueError:
+        raise ModelImportError(f"--size {args.size!r}: expected HxW, e.g. 224x224") from None
+    if len(args.mean) != len(args.std):
+        raise ModelImportError(f"--mean has {len(args.mean)} values and --std {len(args.std)}: one per channel each")
+    try:
+        labels = [ln.strip() for ln in Path(args.labels).read_text().splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelImportError(f"{args.labels}: cannot read labels ({e})") from None
+    result = import_onnx(args.onnx, mean=args.mean, std=args.std, labels=labels, size=size, layout=args.layout,
+                         outputs=args.outputs, resize=args.resize, crop_pct=args.crop_pct,
+                         interpolation=args.interpolation, out=args.out, images=args.images)
+    if args.store:
+        _store(result["path"], args.name)
     return 0
 
 
@@ -238,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="checkpoint to a verified, self-contained ONNX file",
                        description="Export a checkpoint to ONNX (uint8 input, normalisation inside, spec and labels "
                                    "in the metadata), verify it against PyTorch on the test split, optionally store it.")
-    p.add_argument("checkpoint", help="a run's model.pt (or the run folder)")
+    p.add_argument("checkpoint", help="a run's model.pt (or the run folder); with --weights, an architecture: "
+                                      "a zoo name, timm:NAME or torchvision:NAME")
+    p.add_argument("--weights", help="a state dict for that architecture (.pth, .safetensors; nothing is downloaded)")
+    p.add_argument("--labels", help="with --weights: class names, one per line (default: ImageNet-1k's for 1000 "
+                                    "classes)")
     p.add_argument("--out", "-o", help="ONNX file to write (default: beside the checkpoint, model.onnx)")
     p.add_argument("--fp16", action="store_true", help="also write a half-precision variant (NAME.fp16.onnx)")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=False,
@@ -248,6 +291,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", action="store_true", help="save the exported file(s) into BentoML's model store")
     p.add_argument("--name", help="model store name (default ARCH-DATA, ARCH-DATA-fp16)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("import", help="wrap any ONNX classifier (float input) as a verified cnnserve model",
+                       description="Compose uint8 input, normalisation and probabilities around an ONNX classifier "
+                                   "made elsewhere, verify the result against the original on real images "
+                                   "(max difference 1e-4), write it with the metadata contract and store it.")
+    p.add_argument("onnx", help="the ONNX file (one float32 4-D input, a [batch, classes] output)")
+    p.add_argument("--mean", type=float, nargs="+", required=True, help="per-channel mean the model expects (0-1 scale)")
+    p.add_argument("--std", type=float, nargs="+", required=True, help="per-channel std (0-1 scale)")
+    p.add_argument("--labels", required=True, help="class names, one per line, in output order")
+    p.add_argument("--size", help="HxW input size (needed when the model's height/width are dynamic)")
+    p.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"), help="the model's input layout")
+    p.add_argument("--outputs", default="logits", choices=("logits", "probabilities"),
+                   help="what the model's output holds (probabilities: logits are their log)")
+    p.add_argument("--resize", default="center-crop", choices=("center-crop", "stretch"))
+    p.add_argument("--crop-pct", type=float, default=0.875, help="center-crop: the crop's share of the resized side")
+    p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic"))
+    p.add_argument("--images", help="a folder of your own images to verify with (default: drawn shapes)")
+    p.add_argument("--out", "-o", help="ONNX file to write (default runs/imported-NAME/model.onnx)")
+    p.add_argument("--name", help="model store name (default onnx-NAME)")
+    p.add_argument("--store", action=argparse.BooleanOptionalAction, default=True,
+                   help="save it into BentoML's model store (default on)")
+    p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("store", help="save an exported ONNX file into BentoML's model store")
     p.add_argument("onnx", help="a file written by `cnnserve export`")

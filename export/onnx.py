@@ -177,7 +177,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
     model = classifier_from_checkpoint(ckpt)
     metrics = ckpt.get("metrics", {})
     info = ModelInfo(spec=ckpt["spec"], precision="fp32", metrics=metrics,
-                     checkpoint_sha256=file_sha256(ckpt["path"]), versions=versions(), data=ckpt.get("data", ""))
+                     checkpoint_sha256=file_sha256(ckpt["path"]), versions=versions(), data=ckpt.get("data", ""),
+                     origin=ckpt.get("origin", {"kind": "trained"}))
     out = Path(out) if out else Path(ckpt["path"]).with_suffix(".onnx")
     images, targets = test_images(ckpt, data_dir)
     log(f"exporting {ckpt['path']} ({info.spec.arch}, input uint8 {'x'.join(map(str, info.spec.input_shape))}, "
@@ -212,3 +213,53 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
                          "info": replace(info, precision=precision)})
     return results
 
+
+# --- weights made elsewhere: an architecture by name and a weights file -> a checkpoint -------
+
+IMAGENET_LABELS = Path(__file__).with_name("imagenet1k.txt")
+
+
+def read_labels(path: str | os.PathLike | None, classes: int) -> list[str]:
+    """One label per line from ``path``; without one, ImageNet-1k's for a 1000-class model."""
+    if path is None:
+        if classes != 1000:
+            raise ExportError(f"the weights have {classes} classes: name them with --labels FILE (one per line)")
+        path = IMAGENET_LABELS
+    try:
+        labels = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: cannot read labels ({e})") from None
+    if len(labels) != classes:
+        raise ExportError(f"{path}: {len(labels)} labels for a model of {classes} classes")
+    return labels
+
+
+def checkpoint_from_weights(arch: str, weights: str | os.PathLike, out: str | os.PathLike,
+                            labels: str | os.PathLike | None = None) -> Path:
+    """A cnnserve checkpoint (``out``/model.pt) of ``arch`` (a zoo name, ``timm:NAME`` or
+    ``torchvision:NAME``) holding ``weights``, with the architecture's pretrained spec and the labels;
+    ``export_checkpoint`` then exports and verifies it like any other."""
+    from dataclasses import replace
+
+    from cnnserve.models.checkpoint import file_sha256, save_checkpoint
+    from cnnserve.models.pretrained import WeightsError, head_classes, load_weights, read_weights
+    from cnnserve.models.registry import UnknownModelError, build_classifier, get_entry
+
+    try:
+        entry = get_entry(arch)
+        state, _ = read_weights(weights)
+        classes = head_classes(state)
+        spec = replace(entry.spec, labels=tuple(read_labels(labels, classes)))
+        model = build_classifier(spec)
+        load_weights(model.net, state, str(weights))
+    except (WeightsError, UnknownModelError, ValueError) as e:
+        raise ExportError(str(e)) from None
+    lib = arch.partition(":")[0] if ":" in arch else None
+    origin = {"kind": lib or "pretrained", "weights": Path(weights).name, "weights_sha256": file_sha256(weights)}
+    if lib:
+        origin["name"] = arch.partition(":")[2]
+    path = Path(out) / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, {"arch": arch, "spec": spec.to_dict(), "state_dict": model.net.state_dict(),
+                           "metrics": {}, "origin": origin, "torch_version": str(torch.__version__)})
+    return path

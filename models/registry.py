@@ -41,6 +41,7 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_LIBRARY: dict[str, ModelEntry] = {}  # timm:NAME and torchvision:NAME, made on first use
 
 
 def register_model(name: str, *, family: str, channels: int = 3, size: int = 224,
@@ -68,6 +69,13 @@ def list_models() -> list[str]:
 
 
 def get_entry(name: str) -> ModelEntry:
+    """The zoo's entry for ``name``; ``timm:ARCH`` and ``torchvision:ARCH`` are built by those libraries."""
+    if ":" in name:
+        if name not in _LIBRARY:
+            from .pretrained import library_entry
+
+            _LIBRARY[name] = library_entry(name)
+        return _LIBRARY[name]
     try:
         return _REGISTRY[name]
     except KeyError:

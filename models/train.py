@@ -25,8 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from .data import DATASETS, NATIVE_CHANNELS, DataError, load_dataset
+from .pretrained import freeze_backbone, load_weights, read_weights, split_parameters
 from .registry import Classifier, build_classifier, get_entry, spec_for
 
 OPTIMIZERS = ("sgd", "momentum", "adagrad", "rmsprop", "adadelta", "adam", "adamw")
@@ -62,6 +63,12 @@ class TrainConfig:
     seed: int = 0
     out: str | None = None  # default: runs/ARCH-DATA
     workers: int = 0  # data loader processes (folder data sets)
+    # Fine-tuning: start from these weights (a torchvision/timm state dict, .pth or .safetensors); the
+    # spec then keeps the weights' normalisation and input size, and the head is replaced when the
+    # number of classes differs.
+    pretrained: str | None = None
+    freeze_backbone: bool = False  # only the head learns
+    backbone_lr: float | None = None  # the backbone's learning rate as a fraction of --lr (default 0.1 with --pretrained)
 
     def __post_init__(self):
         for name, value, valid in (("data set", self.data, DATASETS), ("optimizer", self.optimizer, OPTIMIZERS),
@@ -74,7 +81,7 @@ class TrainConfig:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.arch}-{self.data}")
+        return Path(self.out or f"runs/{self.arch.replace(':', '-')}-{self.data}")
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
@@ -111,6 +118,19 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if o == "adadelta":
         return torch.optim.Adadelta(params, lr, weight_decay=wd)
     return (torch.optim.AdamW if o == "adamw" else torch.optim.Adam)(params, lr, weight_decay=wd)
+
+
+def parameter_groups(cfg: TrainConfig, net: nn.Module) -> list[dict]:
+    """The optimizer's groups: everything at --lr; from pretrained weights, the backbone at a fraction
+    of it (``backbone_lr``), or not at all with ``freeze_backbone``."""
+    if not (cfg.pretrained or cfg.freeze_backbone or cfg.backbone_lr is not None):
+        return [{"params": list(net.parameters())}]
+    lr = cfg.lr or DEFAULT_LR[cfg.optimizer]
+    backbone, head = split_parameters(net)
+    if cfg.freeze_backbone:
+        return [{"params": head}]
+    scale = 0.1 if cfg.backbone_lr is None else cfg.backbone_lr
+    return [{"params": backbone, "lr": lr * scale}, {"params": head, "lr": lr}]
 
 
 def make_schedule(cfg: TrainConfig, opt, steps_per_epoch: int):
@@ -178,11 +198,16 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
 
-    # -- data and spec: the registry's spec, specialised to the data's labels and statistics
-    channels = cfg.channels or NATIVE_CHANNELS[cfg.data]
-    size = cfg.img_size or get_entry(cfg.arch).spec.height
+    # -- data and spec: the registry's spec, specialised to the data's labels and statistics (with
+    # pretrained weights: the weights' own normalisation and three channels, as they were trained)
+    weights, source = read_weights(cfg.pretrained) if cfg.pretrained and not state else (None, None)
+    channels = cfg.channels or (source or {}).get("channels") or (3 if cfg.pretrained else NATIVE_CHANNELS[cfg.data])
+    size = cfg.img_size or (source or {}).get("height") or get_entry(cfg.arch).spec.height
     data = load_dataset(cfg.data, spec_for(cfg.arch, (), channels, size), cfg.data_dir, cfg.download, cfg.limit)
-    spec = state["spec"] if state else spec_for(cfg.arch, data.labels, channels, size, data.mean, data.std)
+    # from weights trained elsewhere, their normalisation: a cnnserve checkpoint's own, else the
+    # architecture's pretrained one (ImageNet's, or the library's data config)
+    stats = ((source["mean"], source["std"]) if source else (None, None)) if cfg.pretrained else (data.mean, data.std)
+    spec = state["spec"] if state else spec_for(cfg.arch, data.labels, channels, size, *stats)
     if spec.labels != data.labels:
         raise CheckpointError(f"{resume}: its labels {spec.labels} differ from the data set's {data.labels}")
     print(f"data {cfg.data}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
@@ -197,7 +222,15 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
     # -- model, optimizer, schedule
     model: Classifier = build_classifier(spec)
     init_weights(model.net, cfg.init)
-    opt = make_optimizer(cfg, model.parameters())
+    origin = {"kind": "trained"}
+    if weights is not None:
+        loaded = load_weights(model.net, weights, cfg.pretrained)
+        origin = {"kind": "pretrained", "weights": Path(cfg.pretrained).name,
+                  "weights_sha256": file_sha256(cfg.pretrained), "head": loaded["head"]}
+        print(f"loaded {loaded['tensors']} tensors from {cfg.pretrained}; head {loaded['head_layer']} {loaded['head']}")
+    elif state:
+        origin = state.get("origin", origin)
+    opt = make_optimizer(cfg, parameter_groups(cfg, model.net))
     sched = make_schedule(cfg, opt, len(train_loader))
     history, start, best_acc, best_state, stale = [], 0, -1.0, None, 0
     if state:
@@ -211,13 +244,15 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
         print(f"resuming {resume} after epoch {start}")
     do_augment = cfg.augment if cfg.augment is not None else spec.channels == 3
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {cfg.arch}: {n_params:,} parameters; optimizer {cfg.optimizer} lr {opt.param_groups[0]['lr']:g}, "
+    print(f"model {cfg.arch}: {n_params:,} parameters; optimizer {cfg.optimizer} lr {opt.param_groups[-1]['lr']:g}, "
           f"schedule {cfg.schedule}, augment {'on' if do_augment else 'off'}; writing {out}/")
 
     # -- the loop
     t0 = time.time()
     for epoch in range(start, cfg.epochs):
         model.train()
+        if cfg.freeze_backbone:
+            freeze_backbone(model.net)
         seen = correct = 0
         loss_sum = 0.0
         # progress None: a bar on a terminal only; the per-epoch line below is always printed
@@ -243,7 +278,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
                 bar.update(task, advance=1, stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f}")
         val = evaluate(model, val_loader)
         row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
-               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": opt.param_groups[0]["lr"],
+               "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": opt.param_groups[-1]["lr"],
                "seconds": round(time.time() - t0, 2)}
         history.append(row)
         improved = val["accuracy"] > best_acc
@@ -258,7 +293,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
             "arch": cfg.arch, "spec": spec.to_dict(), "state_dict": model.net.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
             "history": history, "best_val_accuracy": best_acc, "best_state_dict": best_state, "stale": stale,
-            "train_config": asdict(cfg), "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state()}})
+            "train_config": asdict(cfg), "rng": {"torch": torch.get_rng_state(), "loader": gen.get_state()},
+            "origin": origin})
         _write_metrics(out, cfg, spec, history, None)
         if cfg.patience and stale >= cfg.patience:
             print(f"early stop: no better validation accuracy for {cfg.patience} epochs")
@@ -273,7 +309,7 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
                "train_seconds": history[-1]["seconds"] if history else 0.0}
     save_checkpoint(out / "model.pt", {
         "arch": cfg.arch, "spec": spec.to_dict(), "state_dict": model.net.state_dict(), "metrics": metrics,
-        "train_config": asdict(cfg), "data": cfg.data, "torch_version": str(torch.__version__),
+        "train_config": asdict(cfg), "data": cfg.data, "torch_version": str(torch.__version__), "origin": origin,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     _write_metrics(out, cfg, spec, history, metrics)
     from .report import plot_confusion, plot_curves

@@ -120,7 +120,7 @@ class Model:
         return {
             "name": self.name, "version": self.version, "arch": self.spec.arch, "precision": self.info.precision,
             "providers": self.providers, "spec": self.spec.to_dict(), "labels": list(self.spec.labels),
-            "metrics": self.info.metrics, "data": self.info.data,
+            "metrics": self.info.metrics, "data": self.info.data, "origin": self.info.origin,
             "input": {"name": onnxmeta.INPUT, "datatype": "UINT8", "shape": [-1, c, h, w]},
             "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, self.spec.num_classes]}
                         for o in onnxmeta.OUTPUTS],

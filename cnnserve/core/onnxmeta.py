@@ -27,6 +27,7 @@ KEY_CHECKPOINT = "cnnserve.checkpoint_sha256"
 KEY_PRECISION = "cnnserve.precision"
 KEY_VERSIONS = "cnnserve.versions"
 KEY_DATA = "cnnserve.data"
+KEY_ORIGIN = "cnnserve.origin"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class ModelInfo:
     checkpoint_sha256: str = ""
     versions: dict = field(default_factory=dict)
     data: str = ""
+    # Where the weights came from: {"kind": "trained"} (here, from random weights), "pretrained"
+    # (fine-tuned from a weights file), "timm" or "torchvision" (a library's architecture by name,
+    # with a weights file) or "imported" (someone else's ONNX graph), with the details of each.
+    origin: dict = field(default_factory=lambda: {"kind": "trained"})
 
     def to_metadata(self) -> dict[str, str]:
         return {
@@ -51,6 +56,7 @@ class ModelInfo:
             KEY_PRECISION: self.precision,
             KEY_VERSIONS: json.dumps(self.versions, sort_keys=True),
             KEY_DATA: self.data,
+            KEY_ORIGIN: json.dumps(self.origin, sort_keys=True),
         }
 
     @classmethod
@@ -64,7 +70,8 @@ class ModelInfo:
             return cls(spec=spec, precision=props.get(KEY_PRECISION, "fp32"),
                        metrics=json.loads(props.get(KEY_METRICS) or "{}"),
                        checkpoint_sha256=props.get(KEY_CHECKPOINT, ""),
-                       versions=json.loads(props.get(KEY_VERSIONS) or "{}"), data=props.get(KEY_DATA, ""))
+                       versions=json.loads(props.get(KEY_VERSIONS) or "{}"), data=props.get(KEY_DATA, ""),
+                       origin=json.loads(props.get(KEY_ORIGIN) or '{"kind": "trained"}'))
         except (KeyError, json.JSONDecodeError, SpecError) as e:
             raise SpecError(f"{source}: damaged cnnserve metadata: {e}") from None
 
@@ -72,4 +79,4 @@ class ModelInfo:
         """A JSON-ready description (for model stores, APIs and reports)."""
         return {"arch": self.spec.arch, "spec": self.spec.to_dict(), "labels": list(self.spec.labels),
                 "precision": self.precision, "metrics": self.metrics, "data": self.data,
-                "checkpoint_sha256": self.checkpoint_sha256, "versions": self.versions}
+                "checkpoint_sha256": self.checkpoint_sha256, "versions": self.versions, "origin": self.origin}

@@ -28,7 +28,7 @@ from .spec import ModelSpec
 
 #: File name endings of images, for folders walked by training and batch scoring.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-RESAMPLE = Image.Resampling.BILINEAR
+RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 # Modes that convert to "L" and "RGB" (LAB and the premultiplied "La" do not: Pillow refuses them).
 MODES = frozenset({"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "HSV", "LA", "PA",
                    "I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
@@ -234,14 +234,14 @@ def resize(img: Image.Image, spec: ModelSpec) -> Image.Image:
     if img.size == (w, h):
         return img
     if spec.resize == "stretch":
-        return img.resize((w, h), RESAMPLE, reducing_gap=3.0)
+        return img.resize((w, h), RESAMPLE[spec.interpolation], reducing_gap=3.0)
     # center-crop: shorter side to size / crop_pct, then the centre, mapped back onto the source
     scale = max(w, h) / spec.crop_pct / min(img.size)
     sw, sh = max(w, round(img.width * scale)), max(h, round(img.height * scale))
     sx, sy = sw / img.width, sh / img.height
     left, top = (sw - w) // 2, (sh - h) // 2
     box = (left / sx, top / sy, (left + w) / sx, (top + h) / sy)
-    return img.resize((w, h), RESAMPLE, box=box, reducing_gap=3.0)
+    return img.resize((w, h), RESAMPLE[spec.interpolation], box=box, reducing_gap=3.0)
 
 
 def to_array(img: Image.Image, spec: ModelSpec) -> np.ndarray:

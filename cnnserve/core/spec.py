@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field, replace
 #: ``center-crop``: resize the shorter side to ``size / crop_pct``, then crop the
 #: centre H x W (the ImageNet evaluation transform of torchvision and timm).
 RESIZE_POLICIES = ("stretch", "center-crop")
+#: The resampling filter of that resize (timm's pretrained configs name bicubic for many models).
+INTERPOLATIONS = ("bilinear", "bicubic")
 
 SPEC_FORMAT = "cnnserve-spec/1"
 
@@ -38,6 +40,7 @@ class ModelSpec:
     resize: str = "stretch"
     crop_pct: float = 0.875
     labels: tuple[str, ...] = field(default=())
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
         # Normalise sequences so that specs read back from JSON compare equal.
@@ -57,6 +60,8 @@ class ModelSpec:
             raise SpecError(f"std must be positive, got {self.std}")
         if self.resize not in RESIZE_POLICIES:
             raise SpecError(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise SpecError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if not 0 < self.crop_pct <= 1:
             raise SpecError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if len(set(self.labels)) != len(self.labels):

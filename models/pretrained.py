@@ -1,0 +1,206 @@
+"""Weights made elsewhere: torchvision and timm state dicts into the zoo, and those libraries' own
+architectures by name (``timm:NAME``, ``torchvision:NAME``). Nothing is downloaded: weights are
+local ``.pth``/``.pt`` or ``.safetensors`` files.
+
+**Key mapping.** The zoo declares its layers in the order torchvision does (stem, stages, blocks:
+convolution then batch norm; the classifier last), so a torchvision state dict maps onto a zoo
+model tensor by tensor in that order, every shape checked. Names differ (torchvision's
+``layer1.0.conv1.weight`` is the zoo's ``stages.0.0.body.0.0.weight``); order and shapes do not.
+Auxiliary heads the zoo model was built without (GoogLeNet's ``aux1``/``aux2``) are skipped. The
+final linear layer (the head) is loaded when its shape fits and replaced (kept freshly initialised)
+when the number of classes differs. Anything else that does not fit is refused with the keys that
+are missing and unexpected, in one message.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LIBRARIES = ("timm", "torchvision")
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be read or do not fit the model; the message names the file and why."""
+
+
+def import_torchvision():
+    """torchvision, also where its compiled operators cannot load beside this torch (PyPI's
+    torchvision is a CUDA build; beside a CPU-only torch its ``_C`` extension fails, and the import
+    then stops at registering ``nms``). Classification models need none of those operators: their
+    names are declared so the import completes; calling one would fail with torch's own error."""
+    try:
+        import torchvision
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _KEEP.append(lib)
+        import torchvision
+    return torchvision
+
+
+_KEEP: list = []  # the operator declarations live as long as the process
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """A state dict from ``.safetensors`` or a torch file (``weights_only``: no pickled code runs),
+    and the spec (as a dict) when the file is a cnnserve checkpoint. Checkpoints that wrap the state
+    dict (``{"state_dict": ...}``, ``{"model": ...}``) and ``module.`` prefixes (DataParallel) are
+    unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is one line naming the file
+        raise WeightsError(f"{path}: not a readable state dict ({type(e).__name__}: {str(e)[:200]})") from None
+    spec = state.get("spec") if isinstance(state, dict) and str(state.get("format", "")).startswith("cnnserve") else None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: holds no state dict of tensors")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state, spec
+
+
+def head_of(net: nn.Module) -> tuple[str, nn.Linear]:
+    """The final linear layer (the classifier head): its name and the module."""
+    linears = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise WeightsError(f"{type(net).__name__} has no linear classifier head")
+    return linears[-1]
+
+
+def head_classes(state: dict[str, torch.Tensor]) -> int:
+    """Classes of the state dict's head: the rows of its last 2-D weight."""
+    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if not weights:
+        raise WeightsError("the state dict has no linear layer, so no class count")
+    return int(weights[-1].shape[0])
+
+
+def _entries(state: dict[str, torch.Tensor], skip_aux: bool) -> list[tuple[str, torch.Tensor]]:
+    return [(k, v) for k, v in state.items() if not (skip_aux and k.split(".")[0] in ("aux1", "aux2", "AuxLogits"))]
+
+
+def load_weights(net: nn.Module, state: dict[str, torch.Tensor], source: str = "weights") -> dict:
+    """Load ``state`` into ``net`` by name when the names are the model's own, else by order (see
+    the module's docstring). Returns what happened: tensors loaded and whether the head was replaced."""
+    own = net.state_dict()
+    head_name, head = head_of(net)
+    head_keys = {f"{head_name}.weight", f"{head_name}.bias"}
+    ours = list(own.items())
+    skip_aux = not any(k.split(".")[0] in ("aux1", "aux2") for k in own)
+    theirs = _entries(state, skip_aux)
+    if {k for k, _ in theirs} == set(own):  # the same names: the model's own kind of state dict
+        pairs = [(k, own[k], k, state[k]) for k in own]
+    elif len(theirs) == len(ours):
+        pairs = [(k, v, fk, fv) for (k, v), (fk, fv) in zip(ours, theirs)]
+    else:
+        extra = len(theirs) - len(ours)
+        missing = [k for k, _ in ours[len(theirs):]] if extra < 0 else []
+        unexpected = [k for k, _ in theirs[len(ours):]] if extra > 0 else []
+        raise WeightsError(f"{source}: {len(theirs)} tensors do not fit a model of {len(ours)}; missing: "
+                           f"{_names(missing)}; unexpected: {_names(unexpected)}")
+    loaded, replaced, misfits = {}, False, []
+    for k, v, fk, fv in pairs:
+        if fv.shape == v.shape:
+            loaded[k] = fv
+        elif k in head_keys and (fv.ndim < 2 or fv.shape[1:] == v.shape[1:]):
+            replaced = True  # another number of classes: this head starts fresh
+        else:
+            misfits.append(f"{k} {tuple(v.shape)} <- {fk} {tuple(fv.shape)}")
+    if misfits:
+        raise WeightsError(f"{source}: shapes do not fit: {_names(misfits)}; missing: "
+                           f"{_names([k for k, *_ in pairs if k not in loaded and k not in head_keys])}; "
+                           f"unexpected: {_names([fk for k, _, fk, _ in pairs if k not in loaded and k not in head_keys])}")
+    net.load_state_dict(loaded, strict=False)  # the keys are the model's own; the head may be left out
+    return {"tensors": len(loaded), "head": "replaced" if replaced else "loaded", "head_layer": head_name}
+
+
+def _names(keys: list[str], n: int = 6) -> str:
+    if not keys:
+        return "none"
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def split_parameters(net: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(backbone parameters, head parameters)."""
+    _, head = head_of(net)
+    head_ids = {id(p) for p in head.parameters()}
+    params = list(net.parameters())
+    return [p for p in params if id(p) not in head_ids], [p for p in params if id(p) in head_ids]
+
+
+def freeze_backbone(net: nn.Module) -> None:
+    """Only the head learns: backbone parameters stop taking gradients, and its batch-norm layers
+    keep their running statistics (call again after every ``net.train()``)."""
+    backbone, _ = split_parameters(net)
+    for p in backbone:
+        p.requires_grad_(False)
+    _, head = head_of(net)
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m is not head:
+            m.eval()
+
+
+def library_entry(name: str):
+    """A registry entry for ``timm:ARCH`` or ``torchvision:ARCH``: built by the library with random
+    weights, its spec from the library's pretrained data config (mean, std, input size, crop
+    fraction, interpolation) where it has one, else ImageNet's at 224."""
+    from .registry import IMAGENET_MEAN, IMAGENET_STD, ModelEntry, UnknownModelError
+
+    from cnnserve.core.spec import ModelSpec
+
+    lib, _, arch = name.partition(":")
+    mean, std, size, crop_pct, interpolation = IMAGENET_MEAN, IMAGENET_STD, 224, 0.875, "bilinear"
+    if lib == "timm":
+        import_torchvision()
+        import timm
+
+        if not timm.is_model(arch):
+            raise UnknownModelError(f"timm has no architecture {arch!r} (timm {timm.__version__}; "
+                                    f"`python -c \"import timm; print(timm.list_models('*{arch[:4]}*'))\"` lists near names)")
+        cfg = timm.models.get_pretrained_cfg(arch)
+        if cfg is not None:
+            mean, std, crop_pct = tuple(cfg.mean), tuple(cfg.std), float(cfg.crop_pct or crop_pct)
+            size = int(cfg.input_size[-1])
+            interpolation = "bicubic" if cfg.interpolation == "bicubic" else "bilinear"
+
+        def builder(num_classes, in_chans, img_size):
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    elif lib == "torchvision":
+        tv = import_torchvision()
+        if arch not in tv.models.list_models(module=tv.models):
+            raise UnknownModelError(f"torchvision has no classification architecture {arch!r}; valid names: "
+                                    f"{', '.join(tv.models.list_models(module=tv.models))}")
+        weights = tv.models.get_model_weights(arch).DEFAULT
+        t = weights.transforms()
+        mean, std, size = tuple(t.mean), tuple(t.std), int(t.crop_size[0])
+        crop_pct = min(1.0, size / t.resize_size[0])
+        interpolation = "bicubic" if t.interpolation.value == "bicubic" else "bilinear"
+
+        def builder(num_classes, in_chans, img_size):
+            if in_chans != 3:
+                raise ValueError(f"torchvision's {arch} takes 3 channels, not {in_chans}")
+            return tv.models.get_model(arch, weights=None, num_classes=num_classes)
+    else:
+        raise UnknownModelError(f"unknown library {lib!r} in {name!r}; valid: {', '.join(LIBRARIES)}")
+    spec = ModelSpec(name, 3, size, size, mean, std, resize="center-crop", crop_pct=crop_pct,
+                     interpolation=interpolation)
+    return ModelEntry(name, lib, builder, spec, f"{lib}'s {arch}")
