@@ -8,6 +8,7 @@ and a message that names the problem, so nothing a client sends becomes a 500.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -25,6 +26,8 @@ from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from .runtime import Model
 
 log = logging.getLogger("cnnserve.engine")
+#: The Open Inference Protocol input that carries encoded images (BYTES) instead of pixels.
+IMAGE_INPUT = "image"
 
 
 # Where one /classify request's time goes, in order (seconds; the Server-Timing header and the
@@ -172,6 +175,21 @@ class Engine:
             timings["thread"] = time.perf_counter() - t - timings["decode"] - timings["resize"]
         return pixels
 
+    async def decode_all(self, model: Model, images: list[bytes]) -> list:
+        """Each image's pixels, or the ``APIError`` it earned; decoded in parallel worker threads."""
+        decoded: list = [None] * len(images)
+
+        async def decode_one(i: int, data: bytes) -> None:
+            try:
+                decoded[i] = await self.decode(model, data)
+            except APIError as e:
+                decoded[i] = e
+
+        async with anyio.create_task_group() as tg:
+            for i, data in enumerate(images):
+                tg.start_soon(decode_one, i, data)
+        return decoded
+
     async def run(self, model: Model, pixels: np.ndarray, timings: dict | None = None,
                   ticket: Ticket | None = None) -> np.ndarray:
         """Logits and probabilities (N x 2K) through the model's batcher; overload becomes 503, a
@@ -225,17 +243,7 @@ class Engine:
             raise APIError(413, "too_many_images", f"{len(files)} images in one request; the limit is "
                                                       f"{self.config.max_images_per_request}")
 
-        decoded: list = [None] * len(files)
-
-        async def decode_one(i: int, data: bytes) -> None:
-            try:
-                decoded[i] = await self.decode(model, data)
-            except APIError as e:
-                decoded[i] = e
-
-        async with anyio.create_task_group() as tg:  # images decode in parallel worker threads
-            for i, (_, data) in enumerate(files):
-                tg.start_soon(decode_one, i, data)
+        decoded = await self.decode_all(model, [data for _, data in files])
         good = [i for i, d in enumerate(decoded) if not isinstance(d, APIError)]
         preds = []
         if good:
@@ -293,15 +301,21 @@ class Engine:
             raise APIError(400, "bad_request", "the request must be a JSON object with 'inputs'")
         return req, binary
 
-    def v2_tensor(self, model: Model, req: dict, binary: bytes) -> np.ndarray:
-        """The ``pixels`` tensor of a request, every field type-checked (a bool is not an int)."""
+    def v2_input(self, model: Model, req: dict, binary: bytes) -> np.ndarray | list[bytes]:
+        """The request's one input: the ``pixels`` tensor (UINT8 N x C x H x W), or ``image``, a
+        BYTES tensor of N encoded images (decoded here by the service's preprocessing). Every field
+        is type-checked (a bool is not an int)."""
         inputs = req.get("inputs")
         if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise APIError(400, "bad_request", f"'inputs' must hold exactly one tensor named {onnxmeta.INPUT!r}")
+            raise APIError(400, "bad_request", f"'inputs' must hold exactly one tensor: {onnxmeta.INPUT!r} "
+                                               f"(UINT8 pixels) or {IMAGE_INPUT!r} (BYTES, encoded images)")
         t = inputs[0]
+        if t.get("name") == IMAGE_INPUT:
+            return self.v2_images(t, binary)
         c, h, w = model.spec.input_shape
         if t.get("name") != onnxmeta.INPUT:
-            raise APIError(400, "bad_input_name", f"input must be named {onnxmeta.INPUT!r}, got {_short(t.get('name'))}")
+            raise APIError(400, "bad_input_name", f"input must be named {onnxmeta.INPUT!r} or {IMAGE_INPUT!r}, "
+                                                  f"got {_short(t.get('name'))}")
         if t.get("datatype") != "UINT8":
             raise APIError(400, "bad_datatype", f"input datatype must be UINT8, got {_short(t.get('datatype'))}")
         shape = t.get("shape")
@@ -338,6 +352,64 @@ class Engine:
             raise APIError(400, "bad_data", "UINT8 data must lie in 0..255")
         return arr.astype(np.uint8).reshape(shape)
 
+    def v2_images(self, t: dict, binary: bytes) -> list[bytes]:
+        """The encoded images of a BYTES input: with the binary tensor extension, each element is a
+        4-byte little-endian length and its bytes (Triton's serialisation); in JSON, each is a
+        base64 string."""
+        if t.get("datatype") != "BYTES":
+            raise APIError(400, "bad_datatype", f"input {IMAGE_INPUT!r} must be BYTES, got {_short(t.get('datatype'))}")
+        shape = t.get("shape")
+        if (not isinstance(shape, list) or len(shape) not in (1, 2) or not all(type(s) is int for s in shape)
+                or shape[0] < 1 or shape[1:] not in ([], [1])):
+            raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} shape must be [N] or [N, 1], got {_short(shape)}")
+        n = shape[0]
+        if n > self.config.max_images_per_request:
+            raise APIError(413, "too_many_images", f"{n} images in one request; the limit is "
+                                                      f"{self.config.max_images_per_request}")
+        params = t.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise APIError(400, "bad_parameters", f"input 'parameters' must be an object, got {_short(params)}")
+        size = (params or {}).get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or not 0 < size <= len(binary):
+                raise APIError(400, "bad_binary", f"binary_data_size {_short(size)} does not fit the "
+                                                     f"{len(binary)} bytes sent")
+            images, view, pos = [], memoryview(binary)[:size], 0
+            while pos < size:
+                if len(images) == n:  # more elements than the shape says: stop before reading them all
+                    raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} has shape {shape} but holds more images")
+                if pos + 4 > size:
+                    raise APIError(400, "bad_binary", f"element {len(images)} of {IMAGE_INPUT!r}: truncated length")
+                length = int.from_bytes(view[pos:pos + 4], "little")
+                if pos + 4 + length > size:
+                    raise APIError(400, "bad_binary", f"element {len(images)} of {IMAGE_INPUT!r}: {length} bytes "
+                                                         f"announced, {size - pos - 4} left")
+                images.append(bytes(view[pos + 4:pos + 4 + length]))
+                pos += 4 + length
+        else:
+            data = t.get("data")
+            if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
+                raise APIError(400, "bad_request", f"input {IMAGE_INPUT!r} needs 'data' (base64 strings) or "
+                                                   "binary_data_size")
+            try:
+                images = [base64.b64decode(d, validate=True) for d in data]
+            except ValueError:
+                images = None
+            if images is None:
+                raise APIError(400, "bad_data", f"input {IMAGE_INPUT!r} data must be base64 strings")
+        if len(images) != n:
+            raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} has shape {shape} but holds {len(images)} images")
+        return images
+
+    async def v2_decode(self, model: Model, images: list[bytes]) -> np.ndarray:
+        """Every image decoded; one that fails fails the request, naming its index."""
+        decoded = await self.decode_all(model, images)
+        bad = next(((i, d) for i, d in enumerate(decoded) if isinstance(d, APIError)), None)
+        if bad:
+            i, e = bad
+            raise APIError(e.status, e.code, f"image {i}: {e.message}")
+        return np.stack(decoded)
+
     def v2_outputs(self, req: dict) -> list[str]:
         wanted = req.get("outputs")
         if wanted is None:
@@ -356,8 +428,10 @@ class Engine:
         req, binary = await self.parse_v2(body, header_length)
         if "id" in req and not isinstance(req["id"], str):
             raise APIError(400, "bad_request", f"'id' must be a string, got {_short(req['id'])}")
-        pixels = self.v2_tensor(model, req, binary)
+        pixels = self.v2_input(model, req, binary)
         wanted = self.v2_outputs(req)
+        if isinstance(pixels, list):
+            pixels = await self.v2_decode(model, pixels)
         out = await self.run(model, pixels, ticket=ticket)
         k = model.spec.num_classes
         parts = {"logits": out[:, :k], "probabilities": out[:, k:]}

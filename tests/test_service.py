@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
+import tritonclient.utils as triton_utils
 from PIL import Image
 
 from cnnserve.core.onnxmeta import ModelInfo
@@ -138,6 +139,39 @@ def test_open_inference_protocol_with_tritonclient(server, digits_test, referenc
         assert res.get_response()["id"] == "r1"
 
 
+def test_encoded_images_over_the_open_inference_protocol(server, client, digits_test, reference):
+    """A BYTES input named ``image``: encoded images decoded by the service's own preprocessing, sent
+    by tritonclient with the binary tensor extension and as base64 JSON; the answers equal the model's
+    on the same pixels."""
+    x = digits_test[0][:5]
+    pngs = [png(a) for a in x]
+    want = reference[0].run(["logits", "probabilities"], {"pixels": x})
+    c = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    inp = triton.InferInput("image", [len(pngs)], "BYTES")
+    inp.set_data_from_numpy(np.array(pngs, dtype=np.object_), binary_data=True)
+    res = c.infer("lenet5-digits", [inp], outputs=[triton.InferRequestedOutput("probabilities", binary_data=True)])
+    assert np.allclose(res.as_numpy("probabilities"), want[1], atol=1e-6)
+    import base64
+
+    r = v2(client, [{"name": "image", "datatype": "BYTES", "shape": [2, 1],
+                     "data": [base64.b64encode(b).decode() for b in pngs[:2]]}])
+    assert r.status_code == 200, r.text
+    logits = next(o for o in r.json()["outputs"] if o["name"] == "logits")
+    assert logits["shape"] == [2, 10] and np.allclose(np.reshape(logits["data"], (2, 10)), want[0][:2], atol=1e-5)
+    # one bad image fails the request with its index; a length that overruns the body is refused
+    bad = np.array([pngs[0], pngs[1][:40]], dtype=np.object_)
+    inp = triton.InferInput("image", [2], "BYTES")
+    inp.set_data_from_numpy(bad, binary_data=True)
+    with pytest.raises(triton_utils.InferenceServerException, match="image 1: "):
+        c.infer("lenet5-digits", [inp])
+    blob = (1000).to_bytes(4, "little") + pngs[0]
+    head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                   "parameters": {"binary_data_size": len(blob)}}]}).encode()
+    r = client.post("/v2/models/lenet5-digits/infer", content=head + blob,
+                    headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 400 and r.json()["code"] == "bad_binary" and "1000 bytes announced" in r.json()["error"]
+
+
 def v2(client, inputs, name="lenet5-digits"):
     return client.post(f"/v2/models/{name}/infer", json={"inputs": inputs})
 
@@ -145,7 +179,13 @@ def v2(client, inputs, name="lenet5-digits"):
 @pytest.mark.parametrize("inputs, code", [
     ([{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 32, 32], "data": [0] * 1024}], "bad_shape"),
     ([{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": [0.0] * 784}], "bad_datatype"),
-    ([{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}], "bad_input_name"),
+    ([{"name": "picture", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}], "bad_input_name"),
+    ([{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}], "bad_datatype"),
+    ([{"name": "image", "datatype": "BYTES", "shape": [1, 28], "data": ["aGk="]}], "bad_shape"),
+    ([{"name": "image", "datatype": "BYTES", "shape": [2], "data": ["aGk="]}], "bad_shape"),
+    ([{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["not base64!"]}], "bad_data"),
+    ([{"name": "image", "datatype": "BYTES", "shape": [1], "data": [7]}], "bad_request"),
+    ([{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}], "not_an_image"),
     ([{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 783}], "bad_data"),
     ([{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [300] * 784}], "bad_data"),
     ([{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0.5] * 784}], "bad_data"),
