@@ -240,7 +240,7 @@ def _cmd_score(args) -> int:
     summary = score(args.inputs, args.out, model=args.model, engine=args.engine, top_k=args.top_k,
                     batch_size=args.batch_size, workers=args.workers, url=args.url, concurrency=args.concurrency,
                     ray_address=args.ray_address, providers=args.providers, resume=args.resume,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, decoders=args.decoders)
     if summary["interrupted"]:
         return 130
     return 1 if args.fail_on_error and summary["failed"] else 0
@@ -331,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="local", help="local (default), http, ray")
     p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
     p.add_argument("--batch-size", type=int, default=DEFAULTS.max_batch_size)
-    p.add_argument("--workers", type=int, help="decoding threads (local) or Ray CPUs (default: all cores)")
+    p.add_argument("--workers", type=int, help="decoders (local) or Ray CPUs (default: all cores)")
+    p.add_argument("--decoders", default="auto", choices=("auto", "processes", "threads"),
+                   help="local engine: decode in processes (scales with cores) or threads (starts at once); "
+                        "auto: processes from 5,000 files")
     p.add_argument("--url", help="http engine: the service, e.g. http://127.0.0.1:3000")
     p.add_argument("--concurrency", type=int, default=16, help="http engine: requests in flight")
     p.add_argument("--ray-address", help="ray engine: join this cluster (default: start a local Ray)")

@@ -24,7 +24,7 @@ from cnnserve.core.store import NotStored, stored_model
 
 from .runtime import load_model
 from .scoring import ScoreError, printable, row
-from .scoring.engines import ENGINES, Stats, score_http, score_local, score_ray
+from .scoring.engines import DECODERS, ENGINES, Stats, score_http, score_local, score_ray
 from .scoring.inputs import collect_inputs
 from .scoring.writers import Writer, read_predictions
 
@@ -66,10 +66,12 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
           top_k: int = DEFAULTS.top_k, batch_size: int = DEFAULTS.max_batch_size, workers: int | None = None,
           url: str | None = None, concurrency: int = 16, ray_address: str | None = None,
           providers: str = DEFAULTS.providers, resume: bool = False, overwrite: bool = False,
-          progress: bool | None = None) -> dict:
+          progress: bool | None = None, decoders: str = "auto") -> dict:
     """Score ``inputs`` into ``out``; returns the summary. Ctrl+C stops after the current batch."""
     if engine not in ENGINES:
         raise ScoreError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
+    if decoders not in DECODERS:
+        raise ScoreError(f"unknown decoders {decoders!r}; valid: {', '.join(DECODERS)}")
     if engine == "http" and not url:
         raise ScoreError("--engine http needs --url of a running cnnserve service")
     if engine != "http" and not model:
@@ -99,7 +101,7 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         stats.failed += len(bad)
 
     if engine == "local":
-        batches = score_local(todo, local_model, top_k, batch_size, workers, stats)
+        batches = score_local(todo, local_model, top_k, batch_size, workers, stats, decoders)
     elif engine == "http":
         batches = score_http(todo, url.rstrip("/"), model, top_k, batch_size, concurrency, stats)
     else:
@@ -151,7 +153,8 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
                "images_per_s": round((stats.scored + stats.failed) / max(elapsed, 1e-9), 1),
                "decode_s": round(stats.decode_s, 2), "inference_s": round(stats.infer_s, 2),
                "engine": engine, "out": str(out), "interrupted": interrupted}
-    split = (f"; decode {stats.decode_s:.1f}s (summed over {workers} threads), inference {stats.infer_s:.1f}s"
+    split = (f"; decode {stats.decode_s:.1f}s (summed over {workers} decoders), "
+             f"inference {stats.infer_s:.1f}s"
              if engine == "local" else "")
     print(f"{'interrupted: ' if interrupted else ''}{summary['scored']} scored, {summary['failed']} failed, "
           f"{summary['already_done']} already done, in {elapsed:.1f}s ({summary['images_per_s']} img/s){split}; "

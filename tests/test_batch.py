@@ -158,8 +158,9 @@ def test_killed_run_resumes_to_exactly_once(slow_job, tmp_path, sig, ext):
     model_path, images = slow_job
     out = tmp_path / f"p.{ext}"
     written = out.with_name(out.name + ".partial.jsonl") if ext == "parquet" else out
+    # decoding processes (what a large job uses): a killed scorer must leave none behind holding its pipes
     args = ["score", images, "--model", model_path, "--out", out, "--batch-size", "4", "--workers", "2",
-            "--providers", "cpu"]
+            "--providers", "cpu", "--decoders", "processes"]
     proc = subprocess.Popen([*CNNSERVE, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
