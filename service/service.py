@@ -83,6 +83,10 @@ for _i, _tag in enumerate(TAGS):
     setattr(CnnServe, f"model_{_i}", bentoml.models.BentoModel(_tag))
 
 CnnServe = bentoml.asgi_app(app, path="/")(
-    bentoml.service(name="cnnserve", workers=ARGS.workers, traffic={"timeout": 60}, logging={"access": {"enabled": False}})(
+    bentoml.service(name="cnnserve", workers=ARGS.workers, traffic={"timeout": 60},
+                    logging={"access": {"enabled": False}}, metrics={"enabled": ARGS.bentoml_metrics},
+                    # tracing off: BentoML always installs its OpenTelemetry middleware; an exclusion
+                    # of every URL is the setting that makes it pass requests straight through
+                    **({} if ARGS.tracing else {"tracing": {"excluded_urls": [".*"]}}))(
         CnnServe))
 CnnServe.add_asgi_middleware(ConnectionCloseWhileDraining)

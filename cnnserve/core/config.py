@@ -75,6 +75,11 @@ class Settings(BaseModel):
     inline_decode_bytes: int = 16 * 1024  # ... this many bytes decode on the event loop, larger ones in threads
     decode_threads: int = 0  # images decoded at once in threads (0: the number of cores)
     top_k: int = 5  # labels in an answer when the request does not say
+    # BentoML's per-request OpenTelemetry spans: on in BentoML, off here unless asked for (they go to no
+    # exporter unless BentoML's tracing is configured, and cost a fifth of a small model's request CPU:
+    # README, Benchmarks). BentoML's request metrics (bentoml_service_request_*) stay on by default.
+    tracing: bool = False
+    bentoml_metrics: bool = True
     drain_s: float = 3.0  # on SIGTERM: answer with Connection: close and readyz 503 this long, then stop
     grace_s: float = 25.0  # then wait at most this long for requests in flight
 
