@@ -70,6 +70,20 @@ def verdicts(doc: dict) -> list[str]:
                         f"scoring reaches {local / min(dec, ort):.2f} of the slower of the two.")
             out.append(f"- {'MET' if ok else 'MISSED'}: batch scoring (local) at least 0.90 of onnxruntime alone, "
                        f"{name}: {q['scoring_over_ort']:.2f}.{note}")
+            if b.get("decode_alone") and name == "lenet5":
+                cores = doc["machine"]["cores"]
+                want = 0.9 * cores * b["decode_alone"]["images_per_s"]
+                local = b["engines"]["local"]["images_per_s"]
+                out.append(f"- {'MET' if local >= want else 'MISSED'}: batch scoring LeNet-5 at least 0.9 x {cores} "
+                           f"cores x one process's decode rate ({want:.0f} img/s): {local:.0f} img/s "
+                           f"({local / (cores * b['decode_alone']['images_per_s']):.2f} of cores x that rate).")
+        f = r.get("floor")
+        if f and name == "lenet5":
+            ok = f["ratio_to_floor"] >= 0.10
+            out.append(f"- {'MET' if ok else 'MISSED'}: LeNet-5 at least 0.10 of the bare-ASGI floor under wrk at "
+                       f"{f['concurrency']} connections: {f['ratio_to_floor']:.3f} ({f['cnnserve']['throughput_rps']:.0f} "
+                       f"against {f['floor']['throughput_rps']:.0f} req/s; {f['cnnserve']['cpu_ms']:.2f} CPU-ms per "
+                       f"request against {f['floor']['cpu_ms']:.3f}).")
     return out
 
 
@@ -137,10 +151,35 @@ def report(doc: dict, stem: Path) -> str:
                       "| clients | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             for c, b in rows:
                 lines.append(f"| {c} | " + " | ".join(f"{b[k]:.2f}" for k in cols) + " |")
+    floors = {n: r["floor"] for n, r in doc["workloads"].items() if r.get("floor")}
+    if floors:
+        cores = doc["machine"]["cores"]
+        lines += ["", "## Against the HTTP floor (`wrk`, raw image body; CPU-ms per request = cores x 1000 / req/s)",
+                  "", "The floor is a bare ASGI app under the same uvicorn (uvloop, httptools, as many workers) that "
+                  "reads the body and answers a fixed JSON (`bench/floor.py`). The peers' rows are the Python "
+                  "load generator's figures at the most clients, from the tables above.", "",
+                  "| model | server | connections | req/s (median) | spread | CPU-ms per request | / floor | failures |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, f in floors.items():
+            base = f["floor"]["throughput_rps"]
+            for who in ("floor", "cnnserve"):
+                x = f[who]
+                lines.append(f"| {name} | {who} (wrk) | {f['concurrency']} | {x['throughput_rps']:.0f} | "
+                             f"{x['spread'][0]:.0f}-{x['spread'][1]:.0f} | {x['cpu_ms']:.3f} | "
+                             f"{x['throughput_rps'] / base:.3f} | {x['failures']} |")
+            r = doc["workloads"][name]
+            for key, who in PEERS:
+                rows = r.get(key) or []
+                if rows:
+                    x = max(rows, key=lambda row: row["concurrency"])
+                    lines.append(f"| {name} | {who} (Python client) | {x['concurrency']} | {x['throughput_rps']:.0f} | "
+                                 f"{x['spread'][0]:.0f}-{x['spread'][1]:.0f} | "
+                                 f"{cores * 1000 / x['throughput_rps']:.3f} | {x['throughput_rps'] / base:.3f} | "
+                                 f"{x['n_non_200']} |")
     scoring = {n: r["batch"] for n, r in doc["workloads"].items() if r.get("batch")}
     if scoring:
         lines += ["", "## Batch scoring (`cnnserve score`), same files for every engine", "",
-                  "| model | engine | images | img/s | / onnxruntime alone (same batch) | decode s (summed over threads) "
+                  "| model | engine | images | img/s | / onnxruntime alone (same batch) | decode s (summed over decoders) "
                   "| inference s | wall s |", "|---|---|---|---|---|---|---|---|"]
         for name, b in scoring.items():
             lines.append(f"| {name} | onnxruntime alone, batch {b['batch']} (pre-decoded tensors) | - | "

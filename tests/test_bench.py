@@ -3,6 +3,7 @@ the load generator, onnxruntime and PyTorch in-process, batch scoring; the repor
 (Speed is never asserted here: these machines are noisy. The harness's report is where speed lives.)"""
 
 import json
+import shutil
 
 import pytest
 
@@ -22,9 +23,13 @@ def test_server_timing_and_multipart_helpers():
     assert b'name="image"; filename="a.png"' in body and b"\r\n\r\n\x89PNG...\r\n" in body
 
 
-def test_bench_runs_end_to_end_and_reports(tmp_path):
+def test_bench_runs_end_to_end_and_reports(tmp_path, default_run):
     out = tmp_path / "report"
-    proc = run_cli("bench", "--models", "lenet5", "--sections", "pytorch", "onnxruntime", "service", "naive", "batch",
+    run = tmp_path / "work" / "runs" / "lenet5-digits"  # the session's default run: the harness need not train
+    run.mkdir(parents=True)
+    shutil.copyfile(default_run / "model.pt", run / "model.pt")
+    proc = run_cli("bench", "--models", "lenet5", "--sections", "pytorch", "onnxruntime", "service", "floor", "naive",
+                   "batch",
                    "--engines", "local", "--concurrency", "1", "8", "--duration", "2", "--short", "1",
                    "--http-repeats", "2", "--warmup", "0.5", "--seconds", "0.2", "--repeats", "2",
                    "--score-images", "64", "--work", str(tmp_path / "work"), "--out", str(out), timeout=600,
@@ -46,8 +51,17 @@ def test_bench_runs_end_to_end_and_reports(tmp_path):
     assert {"decode", "queue", "inference", "total", "client"} <= set(stages) and stages["client"] >= stages["total"]
     assert "server_timing_ms" not in r["naive"][0]
     assert r["batch"]["images"] == 64 and r["batch"]["engines"]["local"]["scored"] == 64
+    # the floor: a bare ASGI app and cnnserve under wrk (installed by .ci/run), CPU-ms per request
+    if shutil.which("wrk"):
+        f = r["floor"]
+        assert f["concurrency"] == 8 and f["floor"]["failures"] == 0 and f["cnnserve"]["failures"] == 0
+        assert f["floor"]["throughput_rps"] > f["cnnserve"]["throughput_rps"] > 0
+        assert f["cnnserve"]["cpu_ms"] == pytest.approx(doc["machine"]["cores"] * 1000 / f["cnnserve"]["throughput_rps"])
+    else:
+        assert "wrk is not installed" in r["floor_error"]
     md = out.with_suffix(".md").read_text()
     assert "## Ratios" in md and "naive BentoML (baseline)" in md and "Where the time of one request goes" in md
+    assert ("## Against the HTTP floor" in md) == bool(shutil.which("wrk"))
     assert "NOT MEASURED: the naive-baseline target is set at 64 clients" in md  # 8 were run
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert str(tmp_path) not in md  # reports name no machine's paths
