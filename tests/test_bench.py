@@ -23,11 +23,13 @@ def test_server_timing_and_multipart_helpers():
     assert b'name="image"; filename="a.png"' in body and b"\r\n\r\n\x89PNG...\r\n" in body
 
 
-def test_bench_runs_end_to_end_and_reports(tmp_path, default_run):
+def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
     out = tmp_path / "report"
-    run = tmp_path / "work" / "runs" / "lenet5-digits"  # the session's default run: the harness need not train
+    # the session's default run and its export: the harness need not train or export again
+    run = tmp_path / "work" / "runs" / "lenet5-digits"
     run.mkdir(parents=True)
     shutil.copyfile(default_run / "model.pt", run / "model.pt")
+    shutil.copyfile(default_onnx, run / "model.onnx")  # copied second, so it is not older than the checkpoint
     proc = run_cli("bench", "--models", "lenet5", "--sections", "pytorch", "onnxruntime", "service", "floor", "naive",
                    "batch",
                    "--engines", "local", "--concurrency", "1", "8", "--duration", "2", "--short", "1",
