@@ -203,6 +203,8 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
     weights, source = read_weights(cfg.pretrained) if cfg.pretrained and not state else (None, None)
     channels = cfg.channels or (source or {}).get("channels") or (3 if cfg.pretrained else NATIVE_CHANNELS[cfg.data])
     size = cfg.img_size or (source or {}).get("height") or get_entry(cfg.arch).spec.height
+    if state:  # a resumed run keeps its own input, whatever the weights it started from said
+        channels, size = state["spec"].channels, state["spec"].height
     data = load_dataset(cfg.data, spec_for(cfg.arch, (), channels, size), cfg.data_dir, cfg.download, cfg.limit)
     # from weights trained elsewhere, their normalisation: a cnnserve checkpoint's own, else the
     # architecture's pretrained one (ImageNet's, or the library's data config)

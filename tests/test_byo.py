@@ -114,6 +114,12 @@ def test_fine_tuning_replaces_the_head_and_starts_from_the_weights(shapes_run, t
     for k, v in backbone(source["state_dict"]).items():
         assert torch.equal(frozen["state_dict"][k], v), k
     assert not torch.equal(frozen["state_dict"]["head.2.bias"], torch.zeros(10))  # the head learned
+    # resumed, a fine-tuned run keeps its input size and its origin (the weights file is not read again)
+    cfg = TrainConfig(arch="resnet18", data="digits", pretrained=str(shapes_run / "model.pt"), limit=64, epochs=2,
+                      patience=0, optimizer="sgd", freeze_backbone=True, out=str(tmp_path / "c" / "ft"))
+    resumed = load_checkpoint(train(cfg, resume=str(tmp_path / "c" / "ft" / "last.pt"), progress=False) / "model.pt")
+    assert resumed["spec"] == frozen["spec"] and resumed["origin"] == frozen["origin"]
+    assert resumed["metrics"]["epochs_run"] == 2
 
 
 def test_backbone_learning_rate_and_freezing_make_the_optimizer_groups():
