@@ -11,6 +11,7 @@ relatively. The wheel maps the repository's folders to that namespace (pyproject
 """
 
 import ast
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -138,3 +139,26 @@ def test_the_wheel_maps_every_package_folder_under_cnnserve():
     folders = {module_of(p.parent / "__init__.py") for p in project_files() if "results" not in p.parts}
     assert set(tool["packages"]) == folders
     assert tool["package-dir"] == {f"cnnserve.{k}": v for k, v in FOLDERS.items()}
+
+
+# import name -> the distribution that provides it, where they differ
+DISTRIBUTIONS = {"PIL": "pillow", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client",
+                 "onnxruntime": "onnxruntime-gpu", "yaml": "pyyaml", "tritonclient": "tritonclient"}
+ON_DEMAND = {"ts"}  # TorchServe: the harness installs it into bench/work/ on first use (bench/torchserve/)
+
+
+def test_every_third_party_import_is_declared():
+    """Each package the project's code imports is a dependency in pyproject.toml (base or an extra),
+    not something that happens to arrive with bentoml or fastapi."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower()
+                for d in project["dependencies"] + [d for ds in project["optional-dependencies"].values() for d in ds]}
+    missing = set()
+    for path in [*project_files(), *(ROOT / "tests").glob("*.py")]:
+        for _, name in imports(path):
+            top = name.split(".")[0]
+            if top in sys.stdlib_module_names or top in ("cnnserve", "tests", *FOLDERS) or top in ON_DEMAND:
+                continue
+            if DISTRIBUTIONS.get(top, top).lower().replace("_", "-") not in declared:
+                missing.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not missing, "imported but not declared in pyproject.toml: " + ", ".join(sorted(missing))
