@@ -124,9 +124,8 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_import(args) -> int:
-    from pathlib import Path
-
     from cnnserve.export.importer import ModelImportError, import_onnx
+    from cnnserve.export.onnx import read_labels
 
     try:
         size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
@@ -136,11 +135,8 @@ def _cmd_import(args) -> int:
         raise ModelImportError(f"--size {args.size!r}: expected HxW, e.g. 224x224") from None
     if len(args.mean) != len(args.std):
         raise ModelImportError(f"--mean has {len(args.mean)} values and --std {len(args.std)}: one per channel each")
-    try:
-        labels = [ln.strip() for ln in Path(args.labels).read_text().splitlines() if ln.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelImportError(f"{args.labels}: cannot read labels ({e})") from None
-    result = import_onnx(args.onnx, mean=args.mean, std=args.std, labels=labels, size=size, layout=args.layout,
+    result = import_onnx(args.onnx, mean=args.mean, std=args.std, labels=read_labels(args.labels), size=size,
+                         layout=args.layout,
                          outputs=args.outputs, resize=args.resize, crop_pct=args.crop_pct,
                          interpolation=args.interpolation, out=args.out, images=args.images)
     if args.store:

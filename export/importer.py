@@ -16,7 +16,6 @@ is caught). Nothing is retrained. Problems are one-line ``ImportError_`` message
 from __future__ import annotations
 
 import io
-import json
 import os
 import time
 from pathlib import Path
@@ -171,7 +170,7 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
 
     from cnnserve.models.checkpoint import file_sha256
 
-    from .onnx import save, set_metadata, versions
+    from .onnx import save_verified, set_metadata, versions
 
     path = Path(path)
     if layout not in ("nchw", "nhwc"):
@@ -236,15 +235,9 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
               "seconds": round(time.time() - t0, 2), "passed": diff <= TOLERANCE and agreement == 1.0,
               "source": str(path), "origin": info.origin, "spec": spec.to_dict()}
     out = Path(out) if out else Path("runs") / f"imported-{stem}" / "model.onnx"
-    report_path = out.with_name(out.name.removesuffix(".onnx") + ".verify.json")
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2))
     log(f"verify the wrapped graph on {len(pixels)} images: max |{want} diff| {diff:.2e}, "
         f"top-1 agreement {report['top1_agreement']:.2%} -> {'PASSED' if report['passed'] else 'FAILED'}")
-    if not report["passed"]:
-        raise ModelImportError(f"{path}: the wrapped graph differs from the original by {diff:.2e} "
-                               f"(> {TOLERANCE}); report in {report_path}; no model written")
-    save(wrapped, out)
-    log(f"wrote {out} ({len(blob) / 1e6:.1f} MB) and {report_path}")
+    report_path = save_verified(wrapped, out, report, f"the wrapped graph differs from the original by {diff:.2e} "
+                                f"(> {TOLERANCE}) or in a top-1 class", len(blob), log, ModelImportError)
     return {"path": out, "report_path": report_path, "report": report, "info": info}
 

@@ -101,6 +101,22 @@ def save(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
     return path
 
 
+def save_verified(proto: onnx.ModelProto, path: Path, report: dict, failure: str, size: int, log=print,
+                  error: type[Exception] | None = None) -> Path:
+    """Write the verification report beside ``path``; then the model, only if the report passed
+    (else ``error``, ExportError by default, naming the failure and the report). Returns the report's path."""
+    import json
+
+    report_path = path.with_name(path.name.removesuffix(".onnx") + ".verify.json")
+    report_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path.write_text(json.dumps(report, indent=2))
+    if not report["passed"]:
+        raise (error or ExportError)(f"{path}: {failure}; report in {report_path}; no model written")
+    save(proto, path)
+    log(f"wrote {path} ({size / 1e6:.1f} MB) and {report_path}")
+    return report_path
+
+
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Half-precision weights and arithmetic; the uint8 input and float32 outputs stay as they are.
 
@@ -166,7 +182,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
 
     Nothing is written for a precision whose verification fails: the report is, and ExportError is raised.
     """
-    import json
     from dataclasses import replace
 
     from cnnserve.models.checkpoint import classifier_from_checkpoint, file_sha256, load_checkpoint
@@ -200,15 +215,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         report = verify(blob, model, images, targets, precision, metrics.get("test_accuracy"))
         report.update(model=str(path), checkpoint=str(ckpt["path"]), checkpoint_sha256=info.checkpoint_sha256,
                       simplified=simplify_graph, opset=opset, bytes=len(blob))
-        report_path = path.with_name(path.name.removesuffix(".onnx") + ".verify.json")
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2))
         log(format_report(report))
-        if not report["passed"]:
-            raise ExportError(f"{path}: verification failed ({'; '.join(report['failures'])}); "
-                              f"report in {report_path}; no model written")
-        save(p, path)
-        log(f"wrote {path} ({len(blob) / 1e6:.1f} MB) and {report_path}")
+        report_path = save_verified(p, path, report, f"verification failed ({'; '.join(report.get('failures', []))})",
+                                    len(blob), log)
         results.append({"path": path, "report_path": report_path, "report": report,
                          "info": replace(info, precision=precision)})
     return results
@@ -219,8 +228,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
 IMAGENET_LABELS = Path(__file__).with_name("imagenet1k.txt")
 
 
-def read_labels(path: str | os.PathLike | None, classes: int) -> list[str]:
-    """One label per line from ``path``; without one, ImageNet-1k's for a 1000-class model."""
+def read_labels(path: str | os.PathLike | None, classes: int | None = None) -> list[str]:
+    """One label per line from ``path``; without one, ImageNet-1k's for a 1000-class model. With
+    ``classes``, the count must match."""
     if path is None:
         if classes != 1000:
             raise ExportError(f"the weights have {classes} classes: name them with --labels FILE (one per line)")
@@ -229,7 +239,7 @@ def read_labels(path: str | os.PathLike | None, classes: int) -> list[str]:
         labels = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise ExportError(f"{path}: cannot read labels ({e})") from None
-    if len(labels) != classes:
+    if classes is not None and len(labels) != classes:
         raise ExportError(f"{path}: {len(labels)} labels for a model of {classes} classes")
     return labels
 

@@ -153,9 +153,8 @@ def freeze_backbone(net: nn.Module) -> None:
     backbone, _ = split_parameters(net)
     for p in backbone:
         p.requires_grad_(False)
-    _, head = head_of(net)
-    for m in net.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m is not head:
+    for m in net.modules():  # the head is a linear layer: every batch norm belongs to the backbone
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
 
 

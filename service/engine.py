@@ -175,6 +175,12 @@ class Engine:
             timings["thread"] = time.perf_counter() - t - timings["decode"] - timings["resize"]
         return pixels
 
+    def check_count(self, n: int) -> None:
+        """413 for more images in one request than ``max_images_per_request``."""
+        if n > self.config.max_images_per_request:
+            raise APIError(413, "too_many_images", f"{n} images in one request; the limit is "
+                                                      f"{self.config.max_images_per_request}")
+
     async def decode_all(self, model: Model, images: list[bytes]) -> list:
         """Each image's pixels, or the ``APIError`` it earned; decoded in parallel worker threads."""
         decoded: list = [None] * len(images)
@@ -239,9 +245,7 @@ class Engine:
         k = self.top_k(model, top_k)
         if not files:
             raise APIError(400, "no_images", "send one or more images in the form field 'images'")
-        if len(files) > self.config.max_images_per_request:
-            raise APIError(413, "too_many_images", f"{len(files)} images in one request; the limit is "
-                                                      f"{self.config.max_images_per_request}")
+        self.check_count(len(files))
 
         decoded = await self.decode_all(model, [data for _, data in files])
         good = [i for i, d in enumerate(decoded) if not isinstance(d, APIError)]
@@ -322,14 +326,9 @@ class Engine:
         if (not isinstance(shape, list) or len(shape) != 4 or not all(type(s) is int for s in shape)
                 or shape[1:] != [c, h, w] or shape[0] < 1):
             raise APIError(400, "bad_shape", f"input shape must be [N, {c}, {h}, {w}] with N >= 1, got {_short(shape)}")
-        if shape[0] > self.config.max_images_per_request:
-            raise APIError(413, "too_many_images", f"{shape[0]} images in one request; the limit is "
-                                                      f"{self.config.max_images_per_request}")
+        self.check_count(shape[0])
         count = shape[0] * c * h * w
-        params = t.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise APIError(400, "bad_parameters", f"input 'parameters' must be an object, got {_short(params)}")
-        size = (params or {}).get("binary_data_size")
+        size = _binary_data_size(t)
         if size is not None:
             if type(size) is not int or size != count or len(binary) < size:
                 raise APIError(400, "bad_binary", f"binary_data_size {_short(size)} does not match shape {shape} "
@@ -363,13 +362,8 @@ class Engine:
                 or shape[0] < 1 or shape[1:] not in ([], [1])):
             raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} shape must be [N] or [N, 1], got {_short(shape)}")
         n = shape[0]
-        if n > self.config.max_images_per_request:
-            raise APIError(413, "too_many_images", f"{n} images in one request; the limit is "
-                                                      f"{self.config.max_images_per_request}")
-        params = t.get("parameters")
-        if params is not None and not isinstance(params, dict):
-            raise APIError(400, "bad_parameters", f"input 'parameters' must be an object, got {_short(params)}")
-        size = (params or {}).get("binary_data_size")
+        self.check_count(n)
+        size = _binary_data_size(t)
         if size is not None:
             if type(size) is not int or not 0 < size <= len(binary):
                 raise APIError(400, "bad_binary", f"binary_data_size {_short(size)} does not fit the "
@@ -445,6 +439,14 @@ class Engine:
     def close(self) -> None:
         for b in self.batchers.values():
             b.close()
+
+
+def _binary_data_size(t: dict):
+    """An Open Inference Protocol input's ``binary_data_size`` (None without the binary extension)."""
+    params = t.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise APIError(400, "bad_parameters", f"input 'parameters' must be an object, got {_short(params)}")
+    return (params or {}).get("binary_data_size")
 
 
 def _short(value) -> str:
