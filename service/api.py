@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from typing import Callable
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -141,12 +142,59 @@ def server_timing(timings: dict) -> str:
     return ", ".join(f"{stage};dur={seconds * 1000:.3f}" for stage, seconds in timings.items())
 
 
+class ClassifyParams:
+    """The query parameters of ``POST /classify``, parsed by hand on the fast path (FastAPI's
+    declarations, ``TOP_K`` and the others, document the same ones in the OpenAPI document)."""
+
+    __slots__ = ("top_k", "model", "timeout_ms", "priority")
+    TYPES = {"top_k": int, "model": str, "timeout_ms": float, "priority": str}
+
+    def __init__(self, top_k=None, model=None, timeout_ms=None, priority=None) -> None:
+        self.top_k, self.model, self.timeout_ms, self.priority = top_k, model, timeout_ms, priority
+
+    @classmethod
+    def parse(cls, query_string: bytes) -> "ClassifyParams":
+        """From a raw query string; a value of the wrong type is a 400 ``bad_parameter`` naming it,
+        as FastAPI's validation would answer (the last of repeated values counts, as in FastAPI)."""
+        params = cls()
+        if not query_string:
+            return params
+        for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+            kind = cls.TYPES.get(key)
+            if kind is None:
+                continue  # unknown parameters are ignored, as FastAPI ignores them
+            try:
+                setattr(params, key, kind(value))
+            except ValueError:
+                what = "an integer" if kind is int else "a number"
+                raise APIError(400, "bad_parameter", f"invalid request: query.{key}: Input should be a valid "
+                                                     f"{what}, got {value[:40]!r}") from None
+        return params
+
+
+class CnnServeAPI(FastAPI):
+    """FastAPI with one fast path: ``POST /classify`` goes from the ASGI call straight to its handler.
+
+    Profiled under load (bench/results/2026-11-23-vm-request-cost.md), FastAPI's routing, its
+    middleware stack and the dependency solving of four query parameters took about a fifth of a
+    worker's time for a request whose own work is a small PNG. The fast path parses the same
+    parameters with the same errors and runs the same handler (``classify_request``); every other
+    route, and the OpenAPI document (which still declares ``/classify``), is FastAPI's."""
+
+    fast_classify: Callable | None = None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if (self.fast_classify is not None and scope["type"] == "http" and scope["method"] == "POST"
+                and scope["path"][len(scope.get("root_path", "")):] == "/classify"):
+            return await self.fast_classify(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+
 def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeout_s: float = 10.0) -> FastAPI:
     """The API over the Engine that ``engine()`` returns (the running BentoML service's)."""
-    app = FastAPI(title="cnnserve", version="1", description=__doc__.split("\n\n")[0])
+    app = CnnServeAPI(title="cnnserve", version="1", description=__doc__.split("\n\n")[0])
 
-    @app.exception_handler(APIError)
-    async def api_error(_, e: APIError):
+    def error_response(e: APIError) -> JSONResponse:
         # The traceback's frames hold the request, its body and decoded images: drop them now rather
         # than when the garbage collector next finds the cycle (a rejected image must hold no memory).
         e.__traceback__ = e.__context__ = None
@@ -157,10 +205,14 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
             log.info("client disconnected: %s", e.message)
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return error_response(e)
+
     @app.exception_handler(RequestValidationError)
     async def bad_params(request, e: RequestValidationError):
         where = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        return await api_error(request, APIError(400, "bad_parameter", f"invalid request: {where}"))
+        return error_response(APIError(400, "bad_parameter", f"invalid request: {where}"))
 
     def eng() -> Engine:
         return engine()
@@ -168,18 +220,15 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
     async def read(request: Request) -> bytes:
         return await read_body(request, max_request_bytes, body_timeout_s)
 
-    @app.post("/classify", tags=["classification"], openapi_extra=CLASSIFY_BODY,
-              summary="Classify one image (multipart field 'image', or the raw image as the body)")
-    async def classify(request: Request, top_k: int | None = TOP_K, model: str | None = MODEL,
-                       timeout_ms: float | None = TIMEOUT_MS, priority: str | None = PRIORITY):
+    async def classify_request(request: Request, p: ClassifyParams) -> JSONResponse:
         t0 = time.perf_counter()
         e = eng()
-        e.top_k(e.model(model), top_k)  # refuse a bad model, top_k or deadline before reading the upload
-        ticket = e.ticket(timeout_ms, priority, t0)
+        e.top_k(e.model(p.model), p.top_k)  # refuse a bad model, top_k or deadline before reading the upload
+        ticket = e.ticket(p.timeout_ms, p.priority, t0)
         files = await image_files(request, await read(request), IMAGE_FIELD, max_request_bytes, 1)
         ticket.gone = watch_disconnect(request)
         timings = {"read": time.perf_counter() - t0}
-        result = await e.classify(files[0][1], model, top_k, timings, ticket)
+        result = await e.classify(files[0][1], p.model, p.top_k, timings, ticket)
         t = time.perf_counter()
         response = JSONResponse(result)  # serialised here, so that its time is measured
         timings["respond"] += time.perf_counter() - t
@@ -187,6 +236,24 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
         response.headers["Server-Timing"] = server_timing(timings)
         e.observe(result["model"], timings)
         return response
+
+    async def fast_classify(scope, receive, send) -> None:
+        request = Request(scope, receive)
+        try:
+            response = await classify_request(request, ClassifyParams.parse(scope["query_string"]))
+        except APIError as e:
+            response = error_response(e)
+        await response(scope, receive, send)
+
+    app.fast_classify = fast_classify
+
+    @app.post("/classify", tags=["classification"], openapi_extra=CLASSIFY_BODY,
+              summary="Classify one image (multipart field 'image', or the raw image as the body)")
+    async def classify(request: Request, top_k: int | None = TOP_K, model: str | None = MODEL,
+                       timeout_ms: float | None = TIMEOUT_MS, priority: str | None = PRIORITY):
+        # Declared for the OpenAPI document and for an app used without the fast path; served by
+        # ``fast_classify`` in the running service.
+        return await classify_request(request, ClassifyParams(top_k, model, timeout_ms, priority))
 
     @app.post("/classify/batch", tags=["classification"], openapi_extra=BATCH_BODY,
               summary="Classify many images (multipart field 'images', repeated); per-image results in order")

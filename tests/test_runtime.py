@@ -204,3 +204,67 @@ def test_bentoml_fix_is_fenced_on_the_versions_it_was_checked_against(monkeypatc
         assert bentoml_fixes.patch_timeout_middleware() is False
     assert TimeoutMiddleware.__call__ is upstream
     assert "was not checked" in caplog.text
+
+
+def test_classify_fast_path_answers_as_fastapi_route_does(default_onnx, digits_test):
+    """``POST /classify`` skips FastAPI's routing and dependencies in the service (the fast path). The
+    same app without it goes through FastAPI's route: both give the same predictions, the same stage
+    timings and the same 4xx codes, for raw and multipart bodies and every query parameter."""
+    import httpx
+
+    from cnnserve.service.api import create_app
+    from cnnserve.service.engine import STAGES, Engine
+    from tests.conftest import encode
+
+    m = load_model(default_onnx)
+    engine = Engine([m])
+    x, _ = digits_test
+    png = encode(x[5][0])
+    cases = [
+        dict(content=png, headers={"Content-Type": "image/png"}),
+        dict(content=png, headers={"Content-Type": "image/png"}, params={"top_k": "3", "priority": "bulk",
+                                                                          "timeout_ms": "5000", "extra": "x"}),
+        dict(files={"image": ("d.png", png, "image/png")}, params={"model": m.name}),
+        dict(content=png, headers={"Content-Type": "image/png"}, params={"top_k": "many"}),
+        dict(content=png, headers={"Content-Type": "image/png"}, params={"timeout_ms": "soon"}),
+        dict(content=png, headers={"Content-Type": "image/png"}, params={"timeout_ms": "-1"}),
+        dict(content=png, headers={"Content-Type": "image/png"}, params={"priority": "urgent"}),
+        dict(content=png, headers={"Content-Type": "image/png"}, params={"top_k": "11"}),
+        dict(content=png, headers={"Content-Type": "image/png"}, params={"model": "nope"}),
+        dict(content=png[:40], headers={"Content-Type": "image/png"}),
+        dict(content=png, headers={"Content-Type": "text/plain"}),
+        dict(files={"picture": ("d.png", png, "image/png")}),
+    ]
+
+    async def answers(fast: bool) -> list:
+        app = create_app(lambda: engine, 1 << 20)
+        if not fast:
+            app.fast_classify = None
+        out = []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            for kwargs in cases:
+                r = await client.post("/classify", **kwargs)
+                body = r.json()
+                stages = {part.split(";")[0].strip() for part in r.headers.get("Server-Timing", "").split(",") if part}
+                out.append((r.status_code, body.get("predictions"), body.get("code"), stages))
+        return out
+
+    try:
+        fast, routed = asyncio.run(answers(True)), asyncio.run(answers(False))
+    finally:
+        engine.close()
+    assert fast == routed
+    assert [status for status, *_ in fast] == [200, 200, 200, 400, 400, 400, 400, 400, 404, 400, 415, 400]
+    assert fast[0][3] == set(STAGES) and len(fast[1][1]) == 3
+
+
+def test_classify_params_parse():
+    from cnnserve.service.api import ClassifyParams
+    from cnnserve.service.engine import APIError
+
+    p = ClassifyParams.parse(b"top_k=2&model=a%20b&timeout_ms=1.5e3&priority=bulk&top_k=3&other=1")
+    assert (p.top_k, p.model, p.timeout_ms, p.priority) == (3, "a b", 1500.0, "bulk")  # the last top_k counts
+    assert ClassifyParams.parse(b"").top_k is None
+    with pytest.raises(APIError, match="query.top_k: Input should be a valid integer") as e:
+        ClassifyParams.parse(b"top_k=2.5")
+    assert e.value.status == 400 and e.value.code == "bad_parameter"
