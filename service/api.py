@@ -166,7 +166,7 @@ class ClassifyParams:
             try:
                 setattr(params, key, kind(value))
             except ValueError:
-                what = "an integer" if kind is int else "a number"
+                what = "integer" if kind is int else "number"
                 raise APIError(400, "bad_parameter", f"invalid request: query.{key}: Input should be a valid "
                                                      f"{what}, got {value[:40]!r}") from None
         return params
