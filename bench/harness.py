@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import report
+from .report import best, report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -51,7 +51,7 @@ WORKLOADS = {
     "lenet5": {"run": "runs/lenet5-digits", "tag": "lenet5-digits", "format": "PNG",
                "train": ["lenet5", "--data", "digits"],
                # per-request Python work dominates: one server process per core, one onnxruntime thread each
-               "serve": {"max_batch_size": 64, "workers": 2, "threads": 1}},
+               "serve": {"max_batch_size": 64, "workers": 2, "threads": 1, "precision": "fp32"}},
     "resnet18": {"run": "runs/resnet18-shapes-224", "tag": "resnet18-shapes", "format": "JPEG",
                  "train": ["resnet18", "--data", "shapes", "--img-size", "224", "--epochs", "1", "--limit", "128",
                            "--batch-size", "16"],
@@ -291,6 +291,82 @@ def bench_http(w: dict, service: str, concurrencies, duration: float, short: flo
     return rows
 
 
+# --- int8 ------------------------------------------------------------------------------------
+
+def bench_int8(w: dict, batches, seconds: float, repeats: int, concurrency: int, duration: float,
+               warmup: float) -> dict:
+    """int8 against fp32: the model quantized in each integer format (minmax calibration on 128 training
+    images, verified as `cnnserve export --int8` verifies), each timed in-process beside fp32; then the
+    service forced to fp32 and to int8 (the fastest format that passed its gate) at ``concurrency``
+    clients, and the choice ``precision=auto`` makes here with the warm-up timings behind it."""
+    import shutil
+
+    import onnx
+
+    from dataclasses import replace
+
+    from cnnserve.export.onnx import save, set_metadata, test_images
+    from cnnserve.export.quantize import FORMATS, cpu_format, has_vnni, quantize_verified
+    from cnnserve.export.store import read_info, store_model
+    from cnnserve.models.checkpoint import load_checkpoint
+    from cnnserve.service.runtime import load_model
+
+    ckpt = load_checkpoint(Path(w["run"]) / "model.pt")
+    fp32, info = onnx.load_model(w["onnx"]), read_info(w["onnx"])
+    calibration = test_images(ckpt, split="train", limit=128)
+    selection, test = test_images(ckpt, split="val", limit=256), test_images(ckpt)
+    out = {"vnni": has_vnni(), "cpu_format": cpu_format(), "formats": {}}
+    folder = Path(w["work"]) / "int8" / w["name"]
+    shutil.rmtree(folder, ignore_errors=True)
+    sessions = {"fp32": load_model(w["onnx"], providers="cpu")}
+    for fmt in FORMATS:
+        # quantized and verified as `cnnserve export --int8` does, one format at a time; written for timing
+        # even where the gate fails (speed does not depend on it; the table says which passed)
+        q, r = quantize_verified(fp32, calibration[0], selection[0], test[0], test[1], method="minmax", fmt=fmt,
+                                 source="training split", log=log)
+        path = folder / fmt / "model.int8.onnx"
+        set_metadata(q, replace(info, precision="int8"))
+        save(q, path)
+        log(f"{w['name']}: int8 {fmt}: gate {'passed' if r['passed'] else 'FAILED'}, top-1 agreement "
+            f"{r['top1_agreement']:.2%}")
+        out["formats"][fmt] = {k: r.get(k) for k in ("passed", "top1_agreement", "accuracy_onnxruntime",
+                                                     "accuracy_fp32", "ops_in_float", "failures")}
+        sessions[fmt] = load_model(path, providers="cpu")
+    rows = {name: [] for name in sessions}
+    for b in batches:
+        x = np.random.default_rng(0).integers(0, 256, (b, *w["spec"].input_shape), dtype=np.uint8)
+        for name, m in sessions.items():
+            rows[name].append(timed(lambda: m.predict(x), b, seconds, repeats))
+        log(f"{w['name']}: batch {b}: " + ", ".join(f"{n} {r[-1]['images_per_s']:.0f}" for n, r in rows.items()) + " img/s")
+    out["onnxruntime"] = rows
+    passed = [f for f in FORMATS if out["formats"][f]["passed"]]
+    # the service runs the variant `cnnserve export --int8` would keep: a passing one, the fastest of them
+    serve_fmt = max(passed or FORMATS, key=lambda f: best(rows[f], "images_per_s"))
+    both = folder / "serve"
+    both.mkdir()
+    shutil.copyfile(w["onnx"], both / "model.onnx")
+    shutil.copyfile(folder / serve_fmt / "model.int8.onnx", both / "model.int8.onnx")
+    tag = str(store_model(both / "model.onnx", f"{w['tag'].split(':')[0]}-int8bench").tag)
+    out["service"] = {"format": serve_fmt, "gate_passed": serve_fmt in passed}
+    for precision in ("fp32", "int8", "auto"):
+        wp = {**w, "tag": tag, "serve": {**w["serve"], "precision": precision}}
+        srv, url, field = start(wp, "service")
+        try:
+            models = json.loads(urllib.request.urlopen(srv.url + "/models", timeout=10).read())["models"]
+            choice = models[0]["precision_choice"]
+            if precision == "auto":
+                out["service"]["auto_choice"] = choice
+                log(f"{w['name']}: precision=auto chose {choice['chosen']} (warm-up ms per image {choice.get('ms_per_image')})")
+                continue
+            ext = "png" if w["format"] == "PNG" else "jpg"
+            r = load(url, f"{w['images']}/*.{ext}", concurrency, duration, warmup, field)
+            out["service"][precision] = r
+            log(f"{w['name']}: service {precision} x{concurrency}: {r['throughput_rps']:.0f} req/s")
+        finally:
+            srv.stop()
+    return out
+
+
 # --- batch scoring --------------------------------------------------------------------------
 
 WRK_SCRIPT = """
@@ -514,7 +590,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sections", nargs="+",
                     default=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults"],
-                    choices=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults"],
+                    choices=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
+                             "int8"],
                     help="naive: the baseline BentoML service of bench/naive_service.py; torchserve: TorchServe "
                          "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve")
     ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"])
@@ -559,6 +636,9 @@ def main(argv=None) -> int:
             except RuntimeError as e:  # no wrk here: reported, the other sections still run
                 r["floor_error"] = str(e)
                 log(f"{name}: floor could not run: {e}")
+        if "int8" in args.sections and w["run"]:
+            r["int8"] = bench_int8(w, (1, 8, 32), args.seconds, args.repeats, max(args.concurrency), args.duration,
+                                   args.warmup)
         if "batch" in args.sections:
             r["batch"] = bench_batch(w, args.engines, args.score_images, 64)
         if "faults" in args.sections:

@@ -77,6 +77,22 @@ def verdicts(doc: dict) -> list[str]:
                 out.append(f"- {'MET' if local >= want else 'MISSED'}: batch scoring LeNet-5 at least 0.9 x {cores} "
                            f"cores x one process's decode rate ({want:.0f} img/s): {local:.0f} img/s "
                            f"({local / (cores * b['decode_alone']['images_per_s']):.2f} of cores x that rate).")
+        q8 = r.get("int8")
+        if q8 and name == "resnet18" and q8["onnxruntime"].get(q8["cpu_format"]):
+            gain = best(q8["onnxruntime"][q8["cpu_format"]], "images_per_s") / best(q8["onnxruntime"]["fp32"], "images_per_s")
+            if q8["vnni"]:
+                out.append(f"- {'MET' if gain >= 1.5 else 'MISSED'}: ResNet-18 int8 at least 1.5x fp32 (VNNI CPU): "
+                           f"{gain:.2f}x.")
+            else:
+                out.append(f"- NOT APPLICABLE (no VNNI here): ResNet-18 int8 ({q8['cpu_format']}) runs at {gain:.2f}x "
+                           "fp32 at the best batch of each; the 1.5x target is set for CPUs with VNNI.")
+        for wname, q8 in ((name, r.get("int8")),):
+            c = ((q8 or {}).get("service") or {}).get("auto_choice")
+            if c and c.get("mean_ms_per_image"):
+                faster = min(c["mean_ms_per_image"], key=c["mean_ms_per_image"].get)
+                out.append(f"- {'MET' if c['chosen'] == faster else 'MISSED'}: precision=auto serves the variant its "
+                           f"warm-up measured faster, {wname}: chose {c['chosen']} (mean ms per image "
+                           + ", ".join(f"{p} {v:.4f}" for p, v in c["mean_ms_per_image"].items()) + ").")
         f = r.get("floor")
         if f and name == "lenet5":
             ok = f["ratio_to_floor"] >= 0.10
@@ -193,6 +209,40 @@ def report(doc: dict, stem: Path) -> str:
                 lines.append(f"| {name} | {engine} | {b['images']} | {e['images_per_s']:.0f} | "
                              f"{e['ratio_to_onnxruntime']:.2f} | {e['decode_s'] if engine == 'local' else '-'} | "
                              f"{e['inference_s'] if engine == 'local' else '-'} | {e['seconds']} |")
+    quantized = {n: r["int8"] for n, r in doc["workloads"].items() if r.get("int8")}
+    if quantized:
+        lines += ["", "## INT8 against fp32 (onnxruntime CPU, QDQ, per-channel weights, minmax calibration on 128 "
+                      "training images; verified on the test split)", ""]
+        for name, q in quantized.items():
+            lines += [f"{name}: this CPU {'has' if q['vnni'] else 'has no'} VNNI; onnxruntime's advice for it is "
+                      f"`{q['cpu_format']}`.", "",
+                      "| variant | gate | top-1 agreement with fp32 | accuracy (fp32) | "
+                      + " | ".join(f"batch {x['batch']} img/s" for x in q["onnxruntime"]["fp32"])
+                      + " | best batch / fp32's best | ops left in float |",
+                      "|---|---|---|---|" + "---|" * len(q["onnxruntime"]["fp32"]) + "---|---|"]
+            best32 = best(q["onnxruntime"]["fp32"], "images_per_s")
+            for variant, rows in q["onnxruntime"].items():
+                f = q["formats"].get(variant, {})
+                gate = "-" if variant == "fp32" else ("passed" if f.get("passed") else "FAILED")
+                acc = (f"{f['accuracy_onnxruntime']:.4f} ({f['accuracy_fp32']:.4f})"
+                       if f.get("accuracy_onnxruntime") is not None else "-")
+                lines.append(f"| {variant} | {gate} | {fmt(f.get('top1_agreement'), '.2%')} | {acc} | "
+                             + " | ".join(f"{x['images_per_s']:.0f}" for x in rows)
+                             + f" | {best(rows, 'images_per_s') / best32:.2f} | {f.get('ops_in_float') or '-'} |")
+            failed = [v for v, f in q["formats"].items() if not f.get("passed")]
+            for v in failed:
+                lines.append(f"\n{v} failed its gate: {'; '.join(q['formats'][v].get('failures') or [])}")
+            srv = q.get("service")
+            if srv and srv.get("fp32") and srv.get("int8"):
+                a, b = srv["fp32"], srv["int8"]
+                lines += ["", f"The service at {a['concurrency']} clients: fp32 {a['throughput_rps']:.0f} req/s, int8 "
+                              f"(`{srv['format']}`) {b['throughput_rps']:.0f} req/s "
+                              f"({b['throughput_rps'] / a['throughput_rps']:.2f}x)."]
+            c = (srv or {}).get("auto_choice")
+            if c:
+                lines += ["", f"`precision=auto` chose **{c['chosen']}** here; warm-up ms per image by batch size: "
+                              + "; ".join(f"{p} {t}" for p, t in (c.get("ms_per_image") or {}).items()) + "."]
+            lines.append("")
     trials = {n: r["faults"] for n, r in doc["workloads"].items() if r.get("faults")}
     if trials:
         from .faults import report_lines

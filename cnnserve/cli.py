@@ -114,12 +114,40 @@ def _cmd_export(args) -> int:
         print(f"wrote {checkpoint} ({args.checkpoint} with {args.weights})")
     elif args.labels:
         raise ValueError("--labels goes with --weights (a checkpoint carries its own labels)")
-    results = export_checkpoint(checkpoint, args.out, fp16=args.fp16, simplify_graph=args.simplify,
-                                data_dir=args.data_dir, opset=args.opset)
+    results = export_checkpoint(checkpoint, args.out, fp16=args.fp16, int8=args.int8, calibration=args.calibration,
+                                calibration_method=args.calibration_method, int8_format=args.int8_format,
+                                simplify_graph=args.simplify, data_dir=args.data_dir, opset=args.opset)
+    if args.store:  # the fp32 file, with its variants (export/store.py)
+        _store(results[0]["path"], args.name)
+    return 0
+
+
+def _cmd_quantize(args) -> int:
+    from pathlib import Path
+
+    from cnnserve.export.onnx import ExportError, export_int8
+    from cnnserve.export.quantize import folder_images
+    from cnnserve.export.store import read_info
+
+    import onnx
+
+    src = Path(args.onnx)
+    info = read_info(src)
+    if info.precision != "fp32":
+        raise ExportError(f"{src}: a {info.precision} model; quantize the fp32 one")
+    try:
+        images = folder_images(args.images, info.spec, args.calibration + args.check)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    if len(images) < args.calibration + 16:
+        raise ExportError(f"{args.images}: {len(images)} images; calibration takes {args.calibration} and at least "
+                          f"16 more are needed to check the result (or lower --calibration)")
+    calibration, rest = images[:args.calibration], images[args.calibration:]
+    # no labels in a folder: the method is chosen and the result verified on agreement with fp32 alone
+    export_int8(onnx.load_model(str(src)), info, src.with_name(src.stem + ".int8.onnx"), (calibration, None),
+                (rest, None), (rest, None), args.calibration_method, args.int8_format, f"folder {args.images}")
     if args.store:
-        for r in results:
-            _store(r["path"], args.name if r["info"].precision == "fp32" else
-                   (f"{args.name}-{r['info'].precision}" if args.name else None))
+        _store(src, args.name)
     return 0
 
 
@@ -235,7 +263,8 @@ def _cmd_score(args) -> int:
 
     summary = score(args.inputs, args.out, model=args.model, engine=args.engine, top_k=args.top_k,
                     batch_size=args.batch_size, workers=args.workers, url=args.url, concurrency=args.concurrency,
-                    ray_address=args.ray_address, providers=args.providers, resume=args.resume,
+                    ray_address=args.ray_address, providers=args.providers, precision=args.precision,
+                    resume=args.resume,
                     overwrite=args.overwrite, decoders=args.decoders)
     if summary["interrupted"]:
         return 130
@@ -252,6 +281,19 @@ def _cmd_bench(args) -> int:  # reached only through parse_args (main sends `ben
     from cnnserve.bench.harness import main as bench_main
 
     return bench_main(args.bench_args)
+
+
+def _add_int8_options(p) -> None:
+    from cnnserve.export.quantize import FORMATS, METHODS
+
+    p.add_argument("--calibration", type=int, default=128, help="int8: calibration images (default 128)")
+    p.add_argument("--calibration-method", default="auto", choices=("auto", *METHODS),
+                   help="int8: auto quantizes with minmax and percentile and keeps the one that agrees best with "
+                        "fp32 on held-out images")
+    p.add_argument("--int8-format", choices=tuple(FORMATS), default=None,
+                   help="int8: activation/weight types (default: onnxruntime's advice for this CPU, u8s8-reduce "
+                        "on x86 without VNNI, u8s8 with it, s8s8 on ARM; without VNNI u8u8 is tried too and the "
+                        "one that agrees best with fp32 on held-out images is kept)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,12 +322,15 @@ def build_parser() -> argparse.ArgumentParser:
                                     "classes)")
     p.add_argument("--out", "-o", help="ONNX file to write (default: beside the checkpoint, model.onnx)")
     p.add_argument("--fp16", action="store_true", help="also write a half-precision variant (NAME.fp16.onnx)")
+    p.add_argument("--int8", action="store_true", help="also write a statically quantized variant (NAME.int8.onnx), "
+                                                       "calibrated on the training split and verified on the test split")
+    _add_int8_options(p)
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=False,
                    help="simplify the graph with onnxslim (off by default: measured not to pay on CPU, see README)")
     p.add_argument("--data-dir", help="where the checkpoint's data set lives now (to rebuild its test split)")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--store", action="store_true", help="save the exported file(s) into BentoML's model store")
-    p.add_argument("--name", help="model store name (default ARCH-DATA, ARCH-DATA-fp16)")
+    p.add_argument("--name", help="model store name (default ARCH-DATA; variants are stored with it)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("import", help="wrap any ONNX classifier (float input) as a verified cnnserve model",
@@ -309,6 +354,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", action=argparse.BooleanOptionalAction, default=True,
                    help="save it into BentoML's model store (default on)")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("quantize", help="an int8 variant of any cnnserve ONNX file, calibrated on a folder of images",
+                       description="Static int8 quantization (QDQ, per-channel weights) of an exported or imported "
+                                   "model, calibrated on the first --calibration images of a folder and verified on "
+                                   "the rest (top-1 agreement with fp32 at least 99%); writes NAME.int8.onnx beside it.")
+    p.add_argument("onnx", help="an fp32 file written by `cnnserve export` or `cnnserve import`")
+    p.add_argument("--images", required=True, help="a folder of images like those the model will see")
+    p.add_argument("--check", type=int, default=256, help="images after the calibration ones to verify with (at most)")
+    _add_int8_options(p)
+    p.add_argument("--store", action=argparse.BooleanOptionalAction, default=True,
+                   help="store the model again with its new variant (default on)")
+    p.add_argument("--name", help="model store name (default ARCH-DATA)")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("store", help="save an exported ONNX file into BentoML's model store")
     p.add_argument("onnx", help="a file written by `cnnserve export`")
@@ -335,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="http engine: requests in flight")
     p.add_argument("--ray-address", help="ray engine: join this cluster (default: start a local Ray)")
     p.add_argument("--providers", default=DEFAULTS.providers, help="auto, cuda, cpu")
+    p.add_argument("--precision", default=DEFAULTS.precision, choices=("auto", "fp32", "fp16", "int8"),
+                   help="the model's verified variant to run (auto: the fastest here, timed at --batch-size)")
     p.add_argument("--resume", action="store_true", help="skip inputs already in --out and complete it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any input failed")

@@ -78,6 +78,9 @@ def to_onnx(model: Classifier, info: ModelInfo, opset: int = DEFAULT_OPSET) -> o
             dynamic_shapes={"pixels": {0: torch.export.Dim.DYNAMIC}}, verbose=False)
         proto = program.model_proto
     _name_batch_axis(proto)
+    from .cam import add_cam_outputs
+
+    add_cam_outputs(proto)  # GAP + linear heads: the maps and weights class activation maps need
     set_metadata(proto, info)
     proto.producer_name, proto.producer_version = "cnnserve", info.versions.get("cnnserve", "")
     proto.doc_string = f"{spec.arch}: uint8 pixels {spec.channels}x{spec.height}x{spec.width} -> {spec.num_classes} classes"
@@ -85,10 +88,39 @@ def to_onnx(model: Classifier, info: ModelInfo, opset: int = DEFAULT_OPSET) -> o
     return proto
 
 
-def set_metadata(proto: onnx.ModelProto, info: ModelInfo) -> None:
-    """Replace the model's metadata with cnnserve's (the exporter's internal keys are dropped)."""
+def set_metadata(proto: onnx.ModelProto, info: ModelInfo, samples: str | None = None) -> None:
+    """Replace the model's metadata with cnnserve's (the exporter's internal keys are dropped; the
+    sample images, if any, are kept, or set from ``samples``)."""
+    kept = {p.key: p.value for p in proto.metadata_props if p.key == onnxmeta.KEY_SAMPLES}
+    if samples is not None:
+        kept[onnxmeta.KEY_SAMPLES] = samples
     del proto.metadata_props[:]
-    onnx.helper.set_model_props(proto, info.to_metadata())
+    onnx.helper.set_model_props(proto, {**info.to_metadata(), **kept})
+
+
+def sample_images(images, targets, labels, max_bytes: int = 256 * 1024) -> str:
+    """The first held-out image of each class (at most ten) as data URLs (PNG for grey, JPEG for colour),
+    for the demo page (``onnxmeta.KEY_SAMPLES``); as many as fit in ``max_bytes``."""
+    import base64
+    import json
+
+    from PIL import Image
+
+    if targets is None:
+        return "[]"
+    out, size = [], 0
+    for cls in list(dict.fromkeys(int(t) for t in targets))[:10]:
+        x = images[int(list(targets).index(cls))]
+        img = Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
+        buf = io.BytesIO()
+        grey = x.shape[0] == 1
+        img.save(buf, "PNG" if grey else "JPEG", **({} if grey else {"quality": 85}))
+        url = f"data:image/{'png' if grey else 'jpeg'};base64," + base64.b64encode(buf.getvalue()).decode()
+        if size + len(url) > max_bytes:
+            break
+        size += len(url)
+        out.append({"label": labels[cls], "index": cls, "image": url})
+    return json.dumps(sorted(out, key=lambda s: s["index"]))
 
 
 def save(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
@@ -153,9 +185,11 @@ def versions() -> dict:
 
 # --- the whole export: checkpoint -> verified ONNX file(s) ---------------------------------
 
-def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64):
-    """The checkpoint's own test split (uint8 images, targets), rebuilt from its data set; a checkpoint
-    that names no data set (random weights) is checked on seeded random images instead."""
+def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64, split: str = "test",
+                limit: int | None = None):
+    """The checkpoint's own ``split`` (test, val or train: uint8 images, targets), rebuilt from its data
+    set, at most ``limit`` images (a seeded sample); a checkpoint that names no data set (random weights)
+    is checked on seeded random images instead."""
     import numpy as np
 
     from cnnserve.models.data import DataError, load_dataset
@@ -163,22 +197,28 @@ def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64):
     data = ckpt.get("data")
     spec = ckpt["spec"]
     if not data:
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng({"test": 0, "val": 1, "train": 2}[split])
         return rng.integers(0, 256, (n_random, *spec.input_shape), dtype=np.uint8), None
     cfg = ckpt.get("train_config", {})
     try:
-        split = load_dataset(data, spec, data_dir or cfg.get("data_dir"), limit=None).test
+        images = getattr(load_dataset(data, spec, data_dir or cfg.get("data_dir"), limit=None), split)
     except DataError as e:
-        raise ExportError(f"{ckpt['path']}: cannot rebuild the test split of {data!r} to verify the export "
+        raise ExportError(f"{ckpt['path']}: cannot rebuild the {split} split of {data!r} to verify the export "
                           f"({e}); pass --data-dir") from None
-    pairs = [split[i] for i in range(len(split))]
+    index = range(len(images))
+    if limit is not None and limit < len(images):
+        index = sorted(np.random.default_rng(0).choice(len(images), limit, replace=False))
+    pairs = [images[i] for i in index]
     return (np.stack([x.numpy() for x, _ in pairs]), np.array([int(y) for _, y in pairs]))
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, fp16: bool = False,
-                      simplify_graph: bool = False, data_dir: str | None = None, opset: int = DEFAULT_OPSET,
-                      log=print) -> list[dict]:
+                      int8: bool = False, calibration: int = 128, calibration_method: str = "auto",
+                      int8_format: str | None = None, simplify_graph: bool = False, data_dir: str | None = None,
+                      opset: int = DEFAULT_OPSET, log=print) -> list[dict]:
     """Export, verify and save; returns one record per file written (path, report path, report, info).
+    ``int8``: also NAME.int8.onnx, calibrated on ``calibration`` images of the training split
+    (``export.quantize``), after the fp32 file is written.
 
     Nothing is written for a precision whose verification fails: the report is, and ExportError is raised.
     """
@@ -200,6 +240,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         f"{info.spec.num_classes} classes) to ONNX opset {opset} ...")
     t0 = time.time()
     proto = to_onnx(model, info, opset)
+    set_metadata(proto, info, sample_images(images, targets, info.spec.labels))
     if simplify_graph:
         proto = simplify(proto)
     log(f"traced in {time.time() - t0:.1f}s; verifying against PyTorch on {len(images)} "
@@ -220,7 +261,39 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
                                     len(blob), log)
         results.append({"path": path, "report_path": report_path, "report": report,
                          "info": replace(info, precision=precision)})
+    if int8:
+        results.append(export_int8(proto, info, out.with_name(out.stem + ".int8.onnx"),
+                                   test_images(ckpt, data_dir, split="train", limit=calibration),
+                                   test_images(ckpt, data_dir, split="val", limit=256), (images, targets),
+                                   calibration_method, int8_format, f"{info.data or 'random'} training split", log))
     return results
+
+
+def export_int8(fp32: onnx.ModelProto, info: ModelInfo, path: Path, calibration, selection, test,
+                method: str = "auto", fmt: str | None = None, source: str = "", log=print) -> dict:
+    """Quantize ``fp32`` (images as (uint8 array, targets) pairs), verify against it, write if it passes."""
+    from dataclasses import replace
+
+    from .quantize import quantize_verified
+    from .verify import format_report
+
+    log(f"quantizing to int8: {len(calibration[0])} calibration images from the {source}, "
+        f"{len(selection[0])} to choose the method, {len(test[0])} to verify ...")
+    try:
+        q, report = quantize_verified(fp32, calibration[0], selection[0], test[0], test[1], method=method, fmt=fmt,
+                                      source=source, log=log)
+    except ValueError as e:
+        raise ExportError(f"{path}: {e}") from None
+    info8 = replace(info, precision="int8")
+    set_metadata(q, info8, next((p.value for p in fp32.metadata_props if p.key == onnxmeta.KEY_SAMPLES), None))
+    q.producer_name, q.producer_version = "cnnserve", info.versions.get("cnnserve", "")
+    blob = q.SerializeToString()
+    report.update(model=str(path), bytes=len(blob))
+    log(format_report(report) + f"; format {report['format']}, calibration {report['calibration']['method']}, "
+        f"ops left in float: {report['ops_in_float'] or 'none'}")
+    report_path = save_verified(q, path, report, f"int8 verification failed ({'; '.join(report['failures'])})",
+                                len(blob), log)
+    return {"path": path, "report_path": report_path, "report": report, "info": info8}
 
 
 # --- weights made elsewhere: an architecture by name and a weights file -> a checkpoint -------

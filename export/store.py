@@ -3,6 +3,13 @@
 Each stored model holds ``model.onnx`` and shows the spec, labels, metrics and
 precision in its metadata (``bentoml models get NAME:latest``). The service loads
 models from the store by tag.
+
+Verified variants are stored with their parent, not as models of their own: storing
+``NAME.onnx`` (fp32) also stores ``NAME.fp16.onnx`` and ``NAME.int8.onnx`` from beside it as
+``model.fp16.onnx`` and ``model.int8.onnx``, when they were made from the same weights. One tag
+then names one model, and the service's ``precision`` setting picks which variant runs where
+(``auto``: the fastest on the machine). A variant file stored on its own is a model of its own
+(NAME-fp16), as before.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from cnnserve.core.onnxmeta import ModelInfo
 from cnnserve.core.spec import SpecError
 
 MODEL_FILE = "model.onnx"
+VARIANTS = ("fp16", "int8")
 
 
 class StoreError(ValueError):
@@ -45,17 +53,41 @@ def default_name(info: ModelInfo) -> str:
     return re.sub(r"[^a-z0-9_.-]", "-", name.lower())
 
 
+def variants(path: str | os.PathLike, info: ModelInfo | None = None) -> dict[str, Path]:
+    """The verified variants beside an fp32 file (NAME.fp16.onnx, NAME.int8.onnx) made from its weights."""
+    path = Path(path)
+    info = info or read_info(path)
+    found = {}
+    if info.precision != "fp32":
+        return found
+    for precision in VARIANTS:
+        v = path.with_name(f"{path.stem}.{precision}.onnx")
+        if not v.is_file():
+            continue
+        other = read_info(v)
+        if (other.precision, other.checkpoint_sha256, other.spec) != (precision, info.checkpoint_sha256, info.spec):
+            raise StoreError(f"{v}: not a {precision} variant of {path} (made from other weights or another spec); "
+                             f"export them again together, or remove it")
+        found[precision] = v
+    return found
+
+
 def store_model(path: str | os.PathLike, name: str | None = None):
-    """Save one exported ONNX file under ``name`` (default ARCH-DATA[-fp16]) with an automatic version."""
+    """Save one exported ONNX file, with its variants, under ``name`` (default ARCH-DATA[-fp16]) with an
+    automatic version."""
     import bentoml
 
     info = read_info(path)
+    extra = variants(path, info)
     name = name or default_name(info)
     with bentoml.models.create(
         name,
         module="cnnserve",
-        labels={"arch": info.spec.arch, "precision": info.precision, "data": info.data or "none"},
+        labels={"arch": info.spec.arch, "precision": info.precision, "data": info.data or "none",
+                "variants": " ".join(extra) or "none"},
         metadata=info.summary(),
     ) as model:
         shutil.copyfile(path, model.path_of(MODEL_FILE))
+        for precision, v in extra.items():
+            shutil.copyfile(v, model.path_of(f"model.{precision}.onnx"))
     return model

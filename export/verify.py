@@ -17,6 +17,8 @@ TOLERANCES = {
     "fp32": {"max_abs_logit_diff": 1e-4, "top1_agreement_min": 1.0, "accuracy_delta_max": 0.001},
     # fp16 logits differ in proportion to their size: the bound is relative to the largest |logit|
     "fp16": {"max_rel_logit_diff": 2e-2, "top1_agreement_min": 0.995, "accuracy_delta_max": 0.005},
+    # int8 is compared with fp32 onnxruntime (export/quantize.py): agreement and accuracy, no logit bound
+    "int8": {"top1_agreement_min": 0.99, "accuracy_delta_max": 0.01},
 }
 
 
@@ -43,19 +45,27 @@ def verify(model_bytes: bytes, model: Classifier, images: np.ndarray, targets: n
     with torch.no_grad():
         ref = run_batches(lambda b: model(torch.from_numpy(b)).numpy(), images, batch_size)
     got = run_batches(lambda b: sess.run(["logits"], {"pixels": b})[0], images, batch_size)
+    report = compare(got, ref, targets, precision, sess.get_providers()[0], checkpoint_accuracy)
+    report["batch_size"] = batch_size
+    return report
+
+
+def compare(got: np.ndarray, ref: np.ndarray, targets: np.ndarray | None, precision: str, provider: str,
+            reference_accuracy: float | None = None) -> dict:
+    """The report on logits ``got`` against the reference's ``ref``, with ``precision``'s tolerances."""
     diff = float(np.abs(got.astype(np.float64) - ref).max()) if len(ref) else 0.0
     scale = float(np.abs(ref).max()) if len(ref) else 1.0
     agreement = float((got.argmax(1) == ref.argmax(1)).mean()) if len(ref) else 1.0
     report = {
-        "precision": precision, "provider": sess.get_providers()[0], "n_images": int(len(images)),
-        "batch_size": batch_size, "max_abs_logit_diff": diff, "max_rel_logit_diff": diff / max(scale, 1e-12),
+        "precision": precision, "provider": provider, "n_images": int(len(ref)),
+        "max_abs_logit_diff": diff, "max_rel_logit_diff": diff / max(scale, 1e-12),
         "max_abs_logit": scale, "top1_agreement": agreement, "tolerances": TOLERANCES[precision],
     }
     if targets is not None and len(targets):
         report["accuracy_onnxruntime"] = float((got.argmax(1) == targets).mean())
-        report["accuracy_pytorch"] = float((ref.argmax(1) == targets).mean())
-    if checkpoint_accuracy is not None:
-        report["accuracy_checkpoint"] = checkpoint_accuracy
+        report["accuracy_pytorch" if precision != "int8" else "accuracy_fp32"] = float((ref.argmax(1) == targets).mean())
+    if reference_accuracy is not None:
+        report["accuracy_checkpoint"] = reference_accuracy
     report["failures"] = failures(report)
     report["passed"] = not report["failures"]
     return report
@@ -80,7 +90,8 @@ def failures(r: dict) -> list[str]:
 def format_report(r: dict) -> str:
     acc = ""
     if "accuracy_onnxruntime" in r:
-        acc = f"; accuracy onnxruntime {r['accuracy_onnxruntime']:.4f} vs PyTorch {r['accuracy_pytorch']:.4f}"
+        ref = ("fp32", r["accuracy_fp32"]) if "accuracy_fp32" in r else ("PyTorch", r["accuracy_pytorch"])
+        acc = f"; accuracy onnxruntime {r['accuracy_onnxruntime']:.4f} vs {ref[0]} {ref[1]:.4f}"
         if "accuracy_checkpoint" in r:
             acc += f" (checkpoint {r['accuracy_checkpoint']:.4f})"
     verdict = "PASSED" if r["passed"] else "FAILED: " + "; ".join(r["failures"])

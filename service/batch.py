@@ -65,7 +65,7 @@ def _served_classes(url: str, model: str | None) -> int:
 def score(inputs: list[str], out: str, *, model: str | None = None, engine: str = "local",
           top_k: int = DEFAULTS.top_k, batch_size: int = DEFAULTS.max_batch_size, workers: int | None = None,
           url: str | None = None, concurrency: int = 16, ray_address: str | None = None,
-          providers: str = DEFAULTS.providers, resume: bool = False, overwrite: bool = False,
+          providers: str = DEFAULTS.providers, precision: str = DEFAULTS.precision, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None, decoders: str = "auto") -> dict:
     """Score ``inputs`` into ``out``; returns the summary. Ctrl+C stops after the current batch."""
     if engine not in ENGINES:
@@ -83,7 +83,12 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         top_k = min(top_k, _served_classes(url, model))
     else:
         model_path = resolve_model(model)[0]
-        local_model = load_model(model_path, providers=providers, warm_up=False)
+        # the precision the service would choose (auto: timed here at the scoring batch size)
+        local_model = load_model(model_path, providers=providers, warm_up=False, precision=precision,
+                                 batch_sizes=(batch_size,))
+        model_path = local_model.choice.get("file", model_path)
+        print(f"model {model_path} ({local_model.info.precision}, {precision} precision"
+              + (f": {local_model.choice['reason']}" if "reason" in local_model.choice else "") + ")", file=sys.stderr)
         if engine == "local":  # the first run at a new batch size allocates: do it before the clock starts
             local_model.warm_up((batch_size,))
         top_k = min(top_k, local_model.spec.num_classes)

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import onnxruntime as ort
@@ -27,6 +28,12 @@ PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 # CUDA provider options. HEURISTIC conv-algorithm search avoids EXHAUSTIVE's long first run
 # per new input shape (every new batch size); the arena grows by what is requested, not by doubling.
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+
+
+# Precisions: ``auto`` times the verified variants beside a model (NAME.fp16.onnx, NAME.int8.onnx) that
+# suit the provider it runs on, during warm-up at the batch sizes it will run, and serves the fastest.
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+CANDIDATES = {CUDA: ("fp16", "fp32"), CPU: ("int8", "fp32")}
 
 
 class ModelLoadError(RuntimeError):
@@ -82,11 +89,27 @@ class Model:
     info: ModelInfo
     session: ort.InferenceSession
     warmup_ms: float = 0.0
+    #: how the precision was chosen: mode (auto or forced), candidates, warm-up timings, the choice
+    choice: dict = field(default_factory=dict)
     _output: list = field(default_factory=lambda: ["probabilities"])
 
     @property
     def spec(self):
         return self.info.spec
+
+    @cached_property
+    def samples(self) -> list[dict]:
+        """The held-out sample images the export embedded (``onnxmeta.KEY_SAMPLES``)."""
+        return onnxmeta.samples(self.session.get_modelmeta().custom_metadata_map)
+
+    @cached_property
+    def cam_weights(self) -> np.ndarray | None:
+        """The classifier's weights (classes x channels) when the export added CAM outputs (``features``
+        and ``cam_weights``, see ``service/explain.py``); None otherwise. Read by one run, once."""
+        names = {o.name for o in self.session.get_outputs()}
+        if not {"features", "cam_weights"} <= names:
+            return None
+        return self.run(np.zeros((1, *self.spec.input_shape), np.uint8), ["cam_weights"])[0]
 
     @property
     def providers(self) -> list[str]:
@@ -120,6 +143,7 @@ class Model:
         return {
             "name": self.name, "version": self.version, "arch": self.spec.arch, "precision": self.info.precision,
             "providers": self.providers, "spec": self.spec.to_dict(), "labels": list(self.spec.labels),
+            "precision_choice": self.choice,
             "metrics": self.info.metrics, "data": self.info.data, "origin": self.info.origin,
             "input": {"name": onnxmeta.INPUT, "datatype": "UINT8", "shape": [-1, c, h, w]},
             "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, self.spec.num_classes]}
@@ -127,14 +151,86 @@ class Model:
         }
 
 
+def variant_paths(path: str | os.PathLike, own: str) -> dict[str, str]:
+    """``path`` under its own precision ``own``, and the verified variants written beside an fp32 file by
+    ``cnnserve export --fp16/--int8`` (NAME.fp16.onnx, NAME.int8.onnx; in the model store model.*.onnx)."""
+    path = str(path)
+    out = {own: path}
+    if own == "fp32" and path.endswith(".onnx"):
+        for precision in ("fp16", "int8"):
+            candidate = f"{path[:-5]}.{precision}.onnx"
+            if os.path.isfile(candidate):
+                out[precision] = candidate
+    return out
+
+
+def time_sessions(sessions: dict[str, ort.InferenceSession], shape: tuple, batch_sizes, rounds: int = 5) -> dict:
+    """Milliseconds per image for each session at each batch size: the median of ``rounds`` runs,
+    the sessions interleaved so that a noisy neighbour slows all of them alike."""
+    runs: dict = {name: {b: [] for b in batch_sizes} for name in sessions}
+    inputs = {b: np.zeros((b, *shape), np.uint8) for b in batch_sizes}
+    for sess in sessions.values():  # the first run at a shape allocates and picks kernels
+        for b in batch_sizes:
+            sess.run(None, {onnxmeta.INPUT: inputs[b]})
+    for _ in range(rounds):
+        for name, sess in sessions.items():
+            for b in batch_sizes:
+                t = time.perf_counter()
+                sess.run(None, {onnxmeta.INPUT: inputs[b]})
+                runs[name][b].append((time.perf_counter() - t) * 1000 / b)
+    return {name: {str(b): float(np.median(v)) for b, v in per.items()} for name, per in runs.items()}
+
+
+def choose_precision(path: str | os.PathLike, precision: str = "auto", providers: str = "auto",
+                     threads: int | None = None, spin: bool = False, batch_sizes=(1, 8)):
+    """The session to serve ``path`` with, and how its precision was chosen (``Model.choice``)."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    first = create_session(path, providers, threads, spin=spin)
+    own = ModelInfo.from_metadata(first.get_modelmeta().custom_metadata_map, str(path)).precision
+    files = variant_paths(path, own)
+    if precision != "auto":
+        if precision not in files:
+            raise ModelLoadError(f"{path}: no {precision} variant beside it (it has {', '.join(sorted(files))}); "
+                                 f"export it with --{precision}")
+        sess = first if precision == own else create_session(files[precision], providers, threads, spin=spin)
+        return sess, {"mode": precision, "available": sorted(files), "chosen": precision, "file": files[precision]}
+    provider = first.get_providers()[0]
+    candidates = [p for p in CANDIDATES.get(provider, ()) if p in files]
+    choice = {"mode": "auto", "provider": provider, "available": sorted(files), "candidates": candidates}
+    if len(candidates) < 2:
+        choice["chosen"] = own if own in candidates or not candidates else candidates[0]
+        choice["reason"] = "the only candidate for " + provider
+        choice["file"] = files[choice["chosen"]]
+        return (first if choice["chosen"] == own else
+                create_session(files[choice["chosen"]], providers, threads, spin=spin)), choice
+    sessions = {p: first if p == own else create_session(files[p], providers, threads, spin=spin) for p in candidates}
+    shape = tuple(first.get_inputs()[0].shape[1:])
+    timings = time_sessions(sessions, shape, sorted(set(batch_sizes)))
+    mean = {p: float(np.mean(list(t.values()))) for p, t in timings.items()}
+    chosen = min(mean, key=mean.get)
+    choice.update(chosen=chosen, file=files[chosen], ms_per_image=timings, mean_ms_per_image=mean,
+                  reason=f"fastest mean ms per image over batch sizes {', '.join(timings[chosen])} in warm-up")
+    return sessions[chosen], choice
+
+
 def load_model(path: str | os.PathLike, name: str | None = None, version: str = "", providers: str = "auto",
-               threads: int | None = None, warm_up: bool = True, spin: bool = False) -> Model:
-    """Load an exported ONNX file; its spec and labels come from its metadata."""
-    sess = create_session(path, providers, threads, spin=spin)
+               threads: int | None = None, warm_up: bool = True, spin: bool = False, precision: str | None = None,
+               batch_sizes=(1, 8)) -> Model:
+    """Load an exported ONNX file; its spec and labels come from its metadata. ``precision``: which of
+    its verified variants to run (``auto``: the fastest here at ``batch_sizes``, see ``choose_precision``);
+    None: the file as given."""
+    if precision is None:
+        sess, choice = create_session(path, providers, threads, spin=spin), {"mode": "file", "file": str(path)}
+    else:
+        sess, choice = choose_precision(path, precision, providers, threads, spin, batch_sizes)
     info = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, str(path))
-    model = Model(name=name or info.spec.arch, version=version, info=info, session=sess)
+    model = Model(name=name or info.spec.arch, version=version, info=info, session=sess, choice=choice)
     if warm_up:
         model.warm_up()
     log.info("loaded %s:%s (%s, %s) from %s on %s; warm-up %.0f ms", model.name, version or "-", info.spec.arch,
              info.precision, path, ", ".join(model.providers), model.warmup_ms)
+    if "ms_per_image" in choice:
+        log.info("%s: precision auto on %s chose %s; warm-up ms per image %s", model.name, choice["provider"],
+                 choice["chosen"], {p: {b: round(v, 4) for b, v in t.items()} for p, t in choice["ms_per_image"].items()})
     return model

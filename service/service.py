@@ -52,10 +52,11 @@ class CnnServe:
             stored = getattr(self, f"model_{i}")  # BentoModel resolves to the stored model here
             models.append(load_model(stored.path_of("model.onnx"), name=stored.tag.name,
                                      version=stored.tag.version or "", providers=ARGS.providers,
-                                     threads=ARGS.intra_op_threads, spin=ARGS.spin))
+                                     threads=ARGS.intra_op_threads, spin=ARGS.spin, precision=ARGS.precision,
+                                     batch_sizes=(1, ARGS.max_batch_size)))
         self.engine = Engine(models, ARGS, metrics())
         for m in models:
-            log.info("serving %s:%s on %s", m.name, m.version, ", ".join(m.providers))
+            log.info("serving %s:%s in %s on %s", m.name, m.version, m.info.precision, ", ".join(m.providers))
         return_freed_memory()
         # Everything loaded so far (BentoML, FastAPI, onnxruntime, ~140k objects) lives as long as the
         # process: freeze it out of the garbage collector. Measured on LeNet-5 at 64 clients: full

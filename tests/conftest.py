@@ -75,6 +75,19 @@ def server(stored_default):
 
 
 @pytest.fixture(scope="session")
+def shapes_resnet_run(tmp_path_factory) -> Path:
+    """A small ResNet-18 trained on shapes at 32 px (short: fine-tuning and int8 tests need its own weights
+    and a GAP + linear head, not accuracy)."""
+    from cnnserve.models.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("shapes-resnet") / "run"
+    # no augmentation: two epochs on 64 images make its answers decisive (an augmented, near-chance
+    # model's logits nearly tie, and int8's agreement with fp32 on ties is a coin toss)
+    return train(TrainConfig(arch="resnet18", data="shapes", img_size=32, limit=64, epochs=2, patience=0,
+                             augment=False, out=str(out)), progress=False)
+
+
+@pytest.fixture(scope="session")
 def digits_test(default_run):
     """The default model's held-out test images (uint8 1x28x28) and labels."""
     from cnnserve.models.checkpoint import load_checkpoint

@@ -80,11 +80,8 @@ def test_weights_that_do_not_fit_name_missing_and_unexpected_keys(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def shapes_run(tmp_path_factory):
-    """A ResNet-18 trained on shapes (small and short: the weights only need to be its own)."""
-    out = tmp_path_factory.mktemp("ft") / "shapes"
-    return train(TrainConfig(arch="resnet18", data="shapes", img_size=32, limit=64, epochs=1, patience=0,
-                             out=str(out)), progress=False)
+def shapes_run(shapes_resnet_run):
+    return shapes_resnet_run
 
 
 def fine_tune(tmp_path, run, **kw):

@@ -50,6 +50,10 @@ class Settings(BaseModel):
 
     models: str = DEFAULT_MODEL  # model store tags, space-separated; the first is the default
     providers: str = "auto"  # auto (CUDA, then CPU), cuda (fail without it), cpu
+    # Which verified variant of each model to run: auto times those that suit the provider (fp16 and fp32
+    # on CUDA, int8 and fp32 on CPU) in warm-up at batch sizes 1 and max_batch_size and serves the fastest;
+    # fp32, fp16 or int8 forces one (refused at start if the model has no such variant).
+    precision: str = "auto"
     # Server processes, each with its own sessions and batcher. Two where there are the cores, so a
     # worker that dies (OOM kill, kill -9) is not an outage: the other answers while it restarts.
     workers: int = 2 if CORES >= 2 else 1
@@ -75,6 +79,9 @@ class Settings(BaseModel):
     inline_decode_bytes: int = 16 * 1024  # ... this many bytes decode on the event loop, larger ones in threads
     decode_threads: int = 0  # images decoded at once in threads (0: the number of cores)
     top_k: int = 5  # labels in an answer when the request does not say
+    # occluded copies one /classify/explain request may run (400 beyond): the copies go through the
+    # model's batcher with other traffic, so this bounds what one explanation takes from the others
+    max_occlusions: int = 256
     # BentoML's per-request OpenTelemetry spans: on in BentoML, off here unless asked for (they go to no
     # exporter unless BentoML's tracing is configured, and cost a fifth of a small model's request CPU:
     # README, Benchmarks). BentoML's request metrics (bentoml_service_request_*) stay on by default.

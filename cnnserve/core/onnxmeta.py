@@ -28,6 +28,16 @@ KEY_PRECISION = "cnnserve.precision"
 KEY_VERSIONS = "cnnserve.versions"
 KEY_DATA = "cnnserve.data"
 KEY_ORIGIN = "cnnserve.origin"
+# Held-out sample images (one per class, at most ten) for a demo: a JSON list of {"label", "index",
+# "image": a data URL}. Written by the export beside ModelInfo's keys, not part of it.
+KEY_SAMPLES = "cnnserve.samples"
+
+
+def samples(props: dict[str, str]) -> list[dict]:
+    try:
+        return json.loads(props.get(KEY_SAMPLES) or "[]")
+    except json.JSONDecodeError:
+        return []
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,150 @@
+"""INT8: quantized variants verified before they are written, stored with their parent, served over
+HTTP, and chosen per machine by measurement (``precision=auto``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+
+from cnnserve.export.onnx import ExportError, export_checkpoint, export_int8
+from cnnserve.export.store import read_info, store_model
+from cnnserve.service.runtime import ModelLoadError, load_model
+from tests.conftest import Server, encode, run_cli
+
+
+@pytest.fixture(scope="module")
+def lenet_int8(default_run, tmp_path_factory):
+    """The default model exported again with its int8 variant (into a folder of its own)."""
+    out = tmp_path_factory.mktemp("int8") / "lenet5.onnx"
+    results = export_checkpoint(default_run, out, int8=True, calibration=64, log=lambda *a: None)
+    return results
+
+
+@pytest.fixture(scope="module")
+def resnet_int8(shapes_resnet_run, tmp_path_factory):
+    """The session's small ResNet-18 on shapes (32 px), exported with its int8 variant."""
+    out = tmp_path_factory.mktemp("int8-resnet") / "resnet18.onnx"
+    return export_checkpoint(shapes_resnet_run, out, int8=True, calibration=64, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("which", ["lenet_int8", "resnet_int8"])
+def test_int8_gate_passes_and_report_names_calibration(which, request):
+    results = request.getfixturevalue(which)
+    assert [r["info"].precision for r in results] == ["fp32", "int8"]
+    fp32, int8 = results
+    r = int8["report"]
+    assert r["passed"] and r["top1_agreement"] >= 0.99, r
+    assert abs(r["accuracy_onnxruntime"] - r["accuracy_fp32"]) <= 0.01
+    assert r["calibration"]["images"] == 64 and r["calibration"]["method"] in ("minmax", "percentile")
+    assert {t["method"] for t in r["calibration"]["tried"]} == {"minmax", "percentile"}
+    assert "training split" in r["calibration"]["source"] and r["format"]
+    assert "Softmax" in r["ops_in_float"]  # kept in float on purpose; convolutions are not
+    assert "Conv" not in r["ops_in_float"]
+    assert json.loads(int8["report_path"].read_text())["passed"]
+    proto = onnx.load_model(str(int8["path"]))
+    assert sum(n.op_type == "QuantizeLinear" for n in proto.graph.node) > 0
+    assert read_info(int8["path"]).precision == "int8"
+    assert int8["path"].name == fp32["path"].stem + ".int8.onnx"
+
+
+def test_broken_calibration_fails_the_gate_and_writes_no_model(lenet_int8, digits_test, tmp_path):
+    """Calibrated on one constant image, the activation ranges are wrong: the gate refuses it, the
+    report says why, and no model file appears."""
+    fp32 = lenet_int8[0]
+    x, y = digits_test
+    constant = np.zeros((16, *x.shape[1:]), np.uint8)
+    path = tmp_path / "broken.int8.onnx"
+    with pytest.raises(ExportError, match="int8 verification failed.*top-1 agreement") as e:
+        export_int8(onnx.load_model(str(fp32["path"])), fp32["info"], path, (constant, None), (x[:64], y[:64]),
+                    (x, y), method="minmax", log=lambda *a: None)
+    assert "no model written" in str(e.value)
+    assert not path.exists()
+    report = json.loads((tmp_path / "broken.int8.verify.json").read_text())
+    assert not report["passed"] and report["calibration"]["images"] == 16
+
+
+def test_variants_are_stored_with_their_parent(lenet_int8):
+    model = store_model(lenet_int8[0]["path"], "lenet5-int8test")
+    assert model.info.labels["variants"] == "int8"
+    folder = Path(model.path)
+    assert (folder / "model.int8.onnx").is_file() and (folder / "model.onnx").is_file()
+
+
+def test_forcing_a_missing_variant_is_refused(default_onnx):
+    with pytest.raises(ModelLoadError, match="no int8 variant.*export it with --int8"):
+        load_model(default_onnx, precision="int8", warm_up=False)
+
+
+def test_auto_serves_the_variant_its_warm_up_measured_faster(lenet_int8, resnet_int8):
+    """On CPU the candidates are int8 and fp32; whichever the recorded timings say is faster is served
+    (no fixed winner: on a CPU without VNNI fp32 may win)."""
+    for results in (lenet_int8, resnet_int8):
+        m = load_model(results[0]["path"], precision="auto", batch_sizes=(1, 16), warm_up=False)
+        c = m.choice
+        assert c["mode"] == "auto" and c["candidates"] == ["int8", "fp32"]
+        assert set(c["ms_per_image"]) == {"int8", "fp32"} and set(c["ms_per_image"]["int8"]) == {"1", "16"}
+        faster = min(c["mean_ms_per_image"], key=c["mean_ms_per_image"].get)
+        assert c["chosen"] == faster == m.info.precision
+        assert c["mean_ms_per_image"]["int8"] == pytest.approx(np.mean(list(c["ms_per_image"]["int8"].values())))
+
+
+def test_int8_and_auto_serve_over_http(lenet_int8, resnet_int8, digits_test):
+    """Both models stored with their variants; one server forced to int8, one on auto: answers agree
+    with fp32 on held-out digits, and /models says which precision runs and why."""
+    store_model(lenet_int8[0]["path"], "lenet5-int8http")
+    store_model(resnet_int8[0]["path"], "resnet18-int8http")
+    x, _ = digits_test
+    fp32 = load_model(lenet_int8[0]["path"], warm_up=False)
+    want = fp32.predict(x[:20]).argmax(1)
+    for precision in ("int8", "auto"):
+        srv = Server("--arg", "models=lenet5-int8http:latest resnet18-int8http:latest", "--arg",
+                     f"precision={precision}", "--arg", "workers=1")
+        try:
+            with httpx.Client(base_url=srv.url, timeout=30) as client:
+                models = {m["name"]: m for m in client.get("/models").json()["models"]}
+                for m in models.values():
+                    c = m["precision_choice"]
+                    if precision == "int8":
+                        assert m["precision"] == "int8" and c["mode"] == "int8"
+                    else:
+                        assert c["mode"] == "auto" and m["precision"] == c["chosen"]
+                        assert c["chosen"] == min(c["mean_ms_per_image"], key=c["mean_ms_per_image"].get)
+                got = [client.post("/classify", content=encode(img[0]), params={"model": "lenet5-int8http"},
+                                   headers={"Content-Type": "image/png"}).json()["predictions"][0]["index"]
+                       for img in x[:20]]
+                assert np.mean(np.array(got) == want) >= 0.95
+                r = client.post("/classify", content=encode(np.zeros((32, 32, 3), np.uint8)),
+                                params={"model": "resnet18-int8http"}, headers={"Content-Type": "image/png"})
+                assert r.status_code == 200, r.text
+        finally:
+            srv.stop()
+        log = srv.output()
+        assert "in int8 on CPUExecutionProvider" in log or precision == "auto"
+        assert precision == "int8" or "precision auto on CPUExecutionProvider chose" in log
+
+
+def test_quantize_command_for_any_model_with_a_folder(default_onnx, digits_test, tmp_path):
+    """`cnnserve quantize` (what an imported model uses): calibrated on a folder, verified on the rest,
+    a bad folder is a one-line error naming it."""
+    import shutil
+
+    x, _ = digits_test
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, img in enumerate(x[:120]):
+        (folder / f"{i:03d}.png").write_bytes(encode(img[0]))
+    model = tmp_path / "m.onnx"
+    shutil.copyfile(default_onnx, model)
+    proc = run_cli("quantize", model, "--images", folder, "--calibration", "64", "--no-store")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "m.int8.onnx").is_file()
+    report = json.loads((tmp_path / "m.int8.verify.json").read_text())
+    assert report["passed"] and report["n_images"] == 56 and report["calibration"]["source"].startswith("folder")
+    proc = run_cli("quantize", model, "--images", tmp_path / "nowhere", "--no-store")
+    assert proc.returncode != 0 and "nowhere: no readable images" in proc.stderr
+    assert "Traceback" not in proc.stderr
