@@ -172,6 +172,14 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_visualize(args) -> int:
+    from cnnserve.models.visualize import visualize
+
+    for path in visualize(args.checkpoint, args.image, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def _cmd_store(args) -> int:
     _store(args.onnx, args.name)
     return 0
@@ -367,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store the model again with its new variant (default on)")
     p.add_argument("--name", help="model store name (default ARCH-DATA)")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("visualize", help="pictures of a trained network: first-layer filters, feature maps",
+                       description="Write filters.png (the first convolution's filters) and, with --image, "
+                                   "features.png (the feature maps after each convolution, activation and pooling, "
+                                   "with their shapes) for a checkpoint.")
+    p.add_argument("checkpoint", help="a run's model.pt (or the run folder)")
+    p.add_argument("--image", help="an image to show the feature maps of (decoded as the service decodes it)")
+    p.add_argument("--out", "-o", help="folder to write into (default: beside the checkpoint)")
+    p.set_defaults(func=_cmd_visualize)
 
     p = sub.add_parser("store", help="save an exported ONNX file into BentoML's model store")
     p.add_argument("onnx", help="a file written by `cnnserve export`")

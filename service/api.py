@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.staticfiles import StaticFiles
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
@@ -266,6 +268,56 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
                                   e.config.max_images_per_request)
         ticket.gone = watch_disconnect(request)
         return await e.classify_many(files, model, top_k, ticket)
+
+    @app.post("/classify/explain", tags=["explanation"], openapi_extra=CLASSIFY_BODY,
+              summary="Where the model looks: an occlusion or CAM sensitivity map for one image "
+                      "(as JSON, or with format=png a heatmap over the image)")
+    async def explain(request: Request, method: str = Query("occlusion", description="occlusion or cam"),
+                      target: int | None = Query(None, description="class index to explain (default: the top one)"),
+                      patch: int | None = Query(None, description="occlusion: square side in model-input pixels "
+                                                                  "(default about a seventh of the input)"),
+                      stride: int | None = Query(None, description="occlusion: step in model-input pixels "
+                                                                   "(default half the patch)"),
+                      format: str = Query("json", description="json (the map as numbers) or png (a heatmap)"),
+                      top_k: int | None = TOP_K, model: str | None = MODEL,
+                      timeout_ms: float | None = TIMEOUT_MS, priority: str | None = PRIORITY):
+        t0 = time.perf_counter()
+        e = eng()
+        if format not in ("json", "png"):
+            raise APIError(400, "bad_format", f"format must be json or png, got {format!r}")
+        ticket = e.ticket(timeout_ms, priority, t0)
+        e.top_k(e.model(model), top_k)
+        files = await image_files(request, await read(request), IMAGE_FIELD, max_request_bytes, 1)
+        ticket.gone = watch_disconnect(request)
+        timings = {"read": time.perf_counter() - t0}
+        result, pixels, heat = await e.explain(files[0][1], model, method, target, patch, stride, top_k, ticket,
+                                               timings)
+        t = time.perf_counter()
+        if format == "png":
+            from .explain import heatmap_png
+
+            response = Response(heatmap_png(pixels, heat), media_type="image/png", headers={
+                "X-Target-Index": str(result["target"]["index"]), "X-Probability": f"{result['probability']:.6f}"})
+        else:
+            response = JSONResponse(result)
+        timings["explain"] += time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        response.headers["Server-Timing"] = server_timing(timings)
+        e.observe_explain(result["model"], method, timings)
+        return response
+
+    @app.get("/models/{name}/samples", tags=["models"],
+             summary="Held-out sample images the export embedded (one per class, at most ten), as data URLs")
+    async def model_samples(name: str):
+        m = eng().model(name)
+        return {"model": m.name, "samples": m.samples}
+
+    @app.get("/demo", include_in_schema=False)
+    async def demo_redirect():
+        return RedirectResponse("demo/")  # relative: works behind a path prefix
+
+    # The demo page: static HTML, CSS and JavaScript in the package, over the public API only.
+    app.mount("/demo/", StaticFiles(directory=Path(__file__).with_name("demo"), html=True), name="demo")
 
     @app.get("/models", tags=["models"], summary="The served models: spec, labels, version, providers in use")
     async def list_models():

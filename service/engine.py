@@ -23,6 +23,7 @@ from cnnserve.core.config import CORES, DEFAULTS, Settings
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .http_server import DRAIN
 from cnnserve.core.preprocess import ImageError, open_image, preprocess
+from . import explain as xp
 from .runtime import Model
 
 log = logging.getLogger("cnnserve.engine")
@@ -214,6 +215,84 @@ class Engine:
             problem = (499, "client_closed", "the client closed the connection while the request waited for "
                                              "the model; it was not run")
         raise APIError(*problem)
+
+    async def run_many(self, model: Model, pixels: np.ndarray, timings: dict | None = None,
+                       ticket: Ticket | None = None) -> np.ndarray:
+        """``run`` for more images than one batch holds: submitted as batches of ``max_batch_size`` at
+        once, so they share the model with other requests and count against the queue like them."""
+        size = self.config.max_batch_size
+        parts = [pixels[i:i + size] for i in range(0, len(pixels), size)]
+        stages = [{} for _ in parts]
+        outs = await asyncio.gather(*(self.run(model, p, t, ticket) for p, t in zip(parts, stages)))
+        if timings is not None:
+            timings["queue"] = max(t["queue"] for t in stages)
+            timings["inference"] = sum(t["inference"] for t in stages)
+        return np.concatenate(outs)
+
+    async def explain(self, data: bytes, name: str | None = None, method: str = "occlusion",
+                      target: int | None = None, patch: int | None = None, stride: int | None = None,
+                      top_k: int | None = None, ticket: Ticket | None = None,
+                      timings: dict | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Where the model looks for ``target`` (default: its top class) in one image: the answer, the
+        model's input (C x H x W) and the sensitivity map (H x W). See ``service/explain.py``."""
+        model = self.model(name)
+        k = self.top_k(model, top_k)
+        spec = model.spec
+        if method not in xp.METHODS:
+            raise APIError(400, "bad_method", f"method must be one of {', '.join(xp.METHODS)}, got {method!r}")
+        if target is not None and not 0 <= target < spec.num_classes:
+            raise APIError(400, "bad_target", f"target must be a class index from 0 to {spec.num_classes - 1} "
+                                              f"for model {model.name!r}, got {target}")
+        h, w = spec.height, spec.width
+        extra = {}
+        if method == "cam":
+            if model.cam_weights is None:
+                raise APIError(400, "cam_unavailable", f"model {model.name!r} ({spec.arch}) does not end in global "
+                               "average pooling and one linear layer, so its feature maps have no class weights "
+                               "(CAM needs that head: ResNet, GoogLeNet, DenseNet, MobileNet exported by cnnserve); "
+                               "use method=occlusion")
+        else:
+            patch = patch or xp.default_patch(h, w)
+            stride = stride or max(1, patch // 2)
+            if not 1 <= patch <= min(h, w) or not 1 <= stride <= min(h, w):
+                raise APIError(400, "bad_patch", f"patch and stride must be between 1 and {min(h, w)} pixels of the "
+                                                 f"model's {h}x{w} input, got patch {patch}, stride {stride}")
+            n = xp.occlusion_count(h, w, patch, stride)
+            if n > self.config.max_occlusions:
+                raise APIError(400, "too_many_occlusions", f"patch {patch} and stride {stride} make {n} occluded "
+                               f"copies of the {h}x{w} input; the limit is {self.config.max_occlusions} "
+                               "(max_occlusions): use a larger stride")
+            extra = {"patch": patch, "stride": stride, "occlusions": n}
+        pixels = await self.decode(model, data, timings)
+        if method == "cam":
+            t = time.perf_counter()
+            probs, features = await anyio.to_thread.run_sync(model.run, pixels[None], ["probabilities", xp.FEATURES])
+            if timings is not None:
+                timings["queue"], timings["inference"] = 0.0, time.perf_counter() - t
+            t = time.perf_counter()
+            tgt = int(probs[0].argmax()) if target is None else target
+            heat = xp.cam(features[0], model.cam_weights, tgt, (h, w))
+        else:
+            fill = np.array([round(m * 255) for m in spec.mean], np.uint8)
+            copies, boxes = xp.occluded(pixels, patch, stride, fill)
+            out = await self.run_many(model, np.concatenate([pixels[None], copies]), timings, ticket)
+            t = time.perf_counter()
+            probs = out[:, spec.num_classes:]
+            tgt = int(probs[0].argmax()) if target is None else target
+            heat = xp.sensitivity(float(probs[0, tgt]), probs[1:, tgt], boxes, patch, (h, w))
+        result = {"model": model.name, "version": model.version, "method": method,
+                  "target": {"index": tgt, "label": spec.labels[tgt]}, "probability": float(probs[0, tgt]),
+                  "predictions": model.top_k(probs[:1], k)[0], **extra,
+                  "map_shape": [h, w], "map": np.round(heat, 5).tolist()}
+        if timings is not None:
+            timings["explain"] = time.perf_counter() - t
+        return result, pixels, heat
+
+    def observe_explain(self, model: str, method: str, timings: dict) -> None:
+        """One explanation's stage timings into ``cnnserve_explain_stage_seconds``."""
+        if self.metrics:
+            for stage, seconds in timings.items():
+                self.metrics.explain.labels(model, method, stage).observe(seconds)
 
     async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None,
                        timings: dict | None = None, ticket: Ticket | None = None) -> dict:

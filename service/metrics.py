@@ -22,5 +22,8 @@ def metrics() -> SimpleNamespace:
         inference=Histogram("cnnserve_inference_seconds", "Time of one onnxruntime run", ["model"], buckets=seconds),
         stage=Histogram("cnnserve_request_stage_seconds", "Time of one /classify request in each stage "
                         "(service.engine.STAGES)", ["model", "stage"], buckets=seconds),
+        explain=Histogram("cnnserve_explain_stage_seconds", "Time of one /classify/explain request in each stage "
+                          "(read, decode, resize, queue, inference, explain: the map and its PNG, total)",
+                          ["model", "method", "stage"], buckets=seconds),
         rejected=Counter("cnnserve_rejected_requests", "Requests refused, by reason", ["reason"]),
     )

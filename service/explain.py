@@ -1,0 +1,97 @@
+"""What the network looks at, from the ONNX model alone (no training framework at serving time).
+
+- **Occlusion** (Zeiler and Fergus, the ZFNet paper): a square of the data set's mean colour slides
+  over the model's input; each occluded copy is classified, and the fall of the target class's
+  probability is the sensitivity of the pixels it covered (the mean over the patches covering a
+  pixel). Only forward passes: the copies go through the model's batcher like any other images.
+- **CAM** (class activation maps, Zhou et al. 2016): for networks that end in global average pooling
+  and one linear layer, the class's weights applied to the last convolution's feature maps.
+  ``cnnserve export`` adds those maps (output ``features``) and the layer's weights (``cam_weights``)
+  to such models; one forward pass gives the map.
+
+Pure numpy and Pillow; ``Engine.explain`` runs the model.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+METHODS = ("occlusion", "cam")
+FEATURES, CAM_WEIGHTS = "features", "cam_weights"
+
+
+def positions(size: int, patch: int, stride: int) -> list[int]:
+    """Patch offsets along one axis: every ``stride`` pixels, plus one flush with the far edge."""
+    out = list(range(0, size - patch + 1, stride))
+    if out[-1] != size - patch:
+        out.append(size - patch)
+    return out
+
+
+def default_patch(height: int, width: int) -> int:
+    """About a seventh of the shorter side (4 px at 28, 32 px at 224)."""
+    return max(2, round(min(height, width) / 7))
+
+
+def occlusion_count(height: int, width: int, patch: int, stride: int) -> int:
+    return len(positions(height, patch, stride)) * len(positions(width, patch, stride))
+
+
+def occluded(pixels: np.ndarray, patch: int, stride: int, fill: np.ndarray) -> tuple[np.ndarray, list]:
+    """Copies of ``pixels`` (C x H x W uint8), one per patch position, with that patch set to ``fill``
+    (per channel); and the (top, left) of each patch."""
+    _, h, w = pixels.shape
+    boxes = [(y, x) for y in positions(h, patch, stride) for x in positions(w, patch, stride)]
+    copies = np.repeat(pixels[None], len(boxes), axis=0)
+    for i, (y, x) in enumerate(boxes):
+        copies[i, :, y:y + patch, x:x + patch] = fill[:, None, None]
+    return copies, boxes
+
+
+def sensitivity(base: float, probs: np.ndarray, boxes: list, patch: int, shape: tuple[int, int]) -> np.ndarray:
+    """H x W: per pixel, the mean fall of the target's probability (``base`` minus the occluded copy's)
+    over the patches that covered it. Positive: the pixel supported the class."""
+    total = np.zeros(shape, np.float64)
+    count = np.zeros(shape, np.float64)
+    for p, (y, x) in zip(probs, boxes):
+        total[y:y + patch, x:x + patch] += base - float(p)
+        count[y:y + patch, x:x + patch] += 1
+    return (total / np.maximum(count, 1)).astype(np.float32)
+
+
+def cam(features: np.ndarray, weights: np.ndarray, target: int, shape: tuple[int, int]) -> np.ndarray:
+    """H x W in [0, 1]: the target's weights over the feature maps (C x h x w), rectified, resized
+    bilinearly to the input and scaled by its maximum."""
+    m = np.maximum(np.tensordot(weights[target].astype(np.float32), features.astype(np.float32), axes=1), 0)
+    up = np.asarray(Image.fromarray(m.astype(np.float32), "F").resize((shape[1], shape[0]), Image.BILINEAR))
+    top = float(up.max())
+    return (up / top if top > 0 else up).astype(np.float32)
+
+
+# A perceptually ordered colour map (dark blue, purple, orange, yellow: like matplotlib's "plasma"),
+# by linear interpolation between a few of its colours.
+_ANCHORS = np.array([[13, 8, 135], [84, 2, 163], [139, 10, 165], [185, 50, 137], [219, 92, 104],
+                     [244, 136, 73], [254, 188, 43], [240, 249, 33]], np.float32)
+_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHORS)), _ANCHORS[:, c])
+                 for c in range(3)], axis=1).astype(np.uint8)
+
+
+def heatmap_png(pixels: np.ndarray, heat: np.ndarray, min_side: int = 224) -> bytes:
+    """A PNG of ``heat`` (H x W; its positive part, scaled by the maximum) in colour over the model's
+    input ``pixels`` (C x H x W uint8) in grey, enlarged (nearest) to at least ``min_side``."""
+    grey = pixels.mean(axis=0) if pixels.shape[0] == 3 else pixels[0].astype(np.float32)
+    pos = np.maximum(heat, 0)
+    norm = pos / pos.max() if pos.max() > 0 else pos
+    colour = _LUT[(norm * 255).astype(np.uint8)].astype(np.float32)
+    alpha = (0.25 + 0.6 * norm)[..., None]
+    out = (1 - alpha) * grey[..., None] + alpha * colour
+    img = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "RGB")
+    scale = max(1, -(-min_side // min(img.size)))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()

@@ -1,0 +1,217 @@
+"""What the network sees: /classify/explain (occlusion and CAM) on a real server, `cnnserve visualize`
+for every family, and the /demo page driven in a real browser (Debian's chromium)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnnserve.export.onnx import export_checkpoint
+from cnnserve.export.store import store_model
+from tests.conftest import ROOT, Server, encode, run_cli
+
+ARTIFACTS = Path(os.environ.get("CNNSERVE_TEST_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def explain_server(stored_default, shapes_resnet_run, tmp_path_factory):
+    """The default LeNet-5 and a small ResNet-18 (a GAP + linear head, so CAM) on one real server."""
+    out = tmp_path_factory.mktemp("explain") / "resnet.onnx"
+    store_model(export_checkpoint(shapes_resnet_run, out, log=lambda *a: None)[0]["path"], "resnet18-explain")
+    srv = Server("--arg", f"models={stored_default} resnet18-explain:latest", "--arg", "workers=1")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(explain_server):
+    with httpx.Client(base_url=explain_server.url, timeout=60) as c:
+        yield c
+
+
+def corner_digit(digits_test) -> tuple[bytes, int]:
+    """A held-out digit pasted into the top-left quarter of a blank canvas twice its size (the model
+    resizes the whole canvas, so the digit fills the top-left quarter of its input)."""
+    x, y = digits_test
+    canvas = np.zeros((56, 56), np.uint8)
+    canvas[:28, :28] = x[0][0]
+    return encode(canvas), int(y[0])
+
+
+def test_occlusion_map_peaks_on_the_digit(client, digits_test):
+    data, _ = corner_digit(digits_test)
+    r = client.post("/classify/explain", content=data, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    heat = np.array(body["map"])
+    assert body["method"] == "occlusion" and body["map_shape"] == [28, 28] and heat.shape == (28, 28)
+    assert body["patch"] == 4 and body["stride"] == 2 and body["occlusions"] == 13 * 13
+    assert body["target"]["index"] == body["predictions"][0]["index"]  # the top class by default
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    assert y < 14 and x < 14, f"the map's peak {(y, x)} is not on the digit (top-left quarter)"
+    assert heat[:14, :14].mean() > heat[14:, 14:].mean()
+    assert {"decode", "queue", "inference", "explain", "total"} <= {
+        part.split(";")[0].strip() for part in r.headers["Server-Timing"].split(",")}
+
+
+def test_occlusion_png_and_an_explicit_target(client, digits_test):
+    data, _ = corner_digit(digits_test)
+    r = client.post("/classify/explain", content=data, headers={"Content-Type": "image/png"},
+                    params={"format": "png", "target": 3, "patch": 7, "stride": 7})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.mode == "RGB" and img.size == (224, 224)  # 28 px enlarged to at least 224
+    assert r.headers["X-Target-Index"] == "3" and 0 <= float(r.headers["X-Probability"]) <= 1
+
+
+def test_cam_for_gap_heads_and_a_reason_for_others(client):
+    img = encode(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    r = client.post("/classify/explain", content=img, params={"model": "resnet18-explain", "method": "cam"},
+                    headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    heat = np.array(r.json()["map"])
+    assert heat.shape == (32, 32) and heat.min() >= 0 and heat.max() == pytest.approx(1.0, abs=1e-4)
+    occ = client.post("/classify/explain", content=img, params={"model": "resnet18-explain"},
+                      headers={"Content-Type": "image/png"})
+    assert occ.status_code == 200 and occ.json()["occlusions"] == 15 * 15  # 32 px: patch 5, stride 2, plus the edge
+    r = client.post("/classify/explain", content=encode(np.zeros((28, 28), np.uint8)), params={"method": "cam"},
+                    headers={"Content-Type": "image/png"})
+    assert r.status_code == 400 and r.json()["code"] == "cam_unavailable" and "use method=occlusion" in r.json()["error"]
+
+
+@pytest.mark.parametrize("params, status, code", [
+    ({"method": "gradients"}, 400, "bad_method"),
+    ({"patch": 1, "stride": 1}, 400, "too_many_occlusions"),  # 784 copies > max_occlusions 256
+    ({"patch": 40}, 400, "bad_patch"),
+    ({"target": 10}, 400, "bad_target"),
+    ({"format": "gif"}, 400, "bad_format"),
+    ({"model": "nope"}, 404, "unknown_model"),
+    ({"stride": "x"}, 400, "bad_parameter"),
+])
+def test_bad_explain_requests_are_4xx_with_a_reason(client, params, status, code):
+    r = client.post("/classify/explain", content=encode(np.zeros((28, 28), np.uint8)), params=params,
+                    headers={"Content-Type": "image/png"})
+    assert r.status_code == status and r.json()["code"] == code and r.json()["error"], r.text
+    r = client.post("/classify/explain", content=b"not an image", headers={"Content-Type": "image/png"})
+    assert r.status_code == 400 and r.json()["code"] == "not_an_image"
+
+
+def test_explain_is_documented_and_measured(client, digits_test):
+    paths = client.get("/docs.json").json()["paths"]
+    assert "/classify/explain" in paths and "/models/{name}/samples" in paths
+    names = {p["name"] for p in paths["/classify/explain"]["post"]["parameters"]}
+    assert {"method", "target", "patch", "stride", "format", "model"} <= names
+    client.post("/classify/explain", content=corner_digit(digits_test)[0], headers={"Content-Type": "image/png"})
+    text = client.get("/metrics").text
+    assert 'cnnserve_explain_stage_seconds_count{method="occlusion",model="lenet5-digits",stage="inference"}' in text
+
+
+def test_samples_are_embedded_by_the_export(client):
+    samples = client.get("/models/lenet5-digits/samples").json()["samples"]
+    assert [s["index"] for s in samples] == list(range(10))
+    assert all(s["image"].startswith("data:image/png;base64,") for s in samples)
+    assert client.get("/models/resnet18-explain/samples").json()["samples"][0]["image"].startswith("data:image/jpeg")
+
+
+def random_checkpoint(arch: str, folder: Path, size: int = 32) -> Path:
+    from cnnserve.models.checkpoint import save_checkpoint
+    from cnnserve.models.registry import build_classifier, spec_for
+
+    spec = spec_for(arch, ("a", "b", "c"), 3, size)
+    model = build_classifier(spec)
+    path = folder / arch.replace(":", "-") / "model.pt"
+    path.parent.mkdir(parents=True)
+    save_checkpoint(path, {"arch": arch, "spec": spec.to_dict(), "state_dict": model.net.state_dict(), "metrics": {},
+                           "torch_version": str(torch.__version__)})
+    return path
+
+
+@pytest.mark.parametrize("arch", ["alexnet", "vgg11_bn", "googlenet", "densenet121", "mobilenet_v1",
+                                  "timm:resnet18", "torchvision:mobilenet_v3_small"])
+def test_visualize_every_family_and_library_models(arch, tmp_path):
+    from cnnserve.models.visualize import visualize
+
+    ckpt = random_checkpoint(arch, tmp_path)
+    image = tmp_path / "x.jpg"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(image)
+    filters, features = visualize(ckpt, image, tmp_path / "out")
+    assert Image.open(filters).size[0] > 200 and Image.open(features).size[1] > 300
+
+
+def test_visualize_command(default_run, shapes_resnet_run, tmp_path):
+    """The real command, for the default run (with one of its held-out samples) and a ResNet."""
+    sample = tmp_path / "seven.png"
+    sample.write_bytes(encode(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((7, 7), np.uint8))))
+    proc = run_cli("visualize", default_run / "model.pt", "--image", sample, "--out", tmp_path / "lenet")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "lenet" / "filters.png").is_file() and (tmp_path / "lenet" / "features.png").is_file()
+    proc = run_cli("visualize", shapes_resnet_run / "model.pt", "--out", tmp_path / "resnet")
+    assert proc.returncode == 0 and (tmp_path / "resnet" / "filters.png").is_file()
+    assert not (tmp_path / "resnet" / "features.png").exists()  # no --image, no feature maps
+    proc = run_cli("visualize", tmp_path / "nothing.pt")
+    assert proc.returncode != 0 and "nothing.pt: no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- the demo page in a real browser -------------------------------------------------------------
+
+def chromium():
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver") or shutil.which("chromium-driver")
+    if not browser or not driver:
+        pytest.skip("chromium and chromium-driver are not installed (Debian: apt-get install chromium "
+                    "chromium-driver; .ci/run installs them where apt can)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
+    """Upload a held-out digit on /demo: the bars appear, the top one is /classify's answer, the occlusion
+    heatmap is drawn; a sample is one click away. The screenshot is kept in test-artifacts/."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    x, y = digits_test
+    digit = tmp_path / "digit.png"
+    digit.write_bytes(encode(x[7][0]))
+    want = client.post("/classify", content=digit.read_bytes(),
+                       headers={"Content-Type": "image/png"}).json()["predictions"][0]["label"]
+    driver = chromium()
+    try:
+        driver.get(explain_server.url + "/demo")
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#samples button")) == 10)
+        driver.find_element(By.ID, "file").send_keys(str(digit))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bars li.bar"))
+        bars = driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")
+        assert len(bars) == 5 and bars[0].get_attribute("data-label") == want
+        wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-drawn") == "true")
+        assert driver.execute_script("return document.getElementById('heatmap').naturalWidth") == 224
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "demo.png"))
+        # one click on a sample classifies it too
+        sample = driver.find_elements(By.CSS_SELECTOR, "#samples button")[3]
+        label = sample.get_attribute("data-label")
+        sample.click()
+        wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-drawn") == "true"
+                   and d.find_elements(By.CSS_SELECTOR, "#bars li.bar"))
+        assert driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")[0].get_attribute("data-label") == label
+        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, errors
+    finally:
+        driver.quit()
+    assert Image.open(ARTIFACTS / "demo.png").size[0] >= 1000
