@@ -30,7 +30,9 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   up)   install; exec .venv/bin/cnnserve up "$@" ;;
-  test) install; exec .venv/bin/python -m pytest "$@" ;;
+  # Two test processes, whole files to each (their module fixtures, such as servers, stay in one):
+  # most of the suite waits on servers and subprocesses, so two share even a 2-core machine well.
+  test) install; exec .venv/bin/python -m pytest -n "${CNNSERVE_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
   container) install; exec .venv/bin/cnnserve container "$@" ;;
   *)    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
