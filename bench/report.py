@@ -135,8 +135,9 @@ def report(doc: dict, stem: Path) -> str:
                      f"| {fmt(q['scoring_over_ort'])} | {fmt(q['rate_503'], '.2%')}; {fmt(q['naive_rate_503'], '.2%')} "
                      f"| {fmt(q['failures'], 'd')} |")
     lines += ["", "Targets:", *verdicts(doc)]
-    if not measured:  # a run of other sections only (batch scoring, faults)
-        lines = lines[:lines.index("## Ratios")]
+    if not measured:  # a run of other sections only (batch scoring, faults, int8): their targets stay
+        targets = verdicts(doc)
+        lines = lines[:lines.index("## Ratios")] + (["## Targets", "", *targets] if targets else [])
     for name, r in measured.items():
         settings = ", ".join(f"{k}={v}" for k, v in r["serve"].items())
         lines += ["", f"## {name} ({r['input']}, {r['format']} requests; cnnserve with {settings})", "",
@@ -237,11 +238,15 @@ def report(doc: dict, stem: Path) -> str:
                 a, b = srv["fp32"], srv["int8"]
                 lines += ["", f"The service at {a['concurrency']} clients: fp32 {a['throughput_rps']:.0f} req/s, int8 "
                               f"(`{srv['format']}`) {b['throughput_rps']:.0f} req/s "
-                              f"({b['throughput_rps'] / a['throughput_rps']:.2f}x)."]
+                              f"({b['throughput_rps'] / a['throughput_rps']:.2f}x)"
+                              + ("." if srv.get("gate_passed", True) else
+                                 "; no format passed the gate for this model, so the fastest was served for timing "
+                                 "only (`cnnserve export --int8` would have written none).")]
             c = (srv or {}).get("auto_choice")
             if c:
                 lines += ["", f"`precision=auto` chose **{c['chosen']}** here; warm-up ms per image by batch size: "
-                              + "; ".join(f"{p} {t}" for p, t in (c.get("ms_per_image") or {}).items()) + "."]
+                              + "; ".join(f"{p} " + ", ".join(f"batch {b}: {v:.3f}" for b, v in t.items())
+                                          for p, t in (c.get("ms_per_image") or {}).items()) + "."]
             lines.append("")
     trials = {n: r["faults"] for n, r in doc["workloads"].items() if r.get("faults")}
     if trials:
@@ -270,6 +275,10 @@ def plot(doc: dict, stem: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    quantized = {n: r["int8"] for n, r in doc["workloads"].items() if r.get("int8")}
+    if quantized:
+        plot_int8(doc, quantized, stem.with_name(stem.name + "-int8").with_suffix(".png")
+                  if any(r.get("service") for r in doc["workloads"].values()) else stem.with_suffix(".png"))
     names = [n for n, r in doc["workloads"].items() if r.get("service")]
     if not names:
         return
@@ -313,4 +322,31 @@ def plot(doc: dict, stem: Path) -> None:
     fig.suptitle(f"cnnserve on {doc['machine']['cpu']} ({doc['machine']['cores']} cores)", fontsize=10)
     fig.tight_layout()
     fig.savefig(stem.with_suffix(".png"), dpi=100)
+    plt.close(fig)
+
+
+def plot_int8(doc: dict, quantized: dict, path: Path) -> None:
+    """Per workload: images/s of fp32 and each int8 format at each batch size (hatched: failed its gate)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(quantized), figsize=(6.5 * len(quantized), 4.5), squeeze=False)
+    for ax, (name, q) in zip(axes[0], quantized.items()):
+        variants = list(q["onnxruntime"])
+        batches = [x["batch"] for x in q["onnxruntime"]["fp32"]]
+        width = 0.8 / len(variants)
+        for i, v in enumerate(variants):
+            rows = q["onnxruntime"][v]
+            failed = v != "fp32" and not q["formats"][v]["passed"]
+            ax.bar(np.arange(len(batches)) + i * width, [x["images_per_s"] for x in rows], width,
+                   label=v + (" (gate failed)" if failed else ""), hatch="//" if failed else None, color=plt.cm.tab10(i))
+        ax.set_xticks(np.arange(len(batches)) + width * (len(variants) - 1) / 2, [f"batch {b}" for b in batches])
+        ax.set(ylabel="images / s (onnxruntime, CPU)", title=f"{name}: int8 formats against fp32 "
+                                                             f"({'VNNI' if q['vnni'] else 'no VNNI'})")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"INT8 on {doc['machine']['cpu']} ({doc['machine']['cores']} cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -22,7 +22,7 @@ from pathlib import Path
 from cnnserve.core.config import CORES, DEFAULT_MODEL, DEFAULTS
 from cnnserve.core.store import NotStored, stored_model
 
-from .runtime import load_model
+from .runtime import ModelLoadError, load_model
 from .scoring import ScoreError, printable, row
 from .scoring.engines import DECODERS, ENGINES, Stats, score_http, score_local, score_ray
 from .scoring.inputs import collect_inputs
@@ -84,8 +84,11 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
     else:
         model_path = resolve_model(model)[0]
         # the precision the service would choose (auto: timed here at the scoring batch size)
-        local_model = load_model(model_path, providers=providers, warm_up=False, precision=precision,
-                                 batch_sizes=(batch_size,))
+        try:
+            local_model = load_model(model_path, providers=providers, warm_up=False, precision=precision,
+                                     batch_sizes=(batch_size,))
+        except ModelLoadError as e:
+            raise ScoreError(str(e)) from None
         model_path = local_model.choice.get("file", model_path)
         print(f"model {model_path} ({local_model.info.precision}, {precision} precision"
               + (f": {local_model.choice['reason']}" if "reason" in local_model.choice else "") + ")", file=sys.stderr)

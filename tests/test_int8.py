@@ -148,3 +148,25 @@ def test_quantize_command_for_any_model_with_a_folder(default_onnx, digits_test,
     proc = run_cli("quantize", model, "--images", tmp_path / "nowhere", "--no-store")
     assert proc.returncode != 0 and "nowhere: no readable images" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_batch_scoring_takes_the_same_choice(lenet_int8, digits_test, tmp_path):
+    """`cnnserve score --precision`: int8 scores with the int8 file and agrees with fp32; a model without
+    the variant is a one-line error naming it."""
+    x, _ = digits_test
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, img in enumerate(x[:40]):
+        (folder / f"{i:02d}.png").write_bytes(encode(img[0]))
+    rows = {}
+    for precision in ("fp32", "int8"):
+        proc = run_cli("score", folder, "--model", lenet_int8[0]["path"], "--precision", precision,
+                       "--out", tmp_path / f"{precision}.jsonl")
+        assert proc.returncode == 0, proc.stderr
+        assert f"({precision}, {precision} precision)" in proc.stderr
+        rows[precision] = [json.loads(line) for line in (tmp_path / f"{precision}.jsonl").read_text().splitlines()]
+    top = {p: [r["indices"][0] for r in sorted(rs, key=lambda r: r["path"])] for p, rs in rows.items()}
+    assert len(top["int8"]) == 40
+    assert np.mean(np.array(top["int8"]) == np.array(top["fp32"])) >= 0.95
+    proc = run_cli("score", folder, "--model", tmp_path / "none.onnx", "--precision", "int8", "--out", tmp_path / "x.csv")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
