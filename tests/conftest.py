@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,21 +43,42 @@ def encode(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     return buf.getvalue()
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """``make(folder)`` once per test run, whatever the number of pytest-xdist processes: the first to
+    get here makes it under a file lock in the run's shared base folder, the others wait and reuse it.
+    For read-only products that take long to make (trained runs and their exports)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of one run
+    folder = base / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".made").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory) -> Path:
-    """The default training run (LeNet-5 on digits, default config), trained once per session."""
+    """The default training run (LeNet-5 on digits, default config), trained once per test run and
+    exported (fp32, verified) beside its checkpoint."""
+    from cnnserve.export.onnx import export_checkpoint
     from cnnserve.models.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("runs") / "lenet5-digits"
-    return train(TrainConfig(out=str(out)), progress=False)
+    def make(folder: Path) -> None:
+        train(TrainConfig(out=str(folder)), progress=False)
+        export_checkpoint(folder, log=lambda *a: None)
+
+    return made_once(tmp_path_factory, "lenet5-digits", make)
 
 
 @pytest.fixture(scope="session")
 def default_onnx(default_run) -> Path:
     """The default model exported (fp32, verified) beside its checkpoint."""
-    from cnnserve.export.onnx import export_checkpoint
-
-    return export_checkpoint(default_run, log=lambda *a: None)[0]["path"]
+    return default_run / "model.onnx"
 
 
 @pytest.fixture(scope="session")
@@ -80,12 +102,12 @@ def shapes_resnet_run(tmp_path_factory) -> Path:
     and a GAP + linear head, not accuracy)."""
     from cnnserve.models.train import TrainConfig, train
 
-    out = tmp_path_factory.mktemp("shapes-resnet") / "run"
     # no augmentation: four epochs on 64 images make its answers decisive (an augmented, near-chance
     # model's logits nearly tie, and int8's agreement with fp32 on ties is a coin toss: two epochs
     # gave 99.3%, a hair above the gate; four gave 100%)
-    return train(TrainConfig(arch="resnet18", data="shapes", img_size=32, limit=64, epochs=4, patience=0,
-                             augment=False, out=str(out)), progress=False)
+    return made_once(tmp_path_factory, "shapes-resnet", lambda folder: train(TrainConfig(
+        arch="resnet18", data="shapes", img_size=32, limit=64, epochs=4, patience=0, augment=False,
+        out=str(folder)), progress=False))
 
 
 @pytest.fixture(scope="session")
