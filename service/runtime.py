@@ -187,24 +187,39 @@ def choose_precision(path: str | os.PathLike, precision: str = "auto", providers
     if precision not in PRECISIONS:
         raise ModelLoadError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     first = create_session(path, providers, threads, spin=spin)
-    own = ModelInfo.from_metadata(first.get_modelmeta().custom_metadata_map, str(path)).precision
+    info = ModelInfo.from_metadata(first.get_modelmeta().custom_metadata_map, str(path))
+    own = info.precision
     files = variant_paths(path, own)
+    opened = {own: first}
+
+    def session_of(p: str) -> ort.InferenceSession | None:
+        """The variant's session, or None (logged) when the file beside ``path`` was made from other
+        weights or for another spec (a stale variant left by an earlier export)."""
+        if p not in opened:
+            sess = create_session(files[p], providers, threads, spin=spin)
+            other = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, files[p])
+            if (other.precision, other.checkpoint_sha256, other.spec) != (p, info.checkpoint_sha256, info.spec):
+                log.warning("%s: not a %s variant of %s (other weights or spec); ignored", files[p], p, path)
+                sess = None
+            opened[p] = sess
+        return opened[p]
+
     if precision != "auto":
-        if precision not in files:
-            raise ModelLoadError(f"{path}: no {precision} variant beside it (it has {', '.join(sorted(files))}); "
+        sess = session_of(precision) if precision in files else None
+        if sess is None:
+            raise ModelLoadError(f"{path}: no {precision} variant of these weights beside it (it has "
+                                 f"{', '.join(sorted(p for p in files if p == own or session_of(p)))}); "
                                  f"export it with --{precision}")
-        sess = first if precision == own else create_session(files[precision], providers, threads, spin=spin)
         return sess, {"mode": precision, "available": sorted(files), "chosen": precision, "file": files[precision]}
     provider = first.get_providers()[0]
-    candidates = [p for p in CANDIDATES.get(provider, ()) if p in files]
+    candidates = [p for p in CANDIDATES.get(provider, ()) if p in files and session_of(p) is not None]
     choice = {"mode": "auto", "provider": provider, "available": sorted(files), "candidates": candidates}
     if len(candidates) < 2:
         choice["chosen"] = own if own in candidates or not candidates else candidates[0]
         choice["reason"] = "the only candidate for " + provider
         choice["file"] = files[choice["chosen"]]
-        return (first if choice["chosen"] == own else
-                create_session(files[choice["chosen"]], providers, threads, spin=spin)), choice
-    sessions = {p: first if p == own else create_session(files[p], providers, threads, spin=spin) for p in candidates}
+        return opened[choice["chosen"]], choice
+    sessions = {p: opened[p] for p in candidates}
     shape = tuple(first.get_inputs()[0].shape[1:])
     timings = time_sessions(sessions, shape, sorted(set(batch_sizes)))
     mean = {p: float(np.mean(list(t.values()))) for p, t in timings.items()}

@@ -80,6 +80,19 @@ def test_forcing_a_missing_variant_is_refused(default_onnx):
         load_model(default_onnx, precision="int8", warm_up=False)
 
 
+def test_a_stale_variant_beside_a_file_is_never_run(default_onnx, resnet_int8, tmp_path):
+    """An int8 file left beside a model by an export of other weights is ignored by auto and refused
+    when forced (the store refuses to take it at all: test_variants_are_stored_with_their_parent)."""
+    import shutil
+
+    shutil.copyfile(default_onnx, tmp_path / "m.onnx")
+    shutil.copyfile(resnet_int8[1]["path"], tmp_path / "m.int8.onnx")
+    m = load_model(tmp_path / "m.onnx", precision="auto", warm_up=False)
+    assert m.choice["candidates"] == ["fp32"] and m.info.precision == "fp32"
+    with pytest.raises(ModelLoadError, match="no int8 variant of these weights"):
+        load_model(tmp_path / "m.onnx", precision="int8", warm_up=False)
+
+
 def test_auto_serves_the_variant_its_warm_up_measured_faster(lenet_int8, resnet_int8):
     """On CPU the candidates are int8 and fp32; whichever the recorded timings say is faster is served
     (no fixed winner: on a CPU without VNNI fp32 may win)."""
