@@ -143,7 +143,9 @@ class Model:
         return {
             "name": self.name, "version": self.version, "arch": self.spec.arch, "precision": self.info.precision,
             "providers": self.providers, "spec": self.spec.to_dict(), "labels": list(self.spec.labels),
-            "precision_choice": self.choice,
+            # the chosen file by name only: a client has no business with the server's paths
+            "precision_choice": {**self.choice, **({"file": os.path.basename(self.choice["file"])}
+                                                   if "file" in self.choice else {})},
             "metrics": self.info.metrics, "data": self.info.data, "origin": self.info.origin,
             "input": {"name": onnxmeta.INPUT, "datatype": "UINT8", "shape": [-1, c, h, w]},
             "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, self.spec.num_classes]}

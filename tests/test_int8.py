@@ -122,6 +122,7 @@ def test_int8_and_auto_serve_over_http(lenet_int8, resnet_int8, digits_test):
                 models = {m["name"]: m for m in client.get("/models").json()["models"]}
                 for m in models.values():
                     c = m["precision_choice"]
+                    assert c["file"].startswith("model.") and "/" not in c["file"]  # no server paths
                     if precision == "int8":
                         assert m["precision"] == "int8" and c["mode"] == "int8"
                     else:
