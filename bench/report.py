@@ -86,13 +86,12 @@ def verdicts(doc: dict) -> list[str]:
             else:
                 out.append(f"- NOT APPLICABLE (no VNNI here): ResNet-18 int8 ({q8['cpu_format']}) runs at {gain:.2f}x "
                            "fp32 at the best batch of each; the 1.5x target is set for CPUs with VNNI.")
-        for wname, q8 in ((name, r.get("int8")),):
-            c = ((q8 or {}).get("service") or {}).get("auto_choice")
-            if c and c.get("mean_ms_per_image"):
-                faster = min(c["mean_ms_per_image"], key=c["mean_ms_per_image"].get)
-                out.append(f"- {'MET' if c['chosen'] == faster else 'MISSED'}: precision=auto serves the variant its "
-                           f"warm-up measured faster, {wname}: chose {c['chosen']} (mean ms per image "
-                           + ", ".join(f"{p} {v:.4f}" for p, v in c["mean_ms_per_image"].items()) + ").")
+        c = ((q8 or {}).get("service") or {}).get("auto_choice")
+        if c and c.get("mean_ms_per_image"):
+            faster = min(c["mean_ms_per_image"], key=c["mean_ms_per_image"].get)
+            out.append(f"- {'MET' if c['chosen'] == faster else 'MISSED'}: precision=auto serves the variant its "
+                       f"warm-up measured faster, {name}: chose {c['chosen']} (mean ms per image "
+                       + ", ".join(f"{p} {v:.4f}" for p, v in c["mean_ms_per_image"].items()) + ").")
         f = r.get("floor")
         if f and name == "lenet5":
             ok = f["ratio_to_floor"] >= 0.10

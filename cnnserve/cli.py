@@ -125,6 +125,7 @@ def _cmd_export(args) -> int:
 def _cmd_quantize(args) -> int:
     from pathlib import Path
 
+    from cnnserve.core.onnxmeta import variant_file
     from cnnserve.export.onnx import ExportError, export_int8
     from cnnserve.export.quantize import folder_images
     from cnnserve.export.store import read_info
@@ -144,7 +145,7 @@ def _cmd_quantize(args) -> int:
                           f"16 more are needed to check the result (or lower --calibration)")
     calibration, rest = images[:args.calibration], images[args.calibration:]
     # no labels in a folder: the method is chosen and the result verified on agreement with fp32 alone
-    export_int8(onnx.load_model(str(src)), info, src.with_name(src.stem + ".int8.onnx"), (calibration, None),
+    export_int8(onnx.load_model(str(src)), info, Path(variant_file(str(src), "int8")), (calibration, None),
                 (rest, None), (rest, None), args.calibration_method, args.int8_format, f"folder {args.images}")
     if args.store:
         _store(src, args.name)

@@ -10,6 +10,7 @@ metrics, the checkpoint's sha256 and the library versions (``cnnserve.core.onnxm
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -185,6 +186,14 @@ def versions() -> dict:
 
 # --- the whole export: checkpoint -> verified ONNX file(s) ---------------------------------
 
+@functools.lru_cache(maxsize=1)
+def _dataset(data: str, spec, data_dir: str | None):
+    """A checkpoint's data set, loaded once for the splits an export reads (test; train and val for int8)."""
+    from cnnserve.models.data import load_dataset
+
+    return load_dataset(data, spec, data_dir, limit=None)
+
+
 def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64, split: str = "test",
                 limit: int | None = None):
     """The checkpoint's own ``split`` (test, val or train: uint8 images, targets), rebuilt from its data
@@ -192,7 +201,7 @@ def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64, spl
     is checked on seeded random images instead."""
     import numpy as np
 
-    from cnnserve.models.data import DataError, load_dataset
+    from cnnserve.models.data import DataError
 
     data = ckpt.get("data")
     spec = ckpt["spec"]
@@ -201,7 +210,7 @@ def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64, spl
         return rng.integers(0, 256, (n_random, *spec.input_shape), dtype=np.uint8), None
     cfg = ckpt.get("train_config", {})
     try:
-        images = getattr(load_dataset(data, spec, data_dir or cfg.get("data_dir"), limit=None), split)
+        images = getattr(_dataset(data, spec, data_dir or cfg.get("data_dir")), split)
     except DataError as e:
         raise ExportError(f"{ckpt['path']}: cannot rebuild the {split} split of {data!r} to verify the export "
                           f"({e}); pass --data-dir") from None
@@ -249,7 +258,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
     if fp16:
         half = to_fp16(proto)
         set_metadata(half, replace(info, precision="fp16"))
-        jobs.append(("fp16", half, out.with_name(out.stem + ".fp16.onnx")))
+        jobs.append(("fp16", half, Path(onnxmeta.variant_file(str(out), "fp16"))))
     results = []
     for precision, p, path in jobs:
         blob = p.SerializeToString()
@@ -262,7 +271,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         results.append({"path": path, "report_path": report_path, "report": report,
                          "info": replace(info, precision=precision)})
     if int8:
-        results.append(export_int8(proto, info, out.with_name(out.stem + ".int8.onnx"),
+        results.append(export_int8(proto, info, Path(onnxmeta.variant_file(str(out), "int8")),
                                    test_images(ckpt, data_dir, split="train", limit=calibration),
                                    test_images(ckpt, data_dir, split="val", limit=256), (images, targets),
                                    calibration_method, int8_format, f"{info.data or 'random'} training split", log))

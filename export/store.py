@@ -21,11 +21,10 @@ from pathlib import Path
 
 import onnx
 
-from cnnserve.core.onnxmeta import ModelInfo
+from cnnserve.core.onnxmeta import VARIANTS, ModelInfo, variant_file
 from cnnserve.core.spec import SpecError
 
 MODEL_FILE = "model.onnx"
-VARIANTS = ("fp16", "int8")
 
 
 class StoreError(ValueError):
@@ -61,11 +60,11 @@ def variants(path: str | os.PathLike, info: ModelInfo | None = None) -> dict[str
     if info.precision != "fp32":
         return found
     for precision in VARIANTS:
-        v = path.with_name(f"{path.stem}.{precision}.onnx")
+        v = Path(variant_file(str(path), precision))
         if not v.is_file():
             continue
         other = read_info(v)
-        if (other.precision, other.checkpoint_sha256, other.spec) != (precision, info.checkpoint_sha256, info.spec):
+        if other.precision != precision or not info.same_weights(other):
             raise StoreError(f"{v}: not a {precision} variant of {path} (made from other weights or another spec); "
                              f"export them again together, or remove it")
         found[precision] = v

@@ -222,22 +222,32 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
     async def read(request: Request) -> bytes:
         return await read_body(request, max_request_bytes, body_timeout_s)
 
-    async def classify_request(request: Request, p: ClassifyParams) -> JSONResponse:
-        t0 = time.perf_counter()
-        e = eng()
-        e.top_k(e.model(p.model), p.top_k)  # refuse a bad model, top_k or deadline before reading the upload
+    async def one_image(request: Request, e: Engine, p: ClassifyParams, t0: float):
+        """The image of a one-image request, its ticket and its timings so far (``read``); a bad model,
+        top_k, deadline or priority is refused before the upload is read."""
+        e.top_k(e.model(p.model), p.top_k)
         ticket = e.ticket(p.timeout_ms, p.priority, t0)
         files = await image_files(request, await read(request), IMAGE_FIELD, max_request_bytes, 1)
         ticket.gone = watch_disconnect(request)
-        timings = {"read": time.perf_counter() - t0}
-        result = await e.classify(files[0][1], p.model, p.top_k, timings, ticket)
-        t = time.perf_counter()
-        response = JSONResponse(result)  # serialised here, so that its time is measured
-        timings["respond"] += time.perf_counter() - t
+        return files[0][1], ticket, {"read": time.perf_counter() - t0}
+
+    def timed(response, e: Engine, model: str, timings: dict, t0: float, last: str, t: float, method=None):
+        """``response`` with its Server-Timing header, the stages observed; ``last`` (the stage that
+        serialises the answer) gets the time since ``t``."""
+        timings[last] += time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         response.headers["Server-Timing"] = server_timing(timings)
-        e.observe(result["model"], timings)
+        e.observe(model, timings, method)
         return response
+
+    async def classify_request(request: Request, p: ClassifyParams) -> JSONResponse:
+        t0 = time.perf_counter()
+        e = eng()
+        data, ticket, timings = await one_image(request, e, p, t0)
+        result = await e.classify(data, p.model, p.top_k, timings, ticket)
+        t = time.perf_counter()
+        # serialised here, so that its time is measured
+        return timed(JSONResponse(result), e, result["model"], timings, t0, "respond", t)
 
     async def fast_classify(scope, receive, send) -> None:
         request = Request(scope, receive)
@@ -285,13 +295,8 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
         e = eng()
         if format not in ("json", "png"):
             raise APIError(400, "bad_format", f"format must be json or png, got {format!r}")
-        ticket = e.ticket(timeout_ms, priority, t0)
-        e.top_k(e.model(model), top_k)
-        files = await image_files(request, await read(request), IMAGE_FIELD, max_request_bytes, 1)
-        ticket.gone = watch_disconnect(request)
-        timings = {"read": time.perf_counter() - t0}
-        result, pixels, heat = await e.explain(files[0][1], model, method, target, patch, stride, top_k, ticket,
-                                               timings)
+        data, ticket, timings = await one_image(request, e, ClassifyParams(top_k, model, timeout_ms, priority), t0)
+        result, pixels, heat = await e.explain(data, model, method, target, patch, stride, top_k, ticket, timings)
         t = time.perf_counter()
         if format == "png":
             from .explain import heatmap_png
@@ -300,11 +305,7 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
                 "X-Target-Index": str(result["target"]["index"]), "X-Probability": f"{result['probability']:.6f}"})
         else:
             response = JSONResponse(result)
-        timings["explain"] += time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
-        response.headers["Server-Timing"] = server_timing(timings)
-        e.observe_explain(result["model"], method, timings)
-        return response
+        return timed(response, e, result["model"], timings, t0, "explain", t, method)
 
     @app.get("/models/{name}/samples", tags=["models"],
              summary="Held-out sample images the export embedded (one per class, at most ten), as data URLs")

@@ -88,7 +88,7 @@ class Engine:
         self.default = models[0].name
         self.batchers = {m.name: self._batcher(m) for m in models}
         self._decode_limiter: anyio.CapacityLimiter | None = None
-        self._stage_metrics: dict = {}  # (model, stage) -> histogram child, looked up once
+        self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
 
     def _batcher(self, model: Model) -> MicroBatcher:
         outputs = list(onnxmeta.OUTPUTS)
@@ -288,12 +288,6 @@ class Engine:
             timings["explain"] = time.perf_counter() - t
         return result, pixels, heat
 
-    def observe_explain(self, model: str, method: str, timings: dict) -> None:
-        """One explanation's stage timings into ``cnnserve_explain_stage_seconds``."""
-        if self.metrics:
-            for stage, seconds in timings.items():
-                self.metrics.explain.labels(model, method, stage).observe(seconds)
-
     async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None,
                        timings: dict | None = None, ticket: Ticket | None = None) -> dict:
         """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""
@@ -308,13 +302,16 @@ class Engine:
             timings["respond"] = time.perf_counter() - t
         return result
 
-    def observe(self, model: str, timings: dict) -> None:
-        """One request's stage timings into the ``cnnserve_request_stage_seconds`` histogram."""
+    def observe(self, model: str, timings: dict, method: str | None = None) -> None:
+        """One request's stage timings into the ``cnnserve_request_stage_seconds`` histogram, or for an
+        explanation (``method``) into ``cnnserve_explain_stage_seconds``."""
         if self.metrics:
             for stage, seconds in timings.items():
-                child = self._stage_metrics.get((model, stage))
+                key = (model, stage, method)
+                child = self._stage_metrics.get(key)
                 if child is None:
-                    child = self._stage_metrics[model, stage] = self.metrics.stage.labels(model, stage)
+                    child = self._stage_metrics[key] = (self.metrics.stage.labels(model, stage) if method is None
+                                                        else self.metrics.explain.labels(model, method, stage))
                 child.observe(seconds)
 
     async def classify_many(self, files: list[tuple[str, bytes]], name: str | None = None,

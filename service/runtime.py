@@ -159,8 +159,8 @@ def variant_paths(path: str | os.PathLike, own: str) -> dict[str, str]:
     path = str(path)
     out = {own: path}
     if own == "fp32" and path.endswith(".onnx"):
-        for precision in ("fp16", "int8"):
-            candidate = f"{path[:-5]}.{precision}.onnx"
+        for precision in onnxmeta.VARIANTS:
+            candidate = onnxmeta.variant_file(path, precision)
             if os.path.isfile(candidate):
                 out[precision] = candidate
     return out
@@ -200,7 +200,7 @@ def choose_precision(path: str | os.PathLike, precision: str = "auto", providers
         if p not in opened:
             sess = create_session(files[p], providers, threads, spin=spin)
             other = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, files[p])
-            if (other.precision, other.checkpoint_sha256, other.spec) != (p, info.checkpoint_sha256, info.spec):
+            if other.precision != p or not info.same_weights(other):
                 log.warning("%s: not a %s variant of %s (other weights or spec); ignored", files[p], p, path)
                 sess = None
             opened[p] = sess

@@ -31,6 +31,13 @@ KEY_ORIGIN = "cnnserve.origin"
 # Held-out sample images (one per class, at most ten) for a demo: a JSON list of {"label", "index",
 # "image": a data URL}. Written by the export beside ModelInfo's keys, not part of it.
 KEY_SAMPLES = "cnnserve.samples"
+#: Verified variants of an fp32 export, written beside it as NAME.PRECISION.onnx (``variant_file``).
+VARIANTS = ("fp16", "int8")
+
+
+def variant_file(path: str, precision: str) -> str:
+    """Where the ``precision`` variant of the fp32 file ``path`` (NAME.onnx) lives: NAME.PRECISION.onnx."""
+    return f"{path[:-5] if path.endswith('.onnx') else path}.{precision}.onnx"
 
 
 def samples(props: dict[str, str]) -> list[dict]:
@@ -84,6 +91,10 @@ class ModelInfo:
                        origin=json.loads(props.get(KEY_ORIGIN) or '{"kind": "trained"}'))
         except (KeyError, json.JSONDecodeError, SpecError) as e:
             raise SpecError(f"{source}: damaged cnnserve metadata: {e}") from None
+
+    def same_weights(self, other: "ModelInfo") -> bool:
+        """Whether ``other`` was made from the same weights for the same spec (a variant of this model)."""
+        return (self.checkpoint_sha256, self.spec) == (other.checkpoint_sha256, other.spec)
 
     def summary(self) -> dict:
         """A JSON-ready description (for model stores, APIs and reports)."""
