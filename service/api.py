@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 
 from .engine import APIError, Engine
 from .memory import trim_memory
+from .patches import runtime_info
 
 log = logging.getLogger("cnnserve.api")
 
@@ -322,7 +323,7 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
 
     @app.get("/models", tags=["models"], summary="The served models: spec, labels, version, providers in use")
     async def list_models():
-        return eng().describe()
+        return {**eng().describe(), "runtime": runtime_info()}
 
     @app.get("/models/{name}", tags=["models"], summary="One model's metadata")
     async def get_model(name: str):
@@ -335,7 +336,8 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
     async def v2_server():
         from cnnserve import __version__
 
-        return {"name": "cnnserve", "version": __version__, "extensions": ["binary_tensor_data"]}
+        return {"name": "cnnserve", "version": __version__, "extensions": ["binary_tensor_data"],
+                "runtime": runtime_info()}
 
     @app.get("/v2/health/live", tags=v2, summary="Server liveness")
     async def v2_live():

@@ -5,17 +5,17 @@
   pieces anew per read, so the cost grows with the square of its size) and a 256 MB one
   for 131 s, while every other client of that worker waited. ``GuardedHttpTools`` answers
   431 once a head passes ``max_head_bytes``, and 408 when a head is still incomplete
-  after ``head_timeout_s``, then closes the connection. uvicorn's h11 parser has its own
+  after ``head_timeout_s`` (counted from the connection's start for its first request, so a
+  connection that never sends a byte is closed too), then closes the connection. uvicorn's h11 parser has its own
   limit (16 KiB) and is left alone.
-- **A graceful drain on SIGTERM.** ``install_drain`` makes the first SIGTERM start a drain
+- **A graceful drain on SIGTERM.** ``draining_handle_exit`` makes the first SIGTERM start a drain
   instead of an immediate stop: ``/readyz`` answers 503 at once (load balancers stop
   sending), every answer carries ``Connection: close`` (kept-alive clients reconnect
   elsewhere instead of sending into a closing socket), and after ``drain_s`` seconds
   uvicorn's own shutdown runs: it stops accepting and waits up to ``grace_s`` seconds for
   the requests in flight. A second SIGTERM or a SIGINT stops at once.
 
-Both are applied to the uvicorn version they were written against (checked by the names
-they use) and log once whether they applied.
+``patches.py`` installs both where its probes find uvicorn without them, and says so in the log.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ if HttpToolsProtocol is not None:
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self._head_bytes, self._head_done, self._head_timer = 0, True, None
+            # the first head's clock starts with the connection: one that never sends a byte is closed too
+            self._head_bytes, self._head_done = 0, False
+            self._head_timer = asyncio.get_running_loop().call_later(self.head_timeout_s, self._head_expired)
 
         def connection_lost(self, exc) -> None:
             self._cancel_head_timer()
@@ -107,35 +109,14 @@ else:  # pragma: no cover
     GuardedHttpTools = None
 
 
-def install_head_limits(max_head_bytes: int, head_timeout_s: float) -> bool:
-    """Make uvicorn's ``auto`` and ``httptools`` choices use ``GuardedHttpTools`` in this process."""
-    try:
-        import uvicorn.config as uc
-    except ImportError:  # pragma: no cover
-        return False
-    if GuardedHttpTools is None or not {"auto", "httptools"} <= set(getattr(uc, "HTTP_PROTOCOLS", {})):
-        log.info("uvicorn without httptools or its protocol table: request heads are bounded by h11 alone")
-        return False
-    GuardedHttpTools.max_head_bytes, GuardedHttpTools.head_timeout_s = max_head_bytes, head_timeout_s
-    uc.HTTP_PROTOCOLS["auto"] = uc.HTTP_PROTOCOLS["httptools"] = f"{__name__}:GuardedHttpTools"
-    log.info("request heads limited to %d bytes and %g s", max_head_bytes, head_timeout_s)
-    return True
+DRAIN_MARK = "__cnnserve_drain__"
 
 
-def install_drain(drain_s: float, grace_s: float) -> bool:
-    """On the first SIGTERM: ``DRAIN.active`` (readiness reads it), answers with ``Connection: close`` for ``drain_s`` seconds,
-    then uvicorn's graceful shutdown bounded by ``grace_s``. Returns whether it applied."""
-    try:
-        import uvicorn
-    except ImportError:  # pragma: no cover
-        return False
-    server = uvicorn.Server
-    original = getattr(server, "handle_exit", None)
-    original = getattr(original, "__wrapped__", original)
-    code = getattr(original, "__code__", None)
-    if code is None or "should_exit" not in code.co_names:
-        log.warning("uvicorn's Server.handle_exit is not the one cnnserve knows: SIGTERM stops without a drain")
-        return False
+def draining_handle_exit(original, drain_s: float, grace_s: float):
+    """uvicorn's ``Server.handle_exit`` made to drain: on the first SIGTERM ``DRAIN.active`` (readiness
+    reads it) and answers with ``Connection: close`` for ``drain_s`` seconds, then ``original`` (uvicorn's
+    graceful shutdown, bounded by ``grace_s``). A second SIGTERM or a SIGINT stops at once. Installed by
+    ``patches.apply_patches`` where the probe finds uvicorn stopping at once."""
 
     def handle_exit(self, sig, frame) -> None:
         self.config.timeout_graceful_shutdown = grace_s
@@ -148,10 +129,9 @@ def install_drain(drain_s: float, grace_s: float) -> bool:
         timer.daemon = True
         timer.start()
 
+    setattr(handle_exit, DRAIN_MARK, True)
     handle_exit.__wrapped__ = original
-    server.handle_exit = handle_exit
-    log.info("SIGTERM drains for %g s, then stops within %g s", drain_s, grace_s)
-    return True
+    return handle_exit
 
 
 class ConnectionCloseWhileDraining:

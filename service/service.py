@@ -21,11 +21,11 @@ from cnnserve.core.config import Settings
 from cnnserve.core.store import NotStored, stored_model
 
 from .api import create_app
-from .bentoml_fixes import patch_timeout_middleware
 from .engine import Engine
-from .http_server import ConnectionCloseWhileDraining, install_drain, install_head_limits
+from .http_server import ConnectionCloseWhileDraining
 from .memory import return_freed_memory
 from .metrics import metrics
+from .patches import apply_patches, running_versions
 from .runtime import load_model
 
 log = logging.getLogger("cnnserve.service")
@@ -33,12 +33,11 @@ log = logging.getLogger("cnnserve.service")
 # heads, disconnects, which fixes applied) are INFO and operators need them.
 logging.getLogger("cnnserve").setLevel(logging.INFO)
 
-patch_timeout_middleware()  # BentoML's per-request timers otherwise keep every request alive for 60 s
 ARGS = bentoml.use_arguments(Settings)
 TAGS = ARGS.tags
-install_head_limits(ARGS.max_header_bytes, ARGS.header_timeout_s)
-# At import: uvicorn binds its signal handlers before the service instance exists.
-install_drain(ARGS.drain_s, ARGS.grace_s)
+# At import: uvicorn binds its signal handlers and reads its protocol table before the service instance exists.
+apply_patches(ARGS)
+log.info("running on %s", ", ".join(f"{k} {v}" for k, v in running_versions().items()))
 
 app = create_app(lambda: bentoml.get_current_service().engine, ARGS.max_request_bytes, ARGS.body_timeout_s)
 

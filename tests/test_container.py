@@ -14,11 +14,15 @@ import yaml
 
 from cnnserve.core.config import DEFAULTS
 from tests.conftest import ROOT, encode, free_port, run_cli
+from tests.test_lock import SERVING, pins
 
 PODMAN = ["podman", "--runtime", "runc"]
 RUN_OPTS = ["--network=host", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 CA = "/etc/ssl/certs/ca-certificates.crt"
 BASE = "docker.io/library/python:3.11-slim"
+# pip freeze, without pip (the image's environment is made by uv and has none): canonical names
+FREEZE = ("import importlib.metadata as m, re; print('\\n'.join(sorted("
+          "re.sub(r'[-_.]+', '-', d.metadata['Name']).lower() + '==' + d.version for d in m.distributions())))")
 
 
 def podman_unusable() -> str | None:
@@ -67,6 +71,11 @@ def test_container_end_to_end(podman_env, stored_default, default_onnx, digits_t
         torch = subprocess.run([*PODMAN, "run", "--rm", *RUN_OPTS, "--entrypoint", "python", image, "-c",
                                 "import torch"], capture_output=True, text=True, env={**podman_env, **shutil.os.environ})
         assert torch.returncode != 0 and "No module named 'torch'" in torch.stderr
+        # the image's Python packages are the serving lock's, version for version (what the suite tested)
+        freeze = subprocess.run([*PODMAN, "run", "--rm", *RUN_OPTS, "--entrypoint", "python", image, "-c", FREEZE],
+                                capture_output=True, text=True, env={**podman_env, **shutil.os.environ})
+        image_pins = dict(line.split("==", 1) for line in freeze.stdout.split())
+        assert image_pins == pins(SERVING["bentofile.yaml"]), (freeze.stderr[-500:], image_pins)
 
         port = free_port()
         subprocess.run([*PODMAN, "run", "-d", "--name", name, *RUN_OPTS, image, "serve", "--port", str(port)],
@@ -128,7 +137,10 @@ def test_gpu_bento_and_kubernetes_manifests_are_valid(stored_default):
         dockerfile = (shutil.os.path.join(bento.path, "env", "docker", "Dockerfile"))
         text = open(dockerfile).read()
         assert "FROM cnnserve-cuda-base:13.0" in text
-        assert "torch" not in open(shutil.os.path.join(bento.path, "env", "python", "requirements.txt")).read()
+        # the GPU lock, and BentoML's own line for itself, at the same version
+        requirements = Path(bento.path, "env", "python", "requirements.txt")
+        assert pins(requirements) == pins(SERVING["bentofile-gpu.yaml"])
+        assert "torch" not in pins(requirements)
         doc = yaml.safe_load(open(shutil.os.path.join(bento.path, "bento.yaml")))
         assert [m["tag"].split(":")[0] for m in doc["services"][0]["models"]] == [stored_default.split(":")[0]]
         assert doc["args"]["models"] == stored_default
@@ -143,7 +155,7 @@ def test_gpu_bento_and_kubernetes_manifests_are_valid(stored_default):
     assert "nvidia/cuda:13" in (ROOT / "deploy" / "gpu" / "Containerfile").read_text()
     cpu, gpu = (yaml.safe_load((ROOT / f).read_text()) for f in ("bentofile.yaml", "bentofile-gpu.yaml"))
     assert gpu["service"] == cpu["service"] and gpu["include"] == cpu["include"]
-    assert gpu["python"]["packages"] == cpu["python"]["packages"]
+    assert gpu["python"]["lock_packages"] is cpu["python"]["lock_packages"] is False
     deploy, service = yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "cnnserve.yaml").read_text())
     c = deploy["spec"]["template"]["spec"]["containers"][0]
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"

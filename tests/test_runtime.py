@@ -146,66 +146,6 @@ def test_engine_decodes_inline_or_in_threads_alike(default_onnx, digits_test):
             engine.close()
 
 
-def test_bentoml_timeout_middleware_fix_releases_timers_and_still_times_out():
-    """BentoML's TimeoutMiddleware, patched: no timer outlives its request, and a slow request still gets
-    a 504 with a JSON reason."""
-    import json
-
-    from bentoml._internal.server.http.traffic import TimeoutMiddleware
-
-    from cnnserve.service.bentoml_fixes import patch_timeout_middleware
-
-    async def app(scope, receive, send):
-        if scope["path"] == "/slow":
-            await asyncio.sleep(5)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    async def call(mw, path):
-        sent = []
-
-        async def receive():
-            return {"type": "http.request", "body": b"", "more_body": False}
-
-        async def send(message):
-            sent.append(message)
-
-        await mw({"type": "http", "path": path, "method": "GET", "headers": []}, receive, send)
-        return sent
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        fast, slow = TimeoutMiddleware(app, timeout=60), TimeoutMiddleware(app, timeout=0.2)
-        for _ in range(50):
-            assert (await call(fast, "/"))[0]["status"] == 200
-        live = [h for h in loop._scheduled if not h.cancelled()]  # noqa: SLF001 - asyncio's timer heap
-        sent = await call(slow, "/slow")
-        return live, sent
-
-    assert patch_timeout_middleware()
-    live, sent = asyncio.run(main())
-    assert live == []
-    assert sent[0]["status"] == 504
-    assert json.loads(sent[1]["body"])["code"] == "timeout"
-
-
-def test_bentoml_fix_is_fenced_on_the_versions_it_was_checked_against(monkeypatch, caplog):
-    """On a BentoML release nobody read, the middleware is left alone and the log says so."""
-    from bentoml._internal.server.http.traffic import TimeoutMiddleware
-
-    from cnnserve.service import bentoml_fixes
-
-    async def upstream(self, scope, receive, send):  # stands in for another release's __call__
-        return None
-
-    monkeypatch.setattr(TimeoutMiddleware, "__call__", upstream)
-    monkeypatch.setattr(bentoml_fixes, "CHECKED_VERSIONS", frozenset({"0.0.0"}))
-    with caplog.at_level("INFO", logger="cnnserve.service"):
-        assert bentoml_fixes.patch_timeout_middleware() is False
-    assert TimeoutMiddleware.__call__ is upstream
-    assert "was not checked" in caplog.text
-
-
 def test_classify_fast_path_answers_as_fastapi_route_does(default_onnx, digits_test):
     """``POST /classify`` skips FastAPI's routing and dependencies in the service (the fast path). The
     same app without it goes through FastAPI's route: both give the same predictions, the same stage

@@ -1,0 +1,420 @@
+"""Every change cnnserve makes to another library's internals, in one place, each applied only where a
+probe of the installed code shows the defect it fixes.
+
+A patch is a ``Patch``: the library it touches, what it fixes, a **probe** that runs the installed
+code (or reads its shape) and answers ``DEFECT`` or ``FIXED``, and an ``apply`` that installs the fix
+and returns how to undo it. ``apply_patches(settings)`` is the one entry point; the service calls it
+when its module loads, logs one line per patch and keeps the outcome for ``/models`` and ``/v2``:
+
+- the defect is there and the code has the shape the fix was written for: **applied**;
+- the probe finds the defect gone (fixed upstream): **not needed**, the library is left alone;
+- the code has a shape the fix was not written for: **refused**, logged as an error, the library is
+  left alone, and the patch's test fails with a message naming the patch, the library and its version
+  (``check`` raises ``UnknownShape``), so an upgrade that changes a patched target cannot pass the suite.
+
+The probes decide by behaviour or shape, never by a version string: each costs a few milliseconds.
+
+The patches:
+
+``bentoml-timeout-timers``
+    BentoML's ``TimeoutMiddleware`` arms ``loop.call_later(timeout, ...)`` for every request and never
+    cancels it. Each timer holds its request's context (OpenTelemetry span, futures, closures) for the
+    whole 60 s timeout: at 1,000 requests/s some 60,000 requests' objects stay alive, every full garbage
+    collection walks them (measured on LeNet-5 at 64 clients: gen-2 collections grew from 87 to 180 ms
+    within 8 s and p99 latency went to 5-10x p95). Probe: one request through the installed middleware on
+    a private event loop; a timer still pending afterwards is the defect. The fix is the same
+    ``__call__`` with the timer cancelled when the request ends, so it also requires the upstream
+    function to be the one it mirrors (its syntax tree, docstrings and annotations aside).
+``uvicorn-head-limits``
+    uvicorn's httptools protocol sets no bound on a request head (issue 12: a 96 MB header held a worker
+    for 13.8 s) and none on a connection that never sends its head. Probe: a head larger than
+    ``max_header_kb`` fed to the installed protocol over a stand-in transport; no refusal is the defect.
+    The fix makes uvicorn's ``auto`` and ``httptools`` choices ``http_server.GuardedHttpTools``, which
+    needs the protocol methods and attributes it overrides.
+``uvicorn-sigterm-drain``
+    uvicorn's ``Server.handle_exit`` stops at the first SIGTERM: a load balancer still sending gets
+    refused connections. Probe: the installed ``handle_exit`` called with SIGTERM on a stand-in server;
+    ``should_exit`` set at once is the defect. The fix drains first (``http_server.draining_handle_exit``).
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import hashlib
+import inspect
+import logging
+import signal
+import textwrap
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable
+
+log = logging.getLogger("cnnserve.service")
+
+DEFECT, FIXED = "defect", "fixed"
+APPLIED, NOT_NEEDED, REFUSED = "applied", "not needed", "refused"
+
+
+class UnknownShape(RuntimeError):
+    """The patched library's code is not the shape the fix was written for."""
+
+
+def version_of(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@dataclass(frozen=True)
+class Patch:
+    name: str
+    library: str  # the distribution whose internals it changes
+    fixes: str  # one line
+    probe: Callable[[], str]  # DEFECT or FIXED; raises UnknownShape
+    apply: Callable[[object], Callable[[], None]]  # installs the fix for these settings, returns its undo
+
+    def unknown(self, why: str) -> UnknownShape:
+        return UnknownShape(f"patch {self.name!r}: {self.library} {version_of(self.library)} has an unknown shape "
+                            f"({why}); read the installed code, then update or remove the patch in "
+                            f"service/patches.py")
+
+    def check(self) -> str:
+        """The probe's answer; ``UnknownShape`` names this patch, the library and its version."""
+        try:
+            return self.probe()
+        except UnknownShape as e:
+            raise self.unknown(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - a probe that cannot run is an unknown shape, said as such
+            raise self.unknown(f"the probe failed: {type(e).__name__}: {e}") from None
+
+
+# --- bentoml-timeout-timers -------------------------------------------------------------------------
+
+def _timeout_middleware():
+    try:
+        from bentoml._internal.server.http.traffic import TimeoutMiddleware
+    except ImportError as e:
+        raise UnknownShape(f"no bentoml._internal.server.http.traffic.TimeoutMiddleware: {e}") from None
+    return TimeoutMiddleware
+
+
+def _tree_digest(func) -> str:
+    """A digest of a function's syntax tree without its docstring and annotations: the same for the same
+    code whatever its formatting, different when a statement changes."""
+    node = ast.parse(textwrap.dedent(inspect.getsource(func))).body[0]
+    if ast.get_docstring(node) is not None:
+        node.body = node.body[1:]
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.arg):
+            sub.annotation = None
+        elif isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            sub.returns = None
+    return hashlib.sha256(ast.dump(node).encode()).hexdigest()[:16]
+
+
+#: ``TimeoutMiddleware.__call__`` as ``_timeout_call`` mirrors it (read in BentoML 1.4.39 and 1.4.40).
+TIMEOUT_CALL_DIGESTS = frozenset({"e9ff39e0c293ffe8"})
+
+
+async def _timeout_call(self, scope, receive, send) -> None:
+    """BentoML's ``TimeoutMiddleware.__call__``, with the timer cancelled when the request ends."""
+    from starlette.responses import JSONResponse
+
+    if scope["type"] not in ("http", "websocket"):
+        return await self.app(scope, receive, send)
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+    async def _send(message) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+        await send(message)
+
+    fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+    try:
+        await waiter
+    except asyncio.TimeoutError:
+        if fut.cancel():
+            resp = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds",
+                                 "code": "timeout"}, status_code=504)
+            await resp(scope, receive, send)
+    else:
+        await fut
+    finally:
+        timer.cancel()
+
+
+def live_timers_after_one_request(middleware_class) -> int:
+    """Timers a middleware leaves pending after one fast request, on a private event loop in its own
+    thread (the caller's loop, if any, is not touched)."""
+    pending: list[asyncio.TimerHandle] = []
+
+    class Loop(asyncio.SelectorEventLoop):
+        def call_at(self, when, callback, *args, context=None):
+            handle = super().call_at(when, callback, *args, context=context)
+            pending.append(handle)
+            return handle
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def sent(message):
+        return None
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    def run() -> None:
+        loop = Loop()
+        try:
+            loop.run_until_complete(middleware_class(app, timeout=60)(
+                {"type": "http", "path": "/", "method": "GET", "headers": []}, receive, sent))
+        finally:
+            loop.close()
+
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _catch(run, errors), name="cnnserve-patch-probe")
+    thread.start()
+    thread.join(10)
+    if errors:
+        raise errors[0]
+    return sum(1 for h in pending if not h.cancelled() and h.when() > 1)
+
+
+def _catch(fn, errors: list) -> None:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+        errors.append(e)
+
+
+def _probe_timeout() -> str:
+    mw = _timeout_middleware()
+    if mw.__call__ is _timeout_call:
+        raise UnknownShape("already patched in this process")  # check() before apply, or probe the original
+    return _probe_timeout_class(mw)
+
+
+def _probe_timeout_class(mw) -> str:
+    if live_timers_after_one_request(mw) == 0:
+        return FIXED
+    if not callable(getattr(mw, "_set_timer_out", None)):
+        raise UnknownShape("TimeoutMiddleware has no _set_timer_out, which the fix calls")
+    digest = _tree_digest(mw.__call__)
+    if digest not in TIMEOUT_CALL_DIGESTS:
+        raise UnknownShape(f"TimeoutMiddleware.__call__ is not the one the fix mirrors (digest {digest})")
+    return DEFECT
+
+
+def _apply_timeout(settings) -> Callable[[], None]:
+    mw = _timeout_middleware()
+    original = mw.__call__
+    mw.__call__ = _timeout_call
+
+    def undo() -> None:
+        mw.__call__ = original
+    return undo
+
+
+# --- uvicorn-head-limits ------------------------------------------------------------------------------
+
+def _head_refused(protocol_class, head_bytes: int) -> bool:
+    """Feed a head of ``head_bytes`` to a protocol over a stand-in transport: whether it refused it (wrote
+    an answer or closed the connection) before the head ended."""
+    import uvicorn
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.written, self.closing = b"", False
+
+        def get_extra_info(self, name, default=None):
+            return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
+
+        def write(self, data) -> None:
+            self.written += bytes(data)
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+        def close(self) -> None:
+            self.closing = True
+
+        def can_write_eof(self) -> bool:
+            return True
+
+        def write_eof(self) -> None:
+            self.closing = True
+
+        def pause_reading(self) -> None:
+            return None
+
+        def resume_reading(self) -> None:
+            return None
+
+    async def app(scope, receive, send):  # never reached: the head does not end
+        return None
+
+    async def feed() -> bool:
+        from uvicorn.server import ServerState
+
+        config = uvicorn.Config(app=app, http=protocol_class, log_config=None, lifespan="off")
+        config.load()
+        proto = protocol_class(config=config, server_state=ServerState(), app_state={})
+        transport = Transport()
+        proto.connection_made(transport)
+        try:
+            proto.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            line, sent = b"X-Pad: " + b"a" * 8000 + b"\r\n", 0
+            while sent < head_bytes and not (transport.written or transport.closing):
+                proto.data_received(line)
+                sent += len(line)
+            return bool(transport.written or transport.closing)
+        finally:
+            proto.connection_lost(None)
+
+    return asyncio.run(feed())
+
+
+#: What ``GuardedHttpTools`` overrides or uses of uvicorn's protocol.
+HEAD_LIMIT_NEEDS = ("connection_made", "connection_lost", "on_message_begin", "on_headers_complete",
+                    "data_received")
+
+
+def _httptools_protocol():
+    try:
+        import uvicorn.config as uc
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError as e:
+        raise UnknownShape(f"uvicorn's httptools protocol cannot be imported: {e}") from None
+    missing = [n for n in HEAD_LIMIT_NEEDS if not callable(getattr(HttpToolsProtocol, n, None))]
+    if missing or not {"auto", "httptools"} <= set(getattr(uc, "HTTP_PROTOCOLS", {})):
+        raise UnknownShape(f"HttpToolsProtocol lacks {missing} or uvicorn.config.HTTP_PROTOCOLS has no "
+                           f"'auto' and 'httptools' entries")
+    return uc, HttpToolsProtocol
+
+
+def _probe_head_limits() -> str:
+    _, protocol = _httptools_protocol()
+    return FIXED if _head_refused(protocol, 1024 * 1024) else DEFECT
+
+
+def _apply_head_limits(settings) -> Callable[[], None]:
+    from . import http_server
+
+    uc, _ = _httptools_protocol()
+    guarded = http_server.GuardedHttpTools
+    before = (guarded.max_head_bytes, guarded.head_timeout_s, dict(uc.HTTP_PROTOCOLS))
+    guarded.max_head_bytes, guarded.head_timeout_s = settings.max_header_bytes, settings.header_timeout_s
+    uc.HTTP_PROTOCOLS["auto"] = uc.HTTP_PROTOCOLS["httptools"] = f"{http_server.__name__}:GuardedHttpTools"
+
+    def undo() -> None:
+        guarded.max_head_bytes, guarded.head_timeout_s = before[0], before[1]
+        uc.HTTP_PROTOCOLS.clear()
+        uc.HTTP_PROTOCOLS.update(before[2])
+    return undo
+
+
+# --- uvicorn-sigterm-drain ----------------------------------------------------------------------------
+
+def _server_handle_exit():
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise UnknownShape(f"uvicorn cannot be imported: {e}") from None
+    handle_exit = getattr(uvicorn.Server, "handle_exit", None)
+    if handle_exit is None or list(inspect.signature(handle_exit).parameters) != ["self", "sig", "frame"]:
+        raise UnknownShape("uvicorn.Server.handle_exit(self, sig, frame) is not there")
+    return uvicorn, handle_exit
+
+
+def stops_at_once(handle_exit) -> bool:
+    """Whether ``handle_exit`` asks uvicorn to stop at the first SIGTERM (no drain)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app=lambda *a: None, log_config=None))
+    handle_exit(server, signal.SIGTERM, None)
+    return bool(server.should_exit)
+
+
+def _probe_drain() -> str:
+    from . import http_server
+
+    _, handle_exit = _server_handle_exit()
+    if getattr(handle_exit, http_server.DRAIN_MARK, False):
+        raise UnknownShape("already patched in this process")
+    if stops_at_once(handle_exit):
+        return DEFECT
+    raise UnknownShape("Server.handle_exit(SIGTERM) no longer sets should_exit: its shutdown changed")
+
+
+def _apply_drain(settings) -> Callable[[], None]:
+    from . import http_server
+
+    uvicorn, original = _server_handle_exit()
+    uvicorn.Server.handle_exit = http_server.draining_handle_exit(original, settings.drain_s, settings.grace_s)
+
+    def undo() -> None:
+        uvicorn.Server.handle_exit = original
+    return undo
+
+
+PATCHES: tuple[Patch, ...] = (
+    Patch("bentoml-timeout-timers", "bentoml", "TimeoutMiddleware's per-request timers kept every request alive "
+          "for 60 s (full GC 80-180 ms, p99 over 300 ms)", _probe_timeout, _apply_timeout),
+    Patch("uvicorn-head-limits", "uvicorn", "httptools' request heads had no size or time bound",
+          _probe_head_limits, _apply_head_limits),
+    Patch("uvicorn-sigterm-drain", "uvicorn", "SIGTERM stopped at once instead of draining",
+          _probe_drain, _apply_drain),
+)
+
+#: name -> outcome in this process, for /models, /v2 and the start-up log.
+APPLIED_PATCHES: dict[str, str] = {}
+_UNDO: dict[str, Callable[[], None]] = {}
+
+
+def apply_patches(settings) -> dict[str, str]:
+    """Probe every patch and apply those whose defect is there; one log line each. Idempotent."""
+    for patch in PATCHES:
+        if patch.name in APPLIED_PATCHES:
+            continue
+        lib = f"{patch.library} {version_of(patch.library)}"
+        try:
+            found = patch.check()
+        except UnknownShape as e:
+            APPLIED_PATCHES[patch.name] = f"{REFUSED}: {e}"
+            log.error("%s; left as it is", e)
+            continue
+        if found == FIXED:
+            APPLIED_PATCHES[patch.name] = f"{NOT_NEEDED}: fixed in {lib}"
+            log.info("patch %s: not needed, %s does not have the defect", patch.name, lib)
+            continue
+        _UNDO[patch.name] = patch.apply(settings)
+        APPLIED_PATCHES[patch.name] = f"{APPLIED} to {lib}"
+        log.info("patch %s applied to %s: %s", patch.name, lib, patch.fixes)
+    return dict(APPLIED_PATCHES)
+
+
+def revert_patches() -> None:
+    """Undo what ``apply_patches`` did in this process (tests)."""
+    for name, undo in list(_UNDO.items()):
+        undo()
+        del _UNDO[name]
+    APPLIED_PATCHES.clear()
+
+
+def running_versions() -> dict[str, str]:
+    """The versions of the libraries the service runs on, as installed."""
+    return {name: version_of(name) for name in ("bentoml", "onnxruntime", "onnxruntime-gpu", "uvicorn", "numpy",
+                                                "pillow", "fastapi", "starlette")
+            if version_of(name) != "not installed"}
+
+
+def runtime_info() -> dict:
+    """What runs: library versions and each patch's outcome (``/models``, ``/v2``)."""
+    return {"versions": running_versions(), "patches": dict(APPLIED_PATCHES)}

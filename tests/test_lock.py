@@ -1,0 +1,89 @@
+"""Installs come from the lock (lock/, README "Installing"): the environment the suite runs in holds
+exactly the lock, the lock satisfies pyproject.toml, and the serving images' locks are the same versions
+without torch. The container test checks the image itself against its lock."""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from tests.conftest import ROOT
+
+LOCK = ROOT / "lock" / "requirements.txt"
+SERVING = {"bentofile.yaml": ROOT / "lock" / "requirements-serving.txt",
+           "bentofile-gpu.yaml": ROOT / "lock" / "requirements-serving-gpu.txt"}
+
+
+def pins(path: Path) -> dict[str, str]:
+    """name -> version of a pip-compile lock (names canonical, as pip freeze compares them)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9._-]+)==([^\s;]+)", line)
+        if m:
+            found[canonicalize_name(m.group(1))] = m.group(2)
+    return found
+
+
+def hashes(path: Path) -> dict[str, set[str]]:
+    text = path.read_text()
+    return {canonicalize_name(m.group(1)): set(re.findall(r"--hash=(sha256:[0-9a-f]{64})", m.group(3)))
+            for m in re.finditer(r"^([A-Za-z0-9._-]+)==(\S+)[^\\\n]*((?:\s*\\\n\s+--hash=\S+)+)", text, re.M)}
+
+
+def installed() -> dict[str, str]:
+    """What ``pip freeze`` would list for this interpreter, the project itself left out."""
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()
+            if canonicalize_name(d.metadata["Name"]) != "cnnserve"}
+
+
+def test_the_venv_holds_exactly_the_lock():
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        pytest.skip(f"the suite runs in {sys.prefix}, not the project's .venv that ./run.sh installs from the lock")
+    want, have = pins(LOCK), installed()
+    differ = {n: (want.get(n), have.get(n)) for n in set(want) | set(have) if want.get(n) != have.get(n)}
+    assert not differ, "installed != lock (name: (lock, installed)): " + repr(sorted(differ.items()))
+
+
+def test_every_pin_has_hashes_and_no_machine_path():
+    for path in (LOCK, *SERVING.values()):
+        text = path.read_text()
+        assert set(hashes(path)) == set(pins(path)), f"{path.name}: a pin without --hash"
+        assert not re.search(r"(^|\s)(/opt/|/work/|/tmp/|/root/|file://)", text), f"{path.name} names a local path"
+
+
+def test_the_lock_satisfies_pyproject():
+    """A dependency added to pyproject.toml without ./run.sh lock fails here, not on a fresh machine."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
+    locked = pins(LOCK)
+    wrong = []
+    for line in declared:
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        version = locked.get(canonicalize_name(req.name))
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            wrong.append(f"{line} (locked: {version})")
+    assert not wrong, "pyproject.toml asks for what the lock lacks; run ./run.sh lock: " + "; ".join(wrong)
+
+
+@pytest.mark.parametrize("bentofile", sorted(SERVING))
+def test_serving_locks_are_the_suites_versions_without_torch(bentofile):
+    serving, main = SERVING[bentofile], pins(LOCK)
+    conf = yaml.safe_load((ROOT / bentofile).read_text())["python"]
+    assert conf["requirements_txt"] == str(serving.relative_to(ROOT)) and conf["lock_packages"] is False
+    assert "packages" not in conf  # one source of versions: the lock
+    got = pins(serving)
+    assert {n: main.get(n) for n in got} == got  # the versions the suite ran on
+    assert all(hashes(serving)[n] <= hashes(LOCK)[n] for n in got)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert {canonicalize_name(Requirement(r).name) for r in project["dependencies"]} <= set(got)
+    assert not {"torch", "torchvision", "onnx", "pytest", "ray"} & set(got)

@@ -1,0 +1,127 @@
+"""The patches of other libraries' internals (service/patches.py), on the installed versions: each probe
+recognises the code it patches, each defect is shown present without its patch and gone with it, and a
+target of unknown shape fails with a message naming the patch, the library and its version."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import pytest
+
+from cnnserve.core.config import Settings
+from cnnserve.service import http_server, patches
+
+BY_NAME = {p.name: p for p in patches.PATCHES}
+
+
+@pytest.fixture
+def clean():
+    """Every test starts and ends with the libraries unpatched and no drain under way."""
+    patches.revert_patches()
+    yield
+    patches.revert_patches()
+    http_server.DRAIN.active = False
+
+
+@pytest.mark.parametrize("name", sorted(BY_NAME))
+def test_each_probe_knows_the_installed_code(name, clean):
+    """Fails, naming the patch, the library and its version, when an upgrade changed a patched target."""
+    patch = BY_NAME[name]
+    try:
+        found = patch.check()
+    except patches.UnknownShape as e:
+        pytest.fail(str(e))
+    assert found in (patches.DEFECT, patches.FIXED)
+
+
+def test_timeout_middleware_leak_shown_and_fixed(clean):
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    if BY_NAME["bentoml-timeout-timers"].check() == patches.FIXED:
+        assert patches.live_timers_after_one_request(TimeoutMiddleware) == 0
+        assert patches.apply_patches(Settings())["bentoml-timeout-timers"].startswith(patches.NOT_NEEDED)
+        pytest.skip("the installed BentoML no longer leaks its timers: the patch steps aside (checked above)")
+    assert patches.live_timers_after_one_request(TimeoutMiddleware) == 1  # the defect, on the installed code
+    assert patches.apply_patches(Settings())["bentoml-timeout-timers"].startswith(patches.APPLIED)
+    assert patches.live_timers_after_one_request(TimeoutMiddleware) == 0
+
+    async def slow(scope, receive, send):  # a slow request still gets BentoML's 504, with a JSON reason
+        await asyncio.sleep(5)
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    asyncio.run(TimeoutMiddleware(slow, timeout=0.2)({"type": "http", "path": "/", "method": "GET",
+                                                      "headers": []}, receive, send))
+    assert sent[0]["status"] == 504 and json.loads(sent[1]["body"])["code"] == "timeout"
+
+
+def test_head_limits_shown_and_fixed(clean):
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert BY_NAME["uvicorn-head-limits"].check() == patches.DEFECT
+    assert not patches._head_refused(HttpToolsProtocol, 1 << 20)  # uvicorn reads a 1 MB head to its end
+    assert patches.apply_patches(Settings(max_header_kb=64))["uvicorn-head-limits"].startswith(patches.APPLIED)
+    import uvicorn.config as uc
+
+    assert uc.HTTP_PROTOCOLS["auto"].endswith(":GuardedHttpTools")
+    assert http_server.GuardedHttpTools.max_head_bytes == 64 * 1024
+    assert patches._head_refused(http_server.GuardedHttpTools, 1 << 20)
+    patches.revert_patches()
+    assert not uc.HTTP_PROTOCOLS["auto"].endswith(":GuardedHttpTools")
+
+
+def test_sigterm_drain_shown_and_fixed(clean):
+    import uvicorn
+
+    assert BY_NAME["uvicorn-sigterm-drain"].check() == patches.DEFECT
+    assert patches.stops_at_once(uvicorn.Server.handle_exit)  # uvicorn stops at the first SIGTERM
+    patches.apply_patches(Settings(drain_s=30, grace_s=5))
+    assert not patches.stops_at_once(uvicorn.Server.handle_exit)  # now it drains first
+    assert http_server.DRAIN.active
+
+
+def test_unknown_shape_fails_with_the_patch_library_and_version(clean, monkeypatch, caplog):
+    """A release whose middleware still leaks but was rewritten: the probe refuses to apply a fix written for
+    other code, the service logs it and leaves the library alone, and the check names what to read."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    async def rewritten(self, scope, receive, send):  # leaks its timer, but is not the code the fix mirrors
+        asyncio.get_running_loop().call_later(self.timeout, lambda: None)
+        await self.app(scope, receive, send)
+
+    monkeypatch.setattr(TimeoutMiddleware, "__call__", rewritten)
+    with pytest.raises(patches.UnknownShape) as err:
+        BY_NAME["bentoml-timeout-timers"].check()
+    message = str(err.value)
+    assert "'bentoml-timeout-timers'" in message and f"bentoml {patches.version_of('bentoml')}" in message
+    assert "service/patches.py" in message
+    with caplog.at_level(logging.INFO, logger="cnnserve.service"):
+        outcome = patches.apply_patches(Settings())
+    assert outcome["bentoml-timeout-timers"].startswith(patches.REFUSED)
+    assert TimeoutMiddleware.__call__ is rewritten and "left as it is" in caplog.text
+
+
+def test_fixed_upstream_steps_aside(clean, monkeypatch, caplog):
+    """A release that cancels its timers: the probe sees no leak and the patch is not applied."""
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    async def fixed(self, scope, receive, send):
+        timer = asyncio.get_running_loop().call_later(self.timeout, lambda: None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            timer.cancel()
+
+    monkeypatch.setattr(TimeoutMiddleware, "__call__", fixed)
+    with caplog.at_level(logging.INFO, logger="cnnserve.service"):
+        outcome = patches.apply_patches(Settings())
+    assert outcome["bentoml-timeout-timers"].startswith(patches.NOT_NEEDED)
+    assert TimeoutMiddleware.__call__ is fixed and "not needed" in caplog.text
