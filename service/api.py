@@ -23,7 +23,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from .engine import APIError, Engine
+from .engine import APIError, Engine, decimal
 from .memory import trim_memory
 from .patches import runtime_info
 
@@ -62,8 +62,11 @@ async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
     with 408 when no byte arrives for ``idle_timeout`` seconds (a Content-Length never completed),
     and with 499 when the client goes away mid-body (logged in one line)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, "too_large", f"the request is {int(declared):,} bytes; the limit is {limit:,}")
+    length = decimal(declared)
+    if declared is not None and length is None:  # (httptools refuses these before they get here)
+        raise APIError(400, "bad_request", f"Content-Length {declared[:40]!r} is not a byte count")
+    if length is not None and length > limit:
+        raise APIError(413, "too_large", f"the request is {length:,} bytes; the limit is {limit:,}")
     chunks, size = [], 0
     loop = asyncio.get_running_loop()
     problem = None

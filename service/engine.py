@@ -66,6 +66,15 @@ class Ticket:
     gone: asyncio.Future | None = None
 
 
+def decimal(text: str | None, max_digits: int = 18) -> int | None:
+    """A header's non-negative decimal integer, or None when it is not one: ASCII digits only (``"²"`` is a
+    digit to ``str.isdigit``), and at most ``max_digits`` of them, so ``int`` never sees a number it refuses
+    (4,301 digits and more) or one that costs time to convert."""
+    if text and len(text) <= max_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
 def json_depth(data: bytes) -> int:
     """The deepest nesting of brackets and braces in ``data`` (brackets inside strings count too,
     so this is an upper bound), in C speed: a JSON bomb is refused before the parser recurses."""
@@ -252,8 +261,9 @@ class Engine:
                                "(CAM needs that head: ResNet, GoogLeNet, DenseNet, MobileNet exported by cnnserve); "
                                "use method=occlusion")
         else:
-            patch = patch or xp.default_patch(h, w)
-            stride = stride or max(1, patch // 2)
+            # 0 is a value (refused below), not "unset"
+            patch = xp.default_patch(h, w) if patch is None else patch
+            stride = max(1, patch // 2) if stride is None else stride
             if not 1 <= patch <= min(h, w) or not 1 <= stride <= min(h, w):
                 raise APIError(400, "bad_patch", f"patch and stride must be between 1 and {min(h, w)} pixels of the "
                                                  f"model's {h}x{w} input, got patch {patch}, stride {stride}")
@@ -356,8 +366,8 @@ class Engine:
         Its size and nesting are checked before the parser sees it; a large one parses in a thread."""
         n = len(body)
         if header_length is not None:
-            n = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
-            if not 0 <= n <= len(body):
+            n = decimal(header_length)
+            if n is None or n > len(body):
                 raise APIError(400, "bad_request", f"Inference-Header-Content-Length {header_length[:40]!r} "
                                                    f"does not fit a body of {len(body)} bytes")
         head, binary = body[:n], body[n:]

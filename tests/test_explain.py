@@ -91,6 +91,8 @@ def test_cam_for_gap_heads_and_a_reason_for_others(client):
     ({"method": "gradients"}, 400, "bad_method"),
     ({"patch": 1, "stride": 1}, 400, "too_many_occlusions"),  # 784 copies > max_occlusions 256
     ({"patch": 40}, 400, "bad_patch"),
+    ({"patch": 0}, 400, "bad_patch"),  # 0 is a value, not "unset" (issue 24)
+    ({"stride": 0}, 400, "bad_patch"),
     ({"target": 10}, 400, "bad_target"),
     ({"format": "gif"}, 400, "bad_format"),
     ({"model": "nope"}, 404, "unknown_model"),
