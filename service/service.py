@@ -24,7 +24,7 @@ from .api import create_app
 from .engine import Engine
 from .http_server import ConnectionCloseWhileDraining
 from .memory import return_freed_memory
-from .metrics import metrics
+from .metrics import ROUTES, metrics, own_multiproc_dir
 from .patches import apply_patches, running_versions
 from .runtime import load_model
 
@@ -33,6 +33,8 @@ log = logging.getLogger("cnnserve.service")
 # heads, disconnects, which fixes applied) are INFO and operators need them.
 logging.getLogger("cnnserve").setLevel(logging.INFO)
 
+# Before anything makes a metric: this server's own Prometheus folder (BentoML's is shared and wiped).
+own_multiproc_dir()
 ARGS = bentoml.use_arguments(Settings)
 TAGS = ARGS.tags
 # At import: uvicorn binds its signal handlers and reads its protocol table before the service instance exists.
@@ -40,6 +42,7 @@ apply_patches(ARGS)
 log.info("running on %s", ", ".join(f"{k} {v}" for k, v in running_versions().items()))
 
 app = create_app(lambda: bentoml.get_current_service().engine, ARGS.max_request_bytes, ARGS.body_timeout_s)
+ROUTES.add_app(app)  # the route templates that metric labels may name (metrics.py)
 
 
 class CnnServe:

@@ -388,3 +388,132 @@ def test_soak_with_hostile_images_mixed_in(capped_server, bodies):
     assert out["5xx"] == 0 and out["failed"] == 0 and out["ready_after"], out
     assert out["statuses"].get(200, 0) > 50, out
     assert out["rss_after_mb"] - out["rss_before_mb"] < 300, out
+
+
+# --- issue 24: bounded labels, idle connections, numbers of any length, shared homes -------------------
+
+def _many_requests(port: int, n: int, connections: int = 2) -> dict:
+    """``n`` requests to paths and model names never seen before (a fresh uuid each), over kept-alive
+    connections: unknown paths, unknown models in every route that takes a name. Returns the statuses."""
+    import http.client
+    import uuid
+
+    statuses: dict = {}
+    conns = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(connections)]
+    try:
+        for i in range(n):
+            u = uuid.uuid4().hex
+            method, path, body = [("GET", f"/nope/{u}", None), ("GET", f"/models/{u}", None),
+                                  ("POST", f"/v2/models/{u}/infer", b"{}"), ("GET", f"/v2/models/{u}/ready", None),
+                                  ("POST", f"/classify?model={u}", b"x")][i % 5]
+            c = conns[i % connections]
+            c.request(method, path, body=body, headers={"Content-Type": "image/png"} if body else {})
+            r = c.getresponse()
+            r.read()
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+    finally:
+        for c in conns:
+            c.close()
+    return statuses
+
+
+def test_metric_labels_stay_a_closed_set_whatever_the_paths(capped_server):
+    """10,000 requests to made-up paths and model names: /metrics and the workers' memory stay flat (before
+    issue 24 each new path added series to BentoML's request metrics: 21.8 KB of worker memory apiece)."""
+    _many_requests(capped_server.port, 1000)  # every kind of answer once, and the allocator warm
+    size_before = len(httpx.get(capped_server.url + "/metrics").content)
+    rss_before = faults.tree_rss_mb(capped_server.proc.pid)
+    statuses = _many_requests(capped_server.port, 10_000)
+    text = httpx.get(capped_server.url + "/metrics").text
+    rss_after = faults.tree_rss_mb(capped_server.proc.pid)
+    assert set(statuses) == {404}, statuses
+    assert len(text.encode()) - size_before < 2048, (size_before, len(text.encode()))
+    assert rss_after - rss_before < 40, (rss_before, rss_after)  # 10,000 x 21.8 KB = 213 MB before the fix
+    assert 'endpoint="other"' in text and 'endpoint="/v2/models/{name}/infer"' in text
+    assert "/nope/" not in text
+
+
+def test_connections_that_never_send_a_byte_are_closed(capped_server):
+    """200 connections that never send a byte: each closed after header_timeout_s (2 s here) with a 408,
+    and the server answers others meanwhile."""
+    socks = [socket.create_connection(("127.0.0.1", capped_server.port)) for _ in range(200)]
+    try:
+        assert httpx.get(capped_server.url + "/readyz").status_code == 200
+        deadline = time.monotonic() + 30
+        closed, answers = 0, []
+        for s in socks:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                data = s.recv(4096)
+                while data and not data.endswith(b"}"):
+                    more = s.recv(4096)
+                    if not more:
+                        break
+                    data += more
+            except socket.timeout:
+                continue
+            closed += 1
+            answers.append(data[:12])
+        assert closed == 200, closed
+        assert all(a.startswith(b"HTTP/1.1 408") for a in answers), set(answers)
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_numbers_of_any_length_get_4xx(client, digits_test):
+    """Every number a client sends, in a header, a query parameter or a JSON field, at 4,301 digits and more
+    (Python's ``int`` refuses those: the v2 header answered 500 with a 95-line traceback), as NaN and as
+    infinity: a 4xx naming it, never a 5xx."""
+    png = encode(digits_test[0][0][0])
+    huge = "9" * 4301
+    r = client.post("/v2/models/lenet5-digits/infer", content=b"{}",
+                    headers={"Inference-Header-Content-Length": huge})
+    assert r.status_code == 400 and r.json()["code"] == "bad_request", r.text
+    bodies = {"/classify": {"content": png, "headers": {"Content-Type": "image/png"}},
+              "/classify/batch": {"files": [("images", ("a.png", png, "image/png"))]},
+              "/classify/explain": {"content": png, "headers": {"Content-Type": "image/png"}},
+              "/v2/models/lenet5-digits/infer": {"content": json.dumps({"inputs": [{
+                  "name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}]})}}
+    for route, body in bodies.items():
+        for name in ("top_k", "timeout_ms", "target", "patch", "stride"):
+            for value in (huge, "-" + huge, "1e999", "nan", "inf", "0x10"):
+                r = client.post(route, params={name: value}, **body)
+                declared = name in _params_of(client, route)
+                assert 400 <= r.status_code < 500 if declared else r.status_code == 200, (route, name, value, r.text)
+    r = client.post("/v2/models/lenet5-digits/infer", content=b'{"inputs": [{"name": "pixels", "datatype": "UINT8", '
+                    b'"shape": [1, 1, 28, 28], "parameters": {"binary_data_size": 1' + b"0" * 5000 + b"}}]}")
+    assert r.status_code == 400 and r.json()["code"] == "bad_json", r.text
+
+
+_PARAMS: dict = {}
+
+
+def _params_of(client, route: str) -> set:
+    """The query parameters a route declares in the OpenAPI document (others are ignored, as FastAPI does)."""
+    if not _PARAMS:
+        for path, ops in client.get("/docs.json").json()["paths"].items():
+            _PARAMS[path] = {p["name"] for op in ops.values() for p in op.get("parameters", [])}
+    return _PARAMS.get(route.replace("lenet5-digits", "{name}"), set())
+
+
+def test_two_servers_on_one_bentoml_home_keep_their_own_metrics(capped_server, stored_default, digits_test):
+    """A second server started on the first one's BENTOML_HOME: the first keeps its counters (BentoML
+    empties its shared Prometheus folder when a server starts), and the second does not show them."""
+    png = encode(digits_test[0][0][0])
+    for _ in range(3):
+        assert httpx.post(capped_server.url + "/classify", content=png,
+                          headers={"Content-Type": "image/png"}).status_code == 200
+    before = metric_sum(capped_server.url, "cnnserve_batch_size_count")
+    assert before >= 3
+    second = Server("--arg", f"models={stored_default}", "--arg", "workers=1", home=capped_server.home,
+                    memory_limit_mb=CAP_MB)
+    try:
+        assert metric_sum(second.url, "cnnserve_batch_size_count") == 0
+        assert metric_sum(capped_server.url, "cnnserve_batch_size_count") == before
+        assert httpx.post(second.url + "/classify", content=png, headers={"Content-Type": "image/png"}).status_code == 200
+        assert metric_sum(capped_server.url, "cnnserve_batch_size_count") == before
+        assert metric_sum(second.url, "cnnserve_batch_size_count") == 1
+    finally:
+        second.stop()
+    assert metric_sum(capped_server.url, "cnnserve_batch_size_count") == before
