@@ -15,7 +15,6 @@ metrics). ``ROUTES`` gives the path label; ``patches.py`` makes BentoML's reques
 
 from __future__ import annotations
 
-import os
 import re
 from functools import lru_cache
 from types import SimpleNamespace
@@ -78,51 +77,6 @@ class RouteLabels:
 
 #: The path labels of this process's service (``service.py`` adds its app's routes).
 ROUTES = RouteLabels()
-
-
-#: Set by a server's first process for its workers: the Prometheus folder of that server alone.
-DIR_ENV, OWNER_ENV = "CNNSERVE_PROMETHEUS_DIR", "CNNSERVE_PROMETHEUS_OWNER"
-
-
-def own_multiproc_dir(home: str | None = None) -> str:
-    """Give this server a Prometheus multiprocess folder of its own, and return it.
-
-    BentoML keeps every server's metric files in one folder, ``$BENTOML_HOME/prometheus_multiproc_dir``,
-    and a starting server empties it: two servers sharing a BENTOML_HOME deleted each other's files
-    (and /metrics of each then showed the other's counters). The server's first process (the one that
-    runs ``bentoml serve`` and imports the service before its workers start) makes
-    ``$BENTOML_HOME/cnnserve-prometheus/PID``, removes the folders of servers that are gone, and removes
-    its own at exit; each worker (a child of that process) writes and reads its metrics there."""
-    import atexit
-    import shutil
-    from pathlib import Path
-
-    inherited = os.environ.get(DIR_ENV)
-    if inherited and os.environ.get(OWNER_ENV) == str(os.getppid()):  # a worker of that server
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = inherited
-        return inherited
-    base = Path(home or os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "cnnserve-prometheus"
-    base.mkdir(parents=True, exist_ok=True)
-    for old in base.iterdir():  # left by servers that were killed
-        if old.name.isdigit() and not _alive(int(old.name)):
-            shutil.rmtree(old, ignore_errors=True)
-    mine = base / str(os.getpid())
-    shutil.rmtree(mine, ignore_errors=True)
-    mine.mkdir()
-    os.environ[DIR_ENV], os.environ[OWNER_ENV] = str(mine), str(os.getpid())
-    pid = os.getpid()
-    atexit.register(lambda: os.getpid() == pid and shutil.rmtree(mine, ignore_errors=True))
-    return str(mine)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 @lru_cache(maxsize=1)

@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from cnnserve.core import onnxmeta
 from cnnserve.core.onnxmeta import ModelInfo
+from cnnserve.core.spec import SpecError
 
 log = logging.getLogger("cnnserve.runtime")
 
@@ -198,9 +199,15 @@ def choose_precision(path: str | os.PathLike, precision: str = "auto", providers
         """The variant's session, or None (logged) when the file beside ``path`` was made from other
         weights or for another spec (a stale variant left by an earlier export)."""
         if p not in opened:
-            sess = create_session(files[p], providers, threads, spin=spin)
-            other = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, files[p])
-            if other.precision != p or not info.same_weights(other):
+            try:
+                sess = create_session(files[p], providers, threads, spin=spin)
+                other = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, files[p])
+            except (ModelLoadError, SpecError) as e:  # a damaged variant: refused if forced, else passed over
+                if precision != "auto":
+                    raise ModelLoadError(str(e)) from None
+                log.warning("%s: cannot be loaded (%s); ignored", files[p], e)
+                sess = other = None
+            if other is not None and (other.precision != p or not info.same_weights(other)):
                 log.warning("%s: not a %s variant of %s (other weights or spec); ignored", files[p], p, path)
                 sess = None
             opened[p] = sess

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -517,3 +518,121 @@ def test_two_servers_on_one_bentoml_home_keep_their_own_metrics(capped_server, s
     finally:
         second.stop()
     assert metric_sum(capped_server.url, "cnnserve_batch_size_count") == before
+
+
+# --- start-up: refused once, never a crash loop ----------------------------------------------------
+
+def _store_unchecked(path, name: str) -> str:
+    """Put a file into the model store past ``cnnserve store``'s checks (as an older cnnserve or a hand
+    would have): what a server must refuse on its own."""
+    import shutil
+
+    import bentoml
+
+    with bentoml.models.create(name, module="cnnserve") as m:
+        shutil.copyfile(path, m.path_of("model.onnx"))
+    return str(m.tag)
+
+
+def _edited(default_onnx, folder, name: str, edit) -> str:
+    """The default model with ``edit(model)`` applied, saved as ``folder/name.onnx`` (as it is: onnx's own
+    save would refuse what some edits make)."""
+    m = onnx.load(str(default_onnx))
+    edit(m)
+    path = folder / f"{name}.onnx"
+    path.write_bytes(m.SerializeToString())
+    return str(path)
+
+
+def _spec_edit(**changes):
+    from cnnserve.core.onnxmeta import KEY_SPEC
+
+    def edit(m):
+        prop = next(p for p in m.metadata_props if p.key == KEY_SPEC)
+        prop.value = json.dumps({**json.loads(prop.value), **changes})
+    return edit
+
+
+def _weights_outside(m):
+    """Every initializer's data in a file outside the model's folder (``../weights.bin``)."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    convert_model_to_external_data(m, all_tensors_to_one_file=True, location="weights.bin", size_threshold=1024)
+    for t in m.graph.initializer:  # (the data file itself is never written: the location alone is refused)
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../weights.bin"
+
+
+def _serve_until_exit(*args: str, timeout: float = 120) -> tuple[int, str, float]:
+    """``bentoml serve`` of the service in the foreground until it exits: (status, output, seconds)."""
+    from cnnserve.bench.server import cap_memory, free_port, home_of_its_own
+    from cnnserve.core.store import bentoml_command
+
+    t = time.monotonic()
+    proc = subprocess.run([bentoml_command(), "serve", "service.service:CnnServe", "--host", "127.0.0.1",
+                           "--port", str(free_port()), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "BENTOML_HOME": home_of_its_own()},
+                          preexec_fn=lambda: cap_memory(CAP_MB))
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t
+
+
+@pytest.mark.parametrize("case", ["input 100000x100000 in the metadata", "5 labels for 10 outputs",
+                                  "weights outside its folder", "forced precision it lacks"])
+def test_a_model_no_worker_could_load_is_refused_once(case, default_onnx, stored_default, tmp_path):
+    """Issue 24 item 5 and issue 25 item 4: `cnnserve store` refuses the file, and a server given it anyway
+    exits 1 once with one message (it restarted its workers forever: 54 tracebacks in 90 s)."""
+    from cnnserve.export.store import StoreError, store_model
+
+    if case == "forced precision it lacks":
+        tag, args = stored_default, ("--arg", "precision=int8")
+        message = "no int8 variant"
+    else:
+        edit, message = {"input 100000x100000 in the metadata": (_spec_edit(height=100000, width=100000),
+                                                                   "1x100000x100000 input"),
+                         "5 labels for 10 outputs": (_spec_edit(labels=list("abcde")), "names 5 labels"),
+                         "weights outside its folder": (_weights_outside, "weights.bin")}[case]
+        path = _edited(default_onnx, tmp_path, "bad", edit)
+        with pytest.raises(StoreError, match=message if case != "weights outside its folder" else "other files"):
+            store_model(path, "refused")
+        tag, args = _store_unchecked(path, "unchecked"), ()
+    status, out, seconds = _serve_until_exit("--arg", f"models={tag}", *args)
+    assert status == 1, out[-2000:]
+    assert out.count("cannot be served") == 1 and message in out, out[-2000:]
+    assert "Traceback" not in out and "Application startup failed" not in out, out[-3000:]
+
+
+def test_a_worker_that_fails_to_start_stops_the_server_once(tmp_path):
+    """A model that passes every check the first process makes (one and two images run) but fails in the
+    workers' warm-up (eight images: onnxruntime refuses a tensor over 4 GiB): the server stops with the
+    reason and exit status 1 instead of restarting workers for ever."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    from cnnserve.core.onnxmeta import ModelInfo
+    from cnnserve.core.spec import ModelSpec
+
+    spec = ModelSpec("tiles", 1, 64, 64, (0.5,), (0.5,), labels=("a", "b"))
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["pixels"], ["f"], to=T.FLOAT),
+         helper.make_node("Tile", ["f", "reps"], ["big"]),  # 576 MiB an image: 4.5 GiB for eight
+         helper.make_node("ReduceMean", ["big", "axes"], ["m"], keepdims=0),
+         helper.make_node("MatMul", ["m", "w"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)], "tiles",
+        [helper.make_tensor_value_info("pixels", T.UINT8, ["batch", 1, 64, 64])],
+        [helper.make_tensor_value_info("logits", T.FLOAT, ["batch", 2]),
+         helper.make_tensor_value_info("probabilities", T.FLOAT, ["batch", 2])],
+        [numpy_helper.from_array(np.array([1, 36, 32, 32], np.int64), "reps"),
+         numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+         numpy_helper.from_array(np.ones((36, 2), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    for key, value in ModelInfo(spec).to_metadata().items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    path = tmp_path / "tiles.onnx"
+    onnx.save(model, str(path))
+    tag = _store_unchecked(path, "tiles")
+    status, out, seconds = _serve_until_exit("--arg", f"models={tag}", "--arg", "workers=1")
+    assert status == 1, out[-3000:]
+    assert "cnnserve cannot start" in out and "4294967296" in out, out[-3000:]
+    assert out.count("stopping the server") <= 2, out[-3000:]  # the worker that failed (and at most one more)
