@@ -53,8 +53,9 @@ TOP_K = Query(None, description="how many classes to return (default 5, at most 
 MODEL = Query(None, description="model name (default: the first served model)")
 TIMEOUT_MS = Query(None, description="deadline in milliseconds from arrival (default: the server's timeout_ms); "
                                      "a request still waiting for the model then gets 504 and is not run")
-PRIORITY = Query(None, description="interactive (default) or bulk: bulk requests fill batches after "
-                                   "interactive ones and may take at most half of the queue")
+PRIORITY = Query(None, description="interactive (default; bulk for /classify/explain) or bulk: bulk requests "
+                                   "fill batches after interactive ones, a slice at a time, and may take at "
+                                   "most half of the queue")
 
 
 async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
@@ -299,7 +300,9 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
         e = eng()
         if format not in ("json", "png"):
             raise APIError(400, "bad_format", f"format must be json or png, got {format!r}")
-        data, ticket, timings = await one_image(request, e, ClassifyParams(top_k, model, timeout_ms, priority), t0)
+        # bulk unless asked otherwise: an explanation is hundreds of images' work (service/batching.py)
+        data, ticket, timings = await one_image(request, e, ClassifyParams(top_k, model, timeout_ms,
+                                                                           priority or "bulk"), t0)
         result, pixels, heat = await e.explain(data, model, method, target, patch, stride, top_k, ticket, timings)
         t = time.perf_counter()
         if format == "png":

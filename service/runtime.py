@@ -90,6 +90,8 @@ class Model:
     info: ModelInfo
     session: ort.InferenceSession
     warmup_ms: float = 0.0
+    #: seconds per image in the warm-up's largest batch (the batcher's first estimate of its slices)
+    seconds_per_image: float = 0.0
     #: how the precision was chosen: mode (auto or forced), candidates, warm-up timings, the choice
     choice: dict = field(default_factory=dict)
     _output: list = field(default_factory=lambda: ["probabilities"])
@@ -135,7 +137,9 @@ class Model:
         """Run once per batch size before reporting ready: the first runs allocate and pick kernels."""
         t = time.perf_counter()
         for n in batch_sizes:
+            start = time.perf_counter()
             self.predict(np.zeros((n, *self.spec.input_shape), np.uint8))
+            self.seconds_per_image = (time.perf_counter() - start) / max(n, 1)
         self.warmup_ms = (time.perf_counter() - t) * 1000
 
     def describe(self) -> dict:

@@ -71,7 +71,7 @@ def test_rejected_images_hold_no_memory():
 import asyncio, gc, json, resource
 from cnnserve.bench import hostile
 from cnnserve.core.spec import ModelSpec
-from cnnserve.core.config import DEFAULTS
+from cnnserve.core.config import Settings
 from cnnserve.service.engine import APIError, Engine
 from cnnserve.service.memory import return_freed_memory
 
@@ -79,7 +79,8 @@ return_freed_memory()
 class Fake:  # the engine's decode path needs a model's spec only
     name, spec = "m", ModelSpec("m", 3, 64, 64, (0.5,) * 3, (0.5,) * 3, labels=("a", "b"))
 engine = Engine.__new__(Engine)
-engine.config, engine._decode_limiter = DEFAULTS, None
+# decoded here, as a decoding process (a long-lived one) decodes: what one rejection leaves, every one does
+engine.config = Settings(inline_decode_bytes=1 << 30, inline_decode_pixels=1 << 30)
 bad = hostile.truncated_png()
 
 def rss():
@@ -119,7 +120,7 @@ def test_batcher_runs_interactive_first_and_never_runs_expired_or_abandoned_requ
         return x.astype(np.float32)
 
     async def main():
-        b = MicroBatcher(fn, max_batch_size=4, max_queue=100, max_wait_ms=0)
+        b = MicroBatcher(fn, max_batch_size=4, max_queue=100, max_wait_ms=0, fixed_slice=4)
         loop = asyncio.get_running_loop()
         first = asyncio.create_task(b.submit(np.array([[0]], np.uint8)))  # holds the model
         await asyncio.sleep(0.05)
@@ -146,6 +147,50 @@ def test_batcher_runs_interactive_first_and_never_runs_expired_or_abandoned_requ
     assert all(v not in sum(seen, []) for v in (30, 40))  # never run
 
 
+def test_bulk_work_runs_a_slice_at_a_time_and_interactive_requests_get_in_between():
+    """An explanation's 10 copies at bulk priority, a CAM pass (another job), and interactive requests
+    arriving while the bulk work runs: every batch carries at most one slice (3 images) of bulk work, every
+    interactive request waits for at most the batch running when it arrived, the CAM pass gets a batch of
+    its own, and each request gets its own rows back in order."""
+    import threading
+
+    batches, arrivals = [], []
+
+    def fn(x):
+        batches.append(("run", [int(v) for v in x[:, 0]], time.perf_counter()))
+        time.sleep(0.02)
+        return x.astype(np.float32) * 10
+
+    def cam(x):
+        batches.append(("cam", [int(v) for v in x[:, 0]], time.perf_counter()))
+        return [x.astype(np.float32), -x.astype(np.float32)]
+
+    async def main():
+        b = MicroBatcher(fn, max_batch_size=8, max_queue=100, max_wait_ms=0, fixed_slice=3)
+        explanation = asyncio.create_task(b.submit(np.arange(100, 110, dtype=np.uint8)[:, None], priority="bulk"))
+        cam_pass = asyncio.create_task(b.submit(np.array([[7]], np.uint8), priority="bulk", job=cam))
+        await asyncio.sleep(0.03)  # the first slice runs
+        interactive = []
+        for i in range(3):
+            arrivals.append(time.perf_counter())
+            interactive.append(asyncio.create_task(b.submit(np.array([[i]], np.uint8))))
+            await asyncio.sleep(0.025)
+        out = await asyncio.gather(explanation, cam_pass, *interactive)
+        b.close()
+        return out
+
+    explanation, cam_pass, *interactive = asyncio.run(main())
+    assert explanation[:, 0].tolist() == [v * 10 for v in range(100, 110)]  # all its rows, in order
+    assert [a.tolist() for a in cam_pass] == [[[7.0]], [[-7.0]]]
+    assert [r.tolist() for r in interactive] == [[[0.0]], [[10.0]], [[20.0]]]
+    bulk = [[v for v in values if v >= 100] for kind, values, _ in batches if kind == "run"]
+    assert all(len(v) <= 3 for v in bulk) and sum(map(len, bulk)) == 10, batches
+    assert [values for kind, values, _ in batches if kind == "cam"] == [[7]]
+    for i, t in enumerate(arrivals):  # each waited for at most the batch running (or just taken) when it came
+        after = [values for _, values, started in batches if started > t]
+        assert i in after[0] + after[1], (i, batches)
+
+
 def test_bulk_requests_take_at_most_half_the_queue():
     import threading
 
@@ -158,7 +203,7 @@ def test_bulk_requests_take_at_most_half_the_queue():
         return x.astype(np.float32)
 
     async def main():
-        b = MicroBatcher(fn, max_batch_size=1, max_queue=4, max_wait_ms=0)
+        b = MicroBatcher(fn, max_batch_size=1, max_queue=4, max_wait_ms=0, fixed_slice=1)
         one = np.zeros((1, 1), np.uint8)
         running = asyncio.create_task(b.submit(one))
         await asyncio.sleep(0.05)  # the model is busy with it; everything else waits
@@ -636,3 +681,72 @@ def test_a_worker_that_fails_to_start_stops_the_server_once(tmp_path):
     assert status == 1, out[-3000:]
     assert "cnnserve cannot start" in out and "4294967296" in out, out[-3000:]
     assert out.count("stopping the server") <= 2, out[-3000:]  # the worker that failed (and at most one more)
+
+
+# --- issue 24: explanations and large images yield to interactive requests ------------------------------
+
+def _multipart(field: str, files: list[bytes], content_type: str = "image/png") -> tuple[bytes, str]:
+    boundary = "cnnserve-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{i}.png"\r\n'
+             f"Content-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n" for i, data in enumerate(files)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.fixture(scope="module")
+def one_worker(stored_default):
+    """One worker, so that every request meets the same batcher and decoding processes; bulk slices of a
+    tenth of a millisecond of LeNet-5 (a few images), and 500 ms of CPU per image."""
+    srv = Server("--arg", f"models={stored_default}", "--arg", "workers=1", "--arg", "bulk_slice_ms=0.1",
+                 "--arg", "decode_cpu_ms=500", memory_limit_mb=CAP_MB)
+    yield srv
+    srv.stop()
+
+
+def test_interactive_answers_keep_coming_under_an_explanation_flood(one_worker, digits_test):
+    """Four clients looping occlusion maps (170 images each, bulk by default, a slice per batch) and one
+    interactive client: the interactive client's answers keep coming, many per explanation. Before issue 24
+    the explanations ran at interactive priority and queued ahead of it: a handful of answers in 15 s."""
+    png = encode(digits_test[0][0][0])
+    out = faults.flood_trial(one_worker, [(png, "image/png")], [(png, "image/png")], "/classify/explain",
+                             clients=4, seconds=8)
+    victim, flood = out["victim"], out["flood"]
+    explained = flood["statuses"].get(200, 0)
+    batching = httpx.get(one_worker.url + "/models").json()["models"][0]["batching"]
+    assert batching["bulk_slice"] < 170, batching  # an explanation runs in several slices
+    assert victim["statuses"] == {200: victim["answered"]} and victim["failed"] == 0, out
+    assert set(flood["statuses"]) <= {200, 503} and explained >= 3, out  # shed with 503 past half the queue
+    # measured: about 35 interactive answers per explanation; queued behind explanations, fewer than one
+    assert victim["answered"] >= 3 * explained, (out, batching)
+
+
+def test_interactive_images_are_decoded_between_a_flood_of_large_ones(one_worker):
+    """Two clients sending 128 legal 7000x7000 grey PNGs at a time (/classify/batch, deadline 3 s), and an
+    interactive client with an image that is decoded in a process too: it is decoded between theirs, image
+    by image, and answered; theirs end at their deadline with cnnserve's 504 (before issue 24 they held the
+    decoding threads a minute, the victim waited 30-60 s and got BentoML's own 504)."""
+    big, ctype = _multipart("images", [hostile.grey_png()] * 128)
+    victim = encode(np.kron(np.eye(10, dtype=np.uint8) * 255, np.ones((32, 32), np.uint8)))  # 320x320: not inline
+    out = faults.flood_trial(one_worker, [(victim, "image/png")], [(big, ctype)], "/classify/batch?timeout_ms=3000",
+                             clients=2, seconds=8, victim_path="/classify?timeout_ms=5000")
+    victim_counts, flood = out["victim"], out["flood"]
+    assert victim_counts["statuses"] == {200: victim_counts["answered"]} and victim_counts["answered"] >= 5, out
+    assert flood["statuses"].get(504, 0) >= 2 and set(flood["statuses"]) <= {504, 503}, out
+    r = httpx.post(one_worker.url + "/classify/batch", params={"timeout_ms": 1000},
+                   content=big, headers={"Content-Type": ctype}, timeout=60)
+    assert r.status_code == 504 and r.json()["code"] == "deadline_exceeded", r.text
+
+
+def test_costly_images_are_stopped_at_their_cpu_budget(one_worker, digits_test):
+    """Files within every limit whose decoding takes seconds (a GIF of 1-byte comment sub-blocks, an RLE4
+    BMP, a JPEG repeating one scan 3,000 times): each decoding process is killed at 500 ms of CPU and the
+    image refused with 413; one whose deadline comes first gets 504; the server answers on."""
+    for name, (data, status, code) in hostile.slow_images().items():
+        r = httpx.post(one_worker.url + "/classify", content=data, headers={"Content-Type": "image/png"},
+                       timeout=60)
+        assert (r.status_code, r.json()["code"]) == (status, code), (name, r.text)
+    data = hostile.slow_images()["jpeg 7000x7000 progressive, 3,000 AC scans"][0]
+    r = httpx.post(one_worker.url + "/classify", params={"timeout_ms": 300}, content=data,
+                   headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert r.status_code == 504 and r.json()["code"] == "deadline_exceeded", r.text
+    png = encode(np.kron(digits_test[0][0][0], np.ones((20, 20), np.uint8)))  # 560x560: decoded in a process
+    assert httpx.post(one_worker.url + "/classify", content=png, headers={"Content-Type": "image/png"}).status_code == 200

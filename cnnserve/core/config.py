@@ -86,12 +86,19 @@ class Settings(BaseModel):
     max_json_depth: Count = 32  # brackets and braces nested in it (400)
     formats: str = "BMP GIF JPEG PNG TIFF WEBP"  # accepted image formats (415 otherwise)
     inline_decode_pixels: Natural = 128 * 128  # images up to this size and ...
-    inline_decode_bytes: Natural = 16 * 1024  # ... this many bytes decode on the event loop, larger ones in threads
-    decode_threads: Natural = 0  # images decoded at once in threads (0: the number of cores)
+    inline_decode_bytes: Natural = 16 * 1024  # ... this many bytes decode on the event loop, others in processes
+    # Larger images decode in processes of their own (service/decoding.py), this many per worker (0: the number
+    # of cores), each image within a CPU budget: past it the process is killed and the image refused (413)
+    decode_processes: Natural = 0
+    decode_cpu_ms: Positive = 2000.0
     top_k: Count = 5  # labels in an answer when the request does not say
     # occluded copies one /classify/explain request may run (400 beyond): the copies go through the
     # model's batcher with other traffic, so this bounds what one explanation takes from the others
     max_occlusions: Count = 256
+    # The longest a batch carrying bulk work (explanations, priority=bulk) may run: each such batch takes at
+    # most as many bulk images as the model runs in this time, by its measured time per image (at least
+    # one), so an interactive request waits for at most one such slice (service/batching.py)
+    bulk_slice_ms: Positive = 50.0
     # BentoML's per-request OpenTelemetry spans: on in BentoML, off here unless asked for (they go to no
     # exporter unless BentoML's tracing is configured, and cost a fifth of a small model's request CPU:
     # README, Benchmarks). BentoML's request metrics (bentoml_service_request_*) stay on by default.
@@ -115,6 +122,12 @@ class Settings(BaseModel):
     @property
     def max_header_bytes(self) -> int:
         return self.max_header_kb * KB
+
+    @property
+    def decoders(self) -> int:
+        """Decoding processes per worker: at least two, so that one costly image never holds a worker's
+        decoding alone."""
+        return self.decode_processes or max(2, CORES // max(1, self.workers))
 
     @property
     def intra_op_threads(self) -> int:
