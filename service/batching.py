@@ -14,11 +14,12 @@ the model in a worker thread:
 - two priorities: ``interactive`` requests fill a batch first; ``bulk`` work (batch scoring,
   explanations: an occlusion map is up to ``max_occlusions`` images) takes what room is left,
   **and never more than one slice**: ``bulk_slice()`` images, as many as the model runs in
-  ``bulk_slice_ms`` by its measured time per image (at least one). Batches run one at a time,
-  so an interactive request that arrives while bulk work runs waits for at most one slice
-  before it is in the next batch; bulk work yields between slices instead of holding the
-  model for the whole of a large request (issue 24: a 64-image occlusion batch of a 224-px
-  model held its model for seconds, and interactive requests waited behind it).
+  ``bulk_slice_ms`` by its measured time per image (at least one in a batch of bulk work alone,
+  possibly none beside interactive requests). Batches run one at a time, so an interactive
+  request that arrives while bulk work runs waits for at most one slice before it is in the
+  next batch; bulk work yields between slices instead of holding the model for the whole of a
+  large request (issue 24: a 64-image occlusion batch of a 224-px model held its model for
+  seconds, and interactive requests waited behind it).
 - jobs: a request may name another function than the model's usual run (a CAM pass, which
   asks for feature maps); it shares the queue, priorities, limits and deadlines, and is
   batched only with requests of the same job.
@@ -108,8 +109,7 @@ class MicroBatcher:
         when ``deadline`` passes before its (next) batch starts."""
         n = len(pixels)
         bulk = priority == "bulk"
-        if self._queued + n > self.max_queue or (bulk and self._bulk_queued + n > self.max_queue // 2):
-            raise Overloaded(self._queued, self.retry_after())
+        self.check_room(n, priority)
         now = time.perf_counter()
         if deadline is not None and now >= deadline:
             raise DeadlineExceeded()
@@ -138,17 +138,26 @@ class MicroBatcher:
             timings["queue"], timings["inference"] = item.started - now, item.seconds
         return rows
 
+    def check_room(self, n: int, priority: str = "interactive") -> None:
+        """``Overloaded`` unless ``n`` more images of ``priority`` fit in the queue now (a request that will
+        make its images asks before it spends anything on them)."""
+        if self._queued + n > self.max_queue or (priority == "bulk" and self._bulk_queued + n > self.max_queue // 2):
+            raise Overloaded(self._queued, self.retry_after())
+
     def retry_after(self) -> int:
         return max(1, math.ceil(self._queued / self._rate)) if self._rate > 0 else 1
 
-    def bulk_slice(self) -> int:
+    def bulk_slice(self, beside_interactive: bool = False) -> int:
         """Images of bulk work one batch may carry: what the model runs in ``bulk_slice_ms`` at its measured
-        time per image, at least 1 and at most ``max_batch_size``."""
+        time per image, at most ``max_batch_size``; at least 1 in a batch of its own (so bulk work goes on),
+        possibly 0 beside interactive requests (a model slower than that per image then never makes an
+        interactive request wait for a bulk image in its own batch)."""
         if self.fixed_slice:
             return min(self.fixed_slice, self.max_batch_size)
         if self._per_image <= 0:
             return self.max_batch_size
-        return max(1, min(self.max_batch_size, int(self.bulk_slice_s / self._per_image)))
+        fits = min(self.max_batch_size, int(self.bulk_slice_s / self._per_image))
+        return fits if beside_interactive else max(1, fits)
 
     def describe(self) -> dict:
         """How batches are formed now (``/models``): the bulk slice and the measurement it comes from."""
@@ -176,8 +185,8 @@ class MicroBatcher:
         for priority in order:
             queue = self._queues[priority]
             room = self.max_batch_size - n
-            if priority == "bulk":
-                room = min(room, self.bulk_slice())
+            if priority == "bulk":  # a slice; beside interactive requests only what fits in bulk_slice_ms
+                room = min(room, self.bulk_slice() if n == 0 else self.bulk_slice(beside_interactive=True))
             while queue and room > 0:
                 item = queue[0]
                 if item.left == 0 or item.fut.done():  # finished with, failed, cancelled or expired

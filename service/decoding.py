@@ -157,6 +157,9 @@ class DecodePool:
         many waiting), 504 (deadline) and 499 (client gone). ``group``: images of one request, which take
         turns with other requests' (default: this image alone). ``timings`` gets ``decode``, ``resize``
         and ``thread`` (waiting for a process and the hand-off)."""
+        if len(data) > self.limits.max_bytes:  # (the request's own limit is checked before; this is the region's)
+            raise ImageError(f"the image is {len(data):,} bytes; the limit is {self.limits.max_bytes:,} "
+                             "(max_request_mb)", 413, "too_large")
         if self.waiting >= self.max_queue:
             raise DecodeFailed(503, "overloaded", f"the server is at capacity ({self.waiting} images waiting to be "
                                                   "decoded); retry after 1 s", {"Retry-After": "1"})

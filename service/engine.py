@@ -280,6 +280,11 @@ class Engine:
                                f"copies of the {h}x{w} input; the limit is {self.config.max_occlusions} "
                                "(max_occlusions): use a larger stride")
             extra = {"patch": patch, "stride": stride, "occlusions": n}
+        n = 1 if method == "cam" else 1 + extra["occlusions"]
+        try:  # shed now, before the decode and the copies are paid for
+            self.batchers[model.name].check_room(n, (ticket or Ticket()).priority)
+        except Overloaded as e:
+            raise APIError(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)}) from None
         pixels = await self.decode(model, data, timings, ticket)
         # Both methods go through the model's batcher like any request (bulk unless the request says
         # otherwise): counted against max_queue, shed with 503, bound by the deadline, and run in slices

@@ -23,7 +23,7 @@ from cnnserve.core.store import NotStored, stored_model
 from .api import create_app
 from .engine import Engine
 from .http_server import ConnectionCloseWhileDraining
-from .memory import return_freed_memory
+from .memory import return_freed_memory, trim_memory
 from . import startup
 from .metrics import ROUTES, metrics
 from .patches import apply_patches, running_versions
@@ -96,6 +96,9 @@ if not TAGS:
 for _i, _tag in enumerate(TAGS):
     _require_stored(_tag)
     setattr(CnnServe, f"model_{_i}", bentoml.models.BentoModel(_tag))
+if RUN.first:  # what the checks loaded goes back to the system: this process only supervises the workers
+    gc.collect()
+    trim_memory()
 
 CnnServe = bentoml.asgi_app(app, path="/")(
     bentoml.service(name="cnnserve", workers=ARGS.workers, traffic={"timeout": 60},

@@ -72,11 +72,21 @@ def test_occlusion_png_and_an_explicit_target(client, digits_test):
     assert r.headers["X-Target-Index"] == "3" and 0 <= float(r.headers["X-Probability"]) <= 1
 
 
+def _batches(client, model: str) -> float:
+    """How many onnxruntime runs the model's batcher has made (cnnserve_batch_size_count)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith("cnnserve_batch_size_count") and f'model="{model}"' in line)
+
+
 def test_cam_for_gap_heads_and_a_reason_for_others(client):
     img = encode(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    before = _batches(client, "resnet18-explain")
     r = client.post("/classify/explain", content=img, params={"model": "resnet18-explain", "method": "cam"},
                     headers={"Content-Type": "image/png"})
     assert r.status_code == 200, r.text
+    # the CAM pass went through the model's batcher (queue, limits, priorities), not around it
+    assert _batches(client, "resnet18-explain") == before + 1
+    assert r.headers["Server-Timing"].count("queue;") == 1
     heat = np.array(r.json()["map"])
     assert heat.shape == (32, 32) and heat.min() >= 0 and heat.max() == pytest.approx(1.0, abs=1e-4)
     occ = client.post("/classify/explain", content=img, params={"model": "resnet18-explain"},
