@@ -16,8 +16,8 @@ thought of yet. The image is answered 413 ``decode_too_costly`` and a new proces
   within one the requests take turns, image by image; so one request of 256 large images delays
   an interactive request by at most the images being decoded when it arrives.
 - **Deadlines from arrival**: a request's ``timeout_ms`` holds here too. An image still waiting for
-  a decoding process when it passes gets 504 at once; one being decoded then is stopped (its
-  process killed): nobody is waiting for it any more.
+  a decoding process when it passes gets 504 at once, and so does one being decoded (its process
+  finishes it within the budget and takes the next: replacing it would cost more).
 - **Bounded**: at most ``max_queue`` images wait to be decoded per worker (503 beyond).
 
 Only images too small to cost anything (``inline_decode_bytes`` and ``inline_decode_pixels``) are
@@ -263,9 +263,8 @@ class DecodePool:
             self.waiting += 1
             self._replace(decoder, None)
             return
-        loop = asyncio.get_running_loop()
-        wait = self.budget if job.deadline is None else min(self.budget, max(0.0, job.deadline - time.perf_counter()))
-        decoder.watch = loop.call_later(wait, self._check, decoder)
+        decoder.watch = asyncio.get_running_loop().call_later(self._wait(job, time.perf_counter()), self._check,
+                                                              decoder)
 
     def _check(self, decoder: _Decoder) -> None:
         """The job's wall-clock share is up: kill its process if its CPU budget or its deadline is spent,
@@ -274,12 +273,12 @@ class DecodePool:
         if job is None:
             return
         now = time.perf_counter()
-        if job.deadline is not None and now >= job.deadline:
-            self._replace(decoder, _deadline())
-            return
+        if job.deadline is not None and now >= job.deadline and not job.fut.done():
+            # answered now; the process finishes the image (within its budget) rather than being replaced,
+            # which would cost more than the rest of most images (a new process takes a few tenths of a second)
+            job.fut.set_exception(_deadline())
         if not decoder.ready:  # still starting: its budget counts from its first answer
-            wait = self.budget if job.deadline is None else min(self.budget, job.deadline - now)
-            decoder.watch = asyncio.get_running_loop().call_later(max(wait, 0.01), self._check, decoder)
+            decoder.watch = asyncio.get_running_loop().call_later(self._wait(job, now), self._check, decoder)
             return
         cpu = decoder.cpu_seconds()
         used = (now - decoder.started_at) if cpu is None else cpu - decoder.cpu_before
@@ -288,10 +287,14 @@ class DecodePool:
                 f"decoding the image took more than {self.budget * 1000:,.0f} ms of CPU (decode_cpu_ms); it was "
                 "stopped", 413, "decode_too_costly"))
             return
+        decoder.watch = asyncio.get_running_loop().call_later(self._wait(job, now, used), self._check, decoder)
+
+    def _wait(self, job: _Job, now: float, used: float = 0.0) -> float:
+        """Until the image's budget could next be spent, or its deadline passes (if still awaited)."""
         wait = self.budget - used
-        if job.deadline is not None:
-            wait = min(wait, max(0.0, job.deadline - now))
-        decoder.watch = asyncio.get_running_loop().call_later(max(wait, 0.01), self._check, decoder)
+        if job.deadline is not None and not job.fut.done():
+            wait = min(wait, job.deadline - now)
+        return max(wait, 0.01)
 
     def _replace(self, decoder: _Decoder, error: Exception | None) -> None:
         """Kill a decoding process (past its budget or its image's deadline, or dead), fail its image with

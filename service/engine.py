@@ -296,9 +296,16 @@ class Engine:
             heat = xp.cam(features[0], model.cam_weights, tgt, (h, w))
         else:
             fill = np.array([round(m * 255) for m in spec.mean], np.uint8)
-            copies, boxes = xp.occluded(pixels, patch, stride, fill)
-            out = await self.run(model, np.concatenate([pixels[None], copies]), timings, ticket)
-            del copies
+
+            def stacked() -> tuple[np.ndarray, list]:  # the image, then its occluded copies
+                copies, boxes = xp.occluded(pixels, patch, stride, fill)
+                return np.concatenate([pixels[None], copies]), boxes
+
+            # tens of MB for a 224-px model: copied in a thread, not on the event loop that serves the others
+            big = extra["occlusions"] * pixels.nbytes > 2**20
+            batch, boxes = await anyio.to_thread.run_sync(stacked) if big else stacked()
+            out = await self.run(model, batch, timings, ticket)
+            del batch
             t = time.perf_counter()
             probs = out[:, spec.num_classes:]
             tgt = int(probs[0].argmax()) if target is None else target
