@@ -28,10 +28,16 @@ install() {
   echo "run.sh: installing cnnserve and its locked dependencies into a new .venv ..."
   rm -rf .venv
   "$python" -m venv .venv
-  .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r "$LOCK"
-  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
-  .venv/bin/python -m pip check
+  quietly .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r "$LOCK"
+  quietly .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+  quietly .venv/bin/python -m pip check
   cp "$LOCK" "$stamp"
+  echo "run.sh: .venv holds $LOCK"
+}
+
+quietly() {  # a command's output only when it fails (pip and setuptools warn a lot on success)
+  local out
+  out=$("$@" 2>&1) || { echo "$out" | grep -v "is ignored: it is neither a file nor a directory" >&2; return 1; }
 }
 
 relock() {
