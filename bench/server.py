@@ -24,10 +24,13 @@ class Server:
     """A real `bentoml serve` of the project's service (or ``service``) on a free loopback port."""
 
     def __init__(self, *args: str, ready_timeout: float = 90, service: str = "service.service:CnnServe",
-                 memory_limit_mb: int | None = None):
+                 memory_limit_mb: int | None = None, port: int | None = None):
         """``memory_limit_mb`` caps the address space of every process of the server (``RLIMIT_AS``),
-        so a test feeding it hostile input fails instead of exhausting the machine."""
-        self.port = free_port()
+        so a test feeding it hostile input fails instead of exhausting the machine. ``port``: a given one
+        (a replica restarted where it was), else a free one."""
+        self.args, self.kwargs = args, {"ready_timeout": ready_timeout, "service": service,
+                                        "memory_limit_mb": memory_limit_mb}
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
