@@ -160,13 +160,17 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
                "failed": stats.failed, "seconds": round(elapsed, 2),
                "images_per_s": round((stats.scored + stats.failed) / max(elapsed, 1e-9), 1),
                "decode_s": round(stats.decode_s, 2), "inference_s": round(stats.infer_s, 2),
-               "engine": engine, "out": str(out), "interrupted": interrupted}
+               "engine": engine, "out": str(out), "interrupted": interrupted,
+               **({"images_per_node": dict(sorted(stats.nodes.items()))} if stats.nodes else {})}
     split = (f"; decode {stats.decode_s:.1f}s (summed over {workers} decoders), "
              f"inference {stats.infer_s:.1f}s"
              if engine == "local" else "")
     print(f"{'interrupted: ' if interrupted else ''}{summary['scored']} scored, {summary['failed']} failed, "
           f"{summary['already_done']} already done, in {elapsed:.1f}s ({summary['images_per_s']} img/s){split}; "
           f"predictions in {printable(str(writer.journal if interrupted else out))}", file=sys.stderr)
+    if stats.nodes:
+        print(f"images per Ray node: {', '.join(f'{n} {c}' for n, c in sorted(stats.nodes.items()))}",
+              file=sys.stderr)
     if interrupted:
         print("resume with the same command and --resume", file=sys.stderr)
     return summary
