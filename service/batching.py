@@ -52,9 +52,12 @@ class MicroBatcher:
     done once its client has disconnected; neither kind is ever run."""
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_queue: int,
-                 max_wait_ms: float, on_batch: Callable[[int, float], None] | None = None, name: str = "model"):
+                 max_wait_ms: float, on_batch: Callable[[int, float], None] | None = None, name: str = "model",
+                 on_depth: Callable[[int], None] | None = None):
+        """``on_batch(images, seconds)`` after each run; ``on_depth(images)`` with the images waiting for or in
+        the model, as each batch starts and ends (the autoscaling metric: cheap, and fresh under load)."""
         self.fn, self.max_batch_size, self.max_wait = fn, max_batch_size, max_wait_ms / 1000
-        self.max_queue, self.on_batch, self.name = max_queue, on_batch, name
+        self.max_queue, self.on_batch, self.on_depth, self.name = max_queue, on_batch, on_depth, name
         self._queues: dict[str, deque] = {p: deque() for p in PRIORITIES}
         self._queued = 0  # images waiting (not yet in a running batch)
         self._bulk_queued = 0
@@ -139,6 +142,8 @@ class MicroBatcher:
             if not items:
                 continue
             batch = items[0][0] if len(items) == 1 else np.concatenate([it[0] for it in items])
+            if self.on_depth:
+                self.on_depth(self._queued + len(batch))
             t = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self._pool, self.fn, batch)
@@ -147,6 +152,9 @@ class MicroBatcher:
                     if not it[1].done():
                         it[1].set_exception(e)
                 continue
+            finally:
+                if self.on_depth:
+                    self.on_depth(self._queued)
             seconds = time.perf_counter() - t
             rate = len(batch) / max(seconds, 1e-6)
             self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate

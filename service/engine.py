@@ -101,8 +101,9 @@ class Engine:
                 self.metrics.batch_size.labels(model.name).observe(n)
                 self.metrics.inference.labels(model.name).observe(seconds)
 
+        depth = self.metrics.queued.labels(model.name).set if self.metrics else None
         return MicroBatcher(run, self.config.max_batch_size, self.config.max_queue, self.config.max_wait_ms,
-                            observe, model.name)
+                            observe, model.name, depth)
 
     @property
     def ready(self) -> bool:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import yaml
 
-from cnnserve.core.config import DEFAULTS
 from tests.conftest import ROOT, encode, free_port, run_cli
 from tests.test_lock import SERVING, pins
 
@@ -124,9 +123,9 @@ def test_missing_model_stops_the_build_with_its_name():
     assert "'no-such-model:latest' is not in BentoML's model store" in proc.stderr and "./run.sh up" in proc.stderr
 
 
-def test_gpu_bento_and_kubernetes_manifests_are_valid(stored_default):
-    """The GPU image cannot be built here (its CUDA base is not pullable): its bento must build and its
-    Dockerfile start from the CUDA base; the Kubernetes manifests must probe BentoML's health endpoints."""
+def test_gpu_bento_builds_from_the_cuda_base_with_its_lock(stored_default):
+    """The GPU image cannot be built here (its CUDA base is not pullable): its bento must build, its
+    Dockerfile start from the CUDA base, and its packages be the GPU serving lock's."""
     import bentoml
 
     from cnnserve.container import build_bento
@@ -156,11 +155,3 @@ def test_gpu_bento_and_kubernetes_manifests_are_valid(stored_default):
     cpu, gpu = (yaml.safe_load((ROOT / f).read_text()) for f in ("bentofile.yaml", "bentofile-gpu.yaml"))
     assert gpu["service"] == cpu["service"] and gpu["include"] == cpu["include"]
     assert gpu["python"]["lock_packages"] is cpu["python"]["lock_packages"] is False
-    deploy, service = yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / "cnnserve.yaml").read_text())
-    c = deploy["spec"]["template"]["spec"]["containers"][0]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
-    assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
-    # shutdown: preStop, then the drain and the grace period of the service's defaults
-    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
-    grace = deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert pre_stop >= 1 and grace > pre_stop + DEFAULTS.drain_s + DEFAULTS.grace_s

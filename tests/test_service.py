@@ -280,6 +280,13 @@ def test_health_metrics_and_openapi(client, digits_test):
     for name in ("cnnserve_batch_size_bucket", "cnnserve_inference_seconds_bucket",
                  "cnnserve_request_stage_seconds_bucket", 'cnnserve_rejected_requests_total{reason="empty"}'):
         assert name in text
+    # the autoscaling metric (deploy/kubernetes): nothing waits once the answer is back
+    queued = [line for line in text.splitlines() if line.startswith("cnnserve_queued_images{")]
+    assert queued and all(float(line.rsplit(" ", 1)[1]) == 0 for line in queued), queued
+    # what runs: library versions and the patches' outcomes
+    runtime = client.get("/v2").json()["runtime"]
+    assert runtime["versions"]["bentoml"] and set(runtime["patches"]) == {
+        "bentoml-timeout-timers", "uvicorn-head-limits", "uvicorn-sigterm-drain"}
     paths = client.get("/docs.json").json()["paths"]
     for p in ("/classify", "/classify/batch", "/models", "/v2/models/{name}/infer", "/v2/health/ready"):
         assert p in paths
