@@ -165,6 +165,9 @@ def byo_models(tmp_path_factory):
     proc = run_cli("import", d / "foreign.onnx", "--mean", 0.485, 0.456, 0.406, "--std", 0.229, 0.224, 0.225,
                    "--labels", d / "labels.txt", "--out", d / "foreign" / "model.onnx", check=True)
     assert "PASSED" in proc.stdout and "onnx-foreign" in proc.stdout
+    assert "class activation maps available" in proc.stdout
+    domains = [o.domain or "ai.onnx" for o in onnx.load_model(str(d / "foreign" / "model.onnx")).opset_import]
+    assert len(domains) == len(set(domains)), domains  # one default opset, not one per merged part
     return {"timm-resnet18": d / "timm" / "model.onnx", "torchvision-mobilenet_v3_small": d / "tv" / "model.onnx",
             "onnx-foreign": d / "foreign" / "model.onnx", "dir": d}
 
@@ -198,6 +201,12 @@ def test_library_and_imported_models_are_served_and_scored(byo_models, tmp_path)
                 probs = local.predict(preprocess(data, local.spec)[None])[0]
                 assert r.json()["predictions"][0]["index"] == int(probs.argmax())
                 assert r.json()["predictions"][0]["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+            # an imported network that ends in global average pooling and one linear layer explains with CAM
+            # as an exported one does (it was refused as "does not end in global average pooling")
+            r = c.post("/classify/explain?model=onnx-foreign&method=cam", content=data,
+                       headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            assert np.array(r.json()["map"]).shape == (64, 64) and r.json()["method"] == "cam"
     finally:
         srv.stop()
     out = tmp_path / "scores.jsonl"
@@ -302,3 +311,4 @@ def test_import_refuses_bad_models_with_one_line_each(tmp_path):
                    "--labels", tmp_path / "labels.txt", "--no-store")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert expected["two_inputs"] in proc.stderr
+

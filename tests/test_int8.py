@@ -184,3 +184,41 @@ def test_batch_scoring_takes_the_same_choice(lenet_int8, digits_test, tmp_path):
     assert np.mean(np.array(top["int8"]) == np.array(top["fp32"])) >= 0.95
     proc = run_cli("score", folder, "--model", tmp_path / "none.onnx", "--precision", "int8", "--out", tmp_path / "x.csv")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_quantize_an_imported_model(shapes_resnet_run, tmp_path):
+    """An ONNX classifier made elsewhere (here: the session's small ResNet exported by plain torch, float
+    input, normalisation left out), `cnnserve import`ed, then `cnnserve quantize`d on a folder. The
+    importer once listed the default opset three times, which onnxruntime's quantizer refuses ("Failed to
+    find proper ai.onnx domain"): issue 25, item 1."""
+    import torch
+
+    from cnnserve.models.checkpoint import classifier_from_checkpoint, load_checkpoint
+    from cnnserve.models.data import load_dataset, save_png
+
+    model = classifier_from_checkpoint(load_checkpoint(shapes_resnet_run)).eval()
+    spec = model.spec
+    foreign = tmp_path / "foreign.onnx"
+    torch.onnx.export(model.net, (torch.randn(2, 3, spec.height, spec.width),), str(foreign), dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
+    (tmp_path / "labels.txt").write_text("\n".join(spec.labels) + "\n")
+    imported = tmp_path / "imported" / "model.onnx"
+    proc = run_cli("import", foreign, "--mean", *spec.mean, "--std", *spec.std, "--labels", tmp_path / "labels.txt",
+                   "--resize", spec.resize, "--crop-pct", spec.crop_pct, "--interpolation", spec.interpolation,
+                   "--out", imported, "--no-store")
+    assert proc.returncode == 0, proc.stderr
+    domains = [o.domain or "ai.onnx" for o in onnx.load_model(str(imported)).opset_import]
+    assert len(domains) == len(set(domains)), domains
+    # a folder as a user has one: 64 training images to calibrate on (sorted first), then the held-out ones
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    splits = load_dataset("shapes", spec)
+    for prefix, split, n in (("a", splits.train, 64), ("b", splits.test, len(splits.test))):
+        for i in range(n):
+            (folder / f"{prefix}{i:03d}.png").write_bytes(save_png(split[i][0].numpy()))
+    proc = run_cli("quantize", imported, "--images", folder, "--calibration", "64", "--no-store")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((imported.parent / "model.int8.verify.json").read_text())
+    assert report["passed"] and report["n_images"] == 256  # --check's default
+    assert read_info(imported.parent / "model.int8.onnx").precision == "int8"
+
