@@ -24,14 +24,24 @@ install() {
   # the locked setuptools (no build isolation, which would resolve one). A changed lock makes a new venv,
   # so .venv holds exactly the lock (tests/test_lock.py checks it).
   local stamp=.venv/.cnnserve-lock
-  if [ -x .venv/bin/python ] && cmp -s "$LOCK" "$stamp"; then return; fi
+  if [ -x .venv/bin/python ] && cmp -s "$LOCK" "$stamp"; then venv_hook; return; fi
   echo "run.sh: installing cnnserve and its locked dependencies into a new .venv ..."
   rm -rf .venv
   "$python" -m venv .venv
   .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r "$LOCK"
   .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
   .venv/bin/python -m pip check
+  venv_hook
   cp "$LOCK" "$stamp"
+}
+
+venv_hook() {
+  # The lock's torch is a CPU build and PyPI's torchvision a CUDA one, whose compiled operators cannot load
+  # beside it: without this hook `import torchvision` and `import timm` stop with "operator torchvision::nms
+  # does not exist" (cnnserve/venvhook.py says how; docs/troubleshooting.md what else to do).
+  local site
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo 'import cnnserve.venvhook as hook; hook.install()' > "$site/cnnserve-venvhook.pth"
 }
 
 relock() {

@@ -222,3 +222,37 @@ def test_quantize_an_imported_model(shapes_resnet_run, tmp_path):
     assert report["passed"] and report["n_images"] == 256  # --check's default
     assert read_info(imported.parent / "model.int8.onnx").precision == "int8"
 
+
+def test_export_int8_store_keeps_the_verified_fp32(default_run, tmp_path):
+    """`export --int8 --store` where the int8 variant fails its gate: the verified fp32 model is still
+    written and stored, the command exits 1 and says what was kept; without --store it says how to store
+    it (issue 25, item 5: nothing was stored, and the message did not say `cnnserve store` would). The gate
+    fails for real: the checkpoint's folder data set is given again with --data-dir, its training images
+    (which int8 calibrates on) replaced by blank ones and its test images kept."""
+    from cnnserve.models.checkpoint import load_checkpoint
+    from cnnserve.models.data import load_dataset, save_png
+
+    splits = load_dataset("digits", load_checkpoint(default_run)["spec"])
+    for root, blank in (("good", False), ("broken", True)):
+        for split, images in (("train", splits.train), ("test", splits.test)):
+            for i in range(len(images)):
+                x, y = images[i]
+                folder = tmp_path / root / split / str(int(y))
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = np.zeros_like(x.numpy()) if blank and split == "train" else x.numpy()
+                (folder / f"{i:04d}.png").write_bytes(save_png(pixels))
+    run = tmp_path / "run"
+    run_cli("train", "lenet5", "--data", "folder", "--data-dir", tmp_path / "good", "--channels", "1",
+            "--epochs", "4", "--out", run, check=True)
+    export = ("export", run / "model.pt", "--data-dir", tmp_path / "broken", "--int8", "--calibration", "64")
+    proc = run_cli(*export, "--store", "--name", "partial-int8")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "model.int8.onnx: int8 verification failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert "stored what passed (fp32) as partial-int8:" in proc.stderr
+    assert (run / "model.onnx").is_file() and not (run / "model.int8.onnx").exists()
+    import bentoml
+
+    stored = bentoml.models.get("partial-int8:latest")
+    assert stored.info.labels["variants"] == "none" and stored.info.labels["precision"] == "fp32"
+    proc = run_cli(*export)
+    assert proc.returncode == 1 and f"`cnnserve store {run / 'model.onnx'}` stores it" in proc.stderr, proc.stderr
