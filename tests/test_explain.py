@@ -68,8 +68,37 @@ def test_occlusion_png_and_an_explicit_target(client, digits_test):
                     params={"format": "png", "target": 3, "patch": 7, "stride": 7})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     img = Image.open(io.BytesIO(r.content))
-    assert img.mode == "RGB" and img.size == (224, 224)  # 28 px enlarged to at least 224
+    assert img.mode == "RGB" and img.width == 224 and img.height > 224  # 28 px enlarged to 224, captions around
     assert r.headers["X-Target-Index"] == "3" and 0 <= float(r.headers["X-Probability"]) <= 1
+
+
+def test_heatmap_png_names_its_class_and_has_a_colour_scale(client, digits_test):
+    """The PNG says which class it explains and carries its colour scale (issue 25, item 9: it had neither).
+    The scale is the map's own colour ramp, left (0) to right (the largest value); the caption differs
+    with the class; the PNG's Title says the same in text."""
+    from cnnserve.service.explain import _LUT
+
+    data, _ = corner_digit(digits_test)
+    pictures = {}
+    for target in (3, 5):
+        r = client.post("/classify/explain", content=data, headers={"Content-Type": "image/png"},
+                        params={"format": "png", "target": target})
+        assert r.status_code == 200, r.text
+        img = Image.open(io.BytesIO(r.content))
+        label = f'"{target}"'  # the digits' labels are their digits
+        assert label in img.info["Title"] and f"p = {float(r.headers['X-Probability']):.3f}" in img.info["Title"]
+        pictures[target] = np.asarray(img.convert("RGB")).astype(int)
+    a = pictures[3]
+    # a row of the colour scale: runs from the ramp's first colour to its last, in its order
+    bar_rows = [y for y in range(a.shape[0] - 40, a.shape[0])
+                if np.abs(a[y, 4] - _LUT[0]).max() <= 2 and np.abs(a[y, a.shape[1] - 5] - _LUT[255]).max() <= 2]
+    assert bar_rows, "no colour scale below the map"
+    row = a[bar_rows[0], 4:a.shape[1] - 4]
+    nearest = [int(np.abs(_LUT.astype(int) - px).sum(1).argmin()) for px in row]
+    assert nearest == sorted(nearest) and nearest[0] == 0 and nearest[-1] == 255
+    # the caption above the map: text (dark pixels on white), different for another class
+    caption = slice(0, 20)
+    assert (a[caption] < 100).any() and not np.array_equal(a[caption], pictures[5][caption])
 
 
 def test_cam_for_gap_heads_and_a_reason_for_others(client):
@@ -215,3 +244,22 @@ def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
     finally:
         driver.quit()
     assert Image.open(ARTIFACTS / "demo.png").size[0] >= 1000
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "resnet18"])
+def test_filters_title_fits_the_picture(arch, tmp_path):
+    """filters.png's title lies inside the picture, however few filters make it narrow (issue 25, item 9:
+    LeNet-5's six filters gave a figure narrower than its one-line title, cut off at both ends)."""
+    import matplotlib.pyplot as plt
+
+    from cnnserve.models.checkpoint import classifier_from_checkpoint, load_checkpoint
+    from cnnserve.models.visualize import filters_figure
+
+    model = classifier_from_checkpoint(load_checkpoint(random_checkpoint(arch, tmp_path)))
+    fig = filters_figure(model.net, f"{arch} on a data set with a long name")
+    try:
+        fig.canvas.draw()
+        box, page = fig._suptitle.get_window_extent(), fig.bbox
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1, (box, page)
+    finally:
+        plt.close(fig)
