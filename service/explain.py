@@ -148,7 +148,7 @@ def heatmap_png(pixels: np.ndarray, heat: np.ndarray, min_side: int = 224, label
     ramp = _LUT[np.linspace(0, 255, x1 - x0).round().astype(np.uint8)]
     canvas.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0), "RGB"), (x0, y0))
     ty = y0 + bar_h + 3
-    right = f"{top_value:.2f}" if method == "occlusion" else "1"
+    right = f"{top_value:.2g}" if method == "occlusion" else "1"  # 0.43, 0.0031: two significant digits
     draw.text((x0, ty), "0", fill=(60, 60, 60), font=small)
     draw.text((x1 - small.getlength(right), ty), right, fill=(60, 60, 60), font=small)
     draw.text(((width - small.getlength(unit)) / 2, ty), unit, fill=(60, 60, 60), font=small)
