@@ -78,8 +78,8 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=S, help="default 32")
     p.add_argument("--optimizer", default=S, help="sgd, momentum, adagrad, rmsprop, adadelta, adam (default), adamw")
     p.add_argument("--lr", type=float, default=S, help="learning rate (default per optimizer)")
-    p.add_argument("--momentum", type=float, default=S)
-    p.add_argument("--weight-decay", type=float, default=S)
+    p.add_argument("--momentum", type=float, default=S, help="for --optimizer momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=S, help="L2 penalty (default 0)")
     p.add_argument("--schedule", default=S, help="cosine (default), step, none")
     p.add_argument("--warmup-epochs", type=int, default=S, help="linear warm-up epochs")
     p.add_argument("--step-size", type=int, default=S, help="epochs between step decays")
@@ -87,9 +87,10 @@ def _add_train(sub) -> None:
     p.add_argument("--init", default=S, help="kaiming (default), xavier, default")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=S,
                    help="random crop and horizontal flip (default: on for RGB data)")
-    p.add_argument("--label-smoothing", type=float, default=S)
+    p.add_argument("--label-smoothing", type=float, default=S, help="cross-entropy label smoothing (default 0)")
     p.add_argument("--patience", type=int, default=S, help="early-stop patience in epochs (0: off; default 10)")
-    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--seed", type=int, default=S, help="seeds weights, shuffling and augmentation (default 0; "
+                                                        "the data splits are fixed whatever the seed)")
     p.add_argument("--workers", type=int, default=S, help="data loader processes")
     p.add_argument("--pretrained", default=S, help="fine-tune from these weights: a torchvision or timm state dict "
                                                     "(.pth, .safetensors); the head is replaced for the data's classes")
@@ -248,7 +249,7 @@ def _serve(tags, port: int, host: str, extra=(), sample=None) -> int:
     from pathlib import Path
 
     # A source checkout serves service/ as bentofile.yaml names it; an installed wheel holds the same
-    # package as cnnserve.service (see the README's layout section).
+    # package as cnnserve.service (docs/design.md, "Installed names").
     root = Path(__file__).resolve().parents[1]
     target = "service.service:CnnServe" if (root / "bentofile.yaml").is_file() else "cnnserve.service.service:CnnServe"
     bentoml = bentoml_command()
@@ -343,8 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="one architecture, or LIBRARY:PATTERN (timm:*res*, torchvision:*)")
     p.add_argument("--summary", action="store_true", help="layer-by-layer table")
     p.add_argument("--classes", type=int, help="number of classes (default 10 for grey models, 1000 for RGB)")
-    p.add_argument("--channels", type=int, choices=(1, 3))
-    p.add_argument("--img-size", type=int)
+    p.add_argument("--channels", type=int, choices=(1, 3), help="input channels (default: the architecture's)")
+    p.add_argument("--img-size", type=int, help="input side in pixels (default: the architecture's)")
     p.set_defaults(func=_cmd_models)
 
     _add_train(sub)
@@ -363,9 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "calibrated on the training split and verified on the test split")
     _add_int8_options(p)
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=False,
-                   help="simplify the graph with onnxslim (off by default: measured not to pay on CPU, see README)")
+                   help="simplify the graph with onnxslim (off by default: measured not to pay on CPU, "
+                        "docs/models.md)")
     p.add_argument("--data-dir", help="where the checkpoint's data set lives now (to rebuild its test split)")
-    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default %(default)s)")
     p.add_argument("--store", action="store_true", help="save the exported file(s) into BentoML's model store "
                                                         "(if a variant fails its verification, what passed is stored "
                                                         "and the command exits 1)")
@@ -427,8 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="folder to write into (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_visualize)
 
-    p = sub.add_parser("store", help="save an exported ONNX file into BentoML's model store")
-    p.add_argument("onnx", help="a file written by `cnnserve export`")
+    p = sub.add_parser("store", help="save an exported ONNX file into BentoML's model store",
+                       description="Save a file written by `cnnserve export` or `cnnserve import` into BentoML's "
+                                   "model store (BENTOML_HOME), with the verified variants beside it made from "
+                                   "the same weights (NAME.fp16.onnx, NAME.int8.onnx).")
+    p.add_argument("onnx", help="a file written by `cnnserve export` or `cnnserve import`")
     p.add_argument("--name", help="model name (default ARCH-DATA)")
     p.set_defaults(func=_cmd_store)
 
@@ -442,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the service; http engine: the served model name, default the service's)")
     p.add_argument("--out", "-o", required=True, help="predictions file: .csv, .jsonl or .parquet")
     p.add_argument("--engine", default="local", help="local (default), http, ray")
-    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.max_batch_size)
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="classes per image (at most the model's)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.max_batch_size,
+                   help="images per onnxruntime run (local, ray) or per progress step (http)")
     p.add_argument("--workers", type=int, help="decoders (local) or Ray CPUs (default: all cores)")
     p.add_argument("--decoders", default="auto", choices=("auto", "processes", "threads"),
                    help="local engine: decode in processes (scales with cores) or threads (starts at once); "
@@ -464,11 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or podman.")
     p.add_argument("--models", default=DEFAULT_MODEL, help="model store tags to serve, space-separated")
     p.add_argument("--gpu", action="store_true", help="the CUDA image (bentofile-gpu.yaml)")
-    p.add_argument("--backend", default="auto", choices=("auto", "docker", "podman"))
+    p.add_argument("--backend", default="auto", choices=("auto", "docker", "podman"),
+                   help="auto: docker where a Docker engine answers, else podman")
     p.add_argument("--image-tag", help="image name:tag (default: the bento's tag)")
-    p.add_argument("--opt", action="append", default=[], help="KEY=VALUE passed to the engine's build")
+    p.add_argument("--opt", action="append", default=[], help="KEY=VALUE passed to the engine's build (repeatable)")
     p.add_argument("--arg", action="append", default=[],
-                   help="service argument KEY=VALUE baked into the bento (e.g. workers=2; see README)")
+                   help="service argument KEY=VALUE baked into the bento, e.g. workers=2 (repeatable; the "
+                        "arguments are in docs/serving.md)")
     p.set_defaults(func=_cmd_container)
 
     p = sub.add_parser("bench", help="the benchmark harness (`cnnserve bench --help` lists its options)",
@@ -477,12 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("up", help="the main job: train the default model if needed, then export and serve it",
-                       description="Train LeNet-5 on the bundled digits unless a checkpoint exists.")
+                       description="Train LeNet-5 on the bundled digits unless a checkpoint exists, export and "
+                                   "verify it unless an up-to-date ONNX file exists, store it unless the store "
+                                   "holds it, then serve it with `bentoml serve` (what `./run.sh up` runs).")
     p.add_argument("--run", default=DEFAULT_RUN, help=f"run folder of the default model (default {DEFAULT_RUN})")
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--no-serve", action="store_true", help="stop after storing the model")
-    p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=3000, help="HTTP port")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
     p.set_defaults(func=_cmd_up)
     return parser
 
