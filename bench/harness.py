@@ -106,10 +106,10 @@ def prepare(name: str, runs: Path, work: Path) -> dict:
     run = runs / w["run"]
     if not (run / "model.pt").is_file():
         log(f"{name}: training {' '.join(w['train'])} (speed does not depend on accuracy)")
-        cli("train", *w["train"], "--out", str(run))
+        cli("train", *w["train"], "--out", str(run), "--overwrite")  # its own folder (an interrupted run: again)
     onnx_path = run / "model.onnx"
     if not onnx_path.is_file() or onnx_path.stat().st_mtime < (run / "model.pt").stat().st_mtime:
-        cli("export", str(run / "model.pt"))
+        cli("export", str(run / "model.pt"), "--overwrite")  # keeps its own folder's export current
     info = read_info(onnx_path)
     tag = str(store_model(onnx_path, w["tag"]).tag)
     images = work / "images" / name
