@@ -24,13 +24,14 @@ install() {
   # the locked setuptools (no build isolation, which would resolve one). A changed lock makes a new venv,
   # so .venv holds exactly the lock (tests/test_lock.py checks it).
   local stamp=.venv/.cnnserve-lock
-  if [ -x .venv/bin/python ] && cmp -s "$LOCK" "$stamp"; then return; fi
+  if [ -x .venv/bin/python ] && cmp -s "$LOCK" "$stamp"; then venv_hook; return; fi
   echo "run.sh: installing cnnserve and its locked dependencies into a new .venv ..."
   rm -rf .venv
   "$python" -m venv .venv
   quietly .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r "$LOCK"
   quietly .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
   quietly .venv/bin/python -m pip check
+  venv_hook
   cp "$LOCK" "$stamp"
   echo "run.sh: .venv holds $LOCK"
 }
@@ -48,6 +49,15 @@ serving_lock() {  # EXTRA OUT BENTOFILE PINS: pyproject's serving set with one r
       --no-emit-find-links --no-emit-trusted-host --constraint "$4" --extra "$1" --output-file - pyproject.toml 2>/dev/null
   } > "$2.new"
   mv "$2.new" "$2"
+}
+
+venv_hook() {
+  # The lock's torch is a CPU build and PyPI's torchvision a CUDA one, whose compiled operators cannot load
+  # beside it: without this hook `import torchvision` and `import timm` stop with "operator torchvision::nms
+  # does not exist" (cnnserve/venvhook.py says how; docs/troubleshooting.md what else to do).
+  local site
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo 'import cnnserve.venvhook as hook; hook.install()' > "$site/cnnserve-venvhook.pth"
 }
 
 relock() {

@@ -302,7 +302,9 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
         if format == "png":
             from .explain import heatmap_png
 
-            response = Response(heatmap_png(pixels, heat), media_type="image/png", headers={
+            response = Response(heatmap_png(pixels, heat, label=result["target"]["label"],
+                                            probability=result["probability"], method=method),
+                                media_type="image/png", headers={
                 "X-Target-Index": str(result["target"]["index"]), "X-Probability": f"{result['probability']:.6f}"})
         else:
             response = JSONResponse(result)

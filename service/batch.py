@@ -31,6 +31,17 @@ from .scoring.writers import Writer, read_predictions
 __all__ = ["ScoreError", "collect_inputs", "read_predictions", "score", "resolve_model"]
 
 
+PROGRESS_LOG_S = 5.0  # where stderr is not a terminal: a progress line this often
+
+
+def progress_line(done: int, total: int, rate: float, failed: int, elapsed: float) -> str:
+    """What the bar shows, as one line for a log: ``scoring: 1,200/2,000 (60%), 410 img/s, 3 failed, ETA 2s``."""
+    left = (total - done) / rate if rate > 0 else float("nan")
+    eta = f"{left:.0f}s" if left == left else "?"
+    return (f"scoring: {done:,}/{total:,} ({done / max(total, 1):.0%}), {rate:.0f} img/s, {failed} failed, "
+            f"{elapsed:.0f}s elapsed, ETA {eta}")
+
+
 def resolve_model(model: str) -> tuple[str, str]:
     """An ONNX file, or a model store tag: (path of the ONNX file, display name)."""
     p = Path(model)
@@ -131,9 +142,13 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
                TextColumn("ETA"), TimeRemainingColumn()]
     wanted = set(todo) | {where for where, _ in bad}
     finished = False
+    console = Console(stderr=True)
+    # Not a terminal (a log file, a pipe, a CI job): no bar, whose redraws never reach it, but one plain
+    # line after the first batch and then every PROGRESS_LOG_S seconds.
+    log_lines = progress is not False and not console.is_terminal
+    logged_at = None
     try:
-        with Progress(*columns, disable=progress is False, transient=False,
-                      console=Console(stderr=True)) as bar:
+        with Progress(*columns, disable=progress is False or log_lines, transient=False, console=console) as bar:
             task = bar.add_task("score", total=total, completed=len(bad), rate=0.0, failed=stats.failed)
             for rows in batches:
                 writer.write(rows)
@@ -141,8 +156,12 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
                 stats.failed += failed
                 stats.scored += len(rows) - failed
                 elapsed = time.perf_counter() - t0
-                bar.update(task, advance=len(rows), rate=(stats.scored + stats.failed) / max(elapsed, 1e-9),
-                           failed=stats.failed)
+                rate = (stats.scored + stats.failed) / max(elapsed, 1e-9)
+                bar.update(task, advance=len(rows), rate=rate, failed=stats.failed)
+                if log_lines and (logged_at is None or elapsed - logged_at >= PROGRESS_LOG_S):
+                    logged_at = elapsed
+                    print(progress_line(stats.scored + stats.failed, total, rate, stats.failed, elapsed),
+                          file=sys.stderr, flush=True)
                 if interrupted:
                     break
         finished = not interrupted

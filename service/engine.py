@@ -248,10 +248,10 @@ class Engine:
         extra = {}
         if method == "cam":
             if model.cam_weights is None:
-                raise APIError(400, "cam_unavailable", f"model {model.name!r} ({spec.arch}) does not end in global "
-                               "average pooling and one linear layer, so its feature maps have no class weights "
-                               "(CAM needs that head: ResNet, GoogLeNet, DenseNet, MobileNet exported by cnnserve); "
-                               "use method=occlusion")
+                raise APIError(400, "cam_unavailable", f"model {model.name!r} ({spec.arch}) has no class activation "
+                               "outputs: cnnserve adds them when it exports or imports a network that ends in global "
+                               "average pooling and one linear layer (ResNet, GoogLeNet, DenseNet, MobileNet), and "
+                               "found no such head in this one; use method=occlusion")
         else:
             patch = patch or xp.default_patch(h, w)
             stride = stride or max(1, patch // 2)

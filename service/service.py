@@ -17,6 +17,7 @@ import logging
 
 import bentoml
 
+from cnnserve import __version__
 from cnnserve.core.config import Settings
 from cnnserve.core.store import NotStored, stored_model
 
@@ -25,6 +26,8 @@ from .engine import Engine
 from .http_server import ConnectionCloseWhileDraining
 from .memory import return_freed_memory
 from .metrics import metrics
+from .openapi import OpenAPIInfo
+from .openapi import info as openapi_info
 from .patches import apply_patches, running_versions
 from .runtime import load_model
 
@@ -90,3 +93,5 @@ CnnServe = bentoml.asgi_app(app, path="/")(
                     **({} if ARGS.tracing else {"tracing": {"excluded_urls": [".*"]}}))(
         CnnServe))
 CnnServe.add_asgi_middleware(ConnectionCloseWhileDraining)
+# /docs.json names cnnserve and its version, not "None" and BentoML's read-me (service/openapi.py)
+CnnServe.add_asgi_middleware(OpenAPIInfo, info=openapi_info(__version__, TAGS))

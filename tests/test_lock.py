@@ -1,4 +1,4 @@
-"""Installs come from the lock (lock/, README "Installing"): the environment the suite runs in holds
+"""Installs come from the lock (lock/, docs/dependencies.md): the environment the suite runs in holds
 exactly the lock, the lock satisfies pyproject.toml, and the serving images' locks are the same versions
 without torch. The container test checks the image itself against its lock."""
 

@@ -291,6 +291,13 @@ def test_health_metrics_and_openapi(client, digits_test):
     for p in ("/classify", "/classify/batch", "/models", "/v2/models/{name}/infer", "/v2/health/ready"):
         assert p in paths
     assert "multipart/form-data" in json.dumps(paths["/classify"])
+    # the document names cnnserve and its version (BentoML wrote version "None" and its own read-me)
+    from cnnserve import __version__
+
+    info = client.get("/docs.json").json()["info"]
+    assert info["title"] == "cnnserve" and info["version"] == __version__, info
+    assert "POST /classify" in info["description"] and "BentoML Slack" not in info["description"]
+    assert "contact" not in info
     home = client.get("/")  # BentoML's browsable API page, over the same document
     assert home.status_code == 200 and home.headers["content-type"].startswith("text/html")
 
