@@ -24,14 +24,40 @@ install() {
   # the locked setuptools (no build isolation, which would resolve one). A changed lock makes a new venv,
   # so .venv holds exactly the lock (tests/test_lock.py checks it).
   local stamp=.venv/.cnnserve-lock
-  if [ -x .venv/bin/python ] && cmp -s "$LOCK" "$stamp"; then return; fi
+  if [ -x .venv/bin/python ] && cmp -s "$LOCK" "$stamp"; then venv_hook; return; fi
   echo "run.sh: installing cnnserve and its locked dependencies into a new .venv ..."
   rm -rf .venv
   "$python" -m venv .venv
-  .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r "$LOCK"
-  .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
-  .venv/bin/python -m pip check
+  quietly .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r "$LOCK"
+  quietly .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+  quietly .venv/bin/python -m pip check
+  venv_hook
   cp "$LOCK" "$stamp"
+  echo "run.sh: .venv holds $LOCK"
+}
+
+quietly() {  # a command's output only when it fails (pip and setuptools warn a lot on success)
+  local out
+  out=$("$@" 2>&1) || { echo "$out" | grep -v "is ignored: it is neither a file nor a directory" >&2; return 1; }
+}
+
+serving_lock() {  # EXTRA OUT BENTOFILE PINS: pyproject's serving set with one runtime, at the pinned versions
+  echo "run.sh: resolving $2 under the pins of $LOCK ..."
+  { echo "# The $1 image's Python packages ($3), no torch: pyproject.toml's [project] dependencies and its"
+    echo "# '$1' extra, at the versions of $LOCK. Made by ./run.sh lock."
+    .venv/bin/pip-compile --quiet --generate-hashes --no-header --no-annotate --strip-extras --no-emit-index-url \
+      --no-emit-find-links --no-emit-trusted-host --constraint "$4" --extra "$1" --output-file - pyproject.toml 2>/dev/null
+  } > "$2.new"
+  mv "$2.new" "$2"
+}
+
+venv_hook() {
+  # The lock's torch is a CPU build and PyPI's torchvision a CUDA one, whose compiled operators cannot load
+  # beside it: without this hook `import torchvision` and `import timm` stop with "operator torchvision::nms
+  # does not exist" (cnnserve/venvhook.py says how; docs/troubleshooting.md what else to do).
+  local site
+  site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  echo 'import cnnserve.venvhook as hook; hook.install()' > "$site/cnnserve-venvhook.pth"
 }
 
 relock() {
@@ -42,20 +68,14 @@ relock() {
   local compile=(.venv/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras
                  --no-emit-index-url --no-emit-find-links --no-emit-trusted-host "$@")
   echo "run.sh: resolving $LOCK ..."
-  CUSTOM_COMPILE_COMMAND="./run.sh lock" "${compile[@]}" --extra train --extra scale --extra test \
+  CUSTOM_COMPILE_COMMAND="./run.sh lock" "${compile[@]}" --extra gpu --extra train --extra scale --extra test \
     --output-file "$LOCK" pyproject.toml lock/tools.in
+  # the same versions for the images; the CPU image's onnxruntime at onnxruntime-gpu's version
   local pins; pins=$(mktemp)
   grep -E '^[A-Za-z0-9._-]+==' "$LOCK" | sed 's/ .*//' > "$pins"
-  local out
-  for out in lock/requirements-serving.txt lock/requirements-serving-gpu.txt; do
-    echo "run.sh: resolving $out under the pins of $LOCK ..."
-    { echo "# The serving image's Python packages (bentofile$([ "$out" = lock/requirements-serving-gpu.txt ] && echo -gpu).yaml), no torch: the"
-      echo "# dependencies of pyproject.toml's [project] at the versions of $LOCK. Made by ./run.sh lock."
-      .venv/bin/pip-compile --quiet --generate-hashes --no-header --no-annotate --strip-extras --no-emit-index-url \
-        --no-emit-find-links --no-emit-trusted-host --constraint "$pins" --output-file - pyproject.toml 2>/dev/null
-    } > "$out.new"
-    mv "$out.new" "$out"
-  done
+  grep -E '^onnxruntime-gpu==' "$pins" | sed 's/^onnxruntime-gpu/onnxruntime/' >> "$pins"
+  serving_lock cpu lock/requirements-serving.txt bentofile.yaml "$pins"
+  serving_lock gpu lock/requirements-serving-gpu.txt bentofile-gpu.yaml "$pins"
   rm -f "$pins"
   git --no-pager diff --stat -- lock/ 2>/dev/null || true
 }

@@ -106,10 +106,10 @@ def prepare(name: str, runs: Path, work: Path) -> dict:
     run = runs / w["run"]
     if not (run / "model.pt").is_file():
         log(f"{name}: training {' '.join(w['train'])} (speed does not depend on accuracy)")
-        cli("train", *w["train"], "--out", str(run))
+        cli("train", *w["train"], "--out", str(run), "--overwrite")  # its own folder (an interrupted run: again)
     onnx_path = run / "model.onnx"
     if not onnx_path.is_file() or onnx_path.stat().st_mtime < (run / "model.pt").stat().st_mtime:
-        cli("export", str(run / "model.pt"))
+        cli("export", str(run / "model.pt"), "--overwrite")  # keeps its own folder's export current
     info = read_info(onnx_path)
     tag = str(store_model(onnx_path, w["tag"]).tag)
     images = work / "images" / name
@@ -576,30 +576,38 @@ def command(argv: list[str]) -> str:
     return " ".join(["cnnserve bench", *words])
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """``cnnserve bench``'s options (also read by docs/cli.md's generator and the docs' flag test)."""
     ap = argparse.ArgumentParser(prog="cnnserve bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=list(WORKLOADS), metavar="MODEL",
                     help=f"workloads ({', '.join(WORKLOADS)}) or store:TAG for any stored model (fine-tuned, "
                          "a library's, imported); those have no PyTorch or TorchServe sections")
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64])
+    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32, 64],
+                    help="clients in flight for the HTTP sections")
     ap.add_argument("--duration", type=float, default=30, help="seconds per run at the highest concurrency")
     ap.add_argument("--short", type=float, default=10, help="seconds per run at the other concurrencies")
     ap.add_argument("--http-repeats", type=int, default=3, help="runs at each concurrency (median reported)")
-    ap.add_argument("--warmup", type=float, default=3)
+    ap.add_argument("--warmup", type=float, default=3, help="seconds of load before each HTTP measurement")
     ap.add_argument("--seconds", type=float, default=2, help="per in-process measurement")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="in-process measurements (median reported)")
     ap.add_argument("--sections", nargs="+",
                     default=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults"],
                     choices=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
                              "int8"],
                     help="naive: the baseline BentoML service of bench/naive_service.py; torchserve: TorchServe "
                          "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve")
-    ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"])
+    ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"],
+                    help="batch-scoring engines to measure")
     ap.add_argument("--score-images", type=int, default=10000,
                     help="files per batch-scoring run (from 5,000 the local engine decodes in processes)")
     ap.add_argument("--out", default=None, help="result stem (default bench/results/DATE-HOST)")
     ap.add_argument("--work", default=None, help="keep the trained models, images and scores here "
                                                  "(default: runs/ and bench/work/ in the repository)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     work = Path(args.work).resolve() if args.work else WORK
     runs = work if args.work else ROOT  # the workloads' runs/ (``--work`` moves them too)

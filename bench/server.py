@@ -24,11 +24,14 @@ class Server:
     """A real `bentoml serve` of the project's service (or ``service``) on a free loopback port."""
 
     def __init__(self, *args: str, ready_timeout: float = 90, service: str = "service.service:CnnServe",
-                 memory_limit_mb: int | None = None, home: str | None = None):
+                 memory_limit_mb: int | None = None, port: int | None = None, home: str | None = None):
         """``memory_limit_mb`` caps the address space of every process of the server (``RLIMIT_AS``),
-        so a test feeding it hostile input fails instead of exhausting the machine. ``home``: the
-        BENTOML_HOME to use (default: one of its own, sharing the current model store)."""
-        self.port = free_port()
+        so a test feeding it hostile input fails instead of exhausting the machine. ``port``: a given one
+        (a replica restarted where it was), else a free one. ``home``: the BENTOML_HOME to use (default:
+        one of its own, sharing the current model store)."""
+        self.args, self.kwargs = args, {"ready_timeout": ready_timeout, "service": service,
+                                        "memory_limit_mb": memory_limit_mb, "home": home}
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.home = home or home_of_its_own()
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)

@@ -24,6 +24,13 @@ def _cmd_models(args) -> int:
     from cnnserve import models
     from cnnserve.models.summary import format_table, human, summarize_arch
 
+    if args.name and ":" in args.name and any(ch in args.name for ch in "*?["):
+        from cnnserve.models.pretrained import library_models
+
+        lib, _, pattern = args.name.partition(":")
+        names = library_models(lib, pattern)
+        print("\n".join(f"{lib}:{n}" for n in names) if names else f"{lib} has no architecture matching {pattern!r}")
+        return 0
     if args.name:
         entry = models.get_entry(args.name)
         classes = args.classes or (10 if entry.spec.channels == 1 else 1000)
@@ -51,8 +58,8 @@ def _cmd_models(args) -> int:
 def _cmd_train(args) -> int:
     from cnnserve.models.train import config_from_args, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "resume") and v is not None}
-    train(config_from_args(given, args.resume), resume=args.resume)
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "resume", "overwrite") and v is not None}
+    train(config_from_args(given, args.resume), resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -71,8 +78,8 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=int, default=S, help="default 32")
     p.add_argument("--optimizer", default=S, help="sgd, momentum, adagrad, rmsprop, adadelta, adam (default), adamw")
     p.add_argument("--lr", type=float, default=S, help="learning rate (default per optimizer)")
-    p.add_argument("--momentum", type=float, default=S)
-    p.add_argument("--weight-decay", type=float, default=S)
+    p.add_argument("--momentum", type=float, default=S, help="for --optimizer momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=float, default=S, help="L2 penalty (default 0)")
     p.add_argument("--schedule", default=S, help="cosine (default), step, none")
     p.add_argument("--warmup-epochs", type=int, default=S, help="linear warm-up epochs")
     p.add_argument("--step-size", type=int, default=S, help="epochs between step decays")
@@ -80,17 +87,21 @@ def _add_train(sub) -> None:
     p.add_argument("--init", default=S, help="kaiming (default), xavier, default")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=S,
                    help="random crop and horizontal flip (default: on for RGB data)")
-    p.add_argument("--label-smoothing", type=float, default=S)
+    p.add_argument("--label-smoothing", type=float, default=S, help="cross-entropy label smoothing (default 0)")
     p.add_argument("--patience", type=int, default=S, help="early-stop patience in epochs (0: off; default 10)")
-    p.add_argument("--seed", type=int, default=S)
+    p.add_argument("--seed", type=int, default=S, help="seeds weights, shuffling and augmentation (default 0; "
+                                                        "the data splits are fixed whatever the seed)")
     p.add_argument("--workers", type=int, default=S, help="data loader processes")
     p.add_argument("--pretrained", default=S, help="fine-tune from these weights: a torchvision or timm state dict "
                                                     "(.pth, .safetensors); the head is replaced for the data's classes")
     p.add_argument("--freeze-backbone", action="store_true", default=S, help="with --pretrained: train the head only")
     p.add_argument("--backbone-lr", type=float, default=S,
                    help="the backbone's learning rate as a fraction of --lr (default 0.1 with --pretrained)")
-    p.add_argument("--out", default=S, help="run folder (default runs/ARCH-DATA)")
-    p.add_argument("--resume", default=None, help="continue from a run's last.pt")
+    p.add_argument("--out", default=S, help="run folder (default runs/ARCH-DATA); one that holds a run is refused "
+                                            "(the message names the next free runs/ARCH-DATA-N)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out: its checkpoints, metrics, pictures and exports are removed first")
+    p.add_argument("--resume", default=None, help="continue from a run's last.pt (in its own folder)")
     p.set_defaults(func=_cmd_train)
 
 
@@ -105,18 +116,34 @@ def _store(path, name=None) -> str:
 def _cmd_export(args) -> int:
     from pathlib import Path
 
-    from cnnserve.export.onnx import checkpoint_from_weights, export_checkpoint
+    from cnnserve.export.onnx import VariantsFailed, checkpoint_from_weights, export_checkpoint
 
     checkpoint = args.checkpoint
-    if args.weights:  # an architecture by name and a weights file: first a checkpoint of them
-        run = Path(args.out).parent if args.out else Path("runs") / checkpoint.replace(":", "-")
-        checkpoint = checkpoint_from_weights(checkpoint, args.weights, run, args.labels)
-        print(f"wrote {checkpoint} ({args.checkpoint} with {args.weights})")
+    if args.weights:  # an architecture by name and a weights file: first a checkpoint of them, named as --out
+        out = Path(args.out).with_suffix(".pt") if args.out else Path("runs") / checkpoint.replace(":", "-") / "model.pt"
+        checkpoint = checkpoint_from_weights(checkpoint, args.weights, out, args.labels, args.overwrite)
+        print(f"checkpoint {checkpoint} ({args.checkpoint} with {args.weights})")
     elif args.labels:
         raise ValueError("--labels goes with --weights (a checkpoint carries its own labels)")
-    results = export_checkpoint(checkpoint, args.out, fp16=args.fp16, int8=args.int8, calibration=args.calibration,
-                                calibration_method=args.calibration_method, int8_format=args.int8_format,
-                                simplify_graph=args.simplify, data_dir=args.data_dir, opset=args.opset)
+    try:
+        results = export_checkpoint(checkpoint, args.out, fp16=args.fp16, int8=args.int8,
+                                    calibration=args.calibration, calibration_method=args.calibration_method,
+                                    int8_format=args.int8_format, simplify_graph=args.simplify,
+                                    data_dir=args.data_dir, opset=args.opset, overwrite=args.overwrite)
+    except VariantsFailed as e:
+        # the verified fp32 file (and any variant that passed) is not thrown away with the refused variant
+        fp32 = e.results[0]["path"]
+        for failure in e.failures:
+            print(f"cnnserve: error: {failure}", file=sys.stderr)
+        kept = ", ".join(r["info"].precision for r in e.results)
+        if args.store:
+            tag = _store(fp32, args.name)
+            print(f"cnnserve: stored what passed ({kept}) as {tag}; the service serves it without the refused "
+                  "variant", file=sys.stderr)
+        else:
+            print(f"cnnserve: what passed ({kept}) is written: `cnnserve store {fp32}` stores it without the "
+                  "refused variant", file=sys.stderr)
+        return 1
     if args.store:  # the fp32 file, with its variants (export/store.py)
         _store(results[0]["path"], args.name)
     return 0
@@ -167,7 +194,7 @@ def _cmd_import(args) -> int:
     result = import_onnx(args.onnx, mean=args.mean, std=args.std, labels=read_labels(args.labels), size=size,
                          layout=args.layout,
                          outputs=args.outputs, resize=args.resize, crop_pct=args.crop_pct,
-                         interpolation=args.interpolation, out=args.out, images=args.images)
+                         interpolation=args.interpolation, out=args.out, images=args.images, overwrite=args.overwrite)
     if args.store:
         _store(result["path"], args.name)
     return 0
@@ -199,14 +226,14 @@ def _cmd_up(args) -> int:
         from cnnserve.models.train import TrainConfig, train
 
         print(f"[1/3] training {DEFAULT_ARCH} on {DEFAULT_DATA} into {run}/")
-        train(TrainConfig(arch=DEFAULT_ARCH, data=DEFAULT_DATA, out=str(run)))
+        train(TrainConfig(arch=DEFAULT_ARCH, data=DEFAULT_DATA, out=str(run)), overwrite=args.retrain)
     if onnx_path.is_file() and onnx_path.stat().st_mtime >= ckpt.stat().st_mtime:
         print(f"[2/3] using the exported {onnx_path}")
     else:
         from cnnserve.export.onnx import export_checkpoint
 
         print(f"[2/3] exporting {ckpt} to ONNX")
-        export_checkpoint(ckpt, onnx_path)
+        export_checkpoint(ckpt, onnx_path, overwrite=True)  # up keeps this folder's export up to date
     _write_samples(run)
     tag = _ensure_stored(onnx_path)
     print(f"[3/3] model store holds {tag}")
@@ -222,7 +249,7 @@ def _serve(tags, port: int, host: str, extra=(), sample=None) -> int:
     from pathlib import Path
 
     # A source checkout serves service/ as bentofile.yaml names it; an installed wheel holds the same
-    # package as cnnserve.service (see the README's layout section).
+    # package as cnnserve.service (docs/design.md, "Installed names").
     root = Path(__file__).resolve().parents[1]
     target = "service.service:CnnServe" if (root / "bentofile.yaml").is_file() else "cnnserve.service.service:CnnServe"
     bentoml = bentoml_command()
@@ -311,12 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list the architectures, or describe one",
-                       description="List the registry with input size, parameters and multiply-adds.")
-    p.add_argument("name", nargs="?", help="one architecture")
+                       description="List the registry with input size, parameters and multiply-adds; describe one "
+                                   "architecture (a zoo name, timm:NAME or torchvision:NAME); or list a library's "
+                                   "architectures by a pattern: cnnserve models 'timm:*resnet*'.")
+    p.add_argument("name", nargs="?", help="one architecture, or LIBRARY:PATTERN (timm:*res*, torchvision:*)")
     p.add_argument("--summary", action="store_true", help="layer-by-layer table")
     p.add_argument("--classes", type=int, help="number of classes (default 10 for grey models, 1000 for RGB)")
-    p.add_argument("--channels", type=int, choices=(1, 3))
-    p.add_argument("--img-size", type=int)
+    p.add_argument("--channels", type=int, choices=(1, 3), help="input channels (default: the architecture's)")
+    p.add_argument("--img-size", type=int, help="input side in pixels (default: the architecture's)")
     p.set_defaults(func=_cmd_models)
 
     _add_train(sub)
@@ -335,11 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "calibrated on the training split and verified on the test split")
     _add_int8_options(p)
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=False,
-                   help="simplify the graph with onnxslim (off by default: measured not to pay on CPU, see README)")
+                   help="simplify the graph with onnxslim (off by default: measured not to pay on CPU, "
+                        "docs/models.md)")
     p.add_argument("--data-dir", help="where the checkpoint's data set lives now (to rebuild its test split)")
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--store", action="store_true", help="save the exported file(s) into BentoML's model store")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default %(default)s)")
+    p.add_argument("--store", action="store_true", help="save the exported file(s) into BentoML's model store "
+                                                        "(if a variant fails its verification, what passed is stored "
+                                                        "and the command exits 1)")
     p.add_argument("--name", help="model store name (default ARCH-DATA; variants are stored with it)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files that are not an earlier export of this checkpoint (refused otherwise; "
+                        "re-exporting a checkpoint replaces its own files)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("import", help="wrap any ONNX classifier (float input) as a verified cnnserve model",
@@ -354,14 +389,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"), help="the model's input layout")
     p.add_argument("--outputs", default="logits", choices=("logits", "probabilities"),
                    help="what the model's output holds (probabilities: logits are their log)")
-    p.add_argument("--resize", default="center-crop", choices=("center-crop", "stretch"))
-    p.add_argument("--crop-pct", type=float, default=0.875, help="center-crop: the crop's share of the resized side")
-    p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic"))
+    p.add_argument("--resize", default="center-crop", choices=("center-crop", "stretch"),
+                   help="how the service brings an image to --size (default %(default)s: the shorter side to "
+                        "size / crop-pct, then the centre; stretch: the whole image to the size). It must match "
+                        "the preprocessing the model was trained with")
+    p.add_argument("--crop-pct", type=float, default=0.875,
+                   help="center-crop: the crop's share of the resized side (default %(default)s, as timm and "
+                        "torchvision's ImageNet models: 224 of 256)")
+    p.add_argument("--interpolation", default="bilinear", choices=("bilinear", "bicubic"),
+                   help="resampling filter (default %(default)s)")
     p.add_argument("--images", help="a folder of your own images to verify with (default: drawn shapes)")
     p.add_argument("--out", "-o", help="ONNX file to write (default runs/imported-NAME/model.onnx)")
     p.add_argument("--name", help="model store name (default onnx-NAME)")
     p.add_argument("--store", action=argparse.BooleanOptionalAction, default=True,
                    help="save it into BentoML's model store (default on)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it is not an earlier import of the same file (refused otherwise)")
     p.set_defaults(func=_cmd_import)
 
     p = sub.add_parser("quantize", help="an int8 variant of any cnnserve ONNX file, calibrated on a folder of images",
@@ -386,8 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="folder to write into (default: beside the checkpoint)")
     p.set_defaults(func=_cmd_visualize)
 
-    p = sub.add_parser("store", help="save an exported ONNX file into BentoML's model store")
-    p.add_argument("onnx", help="a file written by `cnnserve export`")
+    p = sub.add_parser("store", help="save an exported ONNX file into BentoML's model store",
+                       description="Save a file written by `cnnserve export` or `cnnserve import` into BentoML's "
+                                   "model store (BENTOML_HOME), with the verified variants beside it made from "
+                                   "the same weights (NAME.fp16.onnx, NAME.int8.onnx).")
+    p.add_argument("onnx", help="a file written by `cnnserve export` or `cnnserve import`")
     p.add_argument("--name", help="model name (default ARCH-DATA)")
     p.set_defaults(func=_cmd_store)
 
@@ -401,8 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the service; http engine: the served model name, default the service's)")
     p.add_argument("--out", "-o", required=True, help="predictions file: .csv, .jsonl or .parquet")
     p.add_argument("--engine", default="local", help="local (default), http, ray")
-    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k)
-    p.add_argument("--batch-size", type=int, default=DEFAULTS.max_batch_size)
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="classes per image (at most the model's)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.max_batch_size,
+                   help="images per onnxruntime run (local, ray) or per progress step (http)")
     p.add_argument("--workers", type=int, help="decoders (local) or Ray CPUs (default: all cores)")
     p.add_argument("--decoders", default="auto", choices=("auto", "processes", "threads"),
                    help="local engine: decode in processes (scales with cores) or threads (starts at once); "
@@ -423,11 +470,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "or podman.")
     p.add_argument("--models", default=DEFAULT_MODEL, help="model store tags to serve, space-separated")
     p.add_argument("--gpu", action="store_true", help="the CUDA image (bentofile-gpu.yaml)")
-    p.add_argument("--backend", default="auto", choices=("auto", "docker", "podman"))
+    p.add_argument("--backend", default="auto", choices=("auto", "docker", "podman"),
+                   help="auto: docker where a Docker engine answers, else podman")
     p.add_argument("--image-tag", help="image name:tag (default: the bento's tag)")
-    p.add_argument("--opt", action="append", default=[], help="KEY=VALUE passed to the engine's build")
+    p.add_argument("--opt", action="append", default=[], help="KEY=VALUE passed to the engine's build (repeatable)")
     p.add_argument("--arg", action="append", default=[],
-                   help="service argument KEY=VALUE baked into the bento (e.g. workers=2; see README)")
+                   help="service argument KEY=VALUE baked into the bento, e.g. workers=2 (repeatable; the "
+                        "arguments are in docs/serving.md)")
     p.set_defaults(func=_cmd_container)
 
     p = sub.add_parser("bench", help="the benchmark harness (`cnnserve bench --help` lists its options)",
@@ -436,12 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("up", help="the main job: train the default model if needed, then export and serve it",
-                       description="Train LeNet-5 on the bundled digits unless a checkpoint exists.")
+                       description="Train LeNet-5 on the bundled digits unless a checkpoint exists, export and "
+                                   "verify it unless an up-to-date ONNX file exists, store it unless the store "
+                                   "holds it, then serve it with `bentoml serve` (what `./run.sh up` runs).")
     p.add_argument("--run", default=DEFAULT_RUN, help=f"run folder of the default model (default {DEFAULT_RUN})")
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--no-serve", action="store_true", help="stop after storing the model")
-    p.add_argument("--port", type=int, default=3000)
-    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=3000, help="HTTP port")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
     p.set_defaults(func=_cmd_up)
     return parser
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from .core.config import DEFAULT_MODEL
@@ -83,7 +84,10 @@ def containerize(bento: str, backend: str, image_tag: str | None, opts: list[str
     cmd = [_bentoml(), "containerize", bento, "--backend", backend, "--image-tag", image,
            *[f"--opt={o}" for o in opts]]
     print("+ " + " ".join(cmd), flush=True)
-    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+    # Run from the temporary directory's parent: containerize copies the bento to a temporary directory and
+    # refuses the Dockerfile template it finds there (deploy/bento/) as "outside of the working directory"
+    # unless the working directory holds it (BentoML 1.4.40, bentoml/_internal/container/generate.py).
+    if subprocess.run(cmd, cwd=tempfile.gettempdir()).returncode != 0:
         raise ContainerError(f"bentoml containerize with {backend} failed (see its output above)")
     return image
 

@@ -42,10 +42,18 @@ def find_cam_head(proto: onnx.ModelProto, logits: str = "logits") -> tuple[str, 
         if n.op_type == "Constant" and n.attribute:
             consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
     linear = producers.get(logits)
-    if linear is None or linear.op_type != "Gemm" or linear.input[1] not in inits:
-        return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
-    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+    while linear is not None and linear.op_type == "Identity":  # an imported graph's logits output
+        linear = producers.get(linear.input[0])
+    if linear is not None and linear.op_type == "Add":  # MatMul + bias, as some exporters write a linear layer
+        matmul = next((producers[i] for i in linear.input if i in producers and producers[i].op_type == "MatMul"), None)
+        if matmul is None or not any(i in inits for i in linear.input) or matmul.input[1] not in inits:
+            return None
+        linear, attrs = matmul, {"transB": 0}
+    elif linear is not None and linear.op_type == "Gemm" and linear.input[1] in inits:
+        attrs = {a.name: helper.get_attribute_value(a) for a in linear.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            return None
+    else:
         return None
     node = producers.get(linear.input[0])
     while node is not None and node.op_type in _PASS:

@@ -129,7 +129,31 @@ def _wrap(model: onnx.ModelProto, input_name: str, output_name: str, spec: Model
     merged = compose.merge_models(merged, as_model(post), io_map=[(PREFIX + output_name, "post_in")],
                                   outputs=list(onnxmeta.OUTPUTS))
     merged.graph.name = "cnnserve_imported"
+    unique_opsets(merged)
     return merged
+
+
+def unique_opsets(model: onnx.ModelProto) -> None:
+    """One opset import per domain. ``onnx.compose.merge_models`` lists the default domain once per
+    merged graph ([('', 18), ('', 18), ('', 18)] for the three parts above); onnxruntime runs that, but
+    its quantizer refuses it ("Failed to find proper ai.onnx domain")."""
+    versions: dict[str, int] = {}
+    for o in model.opset_import:
+        domain = "" if o.domain == "ai.onnx" else o.domain
+        versions[domain] = max(versions.get(domain, 0), o.version)
+    del model.opset_import[:]
+    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in versions.items())
+
+
+def _imported_from(path: Path, sha256: str) -> bool:
+    """Whether ``path`` is a cnnserve import of the file whose sha256 is ``sha256``."""
+    from .store import StoreError, read_info
+
+    try:
+        origin = read_info(path).origin
+    except (StoreError, SpecError):
+        return False
+    return origin.get("kind") == "imported" and origin.get("sha256") == sha256
 
 
 def sample_images(spec: ModelSpec, folder: str | os.PathLike | None = None, n: int = 24) -> np.ndarray:
@@ -164,12 +188,14 @@ def numpy_preprocess(pixels: np.ndarray, spec: ModelSpec, layout: str) -> np.nda
 def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: tuple[int, int] | None = None,
                 layout: str = "nchw", outputs: str = "logits", resize: str = "center-crop", crop_pct: float = 0.875,
                 interpolation: str = "bilinear", out: str | os.PathLike | None = None,
-                images: str | os.PathLike | None = None, log=print) -> dict:
-    """Wrap, verify and write; returns {"path", "report_path", "report", "info"} like an export."""
+                images: str | os.PathLike | None = None, overwrite: bool = False, log=print) -> dict:
+    """Wrap, verify and write; returns {"path", "report_path", "report", "info"} like an export. An existing
+    ``out`` is replaced only when it is an earlier import of the same file, or with ``overwrite``."""
     import onnxruntime as ort
 
     from cnnserve.models.checkpoint import file_sha256
 
+    from .cam import add_cam_outputs
     from .onnx import save_verified, set_metadata, versions
 
     path = Path(path)
@@ -188,6 +214,10 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
         raise ModelImportError(f"{path}: already a cnnserve export; store it with `cnnserve store`")
     input_name, output_name, h, w = _check(model, str(path), layout, size, len(mean), labels)
     stem = path.name.removesuffix(".onnx")
+    out = Path(out) if out else Path("runs") / f"imported-{stem}" / "model.onnx"
+    if out.exists() and not overwrite and not _imported_from(out, file_sha256(path)):
+        raise ModelImportError(f"{out} exists and is not an earlier import of {path}: imports never replace it "
+                               "silently; --out another file, or --overwrite to replace it")
     try:
         spec = ModelSpec(arch=f"onnx:{stem}", channels=len(mean), height=h, width=w, mean=mean, std=std,
                          resize=resize, crop_pct=crop_pct, labels=labels, interpolation=interpolation)
@@ -197,6 +227,7 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
     _free_batch(model, input_name, output_name)
     try:
         wrapped = _wrap(model, input_name, output_name, spec, layout, outputs)
+        cam = add_cam_outputs(wrapped)  # a GAP + linear head: the outputs /classify/explain?method=cam reads
         onnx.checker.check_model(wrapped, full_check=True)
     except Exception as e:  # noqa: BLE001 - composition failures come from onnx with many types
         raise ModelImportError(f"{path}: the graph could not be wrapped ({type(e).__name__}: {str(e)[:300]})") from None
@@ -234,9 +265,10 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
               "max_abs_diff": diff, "top1_agreement": agreement, "tolerance": TOLERANCE,
               "seconds": round(time.time() - t0, 2), "passed": diff <= TOLERANCE and agreement == 1.0,
               "source": str(path), "origin": info.origin, "spec": spec.to_dict()}
-    out = Path(out) if out else Path("runs") / f"imported-{stem}" / "model.onnx"
+    report["cam"] = cam
     log(f"verify the wrapped graph on {len(pixels)} images: max |{want} diff| {diff:.2e}, "
-        f"top-1 agreement {report['top1_agreement']:.2%} -> {'PASSED' if report['passed'] else 'FAILED'}")
+        f"top-1 agreement {report['top1_agreement']:.2%} -> {'PASSED' if report['passed'] else 'FAILED'}"
+        + ("; class activation maps available (global average pooling + linear head found)" if cam else ""))
     report_path = save_verified(wrapped, out, report, f"the wrapped graph differs from the original by {diff:.2e} "
                                 f"(> {TOLERANCE}) or in a top-1 class", len(blob), log, ModelImportError)
     return {"path": out, "report_path": report_path, "report": report, "info": info}

@@ -33,6 +33,52 @@ class ExportError(ValueError):
     """An export that failed; the message names the file."""
 
 
+class VariantsFailed(ExportError):
+    """The fp32 file passed and was written, a variant (fp16, int8) failed its verification: ``results``
+    holds what was written (fp32 first), ``failures`` one message per variant refused."""
+
+    def __init__(self, results: list[dict], failures: list[str]):
+        self.results, self.failures = results, failures
+        super().__init__("; ".join(failures))
+
+
+def check_outputs(out: Path, checkpoint_sha256: str, precisions, overwrite: bool = False, log=print) -> None:
+    """Refuse, before any work, to replace an ONNX file that is not an earlier export of the same checkpoint
+    (an unrelated file, or the export of other weights): exports never overwrite silently. Re-exporting a
+    checkpoint replaces its own files. With ``overwrite``, an earlier export of other weights is removed
+    with every variant and report beside it, so none is left stale."""
+    from cnnserve.core.spec import SpecError
+
+    from .store import StoreError, read_info
+
+    def made_here(path: Path) -> str | None:
+        """None when ``path`` is free or this checkpoint's export, else what it is."""
+        if not path.exists():
+            return None
+        try:
+            info = read_info(path)
+        except (StoreError, SpecError):
+            return "is not a cnnserve export"
+        if info.checkpoint_sha256 != checkpoint_sha256:
+            return f"was exported from another checkpoint (sha256 {info.checkpoint_sha256[:12] or 'unknown'})"
+        return None
+
+    paths = [out, *(Path(onnxmeta.variant_file(str(out), p)) for p in precisions if p != "fp32")]
+    clashes = [(path, why) for path in paths if (why := made_here(path))]
+    if not clashes:
+        return
+    if not overwrite:
+        path, why = clashes[0]
+        raise ExportError(f"{path} exists and {why}: exports never replace it silently; --out another file, "
+                          f"or --overwrite to replace it (and the variants and reports beside it)")
+    stale = [out, *(Path(onnxmeta.variant_file(str(out), p)) for p in onnxmeta.VARIANTS)]
+    stale += [q.with_name(q.name.removesuffix(".onnx") + ".verify.json") for q in stale]
+    removed = [q for q in stale if q.is_file()]
+    for q in removed:
+        q.unlink()
+    log(f"--overwrite: removed the earlier export {', '.join(str(q) for q in removed)}")
+
+
 class _WithProbabilities(nn.Module):
     def __init__(self, model: Classifier):
         super().__init__()
@@ -224,12 +270,15 @@ def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64, spl
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, fp16: bool = False,
                       int8: bool = False, calibration: int = 128, calibration_method: str = "auto",
                       int8_format: str | None = None, simplify_graph: bool = False, data_dir: str | None = None,
-                      opset: int = DEFAULT_OPSET, log=print) -> list[dict]:
+                      opset: int = DEFAULT_OPSET, overwrite: bool = False, log=print) -> list[dict]:
     """Export, verify and save; returns one record per file written (path, report path, report, info).
     ``int8``: also NAME.int8.onnx, calibrated on ``calibration`` images of the training split
     (``export.quantize``), after the fp32 file is written.
 
-    Nothing is written for a precision whose verification fails: the report is, and ExportError is raised.
+    Nothing is written for a precision whose verification fails: the report is. A failed fp32 file raises
+    ExportError at once; a failed variant does not stop the others, and VariantsFailed (an ExportError)
+    then carries what was written. An existing file is replaced only when it is an earlier export of the
+    same checkpoint, or with ``overwrite`` (``check_outputs``).
     """
     from dataclasses import replace
 
@@ -244,6 +293,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
                      checkpoint_sha256=file_sha256(ckpt["path"]), versions=versions(), data=ckpt.get("data", ""),
                      origin=ckpt.get("origin", {"kind": "trained"}))
     out = Path(out) if out else Path(ckpt["path"]).with_suffix(".onnx")
+    check_outputs(out, info.checkpoint_sha256, ["fp32"] + ["fp16"] * fp16 + ["int8"] * int8, overwrite, log)
     images, targets = test_images(ckpt, data_dir)
     log(f"exporting {ckpt['path']} ({info.spec.arch}, input uint8 {'x'.join(map(str, info.spec.input_shape))}, "
         f"{info.spec.num_classes} classes) to ONNX opset {opset} ...")
@@ -259,23 +309,44 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         half = to_fp16(proto)
         set_metadata(half, replace(info, precision="fp16"))
         jobs.append(("fp16", half, Path(onnxmeta.variant_file(str(out), "fp16"))))
-    results = []
+    results, failures = [], []
     for precision, p, path in jobs:
         blob = p.SerializeToString()
         report = verify(blob, model, images, targets, precision, metrics.get("test_accuracy"))
         report.update(model=str(path), checkpoint=str(ckpt["path"]), checkpoint_sha256=info.checkpoint_sha256,
                       simplified=simplify_graph, opset=opset, bytes=len(blob))
         log(format_report(report))
-        report_path = save_verified(p, path, report, f"verification failed ({'; '.join(report.get('failures', []))})",
-                                    len(blob), log)
+        try:
+            report_path = save_verified(p, path, report, f"verification failed "
+                                        f"({'; '.join(report.get('failures', []))})", len(blob), log)
+        except ExportError as e:
+            if precision == "fp32":
+                raise
+            failures.append(_drop_refused(path, str(e), log))
+            continue
         results.append({"path": path, "report_path": report_path, "report": report,
-                         "info": replace(info, precision=precision)})
+                        "info": replace(info, precision=precision)})
     if int8:
-        results.append(export_int8(proto, info, Path(onnxmeta.variant_file(str(out), "int8")),
-                                   test_images(ckpt, data_dir, split="train", limit=calibration),
-                                   test_images(ckpt, data_dir, split="val", limit=256), (images, targets),
-                                   calibration_method, int8_format, f"{info.data or 'random'} training split", log))
+        path = Path(onnxmeta.variant_file(str(out), "int8"))
+        try:
+            results.append(export_int8(proto, info, path,
+                                       test_images(ckpt, data_dir, split="train", limit=calibration),
+                                       test_images(ckpt, data_dir, split="val", limit=256), (images, targets),
+                                       calibration_method, int8_format, f"{info.data or 'random'} training split", log))
+        except ExportError as e:
+            failures.append(_drop_refused(path, str(e), log))
+    if failures:
+        raise VariantsFailed(results, failures)
     return results
+
+
+def _drop_refused(path: Path, message: str, log) -> str:
+    """A variant refused by its gate: an earlier file of that name (an export of the same checkpoint) goes
+    too, since the report beside it now says this one failed."""
+    if path.is_file():
+        path.unlink()
+        log(f"removed the earlier {path}: its report now describes the refused one")
+    return message
 
 
 def export_int8(fp32: onnx.ModelProto, info: ModelInfo, path: Path, calibration, selection, test,
@@ -327,10 +398,11 @@ def read_labels(path: str | os.PathLike | None, classes: int | None = None) -> l
 
 
 def checkpoint_from_weights(arch: str, weights: str | os.PathLike, out: str | os.PathLike,
-                            labels: str | os.PathLike | None = None) -> Path:
-    """A cnnserve checkpoint (``out``/model.pt) of ``arch`` (a zoo name, ``timm:NAME`` or
+                            labels: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """A cnnserve checkpoint (the file ``out``) of ``arch`` (a zoo name, ``timm:NAME`` or
     ``torchvision:NAME``) holding ``weights``, with the architecture's pretrained spec and the labels;
-    ``export_checkpoint`` then exports and verifies it like any other."""
+    ``export_checkpoint`` then exports and verifies it like any other. An existing ``out`` made from the
+    same weights is reused; anything else there is refused unless ``overwrite``."""
     from dataclasses import replace
 
     from cnnserve.models.checkpoint import file_sha256, save_checkpoint
@@ -341,17 +413,35 @@ def checkpoint_from_weights(arch: str, weights: str | os.PathLike, out: str | os
         entry = get_entry(arch)
         state, _ = read_weights(weights)
         classes = head_classes(state)
-        spec = replace(entry.spec, labels=tuple(read_labels(labels, classes)))
-        model = build_classifier(spec)
+        # first whether the weights fit the architecture (the likelier mistake, and its message names the
+        # tensors that do not fit), only then their class names
+        model = build_classifier(replace(entry.spec, labels=tuple(f"class {i}" for i in range(classes))))
         load_weights(model.net, state, str(weights))
+        spec = replace(entry.spec, labels=tuple(read_labels(labels, classes)))
     except (WeightsError, UnknownModelError, ValueError) as e:
         raise ExportError(str(e)) from None
     lib = arch.partition(":")[0] if ":" in arch else None
     origin = {"kind": lib or "pretrained", "weights": Path(weights).name, "weights_sha256": file_sha256(weights)}
     if lib:
         origin["name"] = arch.partition(":")[2]
-    path = Path(out) / "model.pt"
+    path = Path(out)
+    if path.exists():
+        if _same_weights_checkpoint(path, arch, spec, origin):
+            return path  # made before from the same weights: its export is then an export of the same checkpoint
+        if not overwrite:
+            raise ExportError(f"{path} exists and is not a checkpoint of {arch} with {weights}: exports never "
+                              "replace it silently; --out another file, or --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(path, {"arch": arch, "spec": spec.to_dict(), "state_dict": model.net.state_dict(),
                            "metrics": {}, "origin": origin, "torch_version": str(torch.__version__)})
     return path
+
+
+def _same_weights_checkpoint(path: Path, arch: str, spec, origin: dict) -> bool:
+    from cnnserve.models.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError:
+        return False
+    return ckpt["arch"] == arch and ckpt["spec"] == spec and ckpt.get("origin") == origin

@@ -98,6 +98,12 @@ def quantize(fp32: onnx.ModelProto, calibration: np.ndarray, method: str = "minm
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(METHODS)} or auto, got {method!r}")
     act, weight, reduce_range = FORMATS[fmt]
+    domains = [o.domain or "ai.onnx" for o in fp32.opset_import]
+    if len(domains) != len(set(domains)):  # files imported before importer.unique_opsets existed
+        from .importer import unique_opsets
+
+        fp32 = onnx.ModelProto.FromString(fp32.SerializeToString())
+        unique_opsets(fp32)
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration)
     from .onnx import _quiet
 

@@ -27,27 +27,61 @@ class WeightsError(ValueError):
     """Weights that cannot be read or do not fit the model; the message names the file and why."""
 
 
-def import_torchvision():
-    """torchvision, also where its compiled operators cannot load beside this torch (PyPI's
-    torchvision is a CUDA build; beside a CPU-only torch its ``_C`` extension fails, and the import
-    then stops at registering ``nms``). Classification models need none of those operators: their
-    names are declared so the import completes; calling one would fail with torch's own error."""
-    try:
-        import torchvision
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        lib = torch.library.Library("torchvision", "FRAGMENT")
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _KEEP.append(lib)
-        import torchvision
-    return torchvision
-
-
+# torchvision's Python code registers fake (meta) kernels for these operators whether or not its
+# compiled library loaded; without their schemas, `import torchvision` stops there.
+TORCHVISION_FAKE_OPS = ("nms", "qnms")
+TORCHVISION_OPS_NOTE = (
+    "torchvision's compiled operators cannot load beside this torch (a CUDA build of torchvision beside a "
+    "CPU-only torch); cnnserve declared the names of nms and qnms so that torchvision and timm import: "
+    "classification models work, detection operators (nms, roi_align, ...) raise when called. "
+    "A CPU build of torchvision from PyTorch's CPU index removes the cause (docs/troubleshooting.md).")
 _KEEP: list = []  # the operator declarations live as long as the process
+
+
+def declare_torchvision_ops(warn: bool = False) -> bool:
+    """Make ``import torchvision`` (and ``import timm``, which imports it) work where torchvision's
+    compiled extension cannot load beside this torch. PyPI's torchvision for Linux is a CUDA build; beside
+    the CPU-only torch of this project's lock its ``_C`` library fails to load, torchvision carries on
+    without its operators, and then stops at registering fake kernels for ``nms`` and ``qnms``
+    ("operator torchvision::nms does not exist"). This loads ``_C`` as torchvision would; only where
+    that fails does it declare those two schemas (calling them still fails, with torchvision's own
+    error), and says so once with ``warn``. Returns whether it declared them. Called before
+    torchvision's first import: by ``import_torchvision`` and by the venv's import hook
+    (``cnnserve/venvhook.py``, installed by ``./run.sh``)."""
+    import importlib.machinery
+    import warnings
+
+    if _KEEP or "torchvision" in sys.modules:
+        return bool(_KEEP)
+    spec = importlib.machinery.PathFinder.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False  # not installed: the import fails with Python's own error
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    library = next((folder / f"_C{s}" for s in importlib.machinery.EXTENSION_SUFFIXES
+                    if (folder / f"_C{s}").is_file()), None)
+    try:
+        if library is None:
+            raise OSError("no _C library")
+        torch.ops.load_library(str(library))  # what torchvision.extension does next; loading twice is a no-op
+        return False
+    except (OSError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    for op in TORCHVISION_FAKE_OPS:
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _KEEP.append(lib)
+    if warn:
+        warnings.warn(TORCHVISION_OPS_NOTE, RuntimeWarning, stacklevel=3)
+    return True
+
+
+def import_torchvision():
+    """torchvision, also where its compiled operators cannot load beside this torch
+    (``declare_torchvision_ops``): classification models need none of them."""
+    declare_torchvision_ops()
+    import torchvision
+
+    return torchvision
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -158,6 +192,33 @@ def freeze_backbone(net: nn.Module) -> None:
             m.eval()
 
 
+def library_models(lib: str, pattern: str = "*") -> list[str]:
+    """The classification architectures ``lib`` (timm or torchvision) builds, by a shell-style pattern."""
+    import fnmatch
+
+    if lib == "timm":
+        import_torchvision()  # timm imports it
+        import timm
+
+        return timm.list_models(pattern)
+    if lib == "torchvision":
+        tv = import_torchvision()
+        return sorted(fnmatch.filter(tv.models.list_models(module=tv.models), pattern))
+    from .registry import UnknownModelError
+
+    raise UnknownModelError(f"unknown library {lib!r}; valid: {', '.join(LIBRARIES)}")
+
+
+def _near(arch: str, names: list[str], lib: str) -> str:
+    """'near names: ...' for an unknown architecture, and the command that lists the library's names."""
+    import difflib
+
+    close = difflib.get_close_matches(arch.lower(), names, n=6, cutoff=0.6)
+    stem = "".join(ch for ch in arch.lower() if ch.isalpha())[:4] or arch[:4]
+    return ((f"near names: {', '.join(close)}; " if close else "")
+            + f"`cnnserve models '{lib}:*{stem}*'` lists the names it has")
+
+
 def library_entry(name: str):
     """A registry entry for ``timm:ARCH`` or ``torchvision:ARCH``: built by the library with random
     weights, its spec from the library's pretrained data config (mean, std, input size, crop
@@ -173,8 +234,8 @@ def library_entry(name: str):
         import timm
 
         if not timm.is_model(arch):
-            raise UnknownModelError(f"timm has no architecture {arch!r} (timm {timm.__version__}; "
-                                    f"`python -c \"import timm; print(timm.list_models('*{arch[:4]}*'))\"` lists near names)")
+            raise UnknownModelError(f"timm has no architecture {arch!r} (timm {timm.__version__}); "
+                                    + _near(arch, library_models("timm"), "timm"))
         cfg = timm.models.get_pretrained_cfg(arch)
         if cfg is not None:
             mean, std, crop_pct = tuple(cfg.mean), tuple(cfg.std), float(cfg.crop_pct or crop_pct)
@@ -186,8 +247,8 @@ def library_entry(name: str):
     elif lib == "torchvision":
         tv = import_torchvision()
         if arch not in tv.models.list_models(module=tv.models):
-            raise UnknownModelError(f"torchvision has no classification architecture {arch!r}; valid names: "
-                                    f"{', '.join(tv.models.list_models(module=tv.models))}")
+            raise UnknownModelError(f"torchvision has no classification architecture {arch!r} (torchvision "
+                                    f"{tv.__version__}); " + _near(arch, library_models("torchvision"), "torchvision"))
         weights = tv.models.get_model_weights(arch).DEFAULT
         t = weights.transforms()
         mean, std, size = tuple(t.mean), tuple(t.std), int(t.crop_size[0])

@@ -185,17 +185,49 @@ def evaluate(model: nn.Module, loader: DataLoader) -> dict:
             "n": n, "preds": preds.numpy(), "targets": targets.numpy()}
 
 
-def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = None) -> Path:
-    """Train ``cfg.arch`` on ``cfg.data``; returns the run folder. ``resume``: a last.pt to continue."""
+# What a run folder holds (train writes the first five; export, visualize and `cnnserve up` the rest)
+RUN_FILES = ("model.pt", "last.pt", "metrics.json", "curves.png", "confusion.png", "filters.png", "features.png",
+             "sample-*.png", "*.onnx", "*.verify.json", "*.tmp")
+
+
+class RunExistsError(ValueError):
+    """The run folder holds an earlier run; the message names it and the ways on."""
+
+
+def claim_run_folder(out: Path, resume: str | None, overwrite: bool) -> None:
+    """A run never replaces another silently: a folder that holds one (model.pt, last.pt or metrics.json)
+    is refused, naming the next free ``OUT-N``; ``overwrite`` removes the earlier run's files first, its
+    exports included, so nothing stale is left beside the new checkpoint. Resuming continues the run in
+    its own folder."""
+    held = [n for n in ("model.pt", "last.pt", "metrics.json") if (out / n).is_file()]
+    if not held or (resume is not None and Path(resume).resolve().parent == out.resolve()):
+        return
+    if not overwrite:
+        n = 2
+        while Path(f"{out}-{n}").exists():
+            n += 1
+        raise RunExistsError(f"{out}/ already holds a run ({', '.join(held)}): --out {out}-{n} for a new one, "
+                             "or --overwrite to replace it (its checkpoints, metrics, pictures and exports)")
+    removed = sorted({q for pattern in RUN_FILES for q in out.glob(pattern) if q.is_file()})
+    for q in removed:
+        q.unlink()
+    print(f"--overwrite: removed the earlier run's {', '.join(q.name for q in removed)} from {out}/")
+
+
+def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = None,
+          overwrite: bool = False) -> Path:
+    """Train ``cfg.arch`` on ``cfg.data``; returns the run folder. ``resume``: a last.pt to continue.
+    A folder holding another run is refused unless ``overwrite`` (``claim_run_folder``)."""
     state = None
     if resume is not None:
         state = load_checkpoint(resume)
         if "optimizer" not in state:
             raise CheckpointError(f"{resume}: holds no training state (resume from the run's last.pt)")
+    out = cfg.out_dir
+    claim_run_folder(out, resume, overwrite)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
 
     # -- data and spec: the registry's spec, specialised to the data's labels and statistics (with
@@ -341,4 +373,4 @@ def config_from_args(given: dict, resume: str | None = None) -> TrainConfig:
     return TrainConfig(**given)
 
 
-__all__ = ["TrainConfig", "train", "evaluate", "config_from_args", "DataError", "CheckpointError"]
+__all__ = ["TrainConfig", "train", "evaluate", "config_from_args", "DataError", "CheckpointError", "RunExistsError"]

@@ -33,8 +33,17 @@ def _grid(n: int) -> tuple[int, int]:
     return int(np.ceil(n / cols)), cols
 
 
-def filters_png(net: nn.Module, out: Path, title: str) -> Path:
-    """The first convolution's filters, each scaled to its own range; RGB where it reads 3 channels."""
+def _title(fig, text: str, fontsize: float = 9) -> None:
+    """A figure title wrapped to the figure's width (a one-line title wider than a narrow figure, such as
+    LeNet-5's six filters, was cut off at both ends)."""
+    import textwrap
+
+    chars = max(20, int(fig.get_figwidth() * 72 / (fontsize * 0.6)))  # an average glyph is about 0.6 em
+    fig.suptitle(textwrap.fill(text, chars), fontsize=fontsize)
+
+
+def filters_figure(net: nn.Module, title: str):
+    """The figure ``filters_png`` saves (a matplotlib Figure; the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,7 +53,7 @@ def filters_png(net: nn.Module, out: Path, title: str) -> Path:
     w = conv.weight.detach().float().cpu().numpy()  # out x in x k x k
     n = min(len(w), 96)
     rows, cols = _grid(n)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8 + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(cols * 0.8, 3.2), rows * 0.8 + 0.8), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= n:
@@ -55,9 +64,17 @@ def filters_png(net: nn.Module, out: Path, title: str) -> Path:
             ax.imshow(f.transpose(1, 2, 0), interpolation="nearest")
         else:
             ax.imshow(f.mean(0), cmap="gray", interpolation="nearest")
-    fig.suptitle(f"{title}: first convolution, {w.shape[0]} filters of {w.shape[1]}x{w.shape[2]}x{w.shape[3]}"
-                 + (f" (first {n} shown)" if n < len(w) else ""), fontsize=9)
+    _title(fig, f"{title}: first convolution, {w.shape[0]} filters of {w.shape[1]}x{w.shape[2]}x{w.shape[3]}"
+           + (f" (first {n} shown)" if n < len(w) else ""))
     fig.tight_layout()
+    return fig
+
+
+def filters_png(net: nn.Module, out: Path, title: str) -> Path:
+    """The first convolution's filters, each scaled to its own range; RGB where it reads 3 channels."""
+    import matplotlib.pyplot as plt
+
+    fig = filters_figure(net, title)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
@@ -105,7 +122,7 @@ def features_png(stages, image: np.ndarray, out: Path, title: str, per_row: int 
         for c in range(min(per_row, len(maps))):
             axes[r][c].imshow(maps[c], cmap="viridis", interpolation="nearest")
         axes[r][0].set_title(f"{name} ({kind}) {'x'.join(map(str, maps.shape))}", fontsize=7, loc="left")
-    fig.suptitle(f"{title}: feature maps after each stage (first {per_row} channels)", fontsize=9)
+    _title(fig, f"{title}: feature maps after each stage (first {per_row} channels)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

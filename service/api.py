@@ -310,9 +310,11 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
             if format == "png":
                 from .explain import heatmap_png
 
-                return Response(heatmap_png(pixels, heat), media_type="image/png", headers={
-                    "X-Target-Index": str(result["target"]["index"]),
-                    "X-Probability": f"{result['probability']:.6f}"})
+                return Response(heatmap_png(pixels, heat, label=result["target"]["label"],
+                                            probability=result["probability"], method=method),
+                                media_type="image/png", headers={
+                                    "X-Target-Index": str(result["target"]["index"]),
+                                    "X-Probability": f"{result['probability']:.6f}"})
             return JSONResponse(result)
 
         # a 224-px map is 50,000 numbers (or a PNG to encode): tens of ms, off the event loop

@@ -83,9 +83,14 @@ class MicroBatcher:
 
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_queue: int,
                  max_wait_ms: float, on_batch: Callable[[int, float], None] | None = None, name: str = "model",
-                 bulk_slice_ms: float = 50.0, seconds_per_image: float = 0.0, fixed_slice: int | None = None):
+                 on_depth: Callable[[int], None] | None = None, bulk_slice_ms: float = 50.0,
+                 seconds_per_image: float = 0.0, fixed_slice: int | None = None):
+        """``on_batch(images, seconds)`` after each run; ``on_depth(images)`` with the images waiting for or in
+        the model, as each batch starts and ends (the autoscaling metric: cheap, and fresh under load).
+        ``bulk_slice_ms``: see ``bulk_slice``; ``seconds_per_image``: the model's time per image measured in
+        its warm-up (the first estimate); ``fixed_slice``: a slice of that many images whatever the time."""
         self.fn, self.max_batch_size, self.max_wait = fn, max_batch_size, max_wait_ms / 1000
-        self.max_queue, self.on_batch, self.name = max_queue, on_batch, name
+        self.max_queue, self.on_batch, self.on_depth, self.name = max_queue, on_batch, on_depth, name
         self.bulk_slice_s, self.fixed_slice = bulk_slice_ms / 1000, fixed_slice
         self._queues: dict[str, deque] = {p: deque() for p in PRIORITIES}
         self._queued = 0  # images waiting (not yet in a running batch)
@@ -242,6 +247,8 @@ class MicroBatcher:
             else:
                 batch = np.concatenate([item.pixels[a:b] for item, a, b in pieces])
             fn = pieces[0][0].job or self.fn
+            if self.on_depth:
+                self.on_depth(self._queued + len(batch))
             t = time.perf_counter()
             try:
                 out = await loop.run_in_executor(self._pool, fn, batch)
@@ -250,6 +257,9 @@ class MicroBatcher:
                     if not item.fut.done():
                         item.fut.set_exception(e)
                 continue
+            finally:
+                if self.on_depth:
+                    self.on_depth(self._queued)
             seconds = time.perf_counter() - t
             self._measured(len(batch), seconds)
             start = 0

@@ -116,8 +116,10 @@ class Engine:
                 self.metrics.batch_size.labels(model.name).observe(n)
                 self.metrics.inference.labels(model.name).observe(seconds)
 
+        depth = self.metrics.queued.labels(model.name).set if self.metrics else None
         return MicroBatcher(run, self.config.max_batch_size, self.config.max_queue, self.config.max_wait_ms,
-                            observe, model.name, self.config.bulk_slice_ms, model.seconds_per_image)
+                            observe, model.name, depth, bulk_slice_ms=self.config.bulk_slice_ms,
+                            seconds_per_image=model.seconds_per_image)
 
     def _cam_job(self, model: Model):
         """The batcher job of a CAM pass: probabilities and the last feature maps (one function per model,
@@ -263,10 +265,10 @@ class Engine:
         extra = {}
         if method == "cam":
             if model.cam_weights is None:
-                raise APIError(400, "cam_unavailable", f"model {model.name!r} ({spec.arch}) does not end in global "
-                               "average pooling and one linear layer, so its feature maps have no class weights "
-                               "(CAM needs that head: ResNet, GoogLeNet, DenseNet, MobileNet exported by cnnserve); "
-                               "use method=occlusion")
+                raise APIError(400, "cam_unavailable", f"model {model.name!r} ({spec.arch}) has no class activation "
+                               "outputs: cnnserve adds them when it exports or imports a network that ends in global "
+                               "average pooling and one linear layer (ResNet, GoogLeNet, DenseNet, MobileNet), and "
+                               "found no such head in this one; use method=occlusion")
         else:
             # 0 is a value (refused below), not "unset"
             patch = xp.default_patch(h, w) if patch is None else patch

@@ -79,12 +79,45 @@ _LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCHOR
                  for c in range(3)], axis=1).astype(np.uint8)
 
 
-def heatmap_png(pixels: np.ndarray, heat: np.ndarray, min_side: int = 224) -> bytes:
+CAPTIONS = {"occlusion": ("fall in probability", "brighter: the class's probability fell more when that part "
+                                                    "was hidden"),
+            "cam": ("relative weight", "brighter: feature maps that weigh more for the class (class activation map)")}
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled scalable font (FreeType)
+    except (TypeError, OSError):  # Pillow without FreeType: its fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels in ``font``."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    return [*lines, line] if line else lines
+
+
+def heatmap_png(pixels: np.ndarray, heat: np.ndarray, min_side: int = 224, label: str | None = None,
+                probability: float | None = None, method: str = "occlusion") -> bytes:
     """A PNG of ``heat`` (H x W; its positive part, scaled by the maximum) in colour over the model's
-    input ``pixels`` (C x H x W uint8) in grey, enlarged (nearest) to at least ``min_side``."""
+    input ``pixels`` (C x H x W uint8) in grey, enlarged (nearest) to at least ``min_side``; above it the
+    class it explains (``label``, ``probability``) and what brightness means, below it the colour scale
+    from 0 to the map's largest value. The same text is in the PNG's Title and Description."""
+    from PIL import ImageDraw, PngImagePlugin
+
     grey = pixels.mean(axis=0) if pixels.shape[0] == 3 else pixels[0].astype(np.float32)
     pos = np.maximum(heat, 0)
-    norm = pos / pos.max() if pos.max() > 0 else pos
+    top_value = float(pos.max())
+    norm = pos / top_value if top_value > 0 else pos
     colour = _LUT[(norm * 255).astype(np.uint8)].astype(np.float32)
     alpha = (0.25 + 0.6 * norm)[..., None]
     out = (1 - alpha) * grey[..., None] + alpha * colour
@@ -92,6 +125,37 @@ def heatmap_png(pixels: np.ndarray, heat: np.ndarray, min_side: int = 224) -> by
     scale = max(1, -(-min_side // min(img.size)))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+    unit, meaning = CAPTIONS.get(method, CAPTIONS["occlusion"])
+    title = (f'{method} map for "{label}"' + (f" (p = {probability:.3f})" if probability is not None else "")
+             if label is not None else f"{method} map")
+    big, small, pad = _font(13), _font(10), 4
+    width = img.width
+    lines = ([(line, big) for line in _wrap(title, big, width - 2 * pad)]
+             + [(line, small) for line in _wrap(meaning, small, width - 2 * pad)])
+    heights = [f.getbbox("Ag")[3] + 3 for _, f in lines]
+    top = pad + sum(heights) + pad
+    bar_h, bottom = 10, pad + 10 + 3 + 14 + pad
+    canvas = Image.new("RGB", (width, top + img.height + bottom), "white")
+    canvas.paste(img, (0, top))
+    draw = ImageDraw.Draw(canvas)
+    y = pad
+    for (text, font), h in zip(lines, heights):
+        draw.text((pad, y), text, fill=(20, 20, 20), font=font)
+        y += h
+    # the colour scale: the map's colours from 0 (left) to its largest value (right)
+    y0, x0, x1 = top + img.height + pad, pad, width - pad
+    ramp = _LUT[np.linspace(0, 255, x1 - x0).round().astype(np.uint8)]
+    canvas.paste(Image.fromarray(np.repeat(ramp[None], bar_h, axis=0), "RGB"), (x0, y0))
+    ty = y0 + bar_h + 3
+    right = f"{top_value:.2g}" if method == "occlusion" else "1"  # 0.43, 0.0031: two significant digits
+    draw.text((x0, ty), "0", fill=(60, 60, 60), font=small)
+    draw.text((x1 - small.getlength(right), ty), right, fill=(60, 60, 60), font=small)
+    draw.text(((width - small.getlength(unit)) / 2, ty), unit, fill=(60, 60, 60), font=small)
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Title", title)
+    info.add_text("Description", f"{meaning}; colour scale 0 to {right} ({unit})")
     buf = io.BytesIO()
-    img.save(buf, "PNG")
+    canvas.save(buf, "PNG", pnginfo=info)
     return buf.getvalue()

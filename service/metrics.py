@@ -81,7 +81,7 @@ ROUTES = RouteLabels()
 
 @lru_cache(maxsize=1)
 def metrics() -> SimpleNamespace:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
     seconds = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
     return SimpleNamespace(
@@ -94,4 +94,7 @@ def metrics() -> SimpleNamespace:
                           "(read, decode, resize, queue, inference, explain: the map and its PNG, total)",
                           ["model", "method", "stage"], buckets=seconds),
         rejected=Counter("cnnserve_rejected_requests", "Requests refused, by reason", ["reason"]),
+        # the autoscaling metric (deploy/kubernetes): summed over a pod's workers
+        queued=Gauge("cnnserve_queued_images", "Images waiting for or in the model, as each batch starts and ends",
+                     ["model"], multiprocess_mode="livesum"),
     )

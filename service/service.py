@@ -17,15 +17,18 @@ import logging
 
 import bentoml
 
+from cnnserve import __version__
 from cnnserve.core.config import Settings
 from cnnserve.core.store import NotStored, stored_model
 
 from .api import create_app
 from .engine import Engine
 from .http_server import ConnectionCloseWhileDraining
-from .memory import return_freed_memory, trim_memory
 from . import startup
+from .memory import return_freed_memory, trim_memory
 from .metrics import ROUTES, metrics
+from .openapi import OpenAPIInfo
+from .openapi import info as openapi_info
 from .patches import apply_patches, running_versions
 from .runtime import ModelLoadError, load_model
 
@@ -108,3 +111,5 @@ CnnServe = bentoml.asgi_app(app, path="/")(
                     **({} if ARGS.tracing else {"tracing": {"excluded_urls": [".*"]}}))(
         CnnServe))
 CnnServe.add_asgi_middleware(ConnectionCloseWhileDraining)
+# /docs.json names cnnserve and its version, not "None" and BentoML's read-me (service/openapi.py)
+CnnServe.add_asgi_middleware(OpenAPIInfo, info=openapi_info(__version__, TAGS))

@@ -185,6 +185,32 @@ def test_killed_run_resumes_to_exactly_once(slow_job, tmp_path, sig, ext):
     assert all(not r["error"] and len(r["labels"]) == 3 for r in rows)
 
 
+@pytest.mark.slow
+def test_progress_reaches_a_log_before_the_end(slow_job, tmp_path):
+    """Scoring into a log file or pipe (no terminal) shows progress lines while it runs, not only at the end
+    (issue 25, item 9: the bar's redraws never reach a log)."""
+    import re
+    import threading
+
+    model_path, images = slow_job
+    proc = subprocess.Popen([*CNNSERVE, "score", str(images), "--model", str(model_path), "--out",
+                             str(tmp_path / "p.jsonl"), "--batch-size", "4", "--providers", "cpu"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []  # (line, whether the scorer was still running when it arrived)
+
+    def read() -> None:
+        for line in proc.stderr:
+            seen.append((line.strip(), proc.poll() is None and count_lines(tmp_path / "p.jsonl") < 300))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert proc.wait(timeout=300) == 0
+    reader.join(timeout=30)
+    lines = [(line, running) for line, running in seen if re.match(r"scoring: [\d,]+/300 \(\d+%\), \d+ img/s", line)]
+    assert lines and lines[0][1], seen  # the first one came while images were still being scored
+    assert "300 scored, 0 failed" in seen[-1][0]
+
+
 def test_fail_on_error_and_cli_errors(image_dir, default_onnx, tmp_path):
     out = tmp_path / "p.csv"
     ok = run_cli("score", image_dir, "--model", default_onnx, "--out", out)

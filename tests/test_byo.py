@@ -2,6 +2,7 @@
 by name, and any ONNX classifier imported. No downloads: every weights file is made here."""
 
 import json
+import shlex
 
 import httpx
 import numpy as np
@@ -165,6 +166,9 @@ def byo_models(tmp_path_factory):
     proc = run_cli("import", d / "foreign.onnx", "--mean", 0.485, 0.456, 0.406, "--std", 0.229, 0.224, 0.225,
                    "--labels", d / "labels.txt", "--out", d / "foreign" / "model.onnx", check=True)
     assert "PASSED" in proc.stdout and "onnx-foreign" in proc.stdout
+    assert "class activation maps available" in proc.stdout
+    domains = [o.domain or "ai.onnx" for o in onnx.load_model(str(d / "foreign" / "model.onnx")).opset_import]
+    assert len(domains) == len(set(domains)), domains  # one default opset, not one per merged part
     return {"timm-resnet18": d / "timm" / "model.onnx", "torchvision-mobilenet_v3_small": d / "tv" / "model.onnx",
             "onnx-foreign": d / "foreign" / "model.onnx", "dir": d}
 
@@ -198,6 +202,12 @@ def test_library_and_imported_models_are_served_and_scored(byo_models, tmp_path)
                 probs = local.predict(preprocess(data, local.spec)[None])[0]
                 assert r.json()["predictions"][0]["index"] == int(probs.argmax())
                 assert r.json()["predictions"][0]["probability"] == pytest.approx(float(probs.max()), abs=1e-5)
+            # an imported network that ends in global average pooling and one linear layer explains with CAM
+            # as an exported one does (it was refused as "does not end in global average pooling")
+            r = c.post("/classify/explain?model=onnx-foreign&method=cam", content=data,
+                       headers={"Content-Type": "image/jpeg"})
+            assert r.status_code == 200, r.text
+            assert np.array(r.json()["map"]).shape == (64, 64) and r.json()["method"] == "cam"
     finally:
         srv.stop()
     out = tmp_path / "scores.jsonl"
@@ -302,3 +312,32 @@ def test_import_refuses_bad_models_with_one_line_each(tmp_path):
                    "--labels", tmp_path / "labels.txt", "--no-store")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert expected["two_inputs"] in proc.stderr
+
+
+def test_weights_of_another_architecture_are_named_before_labels(tmp_path):
+    """ResNet-18 weights given for ResNet-34 say that they do not fit, not that the classes need names
+    (issue 25, item 7: "the weights have 3 classes: name them with --labels FILE" came first)."""
+    torch.save(tv.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18.pth")
+    proc = run_cli("export", "torchvision:resnet34", "--weights", tmp_path / "r18.pth", "--out", tmp_path / "m.onnx")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "tensors do not fit a model of" in proc.stderr and "--labels" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_library_imports_and_the_hint_for_unknown_names_work(tmp_path):
+    """`import timm` and `import torchvision` work in the project's venv (its torchvision is a CUDA build
+    beside a CPU-only torch: ./run.sh puts cnnserve/venvhook.py in front of the import), and the command an
+    unknown name suggests runs and lists the right name (issue 25, item 3)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import timm, torchvision; m = timm.create_model('resnet18'); "
+                           "print(type(m).__name__, type(torchvision.models.resnet18()).__name__)"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["ResNet", "ResNet"], proc.stderr
+    proc = run_cli("export", "timm:resnet_18", "--weights", tmp_path / "w.pth")
+    assert proc.returncode == 2 and "near names: resnet18" in proc.stderr, proc.stderr
+    command = shlex.split(proc.stderr.split("`")[1])
+    assert command[:2] == ["cnnserve", "models"]
+    listed = run_cli(*command[1:], check=True).stdout.split()
+    assert "timm:resnet18" in listed and all(n.startswith("timm:") for n in listed)

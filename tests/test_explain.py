@@ -68,8 +68,37 @@ def test_occlusion_png_and_an_explicit_target(client, digits_test):
                     params={"format": "png", "target": 3, "patch": 7, "stride": 7})
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     img = Image.open(io.BytesIO(r.content))
-    assert img.mode == "RGB" and img.size == (224, 224)  # 28 px enlarged to at least 224
+    assert img.mode == "RGB" and img.width == 224 and img.height > 224  # 28 px enlarged to 224, captions around
     assert r.headers["X-Target-Index"] == "3" and 0 <= float(r.headers["X-Probability"]) <= 1
+
+
+def test_heatmap_png_names_its_class_and_has_a_colour_scale(client, digits_test):
+    """The PNG says which class it explains and carries its colour scale (issue 25, item 9: it had neither).
+    The scale is the map's own colour ramp, left (0) to right (the largest value); the caption differs
+    with the class; the PNG's Title says the same in text."""
+    from cnnserve.service.explain import _LUT
+
+    data, _ = corner_digit(digits_test)
+    pictures = {}
+    for target in (3, 5):
+        r = client.post("/classify/explain", content=data, headers={"Content-Type": "image/png"},
+                        params={"format": "png", "target": target})
+        assert r.status_code == 200, r.text
+        img = Image.open(io.BytesIO(r.content))
+        label = f'"{target}"'  # the digits' labels are their digits
+        assert label in img.info["Title"] and f"p = {float(r.headers['X-Probability']):.3f}" in img.info["Title"]
+        pictures[target] = np.asarray(img.convert("RGB")).astype(int)
+    a = pictures[3]
+    # a row of the colour scale: runs from the ramp's first colour to its last, in its order
+    bar_rows = [y for y in range(a.shape[0] - 40, a.shape[0])
+                if np.abs(a[y, 4] - _LUT[0]).max() <= 2 and np.abs(a[y, a.shape[1] - 5] - _LUT[255]).max() <= 2]
+    assert bar_rows, "no colour scale below the map"
+    row = a[bar_rows[0], 4:a.shape[1] - 4]
+    nearest = [int(np.abs(_LUT.astype(int) - px).sum(1).argmin()) for px in row]
+    assert nearest == sorted(nearest) and nearest[0] == 0 and nearest[-1] == 255
+    # the caption above the map: text (dark pixels on white), different for another class
+    caption = slice(0, 20)
+    assert (a[caption] < 100).any() and not np.array_equal(a[caption], pictures[5][caption])
 
 
 def _batches(client, model: str) -> float:
@@ -191,10 +220,13 @@ def chromium():
 
 
 def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
-    """Upload a held-out digit on /demo: the bars appear, the top one is /classify's answer, the occlusion
-    heatmap is drawn; a sample is one click away. The screenshot is kept in test-artifacts/."""
+    """On /demo: an empty page shows notes, not broken images; upload a held-out digit: the bars appear, the
+    top one is /classify's answer, the occlusion heatmap is drawn; a sample is one click away. A refused
+    upload clears the previous results. Then the 4-class ResNet (fewer classes than the five bars the page
+    asks for: issue 25, item 2): its sample is classified and explained, with the occlusion's progress and
+    expected time shown while it runs. The screenshots are kept in test-artifacts/."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     x, y = digits_test
     digit = tmp_path / "digit.png"
@@ -202,17 +234,28 @@ def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
     want = client.post("/classify", content=digit.read_bytes(),
                        headers={"Content-Type": "image/png"}).json()["predictions"][0]["label"]
     driver = chromium()
+
+    def severe():
+        return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
     try:
         driver.get(explain_server.url + "/demo")
         wait = WebDriverWait(driver, 30)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#model option"))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#samples button")) == 10)
+        # the empty state: no image without a source is drawn (it showed as broken-image alt text)
+        for img in ("input", "heatmap"):
+            assert not driver.find_element(By.ID, img).is_displayed()
+        notes = [e for e in driver.find_elements(By.CSS_SELECTOR, "figure .empty") if e.is_displayed()]
+        assert len(notes) == 2 and "no image yet" in notes[0].text
         driver.find_element(By.ID, "file").send_keys(str(digit))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bars li.bar"))
         bars = driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")
         assert len(bars) == 5 and bars[0].get_attribute("data-label") == want
         wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-drawn") == "true")
         assert driver.execute_script("return document.getElementById('heatmap').naturalWidth") == 224
+        # the page counts the occluded copies as the service does: 13 x 13 at 28 px
+        assert "169 occluded copies" in driver.find_element(By.ID, "heatmap-caption").text
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(ARTIFACTS / "demo.png"))
         # one click on a sample classifies it too
@@ -222,8 +265,61 @@ def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-drawn") == "true"
                    and d.find_elements(By.CSS_SELECTOR, "#bars li.bar"))
         assert driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")[0].get_attribute("data-label") == label
-        errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        assert not errors, errors
+        assert not severe()
+        # a refused upload: the error shows, and the previous image's caption, map and bars are gone
+        notes_file = tmp_path / "notes.txt"
+        notes_file.write_text("not an image")
+        driver.find_element(By.ID, "file").send_keys(str(notes_file))
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("class") == "error")
+        assert "refused the image" in driver.find_element(By.ID, "status").text
+        assert driver.find_element(By.ID, "heatmap-caption").text == "occlusion map"
+        assert not driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")
+        assert driver.find_element(By.ID, "heatmap").get_attribute("src") is None
+        assert all("status of 400" in e["message"] for e in severe())  # the refused request itself
+        # a model with four classes: four bars, a map, and while the map is computed, its progress
+        Select(driver.find_element(By.ID, "model")).select_by_value("resnet18-explain")
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#samples button")) == 4)
+        assert driver.find_element(By.ID, "status").text == ""  # the last model's error went with it
+        driver.execute_script("""window.statuses = [];
+            new MutationObserver(() => window.statuses.push(document.getElementById('status').textContent))
+              .observe(document.getElementById('status'), {childList: true, characterData: true, subtree: true});""")
+        sample = driver.find_elements(By.CSS_SELECTOR, "#samples button")[2]
+        sample.click()
+        wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-drawn") == "true")
+        bars = driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")
+        samples = client.get("/models/resnet18-explain/samples").json()["samples"]
+        import base64
+
+        image = base64.b64decode(samples[2]["image"].split(",", 1)[1])
+        top = client.post("/classify", params={"model": "resnet18-explain"}, content=image,
+                          headers={"Content-Type": "image/jpeg"}).json()["predictions"][0]["label"]
+        assert len(bars) == 4 and bars[0].get_attribute("data-label") == top
+        caption = driver.find_element(By.ID, "heatmap-caption").text
+        assert f'occlusion map for "{top}"' in caption and "225 occluded copies" in caption  # 15 x 15 at 32 px
+        statuses = driver.execute_script("return window.statuses")
+        assert any("computing the occlusion map: 225 occluded copies of the 32x32 input" in t and " of about " in t
+                   for t in statuses), statuses
+        driver.save_screenshot(str(ARTIFACTS / "demo-4-classes.png"))
+        assert not severe()
     finally:
         driver.quit()
     assert Image.open(ARTIFACTS / "demo.png").size[0] >= 1000
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "resnet18"])
+def test_filters_title_fits_the_picture(arch, tmp_path):
+    """filters.png's title lies inside the picture, however few filters make it narrow (issue 25, item 9:
+    LeNet-5's six filters gave a figure narrower than its one-line title, cut off at both ends)."""
+    import matplotlib.pyplot as plt
+
+    from cnnserve.models.checkpoint import classifier_from_checkpoint, load_checkpoint
+    from cnnserve.models.visualize import filters_figure
+
+    model = classifier_from_checkpoint(load_checkpoint(random_checkpoint(arch, tmp_path)))
+    fig = filters_figure(model.net, f"{arch} on a data set with a long name")
+    try:
+        fig.canvas.draw()
+        box, page = fig._suptitle.get_window_extent(), fig.bbox
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1, (box, page)
+    finally:
+        plt.close(fig)

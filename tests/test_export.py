@@ -154,6 +154,9 @@ def test_store_refuses_foreign_onnx(tmp_path, default_onnx):
     onnx.save(proto, str(tmp_path / "plain.onnx"))
     with pytest.raises(StoreError, match="not a cnnserve export"):
         read_info(tmp_path / "plain.onnx")
+    # an ONNX file made elsewhere is imported, not exported (the hint once said `cnnserve export`)
+    proc = run_cli("store", tmp_path / "plain.onnx")
+    assert proc.returncode == 2 and f"cnnserve import {tmp_path / 'plain.onnx'} --mean" in proc.stderr
     (tmp_path / "text.onnx").write_text("hello")
     proc = run_cli("store", tmp_path / "text.onnx")
     assert proc.returncode == 2 and "text.onnx: not an ONNX file" in proc.stderr
@@ -191,3 +194,44 @@ def test_export_bad_checkpoints_give_one_clear_line(default_run, tmp_path):
         assert len(err.splitlines()) == 1, err
         assert str(tmp_path / name) in err and message in err, err
         assert "this must never run" not in proc.stdout + err
+
+
+def test_export_never_overwrites_silently(default_run, tmp_path):
+    """Exports replace only their own earlier files (an export of the same checkpoint); anything else at
+    --out is refused before any work, and --overwrite replaces it with the variants and reports beside it.
+    A checkpoint made from --weights is named after --out (issue 25, item 6: `--out DIR/mine.onnx` wrote
+    DIR/model.pt over an unrelated file)."""
+    out = tmp_path / "m.onnx"
+    out.write_text("someone's notes")
+    proc = run_cli("export", default_run, "--out", out)
+    assert proc.returncode == 2 and f"{out} exists and is not a cnnserve export" in proc.stderr, proc.stderr
+    assert "--overwrite" in proc.stderr and out.read_text() == "someone's notes"
+    out.unlink()
+    export_checkpoint(default_run, out, log=lambda *a: None)
+    export_checkpoint(default_run, out, log=lambda *a: None)  # the same checkpoint again: its own file
+    # weights by name: the checkpoint is DIR/m2.pt beside DIR/m2.onnx, and DIR/model.pt is left alone
+    (tmp_path / "model.pt").write_text("unrelated")
+    state = torch.load(default_run / "model.pt", weights_only=True)["state_dict"]
+    torch.save(state, tmp_path / "lenet.pth")
+    (tmp_path / "labels.txt").write_text("".join(f"digit {i}\n" for i in range(10)))
+    other = tmp_path / "m2.onnx"
+    proc = run_cli("export", "lenet5", "--weights", tmp_path / "lenet.pth", "--labels", tmp_path / "labels.txt",
+                   "--out", other, check=True)
+    assert f"checkpoint {tmp_path / 'm2.pt'}" in proc.stdout and (tmp_path / "model.pt").read_text() == "unrelated"
+    assert other.is_file()
+    # another checkpoint onto m.onnx: refused; with --overwrite, replaced, and the old variants go too
+    (tmp_path / "m.int8.onnx").write_bytes(out.read_bytes())
+    (tmp_path / "m.int8.verify.json").write_text("{}")
+    proc = run_cli("export", tmp_path / "m2.pt", "--out", out)
+    assert proc.returncode == 2 and "was exported from another checkpoint" in proc.stderr, proc.stderr
+    assert read_info(out).checkpoint_sha256 == file_sha256(default_run / "model.pt")
+    run_cli("export", tmp_path / "m2.pt", "--out", out, "--overwrite", check=True)
+    assert read_info(out).checkpoint_sha256 == file_sha256(tmp_path / "m2.pt")
+    assert not (tmp_path / "m.int8.onnx").exists() and not (tmp_path / "m.int8.verify.json").exists()
+
+
+def test_import_help_says_how_it_resizes():
+    """The resize policy decides whether the user's own preprocessing matches the service's: --help says the
+    defaults (issue 25, item 7)."""
+    text = " ".join(run_cli("import", "--help", check=True).stdout.split())
+    assert "default center-crop" in text and "default 0.875" in text and "default bilinear" in text

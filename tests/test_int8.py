@@ -184,3 +184,75 @@ def test_batch_scoring_takes_the_same_choice(lenet_int8, digits_test, tmp_path):
     assert np.mean(np.array(top["int8"]) == np.array(top["fp32"])) >= 0.95
     proc = run_cli("score", folder, "--model", tmp_path / "none.onnx", "--precision", "int8", "--out", tmp_path / "x.csv")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_quantize_an_imported_model(shapes_resnet_run, tmp_path):
+    """An ONNX classifier made elsewhere (here: the session's small ResNet exported by plain torch, float
+    input, normalisation left out), `cnnserve import`ed, then `cnnserve quantize`d on a folder. The
+    importer once listed the default opset three times, which onnxruntime's quantizer refuses ("Failed to
+    find proper ai.onnx domain"): issue 25, item 1."""
+    import torch
+
+    from cnnserve.models.checkpoint import classifier_from_checkpoint, load_checkpoint
+    from cnnserve.models.data import load_dataset, save_png
+
+    model = classifier_from_checkpoint(load_checkpoint(shapes_resnet_run)).eval()
+    spec = model.spec
+    foreign = tmp_path / "foreign.onnx"
+    torch.onnx.export(model.net, (torch.randn(2, 3, spec.height, spec.width),), str(foreign), dynamo=True,
+                      dynamic_shapes=({0: torch.export.Dim.DYNAMIC},), verbose=False)
+    (tmp_path / "labels.txt").write_text("\n".join(spec.labels) + "\n")
+    imported = tmp_path / "imported" / "model.onnx"
+    proc = run_cli("import", foreign, "--mean", *spec.mean, "--std", *spec.std, "--labels", tmp_path / "labels.txt",
+                   "--resize", spec.resize, "--crop-pct", spec.crop_pct, "--interpolation", spec.interpolation,
+                   "--out", imported, "--no-store")
+    assert proc.returncode == 0, proc.stderr
+    domains = [o.domain or "ai.onnx" for o in onnx.load_model(str(imported)).opset_import]
+    assert len(domains) == len(set(domains)), domains
+    # a folder as a user has one: 64 training images to calibrate on (sorted first), then the held-out ones
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    splits = load_dataset("shapes", spec)
+    for prefix, split, n in (("a", splits.train, 64), ("b", splits.test, len(splits.test))):
+        for i in range(n):
+            (folder / f"{prefix}{i:03d}.png").write_bytes(save_png(split[i][0].numpy()))
+    proc = run_cli("quantize", imported, "--images", folder, "--calibration", "64", "--no-store")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((imported.parent / "model.int8.verify.json").read_text())
+    assert report["passed"] and report["n_images"] == 256  # --check's default
+    assert read_info(imported.parent / "model.int8.onnx").precision == "int8"
+
+
+def test_export_int8_store_keeps_the_verified_fp32(default_run, tmp_path):
+    """`export --int8 --store` where the int8 variant fails its gate: the verified fp32 model is still
+    written and stored, the command exits 1 and says what was kept; without --store it says how to store
+    it (issue 25, item 5: nothing was stored, and the message did not say `cnnserve store` would). The gate
+    fails for real: the checkpoint's folder data set is given again with --data-dir, its training images
+    (which int8 calibrates on) replaced by blank ones and its test images kept."""
+    from cnnserve.models.checkpoint import load_checkpoint
+    from cnnserve.models.data import load_dataset, save_png
+
+    splits = load_dataset("digits", load_checkpoint(default_run)["spec"])
+    for root, blank in (("good", False), ("broken", True)):
+        for split, images in (("train", splits.train), ("test", splits.test)):
+            for i in range(len(images)):
+                x, y = images[i]
+                folder = tmp_path / root / split / str(int(y))
+                folder.mkdir(parents=True, exist_ok=True)
+                pixels = np.zeros_like(x.numpy()) if blank and split == "train" else x.numpy()
+                (folder / f"{i:04d}.png").write_bytes(save_png(pixels))
+    run = tmp_path / "run"
+    run_cli("train", "lenet5", "--data", "folder", "--data-dir", tmp_path / "good", "--channels", "1",
+            "--epochs", "4", "--out", run, check=True)
+    export = ("export", run / "model.pt", "--data-dir", tmp_path / "broken", "--int8", "--calibration", "64")
+    proc = run_cli(*export, "--store", "--name", "partial-int8")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "model.int8.onnx: int8 verification failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert "stored what passed (fp32) as partial-int8:" in proc.stderr
+    assert (run / "model.onnx").is_file() and not (run / "model.int8.onnx").exists()
+    import bentoml
+
+    stored = bentoml.models.get("partial-int8:latest")
+    assert stored.info.labels["variants"] == "none" and stored.info.labels["precision"] == "fp32"
+    proc = run_cli(*export)
+    assert proc.returncode == 1 and f"`cnnserve store {run / 'model.onnx'}` stores it" in proc.stderr, proc.stderr

@@ -1,4 +1,4 @@
-"""Installs come from the lock (lock/, README "Installing"): the environment the suite runs in holds
+"""Installs come from the lock (lock/, docs/dependencies.md): the environment the suite runs in holds
 exactly the lock, the lock satisfies pyproject.toml, and the serving images' locks are the same versions
 without torch. The container test checks the image itself against its lock."""
 
@@ -20,6 +20,7 @@ from tests.conftest import ROOT
 LOCK = ROOT / "lock" / "requirements.txt"
 SERVING = {"bentofile.yaml": ROOT / "lock" / "requirements-serving.txt",
            "bentofile-gpu.yaml": ROOT / "lock" / "requirements-serving-gpu.txt"}
+RUNTIME = {"bentofile.yaml": "cpu", "bentofile-gpu.yaml": "gpu"}  # each image's onnxruntime: an extra
 
 
 def pins(path: Path) -> dict[str, str]:
@@ -62,8 +63,14 @@ def test_every_pin_has_hashes_and_no_machine_path():
 def test_the_lock_satisfies_pyproject():
     """A dependency added to pyproject.toml without ./run.sh lock fails here, not on a fresh machine."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    declared = list(project["dependencies"]) + [r for extra in project["optional-dependencies"].values() for r in extra]
-    locked = pins(LOCK)
+    extras = {k: v for k, v in project["optional-dependencies"].items() if k != "cpu"}  # cpu: the CPU image's
+    declared = list(project["dependencies"]) + [r for extra in extras.values() for r in extra]
+    unsatisfied(declared, pins(LOCK))
+    for bentofile, serving in SERVING.items():
+        unsatisfied(project["dependencies"] + project["optional-dependencies"][RUNTIME[bentofile]], pins(serving))
+
+
+def unsatisfied(declared: list[str], locked: dict[str, str]) -> None:
     wrong = []
     for line in declared:
         req = Requirement(line)
@@ -82,8 +89,9 @@ def test_serving_locks_are_the_suites_versions_without_torch(bentofile):
     assert conf["requirements_txt"] == str(serving.relative_to(ROOT)) and conf["lock_packages"] is False
     assert "packages" not in conf  # one source of versions: the lock
     got = pins(serving)
-    assert {n: main.get(n) for n in got} == got  # the versions the suite ran on
-    assert all(hashes(serving)[n] <= hashes(LOCK)[n] for n in got)
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert {canonicalize_name(Requirement(r).name) for r in project["dependencies"]} <= set(got)
+    shared = {n: v for n, v in got.items() if n != "onnxruntime"}  # the CPU image's runtime is not the suite's
+    assert {n: main.get(n) for n in shared} == shared  # the versions the suite ran on
+    assert all(hashes(serving)[n] <= hashes(LOCK)[n] for n in shared)
+    assert got.get("onnxruntime", got.get("onnxruntime-gpu")) == main["onnxruntime-gpu"]  # the same release
+    assert ("onnxruntime" in got) != ("onnxruntime-gpu" in got)  # one runtime: both install the same module
     assert not {"torch", "torchvision", "onnx", "pytest", "ray"} & set(got)

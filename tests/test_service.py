@@ -280,10 +280,24 @@ def test_health_metrics_and_openapi(client, digits_test):
     for name in ("cnnserve_batch_size_bucket", "cnnserve_inference_seconds_bucket",
                  "cnnserve_request_stage_seconds_bucket", 'cnnserve_rejected_requests_total{reason="empty"}'):
         assert name in text
+    # the autoscaling metric (deploy/kubernetes): nothing waits once the answer is back
+    queued = [line for line in text.splitlines() if line.startswith("cnnserve_queued_images{")]
+    assert queued and all(float(line.rsplit(" ", 1)[1]) == 0 for line in queued), queued
+    # what runs: library versions and the patches' outcomes
+    runtime = client.get("/v2").json()["runtime"]
+    assert runtime["versions"]["bentoml"] and set(runtime["patches"]) == {
+        "bentoml-timeout-timers", "uvicorn-head-limits", "uvicorn-sigterm-drain"}
     paths = client.get("/docs.json").json()["paths"]
     for p in ("/classify", "/classify/batch", "/models", "/v2/models/{name}/infer", "/v2/health/ready"):
         assert p in paths
     assert "multipart/form-data" in json.dumps(paths["/classify"])
+    # the document names cnnserve and its version (BentoML wrote version "None" and its own read-me)
+    from cnnserve import __version__
+
+    info = client.get("/docs.json").json()["info"]
+    assert info["title"] == "cnnserve" and info["version"] == __version__, info
+    assert "POST /classify" in info["description"] and "BentoML Slack" not in info["description"]
+    assert "contact" not in info
     home = client.get("/")  # BentoML's browsable API page, over the same document
     assert home.status_code == 200 and home.headers["content-type"].startswith("text/html")
 

@@ -181,3 +181,25 @@ def test_train_cli_unreadable_folder_image_names_it(tmp_path):
                    "--out", tmp_path / "run")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert str(tmp_path) in proc.stderr and ".png" in proc.stderr
+
+
+def test_train_never_replaces_a_run_silently(tmp_path):
+    """A second run into a folder that holds one is refused, naming the next free folder and --overwrite;
+    --overwrite removes the earlier run's files, its exports included, so nothing stale stays beside the new
+    checkpoint (issue 25, item 6: the new run once left the old model.onnx and model.int8.verify.json)."""
+    run = tmp_path / "run"
+    args = ("train", "lenet5", "--epochs", "1", "--limit", "64", "--out", run)
+    run_cli(*args, check=True)
+    first = (run / "model.pt").read_bytes()
+    (run / "model.onnx").write_bytes(b"an export of the first run")
+    (run / "model.int8.verify.json").write_text("{}")
+    (tmp_path / "run-2").mkdir()  # taken: the suggestion skips it
+    proc = run_cli(*args, "--seed", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{run}/ already holds a run" in proc.stderr and f"--out {run}-3" in proc.stderr
+    assert "--overwrite" in proc.stderr and (run / "model.pt").read_bytes() == first
+    proc = run_cli(*args, "--seed", "1", "--overwrite", check=True)
+    assert "removed the earlier run's" in proc.stdout and (run / "model.pt").read_bytes() != first
+    assert not (run / "model.onnx").exists() and not (run / "model.int8.verify.json").exists()
+    # resuming continues the run in its own folder
+    run_cli("train", "--resume", run / "last.pt", "--epochs", "2", check=True)

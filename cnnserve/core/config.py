@@ -101,7 +101,7 @@ class Settings(BaseModel):
     bulk_slice_ms: Positive = 50.0
     # BentoML's per-request OpenTelemetry spans: on in BentoML, off here unless asked for (they go to no
     # exporter unless BentoML's tracing is configured, and cost a fifth of a small model's request CPU:
-    # README, Benchmarks). BentoML's request metrics (bentoml_service_request_*) stay on by default.
+    # docs/benchmarks.md). BentoML's request metrics (bentoml_service_request_*) stay on by default.
     tracing: bool = False
     bentoml_metrics: bool = True
     drain_s: NonNegative = 3.0  # on SIGTERM: answer with Connection: close and readyz 503 this long, then stop

@@ -81,7 +81,9 @@ class ModelInfo:
         """Parse ``metadata_props``; a file that is not a cnnserve export is refused by name."""
         if props.get(KEY_FORMAT) != FORMAT:
             raise SpecError(f"{source}: not a cnnserve export (metadata {KEY_FORMAT!r} is "
-                            f"{props.get(KEY_FORMAT)!r}, expected {FORMAT!r}); export it with `cnnserve export`")
+                            f"{props.get(KEY_FORMAT)!r}, expected {FORMAT!r}); an ONNX classifier made elsewhere "
+                            f"enters with `cnnserve import {source} --mean ... --std ... --labels FILE`, a "
+                            "cnnserve checkpoint (model.pt) with `cnnserve export`")
         try:
             spec = ModelSpec.from_json(props[KEY_SPEC])
             return cls(spec=spec, precision=props.get(KEY_PRECISION, "fp32"),

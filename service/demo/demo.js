@@ -25,9 +25,49 @@ async function loadModels() {
   await modelChanged();
 }
 
+function currentModel() {
+  return models.find((x) => x.name === $("model").value);
+}
+
+// Occluded copies /classify/explain makes by default, as service/explain.py counts them: a square of
+// about a seventh of the shorter side, moved by half its side, plus one flush with each far edge.
+function occlusions(h, w) {
+  const patch = Math.max(2, Math.round(Math.min(h, w) / 7));
+  const stride = Math.max(1, Math.floor(patch / 2));
+  const positions = (size) => {
+    let n = Math.floor((size - patch) / stride) + 1;
+    if ((n - 1) * stride !== size - patch) n += 1;
+    return n;
+  };
+  return positions(h) * positions(w);
+}
+
+// Milliseconds per image the model took last: from this page's last occlusion map of it, else from
+// one /classify's Server-Timing "inference" (a batch of one: an upper estimate, batches run faster).
+const msPerImage = {};
+
+function inferenceMs(response) {
+  const timing = response.headers.get("Server-Timing") || "";
+  const match = timing.match(/(?:^|,)\s*inference;dur=([\d.]+)/);
+  return match ? Number(match[1]) : null;
+}
+
+// Results belong to one image and one model: cleared before the next request, so nothing stale stays
+// on screen when it fails.
+function clearResults() {
+  $("bars").replaceChildren();
+  $("input").removeAttribute("src");
+  const heatmap = $("heatmap");
+  heatmap.removeAttribute("src");
+  heatmap.dataset.drawn = "false";
+  $("heatmap-caption").textContent = "occlusion map";
+}
+
 async function modelChanged() {
-  const m = models.find((x) => x.name === $("model").value);
+  const m = currentModel();
   const [c, h, w] = m.input.shape.slice(1);
+  clearResults();
+  status("");
   $("model-info").textContent = `input ${c}x${h}x${w}, ${m.labels.length} classes, on ${m.providers[0]}`;
   const box = $("samples");
   box.replaceChildren();
@@ -72,28 +112,46 @@ function drawBars(predictions) {
 }
 
 async function classify(blob) {
-  const model = $("model").value;
+  const m = currentModel();
   const type = blob.type && blob.type.startsWith("image/") ? blob.type : "application/octet-stream";
+  clearResults();
   $("input").src = URL.createObjectURL(blob);
-  $("bars").replaceChildren();
-  $("heatmap").removeAttribute("src");
-  $("heatmap").dataset.drawn = "false";
   status("classifying ...");
-  const query = `model=${encodeURIComponent(model)}`;
-  const response = await fetch(api(`classify?${query}&top_k=5`), {method: "POST", body: blob, headers: {"Content-Type": type}});
+  const query = `model=${encodeURIComponent(m.name)}`;
+  // at most five classes, and never more than the model has (the API refuses a top_k beyond them)
+  const topK = Math.min(5, m.labels.length);
+  const response = await fetch(api(`classify?${query}&top_k=${topK}`), {method: "POST", body: blob, headers: {"Content-Type": type}});
   if (!response.ok) { status(`the service refused the image: ${await reason(response)}`, true); return; }
   const answer = await response.json();
   drawBars(answer.predictions);
-  status(`top class: ${answer.predictions[0].label}; computing the occlusion map ...`);
+  const top = answer.predictions[0].label;
+  const [, h, w] = m.input.shape.slice(1);
+  const copies = occlusions(h, w);
+  const perImage = msPerImage[m.name] ?? inferenceMs(response);
+  const expected = perImage != null ? (copies + 1) * perImage / 1000 : null;
   const t0 = performance.now();
-  const map = await fetch(api(`classify/explain?${query}&format=png`), {method: "POST", body: blob, headers: {"Content-Type": type}});
+  const tick = () => {
+    const spent = (performance.now() - t0) / 1000;
+    status(`top class: ${top}; computing the occlusion map: ${copies} occluded copies of the ${h}x${w} input, ` +
+           `${spent.toFixed(1)} s` + (expected != null ? ` of about ${Math.max(expected, 0.1).toFixed(1)} s` : ""));
+  };
+  tick();
+  const timer = setInterval(tick, 200);
+  let map;
+  try {
+    map = await fetch(api(`classify/explain?${query}&format=png`), {method: "POST", body: blob, headers: {"Content-Type": type}});
+  } finally {
+    clearInterval(timer);
+  }
   if (!map.ok) { status(`no occlusion map: ${await reason(map)}`, true); return; }
+  const spentMs = performance.now() - t0;
+  msPerImage[m.name] = spentMs / (copies + 1);
   const heatmap = $("heatmap");
   heatmap.onload = () => { heatmap.dataset.drawn = "true"; };
   heatmap.src = URL.createObjectURL(await map.blob());
-  $("heatmap-caption").textContent = `occlusion map for "${answer.predictions[0].label}" ` +
-    `(p = ${Number(map.headers.get("X-Probability")).toFixed(3)}, ${Math.round(performance.now() - t0)} ms)`;
-  status(`top class: ${answer.predictions[0].label}`);
+  $("heatmap-caption").textContent = `occlusion map for "${top}" ` +
+    `(p = ${Number(map.headers.get("X-Probability")).toFixed(3)}, ${copies} occluded copies, ${Math.round(spentMs)} ms)`;
+  status(`top class: ${top}`);
 }
 
 const drop = $("drop");

@@ -13,7 +13,7 @@ import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +34,7 @@ class Stats:
     failed: int = 0
     decode_s: float = 0.0  # summed over decoding workers
     infer_s: float = 0.0
+    nodes: dict = field(default_factory=dict)  # ray: images scored on each node (its address)
 
 
 def read_and_decode(path: str, spec: ModelSpec) -> tuple[np.ndarray | None, str, float]:
@@ -194,6 +195,7 @@ class _RayScorer:
         info = ModelInfo.from_metadata(self.session.get_modelmeta().custom_metadata_map)
         self.model = Model(name=info.spec.arch, version="", info=info, session=self.session)
         self.top_k = top_k
+        self.node = ray.get_runtime_context().get_node_id()  # whose batches these are: Stats.nodes
 
     def __call__(self, batch: dict) -> dict:
         ok = np.array([not e for e in batch["error"]])
@@ -201,7 +203,8 @@ class _RayScorer:
         if ok.any():
             for i, p in zip(np.flatnonzero(ok), self.model.top_k(self.model.predict(batch["pixels"][ok]), self.top_k)):
                 preds[i] = json.dumps(p)
-        return {"path": batch["path"], "preds": np.array(preds, dtype=object), "error": batch["error"]}
+        return {"path": batch["path"], "preds": np.array(preds, dtype=object), "error": batch["error"],
+                "node": np.full(len(ok), self.node, dtype=object)}
 
 
 def score_ray(paths: list[str], model_path: str, top_k: int, batch_size: int, workers: int, providers: str,
@@ -232,12 +235,22 @@ def score_ray(paths: list[str], model_path: str, top_k: int, batch_size: int, wo
             return {"path": batch["path"], "pixels": np.stack([o[0] if o[0] is not None else zeros for o in out]),
                     "error": np.array([o[1] for o in out], dtype=object)}
 
+        # one actor (Ray Data fuses decoding into it) per GPU; on CPUs, one per CPU of a cluster joined with
+        # --ray-address, so every node takes a share, or half the local CPUs (the rest decode and drive)
+        resources = ray.cluster_resources()
+        actors = (int(resources["GPU"]) if gpus else int(resources.get("CPU", 1)) if address
+                  else workers // 2)
+        actors = max(1, actors)
         ds = ray.data.from_items([{"path": p} for p in paths])
         ds = ds.map_batches(decode, batch_size=batch_size, batch_format="numpy")
         ds = ds.map_batches(_RayScorer, fn_constructor_args=(ray.put(model_bytes), providers, top_k),
                             batch_size=batch_size, batch_format="numpy", num_gpus=gpus,
-                            concurrency=max(1, workers // 2) if not gpus else max(1, int(ray.cluster_resources()["GPU"])))
+                            concurrency=actors)
+        names = {n["NodeID"]: f'{n["NodeManagerAddress"]}:{n["NodeManagerPort"]}' for n in ray.nodes()}
         for b in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+            for node, count in zip(*np.unique(b["node"].astype(str), return_counts=True)):
+                name = names.get(node, node[:12])
+                stats.nodes[name] = stats.nodes.get(name, 0) + int(count)
             yield [row(str(p), json.loads(pr) if not e else None, str(e))
                    for p, pr, e in zip(b["path"], b["preds"], b["error"])]
     finally:

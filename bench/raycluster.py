@@ -1,0 +1,101 @@
+"""A real Ray cluster on loopback for batch scoring: a head and worker nodes, each a separate ``ray start
+--block`` (its own raylet and object store, ``--num-cpus`` each), joined with a token as Ray's token
+authentication wants. ``kill(i)`` is a node lost: SIGKILL to every process of worker node ``i``.
+
+    python -m cnnserve.bench.raycluster --workers 2 -- cnnserve score DIR --engine ray --ray-address {address} ...
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .lb import kill_tree
+from .server import free_port
+
+
+class RayCluster:
+    def __init__(self, workers: int = 2, cpus: int = 1, ready_timeout: float = 90):
+        self.ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+        if self.ray is None:
+            raise RuntimeError("the ray command is not installed (pip install 'cnnserve[scale]')")
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.folder = Path(tempfile.mkdtemp(prefix="cnnserve-ray-"))
+        # what a driver needs to join: the same token, no usage reporting
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        common = ["--block", "--num-cpus", str(cpus), "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+        self.head = self._start(["--head", "--port", str(self.port), "--include-dashboard", "false",
+                                 "--temp-dir", str(self.folder), *common], "head")
+        self._wait_nodes(1, ready_timeout)
+        self.workers = [self._start(["--address", self.address, *common], f"worker-{i}") for i in range(workers)]
+        self._wait_nodes(1 + workers, ready_timeout)
+
+    def _start(self, args: list[str], name: str) -> subprocess.Popen:
+        log = open(self.folder / f"{name}.log", "w")
+        return subprocess.Popen([self.ray, "start", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+    def nodes(self) -> int:
+        """Nodes alive, as the cluster's control store sees them."""
+        code = ("import ray; ray.init(address=%r, logging_level='ERROR', log_to_driver=False); "
+                "print('alive nodes:', sum(n['Alive'] for n in ray.nodes()))" % self.address)
+        out = subprocess.run([sys.executable, "-c", code], env=self.env, capture_output=True, text=True, timeout=60)
+        counts = [line.split(":")[1] for line in out.stdout.splitlines() if line.startswith("alive nodes:")]
+        return int(counts[-1]) if out.returncode == 0 and counts else 0
+
+    def _wait_nodes(self, n: int, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.head.poll() is not None:
+                raise RuntimeError(f"the Ray head exited: {(self.folder / 'head.log').read_text()[-2000:]}")
+            if self.nodes() >= n:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"the Ray cluster did not reach {n} nodes within {timeout:g} s")
+
+    def kill(self, i: int) -> None:
+        kill_tree(self.workers[i].pid)
+        self.workers[i].wait(30)
+
+    def stop(self) -> None:
+        for p in [*self.workers, self.head]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in [*self.workers, self.head]:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                kill_tree(p.pid)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __enter__(self) -> "RayCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("command", nargs=argparse.REMAINDER, help="run with {address} filled in, then stop")
+    a = ap.parse_args(argv)
+    with RayCluster(a.workers) as cluster:
+        print(f"Ray cluster at {cluster.address} ({1 + a.workers} nodes)", file=sys.stderr)
+        cmd = [c.format(address=cluster.address) for c in a.command if c != "--"]
+        return subprocess.run(cmd, env=cluster.env).returncode if cmd else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

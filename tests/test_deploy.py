@@ -1,0 +1,104 @@
+"""The Kubernetes manifests (deploy/kubernetes/), checked offline: every object against the Kubernetes schemas
+(kubernetes-validate bundles them) for the oldest and newest releases the project states, strictly (no unknown
+field); the GPU variant differs from the CPU one only where it must; the autoscalers read a metric cnnserve
+serves; shutdown timing fits the service's drain."""
+
+from __future__ import annotations
+
+import copy
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from cnnserve.core.config import DEFAULTS
+from tests.conftest import ROOT
+
+KUBE = ROOT / "deploy" / "kubernetes"
+VERSIONS = ("1.29.0", "1.37.0")
+METRIC = "cnnserve_queued_images"
+WRITABLE = "/tmp"  # the image's BENTOML_HOME is under it (deploy/bento/Dockerfile.template)
+
+
+def documents(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((KUBE / name).read_text()) if d]
+
+
+def by_kind(name: str) -> dict[str, dict]:
+    return {d["kind"]: d for d in documents(name)}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", ["cnnserve.yaml", "cnnserve-gpu.yaml", "prometheus-adapter.yaml"])
+def test_manifests_validate_against_the_kubernetes_schemas(name, version):
+    for doc in documents(name):
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']} is not valid for Kubernetes {version}: "
+                        f"{e.message} at {'.'.join(map(str, e.path))}")
+
+
+def test_the_checker_refuses_a_wrong_field():
+    deploy = copy.deepcopy(by_kind("cnnserve.yaml")["Deployment"])
+    deploy["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFileSystem"] = True  # sic
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deploy, VERSIONS[-1], strict=True)
+
+
+def test_pods_are_locked_down_and_shut_down_within_their_grace():
+    for name in ("cnnserve.yaml", "cnnserve-gpu.yaml"):
+        pod = by_kind(name)["Deployment"]["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        # the one path it writes is a volume (the container test runs the image read-only with the same path)
+        assert [m["mountPath"] for m in c["volumeMounts"]] == [WRITABLE]
+        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
+        assert all(r in c["resources"]["requests"] and r in c["resources"]["limits"] for r in ("cpu", "memory"))
+        # shutdown: preStop, then the drain and the grace period of the service's defaults
+        pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        assert pre_stop >= 1 and pod["terminationGracePeriodSeconds"] > pre_stop + DEFAULTS.drain_s + DEFAULTS.grace_s
+        objects = by_kind(name)
+        labels = objects["Deployment"]["spec"]["selector"]["matchLabels"]
+        assert objects["Service"]["spec"]["selector"] == labels == objects["PodDisruptionBudget"]["spec"]["selector"][
+            "matchLabels"] == pod["topologySpreadConstraints"][0]["labelSelector"]["matchLabels"]
+
+
+def test_the_gpu_variant_differs_only_where_it_must():
+    cpu, gpu = by_kind("cnnserve.yaml"), by_kind("cnnserve-gpu.yaml")
+    assert set(cpu) == set(gpu)
+    g = gpu["Deployment"]["spec"]["template"]["spec"]
+    assert g["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "providers=cuda" in g["containers"][0]["args"] and "cnnserve-gpu" in g["containers"][0]["image"]
+    # the rest is the CPU manifest's, names aside
+    strip = yaml.safe_dump(gpu).replace("cnnserve-gpu", "cnnserve")
+    same = yaml.safe_load(strip)
+    d = same["Deployment"]["spec"]["template"]["spec"]
+    for key in ("nodeSelector", "tolerations"):
+        d.pop(key)
+    c, c_cpu = d["containers"][0], cpu["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    c["resources"], c["args"] = c_cpu["resources"], c_cpu["args"]
+    assert same == cpu
+
+
+def test_autoscalers_read_a_metric_cnnserve_serves():
+    from cnnserve.service.metrics import metrics
+
+    served = {m.describe()[0].name for m in vars(metrics()).values()}
+    assert METRIC in served
+    hpa = by_kind("cnnserve.yaml")["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == by_kind("cnnserve.yaml")["Deployment"]["metadata"]["name"]
+    assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == METRIC
+    rules = yaml.safe_load(by_kind("prometheus-adapter.yaml")["ConfigMap"]["data"]["config.yaml"])["rules"]
+    assert rules[0]["name"]["as"] == METRIC and METRIC in rules[0]["seriesQuery"]
+    # KEDA's ScaledObject is a custom resource the bundled schemas do not hold: its documented fields, checked
+    (keda,) = documents("keda.yaml")
+    assert keda["apiVersion"] == "keda.sh/v1alpha1" and keda["kind"] == "ScaledObject"
+    assert keda["spec"]["scaleTargetRef"]["name"] == hpa["spec"]["scaleTargetRef"]["name"]
+    (trigger,) = keda["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and METRIC in trigger["metadata"]["query"]
+    assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
+    assert float(trigger["metadata"]["threshold"]) == float(hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"])
