@@ -82,14 +82,18 @@ class _Decoder:
     def __init__(self, limits: Limits, input_bytes: int, output_bytes: int, memory_bytes: int) -> None:
         self.input_bytes, self.size = input_bytes, input_bytes + output_bytes
         self.fd = _shared_fd(self.size)
-        self.region = mmap.mmap(self.fd, self.size)
-        # the same modules as this process (the checkout's or the installed ones), one thread for any library
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1",
-               "OPENBLAS_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", __name__, json.dumps({**asdict(limits), "formats": sorted(limits.formats)}),
-             str(self.fd), str(self.size), str(input_bytes), str(memory_bytes), str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.fd,), env=env, cwd=os.getcwd())
+        try:
+            self.region = mmap.mmap(self.fd, self.size)
+            # the same modules as this process (the checkout's or the installed ones), one thread for any library
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "OMP_NUM_THREADS": "1",
+                   "OPENBLAS_NUM_THREADS": "1"}
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", __name__, json.dumps({**asdict(limits), "formats": sorted(limits.formats)}),
+                 str(self.fd), str(self.size), str(input_bytes), str(memory_bytes), str(os.getpid())],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(self.fd,), env=env, cwd=os.getcwd())
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.ready = False  # its first answer (job 0) says it has started and how much CPU that took
         self.cpu_before = 0.0  # the process's CPU seconds when its current job began (from its last answer)
         self.job: _Job | None = None
@@ -229,11 +233,22 @@ class DecodePool:
         if self.idle:
             return self.idle.popleft()
         if self.started < self.size:
+            try:
+                decoder = _Decoder(self.limits, self.limits.max_bytes, self.output_bytes, self.memory_bytes)
+            except (OSError, ValueError) as e:  # out of memory or processes: say so, never a 500
+                log.error("cannot start a decoding process: %s", e)
+                if not self.started:  # none running to take the images that wait: they are answered now
+                    self._fail_waiting(DecodeFailed(503, "overloaded", "the server cannot start a decoding process "
+                                                    f"now ({e}); retry later", {"Retry-After": "5"}))
+                return None
             self.started += 1
-            decoder = _Decoder(self.limits, self.limits.max_bytes, self.output_bytes, self.memory_bytes)
             self._listen(decoder)
             return decoder
         return None
+
+    def _fail_waiting(self, error: DecodeFailed) -> None:
+        while (job := self._next_job()) is not None:
+            job.fut.set_exception(error)
 
     def _listen(self, decoder: _Decoder) -> None:
         fd = decoder.proc.stdout.fileno()

@@ -1,9 +1,9 @@
 """cnnserve's own Prometheus metrics, served by BentoML at /metrics beside its own, and the one rule
 for what a metric label may hold.
 
-Created on first use inside the running worker (never at import): BentoML sets
-PROMETHEUS_MULTIPROC_DIR at worker start, and metrics created before that would never
-reach /metrics. Created once per process.
+Created on first use inside the running worker (never at import): ``startup.begin()`` points
+PROMETHEUS_MULTIPROC_DIR at the server's own folder when the service module loads, and metrics
+created before that would never reach /metrics. Created once per process.
 
 **Every label takes its values from a closed set**: model names that are served, stage and method
 names of the code, refusal codes of the code, and for a request's path its route template
