@@ -750,3 +750,37 @@ def test_costly_images_are_stopped_at_their_cpu_budget(one_worker, digits_test):
     assert r.status_code == 504 and r.json()["code"] == "deadline_exceeded", r.text
     png = encode(np.kron(digits_test[0][0][0], np.ones((20, 20), np.uint8)))  # 560x560: decoded in a process
     assert httpx.post(one_worker.url + "/classify", content=png, headers={"Content-Type": "image/png"}).status_code == 200
+
+
+def test_decoding_processes_take_interactive_images_first_and_requests_in_turn():
+    """One decoding process, real images: a request of five large images at bulk priority, then one of four
+    at interactive priority, then a single interactive image: the interactive ones are decoded before the
+    bulk ones still waiting, and the single image before the rest of the four (requests take turns)."""
+    from cnnserve.core.config import DEFAULTS
+    from cnnserve.core.spec import ModelSpec
+    from cnnserve.service.decoding import DecodePool
+
+    spec = ModelSpec("m", 1, 28, 28, (0.5,), (0.5,), labels=("a", "b"))
+    big = hostile.grey_png(3000)
+    done: list[str] = []
+
+    async def one(pool, name, **kw):
+        await pool.decode(big, spec, **kw)
+        done.append(name)
+
+    async def main():
+        pool = DecodePool(1, DEFAULTS.limits, 10.0, 100, 28 * 28)
+        await pool.decode(big, spec)  # the process is started and warm
+        bulk, four = object(), object()
+        tasks = [asyncio.create_task(one(pool, f"bulk{i}", priority="bulk", group=bulk)) for i in range(5)]
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(one(pool, f"four{i}", group=four)) for i in range(4)]
+        await asyncio.sleep(0)
+        tasks.append(asyncio.create_task(one(pool, "single")))
+        await asyncio.gather(*tasks)
+        pool.close()
+
+    asyncio.run(main())
+    assert done[0] == "bulk0", done  # it was being decoded when the others came
+    assert [n for n in done if not n.startswith("bulk")] == done[1:6], done  # interactive before the bulk left
+    assert done.index("single") < done.index("four3"), done  # requests in turn, not one request's images first
