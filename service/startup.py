@@ -7,12 +7,12 @@ allocate; issue 25: a forced precision the model lacks, 820 log lines a minute).
 
 - **Refuse in the first process.** ``preflight`` checks what every worker would meet: each model
   (``cnnserve.core.servable``: loadable, metadata that describes the graph, an input an image can be
-  decoded into), a forced precision's variant, CUDA when it is required. The settings' own types are
+  decoded into) and a forced precision's variant. The settings' own types are
   checked by BentoML when it parses them (``Settings``). A refusal is raised as a BentoML exception
   while the module loads: ``bentoml serve`` prints one line, ``Error: [serve] `serve` failed: ...``,
   and exits 1 within seconds (so does ``bentoml build``).
-- **A failure nobody foresaw stops the server too** (a warm-up out of memory, a provider that fails
-  to run): the worker logs its reason once, leaves it in the server's folder and asks the first
+- **A failure nobody foresaw stops the server too** (a warm-up out of memory, CUDA required where it
+  does not load): the worker logs its reason once, leaves it in the server's folder and asks the first
   process to stop (SIGTERM); the first process prints the reason and exits 1 (``at_exit``), instead of
   BentoML restarting the worker for ever.
 - **The server's own folder**, ``$BENTOML_HOME/cnnserve-servers/PID``, removed at exit (and, for a
@@ -125,7 +125,7 @@ def preflight(path: str, settings) -> None:
     ``ModelLoadError`` naming the model and the problem."""
     from cnnserve.core.servable import NotServable, check_model
 
-    from .runtime import ModelLoadError, choose_precision, create_session
+    from .runtime import ModelLoadError, choose_precision
 
     try:
         check_model(path, settings.limits)
@@ -135,5 +135,5 @@ def preflight(path: str, settings) -> None:
                 check_model(choice["file"], settings.limits)
     except NotServable as e:
         raise ModelLoadError(str(e)) from None
-    if settings.providers == "cuda":  # required: it must really load here
-        create_session(path, "cuda", threads=1)
+    # Not checked here: CUDA where it is required. A build machine may have no GPU, and this process would
+    # keep a CUDA context for nothing; a worker that cannot have it stops the server (``cannot_start``).
