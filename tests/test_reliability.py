@@ -784,3 +784,17 @@ def test_decoding_processes_take_interactive_images_first_and_requests_in_turn()
     assert done[0] == "bulk0", done  # it was being decoded when the others came
     assert [n for n in done if not n.startswith("bulk")] == done[1:6], done  # interactive before the bulk left
     assert done.index("single") < done.index("four3"), done  # requests in turn, not one request's images first
+
+
+def test_required_cuda_that_does_not_load_stops_the_server_once(stored_default, default_onnx):
+    """`providers=cuda` on a machine where CUDA does not load (every CPU machine, CI): the workers cannot
+    start, and the server exits 1 with the reason instead of restarting them for ever."""
+    from cnnserve.service.runtime import ModelLoadError, create_session
+
+    try:
+        create_session(default_onnx, "cuda")
+        pytest.skip("CUDA loads here: the server would start")
+    except ModelLoadError:
+        pass
+    status, out, seconds = _serve_until_exit("--arg", f"models={stored_default}", "--arg", "providers=cuda")
+    assert status == 1 and "cnnserve cannot start" in out and "CUDA was required" in out, out[-3000:]
