@@ -75,6 +75,9 @@ class Load:
     stop: threading.Event = field(default_factory=threading.Event)
     routing: threading.Event = field(default_factory=threading.Event)  # cleared: send nothing new
     answers: list[tuple[float, int]] = field(default_factory=list)  # (time, status)
+    latencies: list[float] = field(default_factory=list)  # seconds of each answered request
+    timings: list[str] = field(default_factory=list)  # each answer's Server-Timing header, where it has one
+    backoff: bool = False  # after a 503, wait its Retry-After (at most 1 s) as a well-behaved client does
     failures: list[tuple[float, str]] = field(default_factory=list)  # (time, error): sent, no answer
     _threads: list[threading.Thread] = field(default_factory=list)
 
@@ -98,10 +101,16 @@ class Load:
             body, ctype = self.bodies[n % len(self.bodies)]
             n += 1
             try:
+                sent = time.monotonic()
                 conn.request("POST", self.path, body=body, headers={"Content-Type": ctype})
                 r = conn.getresponse()
                 r.read()
                 self.answers.append((time.monotonic(), r.status))
+                self.latencies.append(time.monotonic() - sent)
+                if r.getheader("server-timing"):
+                    self.timings.append(r.getheader("server-timing"))
+                if self.backoff and r.status == 503:
+                    time.sleep(min(1.0, float(r.getheader("retry-after") or 1)))
                 close = r.getheader("connection", "").lower() == "close" or not self.keep_alive
             except (OSError, http.client.HTTPException) as e:
                 self.failures.append((time.monotonic(), type(e).__name__))
@@ -217,6 +226,33 @@ def soak_trial(server: Server, good, hostile, seconds: float = 10.0, clients: in
     counts = load.count()
     return {"seconds": seconds, **counts, "rss_before_mb": round(before), "rss_peak_mb": round(peak),
             "rss_after_mb": round(tree_rss_mb(server.proc.pid)), "ready_after": ready(server.port) == 200}
+
+
+def flood_trial(server: Server, victim, flood, flood_path: str, clients: int = 4, seconds: float = 10.0,
+                victim_path: str = "/classify") -> dict:
+    """One interactive client sending ``victim`` bodies one after another while ``clients`` clients flood
+    ``flood_path`` with ``flood`` bodies (explanations, large batches): what each got, and the victim's
+    latency percentiles (issue 24: under 4 clients looping occlusion maps, a victim's p50 went from 14 ms
+    to 2.9 s, 5 answers in 15 s)."""
+    flooding = Load(server.port, flood, clients, path=flood_path, backoff=True).start()
+    time.sleep(0.5)  # the flood is under way
+    victim_load = Load(server.port, victim, 1, path=victim_path).start()
+    time.sleep(seconds)
+    victim_load.finish()
+    flooding.finish()
+    lat = sorted(victim_load.latencies)
+
+    def q(p: float) -> float | None:
+        return round(1000 * lat[min(len(lat) - 1, int(p * len(lat)))], 1) if lat else None
+
+    stages: dict = {}
+    for header in victim_load.timings:
+        for part in header.split(","):
+            name, _, ms = part.strip().partition(";dur=")
+            stages.setdefault(name, []).append(float(ms))
+    return {"seconds": seconds, "clients": clients, "victim": victim_load.count(), "flood": flooding.count(),
+            "victim_ms": {"p50": q(0.5), "p99": q(0.99), "max": q(1.0)},
+            "victim_stages_ms_p50": {k: round(sorted(v)[len(v) // 2], 2) for k, v in stages.items()}}
 
 
 def run_all(server_args: list[str], bodies, hostile_bodies, soak_s: float = 20.0) -> dict:

@@ -73,6 +73,65 @@ def rgba16_png(side: int = 7000) -> bytes:
             + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
 
 
+# --- issue 24: files within every limit whose decoding is slow (each Python-level or repeated work) ----
+
+def gif_comment_blocks(size: int = 19_000_000) -> bytes:
+    """A 28x28 GIF whose comment extension is ``size`` bytes of 1-byte sub-blocks: Pillow reads each
+    sub-block in a Python loop (issue 24: 2.3 s of Python for a 19 MB file)."""
+    gif = _encode(Image.new("L", (28, 28), 128), "GIF")
+    head = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)  # header, screen descriptor, colour table
+    return gif[:head] + b"\x21\xfe" + b"\x01c" * (size // 2) + b"\x00" + gif[head:]
+
+
+def bmp_rle4(side: int = 7000) -> bytes:
+    """A side x side 4-bit run-length-encoded BMP (about 400 kB at 7000): Pillow expands its runs in a
+    Python loop, pixel by pixel (issue 24: 2.5-5.7 s)."""
+    row = b"".join(bytes([min(255, side - x), 0x12]) for x in range(0, side, 255)) + b"\x00\x00"
+    data = row * side + b"\x00\x01"
+    palette = b"".join(bytes([i * 16, i * 16, i * 16, 0]) for i in range(16))
+    info = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 4, 2, len(data), 2835, 2835, 16, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette + data
+
+
+def jpeg_repeated_scans(side: int = 7000, scans: int = 3000) -> bytes:
+    """A side x side grey progressive JPEG whose first AC scan is repeated ``scans`` times (about 500 kB):
+    every scan is a pass over every block of the picture, in C, whatever the draft scale (issue 24:
+    17-23 s for 3,000 at 7000 x 7000)."""
+    jpeg = _encode(Image.new("L", (side, side), 128), "JPEG", progressive=True, quality=90)
+    pos, segments = 2, []
+    while pos < len(jpeg):  # walk the markers; a scan runs to the next marker that is not RSTn or a stuffed 0
+        marker = jpeg[pos + 1]
+        if marker == 0xD9:
+            break
+        length = struct.unpack_from(">H", jpeg, pos + 2)[0]
+        end = pos + 2 + length
+        if marker == 0xDA:
+            while not (jpeg[end] == 0xFF and jpeg[end + 1] not in (0x00, *range(0xD0, 0xD8))):
+                end += 1
+        segments.append((marker, jpeg[pos:end]))
+        pos = end
+    ac = next(seg for marker, seg in segments if marker == 0xDA and seg[4 + 2 * seg[4] + 1] > 0)  # Ss > 0
+    out = b"".join(seg for _, seg in segments)
+    return jpeg[:2] + out + ac * scans + b"\xff\xd9"
+
+
+def grey_png(side: int = 7000) -> bytes:
+    """A legal side x side 8-bit grey PNG of one colour (about 50 kB at 7000, 49 MB decoded)."""
+    return png_header_only(side, side, (b"\0" + b"\x80" * side) * side, mode_byte=0)
+
+
+@functools.cache
+def slow_images() -> dict[str, tuple[bytes, int, str]]:
+    """name -> (bytes, status, code) of files within every limit whose decoding takes seconds: the
+    decode budget (``decode_cpu_ms``) is what answers them (made once a process; about 30 MB)."""
+    return {
+        "gif, 19 MB of 1-byte comment sub-blocks": (gif_comment_blocks(), 413, "decode_too_costly"),
+        "bmp 7000x7000 RLE4 (400 kB)": (bmp_rle4(), 413, "decode_too_costly"),
+        "jpeg 7000x7000 progressive, 3,000 AC scans": (jpeg_repeated_scans(), 413, "decode_too_costly"),
+    }
+
+
 @functools.cache
 def images() -> dict[str, tuple[bytes, int, str]]:
     """name -> (bytes, HTTP status, error code) for every hostile image (made once a process:

@@ -33,11 +33,17 @@ class RayCluster:
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
                     "RAY_USAGE_STATS_ENABLED": "0"}
         common = ["--block", "--num-cpus", str(cpus), "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
+        self.workers: list[subprocess.Popen] = []
         self.head = self._start(["--head", "--port", str(self.port), "--include-dashboard", "false",
                                  "--temp-dir", str(self.folder), *common], "head")
-        self._wait_nodes(1, ready_timeout)
-        self.workers = [self._start(["--address", self.address, *common], f"worker-{i}") for i in range(workers)]
-        self._wait_nodes(1 + workers, ready_timeout)
+        try:
+            self._wait_nodes(1, ready_timeout)
+            self.workers = [self._start(["--address", self.address, *common], f"worker-{i}")
+                            for i in range(workers)]
+            self._wait_nodes(1 + workers, ready_timeout)
+        except BaseException:  # a cluster that never came up is stopped too: its nodes hold fixed ports
+            self.stop()
+            raise
 
     def _start(self, args: list[str], name: str) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "w")

@@ -24,19 +24,21 @@ class Server:
     """A real `bentoml serve` of the project's service (or ``service``) on a free loopback port."""
 
     def __init__(self, *args: str, ready_timeout: float = 90, service: str = "service.service:CnnServe",
-                 memory_limit_mb: int | None = None, port: int | None = None):
+                 memory_limit_mb: int | None = None, port: int | None = None, home: str | None = None):
         """``memory_limit_mb`` caps the address space of every process of the server (``RLIMIT_AS``),
         so a test feeding it hostile input fails instead of exhausting the machine. ``port``: a given one
-        (a replica restarted where it was), else a free one."""
+        (a replica restarted where it was), else a free one. ``home``: the BENTOML_HOME to use (default:
+        one of its own, sharing the current model store)."""
         self.args, self.kwargs = args, {"ready_timeout": ready_timeout, "service": service,
-                                        "memory_limit_mb": memory_limit_mb}
+                                        "memory_limit_mb": memory_limit_mb, "home": home}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.home = home or home_of_its_own()
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [bentoml_command(), "serve", service, "--host", "127.0.0.1", "--port", str(self.port),
              *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "BENTOML_HOME": home_of_its_own()},
+            env={**os.environ, "BENTOML_HOME": self.home},
             preexec_fn=(lambda: cap_memory(memory_limit_mb)) if memory_limit_mb else None)
         self._wait_ready(ready_timeout)
 
@@ -67,9 +69,9 @@ class Server:
 
 
 def home_of_its_own() -> str:
-    """A BENTOML_HOME for one server that shares the current model store (a link) but not the rest:
-    BentoML keeps its Prometheus multiprocess files under BENTOML_HOME and a starting server wipes
-    them, so two servers on one home lose each other's counters."""
+    """A BENTOML_HOME for one server that shares the current model store (a link) but not the rest
+    (BentoML keeps its Prometheus multiprocess files under BENTOML_HOME and a starting server wipes
+    them; the service keeps its own since issue 24, but the harness also serves peers that do not)."""
     shared = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
     (shared / "models").mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))

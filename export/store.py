@@ -22,6 +22,7 @@ from pathlib import Path
 import onnx
 
 from cnnserve.core.onnxmeta import VARIANTS, ModelInfo, variant_file
+from cnnserve.core.servable import NotServable, check_model
 from cnnserve.core.spec import SpecError
 
 MODEL_FILE = "model.onnx"
@@ -71,13 +72,46 @@ def variants(path: str | os.PathLike, info: ModelInfo | None = None) -> dict[str
     return found
 
 
+def check_servable(path: str | os.PathLike) -> None:
+    """Refuse a file a server could never run (``cnnserve.core.servable``), and one whose weights live in
+    other files: the store keeps one file per precision, and an export is self-contained."""
+    proto = onnx.load_model(str(path), load_external_data=False)
+    external = sorted({e.value for t in _tensors(proto) if t.data_location == onnx.TensorProto.EXTERNAL
+                       for e in t.external_data if e.key == "location"})
+    if external:
+        raise StoreError(f"{path}: its weights are in other files ({', '.join(external)[:200]}); a stored model is "
+                         "one self-contained file: export it again, or `cnnserve import` a foreign model")
+    try:
+        check_model(path)
+    except NotServable as e:
+        raise StoreError(str(e)) from None
+
+
+def _tensors(proto):
+    """Every tensor of a model: initializers and node attributes, in subgraphs too."""
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        yield from g.initializer
+        for node in g.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                if a.HasField("g"):
+                    graphs.append(a.g)
+                graphs.extend(a.graphs)
+
+
 def store_model(path: str | os.PathLike, name: str | None = None):
     """Save one exported ONNX file, with its variants, under ``name`` (default ARCH-DATA[-fp16]) with an
-    automatic version."""
+    automatic version, once each has passed ``check_servable``."""
     import bentoml
 
     info = read_info(path)
     extra = variants(path, info)
+    for f in (path, *extra.values()):
+        check_servable(f)
     name = name or default_name(info)
     with bentoml.models.create(
         name,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl
 
+import anyio
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -23,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from .engine import APIError, Engine
+from .engine import APIError, Engine, decimal
 from .memory import trim_memory
 from .patches import runtime_info
 
@@ -53,8 +54,9 @@ TOP_K = Query(None, description="how many classes to return (default 5, at most 
 MODEL = Query(None, description="model name (default: the first served model)")
 TIMEOUT_MS = Query(None, description="deadline in milliseconds from arrival (default: the server's timeout_ms); "
                                      "a request still waiting for the model then gets 504 and is not run")
-PRIORITY = Query(None, description="interactive (default) or bulk: bulk requests fill batches after "
-                                   "interactive ones and may take at most half of the queue")
+PRIORITY = Query(None, description="interactive (default; bulk for /classify/explain) or bulk: bulk requests "
+                                   "fill batches after interactive ones, a slice at a time, and may take at "
+                                   "most half of the queue")
 
 
 async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
@@ -62,8 +64,11 @@ async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
     with 408 when no byte arrives for ``idle_timeout`` seconds (a Content-Length never completed),
     and with 499 when the client goes away mid-body (logged in one line)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, "too_large", f"the request is {int(declared):,} bytes; the limit is {limit:,}")
+    length = decimal(declared)
+    if declared is not None and length is None:  # (httptools refuses these before they get here)
+        raise APIError(400, "bad_request", f"Content-Length {declared[:40]!r} is not a byte count")
+    if length is not None and length > limit:
+        raise APIError(413, "too_large", f"the request is {length:,} bytes; the limit is {limit:,}")
     chunks, size = [], 0
     loop = asyncio.get_running_loop()
     problem = None
@@ -296,18 +301,24 @@ def create_app(engine: Callable[[], Engine], max_request_bytes: int, body_timeou
         e = eng()
         if format not in ("json", "png"):
             raise APIError(400, "bad_format", f"format must be json or png, got {format!r}")
-        data, ticket, timings = await one_image(request, e, ClassifyParams(top_k, model, timeout_ms, priority), t0)
+        # bulk unless asked otherwise: an explanation is hundreds of images' work (service/batching.py)
+        data, ticket, timings = await one_image(request, e, ClassifyParams(top_k, model, timeout_ms,
+                                                                           priority or "bulk"), t0)
         result, pixels, heat = await e.explain(data, model, method, target, patch, stride, top_k, ticket, timings)
         t = time.perf_counter()
-        if format == "png":
-            from .explain import heatmap_png
+        def render() -> Response:
+            if format == "png":
+                from .explain import heatmap_png
 
-            response = Response(heatmap_png(pixels, heat, label=result["target"]["label"],
+                return Response(heatmap_png(pixels, heat, label=result["target"]["label"],
                                             probability=result["probability"], method=method),
                                 media_type="image/png", headers={
-                "X-Target-Index": str(result["target"]["index"]), "X-Probability": f"{result['probability']:.6f}"})
-        else:
-            response = JSONResponse(result)
+                                    "X-Target-Index": str(result["target"]["index"]),
+                                    "X-Probability": f"{result['probability']:.6f}"})
+            return JSONResponse(result)
+
+        # a 224-px map is 50,000 numbers (or a PNG to encode): tens of ms, off the event loop
+        response = await anyio.to_thread.run_sync(render) if heat.size > 4096 else render()
         return timed(response, e, result["model"], timings, t0, "explain", t, method)
 
     @app.get("/models/{name}/samples", tags=["models"],

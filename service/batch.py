@@ -26,7 +26,7 @@ from .runtime import ModelLoadError, load_model
 from .scoring import ScoreError, printable, row
 from .scoring.engines import DECODERS, ENGINES, Stats, score_http, score_local, score_ray
 from .scoring.inputs import collect_inputs
-from .scoring.writers import Writer, read_predictions
+from .scoring.writers import Writer, files_of, read_predictions
 
 __all__ = ["ScoreError", "collect_inputs", "read_predictions", "score", "resolve_model"]
 
@@ -88,7 +88,9 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
     if engine != "http" and not model:
         model = DEFAULT_MODEL  # the service's default
     workers = workers or CORES
-    found = collect_inputs(inputs)
+    found = collect_inputs(inputs, outputs=files_of(Path(out)))
+    for p in found.outputs:
+        print(f"{printable(p)}: skipped, it is this run's output", file=sys.stderr)
     local_model = None
     if engine == "http":
         top_k = min(top_k, _served_classes(url, model))

@@ -21,6 +21,7 @@ from cnnserve.core import onnxmeta
 from cnnserve.core.config import CORES, DEFAULTS, Settings
 
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
+from .decoding import DecodeFailed, DecodePool
 from .http_server import DRAIN
 from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from . import explain as xp
@@ -29,6 +30,8 @@ from .runtime import Model
 log = logging.getLogger("cnnserve.engine")
 #: The Open Inference Protocol input that carries encoded images (BYTES) instead of pixels.
 IMAGE_INPUT = "image"
+#: Refusals that concern a whole request, not one of its images.
+REQUEST_CODES = frozenset({"deadline_exceeded", "overloaded", "client_closed"})
 
 
 # Where one /classify request's time goes, in order (seconds; the Server-Timing header and the
@@ -38,7 +41,7 @@ STAGES = {
     "read": "receiving the request body and parsing the form",
     "decode": "Pillow decoding the image (JPEG draft mode included)",
     "resize": "mode conversion, resize and array layout",
-    "thread": "handing the image to a worker thread and back",
+    "thread": "waiting for a decoding process, and handing the image to it and back",
     "queue": "waiting for the model (the batch before this one, and batching)",
     "inference": "the onnxruntime run of the batch that carried the image",
     "respond": "top-k, the JSON body and its serialisation",
@@ -66,6 +69,15 @@ class Ticket:
     gone: asyncio.Future | None = None
 
 
+def decimal(text: str | None, max_digits: int = 18) -> int | None:
+    """A header's non-negative decimal integer, or None when it is not one: ASCII digits only (``"²"`` is a
+    digit to ``str.isdigit``), and at most ``max_digits`` of them, so ``int`` never sees a number it refuses
+    (4,301 digits and more) or one that costs time to convert."""
+    if text and len(text) <= max_digits and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
 def json_depth(data: bytes) -> int:
     """The deepest nesting of brackets and braces in ``data`` (brackets inside strings count too,
     so this is an upper bound), in C speed: a JSON bomb is refused before the parser recurses."""
@@ -87,7 +99,10 @@ class Engine:
         self.models = {m.name: m for m in models}
         self.default = models[0].name
         self.batchers = {m.name: self._batcher(m) for m in models}
-        self._decode_limiter: anyio.CapacityLimiter | None = None
+        self._cam_jobs: dict = {}
+        c, h, w = max((m.spec.input_shape for m in models), key=lambda shape: shape[0] * shape[1] * shape[2])
+        self.decoders = DecodePool(config.decoders, config.limits, config.decode_cpu_ms / 1000,
+                                   config.max_queue, c * h * w)
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
 
     def _batcher(self, model: Model) -> MicroBatcher:
@@ -103,7 +118,16 @@ class Engine:
 
         depth = self.metrics.queued.labels(model.name).set if self.metrics else None
         return MicroBatcher(run, self.config.max_batch_size, self.config.max_queue, self.config.max_wait_ms,
-                            observe, model.name, depth)
+                            observe, model.name, depth, bulk_slice_ms=self.config.bulk_slice_ms,
+                            seconds_per_image=model.seconds_per_image)
+
+    def _cam_job(self, model: Model):
+        """The batcher job of a CAM pass: probabilities and the last feature maps (one function per model,
+        so that CAM requests batch together)."""
+        job = self._cam_jobs.get(model.name)
+        if job is None:
+            job = self._cam_jobs[model.name] = lambda pixels: model.run(pixels, ["probabilities", xp.FEATURES])
+        return job
 
     @property
     def ready(self) -> bool:
@@ -144,17 +168,19 @@ class Engine:
         deadline = (start or time.perf_counter()) + ms / 1000 if ms else None
         return Ticket(deadline, priority or "interactive")
 
-    async def decode(self, model: Model, data: bytes, timings: dict | None = None) -> np.ndarray:
+    async def decode(self, model: Model, data: bytes, timings: dict | None = None,
+                     ticket: Ticket | None = None) -> np.ndarray:
         """Bytes to the model's uint8 input; a bad image fails here, alone. Only work proven cheap
         runs on the event loop: an image of at most ``inline_decode_bytes`` bytes (so its chunks
-        are few) and ``inline_decode_pixels`` pixels. Anything larger is opened and decoded in a
-        worker thread, at most ``decode_threads`` at once (each may take up to
-        ``limits.max_decoded_bytes``). ``timings`` gets ``decode``, ``resize`` and ``thread``."""
+        are few) and ``inline_decode_pixels`` pixels. Anything else is decoded in a decoding process
+        within the CPU budget ``decode_cpu_ms``, in turn with other requests' images, interactive first,
+        by the ticket's deadline (``service/decoding.py``). ``timings`` gets ``decode``, ``resize`` and
+        ``thread`` (the wait for a decoding process and the hand-off)."""
         t = time.perf_counter()
+        ticket = ticket or Ticket()
         limits = self.config.limits
         problem = None
         try:
-            img = None
             if len(data) <= self.config.inline_decode_bytes:
                 img = open_image(data, limits)
                 opened = time.perf_counter() - t
@@ -165,17 +191,14 @@ class Engine:
                         timings["decode"] += opened
                         timings["thread"] = 0.0
                     return pixels
-            if self._decode_limiter is None:
-                self._decode_limiter = anyio.CapacityLimiter(self.config.decode_threads or CORES)
-            pixels = await anyio.to_thread.run_sync(preprocess, img or data, model.spec, limits, timings,
-                                                    limiter=self._decode_limiter)
+                img.close()
+            return await self.decoders.decode(data, model.spec, deadline=ticket.deadline, priority=ticket.priority,
+                                              gone=ticket.gone, group=ticket, timings=timings)
         except ImageError as e:
             problem = (e.status, e.code, str(e))
-        if problem:  # raised outside the handler, so no frame holding the upload stays referenced
-            raise APIError(*problem)
-        if timings is not None:
-            timings["thread"] = time.perf_counter() - t - timings["decode"] - timings["resize"]
-        return pixels
+        except DecodeFailed as e:
+            problem = (e.status, e.code, e.message, e.headers)
+        raise APIError(*problem)  # raised outside the handler, so no frame holding the upload stays referenced
 
     def check_count(self, n: int) -> None:
         """413 for more images in one request than ``max_images_per_request``."""
@@ -183,30 +206,37 @@ class Engine:
             raise APIError(413, "too_many_images", f"{n} images in one request; the limit is "
                                                       f"{self.config.max_images_per_request}")
 
-    async def decode_all(self, model: Model, images: list[bytes]) -> list:
-        """Each image's pixels, or the ``APIError`` it earned; decoded in parallel worker threads."""
+    async def decode_all(self, model: Model, images: list[bytes], ticket: Ticket | None = None) -> list:
+        """Each image's pixels, or the ``APIError`` it earned (a bad image fails alone); the images take
+        turns with other requests' in the decoding processes. What concerns the request rather than an
+        image (its deadline passed, the server is full, the client left) fails the request."""
+        ticket = ticket or Ticket()
         decoded: list = [None] * len(images)
 
         async def decode_one(i: int, data: bytes) -> None:
             try:
-                decoded[i] = await self.decode(model, data)
+                decoded[i] = await self.decode(model, data, ticket=ticket)
             except APIError as e:
                 decoded[i] = e
 
         async with anyio.create_task_group() as tg:
             for i, data in enumerate(images):
                 tg.start_soon(decode_one, i, data)
+        whole = next((d for d in decoded if isinstance(d, APIError) and d.code in REQUEST_CODES), None)
+        if whole is not None:
+            raise whole
         return decoded
 
     async def run(self, model: Model, pixels: np.ndarray, timings: dict | None = None,
-                  ticket: Ticket | None = None) -> np.ndarray:
-        """Logits and probabilities (N x 2K) through the model's batcher; overload becomes 503, a
-        passed deadline 504. ``timings`` gets ``queue`` (waiting for a batch) and ``inference``."""
+                  ticket: Ticket | None = None, job=None) -> np.ndarray:
+        """Logits and probabilities (N x 2K) through the model's batcher (or what ``job`` gives), in as
+        many batches as N needs; overload becomes 503, a passed deadline 504. ``timings`` gets ``queue``
+        (waiting for the first batch) and ``inference`` (the runs that carried these images)."""
         ticket = ticket or Ticket()
         problem = None
         try:
             return await self.batchers[model.name].submit(pixels, timings, deadline=ticket.deadline,
-                                                          priority=ticket.priority, gone=ticket.gone)
+                                                          priority=ticket.priority, gone=ticket.gone, job=job)
         except Overloaded as e:
             problem = (503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})
         except DeadlineExceeded:
@@ -216,19 +246,6 @@ class Engine:
             problem = (499, "client_closed", "the client closed the connection while the request waited for "
                                              "the model; it was not run")
         raise APIError(*problem)
-
-    async def run_many(self, model: Model, pixels: np.ndarray, timings: dict | None = None,
-                       ticket: Ticket | None = None) -> np.ndarray:
-        """``run`` for more images than one batch holds: submitted as batches of ``max_batch_size`` at
-        once, so they share the model with other requests and count against the queue like them."""
-        size = self.config.max_batch_size
-        parts = [pixels[i:i + size] for i in range(0, len(pixels), size)]
-        stages = [{} for _ in parts]
-        outs = await asyncio.gather(*(self.run(model, p, t, ticket) for p, t in zip(parts, stages)))
-        if timings is not None:
-            timings["queue"] = max(t["queue"] for t in stages)
-            timings["inference"] = sum(t["inference"] for t in stages)
-        return np.concatenate(outs)
 
     async def explain(self, data: bytes, name: str | None = None, method: str = "occlusion",
                       target: int | None = None, patch: int | None = None, stride: int | None = None,
@@ -253,8 +270,9 @@ class Engine:
                                "average pooling and one linear layer (ResNet, GoogLeNet, DenseNet, MobileNet), and "
                                "found no such head in this one; use method=occlusion")
         else:
-            patch = patch or xp.default_patch(h, w)
-            stride = stride or max(1, patch // 2)
+            # 0 is a value (refused below), not "unset"
+            patch = xp.default_patch(h, w) if patch is None else patch
+            stride = max(1, patch // 2) if stride is None else stride
             if not 1 <= patch <= min(h, w) or not 1 <= stride <= min(h, w):
                 raise APIError(400, "bad_patch", f"patch and stride must be between 1 and {min(h, w)} pixels of the "
                                                  f"model's {h}x{w} input, got patch {patch}, stride {stride}")
@@ -264,19 +282,32 @@ class Engine:
                                f"copies of the {h}x{w} input; the limit is {self.config.max_occlusions} "
                                "(max_occlusions): use a larger stride")
             extra = {"patch": patch, "stride": stride, "occlusions": n}
-        pixels = await self.decode(model, data, timings)
+        n = 1 if method == "cam" else 1 + extra["occlusions"]
+        try:  # shed now, before the decode and the copies are paid for
+            self.batchers[model.name].check_room(n, (ticket or Ticket()).priority)
+        except Overloaded as e:
+            raise APIError(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)}) from None
+        pixels = await self.decode(model, data, timings, ticket)
+        # Both methods go through the model's batcher like any request (bulk unless the request says
+        # otherwise): counted against max_queue, shed with 503, bound by the deadline, and run in slices
+        # that let interactive requests in between.
         if method == "cam":
-            t = time.perf_counter()
-            probs, features = await anyio.to_thread.run_sync(model.run, pixels[None], ["probabilities", xp.FEATURES])
-            if timings is not None:
-                timings["queue"], timings["inference"] = 0.0, time.perf_counter() - t
+            probs, features = await self.run(model, pixels[None], timings, ticket, job=self._cam_job(model))
             t = time.perf_counter()
             tgt = int(probs[0].argmax()) if target is None else target
             heat = xp.cam(features[0], model.cam_weights, tgt, (h, w))
         else:
             fill = np.array([round(m * 255) for m in spec.mean], np.uint8)
-            copies, boxes = xp.occluded(pixels, patch, stride, fill)
-            out = await self.run_many(model, np.concatenate([pixels[None], copies]), timings, ticket)
+
+            def stacked() -> tuple[np.ndarray, list]:  # the image, then its occluded copies
+                copies, boxes = xp.occluded(pixels, patch, stride, fill)
+                return np.concatenate([pixels[None], copies]), boxes
+
+            # tens of MB for a 224-px model: copied in a thread, not on the event loop that serves the others
+            big = extra["occlusions"] * pixels.nbytes > 2**20
+            batch, boxes = await anyio.to_thread.run_sync(stacked) if big else stacked()
+            out = await self.run(model, batch, timings, ticket)
+            del batch
             t = time.perf_counter()
             probs = out[:, spec.num_classes:]
             tgt = int(probs[0].argmax()) if target is None else target
@@ -294,7 +325,7 @@ class Engine:
         """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""
         model = self.model(name)
         k = self.top_k(model, top_k)
-        pixels = await self.decode(model, data, timings)
+        pixels = await self.decode(model, data, timings, ticket)
         out = await self.run(model, pixels[None], timings, ticket)
         t = time.perf_counter()
         probs = out[:, model.spec.num_classes:]
@@ -324,7 +355,7 @@ class Engine:
             raise APIError(400, "no_images", "send one or more images in the form field 'images'")
         self.check_count(len(files))
 
-        decoded = await self.decode_all(model, [data for _, data in files])
+        decoded = await self.decode_all(model, [data for _, data in files], ticket)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, APIError)]
         preds = []
         if good:
@@ -342,7 +373,8 @@ class Engine:
         return {"model": model.name, "version": model.version, "results": results}
 
     def describe(self) -> dict:
-        return {"default": self.default, "models": [m.describe() for m in self.models.values()]}
+        return {"default": self.default, "models": [{**m.describe(), "batching": self.batchers[m.name].describe()}
+                                                    for m in self.models.values()]}
 
     # -- Open Inference Protocol (KServe v2) ---------------------------------------------------
 
@@ -357,8 +389,8 @@ class Engine:
         Its size and nesting are checked before the parser sees it; a large one parses in a thread."""
         n = len(body)
         if header_length is not None:
-            n = int(header_length) if header_length.isascii() and header_length.isdigit() else -1
-            if not 0 <= n <= len(body):
+            n = decimal(header_length)
+            if n is None or n > len(body):
                 raise APIError(400, "bad_request", f"Inference-Header-Content-Length {header_length[:40]!r} "
                                                    f"does not fit a body of {len(body)} bytes")
         head, binary = body[:n], body[n:]
@@ -472,9 +504,9 @@ class Engine:
             raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} has shape {shape} but holds {len(images)} images")
         return images
 
-    async def v2_decode(self, model: Model, images: list[bytes]) -> np.ndarray:
+    async def v2_decode(self, model: Model, images: list[bytes], ticket: Ticket | None = None) -> np.ndarray:
         """Every image decoded; one that fails fails the request, naming its index."""
-        decoded = await self.decode_all(model, images)
+        decoded = await self.decode_all(model, images, ticket)
         bad = next(((i, d) for i, d in enumerate(decoded) if isinstance(d, APIError)), None)
         if bad:
             i, e = bad
@@ -502,7 +534,7 @@ class Engine:
         pixels = self.v2_input(model, req, binary)
         wanted = self.v2_outputs(req)
         if isinstance(pixels, list):
-            pixels = await self.v2_decode(model, pixels)
+            pixels = await self.v2_decode(model, pixels, ticket)
         out = await self.run(model, pixels, ticket=ticket)
         k = model.spec.num_classes
         parts = {"logits": out[:, :k], "probabilities": out[:, k:]}
@@ -516,6 +548,7 @@ class Engine:
     def close(self) -> None:
         for b in self.batchers.values():
             b.close()
+        self.decoders.close()
 
 
 def _binary_data_size(t: dict):

@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from cnnserve.core import onnxmeta
 from cnnserve.core.onnxmeta import ModelInfo
+from cnnserve.core.spec import SpecError
 
 log = logging.getLogger("cnnserve.runtime")
 
@@ -89,6 +90,8 @@ class Model:
     info: ModelInfo
     session: ort.InferenceSession
     warmup_ms: float = 0.0
+    #: seconds per image in the warm-up's largest batch (the batcher's first estimate of its slices)
+    seconds_per_image: float = 0.0
     #: how the precision was chosen: mode (auto or forced), candidates, warm-up timings, the choice
     choice: dict = field(default_factory=dict)
     _output: list = field(default_factory=lambda: ["probabilities"])
@@ -134,7 +137,9 @@ class Model:
         """Run once per batch size before reporting ready: the first runs allocate and pick kernels."""
         t = time.perf_counter()
         for n in batch_sizes:
+            start = time.perf_counter()
             self.predict(np.zeros((n, *self.spec.input_shape), np.uint8))
+            self.seconds_per_image = (time.perf_counter() - start) / max(n, 1)
         self.warmup_ms = (time.perf_counter() - t) * 1000
 
     def describe(self) -> dict:
@@ -198,9 +203,15 @@ def choose_precision(path: str | os.PathLike, precision: str = "auto", providers
         """The variant's session, or None (logged) when the file beside ``path`` was made from other
         weights or for another spec (a stale variant left by an earlier export)."""
         if p not in opened:
-            sess = create_session(files[p], providers, threads, spin=spin)
-            other = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, files[p])
-            if other.precision != p or not info.same_weights(other):
+            try:
+                sess = create_session(files[p], providers, threads, spin=spin)
+                other = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, files[p])
+            except (ModelLoadError, SpecError) as e:  # a damaged variant: refused if forced, else passed over
+                if precision != "auto":
+                    raise ModelLoadError(str(e)) from None
+                log.warning("%s: cannot be loaded (%s); ignored", files[p], e)
+                sess = other = None
+            if other is not None and (other.precision != p or not info.same_weights(other)):
                 log.warning("%s: not a %s variant of %s (other weights or spec); ignored", files[p], p, path)
                 sess = None
             opened[p] = sess

@@ -24,18 +24,21 @@ from cnnserve.core.store import NotStored, stored_model
 from .api import create_app
 from .engine import Engine
 from .http_server import ConnectionCloseWhileDraining
-from .memory import return_freed_memory
-from .metrics import metrics
+from . import startup
+from .memory import return_freed_memory, trim_memory
+from .metrics import ROUTES, metrics
 from .openapi import OpenAPIInfo
 from .openapi import info as openapi_info
 from .patches import apply_patches, running_versions
-from .runtime import load_model
+from .runtime import ModelLoadError, load_model
 
 log = logging.getLogger("cnnserve.service")
 # BentoML sets the root logger to WARNING: cnnserve's own lines (models served, drain, refused
 # heads, disconnects, which fixes applied) are INFO and operators need them.
 logging.getLogger("cnnserve").setLevel(logging.INFO)
 
+# Before anything makes a metric: the server's own folder (its Prometheus files; BentoML's is shared and wiped).
+RUN = startup.begin()
 ARGS = bentoml.use_arguments(Settings)
 TAGS = ARGS.tags
 # At import: uvicorn binds its signal handlers and reads its protocol table before the service instance exists.
@@ -43,20 +46,26 @@ apply_patches(ARGS)
 log.info("running on %s", ", ".join(f"{k} {v}" for k, v in running_versions().items()))
 
 app = create_app(lambda: bentoml.get_current_service().engine, ARGS.max_request_bytes, ARGS.body_timeout_s)
+ROUTES.add_app(app)  # the route templates that metric labels may name (metrics.py)
 
 
 class CnnServe:
     """Loads every configured model, warms it, and reports ready only then."""
 
     def __init__(self) -> None:
-        models = []
-        for i, tag in enumerate(TAGS):
-            stored = getattr(self, f"model_{i}")  # BentoModel resolves to the stored model here
-            models.append(load_model(stored.path_of("model.onnx"), name=stored.tag.name,
-                                     version=stored.tag.version or "", providers=ARGS.providers,
-                                     threads=ARGS.intra_op_threads, spin=ARGS.spin, precision=ARGS.precision,
-                                     batch_sizes=(1, ARGS.max_batch_size)))
-        self.engine = Engine(models, ARGS, metrics())
+        tag = "the engine"
+        try:
+            models = []
+            for i, tag in enumerate(TAGS):
+                stored = getattr(self, f"model_{i}")  # BentoModel resolves to the stored model here
+                models.append(load_model(stored.path_of("model.onnx"), name=stored.tag.name,
+                                         version=stored.tag.version or "", providers=ARGS.providers,
+                                         threads=ARGS.intra_op_threads, spin=ARGS.spin, precision=ARGS.precision,
+                                         batch_sizes=(1, ARGS.max_batch_size)))
+            self.engine = Engine(models, ARGS, metrics())
+        except Exception as e:  # noqa: BLE001 - whatever it is, every new worker would meet it again
+            reason = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
+            startup.cannot_start(RUN, f"{tag}: {reason}")
         for m in models:
             log.info("serving %s:%s in %s on %s", m.name, m.version, m.info.precision, ", ".join(m.providers))
         return_freed_memory()
@@ -71,11 +80,17 @@ class CnnServe:
 
 
 def _require_stored(tag: str) -> None:
-    """Fail serve and build with the missing model's name and how to make it (not a bare NotFound)."""
+    """Fail serve and build with the missing model's name and how to make it (not a bare NotFound), and in
+    the server's first process with what its workers could never load (``startup.preflight``)."""
     try:
-        stored_model(tag)
+        stored = stored_model(tag)
     except NotStored as e:
         raise bentoml.exceptions.NotFound(str(e)) from None
+    if RUN.first:
+        try:
+            startup.preflight(stored.path_of("model.onnx"), ARGS)
+        except ModelLoadError as e:
+            raise bentoml.exceptions.BentoMLException(f"model {tag!r} cannot be served: {e}") from None
 
 
 # BentoML packs into a bento the models it finds at class scope: one attribute per configured tag.
@@ -84,6 +99,9 @@ if not TAGS:
 for _i, _tag in enumerate(TAGS):
     _require_stored(_tag)
     setattr(CnnServe, f"model_{_i}", bentoml.models.BentoModel(_tag))
+if RUN.first:  # what the checks loaded goes back to the system: this process only supervises the workers
+    gc.collect()
+    trim_memory()
 
 CnnServe = bentoml.asgi_app(app, path="/")(
     bentoml.service(name="cnnserve", workers=ARGS.workers, traffic={"timeout": 60},

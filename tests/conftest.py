@@ -52,6 +52,9 @@ def made_once(tmp_path_factory, name: str, make) -> Path:
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         base = base.parent  # shared by the workers of one run
+    if os.environ.get("CNNSERVE_TEST_KEEP"):  # a developer's cache between runs (stale once training changes)
+        base = Path(os.environ["CNNSERVE_TEST_KEEP"])
+        base.mkdir(parents=True, exist_ok=True)
     folder = base / name
     with FileLock(str(folder) + ".lock"):
         if not (folder / ".made").is_file():

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -305,3 +306,48 @@ def test_a_full_disk_is_reported_and_nothing_is_finalized_short(image_dir, defau
     assert done.returncode == 0, done.stderr
     rows = read_predictions(out)
     assert len(rows) == len({r["path"] for r in rows}) == len(collect_inputs([str(image_dir)]).paths)
+
+
+def test_outputs_and_other_files_are_never_taken_for_inputs_or_predictions(image_dir, default_onnx, tmp_path):
+    """Issue 24: a manifest named as its own output, a file that is not a predictions file, the same file
+    under two names, and an output that a glob also finds."""
+    good = sorted((image_dir / "png").glob("*.png"))[0]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"path\n{good}\n")
+    before = manifest.read_bytes()
+    proc = run_cli("score", manifest, "--model", default_onnx, "--out", manifest, "--resume")
+    assert proc.returncode == 2 and "is this run's output" in proc.stderr, proc.stderr
+    assert manifest.read_bytes() == before  # untouched: no prediction rows appended to the manifest
+
+    # resuming into a file that is not a predictions file: refused, the file left as it was
+    for name, content in (("notes.csv", "name,size\na,1\n"), ("notes.jsonl", '{"name": "a"}\n'),
+                          ("torn.jsonl", "hello"), ("torn.csv", "path,size")):
+        other = tmp_path / name
+        other.write_text(content)
+        with pytest.raises(ScoreError, match="cannot be resumed"):
+            score([str(good)], str(other), model=str(default_onnx), resume=True, progress=False)
+        assert other.read_text() == content, name
+    k3 = tmp_path / "k3.csv"  # a predictions file written with another top-k says which
+    score([str(good)], str(k3), model=str(default_onnx), top_k=3, progress=False)
+    with pytest.raises(ScoreError, match="resume it with --top-k 3"):
+        score([str(good)], str(k3), model=str(default_onnx), top_k=5, resume=True, progress=False)
+
+    # one row per real file, under the name it was first given
+    (tmp_path / "sub").mkdir()
+    shutil.copy(good, tmp_path / "good.png")
+    os.symlink(tmp_path / "good.png", tmp_path / "link.png")
+    once = tmp_path / "once.jsonl"
+    s = score([str(tmp_path / "good.png"), str(tmp_path / "sub" / ".." / "good.png"), str(tmp_path / "link.png")],
+              str(once), model=str(default_onnx), progress=False)
+    assert s["scored"] == 1 and [r["path"] for r in read_predictions(once)] == [str(tmp_path / "good.png")]
+
+    # an output that a glob finds is never scored as an image (here on --resume, when it exists)
+    folder = tmp_path / "g"
+    folder.mkdir()
+    for i in range(3):
+        shutil.copy(good, folder / f"{i}.png")
+    out = folder / "preds.jsonl"
+    score([str(folder / "*")], str(out), model=str(default_onnx), progress=False)
+    s = score([str(folder / "*")], str(out), model=str(default_onnx), resume=True, progress=False)
+    rows = read_predictions(out)
+    assert s["already_done"] == 3 and len(rows) == 3 and not any(r["error"] for r in rows), rows

@@ -110,6 +110,14 @@ def test_container_end_to_end(podman_env, stored_default, default_onnx, digits_t
         probs = ref.predict(x[None])[0]
         assert got[0]["index"] == int(np.argmax(probs))
         assert got[0]["probability"] == pytest.approx(float(probs.max()), abs=1e-6)
+        # a larger image is decoded in a decoding process (service/decoding.py): it must start and answer inside
+        # the locked-down container too (no /dev/shm files, no capabilities, a read-only root)
+        from cnnserve.core.preprocess import preprocess
+
+        big = encode(np.kron(x[0], np.ones((12, 12), np.uint8)))  # 336x336
+        req = urllib.request.Request(url + "/classify?top_k=3", data=big, headers={"Content-Type": "image/png"})
+        got = json.load(urllib.request.urlopen(req, timeout=60))["predictions"]
+        assert got[0]["index"] == int(np.argmax(ref.predict(preprocess(big, ref.spec)[None])[0]))
         metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
         assert "cnnserve_batch_size_count" in metrics and "bentoml_service_request_total" in metrics
 

@@ -101,11 +101,21 @@ def test_heatmap_png_names_its_class_and_has_a_colour_scale(client, digits_test)
     assert (a[caption] < 100).any() and not np.array_equal(a[caption], pictures[5][caption])
 
 
+def _batches(client, model: str) -> float:
+    """How many onnxruntime runs the model's batcher has made (cnnserve_batch_size_count)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith("cnnserve_batch_size_count") and f'model="{model}"' in line)
+
+
 def test_cam_for_gap_heads_and_a_reason_for_others(client):
     img = encode(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    before = _batches(client, "resnet18-explain")
     r = client.post("/classify/explain", content=img, params={"model": "resnet18-explain", "method": "cam"},
                     headers={"Content-Type": "image/png"})
     assert r.status_code == 200, r.text
+    # the CAM pass went through the model's batcher (queue, limits, priorities), not around it
+    assert _batches(client, "resnet18-explain") == before + 1
+    assert r.headers["Server-Timing"].count("queue;") == 1
     heat = np.array(r.json()["map"])
     assert heat.shape == (32, 32) and heat.min() >= 0 and heat.max() == pytest.approx(1.0, abs=1e-4)
     occ = client.post("/classify/explain", content=img, params={"model": "resnet18-explain"},
@@ -120,6 +130,8 @@ def test_cam_for_gap_heads_and_a_reason_for_others(client):
     ({"method": "gradients"}, 400, "bad_method"),
     ({"patch": 1, "stride": 1}, 400, "too_many_occlusions"),  # 784 copies > max_occlusions 256
     ({"patch": 40}, 400, "bad_patch"),
+    ({"patch": 0}, 400, "bad_patch"),  # 0 is a value, not "unset" (issue 24)
+    ({"stride": 0}, 400, "bad_patch"),
     ({"target": 10}, 400, "bad_target"),
     ({"format": "gif"}, 400, "bad_format"),
     ({"model": "nope"}, 404, "unknown_model"),

@@ -125,3 +125,21 @@ def test_fixed_upstream_steps_aside(clean, monkeypatch, caplog):
         outcome = patches.apply_patches(Settings())
     assert outcome["bentoml-timeout-timers"].startswith(patches.NOT_NEEDED)
     assert TimeoutMiddleware.__call__ is fixed and "not needed" in caplog.text
+
+
+def test_metric_labels_shown_and_fixed(clean):
+    """BentoML's request metrics label by the raw path (a series per made-up path); patched, the label is the
+    route's template or ``other``."""
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+    from cnnserve.service.metrics import ROUTES
+
+    paths = ["/nope/1", "/nope/2", "/models/abc", "/models/def"]
+    if BY_NAME["bentoml-metric-labels"].check() == patches.FIXED:
+        pytest.skip("the installed BentoML no longer labels its metrics by raw path: the patch steps aside")
+    assert patches.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == set(paths)  # the defect
+    ROUTES.add("/models/{name}")
+    assert patches.apply_patches(Settings())["bentoml-metric-labels"].startswith(patches.APPLIED)
+    assert patches.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == {"other", "/models/{name}"}
+    patches.revert_patches()
+    assert patches.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == set(paths)

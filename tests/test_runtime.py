@@ -111,9 +111,9 @@ def test_default_top_k_is_clamped_explicit_is_refused(default_onnx):
     engine.close()
 
 
-def test_engine_decodes_inline_or_in_threads_alike(default_onnx, digits_test):
-    """Small images decode on the event loop, large ones in worker threads: same answers, all stages timed;
-    a broken image fails alone on either path."""
+def test_engine_decodes_inline_or_in_processes_alike(default_onnx, digits_test):
+    """Small images decode on the event loop, large ones in decoding processes: same answers, all stages
+    timed; a broken image fails alone on either path."""
     from cnnserve.core.config import Settings
     from cnnserve.service.engine import STAGES, APIError, Engine
     from cnnserve.core.preprocess import preprocess
@@ -129,7 +129,7 @@ def test_engine_decodes_inline_or_in_threads_alike(default_onnx, digits_test):
         out = await engine.classify(data, timings=timings)
         return out["predictions"], timings
 
-    for limit in (0, 128 * 128):  # always threads; the default
+    for limit in (0, 128 * 128):  # always processes; the default
         engine = Engine([m], Settings(inline_decode_pixels=limit))
         try:
             for data in (small, large):

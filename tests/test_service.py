@@ -285,8 +285,9 @@ def test_health_metrics_and_openapi(client, digits_test):
     assert queued and all(float(line.rsplit(" ", 1)[1]) == 0 for line in queued), queued
     # what runs: library versions and the patches' outcomes
     runtime = client.get("/v2").json()["runtime"]
-    assert runtime["versions"]["bentoml"] and set(runtime["patches"]) == {
-        "bentoml-timeout-timers", "uvicorn-head-limits", "uvicorn-sigterm-drain"}
+    from cnnserve.service.patches import PATCHES
+
+    assert runtime["versions"]["bentoml"] and set(runtime["patches"]) == {p.name for p in PATCHES}
     paths = client.get("/docs.json").json()["paths"]
     for p in ("/classify", "/classify/batch", "/models", "/v2/models/{name}/infer", "/v2/health/ready"):
         assert p in paths

@@ -12,7 +12,9 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 #: The model every entry point uses when none is named: what `./run.sh up` trains, exports and
 #: stores, what `bentoml serve` serves, what `cnnserve score` and `cnnserve container` take.
@@ -42,6 +44,14 @@ class Limits:
     formats: frozenset[str]
 
 
+# Setting types: a value outside them is refused when the server starts (`bentoml serve` prints one line
+# naming the argument and exits 1), never met by a worker, which BentoML would restart forever.
+Count = Annotated[int, Field(ge=1)]
+Natural = Annotated[int, Field(ge=0)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class Settings(BaseModel):
     """The service's arguments (``--arg key=value``; a value must not contain commas, so lists
     are separated by spaces). Unknown keys are ignored, as BentoML's own argument models do."""
@@ -49,46 +59,53 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     models: str = DEFAULT_MODEL  # model store tags, space-separated; the first is the default
-    providers: str = "auto"  # auto (CUDA, then CPU), cuda (fail without it), cpu
+    providers: Literal["auto", "cuda", "cpu"] = "auto"  # auto (CUDA, then CPU), cuda (fail without it), cpu
     # Which verified variant of each model to run: auto times those that suit the provider (fp16 and fp32
     # on CUDA, int8 and fp32 on CPU) in warm-up at batch sizes 1 and max_batch_size and serves the fastest;
     # fp32, fp16 or int8 forces one (refused at start if the model has no such variant).
-    precision: str = "auto"
+    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
     # Server processes, each with its own sessions and batcher. Two where there are the cores, so a
     # worker that dies (OOM kill, kill -9) is not an outage: the other answers while it restarts.
-    workers: int = 2 if CORES >= 2 else 1
-    threads: int = 0  # onnxruntime intra-op threads per model; 0: the cores shared among the workers
+    workers: Count = 2 if CORES >= 2 else 1
+    threads: Natural = 0  # onnxruntime intra-op threads per model; 0: the cores shared among the workers
     spin: bool = False  # onnxruntime threads busy-wait between runs (takes CPU from decoding and HTTP)
-    max_batch_size: int = 64  # images per onnxruntime run
-    max_wait_ms: float = 0.0  # hold a batch open this long to fill it (0: run as soon as the model is free)
-    max_queue: int = 1024  # images waiting per model before answering 503 with Retry-After
-    timeout_ms: float = 30_000  # a request's default deadline from arrival; still queued then: 504, not run
-    max_request_mb: float = 20.0  # request body limit (413)
-    body_timeout_s: float = 10.0  # longest pause while a request body arrives (408)
-    max_header_kb: int = 64  # request head limit (431)
-    header_timeout_s: float = 10.0  # longest a request head may take to arrive (408)
-    max_image_pixels: int = 50_000_000  # decompression-bomb limit (413)
-    max_decoded_mb: float = 128.0  # memory of one decoded image, by mode and bit depth (413)
-    max_aspect_ratio: float = 32.0  # longer side over shorter side (400)
-    max_chunks: int = 10_000  # PNG chunks, JPEG segments before the first scan, TIFF strips or tiles (400)
-    max_images_per_request: int = 256
-    max_json_mb: float = 4.0  # the JSON part of an Open Inference Protocol request (413)
-    max_json_depth: int = 32  # brackets and braces nested in it (400)
+    max_batch_size: Count = 64  # images per onnxruntime run
+    max_wait_ms: NonNegative = 0.0  # hold a batch open this long to fill it (0: run as soon as the model is free)
+    max_queue: Count = 1024  # images waiting per model before answering 503 with Retry-After
+    timeout_ms: NonNegative = 30_000  # a request's default deadline from arrival; still queued then: 504, not run
+    max_request_mb: Positive = 20.0  # request body limit (413)
+    body_timeout_s: Positive = 10.0  # longest pause while a request body arrives (408)
+    max_header_kb: Count = 64  # request head limit (431)
+    header_timeout_s: Positive = 10.0  # longest a request head may take to arrive (408)
+    max_image_pixels: Count = 50_000_000  # decompression-bomb limit (413)
+    max_decoded_mb: Positive = 128.0  # memory of one decoded image, by mode and bit depth (413)
+    max_aspect_ratio: Annotated[float, Field(ge=1, allow_inf_nan=False)] = 32.0  # longer side over shorter side (400)
+    max_chunks: Count = 10_000  # PNG chunks, JPEG segments before the first scan, TIFF strips or tiles (400)
+    max_images_per_request: Count = 256
+    max_json_mb: Positive = 4.0  # the JSON part of an Open Inference Protocol request (413)
+    max_json_depth: Count = 32  # brackets and braces nested in it (400)
     formats: str = "BMP GIF JPEG PNG TIFF WEBP"  # accepted image formats (415 otherwise)
-    inline_decode_pixels: int = 128 * 128  # images up to this size and ...
-    inline_decode_bytes: int = 16 * 1024  # ... this many bytes decode on the event loop, larger ones in threads
-    decode_threads: int = 0  # images decoded at once in threads (0: the number of cores)
-    top_k: int = 5  # labels in an answer when the request does not say
+    inline_decode_pixels: Natural = 128 * 128  # images up to this size and ...
+    inline_decode_bytes: Natural = 16 * 1024  # ... this many bytes decode on the event loop, others in processes
+    # Larger images decode in processes of their own (service/decoding.py), this many per worker (0: the number
+    # of cores), each image within a CPU budget: past it the process is killed and the image refused (413)
+    decode_processes: Natural = 0
+    decode_cpu_ms: Positive = 2000.0
+    top_k: Count = 5  # labels in an answer when the request does not say
     # occluded copies one /classify/explain request may run (400 beyond): the copies go through the
     # model's batcher with other traffic, so this bounds what one explanation takes from the others
-    max_occlusions: int = 256
+    max_occlusions: Count = 256
+    # The longest a batch carrying bulk work (explanations, priority=bulk) may run: each such batch takes at
+    # most as many bulk images as the model runs in this time, by its measured time per image (at least
+    # one), so an interactive request waits for at most one such slice (service/batching.py)
+    bulk_slice_ms: Positive = 50.0
     # BentoML's per-request OpenTelemetry spans: on in BentoML, off here unless asked for (they go to no
     # exporter unless BentoML's tracing is configured, and cost a fifth of a small model's request CPU:
     # docs/benchmarks.md). BentoML's request metrics (bentoml_service_request_*) stay on by default.
     tracing: bool = False
     bentoml_metrics: bool = True
-    drain_s: float = 3.0  # on SIGTERM: answer with Connection: close and readyz 503 this long, then stop
-    grace_s: float = 25.0  # then wait at most this long for requests in flight
+    drain_s: NonNegative = 3.0  # on SIGTERM: answer with Connection: close and readyz 503 this long, then stop
+    grace_s: NonNegative = 25.0  # then wait at most this long for requests in flight
 
     @property
     def tags(self) -> list[str]:
@@ -105,6 +122,12 @@ class Settings(BaseModel):
     @property
     def max_header_bytes(self) -> int:
         return self.max_header_kb * KB
+
+    @property
+    def decoders(self) -> int:
+        """Decoding processes per worker: at least two, so that one costly image never holds a worker's
+        decoding alone."""
+        return self.decode_processes or max(2, CORES // max(1, self.workers))
 
     @property
     def intra_op_threads(self) -> int:

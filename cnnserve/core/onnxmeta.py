@@ -91,8 +91,8 @@ class ModelInfo:
                        checkpoint_sha256=props.get(KEY_CHECKPOINT, ""),
                        versions=json.loads(props.get(KEY_VERSIONS) or "{}"), data=props.get(KEY_DATA, ""),
                        origin=json.loads(props.get(KEY_ORIGIN) or '{"kind": "trained"}'))
-        except (KeyError, json.JSONDecodeError, SpecError) as e:
-            raise SpecError(f"{source}: damaged cnnserve metadata: {e}") from None
+        except (KeyError, ValueError, TypeError) as e:  # ValueError: bad JSON, a 4,301-digit integer, SpecError
+            raise SpecError(f"{source}: damaged cnnserve metadata: {str(e)[:300]}") from None
 
     def same_weights(self, other: "ModelInfo") -> bool:
         """Whether ``other`` was made from the same weights for the same spec (a variant of this model)."""

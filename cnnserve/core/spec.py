@@ -12,6 +12,7 @@ This module imports neither torch nor numpy: the serving install uses it too.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 #: How an image of any size is brought to the spec's height x width.
@@ -93,14 +94,30 @@ class ModelSpec:
         fmt = d.pop("format", SPEC_FORMAT)
         if fmt != SPEC_FORMAT:
             raise SpecError(f"unknown spec format {fmt!r} (this cnnserve reads {SPEC_FORMAT})")
+        # A spec read from a file may hold anything: its types first, so that nothing later (a server's
+        # warm-up) meets a string where a size belongs, a float where a count does, or a NaN.
+        for name in ("channels", "height", "width"):
+            if name in d and type(d[name]) is not int:
+                raise SpecError(f"{name} must be an integer, got {str(d[name])[:40]!r}")
+        for name in ("mean", "std", "labels"):
+            if name in d and not isinstance(d[name], list):
+                raise SpecError(f"{name} must be a list, got {str(d[name])[:40]!r}")
+        numbers = [*d.get("mean", ()), *d.get("std", ()), d.get("crop_pct", 0.875)]
+        if not all(type(v) in (int, float) and math.isfinite(v) for v in numbers):
+            raise SpecError("mean, std and crop_pct must be finite numbers")
+        if not all(isinstance(label, str) for label in d.get("labels", ())):
+            raise SpecError("labels must be strings")
         try:
             return cls(**d)
-        except TypeError as e:  # missing or unexpected keys
+        except (TypeError, ValueError) as e:  # missing or unexpected keys, values of the wrong kind
             raise SpecError(f"malformed spec: {e}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "ModelSpec":
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise SpecError(f"spec is not valid JSON: {e}") from None
+            d = json.loads(text)
+        except ValueError as e:  # not JSON, or an integer of more than 4,300 digits
+            raise SpecError(f"spec is not valid JSON: {str(e)[:200]}") from None
+        if not isinstance(d, dict):
+            raise SpecError("spec is not a JSON object")
+        return cls.from_dict(d)

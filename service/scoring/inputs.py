@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,6 +20,17 @@ MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")
 class Inputs:
     paths: list[str]
     bad: list[tuple[str, str]] = field(default_factory=list)  # (manifest:line, problem)
+    outputs: list[str] = field(default_factory=list)  # files a folder or glob found that are this run's output
+
+
+def identity(path: str | Path) -> tuple:
+    """What makes two names one file: its device and inode (``sub/../a.png``, ``./a.png``, a symbolic or
+    hard link all name the same file); a name that does not exist, its normalised absolute path."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except (OSError, ValueError):
+        return (os.path.normpath(os.path.abspath(path)),)
 
 
 def _manifest_rows(path: Path) -> Iterator[tuple[int, str | None]]:
@@ -51,18 +63,27 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, str | None]]:
                     yield i, line
 
 
-def collect_inputs(specs: Iterable[str]) -> Inputs:
+def collect_inputs(specs: Iterable[str], outputs: Iterable[str | Path] = ()) -> Inputs:
     """Folders (recursive, sorted), globs (sorted), manifests and single files, in the order given;
-    a path seen twice is scored once."""
+    a file named twice (``a.png`` and ``sub/../a.png``, or through a link) is scored once, under the
+    name it had first. ``outputs`` (the run's output and its journal) are never inputs: a folder or
+    glob that finds one skips it (``Inputs.outputs``), and naming one as an input is refused."""
     seen, out = set(), Inputs([])
+    written = {identity(o) for o in outputs}
 
     def add(p: str) -> None:
-        if p not in seen:
-            seen.add(p)
+        key = identity(p)
+        if key in written:
+            out.outputs.append(p)
+        elif key not in seen:
+            seen.add(key)
             out.paths.append(p)
 
     for spec in specs:
         p = Path(spec)
+        if identity(p) in written:
+            raise ScoreError(f"{spec}: is this run's output (--out) as well as an input; write the predictions "
+                             "to another file")
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file():

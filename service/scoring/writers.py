@@ -14,6 +14,12 @@ from . import ScoreError, printable
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 
+def files_of(out: Path) -> list[Path]:
+    """Every file a run writing ``out`` may write: the output, a Parquet run's journal and its
+    temporary file. None of them is ever read as an input of that run."""
+    return [out, out.with_name(out.name + ".partial.jsonl"), out.with_name(out.name + ".tmp")]
+
+
 class Writer:
     """Appends rows batch by batch, flushed and fsynced; every batch leaves a valid file.
 
@@ -52,8 +58,12 @@ class Writer:
         if self.format == "csv":
             self.csv = csv.writer(self.f)
             if new:
-                header = ["path"] + [f"{c}_{i}" for i in range(1, top_k + 1) for c in ("label", "probability")]
-                self._commit(lambda: self.csv.writerow(header + ["error"]))
+                self._commit(lambda: self.csv.writerow(self.header))
+
+    @property
+    def header(self) -> list[str]:
+        """A CSV output's first row."""
+        return ["path"] + [f"{c}_{i}" for i in range(1, self.top_k + 1) for c in ("label", "probability")] + ["error"]
 
     def has(self, path: str) -> bool:
         """Whether ``path`` already has its row (a finished Parquet file holds printable names)."""
@@ -67,10 +77,24 @@ class Writer:
             text = data.decode("utf-8", "surrogateescape")
             chars, rows = _whole_csv_records(text)
             keep = len(text[:chars].encode("utf-8", "surrogateescape"))
+            if not rows and not (",".join(self.header) + "\r\n").startswith(text):  # more than a torn header
+                rows = [next(csv.reader([text.splitlines()[0]]), [])]
+            if rows and rows[0] != self.header:
+                k = (len(rows[0]) - 2) // 2
+                same_kind = rows[0] == ["path"] + [f"{c}_{i}" for i in range(1, k + 1)
+                                                   for c in ("label", "probability")] + ["error"]
+                raise ScoreError(f"{path}: was written with top-k {k}; resume it with --top-k {k}" if same_kind else
+                                 f"{path}: is not a predictions file of cnnserve score (its header is "
+                                 f"{printable(','.join(rows[0]))[:120]!r}), so it cannot be resumed; "
+                                 "choose another --out")
             paths = [r[0] for r in rows[1:]]
         else:
             keep = data.rfind(b"\n") + 1
-            paths = [json.loads(line)["path"] for line in data[:keep].splitlines() if line.strip()]
+            paths = [_prediction_row(path, i, line)["path"]
+                     for i, line in enumerate(data[:keep].splitlines(), 1) if line.strip()]
+            torn, start = data[keep:], b'{"path": '  # how json.dumps begins every row
+            if torn and not (torn.startswith(start) or start.startswith(torn)):
+                _prediction_row(path, len(paths) + 1, torn)  # refuses it: never cut what this run did not write
         if keep < len(data):
             with path.open("r+b") as f:
                 f.truncate(keep)
@@ -163,10 +187,32 @@ def _whole_csv_records(text: str) -> tuple[int, list[list[str]]]:
     return consumed, rows
 
 
+ROW_KEYS = ("path", "labels", "indices", "probabilities", "error")
+
+
+def _prediction_row(path: Path, line_number: int, line: bytes) -> dict:
+    """One JSON Lines record of a predictions file; anything else means the file is not one."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        r = None
+    if not isinstance(r, dict) or not all(k in r for k in ROW_KEYS) or not isinstance(r["path"], str):
+        raise ScoreError(f"{path}: line {line_number} is not a row of cnnserve score's predictions, so the file "
+                         "cannot be resumed; choose another --out")
+    return r
+
+
 def _read_parquet_paths(path: Path) -> list[str]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["path"]).column("path").to_pylist()
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow's errors for a file that is not Parquet have no common base
+        raise ScoreError(f"{path}: is not a Parquet file ({e}), so it cannot be resumed; choose another --out") from None
+    if not all(k in table.column_names for k in ROW_KEYS):
+        raise ScoreError(f"{path}: is not a predictions file of cnnserve score (columns: "
+                         f"{', '.join(table.column_names)}), so it cannot be resumed; choose another --out")
+    return table.column("path").to_pylist()
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict]:
