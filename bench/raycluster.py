@@ -21,6 +21,12 @@ from .lb import kill_tree
 from .server import free_port
 
 
+# Everything a Ray node binds is a port the OS picks, as ray.cluster_utils.Cluster does for its nodes on one
+# machine: the dashboard agent's listen port (52365 by default, so the second node on a machine failed to start)
+# and the worker ports (a shared fixed range, 10002-19999, by default).
+OWN_PORTS = ["--dashboard-agent-listen-port", "0", "--min-worker-port", "0", "--max-worker-port", "0"]
+
+
 class RayCluster:
     def __init__(self, workers: int = 2, cpus: int = 1, ready_timeout: float = 90):
         self.ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
@@ -35,12 +41,15 @@ class RayCluster:
         common = ["--block", "--num-cpus", str(cpus), "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
         self.workers: list[subprocess.Popen] = []
         self.head = self._start(["--head", "--port", str(self.port), "--include-dashboard", "false",
-                                 "--temp-dir", str(self.folder), *common], "head")
+                                 "--temp-dir", str(self.folder),
+                                 *common, *OWN_PORTS], "head")
         try:
             self._wait_nodes(1, ready_timeout)
-            self.workers = [self._start(["--address", self.address, *common], f"worker-{i}")
-                            for i in range(workers)]
-            self._wait_nodes(1 + workers, ready_timeout)
+            # one node at a time: nodes on one machine name their socket files by counting what the head's session
+            # folder holds, and two that start together both take plasma_store.1 (the loser dies on bind)
+            for i in range(workers):
+                self.workers.append(self._start(["--address", self.address, *common, *OWN_PORTS], f"worker-{i}"))
+                self._wait_nodes(2 + i, ready_timeout)
         except BaseException:  # a cluster that never came up is stopped too: its nodes hold fixed ports
             self.stop()
             raise
@@ -61,12 +70,18 @@ class RayCluster:
     def _wait_nodes(self, n: int, timeout: float) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.head.poll() is not None:
-                raise RuntimeError(f"the Ray head exited: {(self.folder / 'head.log').read_text()[-2000:]}")
+            for name, p in [("head", self.head), *((f"worker-{i}", w) for i, w in enumerate(self.workers))]:
+                if p.poll() is not None:
+                    raise RuntimeError(f"the Ray {name} exited with {p.returncode}: {self._log(name)}")
             if self.nodes() >= n:
                 return
             time.sleep(0.5)
-        raise RuntimeError(f"the Ray cluster did not reach {n} nodes within {timeout:g} s")
+        logs = "\n".join(f"--- {log.name}: {log.read_text()[-1500:]}" for log in sorted(self.folder.glob("*.log")))
+        raise RuntimeError(f"the Ray cluster did not reach {n} nodes within {timeout:g} s\n{logs}")
+
+    def _log(self, name: str) -> str:
+        log = self.folder / f"{name}.log"
+        return log.read_text()[-2000:] if log.exists() else "(no log)"
 
     def kill(self, i: int) -> None:
         kill_tree(self.workers[i].pid)
