@@ -205,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     bodies = sample_bodies(servers[0])
     try:
         out = {"rolling_restart": rolling_restart_trial(servers, lb, bodies, a.clients)}
-        out["kill"] = kill_trial(servers, lb, bodies, a.clients)
+        body = Path(tempfile.mkdtemp(prefix="cnnserve-lb-")) / "body"
+        body.write_bytes(bodies[0][0])
+        out["throughput"] = throughput_trial(lb, body, bodies[0][1], concurrency=a.clients)
+        out["kill"] = kill_trial(servers, lb, bodies, a.clients)  # last: it leaves one replica dead
     finally:
         lb.stop()
         for s in servers:
