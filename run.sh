@@ -24,7 +24,13 @@ install() {
   # the locked setuptools (no build isolation, which would resolve one). A changed lock makes a new venv,
   # so .venv holds exactly the lock (tests/test_lock.py checks it).
   local stamp=.venv/.cnnserve-lock
-  if [ -x .venv/bin/python ] && cmp -s "$LOCK" "$stamp"; then venv_hook; return; fi
+  if [ -x .venv/bin/python ] && cmp -s "$LOCK" "$stamp"; then
+    # the editable install maps the folders to their cnnserve.* names as pyproject.toml said when it was made
+    cmp -s pyproject.toml .venv/.cnnserve-pyproject || {
+      quietly .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+      cp pyproject.toml .venv/.cnnserve-pyproject; }
+    venv_hook; return
+  fi
   echo "run.sh: installing cnnserve and its locked dependencies into a new .venv ..."
   rm -rf .venv
   "$python" -m venv .venv
@@ -32,6 +38,7 @@ install() {
   quietly .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
   quietly .venv/bin/python -m pip check
   venv_hook
+  cp pyproject.toml .venv/.cnnserve-pyproject
   cp "$LOCK" "$stamp"
   echo "run.sh: .venv holds $LOCK"
 }
@@ -54,10 +61,10 @@ serving_lock() {  # EXTRA OUT BENTOFILE PINS: pyproject's serving set with one r
 venv_hook() {
   # The lock's torch is a CPU build and PyPI's torchvision a CUDA one, whose compiled operators cannot load
   # beside it: without this hook `import torchvision` and `import timm` stop with "operator torchvision::nms
-  # does not exist" (cnnserve/venvhook.py says how; docs/troubleshooting.md what else to do).
+  # does not exist" (command/venvhook.py says how; docs/troubleshooting.md what else to do).
   local site
   site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-  echo 'import cnnserve.venvhook as hook; hook.install()' > "$site/cnnserve-venvhook.pth"
+  echo 'import cnnserve.command.venvhook as hook; hook.install()' > "$site/cnnserve-venvhook.pth"
 }
 
 relock() {
@@ -68,7 +75,7 @@ relock() {
   local compile=(.venv/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras
                  --no-emit-index-url --no-emit-find-links --no-emit-trusted-host "$@")
   echo "run.sh: resolving $LOCK ..."
-  CUSTOM_COMPILE_COMMAND="./run.sh lock" "${compile[@]}" --extra gpu --extra train --extra scale --extra test \
+  CUSTOM_COMPILE_COMMAND="./run.sh lock" "${compile[@]}" --extra gpu --extra train --extra score --extra scale --extra test \
     --output-file "$LOCK" pyproject.toml lock/tools.in
   # the same versions for the images; the CPU image's onnxruntime at onnxruntime-gpu's version
   local pins; pins=$(mktemp)

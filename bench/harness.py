@@ -92,7 +92,7 @@ def machine() -> dict:
 # --- preparation ------------------------------------------------------------------------------
 
 def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "cnnserve.cli", *args], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "cnnserve.command.cli", *args], cwd=ROOT, check=True)
 
 
 def prepare(name: str, runs: Path, work: Path) -> dict:
@@ -169,7 +169,7 @@ def timed(fn, batch: int, seconds: float, repeats: int) -> dict:
 
 
 def bench_ort(w: dict, batches, seconds: float, repeats: int) -> list[dict]:
-    from cnnserve.service.runtime import load_model
+    from cnnserve.core.runtime import load_model
 
     m = load_model(w["onnx"], providers="cpu")
     rows = []
@@ -240,7 +240,7 @@ def start(w: dict, service: str):
     from .server import Server
 
     if service == "naive":
-        srv = Server("--arg", f"model={w['tag']}", service="bench.naive_service:NaiveOnnx")
+        srv = Server("--arg", f"model={w['tag']}", service="cnnserve.bench.naive_service:NaiveOnnx")
         return srv, srv.url + "/classify", "images"
     if service == "torchserve":
         from .torchserve.peer import TorchServe, archive, install
@@ -305,11 +305,12 @@ def bench_int8(w: dict, batches, seconds: float, repeats: int, concurrency: int,
 
     from dataclasses import replace
 
-    from cnnserve.export.onnx import save, set_metadata, test_images
+    from cnnserve.export.files import save, set_metadata
+    from cnnserve.export.pipeline import test_images
     from cnnserve.export.quantize import FORMATS, cpu_format, has_vnni, quantize_verified
     from cnnserve.export.store import read_info, store_model
     from cnnserve.models.checkpoint import load_checkpoint
-    from cnnserve.service.runtime import load_model
+    from cnnserve.core.runtime import load_model
 
     ckpt = load_checkpoint(Path(w["run"]) / "model.pt")
     fp32, info = onnx.load_model(w["onnx"]), read_info(w["onnx"])
@@ -508,8 +509,8 @@ def _decode_folder(folder: str, onnx: str) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from cnnserve.core.config import CORES
-    from cnnserve.service.runtime import load_model
-    from cnnserve.service.scoring.engines import read_and_decode
+    from cnnserve.core.runtime import load_model
+    from cnnserve.scoring.engines import read_and_decode
 
     spec = load_model(onnx, providers="cpu").spec
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
@@ -529,7 +530,7 @@ def decode_alone(folder: Path, onnx: str) -> dict:
 def bench_batch(w: dict, engines, n: int, batch: int) -> dict:
     """Each engine on the same ``n`` files, against onnxruntime alone on pre-decoded tensors at the same
     batch size (with spinning off, as the engines run it)."""
-    from cnnserve.service.runtime import load_model
+    from cnnserve.core.runtime import load_model
 
     from .server import Server
 
@@ -552,7 +553,7 @@ def bench_batch(w: dict, engines, n: int, batch: int) -> dict:
             # each run in a process of its own, as users run `cnnserve score` (in the harness's process,
             # after the other sections, the same run measured 0.73 of onnxruntime instead of 1.0)
             result = w["work"] / f"scores-{w['name']}-{engine}.jsonl"
-            from cnnserve.service.batch import score
+            from cnnserve.scoring.run import score
 
             s = in_a_process_of_its_own(score, [str(folder)], str(result), engine=engine, batch_size=batch,
                                         overwrite=True, progress=False, providers="cpu", **kw)

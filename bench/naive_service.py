@@ -8,7 +8,7 @@ per-image PIL call such examples use. It serves the same exported model as cnnse
 so the comparison measures the serving path only. It has none of cnnserve's input
 checks, limits or metrics: keep it out of production.
 
-    bentoml serve bench.naive_service:NaiveOnnx --arg model=lenet5-digits:latest
+    bentoml serve cnnserve.bench.naive_service:NaiveOnnx --arg model=lenet5-digits:latest
 
 Clients send multipart form data with the image in the field ``images``.
 """

@@ -23,7 +23,7 @@ def free_port() -> int:
 class Server:
     """A real `bentoml serve` of the project's service (or ``service``) on a free loopback port."""
 
-    def __init__(self, *args: str, ready_timeout: float = 90, service: str = "service.service:CnnServe",
+    def __init__(self, *args: str, ready_timeout: float = 90, service: str = "cnnserve.service.service:CnnServe",
                  memory_limit_mb: int | None = None, port: int | None = None, home: str | None = None):
         """``memory_limit_mb`` caps the address space of every process of the server (``RLIMIT_AS``),
         so a test feeding it hostile input fails instead of exhausting the machine. ``port``: a given one

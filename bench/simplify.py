@@ -32,7 +32,7 @@ def _session(blob: bytes) -> ort.InferenceSession:
 
 def measure(arch: str, batch: int, runs: int) -> dict:
     from cnnserve.core.onnxmeta import ModelInfo
-    from cnnserve.export.onnx import simplify, to_onnx
+    from cnnserve.export.trace import simplify, to_onnx
     from cnnserve.models.registry import build_classifier, spec_for
 
     spec = spec_for(arch, [f"class{i}" for i in range(1000)])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper, numpy_helper
 
-FEATURES, CAM_WEIGHTS = "features", "cam_weights"
+from cnnserve.core.onnxmeta import CAM_WEIGHTS, FEATURES, LOGITS
 _PASS = {"Reshape", "Flatten", "Squeeze", "Identity", "Dropout"}
 
 
@@ -33,7 +33,7 @@ def _global_pool_input(node: onnx.NodeProto, consts: dict) -> str | None:
     return None
 
 
-def find_cam_head(proto: onnx.ModelProto, logits: str = "logits") -> tuple[str, str, bool] | None:
+def find_cam_head(proto: onnx.ModelProto, logits: str = LOGITS) -> tuple[str, str, bool] | None:
     """(feature tensor, weight initializer, whether it is stored classes x C) or None."""
     producers = {o: n for n in proto.graph.node for o in n.output}
     inits = {t.name: t for t in proto.graph.initializer}

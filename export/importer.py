@@ -28,6 +28,10 @@ from cnnserve.core import onnxmeta
 from cnnserve.core.onnxmeta import ModelInfo
 from cnnserve.core.spec import ModelSpec, SpecError
 
+from .cam import add_cam_outputs
+from .files import save_verified, set_metadata, unique_opsets, versions
+from .store import StoreError, read_info
+
 TOLERANCE = 1e-4
 PREFIX = "imported/"
 
@@ -133,22 +137,8 @@ def _wrap(model: onnx.ModelProto, input_name: str, output_name: str, spec: Model
     return merged
 
 
-def unique_opsets(model: onnx.ModelProto) -> None:
-    """One opset import per domain. ``onnx.compose.merge_models`` lists the default domain once per
-    merged graph ([('', 18), ('', 18), ('', 18)] for the three parts above); onnxruntime runs that, but
-    its quantizer refuses it ("Failed to find proper ai.onnx domain")."""
-    versions: dict[str, int] = {}
-    for o in model.opset_import:
-        domain = "" if o.domain == "ai.onnx" else o.domain
-        versions[domain] = max(versions.get(domain, 0), o.version)
-    del model.opset_import[:]
-    model.opset_import.extend(helper.make_opsetid(d, v) for d, v in versions.items())
-
-
 def _imported_from(path: Path, sha256: str) -> bool:
     """Whether ``path`` is a cnnserve import of the file whose sha256 is ``sha256``."""
-    from .store import StoreError, read_info
-
     try:
         origin = read_info(path).origin
     except (StoreError, SpecError):
@@ -194,9 +184,6 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
     import onnxruntime as ort
 
     from cnnserve.models.checkpoint import file_sha256
-
-    from .cam import add_cam_outputs
-    from .onnx import save_verified, set_metadata, versions
 
     path = Path(path)
     if layout not in ("nchw", "nhwc"):

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from cnnserve.core.onnxmeta import INPUT, LOGITS
+
 FORMATS = {
     # name: (activation type, weight type, reduce_range)
     "s8s8": ("QInt8", "QInt8", False),
@@ -79,7 +81,7 @@ class _Reader:
             return None
         b = self.images[self.at:self.at + self.batch]
         self.at += self.batch
-        return {"pixels": b}
+        return {INPUT: b}
 
     def rewind(self) -> None:
         self.at = 0
@@ -99,15 +101,15 @@ def quantize(fp32: onnx.ModelProto, calibration: np.ndarray, method: str = "minm
         raise ValueError(f"calibration method must be one of {', '.join(METHODS)} or auto, got {method!r}")
     act, weight, reduce_range = FORMATS[fmt]
     domains = [o.domain or "ai.onnx" for o in fp32.opset_import]
-    if len(domains) != len(set(domains)):  # files imported before importer.unique_opsets existed
-        from .importer import unique_opsets
+    if len(domains) != len(set(domains)):  # files imported before the importer made one opset per domain
+        from .files import unique_opsets
 
         fp32 = onnx.ModelProto.FromString(fp32.SerializeToString())
         unique_opsets(fp32)
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(calibration)
-    from .onnx import _quiet
+    from .files import quiet
 
-    with tempfile.TemporaryDirectory(prefix="cnnserve-int8-") as tmp, _quiet():
+    with tempfile.TemporaryDirectory(prefix="cnnserve-int8-") as tmp, quiet():
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(fp32, str(pre))
         proto = onnx.load_model(str(pre))
@@ -139,7 +141,7 @@ def logits(proto_or_bytes, images: np.ndarray, batch: int = 64) -> np.ndarray:
 
     blob = proto_or_bytes if isinstance(proto_or_bytes, bytes) else proto_or_bytes.SerializeToString()
     sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-    return run_batches(lambda b: sess.run(["logits"], {"pixels": b})[0], images, batch)
+    return run_batches(lambda b: sess.run([LOGITS], {INPUT: b})[0], images, batch)
 
 
 def quantize_verified(fp32: onnx.ModelProto, calibration: np.ndarray, selection: np.ndarray,

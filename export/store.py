@@ -21,11 +21,9 @@ from pathlib import Path
 
 import onnx
 
-from cnnserve.core.onnxmeta import VARIANTS, ModelInfo, variant_file
+from cnnserve.core.onnxmeta import MODEL_FILE, ModelInfo, variant_files
 from cnnserve.core.servable import NotServable, check_model
 from cnnserve.core.spec import SpecError
-
-MODEL_FILE = "model.onnx"
 
 
 class StoreError(ValueError):
@@ -60,10 +58,10 @@ def variants(path: str | os.PathLike, info: ModelInfo | None = None) -> dict[str
     found = {}
     if info.precision != "fp32":
         return found
-    for precision in VARIANTS:
-        v = Path(variant_file(str(path), precision))
-        if not v.is_file():
+    for precision, v in variant_files(path, "fp32").items():
+        if precision == "fp32":
             continue
+        v = Path(v)
         other = read_info(v)
         if other.precision != precision or not info.same_weights(other):
             raise StoreError(f"{v}: not a {precision} variant of {path} (made from other weights or another spec); "

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from cnnserve.core.onnxmeta import INPUT, LOGITS
 from cnnserve.models.registry import Classifier
 
 TOLERANCES = {
@@ -44,7 +45,7 @@ def verify(model_bytes: bytes, model: Classifier, images: np.ndarray, targets: n
     model = model.eval()
     with torch.no_grad():
         ref = run_batches(lambda b: model(torch.from_numpy(b)).numpy(), images, batch_size)
-    got = run_batches(lambda b: sess.run(["logits"], {"pixels": b})[0], images, batch_size)
+    got = run_batches(lambda b: sess.run([LOGITS], {INPUT: b})[0], images, batch_size)
     report = compare(got, ref, targets, precision, sess.get_providers()[0], checkpoint_accuracy)
     report["batch_size"] = batch_size
     return report

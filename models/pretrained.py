@@ -20,6 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnserve.core.spec import ModelSpec
+
+from .entry import IMAGENET_MEAN, IMAGENET_STD, ModelEntry, UnknownModelError
+
 LIBRARIES = ("timm", "torchvision")
 
 
@@ -47,7 +51,7 @@ def declare_torchvision_ops(warn: bool = False) -> bool:
     that fails does it declare those two schemas (calling them still fails, with torchvision's own
     error), and says so once with ``warn``. Returns whether it declared them. Called before
     torchvision's first import: by ``import_torchvision`` and by the venv's import hook
-    (``cnnserve/venvhook.py``, installed by ``./run.sh``)."""
+    (``command/venvhook.py``, installed by ``./run.sh``)."""
     import importlib.machinery
     import warnings
 
@@ -204,8 +208,6 @@ def library_models(lib: str, pattern: str = "*") -> list[str]:
     if lib == "torchvision":
         tv = import_torchvision()
         return sorted(fnmatch.filter(tv.models.list_models(module=tv.models), pattern))
-    from .registry import UnknownModelError
-
     raise UnknownModelError(f"unknown library {lib!r}; valid: {', '.join(LIBRARIES)}")
 
 
@@ -223,9 +225,6 @@ def library_entry(name: str):
     """A registry entry for ``timm:ARCH`` or ``torchvision:ARCH``: built by the library with random
     weights, its spec from the library's pretrained data config (mean, std, input size, crop
     fraction, interpolation) where it has one, else ImageNet's at 224."""
-    from .registry import IMAGENET_MEAN, IMAGENET_STD, ModelEntry, UnknownModelError
-
-    from cnnserve.core.spec import ModelSpec
 
     lib, _, arch = name.partition(":")
     mean, std, size, crop_pct, interpolation = IMAGENET_MEAN, IMAGENET_STD, 224, 0.875, "bilinear"

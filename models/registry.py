@@ -13,31 +13,17 @@ useful feature map.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from cnnserve.core.spec import ModelSpec
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .entry import IMAGENET_MEAN, IMAGENET_STD, ModelEntry, UnknownModelError
+from .pretrained import library_entry
+
 SMALL_INPUT = 64  # below this side length, ImageNet families use their small-image stem
-
-
-class UnknownModelError(KeyError):
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    family: str
-    builder: Callable[..., nn.Module]
-    spec: ModelSpec  # default input spec; labels come from the data set
-    description: str
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -72,8 +58,6 @@ def get_entry(name: str) -> ModelEntry:
     """The zoo's entry for ``name``; ``timm:ARCH`` and ``torchvision:ARCH`` are built by those libraries."""
     if ":" in name:
         if name not in _LIBRARY:
-            from .pretrained import library_entry
-
             _LIBRARY[name] = library_entry(name)
         return _LIBRARY[name]
     try:

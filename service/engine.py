@@ -1,15 +1,14 @@
-"""The serving core: models, their batchers, and the request logic; no HTTP, no BentoML.
+"""The serving core: models, their batchers, decoding, runs, classification and explanations; no protocol,
+no BentoML.
 
-``service.py`` wraps an ``Engine`` in a BentoML service and ``api.py`` maps HTTP to
-its methods. Every refusal is an ``APIError`` carrying its HTTP status, a short code
-and a message that names the problem, so nothing a client sends becomes a 500.
+``service.py`` wraps an ``Engine`` in a BentoML service; the front ends (``api.py`` for HTTP, ``kserve.py``
+for the Open Inference Protocol) parse requests and call its methods. Every refusal is an ``APIError``
+(``errors.py``), so nothing a client sends becomes a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,20 +17,16 @@ import anyio
 import numpy as np
 
 from cnnserve.core import onnxmeta
-from cnnserve.core.config import CORES, DEFAULTS, Settings
+from cnnserve.core.config import DEFAULTS, Settings
+from cnnserve.core.preprocess import ImageError, open_image, preprocess
+from cnnserve.core.runtime import Model
 
+from . import explain as xp
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .decoding import DecodeFailed, DecodePool
-from .http_server import DRAIN
-from cnnserve.core.preprocess import ImageError, open_image, preprocess
-from . import explain as xp
-from .runtime import Model
+from .errors import REQUEST_CODES, APIError
 
 log = logging.getLogger("cnnserve.engine")
-#: The Open Inference Protocol input that carries encoded images (BYTES) instead of pixels.
-IMAGE_INPUT = "image"
-#: Refusals that concern a whole request, not one of its images.
-REQUEST_CODES = frozenset({"deadline_exceeded", "overloaded", "client_closed"})
 
 
 # Where one /classify request's time goes, in order (seconds; the Server-Timing header and the
@@ -49,15 +44,6 @@ STAGES = {
 }
 
 
-class APIError(Exception):
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-    def body(self) -> dict:
-        return {"error": self.message, "code": self.code}
-
-
 @dataclass
 class Ticket:
     """What the batcher needs to know about one request: when its answer stops being useful
@@ -69,33 +55,15 @@ class Ticket:
     gone: asyncio.Future | None = None
 
 
-def decimal(text: str | None, max_digits: int = 18) -> int | None:
-    """A header's non-negative decimal integer, or None when it is not one: ASCII digits only (``"²"`` is a
-    digit to ``str.isdigit``), and at most ``max_digits`` of them, so ``int`` never sees a number it refuses
-    (4,301 digits and more) or one that costs time to convert."""
-    if text and len(text) <= max_digits and text.isascii() and text.isdigit():
-        return int(text)
-    return None
-
-
-def json_depth(data: bytes) -> int:
-    """The deepest nesting of brackets and braces in ``data`` (brackets inside strings count too,
-    so this is an upper bound), in C speed: a JSON bomb is refused before the parser recurses."""
-    if not data:
-        return 0
-    a = np.frombuffer(data, np.uint8)
-    step = ((a == 0x5B) | (a == 0x7B)).astype(np.int32) - ((a == 0x5D) | (a == 0x7D))
-    return int(np.cumsum(step).max())
-
-
 class Engine:
-    def __init__(self, models: list[Model], config: Settings = DEFAULTS, metrics=None):
+    def __init__(self, models: list[Model], config: Settings = DEFAULTS, metrics=None, draining=lambda: False):
         if not models:
             raise ValueError("no models to serve")
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ValueError(f"two models share a name: {names}")
         self.config, self.metrics = config, metrics
+        self.draining = draining  # true once a drain has begun (the server's SIGTERM): not ready
         self.models = {m.name: m for m in models}
         self.default = models[0].name
         self.batchers = {m.name: self._batcher(m) for m in models}
@@ -126,12 +94,12 @@ class Engine:
         so that CAM requests batch together)."""
         job = self._cam_jobs.get(model.name)
         if job is None:
-            job = self._cam_jobs[model.name] = lambda pixels: model.run(pixels, ["probabilities", xp.FEATURES])
+            job = self._cam_jobs[model.name] = lambda pixels: model.run(pixels, [onnxmeta.PROBABILITIES, onnxmeta.FEATURES])
         return job
 
     @property
     def ready(self) -> bool:
-        return not DRAIN.active and all(m.warmup_ms > 0 for m in self.models.values())
+        return not self.draining() and all(m.warmup_ms > 0 for m in self.models.values())
 
     # -- lookups and validation --------------------------------------------------------------
 
@@ -376,190 +344,7 @@ class Engine:
         return {"default": self.default, "models": [{**m.describe(), "batching": self.batchers[m.name].describe()}
                                                     for m in self.models.values()]}
 
-    # -- Open Inference Protocol (KServe v2) ---------------------------------------------------
-
-    def v2_model_metadata(self, name: str, version: str | None = None) -> dict:
-        m = self.model(name, version)
-        d = m.describe()
-        return {"name": m.name, "versions": [m.version] if m.version else [], "platform": "onnxruntime_onnx",
-                "inputs": [d["input"]], "outputs": d["outputs"]}
-
-    async def parse_v2(self, body: bytes, header_length: str | None) -> tuple[dict, bytes]:
-        """The JSON part of an infer request and, with the binary tensor extension, the binary part.
-        Its size and nesting are checked before the parser sees it; a large one parses in a thread."""
-        n = len(body)
-        if header_length is not None:
-            n = decimal(header_length)
-            if n is None or n > len(body):
-                raise APIError(400, "bad_request", f"Inference-Header-Content-Length {header_length[:40]!r} "
-                                                   f"does not fit a body of {len(body)} bytes")
-        head, binary = body[:n], body[n:]
-        if len(head) > self.config.max_json_bytes:
-            raise APIError(413, "too_large", f"the JSON part is {len(head):,} bytes; the limit is "
-                                             f"{self.config.max_json_bytes:,} (send tensors with the binary "
-                                             "tensor extension)")
-        if json_depth(head) > self.config.max_json_depth:
-            raise APIError(400, "bad_json", f"the JSON nests deeper than {self.config.max_json_depth} levels")
-        problem = None
-        try:
-            if len(head) > 64 * 1024:
-                req = await anyio.to_thread.run_sync(json.loads, head or b"{}")
-            else:
-                req = json.loads(head or b"{}")
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, over-long integers
-            problem = f"the request is not valid JSON: {str(e)[:200]}"
-        if problem:
-            raise APIError(400, "bad_json", problem)
-        if not isinstance(req, dict):
-            raise APIError(400, "bad_request", "the request must be a JSON object with 'inputs'")
-        return req, binary
-
-    def v2_input(self, model: Model, req: dict, binary: bytes) -> np.ndarray | list[bytes]:
-        """The request's one input: the ``pixels`` tensor (UINT8 N x C x H x W), or ``image``, a
-        BYTES tensor of N encoded images (decoded here by the service's preprocessing). Every field
-        is type-checked (a bool is not an int)."""
-        inputs = req.get("inputs")
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise APIError(400, "bad_request", f"'inputs' must hold exactly one tensor: {onnxmeta.INPUT!r} "
-                                               f"(UINT8 pixels) or {IMAGE_INPUT!r} (BYTES, encoded images)")
-        t = inputs[0]
-        if t.get("name") == IMAGE_INPUT:
-            return self.v2_images(t, binary)
-        c, h, w = model.spec.input_shape
-        if t.get("name") != onnxmeta.INPUT:
-            raise APIError(400, "bad_input_name", f"input must be named {onnxmeta.INPUT!r} or {IMAGE_INPUT!r}, "
-                                                  f"got {_short(t.get('name'))}")
-        if t.get("datatype") != "UINT8":
-            raise APIError(400, "bad_datatype", f"input datatype must be UINT8, got {_short(t.get('datatype'))}")
-        shape = t.get("shape")
-        if (not isinstance(shape, list) or len(shape) != 4 or not all(type(s) is int for s in shape)
-                or shape[1:] != [c, h, w] or shape[0] < 1):
-            raise APIError(400, "bad_shape", f"input shape must be [N, {c}, {h}, {w}] with N >= 1, got {_short(shape)}")
-        self.check_count(shape[0])
-        count = shape[0] * c * h * w
-        size = _binary_data_size(t)
-        if size is not None:
-            if type(size) is not int or size != count or len(binary) < size:
-                raise APIError(400, "bad_binary", f"binary_data_size {_short(size)} does not match shape {shape} "
-                                                     f"({count} bytes) or the {len(binary)} bytes sent")
-            return np.frombuffer(binary, np.uint8, count).reshape(shape)
-        data = t.get("data")
-        if not isinstance(data, list):
-            raise APIError(400, "bad_request", "input needs 'data' (a list of integers) or binary_data_size")
-        problem = None
-        try:
-            arr = np.asarray(data)
-        except (ValueError, TypeError, OverflowError):
-            problem = "input data is ragged or holds values that are not integers"
-        if problem:
-            raise APIError(400, "bad_data", problem)
-        if arr.size != count or arr.dtype.kind not in "iu":
-            raise APIError(400, "bad_data", f"input data must be {count} integers for shape {shape}, "
-                                               f"got {arr.size} values of type {arr.dtype}")
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise APIError(400, "bad_data", "UINT8 data must lie in 0..255")
-        return arr.astype(np.uint8).reshape(shape)
-
-    def v2_images(self, t: dict, binary: bytes) -> list[bytes]:
-        """The encoded images of a BYTES input: with the binary tensor extension, each element is a
-        4-byte little-endian length and its bytes (Triton's serialisation); in JSON, each is a
-        base64 string."""
-        if t.get("datatype") != "BYTES":
-            raise APIError(400, "bad_datatype", f"input {IMAGE_INPUT!r} must be BYTES, got {_short(t.get('datatype'))}")
-        shape = t.get("shape")
-        if (not isinstance(shape, list) or len(shape) not in (1, 2) or not all(type(s) is int for s in shape)
-                or shape[0] < 1 or shape[1:] not in ([], [1])):
-            raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} shape must be [N] or [N, 1], got {_short(shape)}")
-        n = shape[0]
-        self.check_count(n)
-        size = _binary_data_size(t)
-        if size is not None:
-            if type(size) is not int or not 0 < size <= len(binary):
-                raise APIError(400, "bad_binary", f"binary_data_size {_short(size)} does not fit the "
-                                                     f"{len(binary)} bytes sent")
-            images, view, pos = [], memoryview(binary)[:size], 0
-            while pos < size:
-                if len(images) == n:  # more elements than the shape says: stop before reading them all
-                    raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} has shape {shape} but holds more images")
-                if pos + 4 > size:
-                    raise APIError(400, "bad_binary", f"element {len(images)} of {IMAGE_INPUT!r}: truncated length")
-                length = int.from_bytes(view[pos:pos + 4], "little")
-                if pos + 4 + length > size:
-                    raise APIError(400, "bad_binary", f"element {len(images)} of {IMAGE_INPUT!r}: {length} bytes "
-                                                         f"announced, {size - pos - 4} left")
-                images.append(bytes(view[pos + 4:pos + 4 + length]))
-                pos += 4 + length
-        else:
-            data = t.get("data")
-            if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
-                raise APIError(400, "bad_request", f"input {IMAGE_INPUT!r} needs 'data' (base64 strings) or "
-                                                   "binary_data_size")
-            try:
-                images = [base64.b64decode(d, validate=True) for d in data]
-            except ValueError:
-                images = None
-            if images is None:
-                raise APIError(400, "bad_data", f"input {IMAGE_INPUT!r} data must be base64 strings")
-        if len(images) != n:
-            raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} has shape {shape} but holds {len(images)} images")
-        return images
-
-    async def v2_decode(self, model: Model, images: list[bytes], ticket: Ticket | None = None) -> np.ndarray:
-        """Every image decoded; one that fails fails the request, naming its index."""
-        decoded = await self.decode_all(model, images, ticket)
-        bad = next(((i, d) for i, d in enumerate(decoded) if isinstance(d, APIError)), None)
-        if bad:
-            i, e = bad
-            raise APIError(e.status, e.code, f"image {i}: {e.message}")
-        return np.stack(decoded)
-
-    def v2_outputs(self, req: dict) -> list[str]:
-        wanted = req.get("outputs")
-        if wanted is None:
-            return list(onnxmeta.OUTPUTS)
-        if not isinstance(wanted, list):
-            raise APIError(400, "bad_output", f"'outputs' must be a list, got {_short(wanted)}")
-        names = [o.get("name") if isinstance(o, dict) else o for o in wanted]
-        unknown = [_short(o) for o in names if not isinstance(o, str) or o not in onnxmeta.OUTPUTS]
-        if unknown:
-            raise APIError(400, "bad_output", f"unknown outputs {unknown}; this model has {list(onnxmeta.OUTPUTS)}")
-        return names or list(onnxmeta.OUTPUTS)
-
-    async def v2_infer(self, name: str, version: str | None, body: bytes, header_length: str | None,
-                       ticket: Ticket | None = None) -> dict:
-        model = self.model(name, version)
-        req, binary = await self.parse_v2(body, header_length)
-        if "id" in req and not isinstance(req["id"], str):
-            raise APIError(400, "bad_request", f"'id' must be a string, got {_short(req['id'])}")
-        pixels = self.v2_input(model, req, binary)
-        wanted = self.v2_outputs(req)
-        if isinstance(pixels, list):
-            pixels = await self.v2_decode(model, pixels, ticket)
-        out = await self.run(model, pixels, ticket=ticket)
-        k = model.spec.num_classes
-        parts = {"logits": out[:, :k], "probabilities": out[:, k:]}
-        resp = {"model_name": model.name, "model_version": model.version,
-                "outputs": [{"name": o, "datatype": "FP32", "shape": list(parts[o].shape),
-                             "data": parts[o].ravel().tolist()} for o in wanted]}
-        if "id" in req:
-            resp["id"] = req["id"]
-        return resp
-
     def close(self) -> None:
         for b in self.batchers.values():
             b.close()
         self.decoders.close()
-
-
-def _binary_data_size(t: dict):
-    """An Open Inference Protocol input's ``binary_data_size`` (None without the binary extension)."""
-    params = t.get("parameters")
-    if params is not None and not isinstance(params, dict):
-        raise APIError(400, "bad_parameters", f"input 'parameters' must be an object, got {_short(params)}")
-    return (params or {}).get("binary_data_size")
-
-
-def _short(value) -> str:
-    """A client's value for an error message, cut to a readable length."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

@@ -20,7 +20,6 @@ import numpy as np
 from PIL import Image
 
 METHODS = ("occlusion", "cam")
-FEATURES, CAM_WEIGHTS = "features", "cam_weights"
 
 
 def positions(size: int, patch: int, stride: int) -> list[int]:

@@ -57,6 +57,8 @@ import signal
 import textwrap
 import threading
 from dataclasses import dataclass
+
+from cnnserve import modules_with_two_names
 from importlib import metadata
 from typing import Callable
 
@@ -542,4 +544,5 @@ def running_versions() -> dict[str, str]:
 
 def runtime_info() -> dict:
     """What runs: library versions and each patch's outcome (``/models``, ``/v2``)."""
-    return {"versions": running_versions(), "patches": dict(APPLIED_PATCHES)}
+    return {"versions": running_versions(), "patches": dict(APPLIED_PATCHES),
+            "modules_with_two_names": modules_with_two_names()}

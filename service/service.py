@@ -7,7 +7,7 @@ From the repository root (``bentofile.yaml`` names this service)::
 
 Arguments (``--arg key=value`` for ``bentoml serve`` and ``bentoml build``; a value must
 not contain commas, so several model tags are separated by spaces): see ``cnnserve.core.config.Settings``.
-The HTTP API lives in ``api.py``, the request logic in ``engine.py``.
+The HTTP API lives in ``api.py`` and ``kserve.py``, the request logic in ``engine.py``.
 """
 
 from __future__ import annotations
@@ -17,20 +17,21 @@ import logging
 
 import bentoml
 
-from cnnserve import __version__
+from cnnserve import __version__, modules_with_two_names
 from cnnserve.core.config import Settings
+from cnnserve.core.onnxmeta import MODEL_FILE
+from cnnserve.core.runtime import ModelLoadError, load_model
 from cnnserve.core.store import NotStored, stored_model
 
+from . import startup
 from .api import create_app
 from .engine import Engine
-from .http_server import ConnectionCloseWhileDraining
-from . import startup
+from .http_server import DRAIN, ConnectionCloseWhileDraining
 from .memory import return_freed_memory, trim_memory
 from .metrics import ROUTES, metrics
 from .openapi import OpenAPIInfo
 from .openapi import info as openapi_info
 from .patches import apply_patches, running_versions
-from .runtime import ModelLoadError, load_model
 
 log = logging.getLogger("cnnserve.service")
 # BentoML sets the root logger to WARNING: cnnserve's own lines (models served, drain, refused
@@ -45,7 +46,7 @@ TAGS = ARGS.tags
 apply_patches(ARGS)
 log.info("running on %s", ", ".join(f"{k} {v}" for k, v in running_versions().items()))
 
-app = create_app(lambda: bentoml.get_current_service().engine, ARGS.max_request_bytes, ARGS.body_timeout_s)
+app = create_app()  # its engine comes with the worker's service instance (CnnServe.__init__)
 ROUTES.add_app(app)  # the route templates that metric labels may name (metrics.py)
 
 
@@ -58,16 +59,19 @@ class CnnServe:
             models = []
             for i, tag in enumerate(TAGS):
                 stored = getattr(self, f"model_{i}")  # BentoModel resolves to the stored model here
-                models.append(load_model(stored.path_of("model.onnx"), name=stored.tag.name,
+                models.append(load_model(stored.path_of(MODEL_FILE), name=stored.tag.name,
                                          version=stored.tag.version or "", providers=ARGS.providers,
                                          threads=ARGS.intra_op_threads, spin=ARGS.spin, precision=ARGS.precision,
                                          batch_sizes=(1, ARGS.max_batch_size)))
-            self.engine = Engine(models, ARGS, metrics())
+            self.engine = Engine(models, ARGS, metrics(), draining=lambda: DRAIN.active)
+            app.state.engine = self.engine
         except Exception as e:  # noqa: BLE001 - whatever it is, every new worker would meet it again
             reason = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
             startup.cannot_start(RUN, f"{tag}: {reason}")
         for m in models:
             log.info("serving %s:%s in %s on %s", m.name, m.version, m.info.precision, ", ".join(m.providers))
+        for names in modules_with_two_names():  # each runs twice, with two copies of its state
+            log.warning("one file imported as %s: serve cnnserve.service.service:CnnServe", " and ".join(names))
         return_freed_memory()
         # Everything loaded so far (BentoML, FastAPI, onnxruntime, ~140k objects) lives as long as the
         # process: freeze it out of the garbage collector. Measured on LeNet-5 at 64 clients: full
@@ -88,7 +92,7 @@ def _require_stored(tag: str) -> None:
         raise bentoml.exceptions.NotFound(str(e)) from None
     if RUN.first:
         try:
-            startup.preflight(stored.path_of("model.onnx"), ARGS)
+            startup.preflight(stored.path_of(MODEL_FILE), ARGS)
         except ModelLoadError as e:
             raise bentoml.exceptions.BentoMLException(f"model {tag!r} cannot be served: {e}") from None
 

@@ -125,7 +125,7 @@ def preflight(path: str, settings) -> None:
     ``ModelLoadError`` naming the model and the problem."""
     from cnnserve.core.servable import NotServable, check_model
 
-    from .runtime import ModelLoadError, choose_precision
+    from cnnserve.core.runtime import ModelLoadError, choose_precision
 
     try:
         check_model(path, settings.limits)

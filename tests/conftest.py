@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from cnnserve.bench.server import Server, free_port  # noqa: E402,F401  (a real `bentoml serve`, shared with the harness)
 # the installed console script when there is one (the real entry point), else the module
 _SCRIPT = Path(sys.executable).with_name("cnnserve")
-CNNSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cnnserve.cli"]
+CNNSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cnnserve.command.cli"]
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 # Every test (and every server or CLI it starts) uses a model store of its own, never the user's.
@@ -68,7 +68,7 @@ def made_once(tmp_path_factory, name: str, make) -> Path:
 def default_run(tmp_path_factory) -> Path:
     """The default training run (LeNet-5 on digits, default config), trained once per test run and
     exported (fp32, verified) beside its checkpoint."""
-    from cnnserve.export.onnx import export_checkpoint
+    from cnnserve.export.pipeline import export_checkpoint
     from cnnserve.models.train import TrainConfig, train
 
     def make(folder: Path) -> None:

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from cnnserve.service.batch import ScoreError, collect_inputs, read_predictions, score
+from cnnserve.scoring.run import ScoreError, collect_inputs, read_predictions, score
 from cnnserve.core.preprocess import preprocess
 from tests.conftest import CNNSERVE, ROOT, encode, run_cli
 
@@ -134,7 +134,8 @@ def slow_job(tmp_path_factory):
     import torch
 
     from cnnserve.core.onnxmeta import ModelInfo
-    from cnnserve.export.onnx import save, to_onnx
+    from cnnserve.export.files import save
+    from cnnserve.export.trace import to_onnx
     from cnnserve.models.registry import build_classifier, spec_for
 
     root = tmp_path_factory.mktemp("slow")

@@ -15,7 +15,7 @@ from cnnserve import models
 from cnnserve.models.checkpoint import load_checkpoint
 from cnnserve.models.pretrained import WeightsError, import_torchvision, load_weights, read_weights
 from cnnserve.models.train import TrainConfig, train
-from cnnserve.service.runtime import load_model
+from cnnserve.core.runtime import load_model
 from tests.conftest import Server, encode, run_cli
 
 tv = import_torchvision()
@@ -326,7 +326,7 @@ def test_weights_of_another_architecture_are_named_before_labels(tmp_path):
 
 def test_library_imports_and_the_hint_for_unknown_names_work(tmp_path):
     """`import timm` and `import torchvision` work in the project's venv (its torchvision is a CUDA build
-    beside a CPU-only torch: ./run.sh puts cnnserve/venvhook.py in front of the import), and the command an
+    beside a CPU-only torch: ./run.sh puts command/venvhook.py in front of the import), and the command an
     unknown name suggests runs and lists the right name (issue 25, item 3)."""
     import subprocess
     import sys

@@ -98,7 +98,7 @@ def test_container_end_to_end(podman_env, stored_default, default_onnx, digits_t
 
         import json
 
-        from cnnserve.service.runtime import load_model
+        from cnnserve.core.runtime import load_model
 
         uid = subprocess.run([*PODMAN, "exec", name, "id", "-u"], capture_output=True, text=True).stdout.strip()
         assert uid not in ("", "0"), uid
@@ -144,7 +144,7 @@ def test_gpu_bento_builds_from_the_cuda_base_with_its_lock(stored_default):
     Dockerfile start from the CUDA base, and its packages be the GPU serving lock's."""
     import bentoml
 
-    from cnnserve.container import build_bento
+    from cnnserve.command.container import build_bento
 
     tag = build_bento([stored_default], gpu=True)
     try:
@@ -159,12 +159,12 @@ def test_gpu_bento_builds_from_the_cuda_base_with_its_lock(stored_default):
         doc = yaml.safe_load(open(shutil.os.path.join(bento.path, "bento.yaml")))
         assert [m["tag"].split(":")[0] for m in doc["services"][0]["models"]] == [stored_default.split(":")[0]]
         assert doc["args"]["models"] == stored_default
-        # the ground floor and the service, not the command (cli.py, container.py) nor torch-side code
+        # the ground floor and the service: not the command, batch scoring, nor torch-side code
         src = Path(bento.path, "src")
         shipped = {str(f.relative_to(src)) for f in src.rglob("*.py")}
-        assert {"cnnserve/core/preprocess.py", "service/service.py", "service/scoring/engines.py"} <= shipped
-        assert not any(f.startswith(("cnnserve/cli", "cnnserve/container", "models/", "export/", "bench/"))
-                       for f in shipped), shipped
+        assert {"cnnserve/__init__.py", "cnnserve/core/preprocess.py", "cnnserve/core/runtime.py",
+                "service/service.py"} <= shipped
+        assert not any(f.startswith(("command/", "scoring/", "models/", "export/", "bench/")) for f in shipped), shipped
     finally:
         bentoml.delete(tag)
     base = (ROOT / "deploy" / "gpu" / "Containerfile").read_text()

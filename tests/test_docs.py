@@ -51,7 +51,7 @@ def test_relative_links_resolve(page):
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
-    from cnnserve.clidoc import parsers
+    from cnnserve.command.clidoc import parsers
 
     return parsers()
 
@@ -134,14 +134,14 @@ def test_every_service_argument_in_the_docs_exists():
 
 
 def test_cli_reference_is_written_from_the_parser():
-    from cnnserve.clidoc import markdown
+    from cnnserve.command.clidoc import markdown
 
     assert (ROOT / "docs" / "cli.md").read_text() == markdown(), (
-        "docs/cli.md differs from the command: .venv/bin/python -m cnnserve.clidoc > docs/cli.md")
+        "docs/cli.md differs from the command: .venv/bin/python -m cnnserve.command.clidoc > docs/cli.md")
 
 
 def test_cli_reference_explains_every_argument():
-    from cnnserve.clidoc import markdown
+    from cnnserve.command.clidoc import markdown
 
     empty = [line for line in markdown().splitlines() if line.startswith("| `") and line.rstrip().endswith("|  |")]
     assert not empty, f"arguments without a help text: {empty}"

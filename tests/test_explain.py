@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnserve.export.onnx import export_checkpoint
+from cnnserve.export.pipeline import export_checkpoint
 from cnnserve.export.store import store_model
 from tests.conftest import ROOT, Server, encode, run_cli
 

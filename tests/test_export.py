@@ -14,7 +14,9 @@ import torch
 
 from cnnserve import models
 from cnnserve.core.onnxmeta import INPUT, OUTPUTS, ModelInfo
-from cnnserve.export.onnx import ExportError, export_checkpoint, to_onnx
+from cnnserve.export.files import ExportError
+from cnnserve.export.pipeline import export_checkpoint
+from cnnserve.export.trace import to_onnx
 from cnnserve.export.store import StoreError, read_info, store_model
 from cnnserve.export.verify import TOLERANCES, verify
 from cnnserve.models.checkpoint import file_sha256, save_checkpoint

@@ -11,9 +11,10 @@ import numpy as np
 import onnx
 import pytest
 
-from cnnserve.export.onnx import ExportError, export_checkpoint, export_int8
+from cnnserve.export.files import ExportError
+from cnnserve.export.pipeline import export_checkpoint, export_int8
 from cnnserve.export.store import read_info, store_model
-from cnnserve.service.runtime import ModelLoadError, load_model
+from cnnserve.core.runtime import ModelLoadError, load_model
 from tests.conftest import Server, encode, run_cli
 
 

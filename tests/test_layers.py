@@ -1,13 +1,15 @@
 """The project's floors, checked from its own imports (read with ``ast``, nothing is imported).
 
-ground  cnnserve/__init__.py, cnnserve/core/   imports nothing else of the project
-models  models/                                the ground floor
-export  export/                                models and the ground floor
-service service/                               the ground floor only; no torch reachable
-command cnnserve/*.py, bench/                  anything
+ground  cnnserve/ (core/)       the spec, the ONNX contract and runtime, decoding, config: imports nothing else
+models  models/                 the ground floor
+export  export/                 models and the ground floor
+service service/                the ground floor only; no torch reachable (the serving image)
+scoring scoring/                the ground floor only; no torch reachable (batch scoring)
+command command/, bench/        anything; nothing imports it
 
 Across floors, code names the installed namespace (``cnnserve.models``); within a floor it imports
-relatively. The wheel maps the repository's folders to that namespace (pyproject.toml).
+relatively. The wheel maps the repository's folders to that namespace (pyproject.toml). No module
+imports itself back through others (a cycle), at any depth, function-level imports included.
 """
 
 import ast
@@ -19,13 +21,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"models": "models", "export": "export", "service": "service", "bench": "bench"}
+FOLDERS = {"models": "models", "export": "export", "service": "service", "scoring": "scoring",
+           "command": "command", "bench": "bench"}
 ALLOWED = {
     "ground": {"ground"},
     "models": {"ground", "models"},
     "export": {"ground", "models", "export"},
     "service": {"ground", "service"},
-    "command": {"ground", "models", "export", "service", "command"},
+    "scoring": {"ground", "scoring"},
+    "command": {"ground", "models", "export", "service", "scoring", "command"},
 }
 
 
@@ -42,9 +46,11 @@ def floor_of(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "cnnserve":
         return None  # not the project's
-    if len(parts) == 1 or parts[1] == "core" or parts[1].startswith("__"):  # __version__: the ground's
+    if len(parts) == 1:
         return "ground"
-    return {"models": "models", "export": "export", "service": "service"}.get(parts[1], "command")
+    # cnnserve.core and the names cnnserve/__init__.py defines (__version__, ...) are the ground's
+    return {"models": "models", "export": "export", "service": "service", "scoring": "scoring",
+            "command": "command", "bench": "command"}.get(parts[1], "ground")
 
 
 def project_files() -> list[Path]:
@@ -103,14 +109,55 @@ def reachable(start: set[str]) -> dict[str, str]:
     return seen
 
 
-def test_no_torch_is_reachable_from_the_service():
-    service = {module_of(p) for p in (ROOT / "service").rglob("*.py")}
-    via = reachable(service)
+@pytest.mark.parametrize("floor", ["service", "scoring"])
+def test_no_torch_is_reachable_from_the_serving_path(floor):
+    start = {module_of(p) for p in (ROOT / floor).rglob("*.py")}
+    via = reachable(start)
     files = {module_of(p): p for p in project_files()}
-    torch = [f"{m} (reached from {via[m] or 'service/'})" for m in via
+    torch = [f"{m} (reached from {via[m] or floor + '/'})" for m in via
              if any(name.split(".")[0] == "torch" for _, name in imports(files[m]))]
     assert not torch, "torch is imported on the serving path: " + ", ".join(torch)
-    assert {floor_of(m) for m in via} <= {"ground", "service"}
+    assert {floor_of(m) for m in via} <= {"ground", floor}
+
+
+def cycles() -> list[list[str]]:
+    """Every import cycle among the project's modules (Tarjan's strongly connected components; a module
+    importing a name of its own package's ``__init__`` counts as importing the package)."""
+    files = {module_of(p): p for p in project_files()}
+    graph = {m: sorted({n for _, n in imports(p) if n in files and n != m}) for m, p in files.items()}
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    found = cycles()
+    assert not found, "import cycles (function-level imports included):\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
 def test_the_checker_sees_a_wrong_import(tmp_path, monkeypatch):
@@ -129,7 +176,14 @@ def test_the_checker_sees_a_wrong_import(tmp_path, monkeypatch):
     spec = tmp_path / "cnnserve" / "core" / "spec.py"
     spec.write_text(spec.read_text() + "\ndef f():\n    import torch\n")
     with pytest.raises(AssertionError, match="cnnserve.core.spec"):
-        test_no_torch_is_reachable_from_the_service()
+        test_no_torch_is_reachable_from_the_serving_path("scoring")
+    # a cycle through a function-level import
+    store = tmp_path / "export" / "store.py"
+    store.write_text(store.read_text() + "\ndef g():\n    from .verify import verify\n")
+    verify = tmp_path / "export" / "verify.py"
+    verify.write_text(verify.read_text() + "\ndef h():\n    from .store import MODEL_FILE\n")
+    with pytest.raises(AssertionError, match="cnnserve.export.store <-> cnnserve.export.verify"):
+        test_no_import_cycles()
 
 
 def test_the_wheel_maps_every_package_folder_under_cnnserve():
@@ -139,6 +193,10 @@ def test_the_wheel_maps_every_package_folder_under_cnnserve():
     folders = {module_of(p.parent / "__init__.py") for p in project_files() if "results" not in p.parts}
     assert set(tool["packages"]) == folders
     assert tool["package-dir"] == {f"cnnserve.{k}": v for k, v in FOLDERS.items()}
+    # the bento carries the folders without the wheel: cnnserve/__init__.py maps the same names
+    import cnnserve
+
+    assert set(cnnserve.SOURCE_FOLDERS) == set(FOLDERS)
 
 
 # import name -> the distribution that provides it, where they differ

@@ -29,7 +29,7 @@ def expected_label(run: Path, sample: str) -> str:
     """What the run's own exported model says of a sample, in-process: the served answer must agree
     (the sample's true class is in its name, but a 98% model may miss one)."""
     from cnnserve.core.preprocess import load_file
-    from cnnserve.service.runtime import load_model
+    from cnnserve.core.runtime import load_model
 
     model = load_model(run / "model.onnx", providers="cpu", warm_up=False)
     probs = model.predict(load_file(run / sample, model.spec)[None])

@@ -63,24 +63,23 @@ print(json.dumps(got))
     assert out == expected
 
 
-def test_rejected_images_hold_no_memory():
+def test_rejected_images_hold_no_memory(default_onnx):
     """200 images that allocate 18 MB each and then fail (truncated half-way) through the service's
     own decode path, with the garbage collector frozen as in the server: memory and live objects
     stay flat (they grew without bound while tracebacks kept the buffers)."""
     out = run_capped("""
 import asyncio, gc, json, resource
 from cnnserve.bench import hostile
-from cnnserve.core.spec import ModelSpec
 from cnnserve.core.config import Settings
-from cnnserve.service.engine import APIError, Engine
+from cnnserve.core.runtime import load_model
+from cnnserve.service.engine import Engine
+from cnnserve.service.errors import APIError
 from cnnserve.service.memory import return_freed_memory
 
-return_freed_memory()
-class Fake:  # the engine's decode path needs a model's spec only
-    name, spec = "m", ModelSpec("m", 3, 64, 64, (0.5,) * 3, (0.5,) * 3, labels=("a", "b"))
-engine = Engine.__new__(Engine)
+model = load_model(%r, providers="cpu")
 # decoded here, as a decoding process (a long-lived one) decodes: what one rejection leaves, every one does
-engine.config = Settings(inline_decode_bytes=1 << 30, inline_decode_pixels=1 << 30)
+engine = Engine([model], Settings(inline_decode_bytes=1 << 30, inline_decode_pixels=1 << 30))
+return_freed_memory()
 bad = hostile.truncated_png()
 
 def rss():
@@ -89,7 +88,7 @@ def rss():
 async def reject(n):
     for _ in range(n):
         try:
-            await engine.decode(Fake, bad)
+            await engine.decode(model, bad)
         except APIError as e:
             assert e.code == "truncated", e.code
             e.__traceback__ = e.__context__ = None  # what the API's error handler does
@@ -102,7 +101,7 @@ async def main():
 
 gc.collect(); gc.freeze()
 print(json.dumps(asyncio.run(main())))
-""", megabytes=2048)
+""" % str(default_onnx), megabytes=2048)
     assert out["after"] - out["before"] < 60, out  # 200 x 18 MB = 3.6 GB if any were kept
     assert out["objects"] < 500, out
 
@@ -615,7 +614,7 @@ def _serve_until_exit(*args: str, timeout: float = 120) -> tuple[int, str, float
     from cnnserve.core.store import bentoml_command
 
     t = time.monotonic()
-    proc = subprocess.run([bentoml_command(), "serve", "service.service:CnnServe", "--host", "127.0.0.1",
+    proc = subprocess.run([bentoml_command(), "serve", "cnnserve.service.service:CnnServe", "--host", "127.0.0.1",
                            "--port", str(free_port()), *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "BENTOML_HOME": home_of_its_own()},
                           preexec_fn=lambda: cap_memory(CAP_MB))
@@ -789,7 +788,7 @@ def test_decoding_processes_take_interactive_images_first_and_requests_in_turn()
 def test_required_cuda_that_does_not_load_stops_the_server_once(stored_default, default_onnx):
     """`providers=cuda` on a machine where CUDA does not load (every CPU machine, CI): the workers cannot
     start, and the server exits 1 with the reason instead of restarting them for ever."""
-    from cnnserve.service.runtime import ModelLoadError, create_session
+    from cnnserve.core.runtime import ModelLoadError, create_session
 
     try:
         create_session(default_onnx, "cuda")

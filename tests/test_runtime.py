@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from cnnserve.service.batching import MicroBatcher, Overloaded
-from cnnserve.service.runtime import CPU, CUDA, ModelLoadError, load_model, requested_providers
+from cnnserve.core.runtime import CPU, CUDA, ModelLoadError, load_model, requested_providers
 
 
 def test_provider_choice():
@@ -98,7 +98,8 @@ def test_default_top_k_is_clamped_explicit_is_refused(default_onnx):
     """A model with fewer classes than the default top-k answers with all its classes."""
     import copy
 
-    from cnnserve.service.engine import APIError, Engine
+    from cnnserve.service.engine import Engine
+    from cnnserve.service.errors import APIError
 
     m = load_model(default_onnx)
     few = copy.copy(m)
@@ -115,7 +116,8 @@ def test_engine_decodes_inline_or_in_processes_alike(default_onnx, digits_test):
     """Small images decode on the event loop, large ones in decoding processes: same answers, all stages
     timed; a broken image fails alone on either path."""
     from cnnserve.core.config import Settings
-    from cnnserve.service.engine import STAGES, APIError, Engine
+    from cnnserve.service.engine import STAGES, Engine
+    from cnnserve.service.errors import APIError
     from cnnserve.core.preprocess import preprocess
     from tests.conftest import encode
 
@@ -176,35 +178,39 @@ def test_classify_fast_path_answers_as_fastapi_route_does(default_onnx, digits_t
         dict(files={"picture": ("d.png", png, "image/png")}),
     ]
 
-    async def answers(fast: bool) -> list:
-        app = create_app(lambda: engine, 1 << 20)
-        if not fast:
-            app.fast_classify = None
+    async def answers(fast: bool, root_path: str = "") -> list:
+        app = create_app(engine)
+        app.fast_path = fast
         out = []
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        transport = httpx.ASGITransport(app=app, root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             for kwargs in cases:
-                r = await client.post("/classify", **kwargs)
+                r = await client.post(root_path + "/classify", **kwargs)
                 body = r.json()
                 stages = {part.split(";")[0].strip() for part in r.headers.get("Server-Timing", "").split(",") if part}
-                out.append((r.status_code, body.get("predictions"), body.get("code"), stages))
+                # the whole answer: predictions, or the refusal's code and its words
+                out.append((r.status_code, body.get("predictions"), body.get("code"), body.get("error"), stages))
         return out
 
     try:
         fast, routed = asyncio.run(answers(True)), asyncio.run(answers(False))
+        behind_a_prefix = asyncio.run(answers(True, root_path="/cnn"))  # the fast path under a root_path
     finally:
         engine.close()
-    assert fast == routed
+    assert fast == routed == behind_a_prefix
     assert [status for status, *_ in fast] == [200, 200, 200, 400, 400, 400, 400, 400, 404, 400, 415, 400]
-    assert fast[0][3] == set(STAGES) and len(fast[1][1]) == 3
+    assert fast[0][4] == set(STAGES) and len(fast[1][1]) == 3
+    assert fast[3][3] == ("invalid request: query.top_k: Input should be a valid integer, unable to parse string "
+                          "as an integer"), fast[3][3]
 
 
 def test_classify_params_parse():
-    from cnnserve.service.api import ClassifyParams
-    from cnnserve.service.engine import APIError
+    from cnnserve.service.errors import APIError
+    from cnnserve.service.params import ClassifyParams
 
-    p = ClassifyParams.parse(b"top_k=2&model=a%20b&timeout_ms=1.5e3&priority=bulk&top_k=3&other=1")
+    p = ClassifyParams.from_query(b"top_k=2&model=a%20b&timeout_ms=1.5e3&priority=bulk&top_k=3&other=1")
     assert (p.top_k, p.model, p.timeout_ms, p.priority) == (3, "a b", 1500.0, "bulk")  # the last top_k counts
-    assert ClassifyParams.parse(b"").top_k is None
+    assert ClassifyParams.from_query(b"").top_k is None
     with pytest.raises(APIError, match="query.top_k: Input should be a valid integer") as e:
-        ClassifyParams.parse(b"top_k=2.5")
+        ClassifyParams.from_query(b"top_k=2.5")
     assert e.value.status == 400 and e.value.code == "bad_parameter"

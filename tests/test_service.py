@@ -288,6 +288,8 @@ def test_health_metrics_and_openapi(client, digits_test):
     from cnnserve.service.patches import PATCHES
 
     assert runtime["versions"]["bentoml"] and set(runtime["patches"]) == {p.name for p in PATCHES}
+    # one name per module in the running worker (as bentofile.yaml names the service)
+    assert runtime["modules_with_two_names"] == []
     paths = client.get("/docs.json").json()["paths"]
     for p in ("/classify", "/classify/batch", "/models", "/v2/models/{name}/infer", "/v2/health/ready"):
         assert p in paths

@@ -2,7 +2,7 @@
 
 An exported ONNX file takes ``pixels`` (uint8, N x C x H x W at the spec's size) and
 gives ``logits`` and ``probabilities`` (float32, N x classes). Its ``metadata_props``
-carry what a server needs and must not guess; they are written by ``export/onnx.py``
+carry what a server needs and must not guess; they are written by the exporter (``export/``)
 and read back here, by the service and the batch scorer (through onnxruntime's
 ``custom_metadata_map``: no onnx or torch import needed).
 """
@@ -14,9 +14,17 @@ from dataclasses import dataclass, field
 
 from .spec import ModelSpec, SpecError
 
+import os
+
 FORMAT = "cnnserve-onnx/1"
 INPUT = "pixels"
-OUTPUTS = ("logits", "probabilities")
+LOGITS, PROBABILITIES = "logits", "probabilities"
+OUTPUTS = (LOGITS, PROBABILITIES)
+# Class activation maps (export/cam.py adds them where the head allows, service/explain.py reads them): the
+# last convolutional feature maps and the classifier's weights over them.
+FEATURES, CAM_WEIGHTS = "features", "cam_weights"
+#: The file name of a model in BentoML's store; its variants are model.fp16.onnx, model.int8.onnx.
+MODEL_FILE = "model.onnx"
 
 KEY_FORMAT = "cnnserve.format"
 KEY_SPEC = "cnnserve.spec"
@@ -38,6 +46,17 @@ VARIANTS = ("fp16", "int8")
 def variant_file(path: str, precision: str) -> str:
     """Where the ``precision`` variant of the fp32 file ``path`` (NAME.onnx) lives: NAME.PRECISION.onnx."""
     return f"{path[:-5] if path.endswith('.onnx') else path}.{precision}.onnx"
+
+
+def variant_files(path: str | os.PathLike, own: str) -> dict[str, str]:
+    """The one variant discovery: ``path`` under its own precision ``own``, and the variant files beside an
+    fp32 file (NAME.fp16.onnx, NAME.int8.onnx; in the model store model.*.onnx) that exist. Whether each
+    was made from the same weights is the caller's check (the store refuses, the runtime skips)."""
+    path = str(path)
+    out = {own: path}
+    if own == "fp32" and path.endswith(".onnx"):
+        out.update({p: f for p in VARIANTS if os.path.isfile(f := variant_file(path, p))})
+    return out
 
 
 def samples(props: dict[str, str]) -> list[dict]:

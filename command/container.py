@@ -17,8 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from .core.config import DEFAULT_MODEL
-from .core.store import NotStored, bentoml_command, stored_model
+from cnnserve.core.config import DEFAULT_MODEL
+from cnnserve.core.store import NotStored, bentoml_command, stored_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = DEFAULT_MODEL

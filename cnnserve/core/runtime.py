@@ -18,9 +18,9 @@ from functools import cached_property
 import numpy as np
 import onnxruntime as ort
 
-from cnnserve.core import onnxmeta
-from cnnserve.core.onnxmeta import ModelInfo
-from cnnserve.core.spec import SpecError
+from . import onnxmeta
+from .onnxmeta import ModelInfo
+from .spec import SpecError
 
 log = logging.getLogger("cnnserve.runtime")
 
@@ -110,9 +110,9 @@ class Model:
         """The classifier's weights (classes x channels) when the export added CAM outputs (``features``
         and ``cam_weights``, see ``service/explain.py``); None otherwise. Read by one run, once."""
         names = {o.name for o in self.session.get_outputs()}
-        if not {"features", "cam_weights"} <= names:
+        if not {onnxmeta.FEATURES, onnxmeta.CAM_WEIGHTS} <= names:
             return None
-        return self.run(np.zeros((1, *self.spec.input_shape), np.uint8), ["cam_weights"])[0]
+        return self.run(np.zeros((1, *self.spec.input_shape), np.uint8), [onnxmeta.CAM_WEIGHTS])[0]
 
     @property
     def providers(self) -> list[str]:
@@ -158,19 +158,6 @@ class Model:
         }
 
 
-def variant_paths(path: str | os.PathLike, own: str) -> dict[str, str]:
-    """``path`` under its own precision ``own``, and the verified variants written beside an fp32 file by
-    ``cnnserve export --fp16/--int8`` (NAME.fp16.onnx, NAME.int8.onnx; in the model store model.*.onnx)."""
-    path = str(path)
-    out = {own: path}
-    if own == "fp32" and path.endswith(".onnx"):
-        for precision in onnxmeta.VARIANTS:
-            candidate = onnxmeta.variant_file(path, precision)
-            if os.path.isfile(candidate):
-                out[precision] = candidate
-    return out
-
-
 def time_sessions(sessions: dict[str, ort.InferenceSession], shape: tuple, batch_sizes, rounds: int = 5) -> dict:
     """Milliseconds per image for each session at each batch size: the median of ``rounds`` runs,
     the sessions interleaved so that a noisy neighbour slows all of them alike."""
@@ -196,7 +183,7 @@ def choose_precision(path: str | os.PathLike, precision: str = "auto", providers
     first = create_session(path, providers, threads, spin=spin)
     info = ModelInfo.from_metadata(first.get_modelmeta().custom_metadata_map, str(path))
     own = info.precision
-    files = variant_paths(path, own)
+    files = onnxmeta.variant_files(path, own)
     opened = {own: first}
 
     def session_of(p: str) -> ort.InferenceSession | None:

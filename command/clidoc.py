@@ -1,7 +1,7 @@
 """docs/cli.md, written from the command's own parsers: every subcommand, argument and default, so the
 reference cannot drift from the command (tests/test_docs.py fails when the file differs). Regenerate::
 
-    .venv/bin/python -m cnnserve.clidoc > docs/cli.md
+    .venv/bin/python -m cnnserve.command.clidoc > docs/cli.md
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 HEADER = """# Command reference: `cnnserve`
 
 Every subcommand and argument of the `cnnserve` command, written from its own parser
-(`.venv/bin/python -m cnnserve.clidoc > docs/cli.md`; `tests/test_docs.py` fails when this file and the
+(`.venv/bin/python -m cnnserve.command.clidoc > docs/cli.md`; `tests/test_docs.py` fails when this file and the
 command differ). `cnnserve COMMAND --help` prints the same. A bad input ends with one line,
 `cnnserve: error: ...`, and exit status 2; `CNNSERVE_DEBUG=1` shows the traceback instead.
 The service's own settings (`bentoml serve --arg key=value`) are in [serving.md](serving.md).
@@ -21,7 +21,7 @@ The service's own settings (`bentoml serve --arg key=value`) are in [serving.md]
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """Each subcommand's parser by name (``bench``: the harness's own)."""
     from cnnserve.bench.harness import build_parser as bench_parser
-    from cnnserve.cli import build_parser
+    from cnnserve.command.cli import build_parser
 
     top = build_parser()
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
@@ -31,7 +31,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def summaries() -> dict[str, str]:
-    from cnnserve.cli import build_parser
+    from cnnserve.command.cli import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return {a.dest: a.help or "" for a in sub._choices_actions}

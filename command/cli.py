@@ -12,8 +12,8 @@ import argparse
 import os
 import sys
 
-from .core.config import DEFAULT_MODEL, DEFAULTS
-from .core.store import NotStored, bentoml_command, stored_model
+from cnnserve.core.config import DEFAULT_MODEL, DEFAULTS
+from cnnserve.core.store import NotStored, bentoml_command, stored_model
 
 DEFAULT_ARCH = "lenet5"
 DEFAULT_DATA = "digits"
@@ -116,7 +116,9 @@ def _store(path, name=None) -> str:
 def _cmd_export(args) -> int:
     from pathlib import Path
 
-    from cnnserve.export.onnx import VariantsFailed, checkpoint_from_weights, export_checkpoint
+    from cnnserve.export.files import VariantsFailed
+    from cnnserve.models.fromweights import checkpoint_from_weights
+    from cnnserve.export.pipeline import export_checkpoint
 
     checkpoint = args.checkpoint
     if args.weights:  # an architecture by name and a weights file: first a checkpoint of them, named as --out
@@ -153,7 +155,8 @@ def _cmd_quantize(args) -> int:
     from pathlib import Path
 
     from cnnserve.core.onnxmeta import variant_file
-    from cnnserve.export.onnx import ExportError, export_int8
+    from cnnserve.export.files import ExportError
+    from cnnserve.export.pipeline import export_int8
     from cnnserve.export.quantize import folder_images
     from cnnserve.export.store import read_info
 
@@ -181,7 +184,7 @@ def _cmd_quantize(args) -> int:
 
 def _cmd_import(args) -> int:
     from cnnserve.export.importer import ModelImportError, import_onnx
-    from cnnserve.export.onnx import read_labels
+    from cnnserve.models.fromweights import read_labels
 
     try:
         size = tuple(int(v) for v in args.size.lower().split("x")) if args.size else None
@@ -230,7 +233,7 @@ def _cmd_up(args) -> int:
     if onnx_path.is_file() and onnx_path.stat().st_mtime >= ckpt.stat().st_mtime:
         print(f"[2/3] using the exported {onnx_path}")
     else:
-        from cnnserve.export.onnx import export_checkpoint
+        from cnnserve.export.pipeline import export_checkpoint
 
         print(f"[2/3] exporting {ckpt} to ONNX")
         export_checkpoint(ckpt, onnx_path, overwrite=True)  # up keeps this folder's export up to date
@@ -248,12 +251,11 @@ def _serve(tags, port: int, host: str, extra=(), sample=None) -> int:
     """Replace this process with `bentoml serve` of the project's service (from the repository root)."""
     from pathlib import Path
 
-    # A source checkout serves service/ as bentofile.yaml names it; an installed wheel holds the same
-    # package as cnnserve.service (docs/design.md, "Installed names").
+    # one name everywhere (docs/design.md, "One name per module"): as bentofile.yaml names it
     root = Path(__file__).resolve().parents[1]
-    target = "service.service:CnnServe" if (root / "bentofile.yaml").is_file() else "cnnserve.service.service:CnnServe"
+    workdir = ["--working-dir", str(root)] if (root / "bentofile.yaml").is_file() else []
     bentoml = bentoml_command()
-    argv = [bentoml, "serve", target, "--working-dir", str(root), "--host", host,
+    argv = [bentoml, "serve", "cnnserve.service.service:CnnServe", *workdir, "--host", host,
             "--port", str(port), "--arg", "models=" + " ".join(tags), *extra]
     print(f"serving {' '.join(tags)} on http://{host}:{port} (Ctrl+C to stop); try:\n"
           f"  curl -F image=@{sample or 'IMAGE.png'} http://127.0.0.1:{port}/classify")
@@ -295,7 +297,7 @@ def _ensure_stored(onnx_path) -> str:
 
 
 def _cmd_score(args) -> int:
-    from cnnserve.service.batch import score
+    from cnnserve.scoring.run import score
 
     summary = score(args.inputs, args.out, model=args.model, engine=args.engine, top_k=args.top_k,
                     batch_size=args.batch_size, workers=args.workers, url=args.url, concurrency=args.concurrency,
@@ -308,7 +310,7 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_container(args) -> int:
-    from cnnserve.container import main as container_main
+    from cnnserve.command.container import main as container_main
 
     return container_main(args.models, args.gpu, args.backend, args.image_tag, args.opt, args.arg)
 

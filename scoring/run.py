@@ -9,7 +9,7 @@ HTTP service, so all give the same answers. Output goes to disk batch by batch: 
 killed run leaves a valid partial file and ``--resume`` completes it, scoring each
 input exactly once. A file that cannot be read or decoded gets a row with its error.
 
-The parts live in ``service/scoring/``: inputs, writers, engines. No torch.
+The parts live in ``scoring/``: inputs, writers, engines. No torch.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from pathlib import Path
 from cnnserve.core.config import CORES, DEFAULT_MODEL, DEFAULTS
 from cnnserve.core.store import NotStored, stored_model
 
-from .runtime import ModelLoadError, load_model
-from .scoring import ScoreError, printable, row
-from .scoring.engines import DECODERS, ENGINES, Stats, score_http, score_local, score_ray
-from .scoring.inputs import collect_inputs
-from .scoring.writers import Writer, files_of, read_predictions
+from cnnserve.core.runtime import ModelLoadError, load_model
+from . import ScoreError, printable, row
+from .engines import DECODERS, ENGINES, Stats, score_http, score_local, score_ray
+from .inputs import collect_inputs
+from .writers import Writer, files_of, read_predictions
 
 __all__ = ["ScoreError", "collect_inputs", "read_predictions", "score", "resolve_model"]
 

@@ -22,7 +22,7 @@ import numpy as np
 from cnnserve.core.spec import ModelSpec
 
 from cnnserve.core.preprocess import DEFAULT_LIMITS, ImageError, preprocess, read_file
-from ..runtime import Model, load_model
+from cnnserve.core.runtime import Model, load_model
 from . import ScoreError, row
 
 ENGINES = ("local", "http", "ray")
@@ -186,7 +186,7 @@ class _RayScorer:
 
         from cnnserve.core.onnxmeta import ModelInfo
 
-        from ..runtime import create_session
+        from cnnserve.core.runtime import create_session
 
         if isinstance(model_bytes, ray.ObjectRef):  # the model travels through the object store
             model_bytes = ray.get(model_bytes)
@@ -215,7 +215,7 @@ def score_ray(paths: list[str], model_path: str, top_k: int, batch_size: int, wo
         import ray
     except ImportError:
         raise ScoreError("the ray engine needs Ray Data: pip install 'cnnserve[scale]' (ray[data])") from None
-    from ..runtime import CUDA, requested_providers
+    from cnnserve.core.runtime import CUDA, requested_providers
 
     model_bytes = Path(model_path).read_bytes()
     spec = load_model(model_path, providers="cpu", warm_up=False).spec

@@ -1,0 +1,146 @@
+"""The whole export: a checkpoint to verified ONNX files (fp32, and the fp16 and int8 variants asked for).
+
+Weights are stored inline (no ``.onnx.data`` side file), the file passes ``onnx.checker`` with full
+checking, and ``metadata_props`` carry the spec, labels, metrics, the checkpoint's sha256 and the library
+versions (``cnnserve.core.onnxmeta``). Nothing is written for a precision whose verification fails.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from cnnserve.core import onnxmeta
+from cnnserve.core.onnxmeta import ModelInfo
+from cnnserve.models.checkpoint import classifier_from_checkpoint, file_sha256, load_checkpoint
+from cnnserve.models.data import DataError, load_dataset
+
+from .files import ExportError, VariantsFailed, check_outputs, drop_refused, sample_images, save_verified, \
+    set_metadata, versions
+from .quantize import quantize_verified
+from .trace import DEFAULT_OPSET, simplify, to_fp16, to_onnx
+from .verify import format_report, verify
+
+
+@functools.lru_cache(maxsize=1)
+def _dataset(data: str, spec, data_dir: str | None):
+    """A checkpoint's data set, loaded once for the splits an export reads (test; train and val for int8)."""
+    return load_dataset(data, spec, data_dir, limit=None)
+
+
+def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64, split: str = "test",
+                limit: int | None = None):
+    """The checkpoint's own ``split`` (test, val or train: uint8 images, targets), rebuilt from its data
+    set, at most ``limit`` images (a seeded sample); a checkpoint that names no data set (random weights)
+    is checked on seeded random images instead."""
+    data = ckpt.get("data")
+    spec = ckpt["spec"]
+    if not data:
+        rng = np.random.default_rng({"test": 0, "val": 1, "train": 2}[split])
+        return rng.integers(0, 256, (n_random, *spec.input_shape), dtype=np.uint8), None
+    cfg = ckpt.get("train_config", {})
+    try:
+        images = getattr(_dataset(data, spec, data_dir or cfg.get("data_dir")), split)
+    except DataError as e:
+        raise ExportError(f"{ckpt['path']}: cannot rebuild the {split} split of {data!r} to verify the export "
+                          f"({e}); pass --data-dir") from None
+    index = range(len(images))
+    if limit is not None and limit < len(images):
+        index = sorted(np.random.default_rng(0).choice(len(images), limit, replace=False))
+    pairs = [images[i] for i in index]
+    return (np.stack([x.numpy() for x, _ in pairs]), np.array([int(y) for _, y in pairs]))
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, fp16: bool = False,
+                      int8: bool = False, calibration: int = 128, calibration_method: str = "auto",
+                      int8_format: str | None = None, simplify_graph: bool = False, data_dir: str | None = None,
+                      opset: int = DEFAULT_OPSET, overwrite: bool = False, log=print) -> list[dict]:
+    """Export, verify and save; returns one record per file written (path, report path, report, info).
+    ``int8``: also NAME.int8.onnx, calibrated on ``calibration`` images of the training split
+    (``export.quantize``), after the fp32 file is written.
+
+    Nothing is written for a precision whose verification fails: the report is. A failed fp32 file raises
+    ExportError at once; a failed variant does not stop the others, and VariantsFailed (an ExportError)
+    then carries what was written. An existing file is replaced only when it is an earlier export of the
+    same checkpoint, or with ``overwrite`` (``check_outputs``).
+    """
+    ckpt = load_checkpoint(checkpoint)
+    model = classifier_from_checkpoint(ckpt)
+    metrics = ckpt.get("metrics", {})
+    info = ModelInfo(spec=ckpt["spec"], precision="fp32", metrics=metrics,
+                     checkpoint_sha256=file_sha256(ckpt["path"]), versions=versions(), data=ckpt.get("data", ""),
+                     origin=ckpt.get("origin", {"kind": "trained"}))
+    out = Path(out) if out else Path(ckpt["path"]).with_suffix(".onnx")
+    check_outputs(out, info.checkpoint_sha256, ["fp32"] + ["fp16"] * fp16 + ["int8"] * int8, overwrite, log)
+    images, targets = test_images(ckpt, data_dir)
+    log(f"exporting {ckpt['path']} ({info.spec.arch}, input uint8 {'x'.join(map(str, info.spec.input_shape))}, "
+        f"{info.spec.num_classes} classes) to ONNX opset {opset} ...")
+    t0 = time.time()
+    proto = to_onnx(model, info, opset)
+    set_metadata(proto, info, sample_images(images, targets, info.spec.labels))
+    if simplify_graph:
+        proto = simplify(proto)
+    log(f"traced in {time.time() - t0:.1f}s; verifying against PyTorch on {len(images)} "
+        f"{'test' if targets is not None else 'random'} images ...")
+    jobs = [("fp32", proto, out)]
+    if fp16:
+        half = to_fp16(proto)
+        set_metadata(half, replace(info, precision="fp16"))
+        jobs.append(("fp16", half, Path(onnxmeta.variant_file(str(out), "fp16"))))
+    results, failures = [], []
+    for precision, p, path in jobs:
+        blob = p.SerializeToString()
+        report = verify(blob, model, images, targets, precision, metrics.get("test_accuracy"))
+        report.update(model=str(path), checkpoint=str(ckpt["path"]), checkpoint_sha256=info.checkpoint_sha256,
+                      simplified=simplify_graph, opset=opset, bytes=len(blob))
+        log(format_report(report))
+        try:
+            report_path = save_verified(p, path, report, f"verification failed "
+                                        f"({'; '.join(report.get('failures', []))})", len(blob), log)
+        except ExportError as e:
+            if precision == "fp32":
+                raise
+            failures.append(drop_refused(path, str(e), log))
+            continue
+        results.append({"path": path, "report_path": report_path, "report": report,
+                        "info": replace(info, precision=precision)})
+    if int8:
+        path = Path(onnxmeta.variant_file(str(out), "int8"))
+        try:
+            results.append(export_int8(proto, info, path,
+                                       test_images(ckpt, data_dir, split="train", limit=calibration),
+                                       test_images(ckpt, data_dir, split="val", limit=256), (images, targets),
+                                       calibration_method, int8_format, f"{info.data or 'random'} training split", log))
+        except ExportError as e:
+            failures.append(drop_refused(path, str(e), log))
+    if failures:
+        raise VariantsFailed(results, failures)
+    return results
+
+
+def export_int8(fp32: onnx.ModelProto, info: ModelInfo, path: Path, calibration, selection, test,
+                method: str = "auto", fmt: str | None = None, source: str = "", log=print) -> dict:
+    """Quantize ``fp32`` (images as (uint8 array, targets) pairs), verify against it, write if it passes."""
+    log(f"quantizing to int8: {len(calibration[0])} calibration images from the {source}, "
+        f"{len(selection[0])} to choose the method, {len(test[0])} to verify ...")
+    try:
+        q, report = quantize_verified(fp32, calibration[0], selection[0], test[0], test[1], method=method, fmt=fmt,
+                                      source=source, log=log)
+    except ValueError as e:
+        raise ExportError(f"{path}: {e}") from None
+    info8 = replace(info, precision="int8")
+    set_metadata(q, info8, next((p.value for p in fp32.metadata_props if p.key == onnxmeta.KEY_SAMPLES), None))
+    q.producer_name, q.producer_version = "cnnserve", info.versions.get("cnnserve", "")
+    blob = q.SerializeToString()
+    report.update(model=str(path), bytes=len(blob))
+    log(format_report(report) + f"; format {report['format']}, calibration {report['calibration']['method']}, "
+        f"ops left in float: {report['ops_in_float'] or 'none'}")
+    report_path = save_verified(q, path, report, f"int8 verification failed ({'; '.join(report['failures'])})",
+                                len(blob), log)
+    return {"path": path, "report_path": report_path, "report": report, "info": info8}

@@ -1,0 +1,103 @@
+"""Reading what a client sends over HTTP, within bounds: the body under a size limit and an idle timeout,
+the uploads of a multipart form or a raw image body, and a future for the client's going away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from .errors import APIError, decimal
+from .memory import trim_memory
+
+IMAGE_FIELD, IMAGES_FIELD = "image", "images"
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
+    """The whole body, refusing with 413 as soon as it passes ``limit`` (Content-Length or streamed),
+    with 408 when no byte arrives for ``idle_timeout`` seconds (a Content-Length never completed),
+    and with 499 when the client goes away mid-body (logged in one line)."""
+    declared = request.headers.get("content-length")
+    length = decimal(declared)
+    if declared is not None and length is None:  # (httptools refuses these before they get here)
+        raise APIError(400, "bad_request", f"Content-Length {declared[:40]!r} is not a byte count")
+    if length is not None and length > limit:
+        raise APIError(413, "too_large", f"the request is {length:,} bytes; the limit is {limit:,}")
+    chunks, size = [], 0
+    loop = asyncio.get_running_loop()
+    problem = None
+    try:
+        async with asyncio.timeout(idle_timeout) as timer:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, "too_large", f"the request passed the limit of {limit:,} bytes")
+                chunks.append(chunk)
+                timer.reschedule(loop.time() + idle_timeout)
+    except TimeoutError:
+        problem = (408, "body_timeout", f"no part of the request body arrived for {idle_timeout:g} s "
+                                        f"({size:,} of {declared or 'unknown'} bytes received)",
+                   {"Connection": "close"})
+    except ClientDisconnect:
+        problem = (499, "client_closed", f"the client closed the connection after {size:,} bytes of the body")
+    if len(chunks) > 4:  # a body of many pieces: give their heap pages back once it is answered
+        _trim_later(loop)
+    if problem:
+        raise APIError(*problem)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+_trim = {"pending": False}
+
+
+def _trim_later(loop, delay: float = 0.5) -> None:
+    """One ``malloc_trim`` ``delay`` seconds from now (however many large bodies arrive meanwhile)."""
+    if not _trim["pending"]:
+        _trim["pending"] = True
+
+        def run() -> None:
+            _trim["pending"] = False
+            trim_memory()
+
+        loop.call_later(delay, run)
+
+
+async def _once(data: bytes):
+    yield data
+
+
+async def image_files(request: Request, body: bytes, field: str, limit: int,
+                      max_files: int) -> list[tuple[str, bytes]]:
+    """(filename, bytes) of the uploads in ``body``: multipart ``field``, or for ``image`` a raw image."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        problem = None
+        try:
+            form = await MultiPartParser(request.headers, _once(body), max_files=max_files + 1, max_fields=64,
+                                         max_part_size=limit).parse()
+        except (MultiPartException, ValueError, KeyError) as e:  # malformed multipart, too many parts
+            problem = f"the multipart form could not be parsed: {e}"
+        if problem:
+            raise APIError(400, "bad_form", problem)
+        try:
+            uploads = [v for v in form.getlist(field) if hasattr(v, "read")]
+            if not uploads:
+                raise APIError(400, "missing_field", f"no file in form field {field!r}; fields sent: "
+                                                     f"{sorted(form.keys()) or 'none'}")
+            return [(u.filename or "", await u.read()) for u in uploads]
+        finally:
+            await form.close()
+    if field == IMAGE_FIELD and any(ctype.startswith(t) for t in RAW_TYPES):
+        return [("", body)]
+    allowed = "multipart/form-data" + (", image/* or application/octet-stream" if field == IMAGE_FIELD else "")
+    raise APIError(415, "unsupported_media_type", f"Content-Type {ctype or 'none'!r} is not accepted; send {allowed}")
+
+
+def watch_disconnect(request: Request) -> asyncio.Future:
+    """A future that is done once the client disconnects (or the answer is sent): the batcher skips
+    a request whose client has gone. Call after the body is read."""
+    return asyncio.ensure_future(request.receive())
