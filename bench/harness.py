@@ -508,13 +508,13 @@ def in_a_process_of_its_own(fn, *args, **kwargs):
 def _decode_folder(folder: str, onnx: str) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    from cnnserve.core.config import CORES
+    from cnnserve.core.config import cores
     from cnnserve.core.runtime import load_model
     from cnnserve.scoring.engines import read_and_decode
 
     spec = load_model(onnx, providers="cpu").spec
     paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
-    with ThreadPoolExecutor(CORES) as pool:
+    with ThreadPoolExecutor(cores()) as pool:
         t = time.perf_counter()
         bad = sum(d[0] is None for d in pool.map(lambda p: read_and_decode(p, spec), paths, chunksize=64))
         seconds = time.perf_counter() - t

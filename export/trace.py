@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from cnnserve.core import onnxmeta
-from cnnserve.core.onnxmeta import ModelInfo
+from cnnserve.core.onnxmeta import DEFAULT_OPSET, ModelInfo
 from cnnserve.models.registry import Classifier
 
 from .cam import add_cam_outputs
 from .files import quiet, set_metadata
 
-DEFAULT_OPSET = 18
 
 
 class _WithProbabilities(nn.Module):

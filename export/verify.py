@@ -12,6 +12,7 @@ import onnxruntime as ort
 import torch
 
 from cnnserve.core.onnxmeta import INPUT, LOGITS
+from cnnserve.core.runtime import ort_severity
 from cnnserve.models.registry import Classifier
 
 TOLERANCES = {
@@ -28,10 +29,10 @@ def session(model_bytes: bytes, precision: str) -> ort.InferenceSession:
     providers = ["CPUExecutionProvider"]
     if precision == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-        # onnxruntime-gpu lists CUDA even where its libraries are missing and logs an error while
-        # falling back to CPU; the report names the provider that really ran (get_providers()).
-        ort.set_default_logger_severity(4)
-    return ort.InferenceSession(model_bytes, providers=providers)
+    # onnxruntime-gpu lists CUDA even where its libraries are missing and logs an error while falling back
+    # to CPU; the report names the provider that really ran (get_providers()). The level is restored after.
+    with ort_severity(4 if len(providers) > 1 else None):
+        return ort.InferenceSession(model_bytes, providers=providers)
 
 
 def run_batches(fn, images: np.ndarray, batch_size: int) -> np.ndarray:

@@ -25,6 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
+from cnnserve.core.config import DEFAULT_ARCH, DEFAULT_DATA
+
 from .checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from .data import DATASETS, NATIVE_CHANNELS, DataError, load_dataset
 from .pretrained import freeze_backbone, load_weights, read_weights, split_parameters
@@ -39,8 +41,8 @@ INITS = ("kaiming", "xavier", "default")
 
 @dataclass
 class TrainConfig:
-    arch: str = "lenet5"
-    data: str = "digits"
+    arch: str = DEFAULT_ARCH
+    data: str = DEFAULT_DATA
     data_dir: str | None = None
     download: bool = False
     img_size: int | None = None  # default: the registry's input size for the architecture

@@ -1,9 +1,14 @@
 """Batch scoring, in three parts: where the images come from (``inputs``), where the rows go
 (``writers``), and what scores them (``engines``: local, http, ray). The ``cnnserve score``
-command that joins them is ``service.batch``. No torch.
+command that joins them is ``run.py``. No torch, and not in the serving image.
 """
 
 from __future__ import annotations
+
+#: What scores the images: here, against a running service, or on a Ray cluster (the first is the default).
+ENGINES = ("local", "http", "ray")
+#: How the local engine decodes: auto (processes from 5,000 files), processes, threads.
+DECODERS = ("auto", "processes", "threads")
 
 
 class ScoreError(ValueError):

@@ -21,11 +21,11 @@ import numpy as np
 
 from cnnserve.core.spec import ModelSpec
 
+from cnnserve.core.config import Limits
 from cnnserve.core.preprocess import DEFAULT_LIMITS, ImageError, preprocess, read_file
 from cnnserve.core.runtime import Model, load_model
 from . import ScoreError, row
 
-ENGINES = ("local", "http", "ray")
 
 
 @dataclass
@@ -37,12 +37,13 @@ class Stats:
     nodes: dict = field(default_factory=dict)  # ray: images scored on each node (its address)
 
 
-def read_and_decode(path: str, spec: ModelSpec) -> tuple[np.ndarray | None, str, float]:
-    """(pixels or None, error message, seconds) for one file, exactly as the service decodes it.
-    Never raises: whatever goes wrong with one file becomes that file's error message."""
+def read_and_decode(path: str, spec: ModelSpec, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray | None, str, float]:
+    """(pixels or None, error message, seconds) for one file, exactly as the service decodes it, under the
+    same ``limits`` (``Settings.limits``). Never raises: whatever goes wrong with one file becomes that file's
+    error message."""
     t = time.perf_counter()
     try:
-        return preprocess(read_file(path, DEFAULT_LIMITS.max_bytes), spec), "", time.perf_counter() - t
+        return preprocess(read_file(path, limits.max_bytes), spec, limits), "", time.perf_counter() - t
     except ImageError as e:
         message = str(e)
     except MemoryError:
@@ -57,9 +58,9 @@ def _without_path(message: str, path: str) -> str:
     return message[len(prefix):] if message.startswith(prefix) else message
 
 
-def decode_chunk(paths: list[str], spec: ModelSpec) -> list[tuple[np.ndarray | None, str, float]]:
+def decode_chunk(paths: list[str], spec: ModelSpec, limits: Limits = DEFAULT_LIMITS) -> list:
     """``read_and_decode`` for each path, in a decoding process."""
-    return [read_and_decode(p, spec) for p in paths]
+    return [read_and_decode(p, spec, limits) for p in paths]
 
 
 def _decoder_init(parent: int) -> None:
@@ -83,11 +84,10 @@ def _decoder_init(parent: int) -> None:
 PROCESSES_FROM = 5000
 
 
-DECODERS = ("auto", "processes", "threads")
 
 
 def score_local(paths: list[str], model: Model, top_k: int, batch_size: int, workers: int,
-                stats: Stats, decoders: str = "auto") -> Iterator[list[dict]]:
+                stats: Stats, decoders: str = "auto", limits: Limits = DEFAULT_LIMITS) -> Iterator[list[dict]]:
     """Decode in ``workers`` processes (Pillow's Python-level work holds the GIL, so threads stop
     scaling at about one core for small images; threads below ``PROCESSES_FROM`` files), each
     taking a whole batch, ``workers + 1`` batches ahead, while the model runs the current one here."""
@@ -102,12 +102,12 @@ def score_local(paths: list[str], model: Model, top_k: int, batch_size: int, wor
         executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_decoder_init, initargs=(os.getpid(),))
     with executor as pool:
-        pending: deque = deque((c, pool.submit(decode_chunk, c, spec)) for c in chunks[:ahead])
+        pending: deque = deque((c, pool.submit(decode_chunk, c, spec, limits)) for c in chunks[:ahead])
         nxt = len(pending)
         while pending:
             chunk, future = pending.popleft()
             if nxt < len(chunks):
-                pending.append((chunks[nxt], pool.submit(decode_chunk, chunks[nxt], spec)))
+                pending.append((chunks[nxt], pool.submit(decode_chunk, chunks[nxt], spec, limits)))
                 nxt += 1
             decoded = future.result()
             stats.decode_s += sum(d[2] for d in decoded)
@@ -122,7 +122,8 @@ def score_local(paths: list[str], model: Model, top_k: int, batch_size: int, wor
 
 
 def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, batch_size: int,
-               concurrency: int, stats: Stats, max_retries: int = 8) -> Iterator[list[dict]]:
+               concurrency: int, stats: Stats, max_retries: int = 8,
+               limits: Limits = DEFAULT_LIMITS) -> Iterator[list[dict]]:
     """Send each image to a running service (raw body, priority=bulk), ``concurrency`` at a time,
     retrying 503, 504 and connection failures with backoff (honouring Retry-After); yields rows in
     input order."""
@@ -133,7 +134,7 @@ def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, b
 
     async def one(client: httpx.AsyncClient, sem: asyncio.Semaphore, path: str) -> dict:
         try:
-            data = read_file(path, DEFAULT_LIMITS.max_bytes)
+            data = read_file(path, limits.max_bytes)
         except ImageError as e:
             return row(path, None, _without_path(str(e), path))
         delay = 0.2
@@ -208,7 +209,7 @@ class _RayScorer:
 
 
 def score_ray(paths: list[str], model_path: str, top_k: int, batch_size: int, workers: int, providers: str,
-              address: str | None, stats: Stats) -> Iterator[list[dict]]:
+              address: str | None, stats: Stats, limits: Limits = DEFAULT_LIMITS) -> Iterator[list[dict]]:
     """Ray Data: read and decode in parallel tasks, an actor pool of onnxruntime sessions, results in order.
     Without ``address`` a local Ray starts with ``workers`` CPUs; with it, the run joins that cluster."""
     try:
@@ -230,7 +231,7 @@ def score_ray(paths: list[str], model_path: str, top_k: int, batch_size: int, wo
         gpus = 1 if requested_providers(providers)[0][0] == CUDA and ray.cluster_resources().get("GPU") else 0
 
         def decode(batch: dict) -> dict:
-            out = [read_and_decode(p, spec) for p in batch["path"]]
+            out = [read_and_decode(p, spec, limits) for p in batch["path"]]
             zeros = np.zeros(spec.input_shape, np.uint8)
             return {"path": batch["path"], "pixels": np.stack([o[0] if o[0] is not None else zeros for o in out]),
                     "error": np.array([o[1] for o in out], dtype=object)}

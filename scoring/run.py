@@ -19,12 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from cnnserve.core.config import CORES, DEFAULT_MODEL, DEFAULTS
+from cnnserve.core.config import DEFAULT_MODEL, DEFAULTS, Settings, cores
 from cnnserve.core.store import NotStored, stored_model
 
 from cnnserve.core.runtime import ModelLoadError, load_model
 from . import ScoreError, printable, row
-from .engines import DECODERS, ENGINES, Stats, score_http, score_local, score_ray
+from . import DECODERS, ENGINES
+from .engines import Stats, score_http, score_local, score_ray
 from .inputs import collect_inputs
 from .writers import Writer, files_of, read_predictions
 
@@ -77,8 +78,10 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
           top_k: int = DEFAULTS.top_k, batch_size: int = DEFAULTS.max_batch_size, workers: int | None = None,
           url: str | None = None, concurrency: int = 16, ray_address: str | None = None,
           providers: str = DEFAULTS.providers, precision: str = DEFAULTS.precision, resume: bool = False, overwrite: bool = False,
-          progress: bool | None = None, decoders: str = "auto") -> dict:
-    """Score ``inputs`` into ``out``; returns the summary. Ctrl+C stops after the current batch."""
+          progress: bool | None = None, decoders: str = "auto", settings: Settings = DEFAULTS) -> dict:
+    """Score ``inputs`` into ``out``; returns the summary. Ctrl+C stops after the current batch. An image
+    is held to ``settings``' limits, as the service with those settings would hold it."""
+    limits = settings.limits
     if engine not in ENGINES:
         raise ScoreError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if decoders not in DECODERS:
@@ -87,7 +90,7 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         raise ScoreError("--engine http needs --url of a running cnnserve service")
     if engine != "http" and not model:
         model = DEFAULT_MODEL  # the service's default
-    workers = workers or CORES
+    workers = workers or cores()
     found = collect_inputs(inputs, outputs=files_of(Path(out)))
     for p in found.outputs:
         print(f"{printable(p)}: skipped, it is this run's output", file=sys.stderr)
@@ -122,11 +125,11 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         stats.failed += len(bad)
 
     if engine == "local":
-        batches = score_local(todo, local_model, top_k, batch_size, workers, stats, decoders)
+        batches = score_local(todo, local_model, top_k, batch_size, workers, stats, decoders, limits)
     elif engine == "http":
-        batches = score_http(todo, url.rstrip("/"), model, top_k, batch_size, concurrency, stats)
+        batches = score_http(todo, url.rstrip("/"), model, top_k, batch_size, concurrency, stats, limits=limits)
     else:
-        batches = score_ray(todo, model_path, top_k, batch_size, workers, providers, ray_address, stats)
+        batches = score_ray(todo, model_path, top_k, batch_size, workers, providers, ray_address, stats, limits)
 
     interrupted = False
     previous = signal.getsignal(signal.SIGINT)

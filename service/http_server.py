@@ -150,3 +150,32 @@ class ConnectionCloseWhileDraining:
             await send(message)
 
         return await self.app(scope, receive, send_closing)
+
+
+async def timeout_call(self, scope, receive, send) -> None:
+    """BentoML's ``TimeoutMiddleware.__call__``, with the timer cancelled when the request ends."""
+    from starlette.responses import JSONResponse
+
+    if scope["type"] not in ("http", "websocket"):
+        return await self.app(scope, receive, send)
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+    async def _send(message) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+        await send(message)
+
+    fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+    try:
+        await waiter
+    except asyncio.TimeoutError:
+        if fut.cancel():
+            resp = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds",
+                                 "code": "timeout"}, status_code=504)
+            await resp(scope, receive, send)
+    else:
+        await fut
+    finally:
+        timer.cancel()

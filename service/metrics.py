@@ -98,3 +98,18 @@ def metrics() -> SimpleNamespace:
         queued=Gauge("cnnserve_queued_images", "Images waiting for or in the model, as each batch starts and ends",
                      ["model"], multiprocess_mode="livesum"),
     )
+
+
+class BoundedEndpoint:
+    """A Prometheus metric whose ``endpoint`` label is mapped to a closed set (``metrics.ROUTES``)."""
+
+    def __init__(self, metric, label) -> None:
+        self._metric, self._label = metric, label
+
+    def labels(self, *args, **kwargs):
+        if "endpoint" in kwargs:
+            kwargs["endpoint"] = self._label(kwargs["endpoint"])
+        return self._metric.labels(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._metric, name)

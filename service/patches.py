@@ -49,27 +49,25 @@ The patches:
 from __future__ import annotations
 
 import ast
-import asyncio
 import hashlib
 import inspect
 import logging
-import signal
 import textwrap
-import threading
 from dataclasses import dataclass
 
-from cnnserve import modules_with_two_names
 from importlib import metadata
 from typing import Callable
+
+from cnnserve import modules_with_two_names
+
+from . import http_server, probes
+from .metrics import ROUTES, BoundedEndpoint
+from .probes import UnknownShape
 
 log = logging.getLogger("cnnserve.service")
 
 DEFECT, FIXED = "defect", "fixed"
 APPLIED, NOT_NEEDED, REFUSED = "applied", "not needed", "refused"
-
-
-class UnknownShape(RuntimeError):
-    """The patched library's code is not the shape the fix was written for."""
 
 
 def version_of(distribution: str) -> str:
@@ -126,99 +124,19 @@ def _tree_digest(func) -> str:
     return hashlib.sha256(ast.dump(node).encode()).hexdigest()[:16]
 
 
-#: ``TimeoutMiddleware.__call__`` as ``_timeout_call`` mirrors it (read in BentoML 1.4.39 and 1.4.40).
+#: ``TimeoutMiddleware.__call__`` as ``http_server.timeout_call`` mirrors it (read in BentoML 1.4.39 and 1.4.40).
 TIMEOUT_CALL_DIGESTS = frozenset({"e9ff39e0c293ffe8"})
-
-
-async def _timeout_call(self, scope, receive, send) -> None:
-    """BentoML's ``TimeoutMiddleware.__call__``, with the timer cancelled when the request ends."""
-    from starlette.responses import JSONResponse
-
-    if scope["type"] not in ("http", "websocket"):
-        return await self.app(scope, receive, send)
-    loop = asyncio.get_running_loop()
-    waiter = loop.create_future()
-    timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
-
-    async def _send(message) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
-        await send(message)
-
-    fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
-    try:
-        await waiter
-    except asyncio.TimeoutError:
-        if fut.cancel():
-            resp = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds",
-                                 "code": "timeout"}, status_code=504)
-            await resp(scope, receive, send)
-    else:
-        await fut
-    finally:
-        timer.cancel()
-
-
-def live_timers_after_one_request(middleware_class) -> int:
-    """Timers a middleware leaves pending after one fast request, on a private event loop in its own
-    thread (the caller's loop, if any, is not touched)."""
-    pending: list[asyncio.TimerHandle] = []
-
-    class Loop(asyncio.SelectorEventLoop):
-        def call_at(self, when, callback, *args, context=None):
-            handle = super().call_at(when, callback, *args, context=context)
-            pending.append(handle)
-            return handle
-
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def sent(message):
-        return None
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    _in_private_loop(lambda: middleware_class(app, timeout=60)(
-        {"type": "http", "path": "/", "method": "GET", "headers": []}, receive, sent), Loop)
-    return sum(1 for h in pending if not h.cancelled() and h.when() > 1)
-
-
-def _in_private_loop(coroutine, loop_class=asyncio.SelectorEventLoop) -> None:
-    """Run ``coroutine()`` to its end on a new event loop in a thread of its own (a probe must not touch
-    the caller's loop, if there is one); its exception is raised here."""
-    def run() -> None:
-        loop = loop_class()
-        try:
-            loop.run_until_complete(coroutine())
-        finally:
-            loop.close()
-
-    errors: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _catch(run, errors), name="cnnserve-patch-probe")
-    thread.start()
-    thread.join(10)
-    if errors:
-        raise errors[0]
-
-
-def _catch(fn, errors: list) -> None:
-    try:
-        fn()
-    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
-        errors.append(e)
 
 
 def _probe_timeout() -> str:
     mw = _timeout_middleware()
-    if mw.__call__ is _timeout_call:
+    if mw.__call__ is http_server.timeout_call:
         raise UnknownShape("already patched in this process")  # check() before apply, or probe the original
     return _probe_timeout_class(mw)
 
 
 def _probe_timeout_class(mw) -> str:
-    if live_timers_after_one_request(mw) == 0:
+    if probes.live_timers_after_one_request(mw) == 0:
         return FIXED
     if not callable(getattr(mw, "_set_timer_out", None)):
         raise UnknownShape("TimeoutMiddleware has no _set_timer_out, which the fix calls")
@@ -231,7 +149,7 @@ def _probe_timeout_class(mw) -> str:
 def _apply_timeout(settings) -> Callable[[], None]:
     mw = _timeout_middleware()
     original = mw.__call__
-    mw.__call__ = _timeout_call
+    mw.__call__ = http_server.timeout_call
 
     def undo() -> None:
         mw.__call__ = original
@@ -250,85 +168,15 @@ def _metrics_middleware():
     return RunnerTrafficMetricsMiddleware
 
 
-def endpoint_labels(middleware_class, paths: list[str]) -> set[str]:
-    """The ``endpoint`` label values a metrics middleware gives requests to ``paths``, with a stand-in
-    metrics client that records labels (nothing reaches Prometheus), on a private event loop in its own
-    thread. Raises ``UnknownShape`` when the middleware creates no metric labelled ``endpoint``."""
-    import contextlib
-
-    seen: set[str] = set()
-
-    class Metric:
-        def __init__(self, **kwargs) -> None:
-            self._labelnames = tuple(kwargs.get("labelnames", ()))
-
-        def labels(self, *args, **kwargs):
-            if "endpoint" in kwargs:
-                seen.add(kwargs["endpoint"])
-            return self
-
-        def inc(self, *args, **kwargs) -> None:
-            return None
-
-        observe = set = dec = set_to_current_time = inc
-
-        def track_inprogress(self):
-            return contextlib.nullcontext()
-
-    class Client:
-        def Histogram(self, **kwargs):  # noqa: N802 - BentoML's PrometheusClient names
-            return Metric(**kwargs)
-
-        Counter = Gauge = Summary = Histogram
-
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 404, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def sent(message):
-        return None
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def requests() -> None:
-        mw = middleware_class(app, namespace="cnnserve_probe")
-        mw._setup(metrics_client=Client(), duration_buckets=(1.0,))
-        if not any("endpoint" in getattr(v, "_labelnames", ()) for v in vars(mw).values()):
-            raise UnknownShape("its _setup creates no metric labelled 'endpoint'")
-        for path in paths:
-            await mw({"type": "http", "path": path, "method": "GET", "headers": []}, receive, sent)
-
-    _in_private_loop(requests)
-    return seen
-
-
-class BoundedEndpoint:
-    """A Prometheus metric whose ``endpoint`` label is mapped to a closed set (``metrics.ROUTES``)."""
-
-    def __init__(self, metric, label) -> None:
-        self._metric, self._label = metric, label
-
-    def labels(self, *args, **kwargs):
-        if "endpoint" in kwargs:
-            kwargs["endpoint"] = self._label(kwargs["endpoint"])
-        return self._metric.labels(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self._metric, name)
-
-
 def _probe_metric_labels() -> str:
     mw = _metrics_middleware()
     if getattr(mw._setup, "__cnnserve_patch__", False):
         raise UnknownShape("already patched in this process")
-    found = endpoint_labels(mw, ["/cnnserve-probe/a", "/cnnserve-probe/b"])
+    found = probes.endpoint_labels(mw, ["/cnnserve-probe/a", "/cnnserve-probe/b"])
     return DEFECT if len(found & {"/cnnserve-probe/a", "/cnnserve-probe/b"}) == 2 else FIXED
 
 
 def _apply_metric_labels(settings) -> Callable[[], None]:
-    from .metrics import ROUTES
-
     mw = _metrics_middleware()
     original = mw._setup
 
@@ -347,64 +195,6 @@ def _apply_metric_labels(settings) -> Callable[[], None]:
 
 
 # --- uvicorn-head-limits ------------------------------------------------------------------------------
-
-def _head_refused(protocol_class, head_bytes: int) -> bool:
-    """Feed a head of ``head_bytes`` to a protocol over a stand-in transport: whether it refused it (wrote
-    an answer or closed the connection) before the head ended."""
-    import uvicorn
-
-    class Transport(asyncio.Transport):
-        def __init__(self) -> None:
-            super().__init__()
-            self.written, self.closing = b"", False
-
-        def get_extra_info(self, name, default=None):
-            return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
-
-        def write(self, data) -> None:
-            self.written += bytes(data)
-
-        def is_closing(self) -> bool:
-            return self.closing
-
-        def close(self) -> None:
-            self.closing = True
-
-        def can_write_eof(self) -> bool:
-            return True
-
-        def write_eof(self) -> None:
-            self.closing = True
-
-        def pause_reading(self) -> None:
-            return None
-
-        def resume_reading(self) -> None:
-            return None
-
-    async def app(scope, receive, send):  # never reached: the head does not end
-        return None
-
-    async def feed() -> bool:
-        from uvicorn.server import ServerState
-
-        config = uvicorn.Config(app=app, http=protocol_class, log_config=None, lifespan="off")
-        config.load()
-        proto = protocol_class(config=config, server_state=ServerState(), app_state={})
-        transport = Transport()
-        proto.connection_made(transport)
-        try:
-            proto.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n")
-            line, sent = b"X-Pad: " + b"a" * 8000 + b"\r\n", 0
-            while sent < head_bytes and not (transport.written or transport.closing):
-                proto.data_received(line)
-                sent += len(line)
-            return bool(transport.written or transport.closing)
-        finally:
-            proto.connection_lost(None)
-
-    return asyncio.run(feed())
-
 
 #: What ``GuardedHttpTools`` overrides or uses of uvicorn's protocol.
 HEAD_LIMIT_NEEDS = ("connection_made", "connection_lost", "on_message_begin", "on_headers_complete",
@@ -426,12 +216,10 @@ def _httptools_protocol():
 
 def _probe_head_limits() -> str:
     _, protocol = _httptools_protocol()
-    return FIXED if _head_refused(protocol, 1024 * 1024) else DEFECT
+    return FIXED if probes.head_refused(protocol, 1024 * 1024) else DEFECT
 
 
 def _apply_head_limits(settings) -> Callable[[], None]:
-    from . import http_server
-
     uc, _ = _httptools_protocol()
     guarded = http_server.GuardedHttpTools
     before = (guarded.max_head_bytes, guarded.head_timeout_s, dict(uc.HTTP_PROTOCOLS))
@@ -458,29 +246,16 @@ def _server_handle_exit():
     return uvicorn, handle_exit
 
 
-def stops_at_once(handle_exit) -> bool:
-    """Whether ``handle_exit`` asks uvicorn to stop at the first SIGTERM (no drain)."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app=lambda *a: None, log_config=None))
-    handle_exit(server, signal.SIGTERM, None)
-    return bool(server.should_exit)
-
-
 def _probe_drain() -> str:
-    from . import http_server
-
     _, handle_exit = _server_handle_exit()
     if getattr(handle_exit, http_server.DRAIN_MARK, False):
         raise UnknownShape("already patched in this process")
-    if stops_at_once(handle_exit):
+    if probes.stops_at_once(handle_exit):
         return DEFECT
     raise UnknownShape("Server.handle_exit(SIGTERM) no longer sets should_exit: its shutdown changed")
 
 
 def _apply_drain(settings) -> Callable[[], None]:
-    from . import http_server
-
     uvicorn, original = _server_handle_exit()
     uvicorn.Server.handle_exit = http_server.draining_handle_exit(original, settings.drain_s, settings.grace_s)
 

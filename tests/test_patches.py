@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from cnnserve.core.config import Settings
-from cnnserve.service import http_server, patches
+from cnnserve.service import http_server, patches, probes
 
 BY_NAME = {p.name: p for p in patches.PATCHES}
 
@@ -40,12 +40,12 @@ def test_timeout_middleware_leak_shown_and_fixed(clean):
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
     if BY_NAME["bentoml-timeout-timers"].check() == patches.FIXED:
-        assert patches.live_timers_after_one_request(TimeoutMiddleware) == 0
+        assert probes.live_timers_after_one_request(TimeoutMiddleware) == 0
         assert patches.apply_patches(Settings())["bentoml-timeout-timers"].startswith(patches.NOT_NEEDED)
         pytest.skip("the installed BentoML no longer leaks its timers: the patch steps aside (checked above)")
-    assert patches.live_timers_after_one_request(TimeoutMiddleware) == 1  # the defect, on the installed code
+    assert probes.live_timers_after_one_request(TimeoutMiddleware) == 1  # the defect, on the installed code
     assert patches.apply_patches(Settings())["bentoml-timeout-timers"].startswith(patches.APPLIED)
-    assert patches.live_timers_after_one_request(TimeoutMiddleware) == 0
+    assert probes.live_timers_after_one_request(TimeoutMiddleware) == 0
 
     async def slow(scope, receive, send):  # a slow request still gets BentoML's 504, with a JSON reason
         await asyncio.sleep(5)
@@ -67,13 +67,13 @@ def test_head_limits_shown_and_fixed(clean):
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     assert BY_NAME["uvicorn-head-limits"].check() == patches.DEFECT
-    assert not patches._head_refused(HttpToolsProtocol, 1 << 20)  # uvicorn reads a 1 MB head to its end
+    assert not probes.head_refused(HttpToolsProtocol, 1 << 20)  # uvicorn reads a 1 MB head to its end
     assert patches.apply_patches(Settings(max_header_kb=64))["uvicorn-head-limits"].startswith(patches.APPLIED)
     import uvicorn.config as uc
 
     assert uc.HTTP_PROTOCOLS["auto"].endswith(":GuardedHttpTools")
     assert http_server.GuardedHttpTools.max_head_bytes == 64 * 1024
-    assert patches._head_refused(http_server.GuardedHttpTools, 1 << 20)
+    assert probes.head_refused(http_server.GuardedHttpTools, 1 << 20)
     patches.revert_patches()
     assert not uc.HTTP_PROTOCOLS["auto"].endswith(":GuardedHttpTools")
 
@@ -82,9 +82,9 @@ def test_sigterm_drain_shown_and_fixed(clean):
     import uvicorn
 
     assert BY_NAME["uvicorn-sigterm-drain"].check() == patches.DEFECT
-    assert patches.stops_at_once(uvicorn.Server.handle_exit)  # uvicorn stops at the first SIGTERM
+    assert probes.stops_at_once(uvicorn.Server.handle_exit)  # uvicorn stops at the first SIGTERM
     patches.apply_patches(Settings(drain_s=30, grace_s=5))
-    assert not patches.stops_at_once(uvicorn.Server.handle_exit)  # now it drains first
+    assert not probes.stops_at_once(uvicorn.Server.handle_exit)  # now it drains first
     assert http_server.DRAIN.active
 
 
@@ -137,9 +137,9 @@ def test_metric_labels_shown_and_fixed(clean):
     paths = ["/nope/1", "/nope/2", "/models/abc", "/models/def"]
     if BY_NAME["bentoml-metric-labels"].check() == patches.FIXED:
         pytest.skip("the installed BentoML no longer labels its metrics by raw path: the patch steps aside")
-    assert patches.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == set(paths)  # the defect
+    assert probes.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == set(paths)  # the defect
     ROUTES.add("/models/{name}")
     assert patches.apply_patches(Settings())["bentoml-metric-labels"].startswith(patches.APPLIED)
-    assert patches.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == {"other", "/models/{name}"}
+    assert probes.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == {"other", "/models/{name}"}
     patches.revert_patches()
-    assert patches.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == set(paths)
+    assert probes.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == set(paths)

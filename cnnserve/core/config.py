@@ -19,7 +19,20 @@ from pydantic import BaseModel, ConfigDict, Field
 #: The model every entry point uses when none is named: what `./run.sh up` trains, exports and
 #: stores, what `bentoml serve` serves, what `cnnserve score` and `cnnserve container` take.
 DEFAULT_MODEL = "lenet5-digits:latest"
-CORES = os.cpu_count() or 1
+#: What `cnnserve up` and `cnnserve train` train when nothing is named (DEFAULT_MODEL is their export).
+DEFAULT_ARCH, DEFAULT_DATA = "lenet5", "digits"
+#: The precisions a model may be served in: auto (the fastest verified variant here) or one of them.
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+
+
+def cores() -> int:
+    """The cores this process may run on, asked when needed (a container's CPU set or an affinity mask
+    can be smaller than the machine, and can change between import and use)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
 MB, KB = 1024 * 1024, 1024
 
 
@@ -63,10 +76,10 @@ class Settings(BaseModel):
     # Which verified variant of each model to run: auto times those that suit the provider (fp16 and fp32
     # on CUDA, int8 and fp32 on CPU) in warm-up at batch sizes 1 and max_batch_size and serves the fastest;
     # fp32, fp16 or int8 forces one (refused at start if the model has no such variant).
-    precision: Literal["auto", "fp32", "fp16", "int8"] = "auto"
+    precision: Literal[PRECISIONS] = "auto"
     # Server processes, each with its own sessions and batcher. Two where there are the cores, so a
     # worker that dies (OOM kill, kill -9) is not an outage: the other answers while it restarts.
-    workers: Count = 2 if CORES >= 2 else 1
+    workers: Count = Field(default_factory=lambda: 2 if cores() >= 2 else 1)
     threads: Natural = 0  # onnxruntime intra-op threads per model; 0: the cores shared among the workers
     spin: bool = False  # onnxruntime threads busy-wait between runs (takes CPU from decoding and HTTP)
     max_batch_size: Count = 64  # images per onnxruntime run
@@ -127,11 +140,11 @@ class Settings(BaseModel):
     def decoders(self) -> int:
         """Decoding processes per worker: at least two, so that one costly image never holds a worker's
         decoding alone."""
-        return self.decode_processes or max(2, CORES // max(1, self.workers))
+        return self.decode_processes or max(2, cores() // max(1, self.workers))
 
     @property
     def intra_op_threads(self) -> int:
-        return self.threads or max(1, CORES // max(1, self.workers))
+        return self.threads or max(1, cores() // max(1, self.workers))
 
     @cached_property
     def limits(self) -> Limits:

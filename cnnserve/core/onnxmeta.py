@@ -17,6 +17,8 @@ from .spec import ModelSpec, SpecError
 import os
 
 FORMAT = "cnnserve-onnx/1"
+#: The ONNX opset exports are written in (``cnnserve export --opset`` changes it).
+DEFAULT_OPSET = 18
 INPUT = "pixels"
 LOGITS, PROBABILITIES = "logits", "probabilities"
 OUTPUTS = (LOGITS, PROBABILITIES)

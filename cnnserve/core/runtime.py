@@ -9,6 +9,7 @@ No torch, no model code.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import onnxmeta
+from .config import PRECISIONS
 from .onnxmeta import ModelInfo
 from .spec import SpecError
 
@@ -32,8 +34,8 @@ CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": 
 
 
 # Precisions: ``auto`` times the verified variants beside a model (NAME.fp16.onnx, NAME.int8.onnx) that
-# suit the provider it runs on, during warm-up at the batch sizes it will run, and serves the fastest.
-PRECISIONS = ("auto", "fp32", "fp16", "int8")
+# suit the provider it runs on, during warm-up at the batch sizes it will run, and serves the fastest
+# (config.PRECISIONS names them).
 CANDIDATES = {CUDA: ("fp16", "fp32"), CPU: ("int8", "fp32")}
 
 
@@ -51,6 +53,27 @@ def requested_providers(choice: str = "auto") -> list:
     return [(CUDA, CUDA_OPTIONS), CPU]
 
 
+_ORT_SEVERITY = [2]  # onnxruntime's default logger severity as this process last set it (2, WARNING, at start)
+
+
+@contextlib.contextmanager
+def ort_severity(level: int | None):
+    """onnxruntime's process-wide log severity at ``level`` for the block (None: left as it is), then back
+    to what it was (onnxruntime has no getter: the level is tracked here, and every change the project makes
+    goes through this)."""
+    if level is None:
+        yield
+        return
+    before = _ORT_SEVERITY[0]
+    ort.set_default_logger_severity(level)
+    _ORT_SEVERITY[0] = level
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(before)
+        _ORT_SEVERITY[0] = before
+
+
 def create_session(path: str | os.PathLike | bytes, providers: str = "auto", threads: int | None = None,
                    source: str | None = None, spin: bool = False) -> ort.InferenceSession:
     """``spin``: let onnxruntime's worker threads busy-wait between runs. Off by default: a server
@@ -62,16 +85,16 @@ def create_session(path: str | os.PathLike | bytes, providers: str = "auto", thr
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     wanted = requested_providers(providers)
     source = source or (str(path) if not isinstance(path, bytes) else "model")
-    if len(wanted) > 1:
-        # A failed CUDA load is logged by onnxruntime as an error, then it falls back to CPU:
-        # keep that out of the log and report the outcome ourselves.
-        ort.set_default_logger_severity(4)
-    try:
-        sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=wanted)
-    except Exception as e:  # onnxruntime raises its own exception classes per failure
-        raise ModelLoadError(f"{source}: onnxruntime cannot load it: {e}") from None
-    finally:
-        ort.set_default_logger_severity(2)
+    # A failed CUDA load is logged by onnxruntime as an error, then it falls back to CPU:
+    # keep that out of the log and report the outcome ourselves.
+    problem = None
+    with ort_severity(4 if len(wanted) > 1 else None):
+        try:
+            sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path), opts, providers=wanted)
+        except Exception as e:  # onnxruntime raises its own exception classes per failure
+            problem = f"{source}: onnxruntime cannot load it: {e}"
+    if problem:
+        raise ModelLoadError(problem)
     used = sess.get_providers()
     if providers == "cuda" and used[0] != CUDA:
         raise ModelLoadError(f"{source}: CUDA was required but onnxruntime fell back to {used[0]} "

@@ -1,0 +1,185 @@
+"""The probes of ``patches.py``: small harnesses that run another library's installed code on stand-ins
+(a private event loop in its own thread, a stand-in transport, a stand-in metrics client) and report
+what it did, so a patch is applied only where the defect it fixes is seen. Nothing here changes a library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+
+
+class UnknownShape(RuntimeError):
+    """The patched library's code is not the shape the fix was written for."""
+
+
+def live_timers_after_one_request(middleware_class) -> int:
+    """Timers a middleware leaves pending after one fast request, on a private event loop in its own
+    thread (the caller's loop, if any, is not touched)."""
+    pending: list[asyncio.TimerHandle] = []
+
+    class Loop(asyncio.SelectorEventLoop):
+        def call_at(self, when, callback, *args, context=None):
+            handle = super().call_at(when, callback, *args, context=context)
+            pending.append(handle)
+            return handle
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def sent(message):
+        return None
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    in_private_loop(lambda: middleware_class(app, timeout=60)(
+        {"type": "http", "path": "/", "method": "GET", "headers": []}, receive, sent), Loop)
+    return sum(1 for h in pending if not h.cancelled() and h.when() > 1)
+
+
+def in_private_loop(coroutine, loop_class=asyncio.SelectorEventLoop) -> None:
+    """Run ``coroutine()`` to its end on a new event loop in a thread of its own (a probe must not touch
+    the caller's loop, if there is one); its exception is raised here."""
+    def run() -> None:
+        loop = loop_class()
+        try:
+            loop.run_until_complete(coroutine())
+        finally:
+            loop.close()
+
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: catch(run, errors), name="cnnserve-patch-probe")
+    thread.start()
+    thread.join(10)
+    if errors:
+        raise errors[0]
+
+
+def catch(fn, errors: list) -> None:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+        errors.append(e)
+
+
+def endpoint_labels(middleware_class, paths: list[str]) -> set[str]:
+    """The ``endpoint`` label values a metrics middleware gives requests to ``paths``, with a stand-in
+    metrics client that records labels (nothing reaches Prometheus), on a private event loop in its own
+    thread. Raises ``UnknownShape`` when the middleware creates no metric labelled ``endpoint``."""
+    import contextlib
+
+    seen: set[str] = set()
+
+    class Metric:
+        def __init__(self, **kwargs) -> None:
+            self._labelnames = tuple(kwargs.get("labelnames", ()))
+
+        def labels(self, *args, **kwargs):
+            if "endpoint" in kwargs:
+                seen.add(kwargs["endpoint"])
+            return self
+
+        def inc(self, *args, **kwargs) -> None:
+            return None
+
+        observe = set = dec = set_to_current_time = inc
+
+        def track_inprogress(self):
+            return contextlib.nullcontext()
+
+    class Client:
+        def Histogram(self, **kwargs):  # noqa: N802 - BentoML's PrometheusClient names
+            return Metric(**kwargs)
+
+        Counter = Gauge = Summary = Histogram
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def sent(message):
+        return None
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def requests() -> None:
+        mw = middleware_class(app, namespace="cnnserve_probe")
+        mw._setup(metrics_client=Client(), duration_buckets=(1.0,))
+        if not any("endpoint" in getattr(v, "_labelnames", ()) for v in vars(mw).values()):
+            raise UnknownShape("its _setup creates no metric labelled 'endpoint'")
+        for path in paths:
+            await mw({"type": "http", "path": path, "method": "GET", "headers": []}, receive, sent)
+
+    in_private_loop(requests)
+    return seen
+
+
+def head_refused(protocol_class, head_bytes: int) -> bool:
+    """Feed a head of ``head_bytes`` to a protocol over a stand-in transport: whether it refused it (wrote
+    an answer or closed the connection) before the head ended."""
+    import uvicorn
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.written, self.closing = b"", False
+
+        def get_extra_info(self, name, default=None):
+            return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
+
+        def write(self, data) -> None:
+            self.written += bytes(data)
+
+        def is_closing(self) -> bool:
+            return self.closing
+
+        def close(self) -> None:
+            self.closing = True
+
+        def can_write_eof(self) -> bool:
+            return True
+
+        def write_eof(self) -> None:
+            self.closing = True
+
+        def pause_reading(self) -> None:
+            return None
+
+        def resume_reading(self) -> None:
+            return None
+
+    async def app(scope, receive, send):  # never reached: the head does not end
+        return None
+
+    async def feed() -> bool:
+        from uvicorn.server import ServerState
+
+        config = uvicorn.Config(app=app, http=protocol_class, log_config=None, lifespan="off")
+        config.load()
+        proto = protocol_class(config=config, server_state=ServerState(), app_state={})
+        transport = Transport()
+        proto.connection_made(transport)
+        try:
+            proto.data_received(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            line, sent = b"X-Pad: " + b"a" * 8000 + b"\r\n", 0
+            while sent < head_bytes and not (transport.written or transport.closing):
+                proto.data_received(line)
+                sent += len(line)
+            return bool(transport.written or transport.closing)
+        finally:
+            proto.connection_lost(None)
+
+    return asyncio.run(feed())
+
+
+def stops_at_once(handle_exit) -> bool:
+    """Whether ``handle_exit`` asks uvicorn to stop at the first SIGTERM (no drain)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app=lambda *a: None, log_config=None))
+    handle_exit(server, signal.SIGTERM, None)
+    return bool(server.should_exit)
