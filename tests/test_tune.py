@@ -103,3 +103,41 @@ def test_bad_input_is_one_line(stored_default, args, message):
     r = run_cli("tune", *args, timeout=60)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_the_climb_moves_one_knob_one_step_and_tries_what_paid_first():
+    from cnnserve.bench.tune import defaults_point, knobs, neighbours
+
+    space = knobs(["fp32", "int8"])
+    base = defaults_point(space)
+    moves = neighbours(base, space, None)
+    for knob, step, point in moves:
+        assert [k for k in point if point[k] != base[k]] == [knob]
+        if knob != "precision":
+            assert abs(space[knob].index(point[knob]) - space[knob].index(base[knob])) == 1
+    assert {p["precision"] for k, _, p in moves if k == "precision"} == {"fp32", "int8"}
+    assert neighbours(base, space, ("max_batch_size", -1))[0][:2] == ("max_batch_size", -1)
+
+
+def _trial(n, rps, p99, failures=0, meets=True):
+    return {"trial": n, "label": "defaults" if n == 1 else f"workers={n}", "settings": {"workers": n},
+            "meets": meets, "rows": [{"concurrency": 64, "throughput_rps": rps, "p99_ms": p99, "failures": failures}]}
+
+
+def test_the_winner_is_kept_only_beyond_the_defaults_spread():
+    from argparse import Namespace
+
+    from cnnserve.bench.tune import better, score
+    from cnnserve.bench.tune_report import verdict
+
+    a = Namespace(p99_ms=100.0, concurrency=[64], out="tuned.yaml")
+    d, w = _trial(1, 1000, 50), _trial(3, 1200, 60)
+    assert better(score(w["rows"], 100), score(d["rows"], 100))
+    assert not better(score(_trial(4, 1010, 50)["rows"], 100), score(d["rows"], 100))  # within GAIN: noise
+    assert better(score(d["rows"], 100), score(_trial(5, 5000, 150)["rows"], 100))  # meeting p99 comes first
+    check = {"concurrency": 64, "median": {"winner": 1200, "defaults": 1000}, "meets": {"winner": True, "defaults": True},
+             "kept": True}
+    assert verdict(a, d, w, check)[0] is w
+    check.update(kept=False, median={"winner": 1050, "defaults": 1000})
+    chosen, met, summary = verdict(a, d, w, check)
+    assert chosen is d and met and "did not beat them beyond their spread" in summary[0]
