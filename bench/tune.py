@@ -189,7 +189,7 @@ class Tuner:
         base = defaults_point(self.space)
         first = best = self.trial(base, base)
         if "error" in first:
-            raise RuntimeError(f"the service does not start with its default settings: {first['error']}")
+            raise ValueError(f"the service does not start with its default settings: {first['error']}")
         base = first["point"]  # with the inline-decoding knob where the images call for it
         seen, last = {repr(base)}, None
         while True:
@@ -319,6 +319,8 @@ def command(a: argparse.Namespace) -> int:
             log(f"check: winner {check['median']['winner']:.0f} req/s (runs {_spread(check['rates']['winner'])}), "
                 f"defaults {check['median']['defaults']:.0f} (runs {_spread(check['rates']['defaults'])}): "
                 + ("kept" if check["kept"] else "not beyond the spread, the defaults stay"))
+    except RuntimeError as e:  # a server that would not start for the check, wrk failing: one line, no traceback
+        raise ValueError(f"tune stopped: {str(e).splitlines()[0]}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = tune_report.write(a, stored, tuner, defaults, best, check)
