@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     make.add_parsers(sub)
     serve.add_parsers(sub)
+    from cnnserve.bench import tune  # its parser; what it measures with is imported when it runs
+
+    tune.add_parser(sub)
     p = sub.add_parser("bench", help="the benchmark harness (`cnnserve bench --help` lists its options)",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)

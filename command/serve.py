@@ -45,7 +45,8 @@ def _cmd_up(args) -> int:
     if args.no_serve:
         return 0
     samples = sorted(run.glob("sample-*.png"))
-    return _serve([tag], args.port, args.host, sample=samples[-1] if samples else None)
+    return _serve([tag], args.port, args.host, ("--arg-file", args.arg_file) if args.arg_file else (),
+                  sample=samples[-1] if samples else None)
 
 
 def _serve(tags, port: int, host: str, extra=(), sample=None) -> int:
@@ -189,4 +190,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-serve", action="store_true", help="stop after storing the model")
     p.add_argument("--port", type=int, default=3000, help="HTTP port")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--arg-file", help="service arguments from a YAML file, e.g. what `cnnserve tune` wrote (the "
+                                      "served model stays the default one)")
     p.set_defaults(func=_cmd_up)

@@ -1,0 +1,334 @@
+"""``cnnserve tune MODEL``: the service's settings chosen by measurement, on the machine it will run on.
+
+Each trial starts the real service (``bentoml serve``) with one candidate setting and drives it with
+``wrk`` (a C load generator) POSTing the model's own held-out images (``/models/NAME/samples``) at each
+``--concurrency``: req/s, p50/p95/p99, CPU-ms per request (the server's whole process tree, by psutil),
+the mean batch formed (the service's ``/metrics``), 503s and other failures. A trial *meets* the
+constraint when its p99 is at most ``--p99-ms`` at every concurrency with no failed request; among
+those, the one with the highest req/s at the highest concurrency wins.
+
+The search is a hill-climb from the defaults: each step tries the neighbours of the best setting so far
+(one knob one step up or down its ladder, first the direction that last paid) and moves to the first that
+beats it by more than ``GAIN``; it stops when none does or the budget would not leave room for the check.
+The check: the winner and the defaults serve side by side and are measured interleaved, three runs each;
+the winner is kept only if its slowest run beats the defaults' fastest (their spread) under the
+constraint; else the defaults stay and the report says so. ``bench/tune_report.py`` writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from cnnserve.core.config import DEFAULTS, cores
+
+from .tune_measure import measure, start
+
+GAIN = 0.03  # a neighbour must beat the best so far by this fraction of req/s to be moved to
+
+def log(msg: str) -> None:
+    print(f"[tune {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --- the search space ---------------------------------------------------------------------------
+
+def knobs(precisions: list[str]) -> dict[str, list]:
+    """Each knob's ladder of values, in order (a step moves to a neighbour on it); inline decoding is
+    added once the images are known (``Tuner.fetch_bodies``)."""
+    out = {"workers": list(range(1, min(8, 2 * cores()) + 1)),
+           "threads": [0, *range(1, cores() + 1)],
+           "max_batch_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
+           "max_wait_ms": [0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]}
+    if len(precisions) > 1:  # auto and each verified variant the model has
+        out["precision"] = ["auto", *precisions]
+    return out
+
+
+def defaults_point(space: dict[str, list]) -> dict:
+    d = {"workers": DEFAULTS.workers, "threads": DEFAULTS.threads, "max_batch_size": DEFAULTS.max_batch_size,
+         "max_wait_ms": DEFAULTS.max_wait_ms, "precision": DEFAULTS.precision,
+         "inline_decode": (DEFAULTS.inline_decode_pixels, DEFAULTS.inline_decode_bytes)}
+    return {k: d[k] for k in space}
+
+
+def settings_of(point: dict) -> dict:
+    """The service arguments of a point (``inline_decode`` is two of them)."""
+    out = {}
+    for k, v in point.items():
+        if k == "inline_decode":
+            out["inline_decode_pixels"], out["inline_decode_bytes"] = v
+        else:
+            out[k] = v
+    return out
+
+
+def neighbours(point: dict, space: dict[str, list], first: tuple[str, int] | None) -> list[tuple[str, int, dict]]:
+    """Every point one step away (ordinal knobs: one up or down; two-valued: the other), the move ``first``
+    (the one that last paid) at the head."""
+    moves = []
+    for k, ladder in space.items():
+        i = ladder.index(point[k]) if point[k] in ladder else 0
+        steps = [+1, -1] if k not in ("precision",) else [j - i for j in range(len(ladder)) if j != i]
+        for d in steps:
+            if 0 <= i + d < len(ladder):
+                moves.append((k, d, {**point, k: ladder[i + d]}))
+    if first:
+        moves.sort(key=lambda m: (m[0], m[1]) != first)
+    return moves
+
+
+def describe(point: dict, base: dict) -> str:
+    diff = {k: v for k, v in settings_of(point).items() if settings_of(base).get(k) != v}
+    return " ".join(f"{k}={v}" for k, v in diff.items()) or "defaults"
+
+
+def meets(rows: list[dict], p99_ms: float) -> bool:
+    return bool(rows) and all(r["p99_ms"] <= p99_ms and r["failures"] == 0 for r in rows)
+
+
+def score(rows: list[dict], p99_ms: float) -> tuple:
+    """What the search maximises: meeting the constraint first; then req/s at the highest concurrency
+    (or, while nothing meets it, the smallest worst p99 over the limit)."""
+    if not rows:
+        return (False, float("-inf"))
+    if meets(rows, p99_ms):
+        return (True, max(rows, key=lambda r: r["concurrency"])["throughput_rps"])
+    return (False, -max(r["p99_ms"] / p99_ms + r["failures"] for r in rows))
+
+
+def better(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0]:
+        return a[0]
+    if a[0]:
+        return a[1] > b[1] * (1 + GAIN)
+    return a[1] > b[1] + GAIN
+
+
+# --- the search ----------------------------------------------------------------------------------
+
+class Tuner:
+    def __init__(self, tag: str, name: str, space: dict[str, list], work: Path, a: argparse.Namespace):
+        self.tag, self.name, self.space, self.work, self.a = tag, name, space, work, a
+        self.bodies: Path | None = None
+        self.samples: list[dict] = []
+        self.trials: list[dict] = []
+        self.t0 = time.monotonic()
+        self.start_s: list[float] = []
+
+    def left(self) -> float:
+        return self.a.budget_min * 60 - (time.monotonic() - self.t0)
+
+    def per_trial(self) -> float:
+        start = statistics.mean(self.start_s) if self.start_s else 15.0
+        return start + len(self.a.concurrency) * (self.a.duration + self.a.warmup + 1)
+
+    def confirm_cost(self) -> float:
+        start = statistics.mean(self.start_s) if self.start_s else 15.0
+        return 2 * start + len(self.a.concurrency) * (2 * self.a.warmup + 6 * (self.a.duration + 1))
+
+    def trial(self, point: dict, base: dict) -> dict:
+        n = len(self.trials) + 1
+        t = {"trial": n, "point": point, "settings": settings_of(point), "label": describe(point, base), "rows": []}
+        t0 = time.monotonic()
+        try:
+            srv = start(self.tag, settings_of(point))
+        except RuntimeError as e:  # a setting the service refuses (a variant it lacks) or cannot start with
+            t["error"] = str(e).splitlines()[0][:200]
+            log(f"trial {n} ({t['label']}): the service did not start: {t['error']}")
+            self.trials.append(t)
+            return t
+        self.start_s.append(time.monotonic() - t0)
+        try:
+            if self.bodies is None:
+                self.fetch_bodies(srv, t)
+            for c in self.a.concurrency:
+                r = measure(srv, self.name, self.bodies, c, self.a.duration, self.a.warmup)
+                t["rows"].append(r)
+                log(f"trial {n} ({t['label']}) x{c}: {r['throughput_rps']:.0f} req/s, p50 {r['p50_ms']:.1f} "
+                    f"p95 {r['p95_ms']:.1f} p99 {r['p99_ms']:.1f} ms, {r['cpu_ms']:.2f} CPU-ms/req, "
+                    f"batch {r['mean_batch']:.1f}, 503s {r['n_503']}, failures {r['failures']}")
+        finally:
+            srv.stop()
+        t["meets"] = meets(t["rows"], self.a.p99_ms)
+        self.trials.append(t)
+        return t
+
+    def fetch_bodies(self, srv, t: dict) -> None:
+        """The model's own held-out images, from the first server (``/models/NAME/samples``), as wrk's bodies;
+        images over the inline-decoding limits add that knob to the search."""
+        from .lb import sample_bodies
+
+        found = sample_bodies(srv)
+        if not found:
+            raise ValueError(f"{self.tag} carries no held-out sample images (/models/{self.name}/samples is "
+                             "empty): export it again with `cnnserve export` to embed them")
+        lines = []
+        for i, (data, ctype) in enumerate(found):
+            path = self.work / f"sample-{i}.{ctype.split('/')[-1]}"
+            path.write_bytes(data)
+            lines.append(f"{ctype} {path}")
+            self.samples.append({"bytes": len(data), "type": ctype})
+        self.bodies = self.work / "bodies.txt"
+        self.bodies.write_text("\n".join(lines) + "\n")
+        biggest = max(len(d) for d, _ in found)
+        pixels = max(_pixels(d) for d, _ in found)
+        if pixels > DEFAULTS.inline_decode_pixels or biggest > DEFAULTS.inline_decode_bytes:
+            self.space["inline_decode"] = [(DEFAULTS.inline_decode_pixels, DEFAULTS.inline_decode_bytes),
+                                           (pixels, biggest)]
+            t["point"] = {**t["point"], "inline_decode": self.space["inline_decode"][0]}
+            t["settings"] = settings_of(t["point"])
+        log(f"sending the model's {len(found)} held-out images ({', '.join(sorted({c for _, c in found}))}, "
+            f"up to {biggest} bytes) round-robin")
+
+    def search(self) -> tuple[dict, dict]:
+        """Hill-climb from the defaults; returns the defaults' trial and the best one."""
+        base = defaults_point(self.space)
+        first = best = self.trial(base, base)
+        if "error" in first:
+            raise ValueError(f"the service does not start with its default settings: {first['error']}")
+        base = first["point"]  # with the inline-decoding knob where the images call for it
+        seen, last = {repr(base)}, None
+        while True:
+            moved = False
+            for knob, step, point in neighbours(best["point"], self.space, last):
+                if repr(point) in seen:
+                    continue
+                if len(self.trials) >= self.a.max_trials or self.left() < self.per_trial() + self.confirm_cost():
+                    log(f"search stops after {len(self.trials)} trials: "
+                        + ("--max-trials reached" if len(self.trials) >= self.a.max_trials else "budget"))
+                    return first, best
+                seen.add(repr(point))
+                t = self.trial(point, base)
+                if better(score(t["rows"], self.a.p99_ms), score(best["rows"], self.a.p99_ms)):
+                    log(f"trial {t['trial']} is the best so far ({knob} {'up' if step > 0 else 'down'})")
+                    best, last, moved = t, (knob, step), True
+                    break
+            if not moved:
+                log(f"search done after {len(self.trials)} trials: no neighbour of the best beats it")
+                return first, best
+
+    def confirm(self, defaults: dict, winner: dict) -> dict:
+        """The winner and the defaults served side by side, measured interleaved, three runs each."""
+        top = max(self.a.concurrency)
+        runs: dict[str, list[list[dict]]] = {"defaults": [], "winner": []}
+        log(f"checking trial {winner['trial']} ({winner['label']}) against the defaults: 3 interleaved runs each")
+        servers = {}
+        try:
+            for k, t in (("defaults", defaults), ("winner", winner)):
+                servers[k] = start(self.tag, t["settings"])
+            for i in range(3):
+                for k, srv in servers.items():
+                    rows = [measure(srv, self.name, self.bodies, c, self.a.duration, self.a.warmup if i == 0 else 0)
+                            for c in self.a.concurrency]
+                    runs[k].append(rows)
+                    r = rows[-1]
+                    log(f"check run {i + 1}, {k} x{top}: {r['throughput_rps']:.0f} req/s, p99 {r['p99_ms']:.1f} ms")
+        finally:
+            for srv in servers.values():
+                srv.stop()
+        rates = {k: [rows[-1]["throughput_rps"] for rows in rs] for k, rs in runs.items()}
+        ok = {k: meets([_median_row([rows[j] for rows in rs]) for j in range(len(self.a.concurrency))],
+                       self.a.p99_ms) for k, rs in runs.items()}
+        kept = ok["winner"] and (not ok["defaults"] or min(rates["winner"]) > max(rates["defaults"]))
+        return {"concurrency": top, "runs": runs, "rates": rates, "meets": ok, "kept": kept,
+                "median": {k: statistics.median(v) for k, v in rates.items()}}
+
+
+def _pixels(data: bytes) -> int:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return im.width * im.height
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """The median of repeated runs at one concurrency (each figure its own median; failures summed)."""
+    out = {k: statistics.median(r[k] for r in rows) for k in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms")}
+    return {**out, "concurrency": rows[0]["concurrency"], "failures": sum(r["failures"] for r in rows)}
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0 or value != value or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+        return value
+    return parse
+
+
+def add_parser(sub) -> None:
+    """``cnnserve tune``'s parser (registered by ``cnnserve/cli.py``)."""
+    doc = ("Choose the service's settings by measurement on this machine: start the real service with candidate "
+           "settings, drive it with wrk and the model's own held-out images, hill-climb from the defaults to the "
+           "highest throughput whose p99 meets --p99-ms at every --concurrency, check the winner against the "
+           "defaults (3 interleaved runs each), and write the service arguments (`bentoml serve --arg-file "
+           "tuned.yaml`) with a Markdown report and a PNG of every trial.")
+    p = sub.add_parser("tune", help="choose the service's settings for a model by measuring them here",
+                       description=doc)
+    p.add_argument("model", help="a model store tag, e.g. lenet5-digits:latest")
+    p.add_argument("--p99-ms", type=_positive(float), default=100.0, help="p99 latency limit (default %(default)s)")
+    p.add_argument("--concurrency", type=_positive(int), nargs="+", default=[1, 8, 64],
+                   help="connections in flight; each trial runs at each (default 1 8 64)")
+    p.add_argument("--budget-min", type=_positive(float), default=10.0,
+                   help="minutes for the search and the check (default %(default)s)")
+    p.add_argument("--out", default="tuned.yaml", help="service arguments to write (default %(default)s; the report "
+                                                       "beside it: .md, .png, .json)")
+    p.add_argument("--duration", type=_positive(float), default=5.0, help="seconds per measured run (default 5)")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each trial's first run")
+    p.add_argument("--max-trials", type=_positive(int), default=100, help="stop the search after this many trials")
+    p.set_defaults(func=command)
+
+
+def command(a: argparse.Namespace) -> int:
+    import shutil
+
+    from cnnserve.core.onnxmeta import variant_file
+    from cnnserve.core.store import stored_model
+
+    from . import tune_report
+
+    if not shutil.which("wrk"):
+        raise ValueError("wrk is not installed (Debian: apt-get install wrk); tune drives the service with it")
+    if a.warmup < 0:
+        raise ValueError(f"--warmup {a.warmup}: must be 0 or more")
+    a.concurrency = sorted(set(a.concurrency))
+    stored = stored_model(a.model)  # NotStored names the tag and how to store it
+    onnx = stored.path_of("model.onnx")
+    precisions = ["fp32", *(p for p in ("int8",) if os.path.isfile(variant_file(onnx, p)))]
+    space = knobs(precisions)
+    work = Path(tempfile.mkdtemp(prefix="cnnserve-tune-"))
+    tuner = Tuner(a.model, stored.tag.name, space, work, a)
+    log(f"tuning {stored.tag} for p99 <= {a.p99_ms:g} ms at {' '.join(map(str, a.concurrency))} connections, "
+        f"{a.budget_min:g} min; knobs: {', '.join(space)}")
+    try:
+        defaults, best = tuner.search()
+        check = None
+        if best is not defaults and best.get("meets"):
+            check = tuner.confirm(defaults, best)
+            log(f"check: winner {check['median']['winner']:.0f} req/s (runs {_spread(check['rates']['winner'])}), "
+                f"defaults {check['median']['defaults']:.0f} (runs {_spread(check['rates']['defaults'])}): "
+                + ("kept" if check["kept"] else "not beyond the spread, the defaults stay"))
+    except RuntimeError as e:  # a server that would not start for the check, wrk failing: one line, no traceback
+        raise ValueError(f"tune stopped: {str(e).splitlines()[0]}") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = tune_report.write(a, stored, tuner, defaults, best, check)
+    for line in result["summary"]:
+        log(line)
+    log(f"wrote {a.out} and its report ({result['md']}, {result['png']})")
+    return 0 if result["met"] else 1
+
+
+def _spread(rates: list[float]) -> str:
+    return ", ".join(f"{r:.0f}" for r in rates)
