@@ -126,6 +126,39 @@ def test_cam_for_gap_heads_and_a_reason_for_others(client):
     assert r.status_code == 400 and r.json()["code"] == "cam_unavailable" and "use method=occlusion" in r.json()["error"]
 
 
+def test_cam_outputs_are_the_head_and_the_served_map_is_their_cam(client):
+    """What the CAM outputs are, checked against the model itself, not only the map's shape: for a GAP +
+    linear head, each logit is the spatial mean of its class's weighted feature maps plus a constant (its
+    bias), for any image; and the map the server answers is ``explain.cam`` of those outputs, computed here
+    outside the batcher, whose native-size map is the rectified weighted sum."""
+    from cnnserve.core.onnxmeta import CAM_WEIGHTS, FEATURES, LOGITS, MODEL_FILE
+    from cnnserve.core.preprocess import preprocess
+    from cnnserve.core.runtime import create_session, load_model
+    from cnnserve.core.store import stored_model
+    from cnnserve.service.explain import cam
+
+    path = stored_model("resnet18-explain:latest").path_of(MODEL_FILE)
+    spec = load_model(path, providers="cpu", warm_up=False).spec
+    sess = create_session(path, "cpu")
+    rng = np.random.default_rng(1)
+    pngs = [encode(rng.integers(0, 256, (spec.height, spec.width, 3), dtype=np.uint8)) for _ in range(2)]
+    pixels = np.stack([preprocess(p, spec) for p in pngs])
+    logits, features, weights = sess.run([LOGITS, FEATURES, CAM_WEIGHTS], {"pixels": pixels})
+    class_means = np.einsum("kc,nchw->nk", weights, features) / (features.shape[2] * features.shape[3])
+    bias = logits - class_means
+    assert np.abs(bias[0] - bias[1]).max() < 1e-3, "the CAM outputs are not the classifier head"
+    assert np.ptp(logits[0] - logits[1]) > 1e-2  # two images the model tells apart: the check has teeth
+    target = int(logits[0].argmax())
+    native = np.maximum(np.tensordot(weights[target], features[0], axes=1), 0)
+    h, w = native.shape
+    assert np.allclose(cam(features[0], weights, target, (h, w)), native / native.max(), atol=1e-5)
+    served = client.post("/classify/explain", content=pngs[0], headers={"Content-Type": "image/png"},
+                         params={"model": "resnet18-explain", "method": "cam"})
+    assert served.status_code == 200 and served.json()["target"]["index"] == target
+    assert np.allclose(np.array(served.json()["map"]), cam(features[0], weights, target, (spec.height, spec.width)),
+                       atol=1e-4)
+
+
 @pytest.mark.parametrize("params, status, code", [
     ({"method": "gradients"}, 400, "bad_method"),
     ({"patch": 1, "stride": 1}, 400, "too_many_occlusions"),  # 784 copies > max_occlusions 256
