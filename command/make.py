@@ -118,7 +118,7 @@ def _cmd_quantize(args) -> int:
     from cnnserve.core.onnxmeta import variant_file
     from cnnserve.export.files import ExportError
     from cnnserve.export.pipeline import export_int8
-    from cnnserve.export.quantize import folder_images
+    from cnnserve.core.preprocess import load_folder
     from cnnserve.export.store import read_info
 
     import onnx
@@ -128,7 +128,7 @@ def _cmd_quantize(args) -> int:
     if info.precision != "fp32":
         raise ExportError(f"{src}: a {info.precision} model; quantize the fp32 one")
     try:
-        images = folder_images(args.images, info.spec, args.calibration + args.check)
+        images = load_folder(args.images, info.spec, args.calibration + args.check)
     except ValueError as e:
         raise ExportError(str(e)) from None
     if len(images) < args.calibration + 16:

@@ -31,8 +31,8 @@ from cnnserve.core.spec import ModelSpec, SpecError
 from .cam import add_cam_outputs
 from .files import save_verified, set_metadata, unique_opsets, versions
 from .store import StoreError, read_info
+from .verify import compare, format_report
 
-TOLERANCE = 1e-4
 PREFIX = "imported/"
 
 
@@ -149,13 +149,13 @@ def _imported_from(path: Path, sha256: str) -> bool:
 def sample_images(spec: ModelSpec, folder: str | os.PathLike | None = None, n: int = 24) -> np.ndarray:
     """Real images through the project's preprocessing: the files of ``folder`` (sorted, at most
     ``n``), else pictures of shapes drawn with Pillow and PNG-encoded, as the service would get them."""
-    from cnnserve.core.preprocess import IMAGE_EXTENSIONS, load_file, preprocess
+    from cnnserve.core.preprocess import load_folder, preprocess
 
     if folder is not None:
-        files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:n]
-        if not files:
-            raise ModelImportError(f"{folder}: no images to verify with")
-        return np.stack([load_file(p, spec) for p in files])
+        try:
+            return load_folder(folder, spec, n)
+        except ValueError as e:
+            raise ModelImportError(f"{e}: none to verify with") from None
     from cnnserve.models.data import LABELS, render_shape
 
     rng = np.random.default_rng(0)
@@ -245,18 +245,14 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
     except Exception as e:  # noqa: BLE001
         raise ModelImportError(f"{path}: the wrapped graph fails on a batch of 8 images ({str(e)[:200]}); "
                                "export the model with a dynamic batch axis") from None
-    diff = float(np.abs(answer - expect).max())
-    agreement = float((answer.argmax(1) == expect.argmax(1)).mean())
-    report = {"precision": "fp32", "provider": "CPUExecutionProvider", "n_images": len(pixels),
-              "images": str(images) if images else "shapes drawn with Pillow, sent as PNG", "compared": want,
-              "max_abs_diff": diff, "top1_agreement": agreement, "tolerance": TOLERANCE,
-              "seconds": round(time.time() - t0, 2), "passed": diff <= TOLERANCE and agreement == 1.0,
-              "source": str(path), "origin": info.origin, "spec": spec.to_dict()}
-    report["cam"] = cam
-    log(f"verify the wrapped graph on {len(pixels)} images: max |{want} diff| {diff:.2e}, "
-        f"top-1 agreement {report['top1_agreement']:.2%} -> {'PASSED' if report['passed'] else 'FAILED'}"
+    # the export's fp32 gate (export/verify.py), with the original model as the reference
+    report = compare(answer, expect, None, "fp32", "CPUExecutionProvider")
+    report.update(images=str(images) if images else "shapes drawn with Pillow, sent as PNG", compared=want,
+                  seconds=round(time.time() - t0, 2), source=str(path), origin=info.origin, spec=spec.to_dict(),
+                  cam=cam)
+    log(format_report(report).replace("verify fp32", f"verify the wrapped graph ({want})", 1)
         + ("; class activation maps available (global average pooling + linear head found)" if cam else ""))
-    report_path = save_verified(wrapped, out, report, f"the wrapped graph differs from the original by {diff:.2e} "
-                                f"(> {TOLERANCE}) or in a top-1 class", len(blob), log, ModelImportError)
+    report_path = save_verified(wrapped, out, report, "the wrapped graph differs from the original: "
+                                + "; ".join(report["failures"]), len(blob), log, ModelImportError)
     return {"path": out, "report_path": report_path, "report": report, "info": info}
 

@@ -16,7 +16,6 @@ each method and the best on the selection images is kept; ``--int8-format`` forc
 
 from __future__ import annotations
 
-import os
 import platform
 import tempfile
 import time
@@ -179,19 +178,3 @@ def quantize_verified(fp32: onnx.ModelProto, calibration: np.ndarray, selection:
                                "tried": tried},
                   ops_in_float=ops_in_float(q))
     return q, report
-
-
-def folder_images(folder: str | os.PathLike, spec, limit: int | None = None) -> np.ndarray:
-    """The images of a folder (recursively, sorted), decoded by the serving preprocessing."""
-    from cnnserve.core.preprocess import IMAGE_EXTENSIONS, ImageError, load_file
-
-    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-    out = []
-    for p in paths[:limit]:
-        try:
-            out.append(load_file(p, spec))
-        except ImageError:
-            continue  # a file that is not an image is not calibration data
-    if not out:
-        raise ValueError(f"{folder}: no readable images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return np.stack(out)

@@ -14,6 +14,22 @@ class UnknownShape(RuntimeError):
     """The patched library's code is not the shape the fix was written for."""
 
 
+def answering(status: int):
+    """A stand-in ASGI app that answers ``status`` with an empty body."""
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+    return app
+
+
+async def _sent(message) -> None:
+    return None
+
+
+async def _receive() -> dict:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
 def live_timers_after_one_request(middleware_class) -> int:
     """Timers a middleware leaves pending after one fast request, on a private event loop in its own
     thread (the caller's loop, if any, is not touched)."""
@@ -25,18 +41,8 @@ def live_timers_after_one_request(middleware_class) -> int:
             pending.append(handle)
             return handle
 
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def sent(message):
-        return None
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    in_private_loop(lambda: middleware_class(app, timeout=60)(
-        {"type": "http", "path": "/", "method": "GET", "headers": []}, receive, sent), Loop)
+    in_private_loop(lambda: middleware_class(answering(200), timeout=60)(
+        {"type": "http", "path": "/", "method": "GET", "headers": []}, _receive, _sent), Loop)
     return sum(1 for h in pending if not h.cancelled() and h.when() > 1)
 
 
@@ -96,23 +102,13 @@ def endpoint_labels(middleware_class, paths: list[str]) -> set[str]:
 
         Counter = Gauge = Summary = Histogram
 
-    async def app(scope, receive, send):
-        await send({"type": "http.response.start", "status": 404, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    async def sent(message):
-        return None
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
     async def requests() -> None:
-        mw = middleware_class(app, namespace="cnnserve_probe")
+        mw = middleware_class(answering(404), namespace="cnnserve_probe")
         mw._setup(metrics_client=Client(), duration_buckets=(1.0,))
         if not any("endpoint" in getattr(v, "_labelnames", ()) for v in vars(mw).values()):
             raise UnknownShape("its _setup creates no metric labelled 'endpoint'")
         for path in paths:
-            await mw({"type": "http", "path": path, "method": "GET", "headers": []}, receive, sent)
+            await mw({"type": "http", "path": path, "method": "GET", "headers": []}, _receive, _sent)
 
     in_private_loop(requests)
     return seen

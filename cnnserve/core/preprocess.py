@@ -322,3 +322,20 @@ def load_file(path: str | os.PathLike, spec: ModelSpec, limits: Limits = DEFAULT
     except ImageError as e:
         problem = (f"{os.fsdecode(path)}: {e}", e.status, e.code)
     raise ImageError(*problem)
+
+
+def load_folder(folder: str | os.PathLike, spec: ModelSpec, limit: int | None = None) -> np.ndarray:
+    """The images of a folder (recursively, sorted, at most ``limit``) as the model's uint8 input, decoded
+    as the service decodes; files that are not images are skipped. A ValueError names a folder with none."""
+    from pathlib import Path
+
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    out = []
+    for p in paths[:limit]:
+        try:
+            out.append(load_file(p, spec))
+        except ImageError:
+            continue  # a file that is not an image is not an image of the data
+    if not out:
+        raise ValueError(f"{folder}: no readable images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return np.stack(out)
