@@ -448,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"an exported .onnx file or a model store tag (default {DEFAULT_MODEL}, as "
                                    "the service; http engine: the served model name, default the service's)")
     p.add_argument("--out", "-o", required=True, help="predictions file: .csv, .jsonl or .parquet")
-    p.add_argument("--engine", default="local", help="local (default), http, ray")
+    p.add_argument("--engine", default="local", help="local (default), http, grpc, ray")
     p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="classes per image (at most the model's)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.max_batch_size,
                    help="images per onnxruntime run (local, ray) or per progress step (http)")
@@ -456,8 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoders", default="auto", choices=("auto", "processes", "threads"),
                    help="local engine: decode in processes (scales with cores) or threads (starts at once); "
                         "auto: processes from 5,000 files")
-    p.add_argument("--url", help="http engine: the service, e.g. http://127.0.0.1:3000")
-    p.add_argument("--concurrency", type=int, default=16, help="http engine: requests in flight")
+    p.add_argument("--url", help="http engine: the service, e.g. http://127.0.0.1:3000; grpc engine: its gRPC "
+                   "port, e.g. 127.0.0.1:3001")
+    p.add_argument("--concurrency", type=int, default=16, help="http and grpc engines: requests in flight")
     p.add_argument("--ray-address", help="ray engine: join this cluster (default: start a local Ray)")
     p.add_argument("--providers", default=DEFAULTS.providers, help="auto, cuda, cpu")
     p.add_argument("--precision", default=DEFAULTS.precision, choices=("auto", "fp32", "fp16", "int8"),

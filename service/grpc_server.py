@@ -14,8 +14,8 @@ speaks it) beside HTTP, in each BentoML worker, on the worker's event loop and t
   bulk, 0 the default).
 - **Health** (``grpc.health.v1``): SERVING once every model is warm, NOT_SERVING from the first SIGTERM.
   **Reflection** lists the services.
-- **Drain**: on SIGTERM, health says NOT_SERVING at once; after ``drain_s`` (HTTP's drain) the server stops
-  accepting (GOAWAY; new calls get UNAVAILABLE) and the calls in flight finish within ``grace_s``.
+- **Drain**: on SIGTERM, health says NOT_SERVING at once; after ``drain_s`` (HTTP's drain) new calls get
+  UNAVAILABLE, the calls in flight finish, then the server stops (GOAWAY), all within ``grace_s`` (``stop``).
 - Both workers bind ``grpc_port`` (SO_REUSEPORT); the kernel spreads connections between them.
 """
 
@@ -210,13 +210,29 @@ class Metrics:
             m.rejected.labels(code, "grpc").inc()
 
 
-def _handler(service: InferenceService, metrics: Metrics, name: str):
+class Gate:
+    """The calls in flight, and whether new ones are refused (a drain's last phase)."""
+
+    def __init__(self) -> None:
+        self.refusing = False
+        self.inflight = 0
+        self.started = 0  # calls ever begun
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
+def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate):
     method = getattr(service, name)
 
     async def handle(request, context):
         t0 = time.perf_counter()
         code = SC.OK
+        gate.inflight += 1
+        gate.started += 1
+        gate.idle.clear()
         try:
+            if gate.refusing:
+                raise APIError(503, "draining", "the server is shutting down; call another replica")
             if isinstance(request, _Unparsed):
                 raise APIError(400, "bad_message", request.error)
             return await method(request, context)
@@ -239,6 +255,9 @@ def _handler(service: InferenceService, metrics: Metrics, name: str):
             log.exception("%s failed", name)
             raise
         finally:
+            gate.inflight -= 1
+            if not gate.inflight:
+                gate.idle.set()
             metrics.observe(name, code, time.perf_counter() - t0)
 
     request_cls, response_cls = METHODS[name]
@@ -259,9 +278,9 @@ class GrpcServer:
             # a client may keep a connection for long; its pings are fine, at most one every 10 s without calls
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ])
-        service, metrics = InferenceService(engine), Metrics(engine)
+        service, metrics, self.gate = InferenceService(engine), Metrics(engine), Gate()
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            SERVICE, {name: _handler(service, metrics, name) for name in SERVED}),))
+            SERVICE, {name: _handler(service, metrics, name, self.gate) for name in SERVED}),))
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server,
@@ -298,7 +317,23 @@ class GrpcServer:
         """Stop accepting and finish the calls in flight within ``grace_s`` (once, whoever asks)."""
         if self.stopped is None:
             async def stop() -> None:
+                # New calls are refused UNAVAILABLE by the service itself first, while the calls in flight
+                # finish: gRPC's own shutdown answers a call that races it CANCELLED, which a client cannot
+                # tell from a call lost mid-way. Then the server stops (GOAWAY) with what is left of grace_s.
+                t = time.monotonic()
+                grace = self.engine.config.grace_s
+                self.gate.refusing = True
                 await self.health.enter_graceful_shutdown()
-                await self.server.stop(self.engine.config.grace_s)
+                try:  # idle, and no call begun for a moment (calls still in gRPC's queue get their answer)
+                    async with asyncio.timeout(grace):
+                        while True:
+                            await self.gate.idle.wait()
+                            started = self.gate.started
+                            await asyncio.sleep(0.25)
+                            if self.gate.idle.is_set() and self.gate.started == started:
+                                break
+                except TimeoutError:
+                    pass
+                await self.server.stop(max(0.0, grace - (time.monotonic() - t)))
             self.stopped = asyncio.ensure_future(stop())
         await asyncio.shield(self.stopped)

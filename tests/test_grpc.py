@@ -276,7 +276,7 @@ def test_sigterm_drains_grpc_calls_in_flight(stored_default, model, digits_test)
     assert code == 0, s.output()
     assert before > 0 and results.count("ok") > before
     # every call either answered or refused before it ran (UNAVAILABLE once stopped): none failed mid-way
-    assert set(results) <= {"ok", "StatusCode.UNAVAILABLE"}, set(results)
+    assert set(results) <= {"ok", "StatusCode.UNAVAILABLE"}, (set(results), s.output())
     assert took < 1 + 10 + 15
 
 
