@@ -315,8 +315,16 @@ async def infer_route(request: Request, p: Annotated[RequestParams, Query()], na
                       version: str | None = None):
     t0 = time.perf_counter()
     e = _engine(request)
-    e.model(name, version)
-    ticket = e.ticket(p.timeout_ms, p.priority, t0)
-    body = await read_body(request, e.config.max_request_bytes, e.config.body_timeout_s)
-    ticket.gone = watch_disconnect(request)
-    return await infer(e, name, version, body, request.headers.get("inference-header-content-length"), ticket)
+    status = "200"
+    try:
+        e.model(name, version)
+        ticket = e.ticket(p.timeout_ms, p.priority, t0)
+        body = await read_body(request, e.config.max_request_bytes, e.config.body_timeout_s)
+        ticket.gone = watch_disconnect(request)
+        return await infer(e, name, version, body, request.headers.get("inference-header-content-length"), ticket)
+    except APIError as err:
+        status = str(err.status)
+        raise
+    finally:  # the infer call in the same histogram as gRPC's ModelInfer (status: HTTP's number there)
+        if e.metrics and hasattr(e.metrics, "requests"):
+            e.metrics.requests.labels("http", "ModelInfer", status).observe(time.perf_counter() - t0)

@@ -223,6 +223,9 @@ def test_health_reflection_and_metrics(srv):
 
     text = urllib.request.urlopen(srv.url + "/metrics", timeout=10).read().decode()
     assert 'protocol="grpc"' in text and "cnnserve_request_seconds" in text
+    # the infer calls of both protocols in one histogram (the earlier tests made both)
+    assert all(f'endpoint="ModelInfer",protocol="{p}"' in text for p in ("http", "grpc")), \
+        [line for line in text.splitlines() if "cnnserve_request_seconds_count" in line]
 
 
 def test_sigterm_drains_grpc_calls_in_flight(stored_default, model, digits_test):
