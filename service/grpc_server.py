@@ -16,13 +16,15 @@ speaks it) beside HTTP, in each BentoML worker, on the worker's event loop and t
   **Reflection** lists the services.
 - **Drain**: on SIGTERM, health says NOT_SERVING at once; after ``drain_s`` (HTTP's drain) new calls get
   UNAVAILABLE, the calls in flight finish, then the server stops (GOAWAY), all within ``grace_s`` (``stop``).
-- Both workers bind ``grpc_port`` (SO_REUSEPORT); the kernel spreads connections between them.
+- Both workers bind ``grpc_port`` (SO_REUSEPORT); the kernel spreads connections between them. The address is
+  HTTP's (``bentoml serve --host``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import grpc
@@ -265,11 +267,27 @@ def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate)
                                                response_serializer=response_cls.SerializeToString)
 
 
+def http_host() -> str:
+    """The address HTTP listens on (``bentoml serve --host``), so that gRPC listens there too: BentoML hands
+    each worker the listening socket as ``--fd N``. All interfaces where it cannot be read."""
+    import socket
+    import sys
+
+    args = sys.argv
+    try:
+        fd = int(args[args.index("--fd") + 1])
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            host = sock.getsockname()[0]
+    except (ValueError, IndexError, OSError):
+        return "[::]"
+    return f"[{host}]" if ":" in host else host
+
+
 class GrpcServer:
     """The worker's gRPC server: started on its event loop, drained with HTTP, stopped with the worker."""
 
-    def __init__(self, engine: Engine, port: int, host: str = "[::]") -> None:
-        self.engine, self.port, self.host = engine, port, host
+    def __init__(self, engine: Engine, port: int, host: str | None = None) -> None:
+        self.engine, self.port, self.host = engine, port, host or http_host()
         config = engine.config
         limit = config.max_request_bytes
         self.server = grpc.aio.server(options=[
@@ -295,7 +313,7 @@ class GrpcServer:
         await self._health(self.engine.ready)
         loop = asyncio.get_running_loop()
         DRAIN.listeners.append(lambda: loop.call_soon_threadsafe(self._drain))
-        log.info("gRPC (Open Inference Protocol, health, reflection) on port %d", bound)
+        log.info("gRPC (Open Inference Protocol, health, reflection) on %s:%d", self.host, bound)
         return bound
 
     async def _health(self, serving: bool) -> None:

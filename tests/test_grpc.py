@@ -203,7 +203,7 @@ def test_hostile_messages_never_internal(srv, model):
     assert seen.get("INVALID_ARGUMENT", 0) > 0, seen
 
 
-def test_health_reflection_and_metrics(srv):
+def test_health_reflection_and_metrics(srv, model):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -221,9 +221,14 @@ def test_health_reflection_and_metrics(srv):
     assert answers[1].file_descriptor_response.file_descriptor_proto  # grpcurl can describe the service
     import urllib.request
 
+    x = np.zeros((1, 1, 28, 28), np.uint8)  # one infer call each way
+    t = th.InferInput("pixels", list(x.shape), "UINT8")
+    t.set_data_from_numpy(x, binary_data=True)
+    th.InferenceServerClient(srv.url.removeprefix("http://")).infer(model, [t])
+    tg.InferenceServerClient(srv.grpc_target).infer(model, [pixels_input(x)])
     text = urllib.request.urlopen(srv.url + "/metrics", timeout=10).read().decode()
     assert 'protocol="grpc"' in text and "cnnserve_request_seconds" in text
-    # the infer calls of both protocols in one histogram (the earlier tests made both)
+    # the infer calls of both protocols in one histogram
     assert all(f'endpoint="ModelInfer",protocol="{p}"' in text for p in ("http", "grpc")), \
         [line for line in text.splitlines() if "cnnserve_request_seconds_count" in line]
 
