@@ -130,7 +130,7 @@ class InferenceService:
         elif t.datatype == "BYTES":
             tensor.data = t.contents.bytes_contents
         else:
-            tensor.data = np.asarray(t.contents.uint_contents, np.int64)
+            tensor.data = t.contents.uint_contents  # converted once its length matches the shape
             if (t.datatype == "UINT8" and not len(tensor.data)
                     and any(len(getattr(t.contents, f)) for f in TYPED if f != "uint_contents")):
                 raise APIError(400, "bad_data", "UINT8 contents go in uint_contents (or raw_input_contents)")

@@ -128,8 +128,10 @@ def tensor_input(engine: Engine, model: Model, t: Tensor) -> np.ndarray | list[b
                                                  f"({count} bytes)")
         return np.frombuffer(t.raw, np.uint8, count).reshape(shape)
     data = t.data
-    if not isinstance(data, (list, np.ndarray)):
+    if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__len__"):
         raise APIError(400, "bad_request", "input needs 'data' (a list of integers) or binary_data_size")
+    if not isinstance(data, list) and len(data) != count:  # gRPC's flat contents: counted before converted
+        raise APIError(400, "bad_data", f"input data must be {count} integers for shape {shape}, got {len(data)}")
     problem = None
     try:
         arr = np.asarray(data)

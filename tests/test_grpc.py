@@ -167,6 +167,12 @@ def test_refusals_map_to_status_codes(srv, model):
         assert got == status, (what, got, details)
         if code:
             assert trailing.get("cnnserve-code") == code, (what, trailing, details)
+    # typed contents that do not match the shape, or hold values past 255
+    for values, shape in (([1] * 100_000, (1, 1, 28, 28)), ([300] * 784, (1, 1, 28, 28))):
+        req = pb.ModelInferRequest(model_name=model)
+        req.inputs.add(name="pixels", datatype="UINT8", shape=list(shape)).contents.uint_contents.extend(values)
+        got, details, trailing = call(t, "ModelInfer", req.SerializeToString())
+        assert (got, trailing.get("cnnserve-code")) == ("INVALID_ARGUMENT", "bad_data"), details
     # 100,000 BYTES elements (typed and raw) for a tensor of one: refused, cheaply
     req = pb.ModelInferRequest(model_name=model)
     req.inputs.add(name="image", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([b"x"] * 100_000)
