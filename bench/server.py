@@ -29,11 +29,19 @@ class Server:
         so a test feeding it hostile input fails instead of exhausting the machine. ``port``: a given one
         (a replica restarted where it was), else a free one. ``home``: the BENTOML_HOME to use (default:
         one of its own, sharing the current model store)."""
-        self.args, self.kwargs = args, {"ready_timeout": ready_timeout, "service": service,
-                                        "memory_limit_mb": memory_limit_mb, "home": home}
+        self.kwargs = {"ready_timeout": ready_timeout, "service": service,
+                       "memory_limit_mb": memory_limit_mb, "home": home}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # gRPC on a free port of its own too, unless the arguments name one (grpc_port=0: none): never the
+        # default 3001, which servers of parallel tests would all bind (SO_REUSEPORT)
+        named = [a.split("=", 1)[1] for a in args if a.startswith("grpc_port=")]
+        if not named and service.startswith("cnnserve.service"):
+            args = (*args, "--arg", f"grpc_port={free_port()}")
+        self.grpc_port = int(([a.split("=", 1)[1] for a in args if a.startswith("grpc_port=")] or ["0"])[-1])
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}" if self.grpc_port else None
         self.home = home or home_of_its_own()
+        self.args = args
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
             [bentoml_command(), "serve", service, "--host", "127.0.0.1", "--port", str(self.port),

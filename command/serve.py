@@ -153,8 +153,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--decoders", default=DECODERS[0], choices=DECODERS,
                    help="local engine: decode in processes (scales with cores) or threads (starts at once); "
                         "auto: processes from 5,000 files")
-    p.add_argument("--url", help="http engine: the service, e.g. http://127.0.0.1:3000")
-    p.add_argument("--concurrency", type=int, default=16, help="http engine: requests in flight")
+    p.add_argument("--url", help="http engine: the service, e.g. http://127.0.0.1:3000; grpc engine: its gRPC "
+                   "port, e.g. 127.0.0.1:3001")
+    p.add_argument("--concurrency", type=int, default=16, help="http and grpc engines: requests in flight")
     p.add_argument("--ray-address", help="ray engine: join this cluster (default: start a local Ray)")
     p.add_argument("--providers", default=DEFAULTS.providers, help="auto, cuda, cpu")
     p.add_argument("--precision", default=DEFAULTS.precision, choices=PRECISIONS,

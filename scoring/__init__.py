@@ -6,7 +6,7 @@ command that joins them is ``run.py``. No torch, and not in the serving image.
 from __future__ import annotations
 
 #: What scores the images: here, against a running service, or on a Ray cluster (the first is the default).
-ENGINES = ("local", "http", "ray")
+ENGINES = ("local", "http", "grpc", "ray")  # grpc: grpc_engine.py
 #: How the local engine decodes: auto (processes from 5,000 files), processes, threads.
 DECODERS = ("auto", "processes", "threads")
 

@@ -1,6 +1,6 @@
 """What scores the images: ``local`` (threads decode while onnxruntime runs the previous batch),
 ``http`` (a running cnnserve service, bounded concurrency, priority=bulk, retries on 503 and
-504), ``ray`` (Ray Data: parallel decode and an actor pool holding onnxruntime sessions; local or
+504), ``grpc`` (the same over the Open Inference Protocol's gRPC: ``grpc_engine.py``), ``ray`` (Ray Data: parallel decode and an actor pool holding onnxruntime sessions; local or
 a cluster). Each yields lists of rows in input order; every engine decodes with
 ``cnnserve.core.preprocess`` and runs the exported graph, so all give the same answers."""
 

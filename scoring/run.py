@@ -26,6 +26,7 @@ from cnnserve.core.runtime import ModelLoadError, load_model
 from . import ScoreError, printable, row
 from . import DECODERS, ENGINES
 from .engines import Stats, score_http, score_local, score_ray
+from .grpc_engine import score_grpc
 from .inputs import collect_inputs
 from .writers import Writer, files_of, read_predictions
 
@@ -74,6 +75,19 @@ def _served_classes(url: str, model: str | None) -> int:
     raise ScoreError(f"{url}: serves no model {name!r} (it serves {', '.join(m['name'] for m in info['models'])})")
 
 
+def _grpc_classes(url: str, model: str | None) -> int:
+    """The same over gRPC (the model's metadata)."""
+    import grpc
+
+    from .grpc_engine import served_classes
+
+    try:
+        return served_classes(url, model)
+    except grpc.RpcError as e:
+        raise ScoreError(f"{url}: no cnnserve gRPC service serves model {model or '(default)'!r} there "
+                         f"({e.code().name}: {e.details()})") from None
+
+
 def score(inputs: list[str], out: str, *, model: str | None = None, engine: str = "local",
           top_k: int = DEFAULTS.top_k, batch_size: int = DEFAULTS.max_batch_size, workers: int | None = None,
           url: str | None = None, concurrency: int = 16, ray_address: str | None = None,
@@ -86,9 +100,11 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         raise ScoreError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
     if decoders not in DECODERS:
         raise ScoreError(f"unknown decoders {decoders!r}; valid: {', '.join(DECODERS)}")
-    if engine == "http" and not url:
-        raise ScoreError("--engine http needs --url of a running cnnserve service")
-    if engine != "http" and not model:
+    remote = engine in ("http", "grpc")
+    if remote and not url:
+        raise ScoreError(f"--engine {engine} needs --url of a running cnnserve service"
+                         + (" (its gRPC port: host:3001)" if engine == "grpc" else ""))
+    if not remote and not model:
         model = DEFAULT_MODEL  # the service's default
     workers = workers or cores()
     found = collect_inputs(inputs, outputs=files_of(Path(out)))
@@ -97,6 +113,8 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
     local_model = None
     if engine == "http":
         top_k = min(top_k, _served_classes(url, model))
+    elif engine == "grpc":
+        top_k = min(top_k, _grpc_classes(url, model))
     else:
         model_path = resolve_model(model)[0]
         # the precision the service would choose (auto: timed here at the scoring batch size)
@@ -128,6 +146,8 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         batches = score_local(todo, local_model, top_k, batch_size, workers, stats, decoders, limits)
     elif engine == "http":
         batches = score_http(todo, url.rstrip("/"), model, top_k, batch_size, concurrency, stats, limits=limits)
+    elif engine == "grpc":
+        batches = score_grpc(todo, url, model, top_k, batch_size, concurrency, stats, limits=limits)
     else:
         batches = score_ray(todo, model_path, top_k, batch_size, workers, providers, ray_address, stats, limits)
 

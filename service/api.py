@@ -53,7 +53,7 @@ def error_response(app, e: APIError) -> JSONResponse:
     e.__traceback__ = e.__context__ = None
     engine = getattr(app.state, "engine", None)
     if engine is not None and engine.metrics:  # the one place where refusals are counted, by reason
-        engine.metrics.rejected.labels(e.code).inc()
+        engine.metrics.rejected.labels(e.code, "http").inc()
     if e.code == "client_closed":
         log.info("client disconnected: %s", e.message)
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)

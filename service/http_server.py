@@ -28,7 +28,21 @@ log = logging.getLogger("cnnserve.service")
 
 
 class _DrainState:
-    active = False  # set by the first SIGTERM: not ready, answers close their connections
+    """``active`` from the first SIGTERM: not ready, answers close their connections; ``listeners`` are called
+    then (in the signal handler's thread: the gRPC server hands itself the news through its event loop)."""
+
+    active = False
+
+    def __init__(self) -> None:
+        self.listeners: list = []
+
+    def begin(self) -> None:
+        self.active = True
+        for listener in self.listeners:
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - a listener's failure must not stop the drain
+                log.exception("drain listener failed")
 
 
 DRAIN = _DrainState()
@@ -122,7 +136,7 @@ def draining_handle_exit(original, drain_s: float, grace_s: float):
         self.config.timeout_graceful_shutdown = grace_s
         if sig != signal.SIGTERM or DRAIN.active or self.should_exit or drain_s <= 0:
             return original(self, sig, frame)
-        DRAIN.active = True
+        DRAIN.begin()
         log.info("SIGTERM: draining for %g s (readyz 503, Connection: close), then stopping within %g s",
                  drain_s, grace_s)
         timer = threading.Timer(drain_s, original, (self, sig, None))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
@@ -66,38 +67,71 @@ async def parse(config: Settings, body: bytes, header_length: str | None) -> tup
         raise APIError(400, "bad_request", "the request must be a JSON object with 'inputs'")
     return req, binary
 
+@dataclass
+class Tensor:
+    """An infer request's input tensor, whatever the protocol carried it in: its name, datatype and shape as
+    the client sent them (checked here, so of any type), and its contents as either ``raw`` bytes (the binary
+    tensor extension's part over HTTP, ``raw_input_contents`` over gRPC: pixels as bytes, images each as a
+    4-byte little-endian length and its bytes) or ``data`` (JSON's list: integers, or base64 strings for
+    images; gRPC's typed contents: ``uint_contents``, or ``bytes_contents`` already decoded)."""
+
+    name: object
+    datatype: object
+    shape: object
+    raw: bytes | memoryview | None = None
+    data: object = None
+    base64: bool = True  # ``data`` of an image input holds base64 strings (JSON), not the bytes (gRPC)
+
+
 def input_of(engine: Engine, model: Model, req: dict, binary: bytes) -> np.ndarray | list[bytes]:
-    """The request's one input: the ``pixels`` tensor (UINT8 N x C x H x W), or ``image``, a
-    BYTES tensor of N encoded images (decoded here by the service's preprocessing). Every field
-    is type-checked (a bool is not an int)."""
+    """The JSON request's one input (see ``tensor_input``), with the binary tensor extension's part."""
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise APIError(400, "bad_request", f"'inputs' must hold exactly one tensor: {onnxmeta.INPUT!r} "
-                                           f"(UINT8 pixels) or {IMAGE_INPUT!r} (BYTES, encoded images)")
+        raise one_input_please()
     t = inputs[0]
-    if t.get("name") == IMAGE_INPUT:
-        return images_of(engine, t, binary)
+    tensor = Tensor(t.get("name"), t.get("datatype"), t.get("shape"), data=t.get("data"))
+    size = binary_data_size(t)
+    if size is not None:
+        if type(size) is not int or not 0 < size <= len(binary):
+            raise APIError(400, "bad_binary", f"binary_data_size {short(size)} does not fit the "
+                                                 f"{len(binary)} bytes sent")
+        tensor.raw = memoryview(binary)[:size]
+    return tensor_input(engine, model, tensor)
+
+
+def one_input_please() -> APIError:
+    return APIError(400, "bad_request", f"'inputs' must hold exactly one tensor: {onnxmeta.INPUT!r} "
+                                        f"(UINT8 pixels) or {IMAGE_INPUT!r} (BYTES, encoded images)")
+
+
+def tensor_input(engine: Engine, model: Model, t: Tensor) -> np.ndarray | list[bytes]:
+    """The request's one input, by any protocol: the ``pixels`` tensor (UINT8 N x C x H x W), or ``image``, a
+    BYTES tensor of N encoded images (decoded later by the service's preprocessing). Every field is
+    type-checked (a bool is not an int), and the count is checked before any content is read."""
+    if t.name == IMAGE_INPUT:
+        return images_of(engine, t)
     c, h, w = model.spec.input_shape
-    if t.get("name") != onnxmeta.INPUT:
+    if t.name != onnxmeta.INPUT:
         raise APIError(400, "bad_input_name", f"input must be named {onnxmeta.INPUT!r} or {IMAGE_INPUT!r}, "
-                                              f"got {short(t.get('name'))}")
-    if t.get("datatype") != "UINT8":
-        raise APIError(400, "bad_datatype", f"input datatype must be UINT8, got {short(t.get('datatype'))}")
-    shape = t.get("shape")
+                                              f"got {short(t.name)}")
+    if t.datatype != "UINT8":
+        raise APIError(400, "bad_datatype", f"input datatype must be UINT8, got {short(t.datatype)}")
+    shape = t.shape
     if (not isinstance(shape, list) or len(shape) != 4 or not all(type(s) is int for s in shape)
             or shape[1:] != [c, h, w] or shape[0] < 1):
         raise APIError(400, "bad_shape", f"input shape must be [N, {c}, {h}, {w}] with N >= 1, got {short(shape)}")
     engine.check_count(shape[0])
     count = shape[0] * c * h * w
-    size = binary_data_size(t)
-    if size is not None:
-        if type(size) is not int or size != count or len(binary) < size:
-            raise APIError(400, "bad_binary", f"binary_data_size {short(size)} does not match shape {shape} "
-                                                 f"({count} bytes) or the {len(binary)} bytes sent")
-        return np.frombuffer(binary, np.uint8, count).reshape(shape)
-    data = t.get("data")
-    if not isinstance(data, list):
+    if t.raw is not None:
+        if len(t.raw) != count:
+            raise APIError(400, "bad_binary", f"the input's {len(t.raw)} bytes do not match shape {shape} "
+                                                 f"({count} bytes)")
+        return np.frombuffer(t.raw, np.uint8, count).reshape(shape)
+    data = t.data
+    if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__len__"):
         raise APIError(400, "bad_request", "input needs 'data' (a list of integers) or binary_data_size")
+    if not isinstance(data, list) and len(data) != count:  # gRPC's flat contents: counted before converted
+        raise APIError(400, "bad_data", f"input data must be {count} integers for shape {shape}, got {len(data)}")
     problem = None
     try:
         arr = np.asarray(data)
@@ -112,24 +146,24 @@ def input_of(engine: Engine, model: Model, req: dict, binary: bytes) -> np.ndarr
         raise APIError(400, "bad_data", "UINT8 data must lie in 0..255")
     return arr.astype(np.uint8).reshape(shape)
 
-def images_of(engine: Engine, t: dict, binary: bytes) -> list[bytes]:
-    """The encoded images of a BYTES input: with the binary tensor extension, each element is a
-    4-byte little-endian length and its bytes (Triton's serialisation); in JSON, each is a
-    base64 string."""
-    if t.get("datatype") != "BYTES":
-        raise APIError(400, "bad_datatype", f"input {IMAGE_INPUT!r} must be BYTES, got {short(t.get('datatype'))}")
-    shape = t.get("shape")
+
+def images_of(engine: Engine, t: Tensor) -> list[bytes]:
+    """The encoded images of a BYTES input: raw, each element is a 4-byte little-endian length and its
+    bytes (Triton's serialisation, over HTTP's binary extension and gRPC's raw contents alike); as data,
+    base64 strings (JSON) or the bytes themselves (gRPC's ``bytes_contents``)."""
+    if t.datatype != "BYTES":
+        raise APIError(400, "bad_datatype", f"input {IMAGE_INPUT!r} must be BYTES, got {short(t.datatype)}")
+    shape = t.shape
     if (not isinstance(shape, list) or len(shape) not in (1, 2) or not all(type(s) is int for s in shape)
             or shape[0] < 1 or shape[1:] not in ([], [1])):
         raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} shape must be [N] or [N, 1], got {short(shape)}")
     n = shape[0]
     engine.check_count(n)
-    size = binary_data_size(t)
-    if size is not None:
-        if type(size) is not int or not 0 < size <= len(binary):
-            raise APIError(400, "bad_binary", f"binary_data_size {short(size)} does not fit the "
-                                                 f"{len(binary)} bytes sent")
-        images, view, pos = [], memoryview(binary)[:size], 0
+    if t.raw is not None:
+        size = len(t.raw)
+        if not size:
+            raise APIError(400, "bad_binary", f"input {IMAGE_INPUT!r} has no bytes")
+        images, view, pos = [], memoryview(t.raw), 0
         while pos < size:
             if len(images) == n:  # more elements than the shape says: stop before reading them all
                 raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} has shape {shape} but holds more images")
@@ -141,11 +175,19 @@ def images_of(engine: Engine, t: dict, binary: bytes) -> list[bytes]:
                                                      f"announced, {size - pos - 4} left")
             images.append(bytes(view[pos + 4:pos + 4 + length]))
             pos += 4 + length
+    elif not t.base64:
+        data = t.data
+        if data is None or len(data) != n:  # counted before anything is copied
+            raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} has shape {shape} but holds "
+                                             f"{0 if data is None else len(data)} images")
+        images = list(data)
     else:
-        data = t.get("data")
+        data = t.data
         if not isinstance(data, list) or not all(isinstance(d, str) for d in data):
             raise APIError(400, "bad_request", f"input {IMAGE_INPUT!r} needs 'data' (base64 strings) or "
                                                "binary_data_size")
+        if len(data) != n:
+            raise APIError(400, "bad_shape", f"input {IMAGE_INPUT!r} has shape {shape} but holds {len(data)} images")
         try:
             images = [base64.b64decode(d, validate=True) for d in data]
         except ValueError:
@@ -171,11 +213,27 @@ def outputs_of(req: dict) -> list[str]:
         return list(onnxmeta.OUTPUTS)
     if not isinstance(wanted, list):
         raise APIError(400, "bad_output", f"'outputs' must be a list, got {short(wanted)}")
-    names = [o.get("name") if isinstance(o, dict) else o for o in wanted]
+    return output_names([o.get("name") if isinstance(o, dict) else o for o in wanted])
+
+
+def output_names(names: list) -> list[str]:
+    """The outputs a request asks for, by name (all of them when it names none)."""
     unknown = [short(o) for o in names if not isinstance(o, str) or o not in onnxmeta.OUTPUTS]
     if unknown:
         raise APIError(400, "bad_output", f"unknown outputs {unknown}; this model has {list(onnxmeta.OUTPUTS)}")
-    return names or list(onnxmeta.OUTPUTS)
+    return list(names) or list(onnxmeta.OUTPUTS)
+
+
+async def outputs(engine: Engine, model: Model, pixels: np.ndarray | list[bytes],
+                  ticket: Ticket | None = None) -> dict[str, np.ndarray]:
+    """The input (pixels, or encoded images, decoded first) through the model's batcher: every output,
+    N rows each (float32). Every protocol answers from this."""
+    if isinstance(pixels, list):
+        pixels = await decode(engine, model, pixels, ticket)
+    out = await engine.run(model, pixels, ticket=ticket)
+    k = model.spec.num_classes
+    return {onnxmeta.LOGITS: out[:, :k], onnxmeta.PROBABILITIES: out[:, k:]}
+
 
 async def infer(engine: Engine, name: str, version: str | None, body: bytes, header_length: str | None,
                 ticket: Ticket | None = None) -> dict:
@@ -185,11 +243,7 @@ async def infer(engine: Engine, name: str, version: str | None, body: bytes, hea
         raise APIError(400, "bad_request", f"'id' must be a string, got {short(req['id'])}")
     pixels = input_of(engine, model, req, binary)
     wanted = outputs_of(req)
-    if isinstance(pixels, list):
-        pixels = await decode(engine, model, pixels, ticket)
-    out = await engine.run(model, pixels, ticket=ticket)
-    k = model.spec.num_classes
-    parts = {onnxmeta.LOGITS: out[:, :k], onnxmeta.PROBABILITIES: out[:, k:]}
+    parts = await outputs(engine, model, pixels, ticket)
     resp = {"model_name": model.name, "model_version": model.version,
             "outputs": [{"name": o, "datatype": "FP32", "shape": list(parts[o].shape),
                          "data": parts[o].ravel().tolist()} for o in wanted]}
@@ -263,8 +317,16 @@ async def infer_route(request: Request, p: Annotated[RequestParams, Query()], na
                       version: str | None = None):
     t0 = time.perf_counter()
     e = _engine(request)
-    e.model(name, version)
-    ticket = e.ticket(p.timeout_ms, p.priority, t0)
-    body = await read_body(request, e.config.max_request_bytes, e.config.body_timeout_s)
-    ticket.gone = watch_disconnect(request)
-    return await infer(e, name, version, body, request.headers.get("inference-header-content-length"), ticket)
+    status = "200"
+    try:
+        e.model(name, version)
+        ticket = e.ticket(p.timeout_ms, p.priority, t0)
+        body = await read_body(request, e.config.max_request_bytes, e.config.body_timeout_s)
+        ticket.gone = watch_disconnect(request)
+        return await infer(e, name, version, body, request.headers.get("inference-header-content-length"), ticket)
+    except APIError as err:
+        status = str(err.status)
+        raise
+    finally:  # the infer call in the same histogram as gRPC's ModelInfer (status: HTTP's number there)
+        if e.metrics and hasattr(e.metrics, "requests"):
+            e.metrics.requests.labels("http", "ModelInfer", status).observe(time.perf_counter() - t0)

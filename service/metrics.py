@@ -93,7 +93,11 @@ def metrics() -> SimpleNamespace:
         explain=Histogram("cnnserve_explain_stage_seconds", "Time of one /classify/explain request in each stage "
                           "(read, decode, resize, queue, inference, explain: the map and its PNG, total)",
                           ["model", "method", "stage"], buckets=seconds),
-        rejected=Counter("cnnserve_rejected_requests", "Requests refused, by reason", ["reason"]),
+        rejected=Counter("cnnserve_rejected_requests", "Requests refused, by reason and protocol (http, grpc)",
+                         ["reason", "protocol"]),
+        # gRPC calls by method and status code (HTTP's are BentoML's bentoml_service_request_* by route)
+        requests=Histogram("cnnserve_request_seconds", "Time of one call, by protocol, endpoint (a served "
+                           "method) and status", ["protocol", "endpoint", "status"], buckets=seconds),
         # the autoscaling metric (deploy/kubernetes): summed over a pod's workers
         queued=Gauge("cnnserve_queued_images", "Images waiting for or in the model, as each batch starts and ends",
                      ["model"], multiprocess_mode="livesum"),

@@ -82,6 +82,24 @@ class CnnServe:
     async def __is_ready__(self) -> bool:
         return self.engine.ready
 
+    @bentoml.on_startup
+    async def start_grpc(self) -> None:
+        """The Open Inference Protocol over gRPC on this worker's event loop and engine (grpc_server.py)."""
+        self.grpc = None
+        if ARGS.grpc_port:
+            from .grpc_server import GrpcServer
+
+            try:
+                self.grpc = GrpcServer(self.engine, ARGS.grpc_port)
+                await self.grpc.start()
+            except Exception as e:  # noqa: BLE001 - a port in use: every worker would meet it
+                startup.cannot_start(RUN, f"gRPC on port {ARGS.grpc_port}: {type(e).__name__}: {e}")
+
+    @bentoml.on_shutdown
+    async def stop_grpc(self) -> None:
+        if self.grpc is not None:
+            await self.grpc.stop()
+
 
 def _require_stored(tag: str) -> None:
     """Fail serve and build with the missing model's name and how to make it (not a bare NotFound), and in

@@ -56,7 +56,10 @@ def test_pods_are_locked_down_and_shut_down_within_their_grace():
         assert sc["capabilities"]["drop"] == ["ALL"]
         # the one path it writes is a volume (the container test runs the image read-only with the same path)
         assert [m["mountPath"] for m in c["volumeMounts"]] == [WRITABLE]
-        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["http"] == 3000 and ports["grpc"] == DEFAULTS.grpc_port  # gRPC beside HTTP (issue 28)
+        assert c["readinessProbe"]["grpc"]["port"] == ports["grpc"]  # gRPC's health service, as /readyz
+        assert c["startupProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
         assert all(r in c["resources"]["requests"] and r in c["resources"]["limits"] for r in ("cpu", "memory"))
         # shutdown: preStop, then the drain and the grace period of the service's defaults
         pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]

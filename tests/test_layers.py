@@ -201,7 +201,9 @@ def test_the_wheel_maps_every_package_folder_under_cnnserve():
 
 # import name -> the distribution that provides it, where they differ
 DISTRIBUTIONS = {"PIL": "pillow", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client",
-                 "onnxruntime": "onnxruntime-gpu", "yaml": "pyyaml", "tritonclient": "tritonclient"}
+                 "onnxruntime": "onnxruntime-gpu", "yaml": "pyyaml", "tritonclient": "tritonclient",
+                 "grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
+                 "google": "protobuf"}
 ON_DEMAND = {"ts"}  # TorchServe: the harness installs it into bench/work/ on first use (bench/torchserve/)
 
 

@@ -278,7 +278,7 @@ def test_health_metrics_and_openapi(client, digits_test):
     client.post("/classify", content=b"", headers={"Content-Type": "image/png"})
     text = client.get("/metrics").text
     for name in ("cnnserve_batch_size_bucket", "cnnserve_inference_seconds_bucket",
-                 "cnnserve_request_stage_seconds_bucket", 'cnnserve_rejected_requests_total{reason="empty"}'):
+                 "cnnserve_request_stage_seconds_bucket", 'cnnserve_rejected_requests_total{protocol="http",reason="empty"}'):
         assert name in text
     # the autoscaling metric (deploy/kubernetes): nothing waits once the answer is back
     queued = [line for line in text.splitlines() if line.startswith("cnnserve_queued_images{")]

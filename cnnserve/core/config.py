@@ -119,6 +119,9 @@ class Settings(BaseModel):
     bentoml_metrics: bool = True
     drain_s: NonNegative = 3.0  # on SIGTERM: answer with Connection: close and readyz 503 this long, then stop
     grace_s: NonNegative = 25.0  # then wait at most this long for requests in flight
+    # The Open Inference Protocol over gRPC in every worker (service/grpc_server.py; both workers bind it with
+    # SO_REUSEPORT); 0: no gRPC. Its messages are limited to max_request_mb.
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = 3001
 
     @property
     def tags(self) -> list[str]:

@@ -1,0 +1,134 @@
+"""gRPC against HTTP on one server, same run: closed-loop clients sending the same Open Inference Protocol
+request (a uint8 pixels tensor, binary) over HTTP (``POST /v2/models/NAME/infer`` with the binary tensor
+extension, aiohttp, one kept-alive connection per client) and over gRPC (``ModelInfer`` with
+``raw_input_contents``, grpc.aio, one channel per client: SO_REUSEPORT spreads connections, not calls, so
+clients sharing one channel would all land on one worker). Loopback only, bounded in time::
+
+    python -m cnnserve.bench.grpc_load --http 127.0.0.1:3000 --grpc 127.0.0.1:3001 --model lenet5-digits \\
+        --shape 1 28 28 --clients 1 64 --duration 10
+
+Prints one JSON object: per protocol and client count, requests, req/s, latency percentiles, failures.
+Run it as its own process, so its CPU use is not the server's (on a 2-core machine it shares the cores
+with the server all the same: the figures are of this machine, client included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+import numpy as np
+
+from .load import percentiles
+
+
+def http_request(model: str, pixels: np.ndarray) -> tuple[str, bytes, dict]:
+    head = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+                                   "parameters": {"binary_data_size": pixels.nbytes}}],
+                       "outputs": [{"name": "probabilities"}]}).encode()
+    return (f"/v2/models/{model}/infer", head + pixels.tobytes(),
+            {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))})
+
+
+async def run_http(target: str, model: str, pixels: np.ndarray, clients: int, warmup: float, duration: float):
+    import aiohttp
+
+    path, body, headers = http_request(model, pixels)
+    url = f"http://{target}{path}"
+    return await _closed_loop(clients, warmup, duration, lambda: aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1)), lambda s: _http_call(s, url, body, headers))
+
+
+async def _http_call(session, url, body, headers) -> bool:
+    async with session.post(url, data=body, headers=headers) as r:
+        await r.read()
+        return r.status == 200
+
+
+async def run_grpc(target: str, model: str, pixels: np.ndarray, clients: int, warmup: float, duration: float):
+    import grpc
+
+    from cnnserve.core.grpc_proto import path, pb
+
+    req = pb.ModelInferRequest(model_name=model)
+    req.inputs.add(name="pixels", datatype="UINT8", shape=list(pixels.shape))
+    req.raw_input_contents.append(pixels.tobytes())
+    req.outputs.add(name="probabilities")
+    body = req.SerializeToString()
+
+    class Channel:
+        def __init__(self) -> None:
+            self.channel = grpc.aio.insecure_channel(target)
+            self.call = self.channel.unary_unary(path("ModelInfer"))
+
+        async def close(self) -> None:
+            await self.channel.close()
+
+    async def call(c: Channel) -> bool:
+        try:
+            await c.call(body, timeout=30)
+            return True
+        except grpc.aio.AioRpcError:
+            return False
+
+    return await _closed_loop(clients, warmup, duration, Channel, call)
+
+
+async def _closed_loop(clients: int, warmup: float, duration: float, connect, call) -> dict:
+    latencies: list[float] = []
+    failed = 0
+    t_start = time.perf_counter()
+    t_record, t_end = t_start + warmup, t_start + warmup + duration
+
+    async def client() -> None:
+        nonlocal failed
+        conn = connect()
+        try:
+            while True:
+                t = time.perf_counter()
+                if t >= t_end:
+                    return
+                ok = await call(conn)
+                if t >= t_record:
+                    if ok:
+                        latencies.append(time.perf_counter() - t)
+                    else:
+                        failed += 1
+        finally:
+            await conn.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return {"clients": clients, "requests": len(latencies), "failed": failed,
+            "req_per_s": round(len(latencies) / duration, 1),
+            **{k: round(v, 2) for k, v in percentiles(latencies).items()}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--http", required=True, help="HOST:PORT of the service's HTTP")
+    p.add_argument("--grpc", required=True, help="HOST:PORT of its gRPC")
+    p.add_argument("--model", required=True)
+    p.add_argument("--shape", type=int, nargs=3, required=True, help="C H W of the model's input")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--rounds", type=int, default=1, help="alternate the protocols this many times")
+    a = p.parse_args(argv)
+    for host in (a.http, a.grpc):
+        if not host.split(":")[0] in ("127.0.0.1", "localhost", "[::1]"):
+            p.error("loopback targets only")
+    pixels = np.random.default_rng(0).integers(0, 256, (1, *a.shape), dtype=np.uint8)
+    results = []
+    for n in a.clients:
+        for _ in range(a.rounds):
+            for name, fn, target in (("http", run_http, a.http), ("grpc", run_grpc, a.grpc)):
+                out = asyncio.run(fn(target, a.model, pixels, n, a.warmup, a.duration))
+                results.append({"protocol": name, **out})
+    print(json.dumps({"model": a.model, "shape": a.shape, "duration_s": a.duration, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
