@@ -106,6 +106,16 @@ class Settings(BaseModel):
     bentoml_metrics: bool = True
     drain_s: NonNegative = 3.0  # on SIGTERM: answer with Connection: close and readyz 503 this long, then stop
     grace_s: NonNegative = 25.0  # then wait at most this long for requests in flight
+    # Models at runtime (service/repository.py, service/manager.py): the repository extension's load and
+    # unload answer 403 unless model_control is true, and then need the bearer token from the environment
+    # variable control_token_env names or the file control_token_file (read at each request)
+    model_control: bool = False
+    control_token_env: str = "CNNSERVE_CONTROL_TOKEN"
+    control_token_file: str = ""
+    keep_versions: Count = 1  # the newest N loaded versions of a model stay loaded and reachable by version
+    max_model_memory_mb: NonNegative = 0.0  # loaded versions' memory budget (0: none); LRU idle ones evicted
+    model_sync_s: Positive = 0.5  # how often each worker looks at the served set the workers share
+    control_wait_s: Positive = 120.0  # a load or unload answers 200 once every worker serves it, else 202
 
     @property
     def tags(self) -> list[str]:

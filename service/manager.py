@@ -1,0 +1,379 @@
+"""The model manager under the engine: loads stored model versions at runtime, swaps them in, releases
+the old ones when their last request is done, keeps a memory budget, and converges on the served set
+that every worker of the server shares (``modelstate.py``).
+
+- **Load beside, then switch.** A version is loaded, warmed and its precision chosen
+  (``cnnserve.core.runtime.load_model``) in a thread while the served version keeps answering; then one
+  step under a lock makes it the one new requests get (``Engine.models[name]``). A failed load changes
+  nothing that serves, and its reason is kept for the repository index.
+- **Reference counted.** Every request that looks a model up holds it until the request ends
+  (``request_scope``, which ``api.py`` opens around each HTTP request): a replaced version stays open,
+  its queued requests finish on it, and its batcher and session are closed when its last holder is done.
+- **Versions.** The newest ``keep_versions`` loaded versions of a name stay loaded and reachable by
+  version (``/v2/models/NAME/versions/V/infer``, ``/classify?version=V``); new requests without a
+  version get the newest.
+- **Memory budget** (``max_model_memory_mb``): each version's size is what the process grew by while it
+  loaded (at least its file); past the budget the least recently used idle versions are evicted (never
+  one a request holds), or the load is refused with the figures.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from cnnserve.core.onnxmeta import MODEL_FILE
+from cnnserve.core.runtime import Model, ModelLoadError, load_model
+
+from .errors import APIError
+
+log = logging.getLogger("cnnserve.manager")
+MB = 2**20
+
+#: The models the current request holds (``request_scope``).
+_HELD: contextvars.ContextVar[list | None] = contextvars.ContextVar("cnnserve_held", default=None)
+
+
+class LoadFailed(Exception):
+    """A version that could not be loaded (or fit), with the reason in words; ``status`` for HTTP."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass(eq=False)
+class Served:
+    """One loaded version: its model, its batcher, who holds it, and what it costs."""
+
+    model: Model
+    batcher: object
+    size: int = 0
+    holders: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    retired: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.model.name}:{self.model.version}"
+
+
+@contextmanager
+def request_scope():
+    """The span of one request: every model it looks up (``ModelManager.lookup``) is held until it ends."""
+    held: list = []
+    token = _HELD.set(held)
+    try:
+        yield held
+    finally:
+        _HELD.reset(token)
+        for manager, served in held:
+            manager.release(served)
+
+
+class ModelManager:
+    def __init__(self, engine, settings, metrics=None) -> None:
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.lock = threading.RLock()
+        self.load_lock = threading.Lock()  # one load at a time: each is measured alone, and CPU is scarce
+        self.served: dict[str, list[Served]] = {}  # by name, oldest to newest
+        self.by_model: dict[int, Served] = {}
+        self.retiring: list[Served] = []
+        self.failed: dict[str, str] = {}  # name:version -> why its last load failed
+        self.loading: set[str] = set()
+        self.loop = None
+        for m in engine.models.values():
+            self._add(Served(m, engine.batchers[m.name], self._file_size(m)))
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def lookup(self, name: str, version: str | None = None) -> Model:
+        """The served model (the newest version, or ``version``), held by the current request."""
+        with self.lock:
+            versions = self.served.get(name)
+            if not versions:
+                raise APIError(404, "unknown_model", f"no model named {name!r}; serving: {', '.join(self.served)}")
+            if version in (None, ""):
+                s = versions[-1]
+            else:
+                s = next((v for v in versions if v.model.version == version), None)
+                if s is None:
+                    raise APIError(404, "unknown_version", f"model {name!r} has version "
+                                   f"{' and '.join(repr(v.model.version) for v in versions)}, not {version!r}")
+            held = _HELD.get()
+            if held is not None:
+                s.holders += 1
+                held.append((self, s))
+            s.last_used = time.monotonic()
+        if self.loop is None:
+            import asyncio
+
+            try:
+                self.loop = asyncio.get_running_loop()
+            except RuntimeError:
+                pass
+        return s.model
+
+    def batcher(self, model: Model):
+        """The batcher of this very model object (a replaced version's, while its requests finish)."""
+        return self.by_model[id(model)].batcher
+
+    def release(self, served: Served) -> None:
+        with self.lock:
+            served.holders -= 1
+            done = served.retired and served.holders <= 0
+        if done:
+            self._close(served)
+
+    # -- changes --------------------------------------------------------------------------------------
+
+    def load(self, name: str, version: str, path: str, newest: bool = True) -> tuple[Served, list[Served]]:
+        """Load, warm and switch to ``name:version`` from ``path`` (blocking: call it in a thread). Returns
+        the new version and the versions evicted for the memory budget; ``LoadFailed`` leaves all as it was.
+        ``newest=False``: load it as the oldest version of ``name``, reachable by version only."""
+        key = f"{name}:{version}"
+        with self.load_lock:
+            with self.lock:
+                existing = next((s for s in self.served.get(name, ()) if s.model.version == version), None)
+                if existing is not None:  # loaded already: make it the newest
+                    if newest:
+                        self.served[name].remove(existing)
+                        self.served[name].append(existing)
+                        self._switch(name)
+                    return existing, []
+                self.loading.add(key)
+                self.failed.pop(key, None)
+            t = time.perf_counter()
+            before = rss_bytes()
+            try:
+                s = self._load(name, version, path)
+                s.size = max(rss_bytes() - before, self._file_size(s.model))
+                evicted = self._fit(s)
+            except LoadFailed as e:
+                with self.lock:
+                    self.failed[key] = str(e)
+                self._count("loads", name, "failed")
+                log.warning("load of %s failed: %s", key, e)
+                raise
+            finally:
+                with self.lock:
+                    self.loading.discard(key)
+            seconds = time.perf_counter() - t
+            with self.lock:
+                self._add(s, newest)
+                for old in evicted:
+                    self._retire(old, "evictions")
+                self._trim(name)
+            if self.metrics:
+                self.metrics.model_load_seconds.labels(name).observe(seconds)
+            self._count("loads", name, "ok")
+            log.info("loaded %s in %.2f s (%.1f MB); serving it for new requests", key, seconds, s.size / MB)
+            return s, evicted
+
+    def unload(self, name: str, version: str | None = None) -> list[Served]:
+        """Stop serving ``name`` (every version, or one); requests that hold it finish first."""
+        with self.lock:
+            versions = [s for s in self.served.get(name, ()) if version in (None, "", s.model.version)]
+            if not versions:
+                raise LoadFailed(f"{name}{':' + version if version else ''} is not loaded", 404)
+            if len(versions) == len(self.served[name]) and len(self.served) == 1:
+                raise LoadFailed(f"{name} is the only model served; load another before unloading it", 409)
+            for s in versions:
+                self._retire(s, "unloads")
+        return versions
+
+    def converge(self, desired: dict, locate) -> dict[str, str]:
+        """Make this worker serve ``desired`` (``modelstate``): load what it lacks (``locate(name, version)``
+        gives the stored file), then release what it does not name. Returns the failures by name:version."""
+        failures = {}
+        wanted = desired.get("models", {})
+        for name, versions in wanted.items():
+            for version in versions:
+                have = any(s.model.version == version for s in self.served.get(name, ()))
+                if have and (version != versions[-1] or self.current_version(name) == version):
+                    continue
+                try:
+                    self.load(name, version, locate(name, version), newest=version == versions[-1])
+                except LoadFailed as e:
+                    failures[f"{name}:{version}"] = str(e)
+        with self.lock:
+            for name in list(self.served):
+                keep = wanted.get(name, [])
+                for s in list(self.served[name]):
+                    if s.model.version not in keep and (len(self.served) > 1 or len(self.served[name]) > 1):
+                        self._retire(s, "unloads")
+            if desired.get("default") in self.served:
+                self.engine.default = desired["default"]
+        return failures
+
+    def current_version(self, name: str) -> str | None:
+        versions = self.served.get(name)
+        return versions[-1].model.version if versions else None
+
+    def loaded(self) -> dict[str, list[str]]:
+        with self.lock:
+            return {name: [s.model.version for s in v] for name, v in self.served.items()}
+
+    def sweep(self) -> None:
+        """Close retired versions whose holders are gone (those held by nothing at all but queued work)."""
+        with self.lock:
+            done = [s for s in self.retiring if s.holders <= 0]
+        for s in done:
+            self._close(s)
+
+    def close(self) -> None:
+        with self.lock:
+            everything = [s for v in self.served.values() for s in v] + self.retiring
+        for s in everything:
+            s.batcher.close()
+
+    # -- inside ---------------------------------------------------------------------------------------
+
+    def _load(self, name: str, version: str, path: str) -> Served:
+        a = self.settings
+        try:
+            model = load_model(path, name=name, version=version, providers=a.providers, threads=a.intra_op_threads,
+                               spin=a.spin, precision=a.precision, batch_sizes=(1, a.max_batch_size))
+        except ModelLoadError as e:
+            raise LoadFailed(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - a file onnxruntime or the metadata parser refuses, in words
+            raise LoadFailed(f"{path}: {type(e).__name__}: {e}") from None
+        c, h, w = model.spec.input_shape
+        if c * h * w > self.engine.decoders.output_bytes:
+            raise LoadFailed(f"{name}:{version} takes {c}x{h}x{w} inputs, larger than the decoding buffers this "
+                             f"server started with ({self.engine.decoders.output_bytes} bytes): start the server "
+                             "with it (or a model as large) in --arg models=", 409)
+        return Served(model, self.engine._batcher(model))
+
+    def _fit(self, new: Served) -> list[Served]:
+        """The idle versions to evict (least recently used first) so that ``new`` fits the budget."""
+        budget = self.settings.max_model_memory_mb * MB
+        if not budget:
+            return []
+        with self.lock:
+            resident = [s for v in self.served.values() for s in v]
+            total = sum(s.size for s in resident) + new.size
+            # a version that the load replaces (past keep_versions) goes anyway: it is evicted first
+            idle = sorted((s for s in resident if s.holders <= 0), key=lambda s: s.last_used)
+            evict = []
+            for s in idle:
+                if total <= budget:
+                    break
+                evict.append(s)
+                total -= s.size
+        if total > budget:
+            new.batcher.close()
+            held = sum(s.size for s in resident if s not in evict)
+            raise LoadFailed(f"{new.key} needs {new.size / MB:.1f} MB; the budget (max_model_memory_mb) is "
+                             f"{budget / MB:.0f} MB and {held / MB:.1f} MB are held by versions with requests "
+                             "in flight or nothing to evict", 507)
+        return evict
+
+    def _add(self, s: Served, newest: bool = True) -> None:
+        versions = self.served.setdefault(s.model.name, [])
+        if newest or not versions:
+            versions.append(s)
+        else:
+            versions.insert(0, s)
+        self.by_model[id(s.model)] = s
+        self._switch(s.model.name)
+        if self.metrics:
+            self.metrics.model_resident_bytes.labels(s.model.name).set(self._resident(s.model.name))
+
+    def _switch(self, name: str) -> None:
+        """New requests without a version get the newest of ``name`` (one dict assignment each)."""
+        s = self.served[name][-1]
+        self.engine.models[name] = s.model
+        self.engine.batchers[name] = s.batcher
+
+    def _trim(self, name: str) -> None:
+        keep = max(1, self.settings.keep_versions)
+        while len(self.served.get(name, ())) > keep:
+            self._retire(self.served[name][0], "unloads")
+
+    def _retire(self, s: Served, why: str) -> None:
+        """Take ``s`` out of service (under the lock); closed now if nothing holds it, else by its last holder."""
+        name = s.model.name
+        versions = self.served.get(name, [])
+        if s in versions:
+            versions.remove(s)
+        if versions:
+            self._switch(name)
+        else:
+            self.served.pop(name, None)
+            self.engine.models.pop(name, None)
+            self.engine.batchers.pop(name, None)
+            if self.engine.default == name and self.served:
+                self.engine.default = next(iter(self.served))
+        s.retired = True
+        self.retiring.append(s)
+        self._count(why, name)
+        if self.metrics:
+            self.metrics.model_resident_bytes.labels(name).set(self._resident(name))
+        log.info("%s: %s; closed once its last request is done", s.key, why.rstrip("s"))
+        if s.holders <= 0:
+            self._close(s)
+
+    def _close(self, s: Served) -> None:
+        with self.lock:
+            if s not in self.retiring:
+                return
+            self.retiring.remove(s)
+            self.by_model.pop(id(s.model), None)
+            self.engine._cam_jobs.pop((s.model.name, s.model.version), None)
+        loop = self.loop
+        if loop is not None and loop.is_running() and not _on(loop):
+            loop.call_soon_threadsafe(s.batcher.close)  # the batcher's task lives on the event loop
+        else:
+            s.batcher.close()
+
+    def _resident(self, name: str) -> int:
+        return sum(s.size for s in self.served.get(name, ()))
+
+    def _count(self, what: str, name: str, result: str | None = None) -> None:
+        if self.metrics:
+            counter = getattr(self.metrics, f"model_{what}")
+            (counter.labels(name, result) if result else counter.labels(name)).inc()
+
+    @staticmethod
+    def _file_size(model: Model) -> int:
+        try:
+            return os.path.getsize(model.choice.get("file", ""))
+        except OSError:
+            return 0
+
+
+def _on(loop) -> bool:
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def stored_file(name: str, version: str = "") -> tuple[str, str]:
+    """The version (``latest`` resolved) and the ONNX file of ``name:version`` in the model store
+    (``LoadFailed`` 404 when it is not there)."""
+    from cnnserve.core.store import NotStored, stored_model
+
+    try:
+        stored = stored_model(f"{name}:{version}" if version else name)
+    except NotStored as e:
+        raise LoadFailed(str(e), 404) from None
+    if stored.info.module != "cnnserve":
+        raise LoadFailed(f"{stored.tag} is not a model cnnserve stored (module {stored.info.module!r})", 404)
+    return stored.tag.version, stored.path_of(MODEL_FILE)

@@ -1,0 +1,274 @@
+"""Models in and out at runtime (issue 27): the model manager in-process, then a real two-worker server
+driven by tritonclient's repository calls, hot swaps under 64 clients, and a worker killed with -9."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import Server, encode
+
+pytestmark = pytest.mark.slow
+NAME = "lenet5-digits"
+TOKEN = "test-token-27"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+# -- the manager, in-process -------------------------------------------------------------------------------
+
+def test_a_replaced_version_finishes_its_requests_then_closes(default_onnx):
+    """A request that holds v1 keeps it (and its batcher) through a swap; v1 closes when it is done."""
+    import numpy as np
+
+    from cnnserve.core.config import Settings
+    from cnnserve.core.runtime import load_model
+    from cnnserve.service.engine import Engine
+    from cnnserve.service.manager import request_scope
+
+    config = Settings(providers="cpu", precision="fp32", max_batch_size=8)
+    engine = Engine([load_model(default_onnx, name=NAME, version="v1", providers="cpu", batch_sizes=(1, 8))], config)
+    manager = engine.manager
+    pixels = np.zeros((2, 1, 28, 28), np.uint8)
+
+    async def scenario():
+        with request_scope():
+            old = engine.model(NAME)
+            assert old.version == "v1"
+            await asyncio.to_thread(manager.load, NAME, "v2", str(default_onnx))
+            assert engine.model(NAME).version == "v2" and engine.models[NAME].version == "v2"
+            assert [s.model.version for s in manager.retiring] == ["v1"]
+            out = await engine.run(old, pixels)  # still runs on v1's own batcher
+            assert out.shape == (2, 20)
+        assert manager.retiring == [] and id(old) not in manager.by_model  # released with its last request
+        with request_scope():
+            assert (await engine.classify(encode(np.zeros((28, 28), np.uint8)), NAME))["version"] == "v2"
+
+    asyncio.run(scenario())
+    assert manager.loaded() == {NAME: ["v2"]}
+    engine.close()
+
+
+def test_control_is_off_by_default(default_onnx):
+    from fastapi.testclient import TestClient
+
+    from cnnserve.core.runtime import load_model
+    from cnnserve.service.api import create_app
+    from cnnserve.service.engine import Engine
+
+    engine = Engine([load_model(default_onnx, name=NAME, version="v1", providers="cpu")])
+    with TestClient(create_app(engine)) as c:
+        r = c.post(f"/v2/repository/models/{NAME}/load", headers=AUTH)
+        assert r.status_code == 403 and r.json()["code"] == "control_disabled"
+        assert c.post(f"/v2/repository/models/{NAME}/unload").status_code == 403
+        r = c.post("/v2/repository/index")
+        assert r.status_code == 200
+    engine.close()
+
+
+# -- a real server ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def versions(default_onnx, stored_default):
+    """Stored versions of the default model: a damaged one, then v1, v2, v3 (good); and a second name."""
+    import bentoml
+
+    from cnnserve.export.store import store_model
+
+    broken = bentoml.models.get(store_model(default_onnx, name=NAME).tag)  # where the store keeps it
+    Path(broken.path_of("model.onnx")).write_bytes(b"\x08\x07 not an onnx file")
+    good = [store_model(default_onnx, name=NAME).tag.version for _ in range(3)]
+    other = store_model(default_onnx, name="digits-b").tag.version
+    return {"broken": broken.tag.version, "v1": good[0], "v2": good[1], "v3": good[2], "other": other}
+
+
+@pytest.fixture(scope="module")
+def server(versions, tmp_path_factory):
+    token = tmp_path_factory.mktemp("token") / "token"
+    token.write_text(TOKEN + "\n")
+    srv = Server("--arg", f"models={NAME}:{versions['v1']}", "--arg", "model_control=true",
+                 "--arg", f"control_token_file={token}", "--arg", "keep_versions=2", "--arg", "workers=2")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def tc(server):
+    return triton.InferenceServerClient(server.url.removeprefix("http://"), network_timeout=180,
+                                        connection_timeout=180)
+
+
+def state_of(server) -> Path:
+    (folder,) = Path(server.home, "cnnserve-servers").glob("*/workers")
+    return folder.parent
+
+
+def live_reports(server) -> list[dict]:
+    from cnnserve.service.modelstate import ServedState
+
+    return ServedState(state_of(server)).reports()
+
+
+def rows(tc, name=NAME) -> dict:
+    return {r["version"]: r for r in tc.get_model_repository_index() if r["name"] == name}
+
+
+def digit() -> bytes:
+    import numpy as np
+
+    return encode(np.full((28, 28), 128, np.uint8))
+
+
+def test_control_needs_the_token(tc, server, versions):
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        with pytest.raises(InferenceServerException) as e:
+            tc.load_model(f"{NAME}:{versions['v2']}", headers=headers)
+        assert e.value.status() == "403"
+        with pytest.raises(InferenceServerException) as e:
+            tc.unload_model(NAME, headers=headers)
+        assert e.value.status() == "403"
+    # the index, readiness and metadata stay open
+    index = rows(tc)
+    assert index[versions["v1"]]["state"] == "READY"
+    assert index[versions["v2"]]["state"] == "UNAVAILABLE"
+    assert tc.is_model_ready(NAME) and tc.is_model_ready(NAME, versions["v1"])
+    assert not tc.is_model_ready(NAME, versions["v2"])
+    assert tc.get_model_metadata(NAME)["name"] == NAME
+
+
+def test_a_failed_load_leaves_the_old_version_serving(tc, server, versions):
+    with pytest.raises(InferenceServerException) as e:
+        tc.load_model(f"{NAME}:{versions['broken']}", headers=AUTH)
+    assert e.value.status() == "400" and "onnxruntime cannot load it" in e.value.message()
+    r = httpx.post(server.url + "/classify", content=digit(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and r.json()["version"] == versions["v1"]
+    row = rows(tc)[versions["broken"]]
+    assert row["state"] == "UNAVAILABLE" and "onnxruntime cannot load it" in row["reason"]
+    with pytest.raises(InferenceServerException) as e:
+        tc.load_model("no-such-model", headers=AUTH)
+    assert e.value.status() == "404"
+
+
+def test_hot_swap_under_64_clients_loses_nothing(tc, server, versions):
+    """v1 -> v2 -> v1 while 64 clients classify: every answer 200, from one of the two versions, and each
+    request sent after a load has answered gets the version it loaded, from both workers."""
+    v1, v2 = versions["v1"], versions["v2"]
+    results: list[tuple[float, int, str | None, float]] = []  # (sent at, status, version, answered at)
+    stop = threading.Event()
+    image = digit()
+
+    async def clients():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60,
+                                     limits=httpx.Limits(max_connections=64)) as c:
+            async def one():
+                while not stop.is_set():
+                    t = time.monotonic()
+                    r = await c.post("/classify", content=image, headers={"Content-Type": "image/png"})
+                    results.append((t, r.status_code, r.json().get("version") if r.status_code == 200 else r.text,
+                                    time.monotonic()))
+
+            await asyncio.gather(*(one() for _ in range(64)))
+
+    runner = threading.Thread(target=lambda: asyncio.run(clients()))
+    runner.start()
+    try:
+        marks = []
+        time.sleep(1.5)
+        for version in (v2, v1):
+            started = time.monotonic()
+            tc.load_model(f"{NAME}:{version}", headers=AUTH)
+            marks.append((started, time.monotonic()))
+            time.sleep(2.0)
+    finally:
+        stop.set()
+        runner.join(120)
+    assert results and all(r[1] == 200 for r in results), [r for r in results if r[1] != 200][:5]
+    assert {r[2] for r in results} <= {v1, v2}
+    (_, v2_done), (v1_start, v1_done) = marks
+    # sent after v2's load answered, and answered before v1's began
+    after_v2 = [v for t, _, v, done in results if v2_done < t and done < v1_start]
+    after_v1 = [v for t, _, v, _ in results if t > v1_done]
+    assert after_v2 and set(after_v2) == {v2}
+    assert after_v1 and set(after_v1) == {v1}
+    reports = live_reports(server)
+    assert len(reports) == 2 and all(r["models"][NAME][-1] == v1 for r in reports)
+    print(f"hot swap: {len(results)} requests during the v1->v2->v1 swaps, all 200; loads answered in "
+          f"{', '.join(f'{b - a:.2f} s' for a, b in marks)}")
+
+
+def test_versions_are_reachable_and_the_newest_n_stay_loaded(tc, server, versions):
+    v1, v2, v3 = versions["v1"], versions["v2"], versions["v3"]
+    # keep_versions=2: after v1 -> v2 -> v1, both are loaded and v1 is the newest
+    assert tc.is_model_ready(NAME, v1) and tc.is_model_ready(NAME, v2)
+    for version in (v1, v2):
+        r = httpx.post(server.url + "/classify", params={"model": NAME, "version": version}, content=digit(),
+                       headers={"Content-Type": "image/png"})
+        assert r.status_code == 200 and r.json()["version"] == version
+        import numpy as np
+
+        x = np.zeros((1, 1, 28, 28), np.uint8)
+        inp = triton.InferInput("pixels", list(x.shape), "UINT8")
+        inp.set_data_from_numpy(x)
+        assert tc.infer(NAME, [inp], model_version=version).get_response()["model_version"] == version
+    r = httpx.post(server.url + "/classify", params={"version": "nope"}, content=digit(),
+                   headers={"Content-Type": "image/png"})
+    assert r.status_code == 404 and r.json()["code"] == "unknown_version"
+    tc.load_model(NAME, headers=AUTH, config=None)  # the newest stored: v3; v2 (the oldest loaded) goes
+    assert tc.is_model_ready(NAME, v3) and tc.is_model_ready(NAME, v1) and not tc.is_model_ready(NAME, v2)
+    index = rows(tc)
+    assert index[v3]["state"] == index[v1]["state"] == "READY" and index[v2]["state"] == "UNAVAILABLE"
+    models = httpx.get(server.url + "/models").json()
+    assert models["loaded"][NAME] == [v1, v3] and models["models"][0]["version"] == v3
+
+
+def test_a_second_model_loads_and_unloads(tc, server, versions):
+    tc.load_model("digits-b", headers=AUTH)
+    assert tc.is_model_ready("digits-b")
+    r = httpx.post(server.url + "/classify", params={"model": "digits-b"}, content=digit(),
+                   headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and r.json()["model"] == "digits-b"
+    tc.unload_model("digits-b", headers=AUTH)
+    assert not tc.is_model_ready("digits-b")
+    r = httpx.post(server.url + "/classify", params={"model": "digits-b"}, content=digit(),
+                   headers={"Content-Type": "image/png"})
+    assert r.status_code == 404
+    assert rows(tc, "digits-b")[versions["other"]]["state"] == "UNAVAILABLE"
+    text = httpx.get(server.url + "/metrics").text
+    assert 'cnnserve_model_loads_total{model="digits-b",result="ok"}' in text
+    assert 'cnnserve_model_unloads_total{model="digits-b"}' in text
+    assert 'cnnserve_model_loads_total{model="lenet5-digits",result="failed"}' in text
+    assert "cnnserve_model_load_seconds_count" in text and 'cnnserve_model_resident_bytes{model="lenet5-digits"}' in text
+
+
+def test_a_worker_killed_with_9_comes_back_with_the_runtime_set(tc, server, versions):
+    desired = json.loads((state_of(server) / "models.json").read_text())
+    assert desired["models"] == {NAME: [versions["v1"], versions["v3"]]}
+    before = {r["pid"] for r in live_reports(server)}
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        reports = live_reports(server)
+        if len(reports) == 2 and {r["pid"] for r in reports} != before and \
+                all(r["generation"] == desired["generation"] for r in reports):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"no worker came back: {live_reports(server)}\n{server.output()}")
+    assert all(r["models"][NAME] == [versions["v1"], versions["v3"]] for r in reports)
+    # every answer, whichever worker gives it, is the runtime set's newest (v3), not the start-up v1
+    seen = set()
+    for _ in range(40):
+        r = httpx.post(server.url + "/classify", content=digit(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200
+        seen.add(r.json()["version"])
+    assert seen == {versions["v3"]}
