@@ -15,6 +15,8 @@ import sys
 from cnnserve.core.config import DEFAULT_MODEL, DEFAULTS
 from cnnserve.core.store import NotStored, bentoml_command, stored_model
 
+from .remote import add_parsers as add_remote_parsers
+
 DEFAULT_ARCH = "lenet5"
 DEFAULT_DATA = "digits"
 DEFAULT_RUN = "runs/lenet5-digits"
@@ -496,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=3000, help="HTTP port")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
     p.set_defaults(func=_cmd_up)
+    add_remote_parsers(sub)  # load, unload, repository: models at runtime in a running service
     return parser
 
 

@@ -27,13 +27,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from cnnserve.core.onnxmeta import MODEL_FILE
 from cnnserve.core.runtime import Model, ModelLoadError, load_model
 
+from .budget import MB, OverBudget, evictions, rss_bytes
 from .errors import APIError
 
 log = logging.getLogger("cnnserve.manager")
-MB = 2**20
 
 #: The models the current request holds (``request_scope``).
 _HELD: contextvars.ContextVar[list | None] = contextvars.ContextVar("cnnserve_held", default=None)
@@ -45,14 +44,6 @@ class LoadFailed(Exception):
     def __init__(self, reason: str, status: int = 400) -> None:
         super().__init__(reason)
         self.status = status
-
-
-def rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 @dataclass(eq=False)
@@ -259,28 +250,14 @@ class ModelManager:
         return Served(model, self.engine._batcher(model))
 
     def _fit(self, new: Served) -> list[Served]:
-        """The idle versions to evict (least recently used first) so that ``new`` fits the budget."""
-        budget = self.settings.max_model_memory_mb * MB
-        if not budget:
-            return []
+        """The idle versions to evict so that ``new`` fits the budget (``budget.py``), or ``LoadFailed``."""
         with self.lock:
             resident = [s for v in self.served.values() for s in v]
-            total = sum(s.size for s in resident) + new.size
-            # a version that the load replaces (past keep_versions) goes anyway: it is evicted first
-            idle = sorted((s for s in resident if s.holders <= 0), key=lambda s: s.last_used)
-            evict = []
-            for s in idle:
-                if total <= budget:
-                    break
-                evict.append(s)
-                total -= s.size
-        if total > budget:
-            new.batcher.close()
-            held = sum(s.size for s in resident if s not in evict)
-            raise LoadFailed(f"{new.key} needs {new.size / MB:.1f} MB; the budget (max_model_memory_mb) is "
-                             f"{budget / MB:.0f} MB and {held / MB:.1f} MB are held by versions with requests "
-                             "in flight or nothing to evict", 507)
-        return evict
+            try:
+                return evictions(resident, new, self.settings.max_model_memory_mb * MB)
+            except OverBudget as e:
+                new.batcher.close()
+                raise LoadFailed(str(e), 507) from None
 
     def _add(self, s: Served, newest: bool = True) -> None:
         versions = self.served.setdefault(s.model.name, [])
@@ -363,17 +340,3 @@ def _on(loop) -> bool:
         return asyncio.get_running_loop() is loop
     except RuntimeError:
         return False
-
-
-def stored_file(name: str, version: str = "") -> tuple[str, str]:
-    """The version (``latest`` resolved) and the ONNX file of ``name:version`` in the model store
-    (``LoadFailed`` 404 when it is not there)."""
-    from cnnserve.core.store import NotStored, stored_model
-
-    try:
-        stored = stored_model(f"{name}:{version}" if version else name)
-    except NotStored as e:
-        raise LoadFailed(str(e), 404) from None
-    if stored.info.module != "cnnserve":
-        raise LoadFailed(f"{stored.tag} is not a model cnnserve stored (module {stored.info.module!r})", 404)
-    return stored.tag.version, stored.path_of(MODEL_FILE)

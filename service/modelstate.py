@@ -10,7 +10,7 @@ reported the generation it wrote.
 The folder is the server's own (``$BENTOML_HOME/cnnserve-servers/PID``, beside the model store,
 ``startup.py``): it outlives a worker, so a worker restarted after a crash (kill -9) loads the set its
 siblings serve, not the start-up set; it goes with the server, so a new ``bentoml serve`` starts from
-its ``--arg models=``.
+its ``--arg models=``. ``stored_file`` finds a version's file in the model store.
 """
 
 from __future__ import annotations
@@ -21,6 +21,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from cnnserve.core.onnxmeta import MODEL_FILE
+
+from .manager import LoadFailed
 
 DESIRED, LOCK, REPORTS = "models.json", "models.lock", "workers"
 
@@ -114,3 +118,17 @@ class ServedState:
                 if r is not None:
                     found.append(r)
         return found
+
+
+def stored_file(name: str, version: str = "") -> tuple[str, str]:
+    """The version (``latest`` resolved) and the ONNX file of ``name:version`` in the model store
+    (``LoadFailed`` 404 when it is not there)."""
+    from cnnserve.core.store import NotStored, stored_model
+
+    try:
+        stored = stored_model(f"{name}:{version}" if version else name)
+    except NotStored as e:
+        raise LoadFailed(str(e), 404) from None
+    if stored.info.module != "cnnserve":
+        raise LoadFailed(f"{stored.tag} is not a model cnnserve stored (module {stored.info.module!r})", 404)
+    return stored.tag.version, stored.path_of(MODEL_FILE)

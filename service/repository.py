@@ -28,7 +28,8 @@ from fastapi.responses import JSONResponse
 from .bodies import read_body
 from .engine import Engine
 from .errors import APIError, short
-from .manager import LoadFailed, stored_file
+from .manager import LoadFailed
+from .modelstate import stored_file
 from .params import declare_route
 
 TAGS = ["model repository (Open Inference Protocol extension)"]

@@ -28,9 +28,9 @@ from .api import create_app
 from .engine import Engine
 from .http_server import DRAIN, ConnectionCloseWhileDraining
 from .memory import return_freed_memory, trim_memory
-from .manager import LoadFailed, stored_file
+from .manager import LoadFailed
 from .metrics import ROUTES, metrics
-from .modelstate import ServedState
+from .modelstate import ServedState, stored_file
 from .openapi import OpenAPIInfo
 from .openapi import info as openapi_info
 from .patches import apply_patches, running_versions

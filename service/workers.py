@@ -12,8 +12,8 @@ import os
 import threading
 import time
 
-from .manager import ModelManager, stored_file
-from .modelstate import ServedState
+from .manager import ModelManager
+from .modelstate import ServedState, stored_file
 
 log = logging.getLogger("cnnserve.workers")
 

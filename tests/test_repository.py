@@ -16,7 +16,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import Server, encode
+from tests.conftest import Server, encode, run_cli
 
 pytestmark = pytest.mark.slow
 NAME = "lenet5-digits"
@@ -75,6 +75,41 @@ def test_control_is_off_by_default(default_onnx):
     engine.close()
 
 
+def test_the_memory_budget_evicts_the_least_recently_used_idle_version_or_refuses(default_onnx):
+    """Past ``max_model_memory_mb`` a load evicts idle versions, least recently used first; a version a
+    request holds is never evicted, and when nothing idle is left the load is refused with the figures."""
+    from cnnserve.core.config import Settings
+    from cnnserve.core.runtime import load_model
+    from cnnserve.service.engine import Engine
+    from cnnserve.service.manager import MB, LoadFailed, request_scope
+
+    engine = Engine([load_model(default_onnx, name="a", version="1", providers="cpu", batch_sizes=(1, 8))],
+                    Settings(providers="cpu", precision="fp32", max_batch_size=8))
+    m = engine.manager
+    m.load("b", "1", str(default_onnx))
+    m.lookup("a")  # a was used last: b is the least recently used
+    size = {name: v[0].size for name, v in m.served.items()}
+    m.settings = Settings(providers="cpu", precision="fp32", max_batch_size=8,
+                          max_model_memory_mb=(size["a"] + size["b"]) / MB)  # full: the next load must evict
+    new, evicted = m.load("c", "1", str(default_onnx))
+    assert evicted and evicted[0].model.name == "b"  # least recently used first
+    assert "b" not in m.loaded() and "c" in m.loaded()
+    assert sum(s.size for v in m.served.values() for s in v) <= m.settings.max_model_memory_mb * MB
+    assert [s.model.name for s in evicted] in (["b"], ["b", "a"])  # a too, only if c did not fit beside it
+
+    with request_scope():  # every served version is in use: nothing may be evicted
+        for name in list(m.loaded()):
+            engine.model(name)
+        before = m.loaded()
+        m.settings = Settings(providers="cpu", precision="fp32", max_batch_size=8,
+                              max_model_memory_mb=sum(s.size for v in m.served.values() for s in v) / MB)
+        with pytest.raises(LoadFailed) as e:
+            m.load("d", "1", str(default_onnx))
+        assert e.value.status == 507 and "max_model_memory_mb" in str(e.value) and "in flight" in str(e.value)
+        assert m.loaded() == before and "d:1" in m.failed
+    engine.close()
+
+
 # -- a real server ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -97,6 +132,7 @@ def server(versions, tmp_path_factory):
     token.write_text(TOKEN + "\n")
     srv = Server("--arg", f"models={NAME}:{versions['v1']}", "--arg", "model_control=true",
                  "--arg", f"control_token_file={token}", "--arg", "keep_versions=2", "--arg", "workers=2")
+    srv.token_file = token
     yield srv
     srv.stop()
 
@@ -236,8 +272,14 @@ def test_a_second_model_loads_and_unloads(tc, server, versions):
     r = httpx.post(server.url + "/classify", params={"model": "digits-b"}, content=digit(),
                    headers={"Content-Type": "image/png"})
     assert r.status_code == 200 and r.json()["model"] == "digits-b"
-    tc.unload_model("digits-b", headers=AUTH)
+    # the command's client side: refused without the token (naming the reason), done with it
+    no_token = run_cli("unload", "digits-b", "--url", server.url, env={"CNNSERVE_CONTROL_TOKEN": ""})
+    assert no_token.returncode == 1 and "403" in no_token.stderr and "Bearer" in no_token.stderr
+    done = run_cli("unload", "digits-b", "--url", server.url, "--token-file", server.token_file)
+    assert done.returncode == 0 and "every worker" in done.stdout, done.stderr
     assert not tc.is_model_ready("digits-b")
+    listed = run_cli("repository", "--url", server.url)
+    assert listed.returncode == 0 and f"digits-b:{versions['other']}  UNAVAILABLE  (unloaded)" in listed.stdout
     r = httpx.post(server.url + "/classify", params={"model": "digits-b"}, content=digit(),
                    headers={"Content-Type": "image/png"})
     assert r.status_code == 404
