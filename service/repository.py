@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 
 from .bodies import read_body
 from .engine import Engine
-from .errors import APIError, short
+from .errors import APIError, json_depth, short
 from .manager import LoadFailed
 from .modelstate import stored_file
 from .params import declare_route
@@ -70,10 +70,16 @@ def authorize(request: Request) -> None:
 
 async def json_body(request: Request) -> dict:
     body = await read_body(request, MAX_BODY, _engine(request).config.body_timeout_s)
+    config = _engine(request).config
+    if json_depth(body) > config.max_json_depth:
+        raise APIError(400, "bad_json", f"the JSON nests deeper than {config.max_json_depth} levels")
+    problem = None
     try:
         req = json.loads(body or b"{}")
-    except ValueError as e:
-        raise APIError(400, "bad_json", f"the request is not valid JSON: {str(e)[:200]}") from None
+    except (ValueError, RecursionError) as e:
+        problem = f"the request is not valid JSON: {str(e)[:200]}"
+    if problem:
+        raise APIError(400, "bad_json", problem)
     if not isinstance(req, dict):
         raise APIError(400, "bad_request", f"the request must be a JSON object, got {short(req)}")
     params = req.get("parameters", {})

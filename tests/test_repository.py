@@ -192,6 +192,18 @@ def test_a_failed_load_leaves_the_old_version_serving(tc, server, versions):
     with pytest.raises(InferenceServerException) as e:
         tc.load_model("no-such-model", headers=AUTH)
     assert e.value.status() == "404"
+    # hostile or malformed requests: a 4xx with the reason, never a 500
+    control = server.url + "/v2/repository/models/{}/load"
+    for name, body, status, code in (
+            (NAME, b"not json", 400, "bad_json"), (NAME, b"[1]", 400, "bad_request"),
+            (NAME, b'{"parameters": 3}', 400, "bad_parameters"),
+            (NAME, b'{"parameters": {"version": 7}}', 400, "bad_parameters"),
+            ("..%2F..%2Fetc", b"{}", 404, None), ("x" * 300, b"{}", 404, None),
+            (NAME, b"[" * 60_000, 400, "bad_json")):
+        r = httpx.post(control.format(name), content=body, headers=AUTH)
+        assert r.status_code == status and (code is None or r.json()["code"] == code), (name[:20], body[:20], r.text)
+    r = httpx.post(control.format(NAME), content=b"x" * (1 << 20), headers=AUTH)
+    assert r.status_code == 413
 
 
 def test_hot_swap_under_64_clients_loses_nothing(tc, server, versions):
