@@ -159,19 +159,7 @@ async def load(request: Request, name: str):
         _, evicted = e.manager.load(name, resolved, path)
         if sync is None:
             return 0
-        with sync.state.editing() as d:
-            models = d.setdefault("models", {})
-            versions = [v for v in models.get(name, []) if v != resolved] + [resolved]
-            models[name] = versions[-keep:]
-            for s in evicted:
-                left = [v for v in models.get(s.model.name, []) if v != s.model.version]
-                if left:
-                    models[s.model.name] = left
-                else:
-                    models.pop(s.model.name, None)
-            if d.get("default") not in models:
-                d["default"] = name
-        return d["generation"]
+        return sync.record_load(name, resolved, evicted, keep)
 
     try:
         generation = await anyio.to_thread.run_sync(do)
@@ -194,16 +182,7 @@ async def unload(request: Request, name: str):
         e.manager.unload(name, version or None)
         if sync is None:
             return 0
-        with sync.state.editing() as d:
-            models = d.setdefault("models", {})
-            left = [v for v in models.get(name, []) if version and v != version]
-            if left:
-                models[name] = left
-            else:
-                models.pop(name, None)
-            if d.get("default") not in models:
-                d["default"] = next(iter(models), None)
-        return d["generation"]
+        return sync.record_unload(name, version)
 
     try:
         generation = await anyio.to_thread.run_sync(do)

@@ -66,7 +66,7 @@ class CnnServe:
                                          batch_sizes=(1, ARGS.max_batch_size)))
             self.engine = Engine(models, ARGS, metrics(), draining=lambda: DRAIN.active)
             app.state.engine = self.engine
-            app.state.sync = WorkerSync(self.engine.manager, SERVED, ARGS.model_sync_s)
+            app.state.sync = WorkerSync(self.engine.manager, SERVED, ARGS)
             app.state.sync.start()
         except Exception as e:  # noqa: BLE001 - whatever it is, every new worker would meet it again
             reason = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"

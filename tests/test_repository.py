@@ -326,3 +326,43 @@ def test_a_worker_killed_with_9_comes_back_with_the_runtime_set(tc, server, vers
         assert r.status_code == 200
         seen.add(r.json()["version"])
     assert seen == {versions["v3"]}
+
+
+def test_following_the_store_rolls_out_a_newly_stored_version(default_onnx, stored_default):
+    """follow_s: a model served as NAME:latest picks up a version stored later, in every worker, with no
+    control request; a damaged newest version is refused once and the served one stays."""
+    import bentoml
+
+    from cnnserve.export.store import store_model
+
+    first = store_model(default_onnx, name="digits-follow").tag.version
+    srv = Server("--arg", "models=digits-follow:latest", "--arg", "follow_s=1", "--arg", "workers=2")
+    try:
+        def served_everywhere(version: str) -> bool:
+            reports = live_reports(srv)
+            return len(reports) == 2 and all(r["models"].get("digits-follow", [None])[-1] == version
+                                             for r in reports)
+
+        def wait(predicate, what: str) -> None:
+            deadline = time.monotonic() + 90
+            while not predicate():
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{what}: {live_reports(srv)}\n{srv.output()}")
+                time.sleep(0.5)
+
+        wait(lambda: served_everywhere(first), "the first version")
+        second = store_model(default_onnx, name="digits-follow").tag.version
+        wait(lambda: served_everywhere(second), "the stored version never rolled out")
+        for _ in range(10):
+            r = httpx.post(srv.url + "/classify", content=digit(), headers={"Content-Type": "image/png"})
+            assert r.status_code == 200 and r.json()["version"] == second
+        broken = bentoml.models.get(store_model(default_onnx, name="digits-follow").tag)
+        Path(broken.path_of("model.onnx")).write_bytes(b"damaged")
+        wait(lambda: any(f"digits-follow:{broken.tag.version}" in r["failed"] for r in live_reports(srv)),
+             "the damaged version was not tried")
+        assert served_everywhere(second)
+        row = next(r for r in httpx.post(srv.url + "/v2/repository/index").json()
+                   if r["version"] == broken.tag.version)
+        assert row["state"] == "UNAVAILABLE" and "onnxruntime cannot load it" in row["reason"]
+    finally:
+        srv.stop()

@@ -116,6 +116,9 @@ class Settings(BaseModel):
     max_model_memory_mb: NonNegative = 0.0  # loaded versions' memory budget (0: none); LRU idle ones evicted
     model_sync_s: Positive = 0.5  # how often each worker looks at the served set the workers share
     control_wait_s: Positive = 120.0  # a load or unload answers 200 once every worker serves it, else 202
+    # follow the store: models served as NAME:latest (or NAME) are re-resolved every follow_s seconds and a newer
+    # stored version is loaded by the same path as a load request (0: off)
+    follow_s: NonNegative = 0.0
 
     @property
     def tags(self) -> list[str]:
