@@ -7,8 +7,9 @@ that every worker of the server shares (``modelstate.py``).
   step under a lock makes it the one new requests get (``Engine.models[name]``). A failed load changes
   nothing that serves, and its reason is kept for the repository index.
 - **Reference counted.** Every request that looks a model up holds it until the request ends
-  (``request_scope``, which ``api.py`` opens around each HTTP request): a replaced version stays open,
-  its queued requests finish on it, and its batcher and session are closed when its last holder is done.
+  (``request_scope``, which ``api.py`` opens around each HTTP request; every front end should): a replaced
+  version stays open, its queued requests finish on it, and its batcher and session are closed when its
+  last holder is done. A version looked up outside any scope is kept ``LOOSE_GRACE_S`` more seconds.
 - **Versions.** The newest ``keep_versions`` loaded versions of a name stay loaded and reachable by
   version (``/v2/models/NAME/versions/V/infer``, ``/classify?version=V``); new requests without a
   version get the newest.
@@ -19,6 +20,7 @@ that every worker of the server shares (``modelstate.py``).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import os
@@ -33,6 +35,8 @@ from .budget import MB, OverBudget, evictions, rss_bytes
 from .errors import APIError
 
 log = logging.getLogger("cnnserve.manager")
+#: How long a version looked up outside any request scope stays open after it is replaced (``_closable``).
+LOOSE_GRACE_S = 60.0
 
 #: The models the current request holds (``request_scope``).
 _HELD: contextvars.ContextVar[list | None] = contextvars.ContextVar("cnnserve_held", default=None)
@@ -56,6 +60,8 @@ class Served:
     holders: int = 0
     last_used: float = field(default_factory=time.monotonic)
     retired: bool = False
+    #: when a caller outside any ``request_scope`` last looked it up (it cannot be counted, so it is given time)
+    loose_at: float = float("-inf")
 
     @property
     def key(self) -> str:
@@ -105,17 +111,14 @@ class ModelManager:
                     raise APIError(404, "unknown_version", f"model {name!r} has version "
                                    f"{' and '.join(repr(v.model.version) for v in versions)}, not {version!r}")
             held = _HELD.get()
+            s.last_used = time.monotonic()
             if held is not None:
                 s.holders += 1
                 held.append((self, s))
-            s.last_used = time.monotonic()
+            else:
+                s.loose_at = s.last_used
         if self.loop is None:
-            import asyncio
-
-            try:
-                self.loop = asyncio.get_running_loop()
-            except RuntimeError:
-                pass
+            self.loop = _running_loop()
         return s.model
 
     def batcher(self, model: Model):
@@ -125,7 +128,7 @@ class ModelManager:
     def release(self, served: Served) -> None:
         with self.lock:
             served.holders -= 1
-            done = served.retired and served.holders <= 0
+            done = served.retired and self._closable(served)
         if done:
             self._close(served)
 
@@ -221,7 +224,7 @@ class ModelManager:
     def sweep(self) -> None:
         """Close retired versions whose holders are gone (those held by nothing at all but queued work)."""
         with self.lock:
-            done = [s for s in self.retiring if s.holders <= 0]
+            done = [s for s in self.retiring if self._closable(s)]
         for s in done:
             self._close(s)
 
@@ -301,8 +304,15 @@ class ModelManager:
         if self.metrics:
             self.metrics.model_resident_bytes.labels(name).set(self._resident(name))
         log.info("%s: %s; closed once its last request is done", s.key, why.rstrip("s"))
-        if s.holders <= 0:
+        if self._closable(s):
             self._close(s)
+
+    @staticmethod
+    def _closable(s: Served) -> bool:
+        """Nothing holds it, nothing waits in its batcher, and no caller outside a request scope (a front end
+        that does not count its requests) looked it up in the last ``LOOSE_GRACE_S`` seconds."""
+        return (s.holders <= 0 and not getattr(s.batcher, "_queued", 0)
+                and time.monotonic() - s.loose_at > LOOSE_GRACE_S)
 
     def _close(self, s: Served) -> None:
         with self.lock:
@@ -312,7 +322,7 @@ class ModelManager:
             self.by_model.pop(id(s.model), None)
             self.engine._cam_jobs.pop((s.model.name, s.model.version), None)
         loop = self.loop
-        if loop is not None and loop.is_running() and not _on(loop):
+        if loop is not None and loop.is_running() and _running_loop() is not loop:
             loop.call_soon_threadsafe(s.batcher.close)  # the batcher's task lives on the event loop
         else:
             s.batcher.close()
@@ -333,10 +343,8 @@ class ModelManager:
             return 0
 
 
-def _on(loop) -> bool:
-    import asyncio
-
+def _running_loop():
     try:
-        return asyncio.get_running_loop() is loop
+        return asyncio.get_running_loop()
     except RuntimeError:
-        return False
+        return None
