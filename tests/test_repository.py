@@ -88,9 +88,18 @@ def test_the_memory_budget_evicts_the_least_recently_used_idle_version_or_refuse
     from cnnserve.service.engine import Engine
     from cnnserve.service.manager import MB, LoadFailed, request_scope
 
+    from prometheus_client import REGISTRY
+
+    from cnnserve.service.metrics import metrics
+
     engine = Engine([load_model(default_onnx, name="a", version="1", providers="cpu", batch_sizes=(1, 8))],
-                    Settings(providers="cpu", precision="fp32", max_batch_size=8))
+                    Settings(providers="cpu", precision="fp32", max_batch_size=8), metrics())
     m = engine.manager
+
+    def sample(name: str, **labels) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    evictions_before = sample("cnnserve_model_evictions_total", model="b")
     m.load("b", "1", str(default_onnx))
     m.lookup("a")  # a was used last: b is the least recently used
     size = {name: v[0].size for name, v in m.served.items()}
@@ -101,6 +110,9 @@ def test_the_memory_budget_evicts_the_least_recently_used_idle_version_or_refuse
     assert "b" not in m.loaded() and "c" in m.loaded()
     assert sum(s.size for v in m.served.values() for s in v) <= m.settings.max_model_memory_mb * MB
     assert [s.model.name for s in evicted] in (["b"], ["b", "a"])  # a too, only if c did not fit beside it
+    assert sample("cnnserve_model_evictions_total", model="b") == evictions_before + 1
+    assert sample("cnnserve_model_resident_bytes", model="c") == new.size > 0
+    assert sample("cnnserve_model_resident_bytes", model="b") == 0
 
     with request_scope():  # every served version is in use: nothing may be evicted
         for name in list(m.loaded()):
@@ -112,6 +124,7 @@ def test_the_memory_budget_evicts_the_least_recently_used_idle_version_or_refuse
             m.load("d", "1", str(default_onnx))
         assert e.value.status == 507 and "max_model_memory_mb" in str(e.value) and "in flight" in str(e.value)
         assert m.loaded() == before and "d:1" in m.failed
+        assert sample("cnnserve_model_loads_total", model="d", result="failed") >= 1
     engine.close()
 
 
