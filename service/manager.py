@@ -59,6 +59,7 @@ class Served:
     size: int = 0
     holders: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    born: float = field(default_factory=time.monotonic)
     retired: bool = False
     #: when a caller outside any ``request_scope`` last looked it up (it cannot be counted, so it is given time)
     loose_at: float = float("-inf")
@@ -189,10 +190,10 @@ class ModelManager:
                 self._retire(s, "unloads")
         return versions
 
-    def converge(self, desired: dict, locate) -> dict[str, str]:
+    def converge(self, desired: dict, locate, since: float | None = None) -> dict[str, str]:
         """Make this worker serve ``desired`` (``modelstate``): load what it lacks (``locate(name, version)``
         gives the stored file), then release what it does not name. Returns the failures by name:version."""
-        failures = {}
+        failures, since = {}, time.monotonic() if since is None else since
         wanted = desired.get("models", {})
         for name, versions in wanted.items():
             for version in versions:
@@ -207,7 +208,9 @@ class ModelManager:
             for name in list(self.served):
                 keep = wanted.get(name, [])
                 for s in list(self.served[name]):
-                    if s.model.version not in keep and (len(self.served) > 1 or len(self.served[name]) > 1):
+                    # a version loaded after ``desired`` was read (by a control request) is not this set's to drop
+                    if (s.model.version not in keep and s.born < since
+                            and (len(self.served) > 1 or len(self.served[name]) > 1)):
                         self._retire(s, "unloads")
             if desired.get("default") in self.served:
                 self.engine.default = desired["default"]

@@ -55,10 +55,10 @@ class WorkerSync:
         """Converge once if the desired set changed since the last look."""
         stamp = self.state.stamp()
         if stamp != self._stamp:
-            self._stamp = stamp
+            self._stamp, read_at = stamp, time.monotonic()
             desired = self.state.read()
             if desired is not None and desired.get("generation", 0) != self.generation:
-                self.failures = self.manager.converge(desired, lambda n, v: stored_file(n, v)[1])
+                self.failures = self.manager.converge(desired, lambda n, v: stored_file(n, v)[1], read_at)
                 self.generation = desired.get("generation", 0)
                 self.report()
         self.manager.sweep()
