@@ -346,42 +346,73 @@ def test_a_worker_killed_with_9_comes_back_with_the_runtime_set(tc, server, vers
     assert seen == {versions["v3"]}
 
 
-def test_following_the_store_rolls_out_a_newly_stored_version(default_onnx, stored_default):
+@pytest.fixture(scope="module")
+def follower(default_onnx, stored_default, server):
+    """A server that follows the store (follow_s=1) and answers control requests after 2 s at most."""
+    from cnnserve.export.store import store_model
+
+    first = store_model(default_onnx, name="digits-follow").tag.version
+    srv = Server("--arg", "models=digits-follow:latest", "--arg", "follow_s=1", "--arg", "workers=2",
+                 "--arg", "model_control=true", "--arg", f"control_token_file={server.token_file}",
+                 "--arg", "control_wait_s=2")
+    srv.first = first
+    yield srv
+    srv.stop()
+
+
+def served_everywhere(srv, name: str, version: str) -> bool:
+    reports = live_reports(srv)
+    return len(reports) == 2 and all(r["models"].get(name, [None])[-1] == version for r in reports)
+
+
+def wait(srv, predicate, what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: {live_reports(srv)}\n{srv.output()}")
+        time.sleep(0.5)
+
+
+def test_following_the_store_rolls_out_a_newly_stored_version(default_onnx, follower):
     """follow_s: a model served as NAME:latest picks up a version stored later, in every worker, with no
     control request; a damaged newest version is refused once and the served one stays."""
     import bentoml
 
     from cnnserve.export.store import store_model
 
-    first = store_model(default_onnx, name="digits-follow").tag.version
-    srv = Server("--arg", "models=digits-follow:latest", "--arg", "follow_s=1", "--arg", "workers=2")
+    srv = follower
+    wait(srv, lambda: served_everywhere(srv, "digits-follow", srv.first), "the first version")
+    second = store_model(default_onnx, name="digits-follow").tag.version
+    wait(srv, lambda: served_everywhere(srv, "digits-follow", second), "the stored version never rolled out")
+    for _ in range(10):
+        r = httpx.post(srv.url + "/classify", content=digit(), headers={"Content-Type": "image/png"})
+        assert r.status_code == 200 and r.json()["version"] == second
+    # damaged as it enters the store (a stored model damaged afterwards could be loaded first)
+    with bentoml.models.create("digits-follow", module="cnnserve") as broken:
+        Path(broken.path_of("model.onnx")).write_bytes(b"damaged")
+    wait(srv, lambda: any(f"digits-follow:{broken.tag.version}" in r["failed"] for r in live_reports(srv)),
+         "the damaged version was not tried")
+    assert served_everywhere(srv, "digits-follow", second)
+    row = next(r for r in httpx.post(srv.url + "/v2/repository/index").json()
+               if r["version"] == broken.tag.version)
+    assert row["state"] == "UNAVAILABLE" and "onnxruntime cannot load it" in row["reason"]
+
+
+def test_a_load_that_a_worker_has_not_done_yet_answers_202_and_the_index_follows(follower):
+    """A worker that cannot converge (stopped here) holds the answer for control_wait_s, then 202 with the
+    model's state; the index says READY once every worker serves it."""
+    srv = follower
+    reports = live_reports(srv)
+    assert len(reports) == 2
+    lagging = reports[0]["pid"]
+    os.kill(lagging, signal.SIGSTOP)
     try:
-        def served_everywhere(version: str) -> bool:
-            reports = live_reports(srv)
-            return len(reports) == 2 and all(r["models"].get("digits-follow", [None])[-1] == version
-                                             for r in reports)
-
-        def wait(predicate, what: str) -> None:
-            deadline = time.monotonic() + 90
-            while not predicate():
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{what}: {live_reports(srv)}\n{srv.output()}")
-                time.sleep(0.5)
-
-        wait(lambda: served_everywhere(first), "the first version")
-        second = store_model(default_onnx, name="digits-follow").tag.version
-        wait(lambda: served_everywhere(second), "the stored version never rolled out")
-        for _ in range(10):
-            r = httpx.post(srv.url + "/classify", content=digit(), headers={"Content-Type": "image/png"})
-            assert r.status_code == 200 and r.json()["version"] == second
-        # damaged as it enters the store (a stored model damaged afterwards could be loaded first)
-        with bentoml.models.create("digits-follow", module="cnnserve") as broken:
-            Path(broken.path_of("model.onnx")).write_bytes(b"damaged")
-        wait(lambda: any(f"digits-follow:{broken.tag.version}" in r["failed"] for r in live_reports(srv)),
-             "the damaged version was not tried")
-        assert served_everywhere(second)
-        row = next(r for r in httpx.post(srv.url + "/v2/repository/index").json()
-                   if r["version"] == broken.tag.version)
-        assert row["state"] == "UNAVAILABLE" and "onnxruntime cannot load it" in row["reason"]
+        r = httpx.post(srv.url + f"/v2/repository/models/digits-follow:{srv.first}/load", headers=AUTH, timeout=60)
+        assert r.status_code == 202, r.text
+        (pending,) = [p for p in r.json()["pending"] if p["version"] == srv.first]
+        assert pending["state"] == "LOADING" and pending["reason"] == "1 of 2 workers"
     finally:
-        srv.stop()
+        os.kill(lagging, signal.SIGCONT)
+    wait(srv, lambda: served_everywhere(srv, "digits-follow", srv.first), "the lagging worker never converged")
+    row = next(r for r in httpx.post(srv.url + "/v2/repository/index").json() if r["version"] == srv.first)
+    assert row["state"] == "READY"
