@@ -73,7 +73,7 @@ async def read(request: Request) -> bytes:
 async def one_image(request: Request, e: Engine, p: ClassifyParams, t0: float, priority: str | None = None):
     """The image of a one-image request, its ticket and its timings so far (``read``); a bad model,
     top_k, deadline or priority is refused before the upload is read."""
-    e.top_k(e.model(p.model, getattr(p, "version", None)), p.top_k)
+    e.top_k(e.model(p.model, p.version), p.top_k)
     ticket = e.ticket(p.timeout_ms, priority or p.priority, t0)
     files = await image_files(request, await read(request), IMAGE_FIELD, e.config.max_request_bytes, 1)
     ticket.gone = watch_disconnect(request)

@@ -202,7 +202,7 @@ class Engine:
         problem = None
         try:
             return await self.manager.batcher(model).submit(pixels, timings, deadline=ticket.deadline,
-                                                          priority=ticket.priority, gone=ticket.gone, job=job)
+                                                            priority=ticket.priority, gone=ticket.gone, job=job)
         except Overloaded as e:
             problem = (503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})
         except DeadlineExceeded:

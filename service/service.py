@@ -60,7 +60,7 @@ class CnnServe:
         tag = "the engine"
         try:
             models = []
-            for i, (tag, name, version, path) in enumerate(self._start_set()):
+            for tag, name, version, path in self._start_set():
                 models.append(load_model(path, name=name, version=version, providers=ARGS.providers,
                                          threads=ARGS.intra_op_threads, spin=ARGS.spin, precision=ARGS.precision,
                                          batch_sizes=(1, ARGS.max_batch_size)))
