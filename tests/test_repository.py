@@ -297,7 +297,8 @@ def test_versions_are_reachable_and_the_newest_n_stay_loaded(tc, server, version
 
 
 def test_a_second_model_loads_and_unloads(tc, server, versions):
-    tc.load_model("digits-b", headers=AUTH)
+    loaded = run_cli("load", "digits-b", "--url", server.url, env={"CNNSERVE_CONTROL_TOKEN": TOKEN})
+    assert loaded.returncode == 0 and "loaded digits-b" in loaded.stdout, loaded.stderr
     assert tc.is_model_ready("digits-b")
     r = httpx.post(server.url + "/classify", params={"model": "digits-b"}, content=digit(),
                    headers={"Content-Type": "image/png"})
