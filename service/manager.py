@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import logging
 import os
 import threading
@@ -33,6 +34,7 @@ from cnnserve.core.runtime import Model, ModelLoadError, load_model
 
 from .budget import MB, OverBudget, evictions, rss_bytes
 from .errors import APIError
+from .memory import trim_memory
 
 log = logging.getLogger("cnnserve.manager")
 #: How long a version looked up outside any request scope stays open after it is replaced (``_closable``).
@@ -93,6 +95,7 @@ class ModelManager:
         self.failed: dict[str, str] = {}  # name:version -> why its last load failed
         self.loading: set[str] = set()
         self.loop = None
+        self._freed = False  # a version was closed since the last sweep: its memory goes back to the system
         for m in engine.models.values():
             self._add(Served(m, engine.batchers[m.name], self._file_size(m)))
 
@@ -198,7 +201,7 @@ class ModelManager:
         for name, versions in wanted.items():
             for version in versions:
                 have = any(s.model.version == version for s in self.served.get(name, ()))
-                if have and (version != versions[-1] or self.current_version(name) == version):
+                if have and (version != versions[-1] or self.loaded()[name][-1] == version):
                     continue
                 try:
                     self.load(name, version, locate(name, version), newest=version == versions[-1])
@@ -216,10 +219,6 @@ class ModelManager:
                 self.engine.default = desired["default"]
         return failures
 
-    def current_version(self, name: str) -> str | None:
-        versions = self.served.get(name)
-        return versions[-1].model.version if versions else None
-
     def loaded(self) -> dict[str, list[str]]:
         with self.lock:
             return {name: [s.model.version for s in v] for name, v in self.served.items()}
@@ -230,6 +229,10 @@ class ModelManager:
             done = [s for s in self.retiring if self._closable(s)]
         for s in done:
             self._close(s)
+        if self._freed:  # a closed version's session sits in cycles (its batcher's task), then in glibc's heap
+            self._freed = False
+            gc.collect()
+            trim_memory()
 
     def close(self) -> None:
         with self.lock:
@@ -323,6 +326,7 @@ class ModelManager:
                 return
             self.retiring.remove(s)
             self.by_model.pop(id(s.model), None)
+            self._freed = True
             self.engine._cam_jobs.pop((s.model.name, s.model.version), None)
         loop = self.loop
         if loop is not None and loop.is_running() and _running_loop() is not loop:
@@ -340,10 +344,8 @@ class ModelManager:
 
     @staticmethod
     def _file_size(model: Model) -> int:
-        try:
-            return os.path.getsize(model.choice.get("file", ""))
-        except OSError:
-            return 0
+        path = model.choice.get("file", "")
+        return os.path.getsize(path) if os.path.isfile(path) else 0
 
 
 def _running_loop():
