@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from . import make, serve
+from . import make, remote, serve
 
 
 def _cmd_models(args) -> int:
@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     make.add_parsers(sub)
     serve.add_parsers(sub)
+    remote.add_parsers(sub)  # load, unload, repository: models at runtime in a running service
     from cnnserve.bench import tune  # its parser; what it measures with is imported when it runs
 
     tune.add_parser(sub)

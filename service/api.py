@@ -21,10 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from . import kserve
+from . import kserve, repository
 from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
 from .errors import APIError
+from .manager import request_scope
 from .params import ClassifyParams, ExplainParams, declare_route, refusal
 from .patches import runtime_info
 
@@ -72,7 +73,7 @@ async def read(request: Request) -> bytes:
 async def one_image(request: Request, e: Engine, p: ClassifyParams, t0: float, priority: str | None = None):
     """The image of a one-image request, its ticket and its timings so far (``read``); a bad model,
     top_k, deadline or priority is refused before the upload is read."""
-    e.top_k(e.model(p.model), p.top_k)
+    e.top_k(e.model(p.model, p.version), p.top_k)
     ticket = e.ticket(p.timeout_ms, priority or p.priority, t0)
     files = await image_files(request, await read(request), IMAGE_FIELD, e.config.max_request_bytes, 1)
     ticket.gone = watch_disconnect(request)
@@ -93,7 +94,7 @@ async def classify_request(request: Request, p: ClassifyParams) -> JSONResponse:
     t0 = time.perf_counter()
     e = engine_of(request)
     data, ticket, timings = await one_image(request, e, p, t0)
-    result = await e.classify(data, p.model, p.top_k, timings, ticket)
+    result = await e.classify(data, p.model, p.top_k, timings, ticket, version=p.version)
     t = time.perf_counter()
     # serialised here, so that its time is measured
     return timed(JSONResponse(result), e, result["model"], timings, t0, "respond", t)
@@ -183,10 +184,11 @@ class CnnServeAPI(FastAPI):
     fast_path = True
 
     async def __call__(self, scope, receive, send) -> None:
-        if (self.fast_path and scope["type"] == "http" and scope["method"] == "POST"
-                and scope["path"][len(scope.get("root_path", "")):] == "/classify"):
-            return await self.fast_classify(scope, receive, send)
-        return await super().__call__(scope, receive, send)
+        with request_scope():  # the models a request looks up stay loaded until it is answered (manager.py)
+            if (self.fast_path and scope["type"] == "http" and scope["method"] == "POST"
+                    and scope["path"][len(scope.get("root_path", "")):] == "/classify"):
+                return await self.fast_classify(scope, receive, send)
+            return await super().__call__(scope, receive, send)
 
     async def fast_classify(self, scope, receive, send) -> None:
         scope["app"] = self  # as Starlette sets it, for request.app
@@ -202,6 +204,7 @@ def create_app(engine: Engine | None = None) -> CnnServeAPI:
     """The API; ``service.py`` sets ``app.state.engine`` once its worker has loaded the models (or pass one)."""
     app = CnnServeAPI(title="cnnserve", version="1", description=__doc__.split("\n\n")[0])
     app.state.engine = engine
+    app.state.sync = None  # the worker's share in the served set (service.py; workers.py)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -211,7 +214,7 @@ def create_app(engine: Engine | None = None) -> CnnServeAPI:
     async def bad_params(request, e: RequestValidationError):
         return error_response(request.app, refusal(e.errors()))
 
-    for path, endpoint, options in (*ROUTES, *kserve.ROUTES):
+    for path, endpoint, options in (*ROUTES, *kserve.ROUTES, *repository.ROUTES):
         app.add_api_route(path, endpoint, **options)
     # The demo page: static HTML, CSS and JavaScript in the package, over the public API only.
     app.mount("/demo/", StaticFiles(directory=Path(__file__).with_name("demo"), html=True), name="demo")

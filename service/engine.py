@@ -25,6 +25,7 @@ from . import explain as xp
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .decoding import DecodeFailed, DecodePool
 from .errors import REQUEST_CODES, APIError
+from .manager import ModelManager
 
 log = logging.getLogger("cnnserve.engine")
 
@@ -72,6 +73,7 @@ class Engine:
         self.decoders = DecodePool(config.decoders, config.limits, config.decode_cpu_ms / 1000,
                                    config.max_queue, c * h * w)
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
+        self.manager = ModelManager(self, config, metrics)  # loads, swaps and releases versions at runtime
 
     def _batcher(self, model: Model) -> MicroBatcher:
         outputs = list(onnxmeta.OUTPUTS)
@@ -92,9 +94,10 @@ class Engine:
     def _cam_job(self, model: Model):
         """The batcher job of a CAM pass: probabilities and the last feature maps (one function per model,
         so that CAM requests batch together)."""
-        job = self._cam_jobs.get(model.name)
+        job = self._cam_jobs.get((model.name, model.version))
         if job is None:
-            job = self._cam_jobs[model.name] = lambda pixels: model.run(pixels, [onnxmeta.PROBABILITIES, onnxmeta.FEATURES])
+            job = self._cam_jobs[model.name, model.version] = lambda pixels: model.run(
+                pixels, [onnxmeta.PROBABILITIES, onnxmeta.FEATURES])
         return job
 
     @property
@@ -104,13 +107,8 @@ class Engine:
     # -- lookups and validation --------------------------------------------------------------
 
     def model(self, name: str | None = None, version: str | None = None) -> Model:
-        name = name or self.default
-        model = self.models.get(name)
-        if model is None:
-            raise APIError(404, "unknown_model", f"no model named {name!r}; serving: {', '.join(self.models)}")
-        if version not in (None, "", model.version):
-            raise APIError(404, "unknown_version", f"model {name!r} has version {model.version!r}, not {version!r}")
-        return model
+        """The served model (its newest version, or ``version``), held until the request ends (``manager.py``)."""
+        return self.manager.lookup(name or self.default, version)
 
     def top_k(self, model: Model, k: int | None) -> int:
         """The number of classes to return: the default is clamped to the model's classes, an explicit
@@ -203,8 +201,8 @@ class Engine:
         ticket = ticket or Ticket()
         problem = None
         try:
-            return await self.batchers[model.name].submit(pixels, timings, deadline=ticket.deadline,
-                                                          priority=ticket.priority, gone=ticket.gone, job=job)
+            return await self.manager.batcher(model).submit(pixels, timings, deadline=ticket.deadline,
+                                                            priority=ticket.priority, gone=ticket.gone, job=job)
         except Overloaded as e:
             problem = (503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})
         except DeadlineExceeded:
@@ -252,7 +250,7 @@ class Engine:
             extra = {"patch": patch, "stride": stride, "occlusions": n}
         n = 1 if method == "cam" else 1 + extra["occlusions"]
         try:  # shed now, before the decode and the copies are paid for
-            self.batchers[model.name].check_room(n, (ticket or Ticket()).priority)
+            self.manager.batcher(model).check_room(n, (ticket or Ticket()).priority)
         except Overloaded as e:
             raise APIError(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)}) from None
         pixels = await self.decode(model, data, timings, ticket)
@@ -289,9 +287,9 @@ class Engine:
         return result, pixels, heat
 
     async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None,
-                       timings: dict | None = None, ticket: Ticket | None = None) -> dict:
+                       timings: dict | None = None, ticket: Ticket | None = None, version: str | None = None) -> dict:
         """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""
-        model = self.model(name)
+        model = self.model(name, version)
         k = self.top_k(model, top_k)
         pixels = await self.decode(model, data, timings, ticket)
         out = await self.run(model, pixels[None], timings, ticket)
@@ -341,10 +339,9 @@ class Engine:
         return {"model": model.name, "version": model.version, "results": results}
 
     def describe(self) -> dict:
-        return {"default": self.default, "models": [{**m.describe(), "batching": self.batchers[m.name].describe()}
-                                                    for m in self.models.values()]}
+        return {"default": self.default, "loaded": self.manager.loaded(), "models": [
+            {**m.describe(), "batching": self.batchers[m.name].describe()} for m in self.models.values()]}
 
     def close(self) -> None:
-        for b in self.batchers.values():
-            b.close()
+        self.manager.close()
         self.decoders.close()

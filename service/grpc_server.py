@@ -27,6 +27,7 @@ import logging
 import os
 import time
 
+import anyio
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -39,7 +40,9 @@ from cnnserve.core.grpc_proto import HEALTH_SERVICE, METHODS, POOL, SERVICE, pb
 from . import kserve
 from .engine import Engine
 from .errors import APIError, short
+from . import repository
 from .http_server import DRAIN
+from .manager import request_scope
 
 log = logging.getLogger("cnnserve.grpc")
 
@@ -77,8 +80,8 @@ def _parser(cls):
 class InferenceService:
     """The methods of ``inference.GRPCInferenceService`` over an ``Engine``."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, engine: Engine, sync=None) -> None:
+        self.engine, self.sync = engine, sync  # sync: the workers' shared served set (workers.py), for the index
 
     async def ServerLive(self, request, context):  # noqa: N802 - the protocol's names
         return pb.ServerLiveResponse(live=True)
@@ -102,10 +105,12 @@ class InferenceService:
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in d["outputs"]])
 
     async def RepositoryIndex(self, request, context):  # noqa: N802
-        index = pb.RepositoryIndexResponse.ModelIndex
+        """Every stored model version and its state over the server's workers, as HTTP's index says it."""
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        rows = await anyio.to_thread.run_sync(repository.index, self.engine, self.sync)
         return pb.RepositoryIndexResponse(models=[
-            index(name=m.name, version=m.version, state="READY" if m.warmup_ms > 0 else "UNAVAILABLE")
-            for m in self.engine.models.values()])
+            entry(name=r["name"], version=r["version"], state=r["state"], reason=r["reason"])
+            for r in rows if not request.ready or r["state"] == "READY"])
 
     async def ModelInfer(self, request, context):  # noqa: N802
         t0 = time.perf_counter()
@@ -236,7 +241,8 @@ def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate)
                 raise APIError(503, "draining", "the server is shutting down; call another replica")
             if isinstance(request, _Unparsed):
                 raise APIError(400, "bad_message", request.error)
-            return await method(request, context)
+            with request_scope():  # the model versions it looks up stay loaded until it is answered (manager.py)
+                return await method(request, context)
         except APIError as e:
             e.__traceback__ = e.__context__ = None
             code = status_of(e)
@@ -285,7 +291,7 @@ def http_host() -> str:
 class GrpcServer:
     """The worker's gRPC server: started on its event loop, drained with HTTP, stopped with the worker."""
 
-    def __init__(self, engine: Engine, port: int, host: str | None = None) -> None:
+    def __init__(self, engine: Engine, port: int, host: str | None = None, sync=None) -> None:
         self.engine, self.port, self.host = engine, port, host or http_host()
         config = engine.config
         limit = config.max_request_bytes
@@ -295,7 +301,7 @@ class GrpcServer:
             # a client may keep a connection for long; its pings are fine, at most one every 10 s without calls
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ])
-        service, metrics, self.gate = InferenceService(engine), Metrics(engine), Gate()
+        service, metrics, self.gate = InferenceService(engine, sync), Metrics(engine), Gate()
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             SERVICE, {name: _handler(service, metrics, name, self.gate) for name in SERVED}),))
         self.health = health_aio.HealthServicer()

@@ -34,7 +34,8 @@ IMAGE_INPUT = "image"
 def model_metadata(engine: Engine, name: str, version: str | None = None) -> dict:
     m = engine.model(name, version)
     d = m.describe()
-    return {"name": m.name, "versions": [m.version] if m.version else [], "platform": "onnxruntime_onnx",
+    versions = engine.manager.loaded().get(m.name) or ([m.version] if m.version else [])
+    return {"name": m.name, "versions": versions, "platform": "onnxruntime_onnx",
             "inputs": [d["input"]], "outputs": d["outputs"]}
 
 async def parse(config: Settings, body: bytes, header_length: str | None) -> tuple[dict, bytes]:

@@ -101,6 +101,18 @@ def metrics() -> SimpleNamespace:
         # the autoscaling metric (deploy/kubernetes): summed over a pod's workers
         queued=Gauge("cnnserve_queued_images", "Images waiting for or in the model, as each batch starts and ends",
                      ["model"], multiprocess_mode="livesum"),
+        # models at runtime (service/manager.py); the model label is a stored model's name, never a version
+        model_loads=Counter("cnnserve_model_loads", "Model versions loaded at runtime, by result",
+                            ["model", "result"]),
+        model_unloads=Counter("cnnserve_model_unloads", "Model versions released (unloaded or replaced)", ["model"]),
+        model_evictions=Counter("cnnserve_model_evictions", "Idle model versions evicted for max_model_memory_mb",
+                                ["model"]),
+        model_load_seconds=Histogram("cnnserve_model_load_seconds", "Time to load, choose the precision of and "
+                                     "warm one model version", ["model"],
+                                     buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
+        model_resident_bytes=Gauge("cnnserve_model_resident_bytes", "Memory of a model's loaded versions (what the "
+                                   "worker grew by as each loaded), the largest over the workers", ["model"],
+                                   multiprocess_mode="livemax"),
     )
 
 

@@ -41,6 +41,7 @@ class ClassifyParams(RequestParams):
 
     top_k: int | None = Field(None, description="how many classes to return (default 5, at most the number of classes)")
     model: str | None = Field(None, description="model name (default: the first served model)")
+    version: str | None = Field(None, description="a loaded version of the model (default: its newest)")
 
 
 class ExplainParams(ClassifyParams):

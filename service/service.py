@@ -28,10 +28,13 @@ from .api import create_app
 from .engine import Engine
 from .http_server import DRAIN, ConnectionCloseWhileDraining
 from .memory import return_freed_memory, trim_memory
+from .manager import LoadFailed
 from .metrics import ROUTES, metrics
+from .modelstate import ServedState, stored_file
 from .openapi import OpenAPIInfo
 from .openapi import info as openapi_info
 from .patches import apply_patches, running_versions
+from .workers import WorkerSync
 
 log = logging.getLogger("cnnserve.service")
 # BentoML sets the root logger to WARNING: cnnserve's own lines (models served, drain, refused
@@ -57,14 +60,14 @@ class CnnServe:
         tag = "the engine"
         try:
             models = []
-            for i, tag in enumerate(TAGS):
-                stored = getattr(self, f"model_{i}")  # BentoModel resolves to the stored model here
-                models.append(load_model(stored.path_of(MODEL_FILE), name=stored.tag.name,
-                                         version=stored.tag.version or "", providers=ARGS.providers,
+            for tag, name, version, path in self._start_set():
+                models.append(load_model(path, name=name, version=version, providers=ARGS.providers,
                                          threads=ARGS.intra_op_threads, spin=ARGS.spin, precision=ARGS.precision,
                                          batch_sizes=(1, ARGS.max_batch_size)))
             self.engine = Engine(models, ARGS, metrics(), draining=lambda: DRAIN.active)
             app.state.engine = self.engine
+            app.state.sync = WorkerSync(self.engine.manager, SERVED, ARGS)
+            app.state.sync.start()
         except Exception as e:  # noqa: BLE001 - whatever it is, every new worker would meet it again
             reason = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"
             startup.cannot_start(RUN, f"{tag}: {reason}")
@@ -79,6 +82,28 @@ class CnnServe:
         gc.collect()
         gc.freeze()
 
+    def _start_set(self) -> list[tuple[str, str, str, str]]:
+        """What this worker loads: the served set its siblings share when there is one (a worker restarted
+        after a crash, or after models were loaded at runtime), its newest version of each model; else
+        the start-up set (``--arg models=``). A model since deleted from the store is left out."""
+        desired = SERVED.read()
+        if desired and desired.get("models"):
+            order = sorted(desired["models"], key=lambda n: n != desired.get("default"))
+            found = []
+            for name in order:
+                version = desired["models"][name][-1]
+                try:
+                    found.append((f"{name}:{version}", name, *stored_file(name, version)))
+                except LoadFailed as e:
+                    log.warning("served set: %s", e)
+            if found:
+                return found
+        found = []
+        for i, tag in enumerate(TAGS):
+            stored = getattr(self, f"model_{i}")  # BentoModel resolves to the stored model here
+            found.append((tag, stored.tag.name, stored.tag.version or "", stored.path_of(MODEL_FILE)))
+        return found
+
     async def __is_ready__(self) -> bool:
         return self.engine.ready
 
@@ -90,7 +115,7 @@ class CnnServe:
             from .grpc_server import GrpcServer
 
             try:
-                self.grpc = GrpcServer(self.engine, ARGS.grpc_port)
+                self.grpc = GrpcServer(self.engine, ARGS.grpc_port, sync=getattr(app.state, "sync", None))
                 await self.grpc.start()
             except Exception as e:  # noqa: BLE001 - a port in use: every worker would meet it
                 startup.cannot_start(RUN, f"gRPC on port {ARGS.grpc_port}: {type(e).__name__}: {e}")
@@ -121,6 +146,11 @@ if not TAGS:
 for _i, _tag in enumerate(TAGS):
     _require_stored(_tag)
     setattr(CnnServe, f"model_{_i}", bentoml.models.BentoModel(_tag))
+# The served set that the workers share (service/modelstate.py): the start-up set, until models are loaded
+# or unloaded at runtime; a restarted worker loads what its siblings serve.
+SERVED = ServedState(RUN.folder)
+if RUN.first:
+    SERVED.reset([(t.name, t.version or "") for t in (stored_model(tag).tag for tag in TAGS)])
 if RUN.first:  # what the checks loaded goes back to the system: this process only supervises the workers
     gc.collect()
     trim_memory()

@@ -71,7 +71,11 @@ def test_same_answers_as_http_for_the_digits_test_split(srv, model, digits_test)
     meta = gc.get_model_metadata(model, as_json=True)
     assert meta["inputs"][0]["name"] == "pixels" and meta["platform"] == "onnxruntime_onnx"
     assert gc.get_server_metadata(as_json=True)["name"] == "cnnserve"
-    assert [m["name"] for m in gc.get_model_repository_index(as_json=True)["models"]] == [model]
+    # the index is the HTTP one's: every stored version, the served one READY, as hc (HTTP) says too
+    index = gc.get_model_repository_index(as_json=True)["models"]
+    assert any(m["name"] == model and m.get("state") == "READY" for m in index), index
+    assert sorted((m["name"], m["version"], m.get("state")) for m in index) == sorted(
+        (m["name"], m["version"], m.get("state")) for m in hc.get_model_repository_index())
     out = th.InferRequestedOutput("probabilities", binary_data=True)
     via_http, via_grpc, via_bytes = [], [], []
     for i in range(0, len(images), 64):

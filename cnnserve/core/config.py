@@ -122,6 +122,19 @@ class Settings(BaseModel):
     # The Open Inference Protocol over gRPC in every worker (service/grpc_server.py; both workers bind it with
     # SO_REUSEPORT); 0: no gRPC. Its messages are limited to max_request_mb.
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 3001
+    # Models at runtime (service/repository.py, service/manager.py): the repository extension's load and
+    # unload answer 403 unless model_control is true, and then need the bearer token from the environment
+    # variable control_token_env names or the file control_token_file (read at each request)
+    model_control: bool = False
+    control_token_env: str = "CNNSERVE_CONTROL_TOKEN"
+    control_token_file: str = ""
+    keep_versions: Count = 1  # the newest N loaded versions of a model stay loaded and reachable by version
+    max_model_memory_mb: NonNegative = 0.0  # loaded versions' memory budget (0: none); LRU idle ones evicted
+    model_sync_s: Positive = 0.5  # how often each worker looks at the served set the workers share
+    control_wait_s: Positive = 120.0  # a load or unload answers 200 once every worker serves it, else 202
+    # follow the store: models served as NAME:latest (or NAME) are re-resolved every follow_s seconds and a newer
+    # stored version is loaded by the same path as a load request (0: off)
+    follow_s: NonNegative = 0.0
 
     @property
     def tags(self) -> list[str]:

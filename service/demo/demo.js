@@ -18,9 +18,14 @@ async function reason(response) {
 async function loadModels() {
   const response = await fetch(api("models"));
   if (!response.ok) { status("cannot list models: " + await reason(response), true); return; }
-  models = (await response.json()).models;
+  const listed = await response.json();
+  models = listed.models;
+  const loaded = listed.loaded || {};  // every loaded version, oldest to newest (models at runtime)
+  const others = (m) => (loaded[m.name] || []).filter((v) => v !== m.version);
   const select = $("model");
-  select.replaceChildren(...models.map((m) => new Option(`${m.name} (${m.arch}, ${m.precision})`, m.name)));
+  select.replaceChildren(...models.map((m) => new Option(
+    `${m.name} ${m.version} (${m.arch}, ${m.precision}` +
+    (others(m).length ? `; also loaded: ${others(m).join(", ")})` : ")"), m.name)));
   select.addEventListener("change", modelChanged);
   await modelChanged();
 }

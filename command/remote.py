@@ -1,0 +1,100 @@
+"""The client side of models at runtime: ``cnnserve load``, ``cnnserve unload`` and ``cnnserve repository``
+against a running service's model repository endpoints (``service/repository.py``), with the standard library
+only. The control token comes from ``--token-file`` or the environment variable ``CNNSERVE_CONTROL_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+
+TOKEN_ENV = "CNNSERVE_CONTROL_TOKEN"
+
+
+class RemoteError(ValueError):
+    """A refusal or failure from the service, with its status and reason."""
+
+
+def call(url: str, path: str, body: dict | None = None, token: str | None = None, timeout: float = 300):
+    """POST ``body`` as JSON to ``url + path``: the status and the decoded answer."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url.rstrip("/") + path, data=json.dumps(body or {}).encode(), headers=headers,
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            reason = json.loads(e.read()).get("error", "")
+        except ValueError:
+            reason = ""
+        raise RemoteError(f"{url}: {e.code} {reason or e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise RemoteError(f"{url}: cannot reach the service: {getattr(e, 'reason', e)}") from None
+
+
+def _token(args) -> str | None:
+    if args.token_file:
+        with open(args.token_file) as f:
+            return f.read().strip()
+    return os.environ.get(TOKEN_ENV)
+
+
+def _cmd_load(args) -> int:
+    return _control(args, "load")
+
+
+def _cmd_unload(args) -> int:
+    return _control(args, "unload")
+
+
+def _control(args, action: str) -> int:
+    tag = urllib.parse.quote(args.tag, safe=":")
+    try:
+        status, answer = call(args.url, f"/v2/repository/models/{tag}/{action}", {}, _token(args), args.timeout)
+    except RemoteError as e:
+        print(f"cnnserve: {action} {args.tag}: {e}", file=sys.stderr)
+        return 1
+    if status == 202:
+        print(f"{action} {args.tag}: not yet in every worker; `cnnserve repository --url {args.url}` shows when "
+              f"it is: {json.dumps(answer.get('pending', []))}")
+    else:
+        print(f"{action}ed {args.tag} on {args.url} (every worker)")
+    return 0
+
+
+def _cmd_repository(args) -> int:
+    try:
+        _, rows = call(args.url, "/v2/repository/index", {}, timeout=args.timeout)
+    except RemoteError as e:
+        print(f"cnnserve: repository: {e}", file=sys.stderr)
+        return 1
+    for r in rows:
+        print(f"{r['name']}:{r['version']}  {r['state']}" + (f"  ({r['reason']})" if r.get("reason") else ""))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    for name, func, help_ in (
+            ("load", _cmd_load, "load a stored model version into a running service, then switch to it"),
+            ("unload", _cmd_unload, "stop serving a model (every version, or NAME:VERSION) in a running service")):
+        p = sub.add_parser(name, help=help_, description=f"{help_[0].upper()}{help_[1:]}: the model repository "
+                           "endpoint of the Open Inference Protocol; the service must run with "
+                           "--arg model_control=true and a token. Answers once every worker has done it.")
+        p.add_argument("tag", help="NAME (load: its newest stored version) or NAME:VERSION")
+        p.add_argument("--url", default="http://127.0.0.1:3000", help="the service (default http://127.0.0.1:3000)")
+        p.add_argument("--token-file", help=f"a file holding the control token (default: ${TOKEN_ENV})")
+        p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer (default 300)")
+        p.set_defaults(func=func)
+    p = sub.add_parser("repository", help="list the stored models and their states in a running service",
+                       description="The model repository index: every stored cnnserve model version and its "
+                                   "state (READY in every worker, LOADING, UNLOADING, UNAVAILABLE with the reason).")
+    p.add_argument("--url", default="http://127.0.0.1:3000", help="the service (default http://127.0.0.1:3000)")
+    p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the answer (default 60)")
+    p.set_defaults(func=_cmd_repository)

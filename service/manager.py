@@ -1,0 +1,355 @@
+"""The model manager under the engine: loads stored model versions at runtime, swaps them in, releases
+the old ones when their last request is done, keeps a memory budget, and converges on the served set
+that every worker of the server shares (``modelstate.py``).
+
+- **Load beside, then switch.** A version is loaded, warmed and its precision chosen
+  (``cnnserve.core.runtime.load_model``) in a thread while the served version keeps answering; then one
+  step under a lock makes it the one new requests get (``Engine.models[name]``). A failed load changes
+  nothing that serves, and its reason is kept for the repository index.
+- **Reference counted.** Every request that looks a model up holds it until the request ends
+  (``request_scope``, which ``api.py`` opens around each HTTP request; every front end should): a replaced
+  version stays open, its queued requests finish on it, and its batcher and session are closed when its
+  last holder is done. A version looked up outside any scope is kept ``LOOSE_GRACE_S`` more seconds.
+- **Versions.** The newest ``keep_versions`` loaded versions of a name stay loaded and reachable by
+  version (``/v2/models/NAME/versions/V/infer``, ``/classify?version=V``); new requests without a
+  version get the newest.
+- **Memory budget** (``max_model_memory_mb``): each version's size is what the process grew by while it
+  loaded (at least its file); past the budget the least recently used idle versions are evicted (never
+  one a request holds), or the load is refused with the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import gc
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from cnnserve.core.runtime import Model, ModelLoadError, load_model
+
+from .budget import MB, OverBudget, evictions, rss_bytes
+from .errors import APIError
+from .memory import trim_memory
+
+log = logging.getLogger("cnnserve.manager")
+#: How long a version looked up outside any request scope stays open after it is replaced (``_closable``).
+LOOSE_GRACE_S = 60.0
+
+#: The models the current request holds (``request_scope``).
+_HELD: contextvars.ContextVar[list | None] = contextvars.ContextVar("cnnserve_held", default=None)
+
+
+class LoadFailed(Exception):
+    """A version that could not be loaded (or fit), with the reason in words; ``status`` for HTTP."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(eq=False)
+class Served:
+    """One loaded version: its model, its batcher, who holds it, and what it costs."""
+
+    model: Model
+    batcher: object
+    size: int = 0
+    holders: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    born: float = field(default_factory=time.monotonic)
+    retired: bool = False
+    #: when a caller outside any ``request_scope`` last looked it up (it cannot be counted, so it is given time)
+    loose_at: float = float("-inf")
+
+    @property
+    def key(self) -> str:
+        return f"{self.model.name}:{self.model.version}"
+
+
+@contextmanager
+def request_scope():
+    """The span of one request: every model it looks up (``ModelManager.lookup``) is held until it ends."""
+    held: list = []
+    token = _HELD.set(held)
+    try:
+        yield held
+    finally:
+        _HELD.reset(token)
+        for manager, served in held:
+            manager.release(served)
+
+
+class ModelManager:
+    def __init__(self, engine, settings, metrics=None) -> None:
+        self.engine, self.settings, self.metrics = engine, settings, metrics
+        self.lock = threading.RLock()
+        self.load_lock = threading.Lock()  # one load at a time: each is measured alone, and CPU is scarce
+        self.served: dict[str, list[Served]] = {}  # by name, oldest to newest
+        self.by_model: dict[int, Served] = {}
+        self.retiring: list[Served] = []
+        self.failed: dict[str, str] = {}  # name:version -> why its last load failed
+        self.loading: set[str] = set()
+        self.loop = None
+        self._freed = False  # a version was closed since the last sweep: its memory goes back to the system
+        for m in engine.models.values():
+            self._add(Served(m, engine.batchers[m.name], self._file_size(m)))
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def lookup(self, name: str, version: str | None = None) -> Model:
+        """The served model (the newest version, or ``version``), held by the current request."""
+        with self.lock:
+            versions = self.served.get(name)
+            if not versions:
+                raise APIError(404, "unknown_model", f"no model named {name!r}; serving: {', '.join(self.served)}")
+            if version in (None, ""):
+                s = versions[-1]
+            else:
+                s = next((v for v in versions if v.model.version == version), None)
+                if s is None:
+                    raise APIError(404, "unknown_version", f"model {name!r} has version "
+                                   f"{' and '.join(repr(v.model.version) for v in versions)}, not {version!r}")
+            held = _HELD.get()
+            s.last_used = time.monotonic()
+            if held is not None:
+                s.holders += 1
+                held.append((self, s))
+            else:
+                s.loose_at = s.last_used
+        if self.loop is None:
+            self.loop = _running_loop()
+        return s.model
+
+    def batcher(self, model: Model):
+        """The batcher of this very model object (a replaced version's, while its requests finish)."""
+        return self.by_model[id(model)].batcher
+
+    def release(self, served: Served) -> None:
+        with self.lock:
+            served.holders -= 1
+            done = served.retired and self._closable(served)
+        if done:
+            self._close(served)
+
+    # -- changes --------------------------------------------------------------------------------------
+
+    def load(self, name: str, version: str, path: str, newest: bool = True) -> tuple[Served, list[Served]]:
+        """Load, warm and switch to ``name:version`` from ``path`` (blocking: call it in a thread). Returns
+        the new version and the versions evicted for the memory budget; ``LoadFailed`` leaves all as it was.
+        ``newest=False``: load it as the oldest version of ``name``, reachable by version only."""
+        key = f"{name}:{version}"
+        with self.load_lock:
+            with self.lock:
+                existing = next((s for s in self.served.get(name, ()) if s.model.version == version), None)
+                if existing is not None:  # loaded already: make it the newest
+                    if newest:
+                        self.served[name].remove(existing)
+                        self.served[name].append(existing)
+                        self._switch(name)
+                    return existing, []
+                self.loading.add(key)
+                self.failed.pop(key, None)
+            t = time.perf_counter()
+            before = rss_bytes()
+            try:
+                s = self._load(name, version, path)
+                s.size = max(rss_bytes() - before, self._file_size(s.model))
+                evicted = self._fit(s)
+            except LoadFailed as e:
+                with self.lock:
+                    self.failed[key] = str(e)
+                self._count("loads", name, "failed")
+                log.warning("load of %s failed: %s", key, e)
+                raise
+            finally:
+                with self.lock:
+                    self.loading.discard(key)
+            seconds = time.perf_counter() - t
+            with self.lock:
+                self._add(s, newest)
+                for old in evicted:
+                    self._retire(old, "evictions")
+                self._trim(name)
+            if self.metrics:
+                self.metrics.model_load_seconds.labels(name).observe(seconds)
+            self._count("loads", name, "ok")
+            log.info("loaded %s in %.2f s (%.1f MB); serving it for new requests", key, seconds, s.size / MB)
+            return s, evicted
+
+    def unload(self, name: str, version: str | None = None) -> list[Served]:
+        """Stop serving ``name`` (every version, or one); requests that hold it finish first."""
+        with self.lock:
+            versions = [s for s in self.served.get(name, ()) if version in (None, "", s.model.version)]
+            if not versions:
+                raise LoadFailed(f"{name}{':' + version if version else ''} is not loaded", 404)
+            if len(versions) == len(self.served[name]) and len(self.served) == 1:
+                raise LoadFailed(f"{name} is the only model served; load another before unloading it", 409)
+            for s in versions:
+                self._retire(s, "unloads")
+        return versions
+
+    def converge(self, desired: dict, locate, since: float | None = None) -> dict[str, str]:
+        """Make this worker serve ``desired`` (``modelstate``): load what it lacks (``locate(name, version)``
+        gives the stored file), then release what it does not name. Returns the failures by name:version."""
+        failures, since = {}, time.monotonic() if since is None else since
+        wanted = desired.get("models", {})
+        for name, versions in wanted.items():
+            for version in versions:
+                have = any(s.model.version == version for s in self.served.get(name, ()))
+                if have and (version != versions[-1] or self.loaded()[name][-1] == version):
+                    continue
+                try:
+                    self.load(name, version, locate(name, version), newest=version == versions[-1])
+                except LoadFailed as e:
+                    failures[f"{name}:{version}"] = str(e)
+        with self.lock:
+            for name in list(self.served):
+                keep = wanted.get(name, [])
+                for s in list(self.served[name]):
+                    # a version loaded after ``desired`` was read (by a control request) is not this set's to drop
+                    if (s.model.version not in keep and s.born < since
+                            and (len(self.served) > 1 or len(self.served[name]) > 1)):
+                        self._retire(s, "unloads")
+            if desired.get("default") in self.served:
+                self.engine.default = desired["default"]
+        return failures
+
+    def loaded(self) -> dict[str, list[str]]:
+        with self.lock:
+            return {name: [s.model.version for s in v] for name, v in self.served.items()}
+
+    def sweep(self) -> None:
+        """Close retired versions whose holders are gone (those held by nothing at all but queued work)."""
+        with self.lock:
+            done = [s for s in self.retiring if self._closable(s)]
+        for s in done:
+            self._close(s)
+        if self._freed:  # a closed version's session sits in cycles (its batcher's task), then in glibc's heap
+            self._freed = False
+            gc.collect()
+            trim_memory()
+
+    def close(self) -> None:
+        with self.lock:
+            everything = [s for v in self.served.values() for s in v] + self.retiring
+        for s in everything:
+            s.batcher.close()
+
+    # -- inside ---------------------------------------------------------------------------------------
+
+    def _load(self, name: str, version: str, path: str) -> Served:
+        a = self.settings
+        try:
+            model = load_model(path, name=name, version=version, providers=a.providers, threads=a.intra_op_threads,
+                               spin=a.spin, precision=a.precision, batch_sizes=(1, a.max_batch_size))
+        except ModelLoadError as e:
+            raise LoadFailed(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - a file onnxruntime or the metadata parser refuses, in words
+            raise LoadFailed(f"{path}: {type(e).__name__}: {e}") from None
+        c, h, w = model.spec.input_shape
+        if c * h * w > self.engine.decoders.output_bytes:
+            raise LoadFailed(f"{name}:{version} takes {c}x{h}x{w} inputs, larger than the decoding buffers this "
+                             f"server started with ({self.engine.decoders.output_bytes} bytes): start the server "
+                             "with it (or a model as large) in --arg models=", 409)
+        return Served(model, self.engine._batcher(model))
+
+    def _fit(self, new: Served) -> list[Served]:
+        """The idle versions to evict so that ``new`` fits the budget (``budget.py``), or ``LoadFailed``."""
+        with self.lock:
+            resident = [s for v in self.served.values() for s in v]
+            try:
+                return evictions(resident, new, self.settings.max_model_memory_mb * MB)
+            except OverBudget as e:
+                new.batcher.close()
+                raise LoadFailed(str(e), 507) from None
+
+    def _add(self, s: Served, newest: bool = True) -> None:
+        versions = self.served.setdefault(s.model.name, [])
+        if newest or not versions:
+            versions.append(s)
+        else:
+            versions.insert(0, s)
+        self.by_model[id(s.model)] = s
+        self._switch(s.model.name)
+        if self.metrics:
+            self.metrics.model_resident_bytes.labels(s.model.name).set(self._resident(s.model.name))
+
+    def _switch(self, name: str) -> None:
+        """New requests without a version get the newest of ``name`` (one dict assignment each)."""
+        s = self.served[name][-1]
+        self.engine.models[name] = s.model
+        self.engine.batchers[name] = s.batcher
+
+    def _trim(self, name: str) -> None:
+        keep = max(1, self.settings.keep_versions)
+        while len(self.served.get(name, ())) > keep:
+            self._retire(self.served[name][0], "unloads")
+
+    def _retire(self, s: Served, why: str) -> None:
+        """Take ``s`` out of service (under the lock); closed now if nothing holds it, else by its last holder."""
+        name = s.model.name
+        versions = self.served.get(name, [])
+        if s in versions:
+            versions.remove(s)
+        if versions:
+            self._switch(name)
+        else:
+            self.served.pop(name, None)
+            self.engine.models.pop(name, None)
+            self.engine.batchers.pop(name, None)
+            if self.engine.default == name and self.served:
+                self.engine.default = next(iter(self.served))
+        s.retired = True
+        self.retiring.append(s)
+        self._count(why, name)
+        if self.metrics:
+            self.metrics.model_resident_bytes.labels(name).set(self._resident(name))
+        log.info("%s: %s; closed once its last request is done", s.key, why.rstrip("s"))
+        if self._closable(s):
+            self._close(s)
+
+    @staticmethod
+    def _closable(s: Served) -> bool:
+        """Nothing holds it, nothing waits in its batcher, and no caller outside a request scope (a front end
+        that does not count its requests) looked it up in the last ``LOOSE_GRACE_S`` seconds."""
+        return (s.holders <= 0 and not getattr(s.batcher, "_queued", 0)
+                and time.monotonic() - s.loose_at > LOOSE_GRACE_S)
+
+    def _close(self, s: Served) -> None:
+        with self.lock:
+            if s not in self.retiring:
+                return
+            self.retiring.remove(s)
+            self.by_model.pop(id(s.model), None)
+            self._freed = True
+            self.engine._cam_jobs.pop((s.model.name, s.model.version), None)
+        loop = self.loop
+        if loop is not None and loop.is_running() and _running_loop() is not loop:
+            loop.call_soon_threadsafe(s.batcher.close)  # the batcher's task lives on the event loop
+        else:
+            s.batcher.close()
+
+    def _resident(self, name: str) -> int:
+        return sum(s.size for s in self.served.get(name, ()))
+
+    def _count(self, what: str, name: str, result: str | None = None) -> None:
+        if self.metrics:
+            counter = getattr(self.metrics, f"model_{what}")
+            (counter.labels(name, result) if result else counter.labels(name)).inc()
+
+    @staticmethod
+    def _file_size(model: Model) -> int:
+        path = model.choice.get("file", "")
+        return os.path.getsize(path) if os.path.isfile(path) else 0
+
+
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -1,0 +1,156 @@
+"""One worker's part in the served set its server shares (``modelstate.py``): a thread that polls the
+desired set every ``model_sync_s`` seconds, converges on it through the manager (loads run in this
+thread, so the event loop keeps serving), and reports what it serves; and the wait of a control request
+for every worker's report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import threading
+import time
+
+from .manager import LoadFailed, ModelManager
+from .modelstate import ServedState, stored_file
+
+log = logging.getLogger("cnnserve.workers")
+
+
+class WorkerSync:
+    def __init__(self, manager: ModelManager, state: ServedState, settings) -> None:
+        self.manager, self.state, self.settings = manager, state, settings
+        self.interval = settings.model_sync_s
+        # follow the store: the models started as NAME:latest (or NAME), re-resolved every follow_s seconds
+        self.follow = [t.split(":")[0] for t in settings.tags if t.endswith(":latest") or ":" not in t]
+        self._followed_at = time.monotonic()
+        self._leader = None  # the lock file this worker holds while it is the one that follows the store
+        self.pid = os.getpid()
+        self.generation = -1
+        self.failures: dict[str, str] = {}
+        self._stamp = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Report what this worker serves, then follow the desired set."""
+        # not yet converged (a restarted worker loaded the newest of each model; older versions kept by
+        # keep_versions follow in the thread's first step), so no control request counts this one yet
+        self.generation, self._stamp = -1, None
+        self.report()
+        self._thread = threading.Thread(target=self._run, name="cnnserve-model-sync", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def step(self) -> None:
+        """Converge once if the desired set changed since the last look."""
+        stamp = self.state.stamp()
+        if stamp != self._stamp:
+            self._stamp, read_at = stamp, time.monotonic()
+            desired = self.state.read()
+            if desired is not None and desired.get("generation", 0) != self.generation:
+                self.failures = self.manager.converge(desired, lambda n, v: stored_file(n, v)[1], read_at)
+                self.generation = desired.get("generation", 0)
+                self.report()
+        self.manager.sweep()
+        if self.settings.follow_s and self.follow and time.monotonic() - self._followed_at >= self.settings.follow_s:
+            self._followed_at = time.monotonic()
+            if self._lead():
+                self.follow_store()
+
+    def _lead(self) -> bool:
+        """Whether this worker follows the store: one worker of the server does (the one holding the lock;
+        another takes over if it dies), and the others converge on what it records."""
+        if self._leader is None:
+            f = open(self.state.folder / "follow.lock", "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                return False
+            self._leader = f
+        return True
+
+    def follow_store(self) -> None:
+        """Load the newest stored version of each followed model that the served set still names, by the path
+        of a load request; a version that failed once is not tried again (its reason is in the index)."""
+        desired = self.state.read() or {}
+        for name in self.follow:
+            served = desired.get("models", {}).get(name)
+            if not served:
+                continue  # unloaded since: no longer followed
+            try:
+                version, path = stored_file(name)
+                if version == served[-1] or f"{name}:{version}" in self.manager.failed:
+                    continue
+                log.info("following the store: %s:latest is now %s", name, version)
+                _, evicted = self.manager.load(name, version, path)
+                self.record_load(name, version, evicted, max(1, self.settings.keep_versions))
+            except LoadFailed as e:
+                log.warning("following the store: %s: %s", name, e)
+                self.report()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - the thread must live on; the next change is tried again
+                log.exception("converging on the served set failed")
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def report(self) -> None:
+        m = self.manager
+        with m.lock:
+            report = {"generation": self.generation, "models": m.loaded(), "loading": sorted(m.loading),
+                      "unloading": sorted(s.key for s in m.retiring), "failed": {**m.failed, **self.failures}}
+        self.state.report(self.pid, report)
+
+    def record_load(self, name: str, version: str, evicted=(), keep: int = 1) -> int:
+        """Into the desired set: ``name:version`` as its newest (the newest ``keep`` versions kept), without
+        the versions the load evicted. Returns the generation written."""
+        with self.state.editing() as d:
+            models = d.setdefault("models", {})
+            models[name] = ([v for v in models.get(name, []) if v != version] + [version])[-keep:]
+            for s in evicted:
+                left = [v for v in models.get(s.model.name, []) if v != s.model.version]
+                if left:
+                    models[s.model.name] = left
+                else:
+                    models.pop(s.model.name, None)
+            if d.get("default") not in models:
+                d["default"] = name
+        return d["generation"]
+
+    def record_unload(self, name: str, version: str | None = None) -> int:
+        """Out of the desired set: every version of ``name``, or ``version``. Returns the generation written."""
+        with self.state.editing() as d:
+            models = d.setdefault("models", {})
+            left = [v for v in models.get(name, []) if version and v != version]
+            if left:
+                models[name] = left
+            else:
+                models.pop(name, None)
+            if d.get("default") not in models:
+                d["default"] = next(iter(models), None)
+        return d["generation"]
+
+    async def wait_for(self, generation: int, workers: int, timeout_s: float) -> bool:
+        """True once ``workers`` live workers have applied ``generation`` (False at ``timeout_s``)."""
+        self.wake()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = [r for r in self.state.reports() if r.get("generation", 0) >= generation]
+            if len(done) >= workers:
+                return True
+            await asyncio.sleep(0.1)
+        return False
