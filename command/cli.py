@@ -131,7 +131,8 @@ def _cmd_export(args) -> int:
         results = export_checkpoint(checkpoint, args.out, fp16=args.fp16, int8=args.int8,
                                     calibration=args.calibration, calibration_method=args.calibration_method,
                                     int8_format=args.int8_format, simplify_graph=args.simplify,
-                                    data_dir=args.data_dir, opset=args.opset, overwrite=args.overwrite)
+                                    data_dir=args.data_dir, opset=args.opset, overwrite=args.overwrite,
+                                    calibrate=args.calibrate)
     except VariantsFailed as e:
         # the verified fp32 file (and any variant that passed) is not thrown away with the refused variant
         fp32 = e.results[0]["path"]
@@ -368,6 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=False,
                    help="simplify the graph with onnxslim (off by default: measured not to pay on CPU, "
                         "docs/models.md)")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="probabilities = softmax(logits / T), T fitted on the validation split (temperature "
+                        "scaling; the logits output stays raw); --no-calibrate keeps the raw softmax")
     p.add_argument("--data-dir", help="where the checkpoint's data set lives now (to rebuild its test split)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default %(default)s)")
     p.add_argument("--store", action="store_true", help="save the exported file(s) into BentoML's model store "

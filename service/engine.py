@@ -22,6 +22,8 @@ from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
 
 from . import explain as xp
+from .confidence import assess
+from .drift import Monitor
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .decoding import DecodeFailed, DecodePool
 from .errors import REQUEST_CODES, APIError
@@ -72,6 +74,7 @@ class Engine:
         self.decoders = DecodePool(config.decoders, config.limits, config.decode_cpu_ms / 1000,
                                    config.max_queue, c * h * w)
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
+        self.monitor = Monitor(self.models, metrics)  # drift, drained off the request path
 
     def _batcher(self, model: Model) -> MicroBatcher:
         outputs = list(onnxmeta.OUTPUTS)
@@ -289,15 +292,16 @@ class Engine:
         return result, pixels, heat
 
     async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None,
-                       timings: dict | None = None, ticket: Ticket | None = None) -> dict:
+                       timings: dict | None = None, ticket: Ticket | None = None, calibrated: bool = True) -> dict:
         """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""
         model = self.model(name)
         k = self.top_k(model, top_k)
         pixels = await self.decode(model, data, timings, ticket)
         out = await self.run(model, pixels[None], timings, ticket)
         t = time.perf_counter()
-        probs = out[:, model.spec.num_classes:]
-        result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0]}
+        probs, scores, rows = assess(model.info, out, calibrated)
+        self.monitor.record(model.name, probs, scores, rows)
+        result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0], **rows[0]}
         if timings is not None:
             timings["respond"] = time.perf_counter() - t
         return result
@@ -315,7 +319,7 @@ class Engine:
                 child.observe(seconds)
 
     async def classify_many(self, files: list[tuple[str, bytes]], name: str | None = None,
-                            top_k: int | None = None, ticket: Ticket | None = None) -> dict:
+                            top_k: int | None = None, ticket: Ticket | None = None, calibrated: bool = True) -> dict:
         """Per-image results in order; a bad image gets its own error entry, the others still run."""
         model = self.model(name)
         k = self.top_k(model, top_k)
@@ -328,12 +332,14 @@ class Engine:
         preds = []
         if good:
             out = await self.run(model, np.stack([decoded[i] for i in good]), ticket=ticket)
-            preds = model.top_k(out[:, model.spec.num_classes:], k)
+            probs, scores, rows = assess(model.info, out, calibrated)
+            self.monitor.record(model.name, probs, scores, rows)
+            preds = [{"predictions": p, **r} for p, r in zip(model.top_k(probs, k), rows)]
         by_index = dict(zip(good, preds))
         results = []
         for i, (filename, _) in enumerate(files):
             if i in by_index:
-                results.append({"index": i, "filename": filename, "predictions": by_index[i]})
+                results.append({"index": i, "filename": filename, **by_index[i]})
             else:
                 err = decoded[i]
                 results.append({"index": i, "filename": filename,
@@ -345,6 +351,7 @@ class Engine:
                                                     for m in self.models.values()]}
 
     def close(self) -> None:
+        self.monitor.close()
         for b in self.batchers.values():
             b.close()
         self.decoders.close()
