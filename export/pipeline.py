@@ -87,7 +87,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         f"{info.spec.num_classes} classes) to ONNX opset {opset} ...")
     t0 = time.time()
     proto = to_onnx(model, info, opset)
-    proto, info, calibration = probabilities.fit(proto, info, test_images(ckpt, data_dir, split="val"),
+    proto, info, fitted = probabilities.fit(proto, info, test_images(ckpt, data_dir, split="val"),
                                                  (images, targets), calibrate, log)
     set_metadata(proto, info, sample_images(images, targets, info.spec.labels))
     if simplify_graph:
@@ -106,10 +106,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         report.update(model=str(path), checkpoint=str(ckpt["path"]), checkpoint_sha256=info.checkpoint_sha256,
                       simplified=simplify_graph, opset=opset, bytes=len(blob))
         probabilities.attach_check(report, blob, images, info.temperature)
-        if precision == "fp32" and "test" in calibration:
-            report["calibration"] = calibration
+        if precision == "fp32" and "test" in fitted:
+            report["calibration"] = fitted
             report["reliability_png"] = str(probabilities.reliability_png(
-                calibration, path.with_name(path.name.removesuffix(".onnx") + ".reliability.png"),
+                fitted, path.with_name(path.name.removesuffix(".onnx") + ".reliability.png"),
                 f"{info.spec.arch} on {info.data}: reliability on the test split"))
         log(format_report(report))
         try:

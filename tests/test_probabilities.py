@@ -164,9 +164,13 @@ def monitor(client, until):
 
 
 def metric(text: str, name: str, **labels) -> float:
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    found = [float(m.group(1)) for m in re.finditer(rf"^{name}\{{{want}[^}}]*\}} (\S+)$", text, re.M)]
-    return max(found) if found else 0.0
+    """The largest sample of ``name`` whose labels include ``labels`` (0 when none)."""
+    found = [0.0]
+    for m in re.finditer(rf"^{name}\{{([^}}]*)\}} (\S+)$", text, re.M):
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            found.append(float(m.group(2)))
+    return max(found)
 
 
 def test_drift_metrics_move_when_the_class_mix_changes(client, digits_test):
