@@ -63,7 +63,8 @@ class Writer:
     @property
     def header(self) -> list[str]:
         """A CSV output's first row."""
-        return ["path"] + [f"{c}_{i}" for i in range(1, self.top_k + 1) for c in ("label", "probability")] + ["error"]
+        return (["path"] + [f"{c}_{i}" for i in range(1, self.top_k + 1) for c in ("label", "probability")]
+                + ["ood_score", "in_distribution", "error"])
 
     def has(self, path: str) -> bool:
         """Whether ``path`` already has its row (a finished Parquet file holds printable names)."""
@@ -125,7 +126,9 @@ class Writer:
                     for i in range(self.top_k):
                         has = i < len(r["labels"])
                         cells += [r["labels"][i] if has else "", f"{r['probabilities'][i]:.6g}" if has else ""]
-                    self.csv.writerow(cells + [r["error"]])
+                    ood, inside = r.get("ood_score"), r.get("in_distribution")
+                    self.csv.writerow(cells + ["" if ood is None else f"{ood:.6g}",
+                                               "" if inside is None else str(inside).lower(), r["error"]])
                 else:
                     self.f.write(json.dumps(r) + "\n")
 
@@ -151,7 +154,8 @@ class Writer:
             try:
                 pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
                     ("path", pa.string()), ("labels", pa.list_(pa.string())), ("indices", pa.list_(pa.int64())),
-                    ("probabilities", pa.list_(pa.float64())), ("error", pa.string())])), tmp)
+                    ("probabilities", pa.list_(pa.float64())), ("ood_score", pa.float64()),
+                    ("in_distribution", pa.bool_()), ("error", pa.string())])), tmp)
                 tmp.replace(self.out)
             except OSError as e:
                 tmp.unlink(missing_ok=True)
@@ -232,5 +236,7 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
             labels = [r[f"label_{i}"] for i in range(1, k + 1) if r[f"label_{i}"]]
             out.append({"path": r["path"], "labels": labels,
                         "probabilities": [float(r[f"probability_{i}"]) for i in range(1, len(labels) + 1)],
+                        "ood_score": float(r["ood_score"]) if r.get("ood_score") else None,
+                        "in_distribution": {"true": True, "false": False}.get(r.get("in_distribution") or ""),
                         "error": r["error"]})
         return out

@@ -22,7 +22,7 @@ from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
 
 from . import explain as xp
-from .confidence import assess
+from cnnserve.core.confidence import assess
 from .drift import Monitor
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .decoding import DecodeFailed, DecodePool

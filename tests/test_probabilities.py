@@ -6,6 +6,7 @@ import itertools
 import json
 import re
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -196,3 +197,26 @@ def test_drift_metrics_move_when_the_class_mix_changes(client, digits_test):
     mixed = monitor(client, lambda b: b["window"]["answers"] >= skewed["window"]["answers"] + 150)
     assert skewed_psi > 0.25 and mixed["class_psi"] < skewed_psi
     assert sum(mixed["reference_classes"].values()) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_batch_scoring_writes_ood_columns(default_onnx, digits_test, tmp_path, fmt):
+    from cnnserve.scoring.run import score
+    from cnnserve.scoring.writers import read_predictions
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"digit{i}.png").write_bytes(png(digits_test[0][i]))
+    for i, img in enumerate(noise(3)):
+        (folder / f"noise{i}.png").write_bytes(png(img))
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = tmp_path / f"p.{fmt}"
+    score([str(folder)], str(out), model=str(default_onnx), top_k=2, progress=False)
+    rows = {Path(r["path"]).name: r for r in read_predictions(out)}
+    assert all(rows[f"digit{i}.png"]["in_distribution"] is True for i in range(4))
+    assert all(rows[f"noise{i}.png"]["in_distribution"] is False for i in range(3))
+    assert all(isinstance(rows[f"noise{i}.png"]["ood_score"], float) for i in range(3))
+    assert rows["broken.png"]["error"] and rows["broken.png"]["in_distribution"] is None
+    if fmt == "csv":
+        assert out.read_text().splitlines()[0].endswith("ood_score,in_distribution,error")

@@ -9,7 +9,8 @@ of the validation split passes (``onnxmeta.KEY_TEMPERATURE``, ``KEY_OOD``). Each
 - ``calibrated``: whether the probabilities are temperature-scaled; ``calibrated=false`` asks for the raw
   softmax of the logits instead.
 
-numpy only, on rows the batcher already returned (logits and probabilities side by side).
+numpy only, on rows the model already returned (logits and probabilities side by side): the service
+(``service/engine.py``) and the batch scorer (``scoring/``) answer alike.
 """
 
 from __future__ import annotations
@@ -46,4 +47,12 @@ def assess(info, out: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, 
     rows = [{"ood_score": round(float(s), 4), "in_distribution": None if limit is None else bool(s <= limit),
              "calibrated": bool(calibrated and scaled)} for s in scores]
     return probs, scores, rows
+
+
+def score_rows(model, pixels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """A ``runtime.Model``'s calibrated probabilities and per-row OOD fields for uint8 ``pixels``."""
+    from .onnxmeta import OUTPUTS
+
+    probs, _, rows = assess(model.info, np.concatenate(model.run(pixels, list(OUTPUTS)), axis=1))
+    return probs, rows
 
