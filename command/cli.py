@@ -204,6 +204,13 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from cnnserve.export.recalibrate import calibrate_file
+
+    calibrate_file(args.onnx, args.images, args.out)
+    return 0
+
+
 def _cmd_visualize(args) -> int:
     from cnnserve.models.visualize import visualize
 
@@ -412,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out when it is not an earlier import of the same file (refused otherwise)")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("calibrate", help="temperature scaling and the OOD threshold for an ONNX model, on a folder "
+                                         "of labelled images",
+                       description="Fit the temperature (probabilities = softmax(logits / T)) and the out-of-"
+                                   "distribution threshold of an exported or imported model on DIR (one folder per "
+                                   "class, named as its labels): half of each class fits, half measures (ECE, NLL, "
+                                   "Brier before and after, AUROC on noise); the report is written beside it.")
+    p.add_argument("onnx", help="an fp32 file written by `cnnserve export` or `cnnserve import`")
+    p.add_argument("--images", required=True, help="a folder with one sub-folder of images per class")
+    p.add_argument("--out", "-o", help="ONNX file to write (default: replace ONNX, refused while fp16/int8 "
+                                       "variants lie beside it)")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("quantize", help="an int8 variant of any cnnserve ONNX file, calibrated on a folder of images",
                        description="Static int8 quantization (QDQ, per-channel weights) of an exported or imported "

@@ -220,3 +220,24 @@ def test_batch_scoring_writes_ood_columns(default_onnx, digits_test, tmp_path, f
     assert rows["broken.png"]["error"] and rows["broken.png"]["in_distribution"] is None
     if fmt == "csv":
         assert out.read_text().splitlines()[0].endswith("ood_score,in_distribution,error")
+
+
+def test_calibrate_command_on_a_folder_per_class(default_onnx, digits_test, tmp_path):
+    x, y = digits_test
+    folder = tmp_path / "labelled"
+    for i in range(120):
+        (folder / str(y[i])).mkdir(parents=True, exist_ok=True)
+        (folder / str(y[i]) / f"{i}.png").write_bytes(png(x[i]))
+    proc = run_cli("calibrate", default_onnx, "--images", folder, "--out", tmp_path / "c.onnx")
+    assert proc.returncode == 0, proc.stderr
+    sess, info = load(tmp_path / "c.onnx")
+    assert info.temperature > 0 and info.ood["sets"]["noise"]["auroc"] >= 0.9
+    assert info.calibration["test"]["n"] == 60 and "calibrated_on" in info.origin
+    logits, probs = sess.run(["logits", "probabilities"], {"pixels": x[:16]})
+    np.testing.assert_allclose(probs, cal.softmax(logits, info.temperature), atol=1e-5)
+    assert (tmp_path / "c.calibration.json").is_file() and (tmp_path / "c.reliability.png").is_file()
+    # a folder that is not one of the model's classes is named, nothing written
+    (folder / "cat").mkdir()
+    proc = run_cli("calibrate", default_onnx, "--images", folder, "--out", tmp_path / "d.onnx")
+    assert proc.returncode != 0 and "cat" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "d.onnx").exists()
