@@ -124,7 +124,11 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
     calibration = {"calibrated": calibrate, "temperature": t, "fitted_on": "validation split",
                    "n_validation": int(len(val[1])), "test": {"n": int(len(y)), "bins": cal.BINS,
                                                              "before": brief(before), "after": brief(after)},
-                   "top1_unchanged": True}
+                   "top1_unchanged": True,  # at the search's edge: a model near chance (T -> infinity) or odd data
+                   "temperature_at_bound": bool(calibrate and min(abs(np.log(t) - b) for b in cal.LOG_T_RANGE) < 0.01)}
+    if calibration["temperature_at_bound"]:
+        log(f"calibration: T = {t:.3f} is at the edge of the search ({np.exp(cal.LOG_T_RANGE[0]):.2f}-"
+            f"{np.exp(cal.LOG_T_RANGE[1]):.0f}): the model is near chance on the validation split, or it is tiny")
     log(f"calibration: T = {t:.3f} fitted on {len(val[1])} validation images; test ({len(y)} images, "
         f"{cal.BINS} bins) ECE {before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> "
         f"{after['nll']:.4f}, Brier {before['brier']:.4f} -> {after['brier']:.4f}; top-1 unchanged")
