@@ -63,8 +63,7 @@ class Writer:
     @property
     def header(self) -> list[str]:
         """A CSV output's first row."""
-        return (["path"] + [f"{c}_{i}" for i in range(1, self.top_k + 1) for c in ("label", "probability")]
-                + ["ood_score", "in_distribution", "error"])
+        return header_of(self.top_k)
 
     def has(self, path: str) -> bool:
         """Whether ``path`` already has its row (a finished Parquet file holds printable names)."""
@@ -81,9 +80,11 @@ class Writer:
             if not rows and not (",".join(self.header) + "\r\n").startswith(text):  # more than a torn header
                 rows = [next(csv.reader([text.splitlines()[0]]), [])]
             if rows and rows[0] != self.header:
-                k = (len(rows[0]) - 2) // 2
-                same_kind = rows[0] == ["path"] + [f"{c}_{i}" for i in range(1, k + 1)
-                                                   for c in ("label", "probability")] + ["error"]
+                k = (len(rows[0]) - 4) // 2
+                same_kind = rows[0] == header_of(k)
+                if rows[0] == header_of((len(rows[0]) - 2) // 2, ood=False):
+                    raise ScoreError(f"{path}: was written by an earlier cnnserve, without the ood_score and "
+                                     "in_distribution columns, so it cannot be resumed; choose another --out")
                 raise ScoreError(f"{path}: was written with top-k {k}; resume it with --top-k {k}" if same_kind else
                                  f"{path}: is not a predictions file of cnnserve score (its header is "
                                  f"{printable(','.join(rows[0]))[:120]!r}), so it cannot be resumed; "
@@ -162,6 +163,12 @@ class Writer:
                 raise ScoreError(f"{self.out}: cannot write: {e.strerror or e}; every row is kept in "
                                  f"{self.journal}: make room and run again with --resume") from None
             self.journal.unlink()
+
+
+def header_of(top_k: int, ood: bool = True) -> list[str]:
+    """A CSV output's first row for ``top_k`` (``ood=False``: as written before issue 29's columns)."""
+    return (["path"] + [f"{c}_{i}" for i in range(1, top_k + 1) for c in ("label", "probability")]
+            + ["ood_score", "in_distribution"] * ood + ["error"])
 
 
 def _whole_csv_records(text: str) -> tuple[int, list[list[str]]]:
