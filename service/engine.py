@@ -17,15 +17,15 @@ import anyio
 import numpy as np
 
 from cnnserve.core import onnxmeta
+from cnnserve.core.confidence import assess
 from cnnserve.core.config import DEFAULTS, Settings
 from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
 
 from . import explain as xp
-from cnnserve.core.confidence import assess
-from .drift import Monitor
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .decoding import DecodeFailed, DecodePool
+from .drift import Monitor
 from .errors import REQUEST_CODES, APIError
 
 log = logging.getLogger("cnnserve.engine")
