@@ -250,3 +250,14 @@ def test_calibrate_command_on_a_folder_per_class(default_onnx, digits_test, tmp_
     proc = run_cli("calibrate", default_onnx, "--images", folder, "--out", tmp_path / "d.onnx")
     assert proc.returncode != 0 and "cat" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_harness_calibration_section_reports_the_exports_figures(default_onnx):
+    from cnnserve.bench.calibration import report_lines, section
+
+    r = section(str(default_onnx))
+    _, info = load(default_onnx)
+    assert r["temperature"] == info.temperature and r["bins"] == 15 and r["n_test"] == 360
+    assert r["ece_after"] == info.calibration["test"]["after"]["ece"] and r["ood"]["noise"]["auroc"] >= 0.95
+    line = report_lines("lenet5", r)[0]
+    assert "15 bins, 360 test images" in line and "noise" in line
