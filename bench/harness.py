@@ -592,9 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seconds", type=float, default=2, help="per in-process measurement")
     ap.add_argument("--repeats", type=int, default=3, help="in-process measurements (median reported)")
     ap.add_argument("--sections", nargs="+",
-                    default=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults"],
+                    default=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
+                             "calibration"],
                     choices=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
-                             "int8"],
+                             "int8", "calibration"],
                     help="naive: the baseline BentoML service of bench/naive_service.py; torchserve: TorchServe "
                          "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve")
     ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"],
@@ -652,6 +653,10 @@ def main(argv=None) -> int:
             r["batch"] = bench_batch(w, args.engines, args.score_images, 64)
         if "faults" in args.sections:
             r["faults"] = bench_faults(w)
+        if "calibration" in args.sections:  # the export's own figures (bench/calibration.py)
+            from .calibration import section
+
+            r["calibration"] = section(w["onnx"])
         doc["workloads"][name] = r
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) if args.out else RESULTS / f"{time.strftime('%Y-%m-%d')}-{doc['machine']['host']}"

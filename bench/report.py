@@ -254,6 +254,12 @@ def report(doc: dict, stem: Path) -> str:
         lines += ["", "## Reliability: faults under load (`bench/faults.py`; servers with the default 2 workers)", ""]
         for name, t in trials.items():
             lines += [*report_lines(name, t), ""]
+    calibrations = {n: r["calibration"] for n, r in doc["workloads"].items() if r.get("calibration")}
+    if calibrations:
+        from .calibration import report_lines as calibration_lines
+
+        lines += ["", "## Calibration and out-of-distribution (measured at export)", ""]
+        lines += [line for name, c in calibrations.items() for line in calibration_lines(name, c)]
     lines += ["", f"Reproduce: `{doc['command']}`", ""]
     text = "\n".join(lines)
     stem.with_suffix(".md").write_text(text)

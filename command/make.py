@@ -92,7 +92,8 @@ def _cmd_export(args) -> int:
         results = export_checkpoint(checkpoint, args.out, fp16=args.fp16, int8=args.int8,
                                     calibration=args.calibration, calibration_method=args.calibration_method,
                                     int8_format=args.int8_format, simplify_graph=args.simplify,
-                                    data_dir=args.data_dir, opset=args.opset, overwrite=args.overwrite)
+                                    data_dir=args.data_dir, opset=args.opset, overwrite=args.overwrite,
+                                    calibrate=args.calibrate)
     except VariantsFailed as e:
         # the verified fp32 file (and any variant that passed) is not thrown away with the refused variant
         fp32 = e.results[0]["path"]
@@ -164,6 +165,13 @@ def _cmd_import(args) -> int:
     return 0
 
 
+def _cmd_calibrate(args) -> int:
+    from cnnserve.export.recalibrate import calibrate_file
+
+    calibrate_file(args.onnx, args.images, args.out)
+    return 0
+
+
 def _cmd_visualize(args) -> int:
     from cnnserve.models.visualize import visualize
 
@@ -208,6 +216,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=False,
                    help="simplify the graph with onnxslim (off by default: measured not to pay on CPU, "
                         "docs/models.md)")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+                   help="probabilities = softmax(logits / T), T fitted on the validation split (temperature "
+                        "scaling; the logits output stays raw); --no-calibrate keeps the raw softmax")
     p.add_argument("--data-dir", help="where the checkpoint's data set lives now (to rebuild its test split)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
     p.add_argument("--store", action="store_true", help="save the exported file(s) into BentoML's model store "
@@ -248,6 +259,18 @@ def add_parsers(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out when it is not an earlier import of the same file (refused otherwise)")
     p.set_defaults(func=_cmd_import)
+
+    p = sub.add_parser("calibrate", help="temperature scaling and the OOD threshold for an ONNX model, on a folder "
+                                         "of labelled images",
+                       description="Fit the temperature (probabilities = softmax(logits / T)) and the out-of-"
+                                   "distribution threshold of an exported or imported model on DIR (one folder per "
+                                   "class, named as its labels): half of each class fits, half measures (ECE, NLL, "
+                                   "Brier before and after, AUROC on noise); the report is written beside it.")
+    p.add_argument("onnx", help="an fp32 file written by `cnnserve export` or `cnnserve import`")
+    p.add_argument("--images", required=True, help="a folder with one sub-folder of images per class")
+    p.add_argument("--out", "-o", help="ONNX file to write (default: replace ONNX, refused while fp16/int8 "
+                                       "variants lie beside it)")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("quantize", help="an int8 variant of any cnnserve ONNX file, calibrated on a folder of images",
                        description="Static int8 quantization (QDQ, per-channel weights) of an exported or imported "

@@ -21,6 +21,7 @@ from cnnserve.core.onnxmeta import ModelInfo
 from cnnserve.models.checkpoint import classifier_from_checkpoint, file_sha256, load_checkpoint
 from cnnserve.models.data import DataError, load_dataset
 
+from . import probabilities
 from .files import ExportError, VariantsFailed, check_outputs, drop_refused, sample_images, save_verified, \
     set_metadata, versions
 from .quantize import quantize_verified
@@ -60,10 +61,13 @@ def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64, spl
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, fp16: bool = False,
                       int8: bool = False, calibration: int = 128, calibration_method: str = "auto",
                       int8_format: str | None = None, simplify_graph: bool = False, data_dir: str | None = None,
-                      opset: int = DEFAULT_OPSET, overwrite: bool = False, log=print) -> list[dict]:
+                      opset: int = DEFAULT_OPSET, overwrite: bool = False, calibrate: bool = True,
+                      log=print) -> list[dict]:
     """Export, verify and save; returns one record per file written (path, report path, report, info).
     ``int8``: also NAME.int8.onnx, calibrated on ``calibration`` images of the training split
-    (``export.quantize``), after the fp32 file is written.
+    (``export.quantize``), after the fp32 file is written. ``calibrate``: probabilities are
+    softmax(logits / T) with T fitted on the validation split (``export.probabilities``); false keeps the
+    raw softmax (the out-of-distribution threshold is fitted either way).
 
     Nothing is written for a precision whose verification fails: the report is. A failed fp32 file raises
     ExportError at once; a failed variant does not stop the others, and VariantsFailed (an ExportError)
@@ -83,6 +87,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         f"{info.spec.num_classes} classes) to ONNX opset {opset} ...")
     t0 = time.time()
     proto = to_onnx(model, info, opset)
+    proto, info, fitted = probabilities.fit(proto, info, test_images(ckpt, data_dir, split="val"),
+                                                 (images, targets), calibrate, log)
     set_metadata(proto, info, sample_images(images, targets, info.spec.labels))
     if simplify_graph:
         proto = simplify(proto)
@@ -99,6 +105,12 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
         report = verify(blob, model, images, targets, precision, metrics.get("test_accuracy"))
         report.update(model=str(path), checkpoint=str(ckpt["path"]), checkpoint_sha256=info.checkpoint_sha256,
                       simplified=simplify_graph, opset=opset, bytes=len(blob))
+        probabilities.attach_check(report, blob, images, info.temperature)
+        if precision == "fp32" and "test" in fitted:
+            report["calibration"] = fitted
+            report["reliability_png"] = str(probabilities.reliability_png(
+                fitted, path.with_name(path.name.removesuffix(".onnx") + ".reliability.png"),
+                f"{info.spec.arch} on {info.data}: reliability on the test split"))
         log(format_report(report))
         try:
             report_path = save_verified(p, path, report, f"verification failed "
@@ -139,6 +151,7 @@ def export_int8(fp32: onnx.ModelProto, info: ModelInfo, path: Path, calibration,
     q.producer_name, q.producer_version = "cnnserve", info.versions.get("cnnserve", "")
     blob = q.SerializeToString()
     report.update(model=str(path), bytes=len(blob))
+    probabilities.attach_check(report, blob, test[0], info.temperature)
     log(format_report(report) + f"; format {report['format']}, calibration {report['calibration']['method']}, "
         f"ops left in float: {report['ops_in_float'] or 'none'}")
     report_path = save_verified(q, path, report, f"int8 verification failed ({'; '.join(report['failures'])})",

@@ -16,9 +16,12 @@ class ScoreError(ValueError):
     exists, disk full...); the message names the file and what to do."""
 
 
-def row(path: str, preds: list[dict] | None, error: str = "") -> dict:
+def row(path: str, preds: list[dict] | None, error: str = "", ood: dict | None = None) -> dict:
+    """One output row; ``ood`` is the answer's ``ood_score`` and ``in_distribution`` (None for a failed image)."""
+    ood = ood or {}
     return {"path": path, "labels": [p["label"] for p in preds or []], "indices": [p["index"] for p in preds or []],
-            "probabilities": [p["probability"] for p in preds or []], "error": error}
+            "probabilities": [p["probability"] for p in preds or []], "ood_score": ood.get("ood_score"),
+            "in_distribution": ood.get("in_distribution"), "error": error}
 
 
 def printable(text: str) -> str:

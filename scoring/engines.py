@@ -23,6 +23,7 @@ from cnnserve.core.spec import ModelSpec
 
 from cnnserve.core.config import Limits
 from cnnserve.core.preprocess import DEFAULT_LIMITS, ImageError, preprocess, read_file
+from cnnserve.core.confidence import score_rows
 from cnnserve.core.runtime import Model, load_model
 from . import ScoreError, row
 
@@ -112,13 +113,13 @@ def score_local(paths: list[str], model: Model, top_k: int, batch_size: int, wor
             decoded = future.result()
             stats.decode_s += sum(d[2] for d in decoded)
             good = [i for i, d in enumerate(decoded) if d[0] is not None]
-            preds = {}
+            preds, oods = {}, {}
             if good:
                 t = time.perf_counter()
-                probs = model.predict(np.stack([decoded[i][0] for i in good]))
+                probs, ood_rows = score_rows(model, np.stack([decoded[i][0] for i in good]))
                 stats.infer_s += time.perf_counter() - t
-                preds = dict(zip(good, model.top_k(probs, top_k)))
-            yield [row(p, preds.get(i), "" if i in preds else decoded[i][1]) for i, p in enumerate(chunk)]
+                preds, oods = dict(zip(good, model.top_k(probs, top_k))), dict(zip(good, ood_rows))
+            yield [row(p, preds.get(i), "" if i in preds else decoded[i][1], oods.get(i)) for i, p in enumerate(chunk)]
 
 
 def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, batch_size: int,
@@ -146,7 +147,7 @@ def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, b
                 except httpx.TransportError as e:
                     r, err = None, f"{type(e).__name__}: {e}"
             if r is not None and r.status_code == 200:
-                return row(path, r.json()["predictions"])
+                return row(path, r.json()["predictions"], ood=r.json())
             if r is not None and r.status_code not in (503, 504):  # 504: a bulk request's deadline passed
                 try:
                     return row(path, None, r.json().get("error", r.text))
@@ -202,8 +203,9 @@ class _RayScorer:
         ok = np.array([not e for e in batch["error"]])
         preds = ["[]"] * len(ok)
         if ok.any():
-            for i, p in zip(np.flatnonzero(ok), self.model.top_k(self.model.predict(batch["pixels"][ok]), self.top_k)):
-                preds[i] = json.dumps(p)
+            probs, ood_rows = score_rows(self.model, batch["pixels"][ok])
+            for i, p, o in zip(np.flatnonzero(ok), self.model.top_k(probs, self.top_k), ood_rows):
+                preds[i] = json.dumps({"predictions": p, **o})
         return {"path": batch["path"], "preds": np.array(preds, dtype=object), "error": batch["error"],
                 "node": np.full(len(ok), self.node, dtype=object)}
 
@@ -252,8 +254,9 @@ def score_ray(paths: list[str], model_path: str, top_k: int, batch_size: int, wo
             for node, count in zip(*np.unique(b["node"].astype(str), return_counts=True)):
                 name = names.get(node, node[:12])
                 stats.nodes[name] = stats.nodes.get(name, 0) + int(count)
-            yield [row(str(p), json.loads(pr) if not e else None, str(e))
-                   for p, pr, e in zip(b["path"], b["preds"], b["error"])]
+            answers = [json.loads(pr) if not e else {} for pr, e in zip(b["preds"], b["error"])]
+            yield [row(str(p), a.get("predictions"), str(e), a)
+                   for p, a, e in zip(b["path"], answers, b["error"])]
     finally:
         if started_here:
             ray.shutdown()

@@ -63,7 +63,7 @@ class Writer:
     @property
     def header(self) -> list[str]:
         """A CSV output's first row."""
-        return ["path"] + [f"{c}_{i}" for i in range(1, self.top_k + 1) for c in ("label", "probability")] + ["error"]
+        return header_of(self.top_k)
 
     def has(self, path: str) -> bool:
         """Whether ``path`` already has its row (a finished Parquet file holds printable names)."""
@@ -80,9 +80,11 @@ class Writer:
             if not rows and not (",".join(self.header) + "\r\n").startswith(text):  # more than a torn header
                 rows = [next(csv.reader([text.splitlines()[0]]), [])]
             if rows and rows[0] != self.header:
-                k = (len(rows[0]) - 2) // 2
-                same_kind = rows[0] == ["path"] + [f"{c}_{i}" for i in range(1, k + 1)
-                                                   for c in ("label", "probability")] + ["error"]
+                k = (len(rows[0]) - 4) // 2
+                same_kind = rows[0] == header_of(k)
+                if rows[0] == header_of((len(rows[0]) - 2) // 2, ood=False):
+                    raise ScoreError(f"{path}: was written by an earlier cnnserve, without the ood_score and "
+                                     "in_distribution columns, so it cannot be resumed; choose another --out")
                 raise ScoreError(f"{path}: was written with top-k {k}; resume it with --top-k {k}" if same_kind else
                                  f"{path}: is not a predictions file of cnnserve score (its header is "
                                  f"{printable(','.join(rows[0]))[:120]!r}), so it cannot be resumed; "
@@ -125,7 +127,9 @@ class Writer:
                     for i in range(self.top_k):
                         has = i < len(r["labels"])
                         cells += [r["labels"][i] if has else "", f"{r['probabilities'][i]:.6g}" if has else ""]
-                    self.csv.writerow(cells + [r["error"]])
+                    ood, inside = r.get("ood_score"), r.get("in_distribution")
+                    self.csv.writerow(cells + ["" if ood is None else f"{ood:.6g}",
+                                               "" if inside is None else str(inside).lower(), r["error"]])
                 else:
                     self.f.write(json.dumps(r) + "\n")
 
@@ -151,13 +155,20 @@ class Writer:
             try:
                 pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
                     ("path", pa.string()), ("labels", pa.list_(pa.string())), ("indices", pa.list_(pa.int64())),
-                    ("probabilities", pa.list_(pa.float64())), ("error", pa.string())])), tmp)
+                    ("probabilities", pa.list_(pa.float64())), ("ood_score", pa.float64()),
+                    ("in_distribution", pa.bool_()), ("error", pa.string())])), tmp)
                 tmp.replace(self.out)
             except OSError as e:
                 tmp.unlink(missing_ok=True)
                 raise ScoreError(f"{self.out}: cannot write: {e.strerror or e}; every row is kept in "
                                  f"{self.journal}: make room and run again with --resume") from None
             self.journal.unlink()
+
+
+def header_of(top_k: int, ood: bool = True) -> list[str]:
+    """A CSV output's first row for ``top_k`` (``ood=False``: as written before issue 29's columns)."""
+    return (["path"] + [f"{c}_{i}" for i in range(1, top_k + 1) for c in ("label", "probability")]
+            + ["ood_score", "in_distribution"] * ood + ["error"])
 
 
 def _whole_csv_records(text: str) -> tuple[int, list[list[str]]]:
@@ -232,5 +243,7 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
             labels = [r[f"label_{i}"] for i in range(1, k + 1) if r[f"label_{i}"]]
             out.append({"path": r["path"], "labels": labels,
                         "probabilities": [float(r[f"probability_{i}"]) for i in range(1, len(labels) + 1)],
+                        "ood_score": float(r["ood_score"]) if r.get("ood_score") else None,
+                        "in_distribution": {"true": True, "false": False}.get(r.get("in_distribution") or ""),
                         "error": r["error"]})
         return out

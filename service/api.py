@@ -94,7 +94,7 @@ async def classify_request(request: Request, p: ClassifyParams) -> JSONResponse:
     t0 = time.perf_counter()
     e = engine_of(request)
     data, ticket, timings = await one_image(request, e, p, t0)
-    result = await e.classify(data, p.model, p.top_k, timings, ticket, version=p.version)
+    result = await e.classify(data, p.model, p.top_k, timings, ticket, version=p.version, calibrated=p.calibrated)
     t = time.perf_counter()
     # serialised here, so that its time is measured
     return timed(JSONResponse(result), e, result["model"], timings, t0, "respond", t)
@@ -117,7 +117,7 @@ async def classify_batch(request: Request, p: Annotated[ClassifyParams, Query()]
     files = await image_files(request, await read(request), IMAGES_FIELD, e.config.max_request_bytes,
                               e.config.max_images_per_request)
     ticket.gone = watch_disconnect(request)
-    return await e.classify_many(files, p.model, p.top_k, ticket)
+    return await e.classify_many(files, p.model, p.top_k, ticket, p.calibrated)
 
 
 @route("POST", "/classify/explain", tags=["explanation"], openapi_extra=CLASSIFY_BODY,
@@ -165,6 +165,13 @@ async def demo_redirect():
 @route("GET", "/models", tags=["models"], summary="The served models: spec, labels, version, providers in use")
 async def list_models(request: Request):
     return {**engine_of(request).describe(), "runtime": runtime_info()}
+
+
+@route("GET", "/models/{name}/monitor", tags=["models"],
+       summary="Drift: the recent answers' class mix against the test split's (PSI), OOD rate, mean top-1")
+async def model_monitor(request: Request, name: str):
+    e = engine_of(request)
+    return e.monitor.snapshot(e.model(name).name)
 
 
 @route("GET", "/models/{name}", tags=["models"], summary="One model's metadata")

@@ -17,6 +17,7 @@ import anyio
 import numpy as np
 
 from cnnserve.core import onnxmeta
+from cnnserve.core.confidence import assess
 from cnnserve.core.config import DEFAULTS, Settings
 from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
@@ -24,6 +25,7 @@ from cnnserve.core.runtime import Model
 from . import explain as xp
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .decoding import DecodeFailed, DecodePool
+from .drift import Monitor
 from .errors import REQUEST_CODES, APIError
 from .manager import ModelManager
 
@@ -74,6 +76,7 @@ class Engine:
                                    config.max_queue, c * h * w)
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
         self.manager = ModelManager(self, config, metrics)  # loads, swaps and releases versions at runtime
+        self.monitor = Monitor(self.models, metrics)  # drift, drained off the request path
 
     def _batcher(self, model: Model) -> MicroBatcher:
         outputs = list(onnxmeta.OUTPUTS)
@@ -287,15 +290,17 @@ class Engine:
         return result, pixels, heat
 
     async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None,
-                       timings: dict | None = None, ticket: Ticket | None = None, version: str | None = None) -> dict:
+                       timings: dict | None = None, ticket: Ticket | None = None, version: str | None = None,
+                       calibrated: bool = True) -> dict:
         """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""
         model = self.model(name, version)
         k = self.top_k(model, top_k)
         pixels = await self.decode(model, data, timings, ticket)
         out = await self.run(model, pixels[None], timings, ticket)
         t = time.perf_counter()
-        probs = out[:, model.spec.num_classes:]
-        result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0]}
+        probs, scores, rows = assess(model.info, out, calibrated)
+        self.monitor.record(model.name, probs, scores, rows)
+        result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0], **rows[0]}
         if timings is not None:
             timings["respond"] = time.perf_counter() - t
         return result
@@ -313,7 +318,7 @@ class Engine:
                 child.observe(seconds)
 
     async def classify_many(self, files: list[tuple[str, bytes]], name: str | None = None,
-                            top_k: int | None = None, ticket: Ticket | None = None) -> dict:
+                            top_k: int | None = None, ticket: Ticket | None = None, calibrated: bool = True) -> dict:
         """Per-image results in order; a bad image gets its own error entry, the others still run."""
         model = self.model(name)
         k = self.top_k(model, top_k)
@@ -326,12 +331,14 @@ class Engine:
         preds = []
         if good:
             out = await self.run(model, np.stack([decoded[i] for i in good]), ticket=ticket)
-            preds = model.top_k(out[:, model.spec.num_classes:], k)
+            probs, scores, rows = assess(model.info, out, calibrated)
+            self.monitor.record(model.name, probs, scores, rows)
+            preds = [{"predictions": p, **r} for p, r in zip(model.top_k(probs, k), rows)]
         by_index = dict(zip(good, preds))
         results = []
         for i, (filename, _) in enumerate(files):
             if i in by_index:
-                results.append({"index": i, "filename": filename, "predictions": by_index[i]})
+                results.append({"index": i, "filename": filename, **by_index[i]})
             else:
                 err = decoded[i]
                 results.append({"index": i, "filename": filename,
@@ -343,5 +350,6 @@ class Engine:
             {**m.describe(), "batching": self.batchers[m.name].describe()} for m in self.models.values()]}
 
     def close(self) -> None:
+        self.monitor.close()
         self.manager.close()
         self.decoders.close()

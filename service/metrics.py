@@ -113,6 +113,16 @@ def metrics() -> SimpleNamespace:
         model_resident_bytes=Gauge("cnnserve_model_resident_bytes", "Memory of a model's loaded versions (what the "
                                    "worker grew by as each loaded), the largest over the workers", ["model"],
                                    multiprocess_mode="livemax"),
+        # drift (service/drift.py, off the request path): what the answers look like, per model
+        top1_probability=Histogram("cnnserve_top1_probability", "Top-1 probability of each answer", ["model"],
+                                   buckets=(0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)),
+        ood_score=Histogram("cnnserve_ood_score", "Energy score of each answer (higher: less like the training "
+                            "data)", ["model"], buckets=(-40, -30, -25, -20, -15, -12, -10, -8, -6, -4, -2, 0, 5)),
+        predicted_class=Counter("cnnserve_predicted_class", "Answers by top-1 class", ["model", "label"]),
+        out_of_distribution=Counter("cnnserve_out_of_distribution", "Answers over the model's OOD threshold",
+                                    ["model"]),
+        class_psi=Gauge("cnnserve_class_psi", "Population stability index of the predicted classes over the "
+                        "last answers against the test split's", ["model"], multiprocess_mode="livemax"),
     )
 
 

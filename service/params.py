@@ -42,6 +42,8 @@ class ClassifyParams(RequestParams):
     top_k: int | None = Field(None, description="how many classes to return (default 5, at most the number of classes)")
     model: str | None = Field(None, description="model name (default: the first served model)")
     version: str | None = Field(None, description="a loaded version of the model (default: its newest)")
+    calibrated: bool = Field(True, description="false: the raw softmax of the logits instead of the "
+                             "temperature-scaled probabilities the export fitted (ood_score is the same)")
 
 
 class ExplainParams(ClassifyParams):

@@ -264,8 +264,8 @@ def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
     x, y = digits_test
     digit = tmp_path / "digit.png"
     digit.write_bytes(encode(x[7][0]))
-    want = client.post("/classify", content=digit.read_bytes(),
-                       headers={"Content-Type": "image/png"}).json()["predictions"][0]["label"]
+    answer = client.post("/classify", content=digit.read_bytes(), headers={"Content-Type": "image/png"}).json()
+    want = answer["predictions"][0]["label"]
     driver = chromium()
 
     def severe():
@@ -285,6 +285,8 @@ def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bars li.bar"))
         bars = driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")
         assert len(bars) == 5 and bars[0].get_attribute("data-label") == want
+        assert driver.find_element(By.ID, "ood").get_attribute("data-in-distribution") == \
+            str(answer["in_distribution"]).lower()
         wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-drawn") == "true")
         assert driver.execute_script("return document.getElementById('heatmap').naturalWidth") == 224
         # the page counts the occluded copies as the service does: 13 x 13 at 28 px
@@ -299,6 +301,14 @@ def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
                    and d.find_elements(By.CSS_SELECTOR, "#bars li.bar"))
         assert driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")[0].get_attribute("data-label") == label
         assert not severe()
+        # noise: the page says the image is unlike the training data (issue 29)
+        noise = tmp_path / "noise.png"
+        noise.write_bytes(encode(np.random.default_rng(5).integers(0, 256, (28, 28), dtype=np.uint8)))
+        driver.find_element(By.ID, "file").send_keys(str(noise))
+        wait.until(lambda d: d.find_element(By.ID, "ood").get_attribute("data-in-distribution") == "false")
+        note = driver.find_element(By.ID, "ood")
+        assert note.is_displayed() and "unlike the training data" in note.text
+        wait.until(lambda d: d.find_element(By.ID, "heatmap").get_attribute("data-drawn") == "true")
         # a refused upload: the error shows, and the previous image's caption, map and bars are gone
         notes_file = tmp_path / "notes.txt"
         notes_file.write_text("not an image")

@@ -10,6 +10,7 @@ and read back here, by the service and the batch scorer (through onnxruntime's
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 from .spec import ModelSpec, SpecError
@@ -41,6 +42,13 @@ KEY_ORIGIN = "cnnserve.origin"
 # Held-out sample images (one per class, at most ten) for a demo: a JSON list of {"label", "index",
 # "image": a data URL}. Written by the export beside ModelInfo's keys, not part of it.
 KEY_SAMPLES = "cnnserve.samples"
+# Probabilities a caller can act on (export/calibrate.py writes them, service/confidence.py reads them):
+# the temperature T fitted on the validation split (the graph's probabilities are softmax(logits / T); its
+# logits stay raw; 1.0 = not calibrated), the out-of-distribution rule (energy score -T logsumexp(logits / T),
+# its threshold and what it measured), and the calibration figures measured on the test split.
+KEY_TEMPERATURE = "cnnserve.temperature"
+KEY_OOD = "cnnserve.ood"
+KEY_CALIBRATION = "cnnserve.calibration"
 #: Verified variants of an fp32 export, written beside it as NAME.PRECISION.onnx (``variant_file``).
 VARIANTS = ("fp16", "int8")
 
@@ -82,6 +90,11 @@ class ModelInfo:
     # (fine-tuned from a weights file), "timm" or "torchvision" (a library's architecture by name,
     # with a weights file) or "imported" (someone else's ONNX graph), with the details of each.
     origin: dict = field(default_factory=lambda: {"kind": "trained"})
+    # KEY_TEMPERATURE, KEY_OOD ({"threshold", "temperature", "sets": {name: {"auroc", ...}}, ...}; empty when
+    # none was fitted) and KEY_CALIBRATION (measured ECE, NLL, Brier before and after)
+    temperature: float = 1.0
+    ood: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
 
     def to_metadata(self) -> dict[str, str]:
         return {
@@ -95,6 +108,9 @@ class ModelInfo:
             KEY_VERSIONS: json.dumps(self.versions, sort_keys=True),
             KEY_DATA: self.data,
             KEY_ORIGIN: json.dumps(self.origin, sort_keys=True),
+            KEY_TEMPERATURE: repr(float(self.temperature)),
+            KEY_OOD: json.dumps(self.ood, sort_keys=True),
+            KEY_CALIBRATION: json.dumps(self.calibration, sort_keys=True),
         }
 
     @classmethod
@@ -111,7 +127,9 @@ class ModelInfo:
                        metrics=json.loads(props.get(KEY_METRICS) or "{}"),
                        checkpoint_sha256=props.get(KEY_CHECKPOINT, ""),
                        versions=json.loads(props.get(KEY_VERSIONS) or "{}"), data=props.get(KEY_DATA, ""),
-                       origin=json.loads(props.get(KEY_ORIGIN) or '{"kind": "trained"}'))
+                       origin=json.loads(props.get(KEY_ORIGIN) or '{"kind": "trained"}'),
+                       temperature=_temperature(props.get(KEY_TEMPERATURE)),
+                       ood=_object(props.get(KEY_OOD)), calibration=_object(props.get(KEY_CALIBRATION)))
         except (KeyError, ValueError, TypeError) as e:  # ValueError: bad JSON, a 4,301-digit integer, SpecError
             raise SpecError(f"{source}: damaged cnnserve metadata: {str(e)[:300]}") from None
 
@@ -123,4 +141,22 @@ class ModelInfo:
         """A JSON-ready description (for model stores, APIs and reports)."""
         return {"arch": self.spec.arch, "spec": self.spec.to_dict(), "labels": list(self.spec.labels),
                 "precision": self.precision, "metrics": self.metrics, "data": self.data,
-                "checkpoint_sha256": self.checkpoint_sha256, "versions": self.versions, "origin": self.origin}
+                "checkpoint_sha256": self.checkpoint_sha256, "versions": self.versions, "origin": self.origin,
+                "temperature": self.temperature, "ood": self.ood, "calibration": self.calibration}
+
+
+def _temperature(text: str | None) -> float:
+    """KEY_TEMPERATURE: absent (an export made before it) is 1.0; anything but a finite number > 0 is refused."""
+    if not text:
+        return 1.0
+    t = float(text)
+    if not math.isfinite(t) or t <= 0:
+        raise ValueError(f"{KEY_TEMPERATURE} must be a finite number > 0, not {text[:40]!r}")
+    return t
+
+
+def _object(text: str | None) -> dict:
+    value = json.loads(text or "{}")
+    if not isinstance(value, dict):
+        raise ValueError("a JSON object was expected")
+    return value

@@ -175,6 +175,8 @@ class Model:
             "precision_choice": {**self.choice, **({"file": os.path.basename(self.choice["file"])}
                                                    if "file" in self.choice else {})},
             "metrics": self.info.metrics, "data": self.info.data, "origin": self.info.origin,
+            # probabilities = softmax(logits / temperature); the OOD rule and the export's measured figures
+            "temperature": self.info.temperature, "ood": self.info.ood, "calibration": self.info.calibration,
             "input": {"name": onnxmeta.INPUT, "datatype": "UINT8", "shape": [-1, c, h, w]},
             "outputs": [{"name": o, "datatype": "FP32", "shape": [-1, self.spec.num_classes]}
                         for o in onnxmeta.OUTPUTS],

@@ -61,6 +61,7 @@ function inferenceMs(response) {
 // on screen when it fails.
 function clearResults() {
   $("bars").replaceChildren();
+  $("ood").hidden = true;
   $("input").removeAttribute("src");
   const heatmap = $("heatmap");
   heatmap.removeAttribute("src");
@@ -116,6 +117,22 @@ function drawBars(predictions) {
   }));
 }
 
+// The export fitted a threshold on the energy score that 95% of the validation images pass: an image over
+// it is unlike the training data, and its probabilities say little (docs/serving.md, "Probabilities").
+function showOod(answer) {
+  const note = $("ood");
+  if (answer.in_distribution === false) {
+    note.textContent = `This image is unlike the training data (out-of-distribution score ` +
+      `${answer.ood_score.toFixed(2)} is over the model's threshold): treat these probabilities with suspicion.`;
+    note.dataset.inDistribution = "false";
+    note.hidden = false;
+  } else if (answer.in_distribution === true) {
+    note.textContent = `Like the training data (out-of-distribution score ${answer.ood_score.toFixed(2)}).`;
+    note.dataset.inDistribution = "true";
+    note.hidden = false;
+  }
+}
+
 async function classify(blob) {
   const m = currentModel();
   const type = blob.type && blob.type.startsWith("image/") ? blob.type : "application/octet-stream";
@@ -129,6 +146,7 @@ async function classify(blob) {
   if (!response.ok) { status(`the service refused the image: ${await reason(response)}`, true); return; }
   const answer = await response.json();
   drawBars(answer.predictions);
+  showOod(answer);
   const top = answer.predictions[0].label;
   const [, h, w] = m.input.shape.slice(1);
   const copies = occlusions(h, w);

@@ -1,0 +1,58 @@
+"""What every classification answer says about its own probabilities (issue 29).
+
+The export fitted a temperature T (the graph's ``probabilities`` are softmax(logits / T); its ``logits``
+are raw) and an out-of-distribution threshold on the energy score ``-T logsumexp(logits / T)`` that 95%
+of the validation split passes (``onnxmeta.KEY_TEMPERATURE``, ``KEY_OOD``). Each answer gets:
+
+- ``ood_score``: the energy score (higher: less like the training data);
+- ``in_distribution``: whether it is at or under the threshold (null for a model exported without one);
+- ``calibrated``: whether the probabilities are temperature-scaled; ``calibrated=false`` asks for the raw
+  softmax of the logits instead.
+
+numpy only, on rows the model already returned (logits and probabilities side by side): the service
+(``service/engine.py``) and the batch scorer (``scoring/``) answer alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def energy(logits: np.ndarray, t: float) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / t
+    m = z.max(axis=1)
+    return -t * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
+
+
+def raw_softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def threshold(info) -> float | None:
+    value = info.ood.get("threshold")
+    return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else None
+
+
+def assess(info, out: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """``out`` (N x 2K: logits, probabilities) to the probabilities to answer with (raw softmax unless
+    ``calibrated``), the scores, and per row ``{"ood_score", "in_distribution", "calibrated"}``."""
+    k = info.spec.num_classes
+    logits = out[:, :k]
+    scaled = info.temperature != 1.0
+    probs = out[:, k:] if calibrated or not scaled else raw_softmax(logits)
+    scores = energy(logits, info.temperature)
+    limit = threshold(info)
+    rows = [{"ood_score": round(float(s), 4), "in_distribution": None if limit is None else bool(s <= limit),
+             "calibrated": bool(calibrated and scaled)} for s in scores]
+    return probs, scores, rows
+
+
+def score_rows(model, pixels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """A ``runtime.Model``'s calibrated probabilities and per-row OOD fields for uint8 ``pixels``."""
+    from .onnxmeta import OUTPUTS
+
+    probs, _, rows = assess(model.info, np.concatenate(model.run(pixels, list(OUTPUTS)), axis=1))
+    return probs, rows
+

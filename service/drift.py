@@ -1,0 +1,129 @@
+"""Drift, per served model: what the answers look like now against what the export saw on the test split.
+
+The request path only appends its answers' predicted classes, top-1 probabilities and OOD scores to a
+bounded queue (one ``deque.append``); a daemon thread drains it every ``interval`` seconds (and
+``/models/NAME/monitor`` drains it first) into:
+
+- ``cnnserve_top1_probability`` and ``cnnserve_ood_score`` histograms, per model;
+- ``cnnserve_predicted_class`` counter per model and class (classes are the model's own labels: a closed
+  set; a model with more than ``MAX_CLASS_LABELS`` classes is counted as one ``other`` series);
+- ``cnnserve_out_of_distribution`` counter, per model;
+- ``cnnserve_class_psi`` gauge: the population stability index of the predicted-class distribution over
+  the last ``window`` answers against the test split's predicted classes (``KEY_OOD``'s
+  ``test_class_mix``). Rule of thumb: under 0.1 stable, 0.1-0.25 moderate, over 0.25 a real shift.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+
+MAX_CLASS_LABELS = 100
+PENDING = 65536  # answers queued for the drain at most (the oldest are dropped past it, and counted)
+EPS = 1e-4
+
+
+def psi(current: np.ndarray, reference: np.ndarray) -> float:
+    """Population stability index of two distributions over the same classes (each smoothed by EPS)."""
+    p = np.asarray(current, np.float64) + EPS
+    q = np.asarray(reference, np.float64) + EPS
+    p, q = p / p.sum(), q / q.sum()
+    return float(((p - q) * np.log(p / q)).sum())
+
+
+class Monitor:
+    def __init__(self, models: dict, metrics=None, window: int = 1000, interval: float = 1.0):
+        self.models, self.metrics, self.window = models, metrics, window
+        self.pending: deque = deque(maxlen=PENDING)
+        self.lock = threading.Lock()
+        # ``models`` is the engine's own dict: a model loaded at runtime (manager.py) gets its state on first use
+        self.state: dict = {}
+        for name in models:
+            self._state(name)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval,), name="cnnserve-drift", daemon=True)
+        self._thread.start()
+
+    def _state(self, model: str) -> dict:
+        return self.state.setdefault(model, {"recent": deque(maxlen=self.window), "answers": 0,
+                                             "out_of_distribution": 0, "top1_sum": 0.0, "ood_sum": 0.0})
+
+    def record(self, model: str, probs: np.ndarray, scores: np.ndarray, rows: list[dict]) -> None:
+        """The request path's part: one append of what the drain needs."""
+        self.pending.append((model, probs.argmax(axis=1), probs.max(axis=1), scores,
+                             [r["in_distribution"] is False for r in rows]))
+
+    def _loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.drain()
+
+    def drain(self) -> None:
+        with self.lock:
+            touched = set()
+            while self.pending:
+                try:
+                    model, classes, top1, scores, outside = self.pending.popleft()
+                except IndexError:
+                    break
+                if model not in self.models:  # unloaded since it answered
+                    continue
+                touched.add(model)
+                s = self._state(model)
+                s["recent"].extend(int(c) for c in classes)
+                s["answers"] += len(classes)
+                s["out_of_distribution"] += sum(outside)
+                s["top1_sum"] += float(top1.sum())
+                s["ood_sum"] += float(scores.sum())
+                if self.metrics:
+                    self._observe(model, classes, top1, scores, sum(outside))
+            if self.metrics:
+                for model in touched:
+                    value = self.psi(model)
+                    if value is not None:
+                        self.metrics.class_psi.labels(model).set(value)
+
+    def _observe(self, model, classes, top1, scores, outside: int) -> None:
+        m, labels = self.metrics, self.models[model].spec.labels
+        hist_top1, hist_ood = m.top1_probability.labels(model), m.ood_score.labels(model)
+        for p, e in zip(top1, scores):
+            hist_top1.observe(float(p))
+            hist_ood.observe(float(e))
+        few = len(labels) <= MAX_CLASS_LABELS
+        for c, n in zip(*np.unique(classes, return_counts=True)):
+            m.predicted_class.labels(model, labels[int(c)] if few else "other").inc(int(n))
+        if outside:
+            m.out_of_distribution.labels(model).inc(outside)
+
+    def reference(self, model: str) -> np.ndarray | None:
+        mix = self.models[model].info.ood.get("test_class_mix")
+        k = self.models[model].spec.num_classes
+        return np.asarray(mix, np.float64) if isinstance(mix, list) and len(mix) == k else None
+
+    def mix(self, model: str) -> np.ndarray:
+        recent = self._state(model)["recent"]
+        return np.bincount(np.fromiter(recent, int, len(recent)), minlength=self.models[model].spec.num_classes)
+
+    def psi(self, model: str) -> float | None:
+        ref = self.reference(model)
+        counts = self.mix(model)
+        return None if ref is None or not counts.sum() else psi(counts / counts.sum(), ref)
+
+    def snapshot(self, model: str) -> dict:
+        """``/models/NAME/monitor``: the window's class mix against the reference, its PSI, running means."""
+        self.drain()
+        with self.lock:
+            s, labels = self._state(model), self.models[model].spec.labels
+            counts, ref = self.mix(model), self.reference(model)
+            n = s["answers"]
+            return {"model": model, "answers": n, "window": {"size": self.window, "answers": int(counts.sum()),
+                                                            "classes": dict(zip(labels, counts.tolist()))},
+                    "reference_classes": None if ref is None else dict(zip(labels, np.round(ref, 6).tolist())),
+                    "class_psi": self.psi(model), "out_of_distribution": s["out_of_distribution"],
+                    "out_of_distribution_rate": s["out_of_distribution"] / n if n else None,
+                    "mean_top1_probability": s["top1_sum"] / n if n else None,
+                    "mean_ood_score": s["ood_sum"] / n if n else None}
+
+    def close(self) -> None:
+        self._stop.set()
