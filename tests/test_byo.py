@@ -121,7 +121,7 @@ def test_fine_tuning_replaces_the_head_and_starts_from_the_weights(shapes_run, t
 
 
 def test_backbone_learning_rate_and_freezing_make_the_optimizer_groups():
-    from cnnserve.models.train import make_optimizer, parameter_groups
+    from cnnserve.models.optim import make_optimizer, parameter_groups
 
     net = models.create_model("resnet18", num_classes=4, in_chans=3, img_size=32)
     n_head = sum(p.numel() for p in net.head.parameters())

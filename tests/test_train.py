@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cnnserve.models.checkpoint import CheckpointError, classifier_from_checkpoint, load_checkpoint
-from cnnserve.models.train import OPTIMIZERS, TrainConfig, augment, make_optimizer, make_schedule, train
+from cnnserve.models.optim import OPTIMIZERS, augment, make_optimizer, make_schedule
+from cnnserve.models.train import TrainConfig, train
 from tests.conftest import run_cli
 
 
@@ -119,7 +120,7 @@ def test_init_schemes_give_their_published_spread(init):
     """Each large convolution's weights have the standard deviation of the scheme: Kaiming normal
     with fan-out, sqrt(2 / fan_out); Xavier uniform, sqrt(2 / (fan_in + fan_out)). Biases are zero."""
     from cnnserve import models
-    from cnnserve.models.train import init_weights
+    from cnnserve.models.optim import init_weights
 
     torch.manual_seed(0)
     model = models.create_model("resnet18", num_classes=4, in_chans=3, img_size=32)
