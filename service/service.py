@@ -1,4 +1,4 @@
-"""The BentoML service: exported ONNX models from the model store, over HTTP.
+"""The BentoML service: exported ONNX models from the model store, over HTTP and gRPC.
 
 From the repository root (``bentofile.yaml`` names this service)::
 
@@ -7,7 +7,8 @@ From the repository root (``bentofile.yaml`` names this service)::
 
 Arguments (``--arg key=value`` for ``bentoml serve`` and ``bentoml build``; a value must
 not contain commas, so several model tags are separated by spaces): see ``cnnserve.core.config.Settings``.
-The HTTP API lives in ``api.py`` and ``kserve.py``, the request logic in ``engine.py``.
+The HTTP API lives in ``api.py``, ``kserve.py`` and ``repository.py``, gRPC in ``grpc_server.py``, the request
+logic in ``engine.py`` and the model versions in ``manager.py``.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from . import startup
 from .api import create_app
 from .engine import Engine
 from .http_server import DRAIN, ConnectionCloseWhileDraining
-from .memory import return_freed_memory, trim_memory
 from .manager import LoadFailed
+from .memory import return_freed_memory, trim_memory
 from .metrics import ROUTES, metrics
 from .modelstate import ServedState, stored_file
 from .openapi import OpenAPIInfo
