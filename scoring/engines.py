@@ -167,17 +167,24 @@ def score_http(paths: list[str], url: str, model_name: str | None, top_k: int, b
     try:
         client = httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency))
         sem = asyncio.Semaphore(concurrency)
-        # chunks several times the concurrency keep every connection busy while rows stay in order
-        step = max(batch_size, 4 * concurrency)
-        for i in range(0, len(paths), step):
-            t = time.perf_counter()
-            rows = loop.run_until_complete(run_chunk(client, sem, paths[i:i + step]))
-            stats.infer_s += time.perf_counter() - t
-            for j in range(0, len(rows), batch_size):
-                yield rows[j:j + batch_size]
+        yield from rows_in_order(loop, lambda chunk: run_chunk(client, sem, chunk), paths, batch_size, concurrency,
+                                 stats)
         loop.run_until_complete(client.aclose())
     finally:
         loop.close()
+
+
+def rows_in_order(loop, run_chunk, paths: list[str], batch_size: int, concurrency: int,
+                  stats: Stats) -> Iterator[list[dict]]:
+    """A remote engine's rows, ``batch_size`` at a time, in input order: ``run_chunk(paths)`` answers a chunk
+    several times the concurrency at once (so every connection stays busy) on ``loop``."""
+    step = max(batch_size, 4 * concurrency)
+    for i in range(0, len(paths), step):
+        t = time.perf_counter()
+        rows = loop.run_until_complete(run_chunk(paths[i:i + step]))
+        stats.infer_s += time.perf_counter() - t
+        for j in range(0, len(rows), batch_size):
+            yield rows[j:j + batch_size]
 
 
 class _RayScorer:

@@ -7,13 +7,13 @@ DEADLINE_EXCEEDED and UNAVAILABLE are retried with backoff, like the ``http`` en
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Iterator
 
 from cnnserve.core.grpc_proto import path, pb
 from cnnserve.core.preprocess import DEFAULT_LIMITS, ImageError, read_file
 
 from . import row
+from .engines import rows_in_order
 
 RETRIED = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "UNAVAILABLE")
 
@@ -89,13 +89,8 @@ def score_grpc(paths: list[str], url: str, model_name: str | None, top_k: int, b
     try:
         channel, infer = loop.run_until_complete(connect())
         sem = asyncio.Semaphore(concurrency)
-        step = max(batch_size, 4 * concurrency)
-        for i in range(0, len(paths), step):
-            t = time.perf_counter()
-            rows = loop.run_until_complete(run_chunk(infer, sem, paths[i:i + step]))
-            stats.infer_s += time.perf_counter() - t
-            for j in range(0, len(rows), batch_size):
-                yield rows[j:j + batch_size]
+        yield from rows_in_order(loop, lambda chunk: run_chunk(infer, sem, chunk), paths, batch_size, concurrency,
+                                 stats)
         loop.run_until_complete(channel.close())
     finally:
         loop.close()
