@@ -101,7 +101,7 @@ async def classify_request(request: Request, p: ClassifyParams) -> JSONResponse:
 
 
 @route("POST", "/classify", tags=["classification"], openapi_extra=CLASSIFY_BODY,
-             summary="Classify one image (multipart field 'image', or the raw image as the body)")
+       summary="Classify one image (multipart field 'image', or the raw image as the body)")
 async def classify(request: Request, p: Annotated[ClassifyParams, Query()]):
     # The running service answers through ``CnnServeAPI.fast_classify`` with this same handler; FastAPI's
     # route documents it and serves an app whose fast path is off (the test compares the two).
@@ -109,7 +109,7 @@ async def classify(request: Request, p: Annotated[ClassifyParams, Query()]):
 
 
 @route("POST", "/classify/batch", tags=["classification"], openapi_extra=BATCH_BODY,
-             summary="Classify many images (multipart field 'images', repeated); per-image results in order")
+       summary="Classify many images (multipart field 'images', repeated); per-image results in order")
 async def classify_batch(request: Request, p: Annotated[ClassifyParams, Query()]):
     t0 = time.perf_counter()
     e = engine_of(request)
@@ -121,7 +121,7 @@ async def classify_batch(request: Request, p: Annotated[ClassifyParams, Query()]
 
 
 @route("POST", "/classify/explain", tags=["explanation"], openapi_extra=CLASSIFY_BODY,
-             summary="Where the model looks: an occlusion or CAM sensitivity map for one image "
+       summary="Where the model looks: an occlusion or CAM sensitivity map for one image "
                      "(as JSON, or with format=png a heatmap over the image)")
 async def explain(request: Request, p: Annotated[ExplainParams, Query()]):
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ async def explain(request: Request, p: Annotated[ExplainParams, Query()]):
 
 
 @route("GET", "/models/{name}/samples", tags=["models"],
-            summary="Held-out sample images the export embedded (one per class, at most ten), as data URLs")
+       summary="Held-out sample images the export embedded (one per class, at most ten), as data URLs")
 async def model_samples(request: Request, name: str):
     m = engine_of(request).model(name)
     return {"model": m.name, "samples": m.samples}

@@ -312,7 +312,7 @@ async def model_ready(request: Request, name: str, version: str | None = None):
 
 
 @route("POST", "/v2/models/{name}/infer", tags=TAGS, openapi_extra=V2_BODY,
-             summary="Inference on a uint8 N x C x H x W tensor named 'pixels', or encoded images named 'image'")
+       summary="Inference on a uint8 N x C x H x W tensor named 'pixels', or encoded images named 'image'")
 @route("POST", "/v2/models/{name}/versions/{version}/infer", tags=TAGS, include_in_schema=False)
 async def infer_route(request: Request, p: Annotated[RequestParams, Query()], name: str,
                       version: str | None = None):
