@@ -122,7 +122,7 @@ async def classify_batch(request: Request, p: Annotated[ClassifyParams, Query()]
 
 @route("POST", "/classify/explain", tags=["explanation"], openapi_extra=CLASSIFY_BODY,
        summary="Where the model looks: an occlusion or CAM sensitivity map for one image "
-                     "(as JSON, or with format=png a heatmap over the image)")
+               "(as JSON, or with format=png a heatmap over the image)")
 async def explain(request: Request, p: Annotated[ExplainParams, Query()]):
     t0 = time.perf_counter()
     e = engine_of(request)
