@@ -131,7 +131,7 @@ async def explain(request: Request, p: Annotated[ExplainParams, Query()]):
     # bulk unless asked otherwise: an explanation is hundreds of images' work (service/batching.py)
     data, ticket, timings = await one_image(request, e, p, t0, priority=p.priority or "bulk")
     result, pixels, heat = await e.explain(data, p.model, p.method, p.target, p.patch, p.stride, p.top_k, ticket,
-                                           timings)
+                                           timings, version=p.version, calibrated=p.calibrated)
     t = time.perf_counter()
 
     def render() -> Response:
@@ -171,7 +171,10 @@ async def list_models(request: Request):
        summary="Drift: the recent answers' class mix against the test split's (PSI), OOD rate, mean top-1")
 async def model_monitor(request: Request, name: str):
     e = engine_of(request)
-    return e.monitor.snapshot(e.model(name).name)
+    model = e.model(name)
+    if e.monitor is None:
+        raise APIError(404, "monitor_off", "the drift monitor is off in this server (drift_monitor=false)")
+    return e.monitor.snapshot(model.name)
 
 
 @route("GET", "/models/{name}", tags=["models"], summary="One model's metadata")

@@ -1,8 +1,8 @@
 """Drift, per served model: what the answers look like now against what the export saw on the test split.
 
-The request path only appends its answers' predicted classes, top-1 probabilities and OOD scores to a
-bounded queue (one ``deque.append``); a daemon thread drains it every ``interval`` seconds (and
-``/models/NAME/monitor`` drains it first) into:
+The request path only appends each batch the model ran (logits and probabilities, whatever protocol
+asked) to a bounded queue (one ``deque.append`` per batch); a daemon thread drains it every ``interval``
+seconds (and ``/models/NAME/monitor`` drains it first) into:
 
 - ``cnnserve_top1_probability`` and ``cnnserve_ood_score`` histograms, per model;
 - ``cnnserve_predicted_class`` counter per model and class (classes are the model's own labels: a closed
@@ -15,13 +15,18 @@ bounded queue (one ``deque.append``); a daemon thread drains it every ``interval
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 
 import numpy as np
 
+from cnnserve.core.confidence import energy, threshold
+
+from .metrics import observe_many
+
 MAX_CLASS_LABELS = 100
-PENDING = 65536  # answers queued for the drain at most (the oldest are dropped past it, and counted)
+PENDING = 8192  # batches queued for the drain at most (past it the oldest go uncounted)
 EPS = 1e-4
 
 
@@ -50,46 +55,59 @@ class Monitor:
         return self.state.setdefault(model, {"recent": deque(maxlen=self.window), "answers": 0,
                                              "out_of_distribution": 0, "top1_sum": 0.0, "ood_sum": 0.0})
 
-    def record(self, model: str, probs: np.ndarray, scores: np.ndarray, rows: list[dict]) -> None:
-        """The request path's part: one append of what the drain needs."""
-        self.pending.append((model, probs.argmax(axis=1), probs.max(axis=1), scores,
-                             [r["in_distribution"] is False for r in rows]))
+    def record(self, model, out: np.ndarray) -> None:
+        """The request path's part, once per batch the model ran (every protocol's answers: /classify,
+        /v2 infer, gRPC): one append of the batch's logits and probabilities (N x 2K) and the model
+        version that made them."""
+        self.pending.append((model, out))
 
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             self.drain()
 
     def drain(self) -> None:
+        """What is queued, a model version at a time, in a few numpy calls and one metric update per series
+        (``metrics.observe_many``): per answer, this thread held the GIL long enough to cost the requests."""
         with self.lock:
-            touched = set()
+            batches: dict = {}
             while self.pending:
                 try:
-                    model, classes, top1, scores, outside = self.pending.popleft()
+                    model, out = self.pending.popleft()
                 except IndexError:
                     break
-                if model not in self.models:  # unloaded since it answered
+                batches.setdefault(id(model), (model, []))[1].append(out)
+            touched = set()
+            for model, outs in batches.values():
+                if model.name not in self.models:  # unloaded since it answered
                     continue
-                touched.add(model)
-                s = self._state(model)
-                s["recent"].extend(int(c) for c in classes)
-                s["answers"] += len(classes)
-                s["out_of_distribution"] += sum(outside)
-                s["top1_sum"] += float(top1.sum())
-                s["ood_sum"] += float(scores.sum())
-                if self.metrics:
-                    self._observe(model, classes, top1, scores, sum(outside))
+                touched.add(model.name)
+                self._add(model, np.concatenate(outs))
             if self.metrics:
-                for model in touched:
-                    value = self.psi(model)
+                for name in touched:
+                    value = self.psi(name)
                     if value is not None:
-                        self.metrics.class_psi.labels(model).set(value)
+                        self.metrics.class_psi.labels(name).set(value)
 
-    def _observe(self, model, classes, top1, scores, outside: int) -> None:
+    def _add(self, model, out: np.ndarray) -> None:
+        k = model.spec.num_classes
+        probs = out[:, k:]
+        classes, top1 = probs.argmax(axis=1), probs.max(axis=1)
+        scores = energy(out[:, :k], model.info.temperature)
+        limit = threshold(model.info)
+        outside = 0 if limit is None else int((scores > limit).sum())
+        s = self._state(model.name)
+        s["recent"].extend(classes.tolist())
+        s["answers"] += len(classes)
+        s["out_of_distribution"] += outside
+        s["top1_sum"] += float(top1.sum())
+        s["ood_sum"] += float(scores.sum())
+        if self.metrics:
+            self._observe(model.name, classes, top1, scores, outside)
+
+    def _observe(self, model: str, classes, top1, scores, outside: int) -> None:
         m, labels = self.metrics, self.models[model].spec.labels
-        hist_top1, hist_ood = m.top1_probability.labels(model), m.ood_score.labels(model)
-        for p, e in zip(top1, scores):
-            hist_top1.observe(float(p))
-            hist_ood.observe(float(e))
+        observe_many(m.top1_probability.labels(model), top1)
+        observe_many(m.ood_score.labels(model), scores)
         few = len(labels) <= MAX_CLASS_LABELS
         for c, n in zip(*np.unique(classes, return_counts=True)):
             m.predicted_class.labels(model, labels[int(c)] if few else "other").inc(int(n))
@@ -117,8 +135,9 @@ class Monitor:
             s, labels = self._state(model), self.models[model].spec.labels
             counts, ref = self.mix(model), self.reference(model)
             n = s["answers"]
-            return {"model": model, "answers": n, "window": {"size": self.window, "answers": int(counts.sum()),
-                                                            "classes": dict(zip(labels, counts.tolist()))},
+            return {"model": model, "worker": os.getpid(), "answers": n,
+                    "window": {"size": self.window, "answers": int(counts.sum()),
+                               "classes": dict(zip(labels, counts.tolist()))},
                     "reference_classes": None if ref is None else dict(zip(labels, np.round(ref, 6).tolist())),
                     "class_psi": self.psi(model), "out_of_distribution": s["out_of_distribution"],
                     "out_of_distribution_rate": s["out_of_distribution"] / n if n else None,

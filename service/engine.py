@@ -76,13 +76,17 @@ class Engine:
                                    config.max_queue, c * h * w)
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
         self.manager = ModelManager(self, config, metrics)  # loads, swaps and releases versions at runtime
-        self.monitor = Monitor(self.models, metrics)  # drift, drained off the request path
+        # drift, drained off the request path
+        self.monitor = Monitor(self.models, metrics) if config.drift_monitor else None
 
     def _batcher(self, model: Model) -> MicroBatcher:
         outputs = list(onnxmeta.OUTPUTS)
 
         def run(pixels: np.ndarray) -> np.ndarray:  # logits and probabilities side by side
-            return np.concatenate(model.run(pixels, outputs), axis=1)
+            out = np.concatenate(model.run(pixels, outputs), axis=1)
+            if self.monitor:
+                self.monitor.record(model, out)  # every protocol's answers reach the drift monitor
+            return out
 
         def observe(n: int, seconds: float) -> None:
             if self.metrics:
@@ -95,12 +99,12 @@ class Engine:
                             seconds_per_image=model.seconds_per_image)
 
     def _cam_job(self, model: Model):
-        """The batcher job of a CAM pass: probabilities and the last feature maps (one function per model,
-        so that CAM requests batch together)."""
+        """The batcher job of a CAM pass: logits, probabilities and the last feature maps (one function per
+        model, so that CAM requests batch together)."""
         job = self._cam_jobs.get((model.name, model.version))
         if job is None:
             job = self._cam_jobs[model.name, model.version] = lambda pixels: model.run(
-                pixels, [onnxmeta.PROBABILITIES, onnxmeta.FEATURES])
+                pixels, [onnxmeta.LOGITS, onnxmeta.PROBABILITIES, onnxmeta.FEATURES])
         return job
 
     @property
@@ -218,11 +222,13 @@ class Engine:
 
     async def explain(self, data: bytes, name: str | None = None, method: str = "occlusion",
                       target: int | None = None, patch: int | None = None, stride: int | None = None,
-                      top_k: int | None = None, ticket: Ticket | None = None,
-                      timings: dict | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
-        """Where the model looks for ``target`` (default: its top class) in one image: the answer, the
-        model's input (C x H x W) and the sensitivity map (H x W). See ``service/explain.py``."""
-        model = self.model(name)
+                      top_k: int | None = None, ticket: Ticket | None = None, timings: dict | None = None,
+                      version: str | None = None, calibrated: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
+        """Where the model looks for ``target`` (default: its top class) in one image: the answer (with the
+        image's ``ood_score`` as /classify gives it), the model's input (C x H x W) and the sensitivity map
+        (H x W), of the probabilities /classify answers (``calibrated=False``: of the raw softmax). See
+        ``service/explain.py``."""
+        model = self.model(name, version)
         k = self.top_k(model, top_k)
         spec = model.spec
         if method not in xp.METHODS:
@@ -261,8 +267,9 @@ class Engine:
         # otherwise): counted against max_queue, shed with 503, bound by the deadline, and run in slices
         # that let interactive requests in between.
         if method == "cam":
-            probs, features = await self.run(model, pixels[None], timings, ticket, job=self._cam_job(model))
+            logits, probs, features = await self.run(model, pixels[None], timings, ticket, job=self._cam_job(model))
             t = time.perf_counter()
+            probs, _, rows = assess(model.info, np.concatenate([logits, probs], axis=1), calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
             heat = xp.cam(features[0], model.cam_weights, tgt, (h, w))
         else:
@@ -278,12 +285,12 @@ class Engine:
             out = await self.run(model, batch, timings, ticket)
             del batch
             t = time.perf_counter()
-            probs = out[:, spec.num_classes:]
+            probs, _, rows = assess(model.info, out, calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
             heat = xp.sensitivity(float(probs[0, tgt]), probs[1:, tgt], boxes, patch, (h, w))
         result = {"model": model.name, "version": model.version, "method": method,
                   "target": {"index": tgt, "label": spec.labels[tgt]}, "probability": float(probs[0, tgt]),
-                  "predictions": model.top_k(probs[:1], k)[0], **extra,
+                  "predictions": model.top_k(probs[:1], k)[0], **rows[0], **extra,
                   "map_shape": [h, w], "map": np.round(heat, 5).tolist()}
         if timings is not None:
             timings["explain"] = time.perf_counter() - t
@@ -298,8 +305,7 @@ class Engine:
         pixels = await self.decode(model, data, timings, ticket)
         out = await self.run(model, pixels[None], timings, ticket)
         t = time.perf_counter()
-        probs, scores, rows = assess(model.info, out, calibrated)
-        self.monitor.record(model.name, probs, scores, rows)
+        probs, _, rows = assess(model.info, out, calibrated)
         result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0], **rows[0]}
         if timings is not None:
             timings["respond"] = time.perf_counter() - t
@@ -331,8 +337,7 @@ class Engine:
         preds = []
         if good:
             out = await self.run(model, np.stack([decoded[i] for i in good]), ticket=ticket)
-            probs, scores, rows = assess(model.info, out, calibrated)
-            self.monitor.record(model.name, probs, scores, rows)
+            probs, _, rows = assess(model.info, out, calibrated)
             preds = [{"predictions": p, **r} for p, r in zip(model.top_k(probs, k), rows)]
         by_index = dict(zip(good, preds))
         results = []
@@ -350,6 +355,7 @@ class Engine:
             {**m.describe(), "batching": self.batchers[m.name].describe()} for m in self.models.values()]}
 
     def close(self) -> None:
-        self.monitor.close()
+        if self.monitor:
+            self.monitor.close()
         self.manager.close()
         self.decoders.close()

@@ -139,3 +139,45 @@ class BoundedEndpoint:
 
     def __getattr__(self, name):
         return getattr(self._metric, name)
+
+
+#: ``prometheus_client.Histogram.observe`` as ``observe_many`` mirrors it (read in prometheus-client 0.26.0):
+#: ``_sum`` gets the amount, and the first bucket whose upper bound is >= the amount gets 1.
+HISTOGRAM_OBSERVE_DIGESTS = frozenset({"9340a2dc863ecbf2"})
+
+
+@lru_cache(maxsize=1)
+def bulk_observe_matches() -> bool:
+    """Whether the installed ``Histogram.observe`` is the one ``observe_many`` mirrors."""
+    from prometheus_client import Histogram
+
+    from .probes import tree_digest
+
+    try:
+        return tree_digest(Histogram.observe) in HISTOGRAM_OBSERVE_DIGESTS
+    except (OSError, TypeError, SyntaxError):  # no source to read
+        return False
+
+
+def observe_many(child, values) -> None:
+    """Many observations into one labelled Histogram child: what ``observe`` per value does (checked by
+    ``bulk_observe_matches``, else it is what runs), in one ``inc`` per bucket and one for the sum. In
+    multiprocess mode each ``inc`` is a write to a memory-mapped file under a lock: per value, draining a
+    second of answers held the GIL long enough to cost the service 10% of its throughput and half again
+    its p99 (the drift monitor, issue 29)."""
+    import numpy as np
+
+    values = np.asarray(values, np.float64).ravel()
+    if not bulk_observe_matches():
+        for v in values:
+            child.observe(float(v))
+        return
+    if not len(values):
+        return
+    child._sum.inc(float(values.sum()))
+    # the first bound >= value (NaN: none, as ``observe`` counts it in no bucket)
+    counts = np.bincount(np.searchsorted(np.asarray(child._upper_bounds), values, side="left"),
+                         minlength=len(child._upper_bounds) + 1)
+    for bucket, n in zip(child._buckets, counts[:len(child._buckets)].tolist()):
+        if n:
+            bucket.inc(n)

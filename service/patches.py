@@ -48,11 +48,8 @@ The patches:
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import inspect
 import logging
-import textwrap
 from dataclasses import dataclass
 
 from importlib import metadata
@@ -110,20 +107,6 @@ def _timeout_middleware():
     return TimeoutMiddleware
 
 
-def _tree_digest(func) -> str:
-    """A digest of a function's syntax tree without its docstring and annotations: the same for the same
-    code whatever its formatting, different when a statement changes."""
-    node = ast.parse(textwrap.dedent(inspect.getsource(func))).body[0]
-    if ast.get_docstring(node) is not None:
-        node.body = node.body[1:]
-    for sub in ast.walk(node):
-        if isinstance(sub, ast.arg):
-            sub.annotation = None
-        elif isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            sub.returns = None
-    return hashlib.sha256(ast.dump(node).encode()).hexdigest()[:16]
-
-
 #: ``TimeoutMiddleware.__call__`` as ``http_server.timeout_call`` mirrors it (read in BentoML 1.4.39 and 1.4.40).
 TIMEOUT_CALL_DIGESTS = frozenset({"e9ff39e0c293ffe8"})
 
@@ -140,7 +123,7 @@ def _probe_timeout_class(mw) -> str:
         return FIXED
     if not callable(getattr(mw, "_set_timer_out", None)):
         raise UnknownShape("TimeoutMiddleware has no _set_timer_out, which the fix calls")
-    digest = _tree_digest(mw.__call__)
+    digest = probes.tree_digest(mw.__call__)
     if digest not in TIMEOUT_CALL_DIGESTS:
         raise UnknownShape(f"TimeoutMiddleware.__call__ is not the one the fix mirrors (digest {digest})")
     return DEFECT

@@ -5,9 +5,27 @@ what it did, so a patch is applied only where the defect it fixes is seen. Nothi
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import hashlib
+import inspect
 import signal
+import textwrap
 import threading
+
+
+def tree_digest(func) -> str:
+    """A digest of a function's syntax tree without its docstring and annotations: the same for the same
+    code whatever its formatting, different when a statement changes."""
+    node = ast.parse(textwrap.dedent(inspect.getsource(func))).body[0]
+    if ast.get_docstring(node) is not None:
+        node.body = node.body[1:]
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.arg):
+            sub.annotation = None
+        elif isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            sub.returns = None
+    return hashlib.sha256(ast.dump(node).encode()).hexdigest()[:16]
 
 
 class UnknownShape(RuntimeError):

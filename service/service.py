@@ -120,6 +120,9 @@ class CnnServe:
                 await self.grpc.start()
             except Exception as e:  # noqa: BLE001 - a port in use: every worker would meet it
                 startup.cannot_start(RUN, f"gRPC on port {ARGS.grpc_port}: {type(e).__name__}: {e}")
+        # what the gRPC server imported and built (grpc, protobuf, the descriptors) lives as long too
+        gc.collect()
+        gc.freeze()
 
     @bentoml.on_shutdown
     async def stop_grpc(self) -> None:

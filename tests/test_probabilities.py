@@ -150,6 +150,15 @@ def test_answers_carry_ood_score_that_flips_for_noise(client, digits_test, defau
     raw = classify(client, x[0], calibrated="false")
     assert raw["calibrated"] is False and raw["ood_score"] == digit["ood_score"]
     assert raw["predictions"][0]["index"] == digit["predictions"][0]["index"]
+    # an explanation answers as /classify does, and maps the probabilities asked for
+    for asked, want in (("true", digit), ("false", raw)):
+        r = client.post("/classify/explain", content=png(x[0]), headers={"Content-Type": "image/png"},
+                        params={"calibrated": asked})
+        assert r.status_code == 200, r.text
+        ex = r.json()
+        assert (ex["calibrated"], ex["ood_score"], ex["in_distribution"]) == \
+            (want["calibrated"], want["ood_score"], want["in_distribution"])
+        assert ex["probability"] == pytest.approx(want["predictions"][0]["probability"], abs=1e-5)
     if info.temperature > 1:
         assert raw["predictions"][0]["probability"] > digit["predictions"][0]["probability"]
     assert client.post("/classify", content=png(x[0]), headers={"Content-Type": "image/png"},
@@ -206,6 +215,66 @@ def test_drift_metrics_move_when_the_class_mix_changes(client, digits_test):
     mixed = monitor(client, lambda b: b["window"]["answers"] >= skewed["window"]["answers"] + 150)
     assert skewed_psi > 0.25 and mixed["class_psi"] < skewed_psi
     assert sum(mixed["reference_classes"].values()) == pytest.approx(1.0, abs=1e-4)
+    # the monitor sees what the model ran, whatever the protocol: KServe v2 tensors count too (/metrics
+    # sums every worker's answers; the JSON above is the answering worker's)
+    before, settled = client.get("/metrics").text, False
+    while not settled:  # both workers' drains have run: two reads a drain interval apart agree
+        time.sleep(1.2)
+        now = client.get("/metrics").text
+        settled, before = metric(now, "cnnserve_top1_probability_count", model="lenet5-digits") == \
+            metric(before, "cnnserve_top1_probability_count", model="lenet5-digits"), now
+    sevens = x[y == 7][:30]
+    r = client.post("/v2/models/lenet5-digits/infer", json={"inputs": [
+        {"name": "pixels", "datatype": "UINT8", "shape": list(sevens.shape), "data": sevens.ravel().tolist()}]})
+    assert r.status_code == 200, r.text
+    predicted = int((np.reshape(r.json()["outputs"][0]["data"], (30, 10)).argmax(axis=1) == 7).sum())
+    for _ in range(100):  # drained about every second
+        text = client.get("/metrics").text
+        if metric(text, "cnnserve_top1_probability_count", model="lenet5-digits") >= \
+                metric(before, "cnnserve_top1_probability_count", model="lenet5-digits") + 30:
+            break
+        time.sleep(0.2)
+    assert metric(text, "cnnserve_predicted_class_total", model="lenet5-digits", label="7") == \
+        metric(before, "cnnserve_predicted_class_total", model="lenet5-digits", label="7") + predicted
+
+
+def test_drift_monitor_off(stored_default, digits_test):
+    """``drift_monitor=false``: no drift figures (``/monitor`` says why), the answers keep their OOD fields."""
+    srv = Server("--arg", f"models={stored_default}", "--arg", "drift_monitor=false", "--arg", "workers=1")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            answer = classify(c, digits_test[0][0])
+            assert isinstance(answer["ood_score"], float) and answer["in_distribution"] in (True, False)
+            r = c.get("/models/lenet5-digits/monitor")
+            assert r.status_code == 404 and r.json()["code"] == "monitor_off"
+            time.sleep(1.5)  # a drain interval: nothing would be counted anyway
+            assert "cnnserve_top1_probability_count" not in c.get("/metrics").text
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("values", [[0.2, 0.5, 0.95, 1.0, 0.0, -3.0], [1e9, float("inf"), float("nan")], []])
+def test_bulk_histogram_observe_is_observe_per_value(values):
+    """The drift monitor drains a second of answers in one ``observe_many`` per series: on the locked
+    prometheus-client it is the bulk path (its ``observe`` is the one mirrored), and its counts, bucket
+    by bucket (bounds themselves included), and its sum are those of ``observe`` per value."""
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from cnnserve.service.metrics import bulk_observe_matches, observe_many
+
+    assert bulk_observe_matches()
+    registry = CollectorRegistry()
+    bulk = Histogram("bulk", "", ["m"], buckets=(0.2, 0.5, 0.9, 1.0), registry=registry)
+    each = Histogram("each", "", ["m"], buckets=(0.2, 0.5, 0.9, 1.0), registry=registry)
+    observe_many(bulk.labels("x"), values)
+    child = each.labels("x")
+    for v in values:
+        child.observe(v)
+    samples = {m.name: [(s.name.split("_", 1)[-1], s.labels.get("le"), s.value) for s in m.samples
+                        if not s.name.endswith("_created")] for m in registry.collect()}
+    assert len(samples["bulk"]) == len(samples["each"]) == 7
+    for (kind, le, a), (_, _, b) in zip(samples["bulk"], samples["each"]):
+        assert a == b or (np.isnan(a) and np.isnan(b)), (kind, le, a, b)
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])

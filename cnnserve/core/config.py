@@ -135,6 +135,9 @@ class Settings(BaseModel):
     # follow the store: models served as NAME:latest (or NAME) are re-resolved every follow_s seconds and a newer
     # stored version is loaded by the same path as a load request (0: off)
     follow_s: NonNegative = 0.0
+    # Drift (service/drift.py): every batch's answers counted off the request path into /metrics and
+    # /models/NAME/monitor; false: neither (the per-answer ood_score and in_distribution stay)
+    drift_monitor: bool = True
 
     @property
     def tags(self) -> list[str]:
