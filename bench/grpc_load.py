@@ -132,3 +132,51 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --- the harness's ``grpc`` section (``cnnserve bench --sections grpc``) -----------------------------------
+
+def section(w: dict, srv, clients, duration: float, warmup: float, rounds: int, log=print) -> dict:
+    """HTTP against gRPC on ``srv`` (the service with the workload's settings), same run: this module as its
+    own process, the protocols alternated ``rounds`` times at each client count. Per protocol and count:
+    the median req/s over the rounds, their spread, the median p50/p99, failures."""
+    import statistics
+    import subprocess
+    import sys
+
+    name = w["tag"].split(":")[0]
+    argv = [sys.executable, "-m", __name__, "--http", srv.url.removeprefix("http://"), "--grpc", srv.grpc_target,
+            "--model", name, "--shape", *map(str, w["spec"].input_shape), "--clients", *map(str, clients),
+            "--duration", str(duration), "--warmup", str(warmup), "--rounds", str(rounds)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True,
+                         timeout=len(clients) * rounds * 2 * (duration + warmup + 60))
+    runs = json.loads(out.stdout)["results"]
+    rows = []
+    for n in clients:
+        for protocol in ("http", "grpc"):
+            mine = [r for r in runs if r["protocol"] == protocol and r["clients"] == n]
+            rates = [r["req_per_s"] for r in mine]
+            rows.append({"protocol": protocol, "clients": n, "rounds": len(mine), "duration_s": duration,
+                         "throughput_rps": statistics.median(rates), "spread": [min(rates), max(rates)],
+                         "p50_ms": statistics.median(r.get("p50", 0) for r in mine),
+                         "p99_ms": statistics.median(r.get("p99", 0) for r in mine),
+                         "failures": sum(r["failed"] for r in mine)})
+            x = rows[-1]
+            log(f"{w['name']}: {protocol} infer x{n}: {x['throughput_rps']:.0f} req/s (median of {len(mine)}, "
+                f"{x['spread'][0]:.0f}-{x['spread'][1]:.0f}), p99 {x['p99_ms']:.1f} ms, failures {x['failures']}")
+    return {"model": name, "input": list(w["spec"].input_shape), "rows": rows}
+
+
+def report_lines(name: str, g: dict) -> list[str]:
+    lines = [f"{name} (`{g['model']}`, a uint8 tensor of {'x'.join(map(str, g['input']))} per call):", "",
+             "| clients | protocol | rounds x s | req/s (median) | spread | p50 ms | p99 ms | failures | gRPC / HTTP |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = {(x["clients"], x["protocol"]): x for x in g["rows"]}
+    for x in g["rows"]:
+        http = by.get((x["clients"], "http"))
+        ratio = (f"{x['throughput_rps'] / http['throughput_rps']:.2f}"
+                 if x["protocol"] == "grpc" and http and http["throughput_rps"] else "")
+        lines.append(f"| {x['clients']} | {x['protocol']} | {x['rounds']} x {x['duration_s']:.0f} | "
+                     f"{x['throughput_rps']:.0f} | {x['spread'][0]:.0f}-{x['spread'][1]:.0f} | {x['p50_ms']:.1f} | "
+                     f"{x['p99_ms']:.1f} | {x['failures']} | {ratio} |")
+    return lines + [""]

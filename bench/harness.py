@@ -40,14 +40,18 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnserve.core.config import DEFAULTS
+
 from .report import best, report
+from .tune_measure import batch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 WORK = ROOT / "bench" / "work"  # default: images, scoring folders and scores the harness makes (ignored by git)
 
 WORKLOADS = {
-    # name: how to make the model, the image format sent, the service's batching settings
+    # name: how to make the model, the image format sent, the service's settings where `cnnserve tune` has not
+    # chosen them (bench/tuned/NAME.yaml, ``serve_settings``)
     "lenet5": {"run": "runs/lenet5-digits", "tag": "lenet5-digits", "format": "PNG",
                "train": ["lenet5", "--data", "digits"],
                # per-request Python work dominates: one server process per core, one onnxruntime thread each
@@ -58,6 +62,21 @@ WORKLOADS = {
                # the model dominates: one process, onnxruntime on every core
                "serve": {"max_batch_size": 32, "workers": 1, "threads": 0}},
 }
+
+
+TUNED = ROOT / "bench" / "tuned"  # the service arguments `cnnserve tune` chose for each workload
+
+
+def serve_settings(name: str) -> tuple[dict, str]:
+    """Workload ``name``'s service settings and where they come from: what ``cnnserve tune`` wrote for it
+    (``bench/tuned/NAME.yaml``, whose comments name the machine it was measured on), else ``WORKLOADS``'."""
+    import yaml
+
+    path = TUNED / f"{name}.yaml"
+    if path.is_file():
+        chosen = yaml.safe_load(path.read_text()) or {}
+        return {k: v for k, v in chosen.items() if k != "models"}, f"cnnserve tune (bench/tuned/{path.name})"
+    return dict(WORKLOADS[name]["serve"]), "chosen by hand (bench/harness.py)"
 
 
 def log(msg: str) -> None:
@@ -124,8 +143,9 @@ def prepare(name: str, runs: Path, work: Path) -> dict:
             x = test[i][0].numpy()
             img = Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0))
             img.save(images / f"{i:03d}.{w['format'].lower().replace('jpeg', 'jpg')}", w["format"], quality=90)
+    serve, source = serve_settings(name)
     return {"name": name, "tag": tag, "onnx": str(onnx_path), "images": str(images), "spec": info.spec,
-            "format": w["format"], "serve": w["serve"], "run": str(run), "work": work}
+            "format": w["format"], "serve": serve, "serve_from": source, "run": str(run), "work": work}
 
 
 def prepare_stored(tag: str, work: Path) -> dict:
@@ -147,9 +167,9 @@ def prepare_stored(tag: str, work: Path) -> dict:
             render_shape(LABELS["shapes"][i % 4], rng, size=max(spec.height, 64)).save(images / f"{i:03d}.jpg",
                                                                                        "JPEG", quality=90)
     small = spec.height < 64  # as the zoo's workloads: small models are bound by per-request work
-    serve = WORKLOADS["lenet5" if small else "resnet18"]["serve"]
+    serve, source = serve_settings("lenet5" if small else "resnet18")
     return {"name": name, "tag": str(stored.tag), "onnx": onnx_path, "images": str(images), "spec": spec,
-            "format": "JPEG", "serve": serve, "run": None, "work": work}
+            "format": "JPEG", "serve": serve, "serve_from": source, "run": None, "work": work}
 
 
 # --- in-process -----------------------------------------------------------------------------
@@ -201,17 +221,6 @@ def bench_torch(w: dict, batches, seconds: float, repeats: int) -> list[dict]:
 
 # --- over HTTP ------------------------------------------------------------------------------
 
-def batch_metrics(url: str, model: str) -> tuple[float, float]:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith("cnnserve_batch_size_sum") and f'model="{model}"' in line:
-            total = float(line.rsplit(" ", 1)[1])
-        elif line.startswith("cnnserve_batch_size_count") and f'model="{model}"' in line:
-            count = float(line.rsplit(" ", 1)[1])
-    return total, count
-
-
 def load(url: str, files: str, concurrency: int, duration: float, warmup: float, field: str) -> dict:
     out = subprocess.run([sys.executable, "-m", f"{__package__}.load", url, "--files", files, "--concurrency",
                           str(concurrency), "--duration", str(duration), "--warmup", str(warmup), "--field", field],
@@ -246,8 +255,9 @@ def start(w: dict, service: str):
         from .torchserve.peer import TorchServe, archive, install
 
         install()
-        srv = TorchServe(archive(Path(w["run"]), w["tag"].split(":")[0]), workers=w["serve"]["workers"],
-                         batch_size=w["serve"]["max_batch_size"], max_batch_delay_ms=5)
+        srv = TorchServe(archive(Path(w["run"]), w["tag"].split(":")[0]),
+                         workers=w["serve"].get("workers", DEFAULTS.workers),
+                         batch_size=w["serve"].get("max_batch_size", DEFAULTS.max_batch_size), max_batch_delay_ms=5)
         return srv, f"{srv.url}/predictions/{srv.name}", "data"
     settings = [a for k, v in w["serve"].items() for a in ("--arg", f"{k}={v}")]
     srv = Server("--arg", f"models={w['tag']}", *settings)
@@ -441,7 +451,7 @@ def bench_floor(w: dict, concurrency: int, duration: float, repeats: int) -> dic
     body = sorted(Path(w["images"]).iterdir())[0]
     ctype = "image/png" if w["format"] == "PNG" else "image/jpeg"
     runs = {"floor": [], "cnnserve": []}
-    floor, floor_url = floor_server(w["serve"]["workers"])
+    floor, floor_url = floor_server(w["serve"].get("workers", DEFAULTS.workers))
     try:
         srv, url, _ = start(w, "service")
         try:
@@ -595,9 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
                     default=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
                              "calibration"],
                     choices=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
-                             "int8", "calibration"],
+                             "int8", "calibration", "grpc", "drift"],
                     help="naive: the baseline BentoML service of bench/naive_service.py; torchserve: TorchServe "
-                         "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve")
+                         "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve; grpc: "
+                         "the same infer call over HTTP and gRPC, alternated (bench/grpc_load.py); drift: the service with and "
+                         "without its drift monitor, interleaved (bench/overhead.py)")
     ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"],
                     help="batch-scoring engines to measure")
     ap.add_argument("--score-images", type=int, default=10000,
@@ -623,7 +635,7 @@ def main(argv=None) -> int:
     for name in args.models:
         w = prepare_stored(name.removeprefix("store:"), work) if name.startswith("store:") else prepare(name, runs, work)
         r = {"input": "x".join(map(str, w["spec"].input_shape)), "format": w["format"],
-             "serve": w["serve"], "model": w["tag"]}
+             "serve": w["serve"], "serve_from": w["serve_from"], "model": w["tag"]}
         if "pytorch" in args.sections and w["run"]:
             r["pytorch"] = bench_torch(w, (1, 8, 32), args.seconds, args.repeats)
         if "onnxruntime" in args.sections:
@@ -646,6 +658,24 @@ def main(argv=None) -> int:
             except RuntimeError as e:  # no wrk here: reported, the other sections still run
                 r["floor_error"] = str(e)
                 log(f"{name}: floor could not run: {e}")
+        if "grpc" in args.sections:
+            from .grpc_load import section as grpc_section
+
+            srv, _, _ = start(w, "service")
+            try:
+                r["grpc"] = grpc_section(w, srv, sorted({1, max(args.concurrency)}), args.duration, args.warmup,
+                                         args.http_repeats, log)
+            finally:
+                srv.stop()
+        if "drift" in args.sections:
+            from .overhead import section as drift_section
+
+            try:
+                r["drift"] = drift_section(w, max(args.concurrency), args.duration, args.warmup, args.http_repeats,
+                                           log)
+            except RuntimeError as e:  # no wrk here: reported, the other sections still run
+                r["drift_error"] = str(e)
+                log(f"{name}: drift could not run: {e}")
         if "int8" in args.sections and w["run"]:
             r["int8"] = bench_int8(w, (1, 8, 32), args.seconds, args.repeats, max(args.concurrency), args.duration,
                                    args.warmup)

@@ -138,7 +138,7 @@ def report(doc: dict, stem: Path) -> str:
         targets = verdicts(doc)
         lines = lines[:lines.index("## Ratios")] + (["## Targets", "", *targets] if targets else [])
     for name, r in measured.items():
-        settings = ", ".join(f"{k}={v}" for k, v in r["serve"].items())
+        settings = ", ".join(f"{k}={v}" for k, v in r["serve"].items()) + f", {r.get('serve_from', 'by hand')}"
         lines += ["", f"## {name} ({r['input']}, {r['format']} requests; cnnserve with {settings})", "",
                   "| in-process | batch | images/s (median) | spread |", "|---|---|---|---|"]
         for kind in ("pytorch", "onnxruntime"):
@@ -254,6 +254,20 @@ def report(doc: dict, stem: Path) -> str:
         lines += ["", "## Reliability: faults under load (`bench/faults.py`; servers with the default 2 workers)", ""]
         for name, t in trials.items():
             lines += [*report_lines(name, t), ""]
+    protocols = {n: r["grpc"] for n, r in doc["workloads"].items() if r.get("grpc")}
+    if protocols:
+        from .grpc_load import report_lines as grpc_lines
+
+        lines += ["", "## gRPC against HTTP (the Open Inference Protocol's infer call, same tensor, protocols "
+                      "alternated on one server; `bench/grpc_load.py`, clients on the same cores)", ""]
+        lines += [line for name, g in protocols.items() for line in grpc_lines(name, g)]
+    costs = {n: r["drift"] for n, r in doc["workloads"].items() if r.get("drift")}
+    if costs:
+        from .overhead import report_lines as drift_lines
+
+        lines += ["", "## The drift monitor's cost (the service with and without it, side by side; "
+                      "`bench/overhead.py`, wrk)", ""]
+        lines += [line for name, d in costs.items() for line in drift_lines(name, d)]
     calibrations = {n: r["calibration"] for n, r in doc["workloads"].items() if r.get("calibration")}
     if calibrations:
         from .calibration import report_lines as calibration_lines

@@ -91,10 +91,22 @@ def wrk(url: str, bodies: Path, concurrency: int, duration: float) -> dict:
             "failures": n503 + other + sock}
 
 
+def batch_metrics(url: str, model: str) -> tuple[float, float]:
+    """The sum and count of the service's ``cnnserve_batch_size`` histogram for ``model`` (its /metrics)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("cnnserve_batch_size_sum") and f'model="{model}"' in line:
+            total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("cnnserve_batch_size_count") and f'model="{model}"' in line:
+            count = float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def measure(srv, name: str, bodies: Path, concurrency: int, duration: float, warmup: float) -> dict:
     """One wrk run against a started server, with its CPU time and the batches it formed."""
-    from .harness import batch_metrics
-
     if warmup:
         wrk(srv.url + "/classify", bodies, concurrency, warmup)
     cpu0, batches0 = tree_cpu(srv.proc.pid), batch_metrics(srv.url, name)

@@ -31,7 +31,7 @@ def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
     shutil.copyfile(default_run / "model.pt", run / "model.pt")
     shutil.copyfile(default_onnx, run / "model.onnx")  # copied second, so it is not older than the checkpoint
     proc = run_cli("bench", "--models", "lenet5", "--sections", "pytorch", "onnxruntime", "service", "floor", "naive",
-                   "batch",
+                   "batch", "grpc", "drift",
                    "--engines", "local", "--concurrency", "1", "8", "--duration", "2", "--short", "1",
                    "--http-repeats", "2", "--warmup", "0.5", "--seconds", "0.2", "--repeats", "2",
                    "--score-images", "64", "--work", str(tmp_path / "work"), "--out", str(out), timeout=600,
@@ -61,7 +61,19 @@ def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
         assert f["cnnserve"]["cpu_ms"] == pytest.approx(doc["machine"]["cores"] * 1000 / f["cnnserve"]["throughput_rps"])
     else:
         assert "wrk is not installed" in r["floor_error"]
+    # the service's settings are what `cnnserve tune` chose for this workload (bench/tuned/lenet5.yaml)
+    assert r["serve_from"] == "cnnserve tune (bench/tuned/lenet5.yaml)" and r["serve"]["max_batch_size"] > 0
+    # gRPC against HTTP, same server, same tensor, alternated
+    g = r["grpc"]
+    assert [(x["clients"], x["protocol"]) for x in g["rows"]] == [(1, "http"), (1, "grpc"), (8, "http"), (8, "grpc")]
+    assert all(x["rounds"] == 2 and x["failures"] == 0 and x["throughput_rps"] > 0 for x in g["rows"])
+    # the drift monitor on and off, side by side, interleaved (wrk)
+    if shutil.which("wrk"):
+        d = r["drift"]
+        assert set(d["sides"]) == {"monitor on", "monitor off"} and d["repeats"] == 2
+        assert all(len(x["runs"]) == 2 and x["failures"] == 0 and x["throughput_rps"] > 0 for x in d["sides"].values())
     md = out.with_suffix(".md").read_text()
+    assert "## gRPC against HTTP" in md and ("## The drift monitor's cost" in md) == bool(shutil.which("wrk"))
     assert "## Ratios" in md and "naive BentoML (baseline)" in md and "Where the time of one request goes" in md
     assert ("## Against the HTTP floor" in md) == bool(shutil.which("wrk"))
     assert "NOT MEASURED: the naive-baseline target is set at 64 clients" in md  # 8 were run
