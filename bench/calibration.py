@@ -16,7 +16,8 @@ def section(onnx_path: str) -> dict:
         return {"skipped": "the export holds no calibration figures (random weights, or exported before "
                            "issue 29: export it again)"}
     t = c["test"]
-    return {"temperature": info.temperature, "calibrated": c.get("calibrated", True), "bins": t["bins"],
+    return {"temperature": info.temperature, "calibrated": c.get("calibrated", True), "why": c.get("why"),
+            "bins": t["bins"],
             "n_validation": c["n_validation"], "n_test": t["n"],
             **{f"{k}_{when}": t[when][k] for when in ("before", "after") for k in ("ece", "ece_95", "nll", "brier")},
             "accuracy": t["after"]["accuracy"], "ood_threshold": ood.get("threshold"),
@@ -31,7 +32,8 @@ def report_lines(name: str, r: dict) -> list[str]:
         return f"{100 * x:.2f}%"
 
     ood = "; ".join(f"{k} {s['auroc']:.3f} ({pct(s['false_accept_rate'])} of {s['n']} pass)" for k, s in r["ood"].items())
-    return [f"- {name}: T = {r['temperature']:.3f}; ECE ({r['bins']} bins, {r['n_test']} test images) "
+    kept = f" (kept: {r['why']})" if r.get("why") else ""
+    return [f"- {name}: T = {r['temperature']:.3f}{kept}; ECE ({r['bins']} bins, {r['n_test']} test images) "
             f"{pct(r['ece_before'])} [{pct(r['ece_95_before'][0])}, {pct(r['ece_95_before'][1])}] -> "
             f"{pct(r['ece_after'])} [{pct(r['ece_95_after'][0])}, {pct(r['ece_95_after'][1])}]; NLL "
             f"{r['nll_before']:.4f} -> {r['nll_after']:.4f}; OOD AUROC: {ood}"]

@@ -4,8 +4,10 @@
    the graph: ``probabilities = Softmax(logits / T)``. The ``logits`` output stays the network's raw
    logits (verification compares them with PyTorch; the OOD score and ``calibrated=false`` start from
    them), so any client, KServe v2 tensors included, gets calibrated probabilities and can still undo it.
-2. Fit the energy score's threshold on the validation split (95% pass) and measure it on images that are
-   not the training distribution (uniform noise; for a digits model the ``shapes`` images and digits
+2. Fit the out-of-distribution rule on the validation split: the energy score's median and its spread on
+   each side there, and the threshold on the distance from them that 95% pass (``core/confidence.py``'s ``ood_scores``:
+   two-sided, since uniform noise can get a *lower* energy than the training data); measure it on images
+   that are not the training distribution (uniform noise; for a digits model the ``shapes`` images and digits
    rotated 90 degrees; for a shapes model digits): AUROC and false-accept rate per set.
 3. Measure on the test split ECE (15 bins, with a bootstrap interval), NLL and Brier score before and
    after; top-1 must be unchanged (the export fails otherwise). A reliability diagram is drawn.
@@ -24,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from cnnserve.core.confidence import ood_scores
 from cnnserve.core.onnxmeta import INPUT, LOGITS, PROBABILITIES, ModelInfo
 
 from . import calibrate as cal
@@ -98,6 +101,14 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
     (val_logits,) = run(proto, val[0], (LOGITS,))
     test_logits, raw_probs = run(proto, test[0])
     t = cal.fit_temperature(val_logits, val[1]) if calibrate else 1.0
+    separated = calibrate and np.log(t) - cal.LOG_T_RANGE[0] < 0.01
+    if separated:
+        # every validation image right and T at the search's lower edge: NLL only falls as T -> 0, so the
+        # split supports no temperature (a well-trained model whose validation split also chose its epoch);
+        # scaling there would make the test split's few errors near-certain. The raw softmax stays.
+        log(f"calibration: the validation split is classified perfectly, so no temperature fits it (T ran to "
+            f"{t:.3f}); probabilities stay the raw softmax (T = 1)")
+        calibrate, t = False, 1.0
     graph = with_temperature(proto, t) if calibrate else proto
     logits_after, probs = run(graph, test[0])
     if not (probs.argmax(1) == raw_probs.argmax(1)).all() or not np.array_equal(logits_after, test_logits):
@@ -105,15 +116,21 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
     y = test[1]
     before = cal.measures(raw_probs.astype(np.float64), test_logits, y, 1.0)
     after = cal.measures(probs.astype(np.float64), test_logits, y, t)
-    val_energy, test_energy = cal.energy(val_logits, t), cal.energy(test_logits, t)
-    limit = cal.threshold(val_energy)
+    val_energy = cal.energy(val_logits, t)
+    lo, center, hi = (float(q) for q in np.quantile(val_energy, [0.025, 0.5, 0.975]))
+    rule = {"center": center, "below": max(center - lo, 1e-6), "above": max(hi - center, 1e-6)}  # ood_scores
+    val_scores, test_scores = ood_scores(rule, val_logits, t), ood_scores(rule, test_logits, t)
+    limit = cal.threshold(val_scores)
     sets = {}
     for name, x in ood_sets(info.spec, info.data, test[0]).items():
         (out,) = run(proto, x, (LOGITS,))
-        sets[name] = {**cal.ood_measures(test_energy, cal.energy(out, t), limit),  # and the baseline's AUROC:
+        sets[name] = {**cal.ood_measures(test_scores, ood_scores(rule, out, t), limit),
+                      # and the one-sided energy's and the max-softmax baseline's AUROC
+                      "auroc_energy": cal.auroc(cal.energy(test_logits, t), cal.energy(out, t)),
                       "auroc_max_softmax": cal.auroc(-cal.softmax(test_logits, t).max(1), -cal.softmax(out, t).max(1))}
-    ood = {"score": "energy", "temperature": t, "threshold": limit, "validation_pass_rate": cal.PASS_RATE,
-           "test_pass_rate": float((test_energy <= limit).mean()), "n_validation": int(len(val[1])),
+    ood = {"score": "energy_distance", **rule, "temperature": t, "threshold": limit,
+           "validation_pass_rate": cal.PASS_RATE,
+           "test_pass_rate": float((test_scores <= limit).mean()), "n_validation": int(len(val[1])),
            "n_test": int(len(y)), "sets": sets,  # and the reference for drift (service/drift.py):
            "test_class_mix": np.round(np.bincount(probs.argmax(1), minlength=info.spec.num_classes) / len(y),
                                       6).tolist()}
@@ -122,6 +139,8 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
         return {k: m[k] for k in ("ece", "ece_95", "nll", "brier", "accuracy")}
 
     calibration = {"calibrated": calibrate, "temperature": t, "fitted_on": "validation split",
+                   **({"why": "the validation split is classified perfectly: no temperature fits it"}
+                      if separated else {}),
                    "n_validation": int(len(val[1])), "test": {"n": int(len(y)), "bins": cal.BINS,
                                                              "before": brief(before), "after": brief(after)},
                    "top1_unchanged": True,  # at the search's edge: a model near chance (T -> infinity) or odd data
@@ -129,10 +148,12 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
     if calibration["temperature_at_bound"]:
         log(f"calibration: T = {t:.3f} is at the edge of the search ({np.exp(cal.LOG_T_RANGE[0]):.2f}-"
             f"{np.exp(cal.LOG_T_RANGE[1]):.0f}): the model is near chance on the validation split, or it is tiny")
-    log(f"calibration: T = {t:.3f} fitted on {len(val[1])} validation images; test ({len(y)} images, "
+    log(f"calibration: T = {t:.3f} {'kept' if separated else 'fitted'} on {len(val[1])} validation images; test "
+        f"({len(y)} images, "
         f"{cal.BINS} bins) ECE {before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> "
         f"{after['nll']:.4f}, Brier {before['brier']:.4f} -> {after['brier']:.4f}; top-1 unchanged")
-    log("out-of-distribution (energy, threshold {:.3f}, 95% of validation passes): {}".format(limit, ", ".join(
+    log("out-of-distribution (energy's distance from validation's, threshold {:.3f}, 95% of validation passes): "
+        "{}".format(limit, ", ".join(
         f"{k} AUROC {v['auroc']:.3f} false-accept {v['false_accept_rate']:.1%}" for k, v in sets.items())))
     report = {**calibration, "ood": ood, "test": {**calibration["test"], "before": before, "after": after}}
     return graph, replace(info, temperature=t, ood=ood, calibration=calibration), report

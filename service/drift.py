@@ -15,17 +15,21 @@ seconds (and ``/models/NAME/monitor`` drains it first) into:
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections import deque
+from collections import deque, namedtuple
 
 import numpy as np
 
-from cnnserve.core.confidence import energy, threshold
+from cnnserve.core.confidence import ood_scores, threshold
 
 from .metrics import observe_many
 
+log = logging.getLogger("cnnserve.drift")
+
 MAX_CLASS_LABELS = 100
+Answered = namedtuple("Answered", "name version spec info")  # the model version a batch came from
 PENDING = 8192  # batches queued for the drain at most (past it the oldest go uncounted)
 EPS = 1e-4
 
@@ -52,18 +56,25 @@ class Monitor:
         self._thread.start()
 
     def _state(self, model: str) -> dict:
-        return self.state.setdefault(model, {"recent": deque(maxlen=self.window), "answers": 0,
-                                             "out_of_distribution": 0, "top1_sum": 0.0, "ood_sum": 0.0})
+        return self.state.setdefault(model, self._state_fresh())
+
+    def _state_fresh(self) -> dict:
+        return {"recent": deque(maxlen=self.window), "answers": 0, "out_of_distribution": 0, "top1_sum": 0.0,
+                "ood_sum": 0.0}
 
     def record(self, model, out: np.ndarray) -> None:
         """The request path's part, once per batch the model ran (every protocol's answers: /classify,
-        /v2 infer, gRPC): one append of the batch's logits and probabilities (N x 2K) and the model
-        version that made them."""
-        self.pending.append((model, out))
+        /v2 infer, gRPC): one append of the batch's logits and probabilities (N x 2K) and what the drain
+        needs of the version that made them (not the model itself: a replaced version is closed and freed
+        when its last request ends, not a drain later)."""
+        self.pending.append((Answered(model.name, model.version, model.spec, model.info), out))
 
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            self.drain()
+            try:
+                self.drain()
+            except Exception:  # noqa: BLE001 - the thread must live on (a model unloaded mid-drain, ...)
+                log.exception("drift: a drain failed; the next one runs as usual")
 
     def drain(self) -> None:
         """What is queued, a model version at a time, in a few numpy calls and one metric update per series
@@ -75,7 +86,7 @@ class Monitor:
                     model, out = self.pending.popleft()
                 except IndexError:
                     break
-                batches.setdefault(id(model), (model, []))[1].append(out)
+                batches.setdefault((model.name, model.version), (model, []))[1].append(out)
             touched = set()
             for model, outs in batches.values():
                 if model.name not in self.models:  # unloaded since it answered
@@ -92,27 +103,30 @@ class Monitor:
         k = model.spec.num_classes
         probs = out[:, k:]
         classes, top1 = probs.argmax(axis=1), probs.max(axis=1)
-        scores = energy(out[:, :k], model.info.temperature)
+        scores = ood_scores(model.info.ood, out[:, :k], model.info.temperature)
         limit = threshold(model.info)
-        outside = 0 if limit is None else int((scores > limit).sum())
+        outside = 0 if limit is None else int((~(scores <= limit)).sum())  # NaN: outside, as assess says
         s = self._state(model.name)
+        if s.setdefault("classes", k) != k:  # a new version with other classes: its window starts afresh
+            s = self.state[model.name] = {**self._state_fresh(), "classes": k}
         s["recent"].extend(classes.tolist())
         s["answers"] += len(classes)
         s["out_of_distribution"] += outside
         s["top1_sum"] += float(top1.sum())
         s["ood_sum"] += float(scores.sum())
         if self.metrics:
-            self._observe(model.name, classes, top1, scores, outside)
+            self._observe(model, classes, top1, scores, outside)
 
-    def _observe(self, model: str, classes, top1, scores, outside: int) -> None:
-        m, labels = self.metrics, self.models[model].spec.labels
-        observe_many(m.top1_probability.labels(model), top1)
-        observe_many(m.ood_score.labels(model), scores)
+    def _observe(self, model, classes, top1, scores, outside: int) -> None:
+        """Into /metrics, under the labels of the version that answered."""
+        m, name, labels = self.metrics, model.name, model.spec.labels
+        observe_many(m.top1_probability.labels(name), top1)
+        observe_many(m.ood_score.labels(name), scores)
         few = len(labels) <= MAX_CLASS_LABELS
         for c, n in zip(*np.unique(classes, return_counts=True)):
-            m.predicted_class.labels(model, labels[int(c)] if few else "other").inc(int(n))
+            m.predicted_class.labels(name, labels[int(c)] if few else "other").inc(int(n))
         if outside:
-            m.out_of_distribution.labels(model).inc(outside)
+            m.out_of_distribution.labels(name).inc(outside)
 
     def reference(self, model: str) -> np.ndarray | None:
         mix = self.models[model].info.ood.get("test_class_mix")

@@ -70,7 +70,7 @@ class Engine:
         self.models = {m.name: m for m in models}
         self.default = models[0].name
         self.batchers = {m.name: self._batcher(m) for m in models}
-        self._cam_jobs: dict = {}
+        self._explain_jobs: dict = {}
         c, h, w = max((m.spec.input_shape for m in models), key=lambda shape: shape[0] * shape[1] * shape[2])
         self.decoders = DecodePool(config.decoders, config.limits, config.decode_cpu_ms / 1000,
                                    config.max_queue, c * h * w)
@@ -98,13 +98,20 @@ class Engine:
                             observe, model.name, depth, bulk_slice_ms=self.config.bulk_slice_ms,
                             seconds_per_image=model.seconds_per_image)
 
-    def _cam_job(self, model: Model):
-        """The batcher job of a CAM pass: logits, probabilities and the last feature maps (one function per
-        model, so that CAM requests batch together)."""
-        job = self._cam_jobs.get((model.name, model.version))
+    def _explain_job(self, model: Model, method: str):
+        """The batcher job of an explanation (one function per model and method, so that those requests batch
+        together): for CAM, logits, probabilities and the last feature maps; for occlusion, logits and
+        probabilities, not counted by the drift monitor (the occluded copies are no one's answers:
+        ``explain`` counts the image itself)."""
+        key = (model.name, model.version, method)
+        job = self._explain_jobs.get(key)
         if job is None:
-            job = self._cam_jobs[model.name, model.version] = lambda pixels: model.run(
-                pixels, [onnxmeta.LOGITS, onnxmeta.PROBABILITIES, onnxmeta.FEATURES])
+            if method == "cam":
+                outputs = [onnxmeta.LOGITS, onnxmeta.PROBABILITIES, onnxmeta.FEATURES]
+                job = self._explain_jobs[key] = lambda pixels: model.run(pixels, outputs)
+            else:
+                outputs = list(onnxmeta.OUTPUTS)
+                job = self._explain_jobs[key] = lambda pixels: np.concatenate(model.run(pixels, outputs), axis=1)
         return job
 
     @property
@@ -231,32 +238,9 @@ class Engine:
         model = self.model(name, version)
         k = self.top_k(model, top_k)
         spec = model.spec
-        if method not in xp.METHODS:
-            raise APIError(400, "bad_method", f"method must be one of {', '.join(xp.METHODS)}, got {method!r}")
-        if target is not None and not 0 <= target < spec.num_classes:
-            raise APIError(400, "bad_target", f"target must be a class index from 0 to {spec.num_classes - 1} "
-                                              f"for model {model.name!r}, got {target}")
+        extra = xp.check_request(model, method, target, patch, stride, self.config.max_occlusions)
+        patch, stride = extra.get("patch"), extra.get("stride")
         h, w = spec.height, spec.width
-        extra = {}
-        if method == "cam":
-            if model.cam_weights is None:
-                raise APIError(400, "cam_unavailable", f"model {model.name!r} ({spec.arch}) has no class activation "
-                               "outputs: cnnserve adds them when it exports or imports a network that ends in global "
-                               "average pooling and one linear layer (ResNet, GoogLeNet, DenseNet, MobileNet), and "
-                               "found no such head in this one; use method=occlusion")
-        else:
-            # 0 is a value (refused below), not "unset"
-            patch = xp.default_patch(h, w) if patch is None else patch
-            stride = max(1, patch // 2) if stride is None else stride
-            if not 1 <= patch <= min(h, w) or not 1 <= stride <= min(h, w):
-                raise APIError(400, "bad_patch", f"patch and stride must be between 1 and {min(h, w)} pixels of the "
-                                                 f"model's {h}x{w} input, got patch {patch}, stride {stride}")
-            n = xp.occlusion_count(h, w, patch, stride)
-            if n > self.config.max_occlusions:
-                raise APIError(400, "too_many_occlusions", f"patch {patch} and stride {stride} make {n} occluded "
-                               f"copies of the {h}x{w} input; the limit is {self.config.max_occlusions} "
-                               "(max_occlusions): use a larger stride")
-            extra = {"patch": patch, "stride": stride, "occlusions": n}
         n = 1 if method == "cam" else 1 + extra["occlusions"]
         try:  # shed now, before the decode and the copies are paid for
             self.manager.batcher(model).check_room(n, (ticket or Ticket()).priority)
@@ -267,9 +251,11 @@ class Engine:
         # otherwise): counted against max_queue, shed with 503, bound by the deadline, and run in slices
         # that let interactive requests in between.
         if method == "cam":
-            logits, probs, features = await self.run(model, pixels[None], timings, ticket, job=self._cam_job(model))
+            logits, probs, features = await self.run(model, pixels[None], timings, ticket,
+                                                     job=self._explain_job(model, method))
             t = time.perf_counter()
-            probs, _, rows = assess(model.info, np.concatenate([logits, probs], axis=1), calibrated)
+            out = np.concatenate([logits, probs], axis=1)
+            probs, _, rows = assess(model.info, out, calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
             heat = xp.cam(features[0], model.cam_weights, tgt, (h, w))
         else:
@@ -282,12 +268,14 @@ class Engine:
             # tens of MB for a 224-px model: copied in a thread, not on the event loop that serves the others
             big = extra["occlusions"] * pixels.nbytes > 2**20
             batch, boxes = await anyio.to_thread.run_sync(stacked) if big else stacked()
-            out = await self.run(model, batch, timings, ticket)
+            out = await self.run(model, batch, timings, ticket, job=self._explain_job(model, method))
             del batch
             t = time.perf_counter()
             probs, _, rows = assess(model.info, out, calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
             heat = xp.sensitivity(float(probs[0, tgt]), probs[1:, tgt], boxes, patch, (h, w))
+        if self.monitor:
+            self.monitor.record(model, out[:1])  # the image explained is an answer; its occluded copies are not
         result = {"model": model.name, "version": model.version, "method": method,
                   "target": {"index": tgt, "label": spec.labels[tgt]}, "probability": float(probs[0, tgt]),
                   "predictions": model.top_k(probs[:1], k)[0], **rows[0], **extra,

@@ -19,7 +19,43 @@ import io
 import numpy as np
 from PIL import Image
 
+from .errors import APIError
+
 METHODS = ("occlusion", "cam")
+
+
+def check_request(model, method: str, target: int | None, patch: int | None, stride: int | None,
+                  max_occlusions: int) -> dict:
+    """An explanation request's method, target, patch and stride checked against ``model`` (a 400
+    ``APIError`` naming the problem); for occlusion, the patch, stride and count of occluded copies."""
+    spec = model.spec
+    if method not in METHODS:
+        raise APIError(400, "bad_method", f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if target is not None and not 0 <= target < spec.num_classes:
+        raise APIError(400, "bad_target", f"target must be a class index from 0 to {spec.num_classes - 1} "
+                                          f"for model {model.name!r}, got {target}")
+    h, w = spec.height, spec.width
+    extra: dict = {}
+    if method == "cam":
+        if model.cam_weights is None:
+            raise APIError(400, "cam_unavailable", f"model {model.name!r} ({spec.arch}) has no class activation "
+                           "outputs: cnnserve adds them when it exports or imports a network that ends in global "
+                           "average pooling and one linear layer (ResNet, GoogLeNet, DenseNet, MobileNet), and "
+                           "found no such head in this one; use method=occlusion")
+    else:
+        # 0 is a value (refused below), not "unset"
+        patch = default_patch(h, w) if patch is None else patch
+        stride = max(1, patch // 2) if stride is None else stride
+        if not 1 <= patch <= min(h, w) or not 1 <= stride <= min(h, w):
+            raise APIError(400, "bad_patch", f"patch and stride must be between 1 and {min(h, w)} pixels of the "
+                                             f"model's {h}x{w} input, got patch {patch}, stride {stride}")
+        n = occlusion_count(h, w, patch, stride)
+        if n > max_occlusions:
+            raise APIError(400, "too_many_occlusions", f"patch {patch} and stride {stride} make {n} occluded "
+                           f"copies of the {h}x{w} input; the limit is {max_occlusions} "
+                           "(max_occlusions): use a larger stride")
+        extra = {"patch": patch, "stride": stride, "occlusions": n}
+    return extra
 
 
 def positions(size: int, patch: int, stride: int) -> list[int]:

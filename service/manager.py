@@ -327,7 +327,8 @@ class ModelManager:
             self.retiring.remove(s)
             self.by_model.pop(id(s.model), None)
             self._freed = True
-            self.engine._cam_jobs.pop((s.model.name, s.model.version), None)
+            for key in [k for k in self.engine._explain_jobs if k[:2] == (s.model.name, s.model.version)]:
+                del self.engine._explain_jobs[key]
         loop = self.loop
         if loop is not None and loop.is_running() and _running_loop() is not loop:
             loop.call_soon_threadsafe(s.batcher.close)  # the batcher's task lives on the event loop

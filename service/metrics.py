@@ -116,8 +116,9 @@ def metrics() -> SimpleNamespace:
         # drift (service/drift.py, off the request path): what the answers look like, per model
         top1_probability=Histogram("cnnserve_top1_probability", "Top-1 probability of each answer", ["model"],
                                    buckets=(0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)),
-        ood_score=Histogram("cnnserve_ood_score", "Energy score of each answer (higher: less like the training "
-                            "data)", ["model"], buckets=(-40, -30, -25, -20, -15, -12, -10, -8, -6, -4, -2, 0, 5)),
+        ood_score=Histogram("cnnserve_ood_score", "OOD score of each answer: its energy's distance from the "
+                            "validation split's median (1: the edge of their middle 95%; higher: less like the "
+                            "training data)", ["model"], buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 20, 50)),
         predicted_class=Counter("cnnserve_predicted_class", "Answers by top-1 class", ["model", "label"]),
         out_of_distribution=Counter("cnnserve_out_of_distribution", "Answers over the model's OOD threshold",
                                     ["model"]),
@@ -161,7 +162,8 @@ def bulk_observe_matches() -> bool:
 
 def observe_many(child, values) -> None:
     """Many observations into one labelled Histogram child: what ``observe`` per value does (checked by
-    ``bulk_observe_matches``, else it is what runs), in one ``inc`` per bucket and one for the sum. In
+    ``bulk_observe_matches``, else it is what runs; the sum equal up to float rounding), in one ``inc``
+    per bucket and one for the sum. In
     multiprocess mode each ``inc`` is a write to a memory-mapped file under a lock: per value, draining a
     second of answers held the GIL long enough to cost the service 10% of its throughput and half again
     its p99 (the drift monitor, issue 29)."""

@@ -1,10 +1,12 @@
 """What every classification answer says about its own probabilities (issue 29).
 
 The export fitted a temperature T (the graph's ``probabilities`` are softmax(logits / T); its ``logits``
-are raw) and an out-of-distribution threshold on the energy score ``-T logsumexp(logits / T)`` that 95%
-of the validation split passes (``onnxmeta.KEY_TEMPERATURE``, ``KEY_OOD``). Each answer gets:
+are raw) and an out-of-distribution threshold on the energy score ``-T logsumexp(logits / T)``'s
+distance from the validation split's energies, that 95% of the validation split passes
+(``onnxmeta.KEY_TEMPERATURE``, ``KEY_OOD``). Each answer gets:
 
-- ``ood_score``: the energy score (higher: less like the training data);
+- ``ood_score``: how far the energy score lies from the validation split's (``ood_scores``; higher: less
+  like the training data);
 - ``in_distribution``: whether it is at or under the threshold (null for a model exported without one);
 - ``calibrated``: whether the probabilities are temperature-scaled; ``calibrated=false`` asks for the raw
   softmax of the logits instead.
@@ -22,6 +24,22 @@ def energy(logits: np.ndarray, t: float) -> np.ndarray:
     z = np.asarray(logits, np.float64) / t
     m = z.max(axis=1)
     return -t * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
+
+
+def ood_scores(ood: dict, logits: np.ndarray, t: float) -> np.ndarray:
+    """Each row's out-of-distribution score: how far its energy lies from the validation split's median
+    energy (``center``), on either side in units of that side's spread (``below``: the median less the
+    2.5th percentile; ``above``: the 97.5th less the median; ``export/probabilities.py`` records all
+    three), so 1 is the edge of the band that holds the middle 95% of validation energies. Two-sided, as a
+    typicality test is (Nalisnick et al. 2019): a ReLU network can answer inputs far from its data, uniform
+    noise among them, with logits larger than any it gives its own data (Hein et al. 2019), so their energy
+    is *lower* than the training data's and a one-sided rule calls them the most familiar of all. A model
+    exported before this rule (no ``center``) scores the energy itself, as it was exported to."""
+    e = energy(logits, t)
+    center, below, above = ood.get("center"), ood.get("below"), ood.get("above")
+    if all(isinstance(v, (int, float)) for v in (center, below, above)) and below > 0 and above > 0:
+        return np.maximum((center - e) / below, (e - center) / above)
+    return e
 
 
 def raw_softmax(logits: np.ndarray) -> np.ndarray:
@@ -42,7 +60,7 @@ def assess(info, out: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, 
     logits = out[:, :k]
     scaled = info.temperature != 1.0
     probs = out[:, k:] if calibrated or not scaled else raw_softmax(logits)
-    scores = energy(logits, info.temperature)
+    scores = ood_scores(info.ood, logits, info.temperature)
     limit = threshold(info)
     rows = [{"ood_score": round(float(s), 4), "in_distribution": None if limit is None else bool(s <= limit),
              "calibrated": bool(calibrated and scaled)} for s in scores]

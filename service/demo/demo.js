@@ -117,8 +117,8 @@ function drawBars(predictions) {
   }));
 }
 
-// The export fitted a threshold on the energy score that 95% of the validation images pass: an image over
-// it is unlike the training data, and its probabilities say little (docs/serving.md, "Probabilities").
+// The export fitted a threshold on the energy score's distance from the validation images' that 95% of them
+// pass: an image over it is unlike the training data, and its probabilities say little (docs/serving.md).
 function showOod(answer) {
   const note = $("ood");
   if (answer.in_distribution === false) {
