@@ -39,13 +39,11 @@ def log(msg: str) -> None:
 def knobs(precisions: list[str]) -> dict[str, list]:
     """Each knob's ladder of values, in order (a step moves to a neighbour on it); inline decoding is
     added once the images are known (``Tuner.fetch_bodies``)."""
-    out = {"workers": list(range(1, min(8, 2 * cores()) + 1)),
-           "threads": [0, *range(1, cores() + 1)],
-           "max_batch_size": [1, 2, 4, 8, 16, 32, 64, 128, 256],
-           "max_wait_ms": [0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]}
-    if len(precisions) > 1:  # auto and each verified variant the model has
-        out["precision"] = ["auto", *precisions]
-    return out
+    # precision first where there is a choice: tried before the other knobs' steps from each point, as the
+    # one most likely to move a model-bound workload (and the one a short budget would otherwise never reach)
+    out = {"precision": ["auto", *precisions]} if len(precisions) > 1 else {}  # auto and each verified variant
+    return {**out, "workers": list(range(1, min(8, 2 * cores()) + 1)), "threads": [0, *range(1, cores() + 1)],
+            "max_batch_size": [1, 2, 4, 8, 16, 32, 64, 128, 256], "max_wait_ms": [0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]}
 
 
 def defaults_point(space: dict[str, list]) -> dict:

@@ -116,6 +116,7 @@ def test_the_climb_moves_one_knob_one_step_and_tries_what_paid_first():
         if knob != "precision":
             assert abs(space[knob].index(point[knob]) - space[knob].index(base[knob])) == 1
     assert {p["precision"] for k, _, p in moves if k == "precision"} == {"fp32", "int8"}
+    assert [k for k, _, _ in moves[:2]] == ["precision", "precision"]  # tried first: a short budget reaches it
     assert neighbours(base, space, ("max_batch_size", -1))[0][:2] == ("max_batch_size", -1)
 
 
