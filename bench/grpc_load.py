@@ -42,9 +42,14 @@ async def run_http(target: str, model: str, pixels: np.ndarray, clients: int, wa
 
 
 async def _http_call(session, url, body, headers) -> bool:
-    async with session.post(url, data=body, headers=headers) as r:
-        await r.read()
-        return r.status == 200
+    import aiohttp
+
+    try:
+        async with session.post(url, data=body, headers=headers) as r:
+            await r.read()
+            return r.status == 200
+    except (aiohttp.ClientError, asyncio.TimeoutError):  # a failure to count, as gRPC's are
+        return False
 
 
 async def run_grpc(target: str, model: str, pixels: np.ndarray, clients: int, warmup: float, duration: float):
@@ -158,8 +163,9 @@ def section(w: dict, srv, clients, duration: float, warmup: float, rounds: int, 
             rates = [r["req_per_s"] for r in mine]
             rows.append({"protocol": protocol, "clients": n, "rounds": len(mine), "duration_s": duration,
                          "throughput_rps": statistics.median(rates), "spread": [min(rates), max(rates)],
-                         "p50_ms": statistics.median(r.get("p50", 0) for r in mine),
-                         "p99_ms": statistics.median(r.get("p99", 0) for r in mine),
+                         # no answer in a run: its latency is not measured (NaN), not 0
+                         "p50_ms": statistics.median(r.get("p50", float("nan")) for r in mine),
+                         "p99_ms": statistics.median(r.get("p99", float("nan")) for r in mine),
                          "failures": sum(r["failed"] for r in mine)})
             x = rows[-1]
             log(f"{w['name']}: {protocol} infer x{n}: {x['throughput_rps']:.0f} req/s (median of {len(mine)}, "

@@ -54,7 +54,7 @@ WORKLOADS = {
     # chosen them (bench/tuned/NAME.yaml, ``serve_settings``)
     "lenet5": {"run": "runs/lenet5-digits", "tag": "lenet5-digits", "format": "PNG",
                "train": ["lenet5", "--data", "digits"],
-               # per-request Python work dominates: one server process per core, one onnxruntime thread each
+               # per-request Python work dominates: one server process per core
                "serve": {"max_batch_size": 64, "workers": 2, "threads": 1, "precision": "fp32"}},
     "resnet18": {"run": "runs/resnet18-shapes-224", "tag": "resnet18-shapes", "format": "JPEG",
                  "train": ["resnet18", "--data", "shapes", "--img-size", "224", "--epochs", "1", "--limit", "128",
@@ -75,8 +75,9 @@ def serve_settings(name: str) -> tuple[dict, str]:
     path = TUNED / f"{name}.yaml"
     if path.is_file():
         chosen = yaml.safe_load(path.read_text()) or {}
-        return {k: v for k, v in chosen.items() if k != "models"}, f"cnnserve tune (bench/tuned/{path.name})"
-    return dict(WORKLOADS[name]["serve"]), "chosen by hand (bench/harness.py)"
+        settings = {k: v for k, v in chosen.items() if k != "models"}
+        return settings, f"chosen by cnnserve tune: bench/tuned/{path.name}"
+    return dict(WORKLOADS[name]["serve"]), "chosen by hand in bench/harness.py"
 
 
 def log(msg: str) -> None:
@@ -665,6 +666,9 @@ def main(argv=None) -> int:
             try:
                 r["grpc"] = grpc_section(w, srv, sorted({1, max(args.concurrency)}), args.duration, args.warmup,
                                          args.http_repeats, log)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:  # reported; the rest runs
+                r["grpc_error"] = f"{type(e).__name__}: {(e.stderr or '')[-2000:]}"
+                log(f"{name}: grpc could not run: {r['grpc_error']}")
             finally:
                 srv.stop()
         if "drift" in args.sections:

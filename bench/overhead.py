@@ -23,8 +23,12 @@ def bodies_file(w: dict, folder: Path, limit: int = 64) -> Path:
 
 
 def section(w: dict, concurrency: int, duration: float, warmup: float, repeats: int, log=print) -> dict:
+    import shutil
+
     from .tune_measure import measure, start
 
+    if not shutil.which("wrk"):
+        raise RuntimeError("wrk is not installed (Debian: apt-get install wrk)")
     name = w["tag"].split(":")[0]
     bodies = bodies_file(w, Path(w["work"]) / "drift")
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
@@ -50,7 +54,7 @@ def section(w: dict, concurrency: int, duration: float, warmup: float, repeats: 
                               "failures": sum(r["failures"] for r in rs), "runs": rs}
     on, off = out["sides"]["monitor on"], out["sides"]["monitor off"]
     out["ratio"] = on["throughput_rps"] / off["throughput_rps"] if off["throughput_rps"] else None
-    # within the noise: each side's median inside the other's spread
+    # within the noise: one side's median inside the other's spread
     out["within_spread"] = (off["spread"][0] <= on["throughput_rps"] <= off["spread"][1]
                             or on["spread"][0] <= off["throughput_rps"] <= on["spread"][1])
     return out
@@ -65,6 +69,6 @@ def report_lines(name: str, d: dict) -> list[str]:
                      f"{x['p99_ms']:.1f} | {x['cpu_ms']:.3f} | {x['failures']} |")
     if d.get("ratio"):
         lines += ["", f"On / off: {d['ratio']:.3f} ("
-                      + ("each median inside the other's spread: no cost this run could measure)"
+                      + ("a median inside the other side's spread: no cost this run could tell from noise)"
                          if d["within_spread"] else "outside the spreads: a measurable difference)")]
     return lines + [""]

@@ -138,7 +138,8 @@ def report(doc: dict, stem: Path) -> str:
         targets = verdicts(doc)
         lines = lines[:lines.index("## Ratios")] + (["## Targets", "", *targets] if targets else [])
     for name, r in measured.items():
-        settings = ", ".join(f"{k}={v}" for k, v in r["serve"].items()) + f", {r.get('serve_from', 'by hand')}"
+        settings = (", ".join(f"{k}={v}" for k, v in r["serve"].items()) or "its defaults") + \
+            f"; {r.get('serve_from', 'chosen by hand')}"
         lines += ["", f"## {name} ({r['input']}, {r['format']} requests; cnnserve with {settings})", "",
                   "| in-process | batch | images/s (median) | spread |", "|---|---|---|---|"]
         for kind in ("pytorch", "onnxruntime"):
