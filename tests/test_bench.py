@@ -62,7 +62,7 @@ def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
     else:
         assert "wrk is not installed" in r["floor_error"]
     # the service's settings are what `cnnserve tune` chose for this workload (bench/tuned/lenet5.yaml)
-    assert r["serve_from"] == "cnnserve tune (bench/tuned/lenet5.yaml)" and r["serve"]["max_batch_size"] > 0
+    assert r["serve_from"] == "chosen by cnnserve tune: bench/tuned/lenet5.yaml" and r["serve"]["max_batch_size"] > 0
     # gRPC against HTTP, same server, same tensor, alternated
     g = r["grpc"]
     assert [(x["clients"], x["protocol"]) for x in g["rows"]] == [(1, "http"), (1, "grpc"), (8, "http"), (8, "grpc")]
