@@ -5,10 +5,11 @@
    logits (verification compares them with PyTorch; the OOD score and ``calibrated=false`` start from
    them), so any client, KServe v2 tensors included, gets calibrated probabilities and can still undo it.
 2. Fit the out-of-distribution rule on the validation split: the energy score's median and its spread on
-   each side there, and the threshold on the distance from them that 95% pass (``core/confidence.py``'s ``ood_scores``:
-   two-sided, since uniform noise can get a *lower* energy than the training data); measure it on images
-   that are not the training distribution (uniform noise; for a digits model the ``shapes`` images and digits
-   rotated 90 degrees; for a shapes model digits): AUROC and false-accept rate per set.
+   each side there, and the threshold on the distance from them that 95% pass (``ood_scores`` in
+   ``core/confidence.py``: two-sided, since uniform noise can get a *lower* energy than the training data);
+   measure it on images that are not the training distribution (uniform noise; for a digits model the
+   ``shapes`` images and digits rotated 90 degrees; for a shapes model digits): AUROC and false-accept rate
+   per set.
 3. Measure on the test split ECE (15 bins, with a bootstrap interval), NLL and Brier score before and
    after; top-1 must be unchanged (the export fails otherwise). A reliability diagram is drawn.
 
@@ -127,7 +128,8 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
         sets[name] = {**cal.ood_measures(test_scores, ood_scores(rule, out, t), limit),
                       # and the one-sided energy's and the max-softmax baseline's AUROC
                       "auroc_energy": cal.auroc(cal.energy(test_logits, t), cal.energy(out, t)),
-                      "auroc_max_softmax": cal.auroc(-cal.softmax(test_logits, t).max(1), -cal.softmax(out, t).max(1))}
+                      "auroc_max_softmax": cal.auroc(-cal.softmax(test_logits, t).max(1),
+                                                     -cal.softmax(out, t).max(1))}
     ood = {"score": "energy_distance", **rule, "temperature": t, "threshold": limit,
            "validation_pass_rate": cal.PASS_RATE,
            "test_pass_rate": float((test_scores <= limit).mean()), "n_validation": int(len(val[1])),
@@ -148,13 +150,13 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
     if calibration["temperature_at_bound"]:
         log(f"calibration: T = {t:.3f} is at the edge of the search ({np.exp(cal.LOG_T_RANGE[0]):.2f}-"
             f"{np.exp(cal.LOG_T_RANGE[1]):.0f}): the model is near chance on the validation split, or it is tiny")
-    log(f"calibration: T = {t:.3f} {'kept' if separated else 'fitted'} on {len(val[1])} validation images; test "
-        f"({len(y)} images, "
-        f"{cal.BINS} bins) ECE {before['ece']:.4f} -> {after['ece']:.4f}, NLL {before['nll']:.4f} -> "
-        f"{after['nll']:.4f}, Brier {before['brier']:.4f} -> {after['brier']:.4f}; top-1 unchanged")
-    log("out-of-distribution (energy's distance from validation's, threshold {:.3f}, 95% of validation passes): "
-        "{}".format(limit, ", ".join(
-        f"{k} AUROC {v['auroc']:.3f} false-accept {v['false_accept_rate']:.1%}" for k, v in sets.items())))
+    log(f"calibration: T = {t:.3f} {'kept' if separated else 'fitted'} on {len(val[1])} validation images; "
+        f"test ({len(y)} images, {cal.BINS} bins) ECE {before['ece']:.4f} -> {after['ece']:.4f}, "
+        f"NLL {before['nll']:.4f} -> {after['nll']:.4f}, Brier {before['brier']:.4f} -> {after['brier']:.4f}; "
+        "top-1 unchanged")
+    found = ", ".join(f"{k} AUROC {v['auroc']:.3f} false-accept {v['false_accept_rate']:.1%}" for k, v in sets.items())
+    log(f"out-of-distribution (energy's distance from validation's, threshold {limit:.3f}, 95% of validation "
+        f"passes): {found}")
     report = {**calibration, "ood": ood, "test": {**calibration["test"], "before": before, "after": after}}
     return graph, replace(info, temperature=t, ood=ood, calibration=calibration), report
 

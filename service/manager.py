@@ -327,8 +327,9 @@ class ModelManager:
             self.retiring.remove(s)
             self.by_model.pop(id(s.model), None)
             self._freed = True
-            for key in [k for k in self.engine._explain_jobs if k[:2] == (s.model.name, s.model.version)]:
-                del self.engine._explain_jobs[key]
+            for key in list(self.engine._explain_jobs):  # a copy: the event loop may add one meanwhile
+                if key[:2] == (s.model.name, s.model.version):
+                    self.engine._explain_jobs.pop(key, None)
         loop = self.loop
         if loop is not None and loop.is_running() and _running_loop() is not loop:
             loop.call_soon_threadsafe(s.batcher.close)  # the batcher's task lives on the event loop

@@ -163,10 +163,9 @@ def bulk_observe_matches() -> bool:
 def observe_many(child, values) -> None:
     """Many observations into one labelled Histogram child: what ``observe`` per value does (checked by
     ``bulk_observe_matches``, else it is what runs; the sum equal up to float rounding), in one ``inc``
-    per bucket and one for the sum. In
-    multiprocess mode each ``inc`` is a write to a memory-mapped file under a lock: per value, draining a
-    second of answers held the GIL long enough to cost the service 10% of its throughput and half again
-    its p99 (the drift monitor, issue 29)."""
+    per bucket and one for the sum. In multiprocess mode each ``inc`` is a write to a memory-mapped file
+    under a lock: per value, draining a second of answers held the GIL long enough to cost the service
+    10% of its throughput and half again its p99 (the drift monitor, issue 29)."""
     import numpy as np
 
     values = np.asarray(values, np.float64).ravel()
