@@ -144,7 +144,8 @@ if __name__ == "__main__":
 def section(w: dict, srv, clients, duration: float, warmup: float, rounds: int, log=print) -> dict:
     """HTTP against gRPC on ``srv`` (the service with the workload's settings), same run: this module as its
     own process, the protocols alternated ``rounds`` times at each client count. Per protocol and count:
-    the median req/s over the rounds, their spread, the median p50/p99, failures."""
+    the median req/s over the rounds, their spread, the median p50/p99, failures. One process's grpc.aio
+    channels limit large tensors at many clients (ResNet-18's 150 KB at 64: ~120 calls/s, docs/grpc.md)."""
     import statistics
     import subprocess
     import sys
