@@ -1,12 +1,12 @@
 """The numbers behind calibrated probabilities (numpy only): temperature scaling, its measures and the
-energy out-of-distribution score.
+measures of the out-of-distribution score (the score itself is ``cnnserve.core.confidence``'s, which
+the service and the batch scorer answer with).
 
 - Temperature scaling (Guo et al. 2017): one T > 0 that minimises the negative log-likelihood of
   softmax(logits / T) on held-out data. The arg-max of every row is unchanged by construction.
 - Expected calibration error with equal-width confidence bins (15, as in that paper), NLL, Brier score,
   and a bootstrap interval for the ECE (a few hundred test images leave it uncertain by about a point).
-- The energy score (Liu et al. 2020): ``-T * logsumexp(logits / T)``, low for inputs like the training
-  data; its threshold is the validation split's 95th percentile, so 95% of in-distribution images pass.
+- The score's threshold: the validation split's 95th percentile, so 95% of in-distribution images pass;
   AUROC against an out-of-distribution set, and the false-accept rate (outliers that pass) at it.
 """
 
@@ -92,13 +92,6 @@ def measures(probs: np.ndarray, logits: np.ndarray, targets: np.ndarray, t: floa
     rel = reliability(probs, targets, bins)
     return {"ece": rel["ece"], "ece_95": ece_interval(probs, targets, bins), "nll": nll(logits, targets, t),
             "brier": brier(probs, targets), "accuracy": float((probs.argmax(1) == targets).mean()), "reliability": rel}
-
-
-def energy(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
-    """The energy score ``-T logsumexp(logits / T)`` per row (higher: less like the training data)."""
-    z = np.asarray(logits, np.float64) / t
-    m = z.max(axis=1)
-    return -t * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
 
 
 def threshold(scores: np.ndarray, pass_rate: float = PASS_RATE) -> float:

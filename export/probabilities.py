@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from cnnserve.core.confidence import ood_scores
+from cnnserve.core.confidence import energy, ood_scores
 from cnnserve.core.onnxmeta import INPUT, LOGITS, PROBABILITIES, ModelInfo
 
 from . import calibrate as cal
@@ -117,7 +117,7 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
     y = test[1]
     before = cal.measures(raw_probs.astype(np.float64), test_logits, y, 1.0)
     after = cal.measures(probs.astype(np.float64), test_logits, y, t)
-    val_energy = cal.energy(val_logits, t)
+    val_energy = energy(val_logits, t)
     lo, center, hi = (float(q) for q in np.quantile(val_energy, [0.025, 0.5, 0.975]))
     rule = {"center": center, "below": max(center - lo, 1e-6), "above": max(hi - center, 1e-6)}  # ood_scores
     val_scores, test_scores = ood_scores(rule, val_logits, t), ood_scores(rule, test_logits, t)
@@ -127,7 +127,7 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
         (out,) = run(proto, x, (LOGITS,))
         sets[name] = {**cal.ood_measures(test_scores, ood_scores(rule, out, t), limit),
                       # and the one-sided energy's and the max-softmax baseline's AUROC
-                      "auroc_energy": cal.auroc(cal.energy(test_logits, t), cal.energy(out, t)),
+                      "auroc_energy": cal.auroc(energy(test_logits, t), energy(out, t)),
                       "auroc_max_softmax": cal.auroc(-cal.softmax(test_logits, t).max(1),
                                                      -cal.softmax(out, t).max(1))}
     ood = {"score": "energy_distance", **rule, "temperature": t, "threshold": limit,

@@ -255,7 +255,7 @@ class Engine:
                                                      job=self._explain_job(model, method))
             t = time.perf_counter()
             out = np.concatenate([logits, probs], axis=1)
-            probs, _, rows = assess(model.info, out, calibrated)
+            probs, rows = assess(model.info, out, calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
             heat = xp.cam(features[0], model.cam_weights, tgt, (h, w))
         else:
@@ -271,7 +271,7 @@ class Engine:
             out = await self.run(model, batch, timings, ticket, job=self._explain_job(model, method))
             del batch
             t = time.perf_counter()
-            probs, _, rows = assess(model.info, out, calibrated)
+            probs, rows = assess(model.info, out, calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
             heat = xp.sensitivity(float(probs[0, tgt]), probs[1:, tgt], boxes, patch, (h, w))
         if self.monitor:
@@ -293,7 +293,7 @@ class Engine:
         pixels = await self.decode(model, data, timings, ticket)
         out = await self.run(model, pixels[None], timings, ticket)
         t = time.perf_counter()
-        probs, _, rows = assess(model.info, out, calibrated)
+        probs, rows = assess(model.info, out, calibrated)
         result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0], **rows[0]}
         if timings is not None:
             timings["respond"] = time.perf_counter() - t
@@ -325,7 +325,7 @@ class Engine:
         preds = []
         if good:
             out = await self.run(model, np.stack([decoded[i] for i in good]), ticket=ticket)
-            probs, _, rows = assess(model.info, out, calibrated)
+            probs, rows = assess(model.info, out, calibrated)
             preds = [{"predictions": p, **r} for p, r in zip(model.top_k(probs, k), rows)]
         by_index = dict(zip(good, preds))
         results = []

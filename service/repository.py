@@ -96,6 +96,15 @@ def split_tag(name: str, params: dict) -> tuple[str, str]:
     return name, version
 
 
+async def control_request(request: Request, name: str) -> tuple[str, str, Engine, object]:
+    """A load or unload request, authorized and read: the model's name and version (``NAME:VERSION`` or the
+    ``version`` parameter), the engine and this worker's share in the served set (``WorkerSync`` or None)."""
+    authorize(request)
+    req = await json_body(request)
+    name, version = split_tag(name, req.get("parameters", {}))
+    return name, version, _engine(request), request.app.state.sync
+
+
 def index(engine: Engine, sync) -> list[dict]:
     """Every stored cnnserve model version, with its state over all of this server's live workers."""
     import bentoml
@@ -148,10 +157,7 @@ async def settle(request: Request, generation: int, name: str) -> JSONResponse:
 @route("POST", "/v2/repository/models/{name}/load", tags=TAGS,
        summary="Load a stored model (NAME, NAME:VERSION; default: its newest) beside the served one, then switch")
 async def load(request: Request, name: str):
-    authorize(request)
-    req = await json_body(request)
-    name, version = split_tag(name, req.get("parameters", {}))
-    e, sync = _engine(request), request.app.state.sync
+    name, version, e, sync = await control_request(request, name)
     keep = max(1, e.config.keep_versions)
 
     def do() -> int:
@@ -173,10 +179,7 @@ async def load(request: Request, name: str):
 @route("POST", "/v2/repository/models/{name}/unload", tags=TAGS,
        summary="Stop serving a model (every version, or NAME:VERSION); its requests in flight finish first")
 async def unload(request: Request, name: str):
-    authorize(request)
-    req = await json_body(request)
-    name, version = split_tag(name, req.get("parameters", {}))
-    e, sync = _engine(request), request.app.state.sync
+    name, version, e, sync = await control_request(request, name)
 
     def do() -> int:
         e.manager.unload(name, version or None)

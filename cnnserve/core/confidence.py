@@ -20,7 +20,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def energy(logits: np.ndarray, t: float) -> np.ndarray:
+def energy(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
+    """The energy score ``-T logsumexp(logits / T)`` per row (Liu et al. 2020; lower: more like the data
+    the network was trained on, up to the failure ``ood_scores`` guards against)."""
     z = np.asarray(logits, np.float64) / t
     m = z.max(axis=1)
     return -t * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
@@ -53,9 +55,9 @@ def threshold(info) -> float | None:
     return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else None
 
 
-def assess(info, out: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+def assess(info, out: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, list[dict]]:
     """``out`` (N x 2K: logits, probabilities) to the probabilities to answer with (raw softmax unless
-    ``calibrated``), the scores, and per row ``{"ood_score", "in_distribution", "calibrated"}``."""
+    ``calibrated``) and per row ``{"ood_score", "in_distribution", "calibrated"}``."""
     k = info.spec.num_classes
     logits = out[:, :k]
     scaled = info.temperature != 1.0
@@ -64,13 +66,13 @@ def assess(info, out: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, 
     limit = threshold(info)
     rows = [{"ood_score": round(float(s), 4), "in_distribution": None if limit is None else bool(s <= limit),
              "calibrated": bool(calibrated and scaled)} for s in scores]
-    return probs, scores, rows
+    return probs, rows
 
 
 def score_rows(model, pixels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
     """A ``runtime.Model``'s calibrated probabilities and per-row OOD fields for uint8 ``pixels``."""
     from .onnxmeta import OUTPUTS
 
-    probs, _, rows = assess(model.info, np.concatenate(model.run(pixels, list(OUTPUTS)), axis=1))
+    probs, rows = assess(model.info, np.concatenate(model.run(pixels, list(OUTPUTS)), axis=1))
     return probs, rows
 
