@@ -15,9 +15,9 @@ the model in a worker thread:
   explanations: an occlusion map is up to ``max_occlusions`` images) takes what room is left,
   **and never more than one slice**: ``bulk_slice()`` images, as many as the model runs in
   ``bulk_slice_ms`` by its measured time per image (at least one in a batch of bulk work alone,
-  possibly none beside interactive requests). Batches run one at a time, so an interactive
-  request that arrives while bulk work runs waits for at most one slice before it is in the
-  next batch; bulk work yields between slices instead of holding the model for the whole of a
+  possibly none beside interactive requests). Batches run one at a time (``in_flight`` at a
+  time where asked, on a GPU), so an interactive request that arrives while bulk work runs
+  waits for at most one slice (per run in flight) before it is in the next batch; bulk work yields between slices instead of holding the model for the whole of a
   large request (issue 24: a 64-image occlusion batch of a 224-px model held its model for
   seconds, and interactive requests waited behind it).
 - jobs: a request may name another function than the model's usual run (a CAM pass, which
@@ -63,12 +63,13 @@ class _Item:
     results of those that ran, in order."""
 
     __slots__ = ("pixels", "fut", "queued_at", "deadline", "gone", "timer", "job", "bulk", "sent", "parts",
-                 "started", "seconds")
+                 "done", "started", "seconds")
 
     def __init__(self, pixels, fut, queued_at, deadline, gone, timer, job, bulk) -> None:
         self.pixels, self.fut, self.queued_at, self.deadline, self.gone = pixels, fut, queued_at, deadline, gone
         self.timer, self.job, self.bulk = timer, job, bulk
-        self.sent, self.parts, self.started, self.seconds = 0, [], None, 0.0
+        # parts: (first row, rows) of each run that carried some of it (runs in flight may end out of order)
+        self.sent, self.parts, self.done, self.started, self.seconds = 0, [], 0, None, 0.0
 
     @property
     def left(self) -> int:
@@ -84,11 +85,13 @@ class MicroBatcher:
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_queue: int,
                  max_wait_ms: float, on_batch: Callable[[int, float], None] | None = None, name: str = "model",
                  on_depth: Callable[[int], None] | None = None, bulk_slice_ms: float = 50.0,
-                 seconds_per_image: float = 0.0, fixed_slice: int | None = None):
+                 seconds_per_image: float = 0.0, fixed_slice: int | None = None, in_flight: int = 1):
         """``on_batch(images, seconds)`` after each run; ``on_depth(images)`` with the images waiting for or in
         the model, as each batch starts and ends (the autoscaling metric: cheap, and fresh under load).
         ``bulk_slice_ms``: see ``bulk_slice``; ``seconds_per_image``: the model's time per image measured in
-        its warm-up (the first estimate); ``fixed_slice``: a slice of that many images whatever the time."""
+        its warm-up (the first estimate); ``fixed_slice``: a slice of that many images whatever the time.
+        ``in_flight``: batches run at once (each in its own thread; on a GPU, one batch's copies overlap
+        another's compute); the next batch is taken only when a run is free, so it is as full as it can be."""
         self.fn, self.max_batch_size, self.max_wait = fn, max_batch_size, max_wait_ms / 1000
         self.max_queue, self.on_batch, self.on_depth, self.name = max_queue, on_batch, on_depth, name
         self.bulk_slice_s, self.fixed_slice = bulk_slice_ms / 1000, fixed_slice
@@ -97,7 +100,10 @@ class MicroBatcher:
         self._bulk_queued = 0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"infer-{name}")
+        self.in_flight = in_flight
+        self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix=f"infer-{name}")
+        self._running = 0  # images in runs now
+        self._runs: set[asyncio.Task] = set()  # runs in flight beside the drain (in_flight > 1)
         self._rate = 0.0  # images per second, smoothed, for Retry-After
         self._per_image = seconds_per_image  # seconds per image, smoothed (warm-up's figure at first)
         self._bulk_blocked = False  # the bulk queue's head waits for a batch of its own job
@@ -232,44 +238,61 @@ class MicroBatcher:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
+        free = asyncio.Semaphore(self.in_flight)
         while True:
             if not self._queued:
                 self._wake.clear()
                 await self._wake.wait()
             if self.max_wait and self._queued < self.max_batch_size:
                 await asyncio.sleep(self.max_wait)
+            await free.acquire()  # a run is free: only now is the batch formed, from everything queued
             pieces = self._take()
             if not pieces:
+                free.release()
                 continue
             if len(pieces) == 1:
                 item, a, b = pieces[0]
                 batch = item.pixels if (a, b) == (0, len(item.pixels)) else item.pixels[a:b]
             else:
                 batch = np.concatenate([item.pixels[a:b] for item, a, b in pieces])
-            fn = pieces[0][0].job or self.fn
-            if self.on_depth:
-                self.on_depth(self._queued + len(batch))
-            t = time.perf_counter()
-            try:
-                out = await loop.run_in_executor(self._pool, fn, batch)
-            except Exception as e:  # fail this batch's requests only
-                for item, _, _ in pieces:
-                    if not item.fut.done():
-                        item.fut.set_exception(e)
-                continue
-            finally:
-                if self.on_depth:
-                    self.on_depth(self._queued)
-            seconds = time.perf_counter() - t
-            self._measured(len(batch), seconds)
-            start = 0
-            for item, a, b in pieces:
+            run = self._run(loop, pieces, batch, free)
+            if self.in_flight == 1:
+                await run
+            else:
+                task = loop.create_task(run)
+                self._runs.add(task)
+                task.add_done_callback(self._runs.discard)
+
+    async def _run(self, loop, pieces: list, batch: np.ndarray, free: asyncio.Semaphore) -> None:
+        """Run one batch in the pool and hand each request its rows; a failing run fails its requests only."""
+        fn = pieces[0][0].job or self.fn
+        self._running += len(batch)
+        if self.on_depth:
+            self.on_depth(self._queued + self._running)
+        t = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self._pool, fn, batch)
+        except Exception as e:  # fail this batch's requests only
+            for item, _, _ in pieces:
                 if not item.fut.done():
-                    item.seconds += seconds
-                    item.parts.append(_rows(out, start, start + b - a))
-                    if b == len(item.pixels):
-                        item.fut.set_result(_joined(item.parts))
-                start += b - a
+                    item.fut.set_exception(e)
+            return
+        finally:
+            self._running -= len(batch)
+            free.release()
+            if self.on_depth:
+                self.on_depth(self._queued + self._running)
+        seconds = time.perf_counter() - t
+        self._measured(len(batch), seconds)
+        start = 0
+        for item, a, b in pieces:
+            if not item.fut.done():
+                item.seconds += seconds
+                item.parts.append((a, _rows(out, start, start + b - a)))
+                item.done += b - a
+                if item.done == len(item.pixels):
+                    item.fut.set_result(_joined([rows for _, rows in sorted(item.parts, key=lambda p: p[0])]))
+            start += b - a
 
     def _measured(self, n: int, seconds: float) -> None:
         rate = n / max(seconds, 1e-6)
@@ -282,6 +305,8 @@ class MicroBatcher:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        for task in list(self._runs):
+            task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

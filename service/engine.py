@@ -96,7 +96,7 @@ class Engine:
         depth = self.metrics.queued.labels(model.name).set if self.metrics else None
         return MicroBatcher(run, self.config.max_batch_size, self.config.max_queue, self.config.max_wait_ms,
                             observe, model.name, depth, bulk_slice_ms=self.config.bulk_slice_ms,
-                            seconds_per_image=model.seconds_per_image)
+                            seconds_per_image=model.seconds_per_image, in_flight=self.config.runs_in_flight)
 
     def _explain_job(self, model: Model, method: str):
         """The batcher job of an explanation (one function per model and method, so that those requests batch

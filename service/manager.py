@@ -246,7 +246,7 @@ class ModelManager:
         a = self.settings
         try:
             model = load_model(path, name=name, version=version, providers=a.providers, threads=a.intra_op_threads,
-                               spin=a.spin, precision=a.precision, batch_sizes=(1, a.max_batch_size))
+                               spin=a.spin, precision=a.precision, batch_sizes=(1, a.max_batch_size), device=a.device)
         except ModelLoadError as e:
             raise LoadFailed(str(e)) from None
         except Exception as e:  # noqa: BLE001 - a file onnxruntime or the metadata parser refuses, in words

@@ -64,7 +64,7 @@ class CnnServe:
             for tag, name, version, path in self._start_set():
                 models.append(load_model(path, name=name, version=version, providers=ARGS.providers,
                                          threads=ARGS.intra_op_threads, spin=ARGS.spin, precision=ARGS.precision,
-                                         batch_sizes=(1, ARGS.max_batch_size)))
+                                         batch_sizes=(1, ARGS.max_batch_size), device=ARGS.device))
             self.engine = Engine(models, ARGS, metrics(), draining=lambda: DRAIN.active)
             app.state.engine = self.engine
             app.state.sync = WorkerSync(self.engine.manager, SERVED, ARGS)

@@ -14,7 +14,7 @@ from functools import cached_property
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: The model every entry point uses when none is named: what `./run.sh up` trains, exports and
 #: stores, what `bentoml serve` serves, what `cnnserve score` and `cnnserve container` take.
@@ -55,6 +55,44 @@ class Limits:
     max_aspect_ratio: float
     max_chunks: int
     formats: frozenset[str]
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """How a model's session uses its device (a view of ``Settings``; ``cnnserve.core.binding`` applies it).
+
+    On CUDA: ``device_id`` (one worker per GPU on a multi-GPU host, each with its own id), ``conv_search``
+    (cuDNN's convolution algorithm search), ``mem_limit_bytes`` (the CUDA memory arena's limit; 0: none),
+    ``io_binding`` (auto: on with CUDA; inputs copied to the device once, outputs bound there), and
+    ``cuda_graphs`` (each batch padded up to one of ``buckets`` and replayed as a CUDA graph captured for
+    that size: fixed shapes and fixed buffers, one run at a time). On CPU only ``io_binding=on`` does
+    anything (binding to host memory), and CUDA graphs are refused with a log line, never an error."""
+
+    device_id: int = 0
+    conv_search: str = "HEURISTIC"
+    mem_limit_bytes: int = 0
+    io_binding: str = "auto"
+    cuda_graphs: bool = False
+    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+
+
+def bucket_sizes(text: str, max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes batches are padded up to: ``text`` (space-separated) or, when empty, the powers of two
+    below ``max_batch_size`` and that size itself; the largest must hold a whole batch."""
+    if text.strip():
+        try:
+            sizes = sorted({int(v) for v in text.split()})
+        except ValueError:
+            raise ValueError(f"batch_buckets {text!r}: not whole numbers separated by spaces") from None
+        if sizes[0] < 1 or sizes[-1] < max_batch_size:
+            raise ValueError(f"batch_buckets {text!r}: sizes must be at least 1, the largest at least "
+                             f"max_batch_size ({max_batch_size})")
+        return tuple(sizes)
+    sizes, n = [], 1
+    while n < max_batch_size:
+        sizes.append(n)
+        n *= 2
+    return (*sizes, max_batch_size)
 
 
 # Setting types: a value outside them is refused when the server starts (`bentoml serve` prints one line
@@ -138,6 +176,24 @@ class Settings(BaseModel):
     # Drift (service/drift.py): every batch's answers counted off the request path into /metrics and
     # /models/NAME/monitor; false: neither (the per-answer ood_score and in_distribution stay)
     drift_monitor: bool = True
+    # The GPU (cnnserve.core.binding, docs/gpu.md); none of these matter on CPU but io_binding=on. device_id: which
+    # GPU (one worker per GPU: serve each with its own id); cudnn_conv_algo_search: EXHAUSTIVE finds the fastest
+    # convolutions at a cost per new batch size, HEURISTIC (default) picks at once; gpu_mem_limit_mb: the CUDA
+    # arena's cap (0: none); io_binding: auto binds on CUDA; cuda_graphs: pad every batch up to one of batch_buckets
+    # (space-separated; empty: powers of two up to max_batch_size) and replay a CUDA graph captured per size;
+    # runs_in_flight: batches one model runs at once (2 on a GPU lets one batch's copies overlap another's compute)
+    device_id: Natural = 0
+    cudnn_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = "HEURISTIC"
+    gpu_mem_limit_mb: NonNegative = 0.0
+    io_binding: Literal["auto", "on", "off"] = "auto"
+    cuda_graphs: bool = False
+    batch_buckets: str = ""
+    runs_in_flight: Annotated[int, Field(ge=1, le=8)] = 1
+
+    @model_validator(mode="after")
+    def _buckets_hold_a_batch(self):
+        bucket_sizes(self.batch_buckets, self.max_batch_size)  # a ValueError names the setting
+        return self
 
     @property
     def tags(self) -> list[str]:
@@ -170,6 +226,12 @@ class Settings(BaseModel):
         return Limits(max_bytes=self.max_request_bytes, max_pixels=self.max_image_pixels,
                       max_decoded_bytes=int(self.max_decoded_mb * MB), max_aspect_ratio=self.max_aspect_ratio,
                       max_chunks=self.max_chunks, formats=frozenset(self.formats.upper().split()))
+
+    @cached_property
+    def device(self) -> DeviceOptions:
+        return DeviceOptions(device_id=self.device_id, conv_search=self.cudnn_conv_algo_search,
+                             mem_limit_bytes=int(self.gpu_mem_limit_mb * MB), io_binding=self.io_binding,
+                             cuda_graphs=self.cuda_graphs, buckets=bucket_sizes(self.batch_buckets, self.max_batch_size))
 
 
 DEFAULTS = Settings()

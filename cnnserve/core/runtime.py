@@ -13,14 +13,15 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 
 import numpy as np
 import onnxruntime as ort
 
 from . import onnxmeta
-from .config import PRECISIONS
+from .binding import BindingError, cuda_options, runner_for
+from .config import PRECISIONS, DeviceOptions
 from .onnxmeta import ModelInfo
 from .spec import SpecError
 
@@ -28,9 +29,9 @@ log = logging.getLogger("cnnserve.runtime")
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
-# CUDA provider options. HEURISTIC conv-algorithm search avoids EXHAUSTIVE's long first run
-# per new input shape (every new batch size); the arena grows by what is requested, not by doubling.
-CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+# The CUDA provider's defaults (``binding.cuda_options``): HEURISTIC conv-algorithm search avoids EXHAUSTIVE's
+# long first run per new input shape (every new batch size); no arena limit; no CUDA graphs.
+NO_DEVICE_OPTIONS = DeviceOptions()
 
 
 # Precisions: ``auto`` times the verified variants beside a model (NAME.fp16.onnx, NAME.int8.onnx) that
@@ -43,14 +44,14 @@ class ModelLoadError(RuntimeError):
     """A model that cannot be loaded or run as asked (named, with the reason)."""
 
 
-def requested_providers(choice: str = "auto") -> list:
+def requested_providers(choice: str = "auto", device: DeviceOptions = NO_DEVICE_OPTIONS) -> list:
     """The provider list to ask onnxruntime for. ``auto``: CUDA when listed, then CPU;
-    ``cpu``: CPU only; ``cuda``: CUDA, failing if it does not really load."""
+    ``cpu``: CPU only; ``cuda``: CUDA, failing if it does not really load. ``device``: the GPU settings."""
     if choice not in PROVIDER_CHOICES:
         raise ValueError(f"providers must be one of {', '.join(PROVIDER_CHOICES)}, got {choice!r}")
     if choice == "cpu" or CUDA not in ort.get_available_providers():
         return [CPU]
-    return [(CUDA, CUDA_OPTIONS), CPU]
+    return [(CUDA, cuda_options(device)), CPU]
 
 
 _ORT_SEVERITY = [2]  # onnxruntime's default logger severity as this process last set it (2, WARNING, at start)
@@ -75,15 +76,17 @@ def ort_severity(level: int | None):
 
 
 def create_session(path: str | os.PathLike | bytes, providers: str = "auto", threads: int | None = None,
-                   source: str | None = None, spin: bool = False) -> ort.InferenceSession:
+                   source: str | None = None, spin: bool = False,
+                   device: DeviceOptions = NO_DEVICE_OPTIONS) -> ort.InferenceSession:
     """``spin``: let onnxruntime's worker threads busy-wait between runs. Off by default: a server
-    shares its cores with decoding and HTTP, and spinning threads take CPU from both."""
+    shares its cores with decoding and HTTP, and spinning threads take CPU from both. ``device``: the
+    CUDA provider's settings (device id, cuDNN search, arena limit, CUDA graphs)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    wanted = requested_providers(providers)
+    wanted = requested_providers(providers, device)
     source = source or (str(path) if not isinstance(path, bytes) else "model")
     # A failed CUDA load is logged by onnxruntime as an error, then it falls back to CPU:
     # keep that out of the log and report the outcome ourselves.
@@ -117,7 +120,8 @@ class Model:
     seconds_per_image: float = 0.0
     #: how the precision was chosen: mode (auto or forced), candidates, warm-up timings, the choice
     choice: dict = field(default_factory=dict)
-    _output: list = field(default_factory=lambda: ["probabilities"])
+    #: IO binding or CUDA graph buckets (``binding.runner_for``); None: the session's own run
+    runner: object | None = None
 
     @property
     def spec(self):
@@ -142,10 +146,13 @@ class Model:
         return self.session.get_providers()
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
-        """Probabilities (float32, N x classes) for a batch of uint8 images; one onnxruntime run."""
-        return self.session.run(self._output, {onnxmeta.INPUT: pixels})[0]
+        """Probabilities (float32, N x classes) for a batch of uint8 images; one onnxruntime run (the outputs
+        the batcher asks for, so that a CUDA graph bucket serves it too)."""
+        return self.run(pixels, list(onnxmeta.OUTPUTS))[1]
 
     def run(self, pixels: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
+        if self.runner is not None:
+            return self.runner.run(pixels, outputs)
         return self.session.run(outputs, {onnxmeta.INPUT: pixels})
 
     def top_k(self, probs: np.ndarray, k: int) -> list[list[dict]]:
@@ -201,11 +208,14 @@ def time_sessions(sessions: dict[str, ort.InferenceSession], shape: tuple, batch
 
 
 def choose_precision(path: str | os.PathLike, precision: str = "auto", providers: str = "auto",
-                     threads: int | None = None, spin: bool = False, batch_sizes=(1, 8)):
-    """The session to serve ``path`` with, and how its precision was chosen (``Model.choice``)."""
+                     threads: int | None = None, spin: bool = False, batch_sizes=(1, 8),
+                     device: DeviceOptions = NO_DEVICE_OPTIONS):
+    """The session to serve ``path`` with, and how its precision was chosen (``Model.choice``). The sessions
+    timed here never have CUDA graphs (``attach_runner`` opens the chosen file again with them)."""
     if precision not in PRECISIONS:
         raise ModelLoadError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    first = create_session(path, providers, threads, spin=spin)
+    device = replace(device, cuda_graphs=False)
+    first = create_session(path, providers, threads, spin=spin, device=device)
     info = ModelInfo.from_metadata(first.get_modelmeta().custom_metadata_map, str(path))
     own = info.precision
     files = onnxmeta.variant_files(path, own)
@@ -216,7 +226,7 @@ def choose_precision(path: str | os.PathLike, precision: str = "auto", providers
         weights or for another spec (a stale variant left by an earlier export)."""
         if p not in opened:
             try:
-                sess = create_session(files[p], providers, threads, spin=spin)
+                sess = create_session(files[p], providers, threads, spin=spin, device=device)
                 other = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, files[p])
             except (ModelLoadError, SpecError) as e:  # a damaged variant: refused if forced, else passed over
                 if precision != "auto":
@@ -254,18 +264,42 @@ def choose_precision(path: str | os.PathLike, precision: str = "auto", providers
     return sessions[chosen], choice
 
 
+def attach_runner(sess: ort.InferenceSession, file: str, shape: tuple, providers: str, threads: int | None,
+                  spin: bool, device: DeviceOptions):
+    """The session to serve, its runner (``binding.runner_for``) and a line saying which and why. With CUDA
+    graphs asked for on CUDA, ``file`` is opened again with them; where onnxruntime cannot capture them (a node
+    off CUDA, a dynamic shape inside) the session without graphs serves, and the line says why."""
+    outputs, refused = list(onnxmeta.OUTPUTS), ""
+    if device.cuda_graphs and sess.get_providers()[0] == CUDA:
+        try:
+            graphs = create_session(file, providers, threads, spin=spin, device=device)
+            runner, note = runner_for(graphs, shape, outputs, device)
+            return graphs, runner, note
+        except (ModelLoadError, BindingError) as e:
+            log.warning("%s: CUDA graphs refused (%s); serving without them", file, e)
+            refused = f"CUDA graphs refused ({e}); "
+    elif device.cuda_graphs:
+        refused = f"no CUDA graphs on {sess.get_providers()[0]}; "
+    runner, note = runner_for(sess, shape, outputs, replace(device, cuda_graphs=False))
+    return sess, runner, refused + note
+
+
 def load_model(path: str | os.PathLike, name: str | None = None, version: str = "", providers: str = "auto",
                threads: int | None = None, warm_up: bool = True, spin: bool = False, precision: str | None = None,
-               batch_sizes=(1, 8)) -> Model:
+               batch_sizes=(1, 8), device: DeviceOptions = NO_DEVICE_OPTIONS) -> Model:
     """Load an exported ONNX file; its spec and labels come from its metadata. ``precision``: which of
     its verified variants to run (``auto``: the fastest here at ``batch_sizes``, see ``choose_precision``);
-    None: the file as given."""
+    None: the file as given. ``device``: the GPU settings (IO binding, CUDA graphs, the provider's options)."""
     if precision is None:
-        sess, choice = create_session(path, providers, threads, spin=spin), {"mode": "file", "file": str(path)}
+        sess = create_session(path, providers, threads, spin=spin, device=replace(device, cuda_graphs=False))
+        choice = {"mode": "file", "file": str(path)}
     else:
-        sess, choice = choose_precision(path, precision, providers, threads, spin, batch_sizes)
+        sess, choice = choose_precision(path, precision, providers, threads, spin, batch_sizes, device)
     info = ModelInfo.from_metadata(sess.get_modelmeta().custom_metadata_map, str(path))
-    model = Model(name=name or info.spec.arch, version=version, info=info, session=sess, choice=choice)
+    sess, runner, choice["runner"] = attach_runner(sess, choice["file"], info.spec.input_shape, providers, threads,
+                                                   spin, device)
+    model = Model(name=name or info.spec.arch, version=version, info=info, session=sess, choice=choice,
+                  runner=runner)
     if warm_up:
         model.warm_up()
     log.info("loaded %s:%s (%s, %s) from %s on %s; warm-up %.0f ms", model.name, version or "-", info.spec.arch,
