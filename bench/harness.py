@@ -615,6 +615,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="batch-scoring engines to measure")
     ap.add_argument("--score-images", type=int, default=10000,
                     help="files per batch-scoring run (from 5,000 the local engine decodes in processes)")
+    g = ap.add_argument_group("the GPU mode (bench/gpu.py, docs/gpu.md)")
+    g.add_argument("--gpu", action="store_true",
+                   help="run issue 32's GPU measurements instead (correctness, in-process onnxruntime plain / IO binding "
+                        "/ CUDA graphs and PyTorch eager, the service); without a working CUDA provider, a small "
+                        "rehearsal on the CPU provider")
+    g.add_argument("--gpu-prepare", action="store_true",
+                   help="only write the weightless graphs the GPU machine needs (where torch and the exporter are)")
+    g.add_argument("--gpu-arches", nargs="+", default=["resnet50", "resnet18"], help="models measured")
+    g.add_argument("--gpu-size", type=int, default=None, help="input side in px (default 224; 64 in a rehearsal)")
+    g.add_argument("--gpu-batches", nargs="+", type=int, default=None,
+                   help="batch sizes (default 1 8 32 64 128 256; 1 4 in a rehearsal)")
+    g.add_argument("--gpu-sections", nargs="+", default=["correctness", "in_process", "pytorch", "service"],
+                   choices=["correctness", "in_process", "pytorch", "service"], help="what to run")
+    g.add_argument("--gpu-clients", nargs="+", type=int, default=[64, 256], help="clients for the service runs")
+    g.add_argument("--gpu-load-procs", type=int, default=4, help="load processes the clients are spread over")
+    g.add_argument("--gpu-serve", nargs="+", default=None, metavar="KEY=VALUE",
+                   help="the service's arguments (default: the GPU settings of docs/gpu.md)")
+    g.add_argument("--gpu-trained", default=None,
+                   help="the trained export for correctness (default runs/resnet18-shapes-64/model.onnx)")
+    g.add_argument("--gpu-skeletons", default=None, help="where --gpu-prepare wrote the graphs (default bench/work/gpu)")
     ap.add_argument("--out", default=None, help="result stem (default bench/results/DATE-HOST)")
     ap.add_argument("--work", default=None, help="keep the trained models, images and scores here "
                                                  "(default: runs/ and bench/work/ in the repository)")
@@ -624,6 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.gpu or args.gpu_prepare:
+        from .gpu import main as gpu_main
+
+        return gpu_main(args, command(argv if argv is not None else sys.argv[1:]))
     work = Path(args.work).resolve() if args.work else WORK
     runs = work if args.work else ROOT  # the workloads' runs/ (``--work`` moves them too)
     os.chdir(ROOT)

@@ -79,3 +79,41 @@ def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
     assert "NOT MEASURED: the naive-baseline target is set at 64 clients" in md  # 8 were run
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert str(tmp_path) not in md  # reports name no machine's paths
+
+
+def test_the_gpu_mode_rehearses_end_to_end_on_the_cpu(tmp_path, default_onnx):
+    """``cnnserve bench --gpu`` where onnxruntime has no working CUDA: every step of the device run (the
+    weightless graph, weights by rule, fp16 variants, correctness, the three onnxruntime methods, PyTorch eager,
+    the service under several load processes, the report) runs on the CPU provider at a small size, and the
+    report says no target was measured. The device's minutes are then not spent finding a typo."""
+    from cnnserve.bench.gpu import cuda_works
+
+    if cuda_works():
+        pytest.skip("onnxruntime runs on CUDA here: the GPU mode itself is what runs here (bench/results)")
+    work, out = tmp_path / "work", tmp_path / "gpu"
+    r = run_cli("bench", "--gpu", "--gpu-prepare", "--gpu-arches", "resnet18", "--gpu-size", "32", "--work", str(work))
+    assert r.returncode == 0, r.stderr
+    skeleton = work / "gpu" / "skeletons" / "resnet18-32.skeleton.onnx"
+    assert skeleton.stat().st_size < 1_000_000  # the weights stayed behind: ResNet-18's fp32 file is 45 MB
+    r = run_cli("bench", "--gpu", "--gpu-arches", "resnet18", "--gpu-size", "32", "--gpu-trained", str(default_onnx),
+                "--seconds", "0.2", "--short", "2", "--warmup", "0.5", "--gpu-clients", "4", "--gpu-load-procs", "2",
+                "--work", str(work), "--out", str(out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert doc["mode"] == "rehearsal" and doc["device"]["available_providers"]
+    assert doc["targets"] and all(t["state"].startswith("NOT MEASURED") for t in doc["targets"])
+    c = doc["correctness"]
+    assert c["fp32"]["providers"][0] == "CPUExecutionProvider" and c["fp32"]["max_logit_diff"] == 0.0
+    assert c["fp16"]["top1_agreement"] >= 0.9  # fp16 made from the export, on real rendered images
+    r18 = doc["arches"]["resnet18"]
+    for precision in ("fp32", "fp16"):
+        assert set(r18["in_process"][precision]) == {"plain", "io_binding", "buckets"}
+        assert all(x["images_per_s"] > 0 for rows in r18["in_process"][precision].values() for x in rows)
+    assert [x["batch"] for x in r18["pytorch"]] == [1, 4]
+    s = r18["service"]
+    assert s["served"]["runner"] == "io_binding on cpu:0" and s["served"]["providers"][0] == "CPUExecutionProvider"
+    assert s["runs"][0]["processes"] == 2 and s["runs"][0]["requests"] > 0 and s["runs"][0]["n_non_200"] == 0
+    assert s["reference_images_per_s"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "**Rehearsal**" in md and "| fp16 | io_binding |" in md
+    assert out.with_suffix(".png").stat().st_size > 10_000
