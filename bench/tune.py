@@ -36,19 +36,24 @@ def log(msg: str) -> None:
 
 # --- the search space ---------------------------------------------------------------------------
 
-def knobs(precisions: list[str]) -> dict[str, list]:
+def knobs(precisions: list[str], gpu: bool = False) -> dict[str, list]:
     """Each knob's ladder of values, in order (a step moves to a neighbour on it); inline decoding is
-    added once the images are known (``Tuner.fetch_bodies``)."""
+    added once the images are known (``Tuner.fetch_bodies``). ``gpu``: onnxruntime runs on CUDA here, and
+    the GPU's knobs join (runs in flight, CUDA graphs; docs/gpu.md), which do nothing on a CPU."""
     # precision first where there is a choice: tried before the other knobs' steps from each point, as the
     # one most likely to move a model-bound workload (and the one a short budget would otherwise never reach)
     out = {"precision": ["auto", *precisions]} if len(precisions) > 1 else {}  # auto and each verified variant
-    return {**out, "workers": list(range(1, min(8, 2 * cores()) + 1)), "threads": [0, *range(1, cores() + 1)],
+    out |= {"workers": list(range(1, min(8, 2 * cores()) + 1)), "threads": [0, *range(1, cores() + 1)],
             "max_batch_size": [1, 2, 4, 8, 16, 32, 64, 128, 256], "max_wait_ms": [0.0, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]}
+    if gpu:
+        out |= {"runs_in_flight": [1, 2, 3, 4], "cuda_graphs": [False, True]}
+    return out
 
 
 def defaults_point(space: dict[str, list]) -> dict:
     d = {"workers": DEFAULTS.workers, "threads": DEFAULTS.threads, "max_batch_size": DEFAULTS.max_batch_size,
          "max_wait_ms": DEFAULTS.max_wait_ms, "precision": DEFAULTS.precision,
+         "runs_in_flight": DEFAULTS.runs_in_flight, "cuda_graphs": DEFAULTS.cuda_graphs,
          "inline_decode": (DEFAULTS.inline_decode_pixels, DEFAULTS.inline_decode_bytes)}
     return {k: d[k] for k in space}
 
@@ -295,6 +300,7 @@ def command(a: argparse.Namespace) -> int:
     from cnnserve.core.store import stored_model
 
     from . import tune_report
+    from .gpu import cuda_works
 
     if not shutil.which("wrk"):
         raise ValueError("wrk is not installed (Debian: apt-get install wrk); tune drives the service with it")
@@ -303,8 +309,9 @@ def command(a: argparse.Namespace) -> int:
     a.concurrency = sorted(set(a.concurrency))
     stored = stored_model(a.model)  # NotStored names the tag and how to store it
     onnx = stored.path_of("model.onnx")
-    precisions = ["fp32", *(p for p in ("int8",) if os.path.isfile(variant_file(onnx, p)))]
-    space = knobs(precisions)
+    gpu = cuda_works()  # on CUDA: fp16 is a candidate, and the GPU's knobs join
+    precisions = ["fp32", *(p for p in (("fp16", "int8") if gpu else ("int8",)) if os.path.isfile(variant_file(onnx, p)))]
+    space = knobs(precisions, gpu)
     work = Path(tempfile.mkdtemp(prefix="cnnserve-tune-"))
     tuner = Tuner(a.model, stored.tag.name, space, work, a)
     log(f"tuning {stored.tag} for p99 <= {a.p99_ms:g} ms at {' '.join(map(str, a.concurrency))} connections, "

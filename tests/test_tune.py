@@ -118,6 +118,12 @@ def test_the_climb_moves_one_knob_one_step_and_tries_what_paid_first():
     assert {p["precision"] for k, _, p in moves if k == "precision"} == {"fp32", "int8"}
     assert [k for k, _, _ in moves[:2]] == ["precision", "precision"]  # tried first: a short budget reaches it
     assert neighbours(base, space, ("max_batch_size", -1))[0][:2] == ("max_batch_size", -1)
+    assert "runs_in_flight" not in space and "cuda_graphs" not in space  # nothing to gain on a CPU
+    gpu = knobs(["fp32", "fp16"], gpu=True)
+    base = defaults_point(gpu)
+    assert (base["runs_in_flight"], base["cuda_graphs"]) == (1, False)
+    assert {p["cuda_graphs"] for k, _, p in neighbours(base, gpu, None) if k == "cuda_graphs"} == {True}
+    assert {p["runs_in_flight"] for k, _, p in neighbours(base, gpu, None) if k == "runs_in_flight"} == {2}
 
 
 def _trial(n, rps, p99, failures=0, meets=True):
