@@ -34,6 +34,7 @@ from cnnserve.core import binding, onnxmeta
 from cnnserve.core.config import DeviceOptions
 
 from .gpu_models import materialise, prepare, shapes, with_fp16
+from .timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,18 +105,6 @@ def correctness(fp32: Path, provider: str, n: int = 400) -> dict:
 
 # --- 2. in-process throughput -------------------------------------------------------------------------
 
-def rate(fn, batch: int, seconds: float, repeats: int = 3) -> dict:
-    fn()
-    rates = []
-    for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds:
-            fn()
-            n += 1
-        rates.append(n * batch / elapsed)
-    return {"batch": batch, "images_per_s": statistics.median(rates), "spread": [min(rates), max(rates)]}
-
-
 def in_process(fp32: Path, provider: str, batches, seconds: float, on_cuda: bool) -> dict:
     """Images/s by precision and method at each batch size (``materialise``'s files)."""
     from cnnserve.core.runtime import create_session
@@ -136,7 +125,7 @@ def in_process(fp32: Path, provider: str, batches, seconds: float, on_cuda: bool
             rows[method] = []
             for b in batches:
                 x = np.random.default_rng(b).integers(0, 256, (b, *shape), dtype=np.uint8)
-                rows[method].append(rate(lambda: run(x) if method == "plain" else run(x, outputs), b, seconds))
+                rows[method].append(timed(lambda: run(x) if method == "plain" else run(x, outputs), b, seconds, 3))
                 log(f"{fp32.parent.name} {precision} {method} batch {b}: {rows[method][-1]['images_per_s']:.0f} img/s")
     return out
 
@@ -164,7 +153,7 @@ def torch_peer(arch: str, size: int, batches, seconds: float, on_cuda: bool) -> 
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        rows.append(rate(run, b, seconds) | {"how": f"{str(dtype).removeprefix('torch.')} on {device}" +
+        rows.append(timed(run, b, seconds, 3) | {"how": f"{str(dtype).removeprefix('torch.')} on {device}" +
                                              (" channels_last" if device == "cuda" else "")})
         log(f"PyTorch eager {arch} batch {b} on {device}: {rows[-1]['images_per_s']:.0f} img/s")
     return rows

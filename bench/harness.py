@@ -43,6 +43,7 @@ import numpy as np
 from cnnserve.core.config import DEFAULTS
 
 from .report import best, report
+from .timing import timed
 from .tune_measure import batch_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,20 +175,6 @@ def prepare_stored(tag: str, work: Path) -> dict:
 
 
 # --- in-process -----------------------------------------------------------------------------
-
-def timed(fn, batch: int, seconds: float, repeats: int) -> dict:
-    """Images/s of ``fn()`` processing ``batch`` images: median of ``repeats`` runs of ~``seconds``."""
-    fn()  # warm-up
-    rates = []
-    for _ in range(repeats):
-        n, t0 = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - t0) < seconds:
-            fn()
-            n += 1
-        rates.append(n * batch / elapsed)
-    return {"batch": batch, "images_per_s": statistics.median(rates), "spread": [min(rates), max(rates)],
-            "latency_ms": 1000 * batch / statistics.median(rates)}
-
 
 def bench_ort(w: dict, batches, seconds: float, repeats: int) -> list[dict]:
     from cnnserve.core.runtime import load_model
