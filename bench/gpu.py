@@ -9,11 +9,13 @@
    fp16, the ratio to the GPU's dense fp16 ceiling (images/s x FLOP per image / peak FLOP/s);
 3. **the service**: ``bentoml serve`` on the same machine with the GPU settings (``--gpu-serve``), JPEG 224
    requests from several load processes at each of ``--gpu-clients``; the ratio to in-process onnxruntime at the
-   same precision and batch size; the precision ``auto`` chose, from ``/models``;
+   same precision and batch size; what serves (``/models``), and the precision ``auto`` would choose there;
 4. a report (JSON, markdown, PNG) naming the device, its driver and the providers, each target MET or MISSED.
+   A part that fails is reported in words and the others still run; the JSON is written after every part, so
+   a run cut short by the device's time limit still leaves what it measured.
 
-The ResNets' weights are made by rule on the machine (``materialise``: Kaiming-normal convolutions, identity
-batch norms) from a weightless graph written where torch and the exporter are (``prepare``), because a call to
+The ResNets' weights are made by rule on the machine (``materialise``: Kaiming-normal convolutions, the
+exporter having folded the batch norms into them) from a weightless graph written where torch and the exporter are (``prepare``), because a call to
 the GPU machine carries 64 MiB and ResNet-50's fp32 file is 98 MB; speed does not depend on the values. Where
 onnxruntime has no working CUDA provider the mode **rehearses** on the CPU provider (small sizes; targets NOT
 MEASURED), which is how the suite tests it. docs/gpu.md has the device's runbook.
@@ -57,6 +59,16 @@ def cuda_works() -> bool:
         return True
     except Exception:  # noqa: BLE001 - onnxruntime's own error classes: CUDA's libraries missing, no GPU
         return False
+
+
+def attempt(what: str, fn, *args, **kwargs):
+    """``fn``'s result, or the failure in words (logged): one part that cannot run on the device does not
+    cost the others their figures, and the report says what failed."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported, whatever it is: the device's minutes are few
+        log(f"{what} failed: {type(e).__name__}: {e}")
+        return f"failed: {type(e).__name__}: {str(e)[:1000]}"
 
 
 def device_info() -> dict:
@@ -111,23 +123,31 @@ def in_process(fp32: Path, provider: str, batches, seconds: float, on_cuda: bool
 
     outputs, out = list(onnxmeta.OUTPUTS), {}
     for precision, path in (("fp32", fp32), ("fp16", Path(onnxmeta.variant_file(str(fp32), "fp16")))):
-        plain = DeviceOptions()
-        sess = create_session(path, provider, device=plain)
+        device = "cuda" if on_cuda else "cpu"
+        sess = create_session(path, provider, device=DeviceOptions())
         shape = tuple(sess.get_inputs()[0].shape[1:])
-        graphs = create_session(path, provider, device=DeviceOptions(cuda_graphs=True)) if on_cuda else sess
-        runners = {"plain": lambda x: sess.run(outputs, {onnxmeta.INPUT: x}),
-                   "io_binding": binding.Bound(sess, "cuda" if on_cuda else "cpu").run,
-                   # one bucket per batch size measured: no padding
-                   ("cuda_graphs" if on_cuda else "buckets"): binding.Buckets(
-                       graphs, shape, outputs, batches, "cuda" if on_cuda else "cpu", graphs=on_cuda).run}
-        rows = out[precision] = {}
-        for method, run in runners.items():
-            rows[method] = []
-            for b in batches:
-                x = np.random.default_rng(b).integers(0, 256, (b, *shape), dtype=np.uint8)
-                rows[method].append(timed(lambda: run(x) if method == "plain" else run(x, outputs), b, seconds, 3))
-                log(f"{fp32.parent.name} {precision} {method} batch {b}: {rows[method][-1]['images_per_s']:.0f} img/s")
+
+        def buckets():  # one bucket per batch size measured: no padding; on CUDA each its own graph
+            graphs = create_session(path, provider, device=DeviceOptions(cuda_graphs=True)) if on_cuda else sess
+            return binding.Buckets(graphs, shape, outputs, batches, device, graphs=on_cuda).run
+
+        runners = {"plain": lambda: lambda x, o: sess.run(o, {onnxmeta.INPUT: x}),
+                   "io_binding": lambda: binding.Bound(sess, device).run,
+                   ("cuda_graphs" if on_cuda else "buckets"): buckets}
+        out[precision] = {method: attempt(f"{fp32.parent.name} {precision} {method}", measure_runs, make, shape,
+                                          batches, seconds, f"{fp32.parent.name} {precision} {method}")
+                          for method, make in runners.items()}
     return out
+
+
+def measure_runs(make, shape: tuple, batches, seconds: float, label: str) -> list[dict]:
+    """Images/s of the runner ``make()`` gives at each batch size."""
+    run, rows, outputs = make(), [], list(onnxmeta.OUTPUTS)
+    for b in batches:
+        x = np.random.default_rng(b).integers(0, 256, (b, *shape), dtype=np.uint8)
+        rows.append(timed(lambda: run(x, outputs), b, seconds, 3))
+        log(f"{label} batch {b}: {rows[-1]['images_per_s']:.0f} img/s")
+    return rows
 
 
 def torch_peer(arch: str, size: int, batches, seconds: float, on_cuda: bool) -> list[dict] | str:
@@ -223,7 +243,8 @@ def service(fp32: Path, settings: dict, clients, duration: float, warmup: float,
 
 def in_process_reference(rows: dict, precision: str, method: str, max_batch: int) -> float:
     """In-process onnxruntime's best images/s at ``precision`` by ``method`` at batches up to the service's."""
-    found = [r["images_per_s"] for r in rows[precision].get(method, []) if r["batch"] <= max_batch]
+    got = rows.get(precision, {}).get(method)
+    found = [r["images_per_s"] for r in got if r["batch"] <= max_batch] if isinstance(got, list) else []
     return max(found) if found else 0.0
 
 
@@ -244,8 +265,18 @@ def main(args, command: str) -> int:
            "device": device_info(), "command": command, "size": size, "batches": batches, "arches": {}}
     log(f"{'GPU' if on_cuda else 'rehearsal on the CPU provider (no working CUDA here)'}: {doc['device']}")
     trained = Path(args.gpu_trained) if args.gpu_trained else ROOT / "runs" / "resnet18-shapes-64" / "model.onnx"
+    stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
+        f"{time.strftime('%Y-%m-%d')}-gpu-{'-'.join(doc['device']['gpu']['name'].split()[1:2]).lower()}"
+        if on_cuda and doc["device"].get("gpu") else f"{time.strftime('%Y-%m-%d')}-gpu-rehearsal")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every part: a run cut short by the device's time limit still leaves its figures
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str))
+
     if "correctness" in args.gpu_sections:
-        doc["correctness"] = correctness(trained, provider) if trained.is_file() else f"not run: no export at {trained.name}"
+        doc["correctness"] = attempt("correctness", correctness, trained, provider) if trained.is_file() else \
+            f"not run: no export at {trained.name}"
+        save()
     settings = dict(kv.split("=", 1) for kv in args.gpu_serve) if args.gpu_serve else (
         {"providers": "cuda", "precision": "fp16", "workers": 4, "decode_processes": 3, "max_batch_size": 128,
          "io_binding": "on", "runs_in_flight": 2, "max_queue": 4096, "grpc_port": 0} if on_cuda else
@@ -253,17 +284,26 @@ def main(args, command: str) -> int:
          "runs_in_flight": 2, "grpc_port": 0})
     for arch in args.gpu_arches:
         skeleton = skeletons / f"{arch}-{size}.skeleton.onnx"
-        if not skeleton.is_file():
-            skeleton = prepare(arch, size, skeletons)
-        fp32 = materialise(skeleton, work / f"{arch}-{size}")
         r = doc["arches"][arch] = {}
+        if not skeleton.is_file():
+            skeleton = attempt(f"{arch}: tracing", prepare, arch, size, skeletons)
+        fp32 = attempt(f"{arch}: weights", materialise, skeleton, work / f"{arch}-{size}") \
+            if isinstance(skeleton, Path) else skeleton
+        if not isinstance(fp32, Path):
+            r["error"] = fp32
+            continue
         if "in_process" in args.gpu_sections:
-            r["in_process"] = in_process(fp32, provider, batches, args.seconds, on_cuda)
+            r["in_process"] = attempt(f"{arch}: in-process", in_process, fp32, provider, batches, args.seconds, on_cuda)
+            save()
         if "pytorch" in args.gpu_sections:
-            r["pytorch"] = torch_peer(arch, size, batches, args.seconds, on_cuda)
-        if "service" in args.gpu_sections and "in_process" in r:
-            s = r["service"] = service(fp32, settings, args.gpu_clients, args.short, args.warmup, args.gpu_load_procs,
-                                       work)
+            r["pytorch"] = attempt(f"{arch}: PyTorch", torch_peer, arch, size, batches, args.seconds, on_cuda)
+            save()
+        if "service" in args.gpu_sections and isinstance(r.get("in_process"), dict):
+            s = r["service"] = attempt(f"{arch}: service", service, fp32, settings, args.gpu_clients, args.short,
+                                       args.warmup, args.gpu_load_procs, work)
+            save()
+            if not isinstance(s, dict):
+                continue
             precision = s["served"]["precision"]
             method = ("cuda_graphs" if str(settings.get("cuda_graphs")).lower() == "true" else "io_binding") \
                 if on_cuda else "io_binding"
@@ -271,11 +311,7 @@ def main(args, command: str) -> int:
             s["reference_images_per_s"] = in_process_reference(r["in_process"], precision, method,
                                                                int(settings.get("max_batch_size", 64)))
     doc["targets"] = judge(doc)
-    stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
-        f"{time.strftime('%Y-%m-%d')}-gpu-{'-'.join(doc['device']['gpu']['name'].split()[1:2]).lower()}"
-        if on_cuda and doc["device"].get("gpu") else f"{time.strftime('%Y-%m-%d')}-gpu-rehearsal")
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str))
+    save()
     print(write(doc, stem))
     log(f"wrote {stem}.json, .md and .png")
     return 0

@@ -36,22 +36,30 @@ def judge(doc: dict) -> list[dict]:
             c["fp16"]["top1_agreement"] >= TARGETS["fp16_top1_agreement"])
         row("the service's runtime on CUDAExecutionProvider", c["fp32"]["providers"][0], "CUDAExecutionProvider",
             c["fp32"]["providers"][0] == binding.CUDA)
+    elif isinstance(c, str) and c.startswith("failed"):  # e.g. providers=cuda refused: CUDA did not load
+        row("the service's runtime on CUDAExecutionProvider", c[:200], "CUDAExecutionProvider", False)
     peak = peak_fp16(doc["device"].get("gpu"))
-    r50 = doc["arches"].get("resnet50")
-    if r50 and peak:
-        best = max(r["images_per_s"] for method in r50["in_process"]["fp16"].values() for r in method)
-        ratio = best * FLOP_PER_IMAGE["resnet50"] / peak
+    fp16 = measured(doc["arches"].get("resnet50", {}), "fp16")
+    if fp16 and peak and doc["size"] == 224:
+        ratio = max(r["images_per_s"] for rows_ in fp16.values() for r in rows_) * FLOP_PER_IMAGE["resnet50"] / peak
         row("ResNet-50 fp16 onnxruntime, share of the dense fp16 ceiling", round(ratio, 3), ">= 0.35",
             ratio >= TARGETS["fp16_ceiling_ratio"])
     for arch, r in doc["arches"].items():
         s = r.get("service")
-        if not isinstance(s, dict):
+        if not isinstance(s, dict) or not s.get("reference_images_per_s"):
             continue
         for run in s["runs"]:
-            ratio = run["throughput_rps"] / max(s["reference_images_per_s"], 1e-9)
+            ratio = run["throughput_rps"] / s["reference_images_per_s"]
             row(f"{arch} service at {run['clients']} clients / in-process onnxruntime ({s['reference']})",
                 round(ratio, 3), ">= 0.80", ratio >= TARGETS["service_ratio"])
     return rows
+
+
+def measured(arch: dict, precision: str) -> dict:
+    """The in-process methods that ran at ``precision`` (a method that failed is a string in the JSON)."""
+    got = arch.get("in_process")
+    got = got.get(precision, {}) if isinstance(got, dict) else {}
+    return {method: rows for method, rows in got.items() if isinstance(rows, list)}
 
 
 def _fmt(v) -> str:
@@ -85,12 +93,15 @@ def markdown(doc: dict) -> str:
     peak = peak_fp16(gpu)
     for arch, r in doc["arches"].items():
         lines += ["", f"## {arch} at {doc['size']} px: images/s in-process", ""]
-        if "in_process" in r:
+        lines += [f"- {part}: {r[part]}" for part in ("error", "in_process", "pytorch", "service")
+                  if isinstance(r.get(part), str)]
+        if isinstance(r.get("in_process"), dict):
             head = ["precision", "method", *map(str, doc["batches"])]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for precision, methods in r["in_process"].items():
                 for method, rows in methods.items():
-                    lines.append(f"| {precision} | {method} | " + " | ".join(_fmt(x["images_per_s"]) for x in rows) + " |")
+                    cells = [_fmt(x["images_per_s"]) for x in rows] if isinstance(rows, list) else [rows]
+                    lines.append(f"| {precision} | {method} | " + " | ".join(cells) + " |")
             if isinstance(r.get("pytorch"), list):
                 lines.append(f"| PyTorch eager | {r['pytorch'][0]['how']} | " +
                              " | ".join(_fmt(x["images_per_s"]) for x in r["pytorch"]) + " |")
@@ -120,15 +131,15 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arches = [a for a, r in doc["arches"].items() if "in_process" in r]
+    arches = [a for a, r in doc["arches"].items() if isinstance(r.get("in_process"), dict)]
     if not arches:
         return
     fig, axes = plt.subplots(1, len(arches), figsize=(6.5 * len(arches), 4.5), squeeze=False)
     peak = peak_fp16(doc["device"].get("gpu"))
     for ax, arch in zip(axes[0], arches):
         r = doc["arches"][arch]
-        for precision, methods in r["in_process"].items():
-            for method, rows in methods.items():
+        for precision in r["in_process"]:
+            for method, rows in measured(r, precision).items():
                 ax.plot([x["batch"] for x in rows], [x["images_per_s"] for x in rows], marker="o",
                         linestyle="-" if precision == "fp16" else "--", label=f"onnxruntime {precision} {method}")
         if isinstance(r.get("pytorch"), list):
