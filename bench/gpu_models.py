@@ -39,15 +39,11 @@ def prepare(arch: str, size: int, folder: Path) -> Path:
 
 
 def materialise(skeleton: Path, folder: Path) -> Path:
-    """The skeleton's weights made by rule (batch norms the identity, convolutions and linear layers
-    Kaiming-normal, other vectors zero; seeded), saved as ``folder/model.onnx`` (fp32) and ``model.fp16.onnx``
+    """The skeleton's weights made by rule (batch norms the identity where the exporter left any, convolutions
+    and linear layers Kaiming-normal, other vectors zero; seeded), saved as ``folder/model.onnx`` (fp32) and ``model.fp16.onnx``
     beside it; returns the fp32 path."""
     import onnx
     from onnx import numpy_helper
-
-    from cnnserve.core.onnxmeta import ModelInfo
-    from cnnserve.export.files import set_metadata
-    from cnnserve.export.trace import to_fp16
 
     proto = onnx.load(str(skeleton), load_external_data=False)
     norm = {n.input[i]: v for n in proto.graph.node if n.op_type == "BatchNormalization"
@@ -67,15 +63,15 @@ def materialise(skeleton: Path, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = folder / "model.onnx"
     onnx.save_model(proto, str(fp32))
-    half = to_fp16(proto)
-    info = ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, str(skeleton))
-    set_metadata(half, ModelInfo(**{**info.__dict__, "precision": "fp16"}))
-    onnx.save_model(half, onnxmeta.variant_file(str(fp32), "fp16"))
+    with_fp16(fp32, overwrite=True)
     return fp32
 
 
-def with_fp16(fp32: Path) -> Path:
-    """The fp16 variant beside a trained export, made here when the export did not make one."""
+def with_fp16(fp32: Path, overwrite: bool = False) -> Path:
+    """The fp16 variant beside an fp32 export (the export's own unless ``overwrite``, else made here by the
+    exporter's converter, with the fp32 file's metadata but its precision)."""
+    from dataclasses import replace
+
     import onnx
 
     from cnnserve.core.onnxmeta import ModelInfo
@@ -83,11 +79,11 @@ def with_fp16(fp32: Path) -> Path:
     from cnnserve.export.trace import to_fp16
 
     path = Path(onnxmeta.variant_file(str(fp32), "fp16"))
-    if not path.is_file():
+    if overwrite or not path.is_file():
         proto = onnx.load(str(fp32))
-        info = ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, str(fp32))
         half = to_fp16(proto)
-        set_metadata(half, ModelInfo(**{**info.__dict__, "precision": "fp16"}))
+        info = ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, str(fp32))
+        set_metadata(half, replace(info, precision="fp16"))
         onnx.save_model(half, str(path))
     return path
 
