@@ -78,16 +78,6 @@ def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
     assert ("## Against the HTTP floor" in md) == bool(shutil.which("wrk"))
     assert "NOT MEASURED: the naive-baseline target is set at 64 clients" in md  # 8 were run
     assert out.with_suffix(".png").stat().st_size > 10_000
-    # a part that fails on the device is reported in words, and the rest of the report still renders
-    from cnnserve.bench.gpu_report import judge, markdown
-
-    r18["in_process"]["fp16"]["buckets"] = "failed: RuntimeError: capture refused"
-    r18["pytorch"] = "failed: ImportError: no torch"
-    doc["correctness"] = "failed: ModelLoadError: CUDA was required but onnxruntime fell back"
-    doc["mode"] = "gpu"
-    md, targets = markdown(doc | {"targets": judge(doc)}), judge(doc)
-    assert "| fp16 | buckets | failed: RuntimeError: capture refused |" in md and "- pytorch: failed" in md
-    assert targets[0]["state"] == "MISSED" and targets[0]["target"].endswith("on CUDAExecutionProvider")
     assert str(tmp_path) not in md  # reports name no machine's paths
 
 
