@@ -17,9 +17,10 @@ the model in a worker thread:
   ``bulk_slice_ms`` by its measured time per image (at least one in a batch of bulk work alone,
   possibly none beside interactive requests). Batches run one at a time (``in_flight`` at a
   time where asked, on a GPU), so an interactive request that arrives while bulk work runs
-  waits for at most one slice (per run in flight) before it is in the next batch; bulk work yields between slices instead of holding the model for the whole of a
-  large request (issue 24: a 64-image occlusion batch of a 224-px model held its model for
-  seconds, and interactive requests waited behind it).
+  waits for at most one slice (per run in flight) before it is in the next batch; bulk work
+  yields between slices instead of holding the model for the whole of a large request (issue
+  24: a 64-image occlusion batch of a 224-px model held its model for seconds, and interactive
+  requests waited behind it).
 - jobs: a request may name another function than the model's usual run (a CAM pass, which
   asks for feature maps); it shares the queue, priorities, limits and deadlines, and is
   batched only with requests of the same job.

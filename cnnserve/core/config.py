@@ -231,7 +231,8 @@ class Settings(BaseModel):
     def device(self) -> DeviceOptions:
         return DeviceOptions(device_id=self.device_id, conv_search=self.cudnn_conv_algo_search,
                              mem_limit_bytes=int(self.gpu_mem_limit_mb * MB), io_binding=self.io_binding,
-                             cuda_graphs=self.cuda_graphs, buckets=bucket_sizes(self.batch_buckets, self.max_batch_size))
+                             cuda_graphs=self.cuda_graphs,
+                             buckets=bucket_sizes(self.batch_buckets, self.max_batch_size))
 
 
 DEFAULTS = Settings()
