@@ -66,7 +66,8 @@ class DeviceOptions:
     ``io_binding`` (auto: on with CUDA; inputs copied to the device once, outputs bound there), and
     ``cuda_graphs`` (each batch padded up to one of ``buckets`` and replayed as a CUDA graph captured for
     that size: fixed shapes and fixed buffers, one run at a time). On CPU only ``io_binding=on`` does
-    anything (binding to host memory), and CUDA graphs are refused with a log line, never an error."""
+    anything (binding to host memory); CUDA graphs asked for there are refused in words in ``/models``
+    (``precision_choice.runner``), never an error."""
 
     device_id: int = 0
     conv_search: str = "HEURISTIC"
