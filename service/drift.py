@@ -62,12 +62,13 @@ class Monitor:
         return {"recent": deque(maxlen=self.window), "answers": 0, "out_of_distribution": 0, "top1_sum": 0.0,
                 "ood_sum": 0.0}
 
-    def record(self, model, out: np.ndarray) -> None:
+    def record(self, model, out: np.ndarray, scores: np.ndarray | None = None) -> None:
         """The request path's part, once per batch the model ran (every protocol's answers: /classify,
-        /v2 infer, gRPC): one append of the batch's logits and probabilities (N x 2K) and what the drain
-        needs of the version that made them (not the model itself: a replaced version is closed and freed
-        when its last request ends, not a drain later)."""
-        self.pending.append((Answered(model.name, model.version, model.spec, model.info), out))
+        /v2 infer, gRPC): one append of the batch's logits and probabilities (N x 2K), their OOD scores where
+        the batch has them (else the drain computes them), and what the drain needs of the version that made
+        them (not the model itself: a replaced version is closed and freed when its last request ends, not a
+        drain later)."""
+        self.pending.append((Answered(model.name, model.version, model.spec, model.info), out, scores))
 
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -83,27 +84,30 @@ class Monitor:
             batches: dict = {}
             while self.pending:
                 try:
-                    model, out = self.pending.popleft()
+                    model, out, scores = self.pending.popleft()
                 except IndexError:
                     break
-                batches.setdefault((model.name, model.version), (model, []))[1].append(out)
+                if scores is None:
+                    scores = ood_scores(model.info.ood, out[:, :model.spec.num_classes], model.info.temperature)
+                entry = batches.setdefault((model.name, model.version), (model, [], []))
+                entry[1].append(out)
+                entry[2].append(scores)
             touched = set()
-            for model, outs in batches.values():
+            for model, outs, scores in batches.values():
                 if model.name not in self.models:  # unloaded since it answered
                     continue
                 touched.add(model.name)
-                self._add(model, np.concatenate(outs))
+                self._add(model, np.concatenate(outs), np.concatenate(scores))
             if self.metrics:
                 for name in touched:
                     value = self.psi(name)
                     if value is not None:
                         self.metrics.class_psi.labels(name).set(value)
 
-    def _add(self, model, out: np.ndarray) -> None:
+    def _add(self, model, out: np.ndarray, scores: np.ndarray) -> None:
         k = model.spec.num_classes
         probs = out[:, k:]
         classes, top1 = probs.argmax(axis=1), probs.max(axis=1)
-        scores = ood_scores(model.info.ood, out[:, :k], model.info.temperature)
         limit = threshold(model.info)
         outside = 0 if limit is None else int((~(scores <= limit)).sum())  # NaN: outside, as assess says
         s = self._state(model.name)

@@ -17,7 +17,7 @@ import anyio
 import numpy as np
 
 from cnnserve.core import onnxmeta
-from cnnserve.core.confidence import assess
+from cnnserve.core.confidence import assess, ood_scores
 from cnnserve.core.config import DEFAULTS, Settings
 from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
@@ -82,11 +82,15 @@ class Engine:
     def _batcher(self, model: Model) -> MicroBatcher:
         outputs = list(onnxmeta.OUTPUTS)
 
-        def run(pixels: np.ndarray) -> np.ndarray:  # logits and probabilities side by side
-            out = np.concatenate(model.run(pixels, outputs), axis=1)
+        def run(pixels: np.ndarray) -> list[np.ndarray]:
+            """Logits and probabilities side by side, and each row's OOD score: scored once per batch, here in
+            the inference thread, not once per request on the event loop."""
+            logits, probs = model.run(pixels, outputs)
+            out = np.concatenate([logits, probs], axis=1)
+            scores = ood_scores(model.info.ood, logits, model.info.temperature)
             if self.monitor:
-                self.monitor.record(model, out)  # every protocol's answers reach the drift monitor
-            return out
+                self.monitor.record(model, out, scores)  # every protocol's answers reach the drift monitor
+            return [out, scores]
 
         def observe(n: int, seconds: float) -> None:
             if self.metrics:
@@ -208,8 +212,9 @@ class Engine:
         return decoded
 
     async def run(self, model: Model, pixels: np.ndarray, timings: dict | None = None,
-                  ticket: Ticket | None = None, job=None) -> np.ndarray:
-        """Logits and probabilities (N x 2K) through the model's batcher (or what ``job`` gives), in as
+                  ticket: Ticket | None = None, job=None):
+        """Logits and probabilities (N x 2K) and the rows' OOD scores (N) through the model's batcher (or what
+        ``job`` gives), in as
         many batches as N needs; overload becomes 503, a passed deadline 504. ``timings`` gets ``queue``
         (waiting for the first batch) and ``inference`` (the runs that carried these images)."""
         ticket = ticket or Ticket()
@@ -291,9 +296,9 @@ class Engine:
         model = self.model(name, version)
         k = self.top_k(model, top_k)
         pixels = await self.decode(model, data, timings, ticket)
-        out = await self.run(model, pixels[None], timings, ticket)
+        out, scores = await self.run(model, pixels[None], timings, ticket)
         t = time.perf_counter()
-        probs, rows = assess(model.info, out, calibrated)
+        probs, rows = assess(model.info, out, calibrated, scores)
         result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0], **rows[0]}
         if timings is not None:
             timings["respond"] = time.perf_counter() - t
@@ -324,8 +329,8 @@ class Engine:
         good = [i for i, d in enumerate(decoded) if not isinstance(d, APIError)]
         preds = []
         if good:
-            out = await self.run(model, np.stack([decoded[i] for i in good]), ticket=ticket)
-            probs, rows = assess(model.info, out, calibrated)
+            out, scores = await self.run(model, np.stack([decoded[i] for i in good]), ticket=ticket)
+            probs, rows = assess(model.info, out, calibrated, scores)
             preds = [{"predictions": p, **r} for p, r in zip(model.top_k(probs, k), rows)]
         by_index = dict(zip(good, preds))
         results = []

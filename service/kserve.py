@@ -231,7 +231,7 @@ async def outputs(engine: Engine, model: Model, pixels: np.ndarray | list[bytes]
     N rows each (float32). Every protocol answers from this."""
     if isinstance(pixels, list):
         pixels = await decode(engine, model, pixels, ticket)
-    out = await engine.run(model, pixels, ticket=ticket)
+    out, _ = await engine.run(model, pixels, ticket=ticket)
     k = model.spec.num_classes
     return {onnxmeta.LOGITS: out[:, :k], onnxmeta.PROBABILITIES: out[:, k:]}
 

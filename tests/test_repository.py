@@ -49,8 +49,8 @@ def test_a_replaced_version_finishes_its_requests_then_closes(default_onnx):
             await asyncio.to_thread(manager.load, NAME, "v2", str(default_onnx))
             assert engine.model(NAME).version == "v2" and engine.models[NAME].version == "v2"
             assert [s.model.version for s in manager.retiring] == ["v1"]
-            out = await engine.run(old, pixels)  # still runs on v1's own batcher
-            assert out.shape == (2, 20)
+            out, scores = await engine.run(old, pixels)  # still runs on v1's own batcher
+            assert out.shape == (2, 20) and scores.shape == (2,)
         assert manager.retiring == [] and id(old) not in manager.by_model  # released with its last request
         return weakref.ref(old)
         with request_scope():
