@@ -621,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the service's arguments (default: the GPU settings of docs/gpu.md)")
     g.add_argument("--gpu-trained", default=None,
                    help="the trained export for correctness (default runs/resnet18-shapes-64/model.onnx)")
-    g.add_argument("--gpu-skeletons", default=None, help="where --gpu-prepare wrote the graphs (default bench/work/gpu)")
+    g.add_argument("--gpu-skeletons", default=None, help="where --gpu-prepare wrote the graphs (default bench/work/gpu/skeletons)")
     ap.add_argument("--out", default=None, help="result stem (default bench/results/DATE-HOST)")
     ap.add_argument("--work", default=None, help="keep the trained models, images and scores here "
                                                  "(default: runs/ and bench/work/ in the repository)")
