@@ -213,10 +213,10 @@ class Engine:
 
     async def run(self, model: Model, pixels: np.ndarray, timings: dict | None = None,
                   ticket: Ticket | None = None, job=None):
-        """Logits and probabilities (N x 2K) and the rows' OOD scores (N) through the model's batcher (or what
-        ``job`` gives), in as
-        many batches as N needs; overload becomes 503, a passed deadline 504. ``timings`` gets ``queue``
-        (waiting for the first batch) and ``inference`` (the runs that carried these images)."""
+        """``[out, scores]``: logits and probabilities (N x 2K) and the rows' OOD scores (N), through the model's
+        batcher (or what ``job`` gives), in as many batches as N needs; overload becomes 503, a passed deadline
+        504. ``timings`` gets ``queue`` (waiting for the first batch) and ``inference`` (the runs that carried
+        these images)."""
         ticket = ticket or Ticket()
         problem = None
         try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -83,7 +83,7 @@ class _Slot:
     outputs: list
     binding: object
     options: ort.RunOptions
-    runs: int = field(default=0)
+    runs: int = 0
 
 
 class Buckets(Bound):

@@ -57,26 +57,6 @@ class Limits:
     formats: frozenset[str]
 
 
-@dataclass(frozen=True)
-class DeviceOptions:
-    """How a model's session uses its device (a view of ``Settings``; ``cnnserve.core.binding`` applies it).
-
-    On CUDA: ``device_id`` (one worker per GPU on a multi-GPU host, each with its own id), ``conv_search``
-    (cuDNN's convolution algorithm search), ``mem_limit_bytes`` (the CUDA memory arena's limit; 0: none),
-    ``io_binding`` (auto: on with CUDA; inputs copied to the device once, outputs bound there), and
-    ``cuda_graphs`` (each batch padded up to one of ``buckets`` and replayed as a CUDA graph captured for
-    that size: fixed shapes and fixed buffers, one run at a time). On CPU only ``io_binding=on`` does
-    anything (binding to host memory); CUDA graphs asked for there are refused in words in ``/models``
-    (``precision_choice.runner``), never an error."""
-
-    device_id: int = 0
-    conv_search: str = "HEURISTIC"
-    mem_limit_bytes: int = 0
-    io_binding: str = "auto"
-    cuda_graphs: bool = False
-    buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-
-
 def bucket_sizes(text: str, max_batch_size: int) -> tuple[int, ...]:
     """The batch sizes batches are padded up to: ``text`` (space-separated) or, when empty, the powers of two
     below ``max_batch_size`` and that size itself; the largest must hold a whole batch."""
@@ -94,6 +74,26 @@ def bucket_sizes(text: str, max_batch_size: int) -> tuple[int, ...]:
         sizes.append(n)
         n *= 2
     return (*sizes, max_batch_size)
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """How a model's session uses its device (a view of ``Settings``; ``cnnserve.core.binding`` applies it).
+
+    On CUDA: ``device_id`` (one worker per GPU on a multi-GPU host, each with its own id), ``conv_search``
+    (cuDNN's convolution algorithm search), ``mem_limit_bytes`` (the CUDA memory arena's limit; 0: none),
+    ``io_binding`` (auto: on with CUDA; inputs copied to the device once, outputs bound there), and
+    ``cuda_graphs`` (each batch padded up to one of ``buckets`` and replayed as a CUDA graph captured for
+    that size: fixed shapes and fixed buffers, one run at a time). On CPU only ``io_binding=on`` does
+    anything (binding to host memory); CUDA graphs asked for there are refused in words in ``/models``
+    (``precision_choice.runner``), never an error."""
+
+    device_id: int = 0
+    conv_search: str = "HEURISTIC"
+    mem_limit_bytes: int = 0
+    io_binding: str = "auto"
+    cuda_graphs: bool = False
+    buckets: tuple[int, ...] = bucket_sizes("", 64)  # as Settings' defaults make them
 
 
 # Setting types: a value outside them is refused when the server starts (`bentoml serve` prints one line
