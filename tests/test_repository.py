@@ -102,6 +102,12 @@ def test_the_memory_budget_evicts_the_least_recently_used_idle_version_or_refuse
     evictions_before = sample("cnnserve_model_evictions_total", model="b")
     m.load("b", "1", str(default_onnx))
     m.lookup("a")  # a was used last: b is the least recently used
+    # a and b as models of 10 MB each: a version's size is what the process grew by while it loaded (at least
+    # its file), and for a 0.25 MB LeNet that growth varies by more than the file (c once measured 0.8 MB
+    # against 0.25 + 0.25 for a and b, and was refused as too big for the whole budget). At 10 MB each, c
+    # fits once b is evicted (its own growth is under 1 MB here) and cannot fit without an eviction.
+    for v in m.served.values():
+        v[0].size = 10 * MB
     size = {name: v[0].size for name, v in m.served.items()}
     m.settings = Settings(providers="cpu", precision="fp32", max_batch_size=8,
                           max_model_memory_mb=(size["a"] + size["b"]) / MB)  # full: the next load must evict
