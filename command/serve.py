@@ -45,11 +45,32 @@ def _cmd_up(args) -> int:
     if args.no_serve:
         return 0
     samples = sorted(run.glob("sample-*.png"))
-    return _serve([tag], args.port, args.host, ("--arg-file", args.arg_file) if args.arg_file else (),
-                  sample=samples[-1] if samples else None)
+    grpc_port = _grpc_port(args)
+    extra = (*(("--arg", f"grpc_port={grpc_port}") if grpc_port is not None else ()),
+             *(("--arg-file", args.arg_file) if args.arg_file else ()))
+    return _serve([tag], args.port, args.host, extra, sample=samples[-1] if samples else None, grpc_port=grpc_port)
 
 
-def _serve(tags, port: int, host: str, extra=(), sample=None) -> int:
+def _grpc_port(args) -> int | None:
+    """gRPC's port for ``up``: --grpc-port; else the arg file's grpc_port (None: the file says it); else the
+    port after HTTP's, so that ``up --port P`` never takes another server's gRPC port (3001 beside 3000)."""
+    if args.grpc_port is not None:
+        return args.grpc_port
+    if args.arg_file:
+        from pathlib import Path
+
+        import yaml
+
+        try:
+            named = yaml.safe_load(Path(args.arg_file).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            named = None  # bentoml serve says what is wrong with the file
+        if isinstance(named, dict) and "grpc_port" in named:
+            return None
+    return args.port + 1 if args.port < 65535 else 0
+
+
+def _serve(tags, port: int, host: str, extra=(), sample=None, grpc_port: int | None = None) -> int:
     """Replace this process with `bentoml serve` of the project's service (from the repository root)."""
     from pathlib import Path
 
@@ -59,7 +80,8 @@ def _serve(tags, port: int, host: str, extra=(), sample=None) -> int:
     bentoml = bentoml_command()
     argv = [bentoml, "serve", "cnnserve.service.service:CnnServe", *workdir, "--host", host,
             "--port", str(port), "--arg", "models=" + " ".join(tags), *extra]
-    print(f"serving {' '.join(tags)} on http://{host}:{port} (Ctrl+C to stop); try:\n"
+    grpc = f", gRPC on port {grpc_port}" if grpc_port else ", no gRPC" if grpc_port == 0 else ""
+    print(f"serving {' '.join(tags)} on http://{host}:{port}{grpc} (Ctrl+C to stop); try:\n"
           f"  curl -F image=@{sample or 'IMAGE.png'} http://127.0.0.1:{port}/classify")
     sys.stdout.flush()
     os.execv(bentoml, argv)
@@ -190,6 +212,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--retrain", action="store_true", help="train again even if a checkpoint exists")
     p.add_argument("--no-serve", action="store_true", help="stop after storing the model")
     p.add_argument("--port", type=int, default=3000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, metavar="PORT",
+                   help="gRPC's port (the Open Inference Protocol, docs/grpc.md); 0: no gRPC (default: the port "
+                        "after --port, 3001 beside 3000, unless --arg-file names grpc_port)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--arg-file", help="service arguments from a YAML file, e.g. what `cnnserve tune` wrote (the "
                                       "served model stays the default one)")

@@ -147,6 +147,8 @@ def _require_stored(tag: str) -> None:
 # BentoML packs into a bento the models it finds at class scope: one attribute per configured tag.
 if not TAGS:
     raise bentoml.exceptions.InvalidArgument("--arg models= names no model to serve")
+if RUN.first and (taken := startup.check_grpc_port(ARGS.grpc_port)):
+    raise bentoml.exceptions.BentoMLException(taken)
 for _i, _tag in enumerate(TAGS):
     _require_stored(_tag)
     setattr(CnnServe, f"model_{_i}", bentoml.models.BentoModel(_tag))

@@ -15,6 +15,10 @@ allocate; issue 25: a forced precision the model lacks, 820 log lines a minute).
   does not load): the worker logs its reason once, leaves it in the server's folder and asks the first
   process to stop (SIGTERM); the first process prints the reason and exits 1 (``at_exit``), instead of
   BentoML restarting the worker for ever.
+- **gRPC's port is checked in the first process** (``check_grpc_port``): every worker binds it with
+  SO_REUSEPORT so that they share it, and Linux lets any process of the same user join that group, so a
+  second server on a host with the same ``grpc_port`` silently took half the first one's gRPC connections,
+  and one running as another user (a container) stopped the other's workers from binding at all.
 - **The server's own folder**, ``$BENTOML_HOME/cnnserve-servers/PID``, removed at exit (and, for a
   server that was killed, by the next one to start): the reason above, and the server's Prometheus
   files. BentoML keeps every server's in ``$BENTOML_HOME/prometheus_multiproc_dir`` and a starting
@@ -118,6 +122,41 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def serve_address() -> tuple[str, int] | None:
+    """HTTP's host and port in the first process of ``bentoml serve`` (the module is imported inside its
+    command); None elsewhere (``bentoml build``, a worker, a script)."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.info_name != "serve":
+        return None
+    return ctx.params.get("host") or "0.0.0.0", int(ctx.params.get("port") or 0)
+
+
+def check_grpc_port(port: int) -> str | None:
+    """Why gRPC cannot have ``port`` on HTTP's address, asked in the first process of ``bentoml serve``
+    before any worker starts; None when it is free (or when this is not a server's start)."""
+    import socket
+
+    address = serve_address()
+    if not port or address is None:
+        return None
+    host, http_port = address
+    if port == http_port:
+        return f"grpc_port {port} is HTTP's port too: give gRPC another (--arg grpc_port=PORT, 0 for none)"
+    host = host.strip("[]")
+    # SO_REUSEADDR: a port whose last connections wait out TIME_WAIT is free; no SO_REUSEPORT, so that a
+    # socket any process listens on (another server's gRPC workers included) makes the bind fail
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            return (f"gRPC's port {port} on {host} is taken ({e.strerror}; another server?): give this one "
+                    f"another (--arg grpc_port=PORT, `cnnserve up --grpc-port PORT`), or 0 for no gRPC")
+    return None
 
 
 def preflight(path: str, settings) -> None:

@@ -36,6 +36,34 @@ def run_cli(*args, cwd=None, env=None, timeout=600, check=False) -> subprocess.C
     return proc
 
 
+def serve_until_exit(*args: str, timeout: float = 120, cap_mb: int = 6144, port: int = 0) -> tuple[int, str, float]:
+    """``bentoml serve`` of the service in the foreground, on free ports and a model store of its own, each
+    process under an address-space cap, until it exits: (status, output, seconds). For servers that must
+    refuse to start. gRPC off unless the arguments name its port."""
+    import time
+
+    from cnnserve.bench.server import cap_memory, home_of_its_own
+    from cnnserve.core.store import bentoml_command
+
+    if not any(a.startswith("grpc_port=") for a in args):
+        args = (*args, "--arg", "grpc_port=0")
+    t = time.monotonic()
+    proc = subprocess.run([bentoml_command(), "serve", "cnnserve.service.service:CnnServe", "--host", "127.0.0.1",
+                           "--port", str(port or free_port()), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "BENTOML_HOME": home_of_its_own()},
+                          preexec_fn=lambda: cap_memory(cap_mb))
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t
+
+
+def health_of(target: str) -> int:
+    """A gRPC server's overall health (``grpc.health.v1``), e.g. ``HealthCheckResponse.SERVING``."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
 def encode(array: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     """H x W or H x W x 3 uint8 array to image bytes, by Pillow."""
     buf = io.BytesIO()

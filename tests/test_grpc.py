@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from cnnserve.core.grpc_proto import HEALTH_SERVICE, SERVICE, path, pb
 
-from .conftest import Server, encode
+from .conftest import Server, encode, free_port, health_of, serve_until_exit
 
 pytestmark = pytest.mark.slow
 CAP_MB = 6144  # per process of the server: hostile input fails there, not on the machine (test_reliability.py)
@@ -243,6 +243,21 @@ def test_health_reflection_and_metrics(srv, model):
         [line for line in text.splitlines() if "cnnserve_request_seconds_count" in line]
 
 
+def test_a_second_server_on_the_same_grpc_port_is_refused(srv, stored_default):
+    """Workers share gRPC's port through SO_REUSEPORT, which any process of the same user may join: a second
+    server given a port that a running one serves is refused at start, in one line, and the first keeps its
+    gRPC; so is a gRPC port that is HTTP's too."""
+    from grpc_health.v1 import health_pb2
+
+    status, out, seconds = serve_until_exit("--arg", f"models={stored_default}", "--arg",
+                                            f"grpc_port={srv.grpc_port}", cap_mb=CAP_MB)
+    assert status == 1 and f"gRPC's port {srv.grpc_port} on 127.0.0.1 is taken" in out, out[-3000:]
+    assert "Traceback" not in out and "Starting production" not in out, out[-3000:]  # before any worker
+    assert health_of(srv.grpc_target) == health_pb2.HealthCheckResponse.SERVING
+    port = free_port()
+    status, out, seconds = serve_until_exit("--arg", f"models={stored_default}", "--arg", f"grpc_port={port}",
+                                            port=port, cap_mb=CAP_MB)
+    assert status == 1 and f"grpc_port {port} is HTTP's port too" in out, out[-3000:]
 def test_sigterm_drains_grpc_calls_in_flight(stored_default, model, digits_test):
     """SIGTERM with gRPC clients calling: health goes NOT_SERVING, the calls in flight are answered, the
     server exits 0 within drain + grace."""

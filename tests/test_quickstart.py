@@ -2,8 +2,10 @@
 
 import json
 import os
+import contextlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CNNSERVE, ROOT, free_port
+from tests.conftest import CNNSERVE, ROOT, free_port, health_of
 
 pytestmark = pytest.mark.slow
 README = (ROOT / "README.md").read_text()
@@ -36,11 +38,28 @@ def expected_label(run: Path, sample: str) -> str:
     return model.spec.labels[int(probs.argmax())]
 
 
+def free_port_before_a_free_one() -> int:
+    """A free port P whose next, P+1, is free too: `up --port P` puts gRPC there."""
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no two free ports in a row")
+
+
 def test_up_trains_exports_stores_and_serves(tmp_path):
-    """`cnnserve up` (what ./run.sh up runs) on a fresh run folder ends with the service answering;
-    the README's curl and Python examples work against it as written."""
+    """`cnnserve up` (what ./run.sh up runs) on a fresh run folder ends with the service answering, gRPC
+    on the port after HTTP's (never a fixed 3001 that another server on the host may hold: a container of
+    another test did, and this server stopped); the README's curl and Python examples work against it as
+    written."""
+    from grpc_health.v1 import health_pb2
+
     run = tmp_path / "runs" / "lenet5-digits"
-    port = free_port()
+    port = free_port_before_a_free_one()
     log = open(tmp_path / "up.log", "w+")
     # a store of its own: two BentoML servers sharing one BENTOML_HOME reset each other's Prometheus
     # multiprocess files at start (the session's server then lost its cnnserve_* counters)
@@ -50,14 +69,14 @@ def test_up_trains_exports_stores_and_serves(tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
-            assert proc.poll() is None, Path(log.name).read_text()
+            assert proc.poll() is None, tail(log.name)
             try:
                 if urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2).status == 200:
                     break
             except OSError:
                 time.sleep(0.5)
         else:
-            pytest.fail("service not ready:\n" + Path(log.name).read_text())
+            pytest.fail("service not ready:\n" + tail(log.name))
         for name in ("model.pt", "model.onnx", "model.verify.json", "curves.png", "sample-7.png"):
             assert (run / name).is_file(), name
         # the README's examples, with the run folder and port of this test
@@ -68,6 +87,32 @@ def test_up_trains_exports_stores_and_serves(tmp_path):
         code = fix(README.split("```python", 1)[1].split("```", 1)[0])
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
         assert out.splitlines()[0].split()[0] == expected_label(run, "sample-3.png")
+        assert f"gRPC on port {port + 1}" in Path(log.name).read_text()
+        assert health_of(f"127.0.0.1:{port + 1}") == health_pb2.HealthCheckResponse.SERVING
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # a server that stopped by itself has failed above
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def tail(path, lines: int = 60) -> str:
+    """The end of a log, where a server says why it stopped (CI's report keeps a failure's first lines and
+    its last, and a training log's first lines say nothing of it)."""
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def test_up_puts_grpc_on_the_port_after_https_unless_told(tmp_path):
+    """`up --port P`: gRPC on P+1; --grpc-port wins; an --arg-file naming grpc_port is left to say it."""
+    from cnnserve.command.cli import build_parser
+    from cnnserve.command.serve import _grpc_port
+
+    named, unnamed = tmp_path / "named.yaml", tmp_path / "unnamed.yaml"
+    named.write_text("grpc_port: 7001\nworkers: 1\n")
+    unnamed.write_text("workers: 1\n")
+    parse = build_parser().parse_args
+    assert _grpc_port(parse(["up"])) == 3001
+    assert _grpc_port(parse(["up", "--port", "4000"])) == 4001
+    assert _grpc_port(parse(["up", "--port", "4000", "--grpc-port", "0"])) == 0
+    assert _grpc_port(parse(["up", "--port", "4000", "--arg-file", str(named)])) is None
+    assert _grpc_port(parse(["up", "--port", "4000", "--arg-file", str(unnamed)])) == 4001
+    assert _grpc_port(parse(["up", "--arg-file", str(named), "--grpc-port", "5001"])) == 5001

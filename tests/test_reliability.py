@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 
 from cnnserve.bench import faults, hostile
 from cnnserve.service.batching import ClientGone, DeadlineExceeded, MicroBatcher
-from tests.conftest import ROOT, Server, encode
+from tests.conftest import ROOT, Server, encode, serve_until_exit
 
 pytestmark = pytest.mark.slow
 CAP_MB = 6144  # per process: a BentoML worker with onnxruntime maps about 2 GB of address space
@@ -613,19 +612,6 @@ def _weights_outside(m):
                 e.value = "../weights.bin"
 
 
-def _serve_until_exit(*args: str, timeout: float = 120) -> tuple[int, str, float]:
-    """``bentoml serve`` of the service in the foreground until it exits: (status, output, seconds)."""
-    from cnnserve.bench.server import cap_memory, free_port, home_of_its_own
-    from cnnserve.core.store import bentoml_command
-
-    t = time.monotonic()
-    proc = subprocess.run([bentoml_command(), "serve", "cnnserve.service.service:CnnServe", "--host", "127.0.0.1",
-                           "--port", str(free_port()), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "BENTOML_HOME": home_of_its_own()},
-                          preexec_fn=lambda: cap_memory(CAP_MB))
-    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t
-
-
 @pytest.mark.parametrize("case", ["input 100000x100000 in the metadata", "5 labels for 10 outputs",
                                   "weights outside its folder", "forced precision it lacks"])
 def test_a_model_no_worker_could_load_is_refused_once(case, default_onnx, stored_default, tmp_path):
@@ -645,7 +631,7 @@ def test_a_model_no_worker_could_load_is_refused_once(case, default_onnx, stored
         with pytest.raises(StoreError, match=message if case != "weights outside its folder" else "other files"):
             store_model(path, "refused")
         tag, args = _store_unchecked(path, "unchecked"), ()
-    status, out, seconds = _serve_until_exit("--arg", f"models={tag}", *args)
+    status, out, seconds = serve_until_exit("--arg", f"models={tag}", *args)
     assert status == 1, out[-2000:]
     assert out.count("cannot be served") == 1 and message in out, out[-2000:]
     assert "Traceback" not in out and "Application startup failed" not in out, out[-3000:]
@@ -681,7 +667,7 @@ def test_a_worker_that_fails_to_start_stops_the_server_once(tmp_path):
     path = tmp_path / "tiles.onnx"
     onnx.save(model, str(path))
     tag = _store_unchecked(path, "tiles")
-    status, out, seconds = _serve_until_exit("--arg", f"models={tag}", "--arg", "workers=1")
+    status, out, seconds = serve_until_exit("--arg", f"models={tag}", "--arg", "workers=1")
     assert status == 1, out[-3000:]
     assert "cnnserve cannot start" in out and "4294967296" in out, out[-3000:]
     assert out.count("stopping the server") <= 2, out[-3000:]  # the worker that failed (and at most one more)
@@ -800,5 +786,5 @@ def test_required_cuda_that_does_not_load_stops_the_server_once(stored_default, 
         pytest.skip("CUDA loads here: the server would start")
     except ModelLoadError:
         pass
-    status, out, seconds = _serve_until_exit("--arg", f"models={stored_default}", "--arg", "providers=cuda")
+    status, out, seconds = serve_until_exit("--arg", f"models={stored_default}", "--arg", "providers=cuda")
     assert status == 1 and "cnnserve cannot start" in out and "CUDA was required" in out, out[-3000:]
