@@ -1,8 +1,8 @@
 """The README's first command, and its examples, as a user would run them."""
 
+import contextlib
 import json
 import os
-import contextlib
 import re
 import signal
 import socket
