@@ -52,6 +52,10 @@ serving_lock() {  # EXTRA OUT BENTOFILE PINS: pyproject's serving set with one r
   echo "run.sh: resolving $2 under the pins of $LOCK ..."
   { echo "# The $1 image's Python packages ($3), no torch: pyproject.toml's [project] dependencies and its"
     echo "# '$1' extra, at the versions of $LOCK. Made by ./run.sh lock."
+    # what it was resolved from, so that a change of those requirements rewrites it (tests/test_lock.py compares)
+    echo "# Resolved from these requirements of pyproject.toml:"
+    .venv/bin/python -c 'import sys, tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]
+print("\n".join("#   " + r for r in p["dependencies"] + p["optional-dependencies"][sys.argv[1]]))' "$1"
     .venv/bin/pip-compile --quiet --generate-hashes --no-header --no-annotate --strip-extras --no-emit-index-url \
       --no-emit-find-links --no-emit-trusted-host --constraint "$4" --extra "$1" --output-file - pyproject.toml 2>/dev/null
   } > "$2.new"

@@ -61,13 +61,23 @@ def test_every_pin_has_hashes_and_no_machine_path():
 
 
 def test_the_lock_satisfies_pyproject():
-    """A dependency added to pyproject.toml without ./run.sh lock fails here, not on a fresh machine."""
+    """A dependency added to pyproject.toml without ./run.sh lock fails here, not on a fresh machine; the
+    serving locks name the requirements they were made from."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = {k: v for k, v in project["optional-dependencies"].items() if k != "cpu"}  # cpu: the CPU image's
     declared = list(project["dependencies"]) + [r for extra in extras.values() for r in extra]
     unsatisfied(declared, pins(LOCK))
     for bentofile, serving in SERVING.items():
-        unsatisfied(project["dependencies"] + project["optional-dependencies"][RUNTIME[bentofile]], pins(serving))
+        wanted = project["dependencies"] + project["optional-dependencies"][RUNTIME[bentofile]]
+        unsatisfied(wanted, pins(serving))
+        # made from exactly these (a dependency the lock happened to hold already still rewrites it)
+        assert resolved_from(serving) == wanted, f"{serving.name} was made from other requirements: ./run.sh lock"
+
+
+def resolved_from(path: Path) -> list[str]:
+    """The requirements a serving lock's header says it was resolved from."""
+    head = path.read_text().split("# Resolved from these requirements of pyproject.toml:\n", 1)[-1]
+    return [line.removeprefix("#   ") for line in head.splitlines() if line.startswith("#   ")]
 
 
 def unsatisfied(declared: list[str], locked: dict[str, str]) -> None:
