@@ -34,6 +34,7 @@ import numpy as np
 
 from cnnserve.core import binding, onnxmeta
 from cnnserve.core.config import DeviceOptions
+from cnnserve.core.runtime import cuda_works
 
 from .gpu_models import materialise, prepare, shapes, with_fp16
 from .timing import timed
@@ -43,22 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def log(msg: str) -> None:
     print(f"[bench --gpu {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def cuda_works() -> bool:
-    """Whether onnxruntime really runs on CUDA here (onnxruntime-gpu lists it even where it cannot load)."""
-    import onnxruntime as ort
-
-    if binding.CUDA not in ort.get_available_providers():
-        return False
-    from cnnserve.core.runtime import ort_severity
-
-    try:
-        with ort_severity(4):  # onnxruntime logs the failed load as an error before raising
-            ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32), "cuda", 0)
-        return True
-    except Exception:  # noqa: BLE001 - onnxruntime's own error classes: CUDA's libraries missing, no GPU
-        return False
 
 
 def attempt(what: str, fn, *args, **kwargs):
@@ -95,8 +80,9 @@ def device_info() -> dict:
 
 # --- 1. correctness -----------------------------------------------------------------------------------
 
-def correctness(fp32: Path, provider: str, n: int = 400) -> dict:
-    """The trained export on ``provider`` against the CPU provider, fp32 and fp16, on ``n`` real images."""
+def correctness(fp32: Path, provider: str, work: Path, n: int = 400) -> dict:
+    """The trained export on ``provider`` against the CPU provider, fp32 and fp16 (the export's own, else one
+    made in ``work``), on ``n`` real images."""
     from cnnserve.core.runtime import load_model
 
     cpu = load_model(fp32, providers="cpu", warm_up=False)
@@ -105,7 +91,7 @@ def correctness(fp32: Path, provider: str, n: int = 400) -> dict:
                   for img in shapes(n, h)])
     want = np.concatenate([cpu.run(x[i:i + 64], [onnxmeta.LOGITS])[0] for i in range(0, n, 64)])
     out = {"model": fp32.parent.name, "images": n, "input": f"{c}x{h}x{w}", "provider": provider}
-    for precision, path in (("fp32", fp32), ("fp16", with_fp16(fp32))):
+    for precision, path in (("fp32", fp32), ("fp16", with_fp16(fp32, work / "trained"))):
         m = load_model(path, providers=provider, warm_up=False)
         got = np.concatenate([m.run(x[i:i + 64], [onnxmeta.LOGITS])[0] for i in range(0, n, 64)])
         out[precision] = {"providers": m.providers, "max_logit_diff": float(np.abs(got - want).max()),
@@ -129,7 +115,9 @@ def in_process(fp32: Path, provider: str, batches, seconds: float, on_cuda: bool
 
         def buckets():  # one bucket per batch size measured: no padding; on CUDA each its own graph
             graphs = create_session(path, provider, device=DeviceOptions(cuda_graphs=True)) if on_cuda else sess
-            return binding.Buckets(graphs, shape, outputs, batches, device, graphs=on_cuda).run
+            runner = binding.Buckets(graphs, shape, outputs, batches, device, graphs=on_cuda)
+            runner.warm()  # the graphs captured before the clock starts (onnxruntime runs a size twice first)
+            return runner.run
 
         runners = {"plain": lambda: lambda x, o: sess.run(o, {onnxmeta.INPUT: x}),
                    "io_binding": lambda: binding.Bound(sess, device).run,
@@ -190,11 +178,17 @@ def load_processes(url: str, files: str, clients: int, procs: int, duration: flo
                                  str(c), "--duration", str(duration), "--warmup", str(warmup)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in share]
     runs = []
-    for p in running:
-        out, err = p.communicate(timeout=duration + warmup + 180)
-        if p.returncode:
-            raise RuntimeError(f"load process failed: {err[-2000:]}")
-        runs.append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for p in running:
+            out, err = p.communicate(timeout=duration + warmup + 180)
+            if p.returncode:
+                raise RuntimeError(f"load process failed: {err[-2000:]}")
+            runs.append(json.loads(out.strip().splitlines()[-1]))
+    finally:  # one that failed or hung: the others stop too, not left loading the next part's server
+        for p in running:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return {"clients": clients, "processes": procs, "throughput_rps": sum(r["throughput_rps"] for r in runs),
             "p50_ms": statistics.median(r["latency_ms"].get("p50", 0) for r in runs),
             "p99_ms": max(r["latency_ms"].get("p99", 0) for r in runs),
@@ -274,7 +268,7 @@ def main(args, command: str) -> int:
         stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str))
 
     if "correctness" in args.gpu_sections:
-        doc["correctness"] = attempt("correctness", correctness, trained, provider) if trained.is_file() else \
+        doc["correctness"] = attempt("correctness", correctness, trained, provider, work) if trained.is_file() else \
             f"not run: no export at {trained.name}"
         save()
     settings = dict(kv.split("=", 1) for kv in args.gpu_serve) if args.gpu_serve else (
@@ -305,8 +299,9 @@ def main(args, command: str) -> int:
             if not isinstance(s, dict):
                 continue
             precision = s["served"]["precision"]
-            method = ("cuda_graphs" if str(settings.get("cuda_graphs")).lower() == "true" else "io_binding") \
-                if on_cuda else "io_binding"
+            # the in-process figure of the path the server really took (a refused graph capture: plain binding)
+            kind = (s["served"].get("runner") or "session.run").split(" ", 1)[0]
+            method = "plain" if kind == "session.run" else kind
             s["reference"] = f"{precision} {method} up to batch {settings.get('max_batch_size', 64)}"
             s["reference_images_per_s"] = in_process_reference(r["in_process"], precision, method,
                                                                int(settings.get("max_batch_size", 64)))

@@ -67,9 +67,11 @@ def materialise(skeleton: Path, folder: Path) -> Path:
     return fp32
 
 
-def with_fp16(fp32: Path, overwrite: bool = False) -> Path:
-    """The fp16 variant beside an fp32 export (the export's own unless ``overwrite``, else made here by the
-    exporter's converter, with the fp32 file's metadata but its precision)."""
+def with_fp16(fp32: Path, folder: Path | None = None, overwrite: bool = False) -> Path:
+    """An fp32 export's fp16 variant: the export's own beside it unless ``overwrite``, else made by the
+    exporter's converter (the fp32 file's metadata, its precision fp16) into ``folder``, default beside it.
+    A file this mode did not make gets ``folder``: a variant written beside a user's export would be taken
+    for one the export checked (``cnnserve store`` ships the variants beside the file)."""
     from dataclasses import replace
 
     import onnx
@@ -79,12 +81,16 @@ def with_fp16(fp32: Path, overwrite: bool = False) -> Path:
     from cnnserve.export.trace import to_fp16
 
     path = Path(onnxmeta.variant_file(str(fp32), "fp16"))
-    if overwrite or not path.is_file():
-        proto = onnx.load(str(fp32))
-        half = to_fp16(proto)
-        info = ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, str(fp32))
-        set_metadata(half, replace(info, precision="fp16"))
-        onnx.save_model(half, str(path))
+    if not overwrite and path.is_file():
+        return path
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / path.name
+    proto = onnx.load(str(fp32))
+    half = to_fp16(proto)
+    info = ModelInfo.from_metadata({p.key: p.value for p in proto.metadata_props}, str(fp32))
+    set_metadata(half, replace(info, precision="fp16"))
+    onnx.save_model(half, str(path))
     return path
 
 

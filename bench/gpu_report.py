@@ -177,4 +177,6 @@ if __name__ == "__main__":  # redraw a report from its JSON (the GPU machine may
     import sys
 
     source = Path(sys.argv[1])
-    print(write(json.loads(source.read_text()), source.with_suffix("")))
+    doc = json.loads(source.read_text())
+    doc.setdefault("targets", judge(doc))  # a run cut short saved its parts, not yet its judgement
+    print(write(doc, source.with_suffix("")))

@@ -300,7 +300,7 @@ def command(a: argparse.Namespace) -> int:
     from cnnserve.core.store import stored_model
 
     from . import tune_report
-    from .gpu import cuda_works
+    from cnnserve.core.runtime import cuda_works
 
     if not shutil.which("wrk"):
         raise ValueError("wrk is not installed (Debian: apt-get install wrk); tune drives the service with it")

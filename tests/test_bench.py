@@ -86,11 +86,12 @@ def test_the_gpu_mode_rehearses_end_to_end_on_the_cpu(tmp_path, default_onnx):
     weightless graph, weights by rule, fp16 variants, correctness, the three onnxruntime methods, PyTorch eager,
     the service under several load processes, the report) runs on the CPU provider at a small size, and the
     report says no target was measured. The device's minutes are then not spent finding a typo."""
-    from cnnserve.bench.gpu import cuda_works
+    from cnnserve.core.runtime import cuda_works
 
     if cuda_works():
         pytest.skip("onnxruntime runs on CUDA here: the GPU mode itself is what runs here (bench/results)")
     work, out = tmp_path / "work", tmp_path / "gpu"
+    before = sorted(default_onnx.parent.glob("*.onnx"))
     r = run_cli("bench", "--gpu", "--gpu-prepare", "--gpu-arches", "resnet18", "--gpu-size", "32", "--work", str(work))
     assert r.returncode == 0, r.stderr
     skeleton = work / "gpu" / "skeletons" / "resnet18-32.skeleton.onnx"
@@ -105,6 +106,8 @@ def test_the_gpu_mode_rehearses_end_to_end_on_the_cpu(tmp_path, default_onnx):
     c = doc["correctness"]
     assert c["fp32"]["providers"][0] == "CPUExecutionProvider" and c["fp32"]["max_logit_diff"] == 0.0
     assert c["fp16"]["top1_agreement"] >= 0.9  # fp16 made from the export, on real rendered images
+    # made in the work folder, never beside the export (`cnnserve store` would ship it as a checked variant)
+    assert (work / "gpu" / "trained" / "model.fp16.onnx").is_file() and sorted(default_onnx.parent.glob("*.onnx")) == before
     r18 = doc["arches"]["resnet18"]
     for precision in ("fp32", "fp16"):
         assert set(r18["in_process"][precision]) == {"plain", "io_binding", "buckets"}
@@ -113,7 +116,7 @@ def test_the_gpu_mode_rehearses_end_to_end_on_the_cpu(tmp_path, default_onnx):
     s = r18["service"]
     assert s["served"]["runner"] == "io_binding on cpu:0" and s["served"]["providers"][0] == "CPUExecutionProvider"
     assert s["runs"][0]["processes"] == 2 and s["runs"][0]["requests"] > 0 and s["runs"][0]["n_non_200"] == 0
-    assert s["reference_images_per_s"] > 0
+    assert s["reference_images_per_s"] > 0 and s["reference"].startswith(f"{s['served']['precision']} io_binding ")
     md = out.with_suffix(".md").read_text()
     assert "**Rehearsal**" in md and "| fp16 | io_binding |" in md
     assert out.with_suffix(".png").stat().st_size > 10_000

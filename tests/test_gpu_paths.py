@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from cnnserve.core import binding, onnxmeta
 from cnnserve.core.config import DeviceOptions, Settings
-from cnnserve.core.runtime import CPU, CUDA, create_session, load_model, requested_providers
+from cnnserve.core.runtime import CPU, CUDA, create_session, cuda_works, load_model, requested_providers
 from cnnserve.service.batching import MicroBatcher
 
 from tests.conftest import Server, encode
@@ -111,7 +111,8 @@ def test_load_model_binds_where_asked_and_says_so(default_onnx, digits_test):
     assert graphs.describe()["precision_choice"]["runner"] == graphs.choice["runner"]
 
 
-@pytest.mark.skipif(CUDA not in ort.get_available_providers(), reason="needs onnxruntime-gpu (it lists CUDA)")
+@pytest.mark.skipif(CUDA not in ort.get_available_providers() or cuda_works(),
+                    reason="needs onnxruntime-gpu (it lists CUDA) on a machine where CUDA does not load")
 def test_graph_buffers_on_a_device_that_cannot_load_are_refused_in_words(default_onnx):
     """onnxruntime-gpu on a machine without CUDA's libraries: a bucket's buffers on the CUDA device cannot be
     made, and ``runner_for`` says so (``BindingError``, which ``attach_runner`` answers by serving without

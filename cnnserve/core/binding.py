@@ -67,9 +67,6 @@ class Bound:
         self.session.run_with_iobinding(binding, self.options)
         return binding.copy_outputs_to_cpu()
 
-    def warm(self) -> None:
-        """Nothing to prepare (``Buckets`` captures its graphs here)."""
-
     def describe(self) -> dict:
         return {"kind": self.kind, "device": f"{self.device}:{self.device_id}"}
 

@@ -20,14 +20,14 @@ import numpy as np
 import onnxruntime as ort
 
 from . import onnxmeta
-from .binding import BindingError, cuda_options, runner_for
+from .binding import CUDA, BindingError, cuda_options, runner_for
 from .config import PRECISIONS, DeviceOptions
 from .onnxmeta import ModelInfo
 from .spec import SpecError
 
 log = logging.getLogger("cnnserve.runtime")
 
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+CPU = "CPUExecutionProvider"  # CUDA: binding.py's
 PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 # The CUDA provider's defaults (``binding.cuda_options``): HEURISTIC conv-algorithm search avoids EXHAUSTIVE's
 # long first run per new input shape (every new batch size); no arena limit; no CUDA graphs.
@@ -73,6 +73,18 @@ def ort_severity(level: int | None):
     finally:
         ort.set_default_logger_severity(before)
         _ORT_SEVERITY[0] = before
+
+
+def cuda_works() -> bool:
+    """Whether onnxruntime really runs on CUDA here (onnxruntime-gpu lists it even where it cannot load)."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    try:
+        with ort_severity(4):  # onnxruntime logs the failed load as an error before raising
+            ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.float32), "cuda", 0)
+        return True
+    except Exception:  # noqa: BLE001 - onnxruntime's own error classes: CUDA's libraries missing, no GPU
+        return False
 
 
 def create_session(path: str | os.PathLike | bytes, providers: str = "auto", threads: int | None = None,
@@ -148,7 +160,7 @@ class Model:
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """Probabilities (float32, N x classes) for a batch of uint8 images; one onnxruntime run (the outputs
         the batcher asks for, so that a CUDA graph bucket serves it too)."""
-        return self.run(pixels, list(onnxmeta.OUTPUTS))[1]
+        return self.run(pixels, list(onnxmeta.OUTPUTS))[onnxmeta.OUTPUTS.index(onnxmeta.PROBABILITIES)]
 
     def run(self, pixels: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
         if self.runner is not None:
