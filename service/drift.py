@@ -11,6 +11,9 @@ seconds (and ``/models/NAME/monitor`` drains it first) into:
 - ``cnnserve_class_psi`` gauge: the population stability index of the predicted-class distribution over
   the last ``window`` answers against the test split's predicted classes (``KEY_OOD``'s
   ``test_class_mix``). Rule of thumb: under 0.1 stable, 0.1-0.25 moderate, over 0.25 a real shift.
+
+A row that holds NaN or infinity (a broken model; its request was answered with an error) is counted apart,
+``not_finite`` in ``/models/NAME/monitor``, and nowhere else, so every figure stays a number.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class Monitor:
 
     def _state_fresh(self) -> dict:
         return {"recent": deque(maxlen=self.window), "answers": 0, "out_of_distribution": 0, "top1_sum": 0.0,
-                "ood_sum": 0.0}
+                "ood_sum": 0.0, "not_finite": 0}
 
     def record(self, model, out: np.ndarray, scores: np.ndarray | None = None) -> None:
         """The request path's part, once per batch the model ran (every protocol's answers: /classify,
@@ -79,7 +82,9 @@ class Monitor:
 
     def drain(self) -> None:
         """What is queued, a model version at a time, in a few numpy calls and one metric update per series
-        (``metrics.observe_many``): per answer, this thread held the GIL long enough to cost the requests."""
+        (``metrics.observe_many``): per answer, this thread held the GIL long enough to cost the requests.
+        The class PSI of a model is against the reference of the version that answered last: the served set may
+        change meanwhile (another thread loads and unloads), so nothing here looks the model up again."""
         with self.lock:
             batches: dict = {}
             while self.pending:
@@ -92,27 +97,34 @@ class Monitor:
                 entry = batches.setdefault((model.name, model.version), (model, [], []))
                 entry[1].append(out)
                 entry[2].append(scores)
-            touched = set()
+            touched: dict = {}
             for model, outs, scores in batches.values():
                 if model.name not in self.models:  # unloaded since it answered
                     continue
-                touched.add(model.name)
+                touched[model.name] = model
                 self._add(model, np.concatenate(outs), np.concatenate(scores))
             if self.metrics:
-                for name in touched:
-                    value = self.psi(name)
+                for name, model in touched.items():
+                    value = self.psi(name, model)
                     if value is not None:
                         self.metrics.class_psi.labels(name).set(value)
 
     def _add(self, model, out: np.ndarray, scores: np.ndarray) -> None:
         k = model.spec.num_classes
+        finite = np.isfinite(out).all(axis=1) & np.isfinite(scores)
+        dropped = len(finite) - int(finite.sum())
+        if dropped:  # answered as an error (a model's NaN): counted apart, so the means and /monitor stay numbers
+            self._state(model.name)["not_finite"] += dropped
+            out, scores = out[finite], scores[finite]
+            if not len(out):
+                return
         probs = out[:, k:]
         classes, top1 = probs.argmax(axis=1), probs.max(axis=1)
         limit = threshold(model.info)
         outside = 0 if limit is None else int((~(scores <= limit)).sum())  # NaN: outside, as assess says
         s = self._state(model.name)
         if s.setdefault("classes", k) != k:  # a new version with other classes: its window starts afresh
-            s = self.state[model.name] = {**self._state_fresh(), "classes": k}
+            s = self.state[model.name] = {**self._state_fresh(), "classes": k, "not_finite": s["not_finite"]}
         s["recent"].extend(classes.tolist())
         s["answers"] += len(classes)
         s["out_of_distribution"] += outside
@@ -132,35 +144,48 @@ class Monitor:
         if outside:
             m.out_of_distribution.labels(name).inc(outside)
 
-    def reference(self, model: str) -> np.ndarray | None:
-        mix = self.models[model].info.ood.get("test_class_mix")
-        k = self.models[model].spec.num_classes
+    @staticmethod
+    def reference(model) -> np.ndarray | None:
+        """The test split's class mix of ``model`` (a served version, or what a batch recorded of one)."""
+        mix = model.info.ood.get("test_class_mix")
+        k = model.spec.num_classes
         return np.asarray(mix, np.float64) if isinstance(mix, list) and len(mix) == k else None
 
-    def mix(self, model: str) -> np.ndarray:
-        recent = self._state(model)["recent"]
-        return np.bincount(np.fromiter(recent, int, len(recent)), minlength=self.models[model].spec.num_classes)
+    def mix(self, name: str, k: int) -> np.ndarray:
+        recent = self._state(name)["recent"]
+        counts = np.bincount(np.fromiter(recent, int, len(recent)), minlength=k)
+        return counts if len(counts) == k else np.zeros(k, np.int64)  # a window of another version's classes
 
-    def psi(self, model: str) -> float | None:
+    def psi(self, name: str, model) -> float | None:
         ref = self.reference(model)
-        counts = self.mix(model)
+        counts = self.mix(name, model.spec.num_classes)
         return None if ref is None or not counts.sum() else psi(counts / counts.sum(), ref)
 
-    def snapshot(self, model: str) -> dict:
-        """``/models/NAME/monitor``: the window's class mix against the reference, its PSI, running means."""
+    def snapshot(self, model) -> dict:
+        """``/models/NAME/monitor``: the window's class mix against the reference, its PSI, running means, for
+        ``model`` (the version the request holds; a name: the version served now). One view: the model is
+        looked up once, whatever other models are loaded and unloaded meanwhile (a lookup per step once answered
+        500 when another model's unload fell between two of them)."""
+        if isinstance(model, str):
+            found = self.models.get(model)
+            if found is None:
+                raise KeyError(f"no model named {model!r} is served")
+            model = found
         self.drain()
         with self.lock:
-            s, labels = self._state(model), self.models[model].spec.labels
-            counts, ref = self.mix(model), self.reference(model)
+            name, labels = model.name, model.spec.labels
+            s = self._state(name)
+            counts, ref = self.mix(name, model.spec.num_classes), self.reference(model)
             n = s["answers"]
-            return {"model": model, "worker": os.getpid(), "answers": n,
+            return {"model": name, "worker": os.getpid(), "answers": n,
                     "window": {"size": self.window, "answers": int(counts.sum()),
                                "classes": dict(zip(labels, counts.tolist()))},
                     "reference_classes": None if ref is None else dict(zip(labels, np.round(ref, 6).tolist())),
-                    "class_psi": self.psi(model), "out_of_distribution": s["out_of_distribution"],
+                    "class_psi": self.psi(name, model), "out_of_distribution": s["out_of_distribution"],
                     "out_of_distribution_rate": s["out_of_distribution"] / n if n else None,
                     "mean_top1_probability": s["top1_sum"] / n if n else None,
-                    "mean_ood_score": s["ood_sum"] / n if n else None}
+                    "mean_ood_score": s["ood_sum"] / n if n else None,
+                    "not_finite": s["not_finite"]}
 
     def close(self) -> None:
         self._stop.set()
