@@ -19,12 +19,15 @@ import anyio
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.staticfiles import StaticFiles
+
+from cnnserve.core.confidence import NotFinite
 
 from . import kserve, repository
 from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
-from .errors import APIError
+from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
 from .manager import request_scope
 from .params import ClassifyParams, ExplainParams, declare_route, refusal
 from .patches import runtime_info
@@ -46,6 +49,26 @@ route = declare_route(ROUTES)
 
 def engine_of(request: Request) -> Engine:
     return request.app.state.engine
+
+
+def internal_error(app, request: Request, e: Exception) -> JSONResponse:
+    """A JSON 500 at once for an error nothing expected (a bug, a library's failure), logged here with its
+    traceback, once: the exception is marked, so ``CnnServeAPI`` does not pass it on for the server to log
+    again. Its words stay in the log; the client learns its type only."""
+    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e, exc_info=e)
+    setattr(e, ANSWERED, True)
+    return error_response(app, APIError(500, "internal", f"the server failed on this request ({type(e).__name__}); "
+                                                         "the error is in its log"))
+
+
+def not_finite(app, request: Request, e: NotFinite) -> JSONResponse:
+    """The model answered NaN or infinity: a 500 naming the model the request asked for."""
+    engine = engine_of(request)
+    name = request.query_params.get("model") or (engine.default if engine else "?")
+    log.error("model %r answered NaN or infinity for %s %s (rows %s)", name, request.method, request.url.path,
+              e.rows[:10])
+    # (its rows are those the model ran: for an explanation, the image and its occluded copies)
+    return error_response(app, model_output_not_finite(name, request.query_params.get("version")))
 
 
 def error_response(app, e: APIError) -> JSONResponse:
@@ -174,7 +197,7 @@ async def model_monitor(request: Request, name: str):
     model = e.model(name)
     if e.monitor is None:
         raise APIError(404, "monitor_off", "the drift monitor is off in this server (drift_monitor=false)")
-    return e.monitor.snapshot(model.name)
+    return e.monitor.snapshot(model)  # the version this request holds: one view, whatever is swapped meanwhile
 
 
 @route("GET", "/models/{name}", tags=["models"], summary="One model's metadata")
@@ -198,15 +221,27 @@ class CnnServeAPI(FastAPI):
             if (self.fast_path and scope["type"] == "http" and scope["method"] == "POST"
                     and scope["path"][len(scope.get("root_path", "")):] == "/classify"):
                 return await self.fast_classify(scope, receive, send)
-            return await super().__call__(scope, receive, send)
+            try:
+                return await super().__call__(scope, receive, send)
+            except Exception as e:
+                # Starlette answers an unexpected error with the handler below, then raises it again for the
+                # server to log: it is logged already, with its traceback
+                if not getattr(e, ANSWERED, False):
+                    raise
 
     async def fast_classify(self, scope, receive, send) -> None:
+        """The same answers as FastAPI's route, errors included: an ``APIError`` as its JSON, anything else a JSON
+        500 at once (it once went unanswered until BentoML's 60 s timeout)."""
         scope["app"] = self  # as Starlette sets it, for request.app
         request = Request(scope, receive)
         try:
             response = await classify_request(request, ClassifyParams.from_query(scope["query_string"]))
         except APIError as e:
             response = error_response(self, e)
+        except NotFinite as e:
+            response = not_finite(self, request, e)
+        except Exception as e:  # noqa: BLE001 - answered, and logged once with its traceback
+            response = internal_error(self, request, e)
         await response(scope, receive, send)
 
 
@@ -223,6 +258,22 @@ def create_app(engine: Engine | None = None) -> CnnServeAPI:
     @app.exception_handler(RequestValidationError)
     async def bad_params(request, e: RequestValidationError):
         return error_response(request.app, refusal(e.errors()))
+
+    @app.exception_handler(NotFinite)
+    async def model_not_finite(request, e: NotFinite):
+        return not_finite(request.app, request, e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        """Starlette's own refusals (a path no route has, a method the path does not take, a static file that
+        is not there) in the service's JSON shape: tritonclient reads ``error``, and could not parse
+        FastAPI's ``{"detail": ...}`` or Starlette's plain text."""
+        return error_response(request.app, routing_error(request.method, request.url.path, e.status_code,
+                                                         e.detail, e.headers))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, e: Exception):
+        return internal_error(request.app, request, e)
 
     for path, endpoint, options in (*ROUTES, *kserve.ROUTES, *repository.ROUTES):
         app.add_api_route(path, endpoint, **options)

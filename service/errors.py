@@ -20,6 +20,39 @@ class APIError(Exception):
         return {"error": self.message, "code": self.code}
 
 
+#: Set on an unexpected exception once it has been answered (a JSON 500) and logged with its traceback.
+ANSWERED = "__cnnserve_answered__"
+
+
+def routing_error(method: str, path: str, status: int, detail: object = None, headers: dict | None = None) -> APIError:
+    """A router's refusal (no route for the path, a method the path does not take) as the service's JSON error,
+    whichever router made it: FastAPI's for the service's routes, BentoML's for the paths it adds itself."""
+    where = short(path)[1:-1]
+    if status == 404:
+        return APIError(404, "not_found", f"no route {method} {where} on this server (the routes: /docs.json)")
+    if status == 405:
+        allow = (headers or {}).get("Allow") or (headers or {}).get("allow")
+        return APIError(405, "method_not_allowed", f"{where} does not take {method}"
+                                                   + (f"; it takes {allow}" if allow else ""),
+                        {"Allow": allow} if allow else None)
+    text = detail if isinstance(detail, str) else None
+    return APIError(status, f"http_{status}", text or f"{method} {where} was refused with status {status}",
+                    dict(headers or {}))
+
+
+def model_output_not_finite(model: str, version: str | None = None, images: list[int] | None = None) -> APIError:
+    """A 500 that names the model: it answered NaN or infinity for this request (``images``: which of its images,
+    where the rows are the request's own). The server's model is at fault, not the request; JSON cannot carry
+    such a number, and no client could use one."""
+    which = f"{model}:{version}" if version else model
+    where = "this request"
+    if images:
+        where = "image " + ", ".join(map(str, images[:10])) + (f" and {len(images) - 10} more" if len(images) > 10
+                                                               else "") + " of this request"
+    return APIError(500, "model_output_not_finite", f"model {which!r} gave outputs that are not finite (NaN or "
+                                                    f"infinity) for {where}; the model is at fault, not the request")
+
+
 def decimal(text: str | None, max_digits: int = 18) -> int | None:
     """A header's non-negative decimal integer, or None when it is not one: ASCII digits only (``"²"`` is a
     digit to ``str.isdigit``), and at most ``max_digits`` of them, so ``int`` never sees a number it refuses

@@ -55,19 +55,49 @@ def threshold(info) -> float | None:
     return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else None
 
 
-def assess(info, out: np.ndarray, calibrated: bool = True,
-           scores: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+class NotFinite(ValueError):
+    """A model answered NaN or infinity for some rows (``rows``: their indices): the model's fault, not the
+    input's, and nothing an answer can carry (JSON has no NaN)."""
+
+    def __init__(self, rows: list[int]) -> None:
+        super().__init__(f"the model's outputs are not finite (NaN or infinity) for rows {rows[:10]}")
+        self.rows = rows
+
+
+def not_finite_rows(*arrays: np.ndarray | None) -> list[int]:
+    """The indices of the rows that hold a NaN or an infinity in any of ``arrays`` (N rows each; None skipped).
+    One check per array when all is well (always, but for a broken model): a few microseconds an answer."""
+    if all(a is None or np.isfinite(a).all() for a in arrays):
+        return []
+    bad = None
+    for a in arrays:
+        if a is None:
+            continue
+        a = np.asarray(a)
+        ok = np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        bad = ~ok if bad is None else bad | ~ok
+    return [] if bad is None or not bad.any() else np.flatnonzero(bad).tolist()
+
+
+def assess(info, out: np.ndarray, calibrated: bool = True, scores: np.ndarray | None = None,
+           finite: bool = True) -> tuple[np.ndarray, list[dict]]:
     """``out`` (N x 2K: logits, probabilities) to the probabilities to answer with (raw softmax unless
     ``calibrated``) and per row ``{"ood_score", "in_distribution", "calibrated"}``. ``scores``: the rows'
     ``ood_scores`` where the batch that made them already has them (the service's batcher scores each batch
     once, in its inference thread: per request, on the event loop, that numpy work cost LeNet-5 a tenth of
-    its throughput), else computed here."""
+    its throughput), else computed here. ``NotFinite`` where a row of the answer would hold NaN or infinity
+    (a model can be finite on blank images and NaN on a real one), unless ``finite`` is false (the batch
+    scorer writes such rows as they are, for the rest of its batch)."""
     k = info.spec.num_classes
     logits = out[:, :k]
     scaled = info.temperature != 1.0
     probs = out[:, k:] if calibrated or not scaled else raw_softmax(logits)
     if scores is None:
         scores = ood_scores(info.ood, logits, info.temperature)
+    if finite:
+        bad = not_finite_rows(out, scores)  # the raw softmax of finite logits is finite
+        if bad:
+            raise NotFinite(bad)
     limit = threshold(info)
     rows = [{"ood_score": round(float(s), 4), "in_distribution": None if limit is None else bool(s <= limit),
              "calibrated": bool(calibrated and scaled)} for s in scores]
@@ -78,6 +108,6 @@ def score_rows(model, pixels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
     """A ``runtime.Model``'s calibrated probabilities and per-row OOD fields for uint8 ``pixels``."""
     from .onnxmeta import OUTPUTS
 
-    probs, rows = assess(model.info, np.concatenate(model.run(pixels, list(OUTPUTS)), axis=1))
+    probs, rows = assess(model.info, np.concatenate(model.run(pixels, list(OUTPUTS)), axis=1), finite=False)
     return probs, rows
 
