@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import threading
@@ -166,8 +167,56 @@ class ConnectionCloseWhileDraining:
         return await self.app(scope, receive, send_closing)
 
 
+class JSONRefusals:
+    """ASGI middleware: a 404 or 405 that is not JSON (BentoML's own router answers a path that no route has,
+    or a method its routes do not take, with Starlette's plain text "Not Found") becomes the service's JSON
+    error, ``{"error", "code"}`` with ``not_found`` or ``method_not_allowed``, its Allow header kept: clients
+    such as tritonclient read the error from JSON and failed to parse the text. Other answers pass as they
+    come, after one look at their status."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict = {}
+
+        async def shaped(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = dict(message.get("headers", ()))
+                if message["status"] in (404, 405) and not headers.get(b"content-type", b"").startswith(
+                        b"application/json"):
+                    held.update(message)  # replaced: its body is dropped as it comes
+                    return
+            elif held and message["type"] == "http.response.body":
+                if message.get("more_body"):
+                    return
+                return await self._refuse(scope, held, send)
+            await send(message)
+
+        await self.app(scope, receive, shaped)
+
+    @staticmethod
+    async def _refuse(scope, start: dict, send) -> None:
+        from .errors import routing_error
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in start.get("headers", ())}
+        e = routing_error(scope.get("method", "GET"), scope.get("path", ""), start["status"],
+                          headers={"Allow": headers["allow"]} if "allow" in headers else None)
+        body = json.dumps(e.body()).encode()
+        out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers.items()]
+        out += [(k, v) for k, v in start.get("headers", ())  # the others (connection: close in a drain)
+                if k.lower() not in (b"content-type", b"content-length", b"allow")]
+        await send({"type": "http.response.start", "status": e.status, "headers": out})
+        await send({"type": "http.response.body", "body": body})
+
+
 async def timeout_call(self, scope, receive, send) -> None:
-    """BentoML's ``TimeoutMiddleware.__call__``, with the timer cancelled when the request ends."""
+    """BentoML's ``TimeoutMiddleware.__call__``, with the timer cancelled when the request ends, and an error
+    raised before the answer starts passed on at once (BentoML's waits for the timer, 60 s, then answers 504
+    for a request that had already failed)."""
     from starlette.responses import JSONResponse
 
     if scope["type"] not in ("http", "websocket"):
@@ -182,6 +231,8 @@ async def timeout_call(self, scope, receive, send) -> None:
         await send(message)
 
     fut = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+    # the request's end wakes the waiter too: an app that fails (or returns) without answering is not waited for
+    fut.add_done_callback(lambda _: waiter.done() or waiter.set_result(None))
     try:
         await waiter
     except asyncio.TimeoutError:

@@ -23,8 +23,9 @@ The patches:
     collection walks them (measured on LeNet-5 at 64 clients: gen-2 collections grew from 87 to 180 ms
     within 8 s and p99 latency went to 5-10x p95). Probe: one request through the installed middleware on
     a private event loop; a timer still pending afterwards is the defect. The fix is the same
-    ``__call__`` with the timer cancelled when the request ends, so it also requires the upstream
-    function to be the one it mirrors (its syntax tree, docstrings and annotations aside).
+    ``__call__`` with the timer cancelled when the request ends (and a request whose app fails before
+    answering is passed on at once, not held for the timer and answered 504), so it also requires the
+    upstream function to be the one it mirrors (its syntax tree, docstrings and annotations aside).
 ``uvicorn-head-limits``
     uvicorn's httptools protocol sets no bound on a request head (issue 12: a 96 MB header held a worker
     for 13.8 s) and none on a connection that never sends its head. Probe: a head larger than

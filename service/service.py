@@ -27,7 +27,7 @@ from cnnserve.core.store import NotStored, stored_model
 from . import startup
 from .api import create_app
 from .engine import Engine
-from .http_server import DRAIN, ConnectionCloseWhileDraining
+from .http_server import DRAIN, ConnectionCloseWhileDraining, JSONRefusals
 from .manager import LoadFailed
 from .memory import return_freed_memory, trim_memory
 from .metrics import ROUTES, metrics
@@ -171,3 +171,5 @@ CnnServe = bentoml.asgi_app(app, path="/")(
 CnnServe.add_asgi_middleware(ConnectionCloseWhileDraining)
 # /docs.json names cnnserve and its version, not "None" and BentoML's read-me (service/openapi.py)
 CnnServe.add_asgi_middleware(OpenAPIInfo, info=openapi_info(__version__, TAGS))
+# BentoML's router answers an unknown path with plain text: every 404 and 405 in the service's JSON (http_server.py)
+CnnServe.add_asgi_middleware(JSONRefusals)
