@@ -171,3 +171,105 @@ def v2_bodies(shape: list[int]) -> dict[str, tuple[bytes, int, str]]:
         "id a number": (json.dumps({"inputs": [good], "id": 7}).encode(), 400, "bad_request"),
         "data of strings": (req(data=["a"] * 4), 400, "bad_data"),
     }
+
+
+# -- hostile models: an export whose metadata lies, or whose graph never ends or answers NaN ------------------
+# Written straight into a model store by a test (as someone with write access to the store could): every one
+# must be refused by a load, in words, while the server keeps serving, and none may cost more than its trial.
+
+def _model(src):
+    import onnx
+
+    return onnx.load(str(src))
+
+
+def _set_meta(model, **changes) -> None:
+    from cnnserve.core import onnxmeta
+
+    props = {p.key: p for p in model.metadata_props}
+    spec = json.loads(props[onnxmeta.KEY_SPEC].value)
+    spec.update(changes)
+    props[onnxmeta.KEY_SPEC].value = json.dumps(spec)
+    if "labels" in changes:
+        props[onnxmeta.KEY_LABELS].value = json.dumps(changes["labels"])
+
+
+def _save(model, out) -> str:
+    import onnx
+
+    onnx.save(model, str(out))
+    return str(out)
+
+
+def model_with_labels(src, out, n: int = 5) -> str:
+    """The export at ``src`` whose metadata names ``n`` labels for the graph's own number of output columns."""
+    model = _model(src)
+    _set_meta(model, labels=[f"class-{i}" for i in range(n)])
+    return _save(model, out)
+
+
+def model_claiming_input(src, out, height: int, width: int) -> str:
+    """The export at ``src`` whose metadata claims a ``height`` x ``width`` input, its graph's input left free in
+    both (so that only running it can tell)."""
+    model = _model(src)
+    _set_meta(model, height=height, width=width)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    return _save(model, out)
+
+
+def _add_to_outputs(model, term_nodes, term: str) -> None:
+    """``logits`` and ``probabilities`` become themselves plus the scalar ``term`` (made by ``term_nodes``)."""
+    from onnx import helper
+
+    from cnnserve.core import onnxmeta
+
+    g = model.graph
+    for node in g.node:
+        node.output[:] = [f"{o}_raw" if o in onnxmeta.OUTPUTS else o for o in node.output]
+        node.input[:] = [f"{i}_raw" if i in onnxmeta.OUTPUTS else i for i in node.input]
+    g.node.extend(term_nodes)
+    g.node.extend(helper.make_node("Add", [f"{o}_raw", term], [o]) for o in onnxmeta.OUTPUTS)
+
+
+def model_giving_nan(src, out) -> str:
+    """The export at ``src`` whose outputs are all NaN, whatever the image."""
+    from onnx import TensorProto, helper
+
+    model = _model(src)
+    nan = helper.make_node("Constant", [], ["nan_term"],
+                           value=helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")]))
+    _add_to_outputs(model, [nan], "nan_term")
+    return _save(model, out)
+
+
+def model_never_ending(src, out) -> str:
+    """The export at ``src`` whose outputs wait for an ONNX ``Loop`` of 2^62 iterations over a value taken from
+    the input (so that no optimiser can fold it away)."""
+    from onnx import TensorProto, helper
+
+    from cnnserve.core import onnxmeta
+
+    model = _model(src)
+    f32 = TensorProto.FLOAT
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one_v", f32, [], [1.0])),
+         helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "forever",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", f32, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", f32, [])])
+    nodes = [
+        helper.make_node("Cast", [onnxmeta.INPUT], ["pixels_f"], to=f32),
+        helper.make_node("ReduceSum", ["pixels_f"], ["v0"], keepdims=0),
+        helper.make_node("Constant", [], ["trips"], value=helper.make_tensor("trips_v", TensorProto.INT64, [], [2**62])),
+        helper.make_node("Constant", [], ["go"], value=helper.make_tensor("go_v", TensorProto.BOOL, [], [True])),
+        helper.make_node("Loop", ["trips", "go", "v0"], ["v_end"], body=body),
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero_v", f32, [], [0.0])),
+        helper.make_node("Mul", ["v_end", "zero"], ["loop_term"]),
+    ]
+    _add_to_outputs(model, nodes, "loop_term")
+    return _save(model, out)

@@ -57,7 +57,8 @@ def _cmd_unload(args) -> int:
 def _control(args, action: str) -> int:
     tag = urllib.parse.quote(args.tag, safe=":")
     try:
-        status, answer = call(args.url, f"/v2/repository/models/{tag}/{action}", {}, _token(args), args.timeout)
+        body = {"parameters": {"default": True}} if getattr(args, "default", False) else {}
+        status, answer = call(args.url, f"/v2/repository/models/{tag}/{action}", body, _token(args), args.timeout)
     except RemoteError as e:
         print(f"cnnserve: {action} {args.tag}: {e}", file=sys.stderr)
         return 1
@@ -87,7 +88,11 @@ def add_parsers(sub) -> None:
         p = sub.add_parser(name, help=help_, description=f"{help_[0].upper()}{help_[1:]}: the model repository "
                            "endpoint of the Open Inference Protocol; the service must run with "
                            "--arg model_control=true and a token. Answers once every worker has done it.")
-        p.add_argument("tag", help="NAME (load: its newest stored version) or NAME:VERSION")
+        p.add_argument("tag", help="NAME:VERSION, or NAME: " + ("its newest stored version" if name == "load" else
+                                                                  "every loaded version"))
+        if name == "load":
+            p.add_argument("--default", action="store_true", help="also make it the default model: the one requests "
+                                                                  "that name no model go to")
         p.add_argument("--url", default="http://127.0.0.1:3000", help="the service (default http://127.0.0.1:3000)")
         p.add_argument("--token-file", help=f"a file holding the control token (default: ${TOKEN_ENV})")
         p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer (default 300)")

@@ -69,10 +69,8 @@ class DecodePool:
 
     def __init__(self, size: int, limits: Limits, cpu_budget_s: float, max_queue: int, output_bytes: int) -> None:
         self.size, self.limits, self.budget, self.max_queue = size, limits, cpu_budget_s, max_queue
-        self.output_bytes = output_bytes
-        # what a decoding process may map: its own code and libraries, the shared region, and room for
-        # a few copies of the largest decoded image (the limit decoding is checked against)
-        self.memory_bytes = 1024 * 2**20 + limits.max_bytes + output_bytes + 4 * limits.max_decoded_bytes
+        self.output_bytes = self.memory_bytes = 0
+        self.grow(output_bytes)
         self.idle: deque[Decoder] = deque()
         self.busy: set[Decoder] = set()
         self.started = 0
@@ -81,6 +79,18 @@ class DecodePool:
         self.waiting = 0
         self.killed = 0  # processes killed past their budget or their image's deadline (for the log and tests)
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def grow(self, output_bytes: int) -> None:
+        """Room for a model input of ``output_bytes`` (a larger model loaded at runtime): decoding processes
+        started from now on have a region that holds it, and those with a smaller one are replaced when they are
+        next picked (``_free_decoder``). Safe from a load's thread: the event loop reads the two numbers at its
+        next dispatch, and the model is served only after this returns."""
+        if output_bytes <= self.output_bytes:
+            return
+        # what a decoding process may map: its own code and libraries, the shared region, and room for
+        # a few copies of the largest decoded image (the limit decoding is checked against)
+        self.memory_bytes = 1024 * 2**20 + self.limits.max_bytes + output_bytes + 4 * self.limits.max_decoded_bytes
+        self.output_bytes = output_bytes
 
     # -- the worker's side --------------------------------------------------------------------------
 
@@ -161,8 +171,11 @@ class DecodePool:
             self._start(decoder, job)
 
     def _free_decoder(self) -> Decoder | None:
-        if self.idle:
-            return self.idle.popleft()
+        while self.idle:
+            decoder = self.idle.popleft()
+            if decoder.size - decoder.input_bytes >= self.output_bytes:
+                return decoder
+            self._drop(decoder)  # its region predates a larger model (``grow``): a new process takes its place
         if self.started < self.size:
             try:
                 decoder = Decoder(self.limits, self.limits.max_bytes, self.output_bytes, self.memory_bytes)

@@ -125,7 +125,13 @@ class Engine:
     # -- lookups and validation --------------------------------------------------------------
 
     def model(self, name: str | None = None, version: str | None = None) -> Model:
-        """The served model (its newest version, or ``version``), held until the request ends (``manager.py``)."""
+        """The served model (its newest version, or ``version``), held until the request ends (``manager.py``).
+        Without a name, the default the operator set: refused while it is not served, never another model."""
+        if not name and self.default not in self.models:
+            raise APIError(409, "default_unavailable", f"this request names no model and the default model, "
+                           f"{self.default!r}, is not loaded: name one of {', '.join(self.models)} (the model "
+                           "parameter), or load the default again or set another (a load with "
+                           "{\"parameters\": {\"default\": true}})")
         return self.manager.lookup(name or self.default, version)
 
     def top_k(self, model: Model, k: int | None) -> int:

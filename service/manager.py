@@ -2,10 +2,13 @@
 the old ones when their last request is done, keeps a memory budget, and converges on the served set
 that every worker of the server shares (``modelstate.py``).
 
-- **Load beside, then switch.** A version is loaded, warmed and its precision chosen
+- **Try, load beside, then switch.** A version is first checked and warmed at the largest batch in a process
+  of its own, under ``load_timeout_s`` and ``load_memory_mb`` (``cnnserve.core.servable.trial``: the checks a
+  server makes at start, and a deadline a thread could not have); then loaded, warmed and its precision chosen
   (``cnnserve.core.runtime.load_model``) in a thread while the served version keeps answering; then one
   step under a lock makes it the one new requests get (``Engine.models[name]``). A failed load changes
-  nothing that serves, and its reason is kept for the repository index.
+  nothing that serves, and its reason is kept for the repository index. The decoding buffers grow to a
+  larger model's input when it loads (``DecodePool.grow``), within the image limits the trial checks.
 - **Reference counted.** Every request that looks a model up holds it until the request ends
   (``request_scope``, which ``api.py`` opens around each HTTP request; every front end should): a replaced
   version stays open, its queued requests finish on it, and its batcher and session are closed when its
@@ -31,9 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from cnnserve.core.runtime import Model, ModelLoadError, load_model
+from cnnserve.core.servable import NotServable, trial
 
 from .budget import MB, OverBudget, evictions, rss_bytes
-from .errors import APIError
+from .errors import APIError, short
 from .memory import trim_memory
 
 log = logging.getLogger("cnnserve.manager")
@@ -106,14 +110,15 @@ class ModelManager:
         with self.lock:
             versions = self.served.get(name)
             if not versions:
-                raise APIError(404, "unknown_model", f"no model named {name!r}; serving: {', '.join(self.served)}")
+                raise APIError(404, "unknown_model", f"no model named {short(name)}; serving: "
+                               f"{', '.join(self.served)}")
             if version in (None, ""):
                 s = versions[-1]
             else:
                 s = next((v for v in versions if v.model.version == version), None)
                 if s is None:
                     raise APIError(404, "unknown_version", f"model {name!r} has version "
-                                   f"{' and '.join(repr(v.model.version) for v in versions)}, not {version!r}")
+                                   f"{' and '.join(repr(v.model.version) for v in versions)}, not {short(version)}")
             held = _HELD.get()
             s.last_used = time.monotonic()
             if held is not None:
@@ -193,9 +198,10 @@ class ModelManager:
                 self._retire(s, "unloads")
         return versions
 
-    def converge(self, desired: dict, locate, since: float | None = None) -> dict[str, str]:
+    def converge(self, desired: dict, locate, since: float | None = None) -> dict[str, tuple[int, str]]:
         """Make this worker serve ``desired`` (``modelstate``): load what it lacks (``locate(name, version)``
-        gives the stored file), then release what it does not name. Returns the failures by name:version."""
+        gives the stored file), then release what it does not name. Returns the failures by name:version, each
+        as its HTTP status and reason."""
         failures, since = {}, time.monotonic() if since is None else since
         wanted = desired.get("models", {})
         for name, versions in wanted.items():
@@ -206,7 +212,7 @@ class ModelManager:
                 try:
                     self.load(name, version, locate(name, version), newest=version == versions[-1])
                 except LoadFailed as e:
-                    failures[f"{name}:{version}"] = str(e)
+                    failures[f"{name}:{version}"] = (e.status, str(e))
         with self.lock:
             for name in list(self.served):
                 keep = wanted.get(name, [])
@@ -215,7 +221,7 @@ class ModelManager:
                     if (s.model.version not in keep and s.born < since
                             and (len(self.served) > 1 or len(self.served[name]) > 1)):
                         self._retire(s, "unloads")
-            if desired.get("default") in self.served:
+            if desired.get("default"):  # the operator's choice, served or not (``Engine.model`` says which)
                 self.engine.default = desired["default"]
         return failures
 
@@ -244,6 +250,11 @@ class ModelManager:
 
     def _load(self, name: str, version: str, path: str) -> Served:
         a = self.settings
+        try:  # before this process allocates anything for it: a deadline and a memory cap hold only there
+            trial(path, a.limits, a.max_batch_size, a.precision, a.load_timeout_s, a.load_memory_mb)
+        except NotServable as e:  # named by its tag: a client has no business with the server's paths
+            why = str(e).replace(path, "").replace(os.path.dirname(path) + os.sep, "").lstrip(": ")
+            raise LoadFailed(f"{name}:{version}: {why}") from None
         try:
             model = load_model(path, name=name, version=version, providers=a.providers, threads=a.intra_op_threads,
                                spin=a.spin, precision=a.precision, batch_sizes=(1, a.max_batch_size), device=a.device)
@@ -252,10 +263,7 @@ class ModelManager:
         except Exception as e:  # noqa: BLE001 - a file onnxruntime or the metadata parser refuses, in words
             raise LoadFailed(f"{path}: {type(e).__name__}: {e}") from None
         c, h, w = model.spec.input_shape
-        if c * h * w > self.engine.decoders.output_bytes:
-            raise LoadFailed(f"{name}:{version} takes {c}x{h}x{w} inputs, larger than the decoding buffers this "
-                             f"server started with ({self.engine.decoders.output_bytes} bytes): start the server "
-                             "with it (or a model as large) in --arg models=", 409)
+        self.engine.decoders.grow(c * h * w)  # within the image limits: the trial checked the spec against them
         return Served(model, self.engine._batcher(model))
 
     def _fit(self, new: Served) -> list[Served]:
@@ -302,8 +310,7 @@ class ModelManager:
             self.served.pop(name, None)
             self.engine.models.pop(name, None)
             self.engine.batchers.pop(name, None)
-            if self.engine.default == name and self.served:
-                self.engine.default = next(iter(self.served))
+            # the default stays the operator's choice: requests without a model are refused, not rerouted
         s.retired = True
         self.retiring.append(s)
         self._count(why, name)

@@ -8,11 +8,17 @@
 environment variable ``control_token_env`` names or the file ``control_token_file`` (read at each
 request, so it can be rotated). The index, readiness and metadata stay open.
 
-A load (``NAME``, ``NAME:VERSION``, or ``{"parameters": {"version": V}}``) is done in the worker that
-got the request first, so a failure is answered with its reason while the old version keeps serving;
-then the served set that every worker shares is changed (``modelstate.py``) and the answer waits for
-every worker to report it (200), or says 202 after ``control_wait_s`` (the index then tells when all are
-READY).
+A load (``NAME``, ``NAME:VERSION``, or ``{"parameters": {"version": V}}``; ``"default": true`` makes it the
+model requests without a name go to) is done in the worker that got the request first, so a failure is
+answered with its reason while the old version keeps serving; then the served set that every worker shares
+is changed (``modelstate.py``) and the answer waits for every worker to report it (200), answers a worker's
+refusal with its status after undoing the change (``WorkerSync.roll_back``), or says 202 after
+``control_wait_s`` (the index then tells when all are READY). An unload is decided against the shared set
+(``WorkerSync.record_unload``: never the last model), then applied by every worker.
+
+Names and versions are BentoML's tags, checked before the store is asked (400 ``bad_tag``) and spelled as
+the store spells them (lowercase), so ``LENET5-DIGITS`` is ``lenet5-digits``, not a second model. The index
+reads the store once per change of its folders (``stored_versions``), not per call: it is open to anyone.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ from __future__ import annotations
 import hmac
 import json
 import os
+import re
+import threading
+import time
+from pathlib import Path
 
 import anyio
 from fastapi import Request
@@ -88,27 +98,75 @@ async def json_body(request: Request) -> dict:
     return req
 
 
+#: A name or version BentoML's store can hold (``bentoml._internal.tag``), once lowercased as the store does.
+TAG, TAG_MAX = re.compile(r"[a-z0-9]([-._a-z0-9]*[a-z0-9])?"), 63
+
+
 def split_tag(name: str, params: dict) -> tuple[str, str]:
-    name, _, version = name.partition(":")
-    version = version or params.get("version") or ""
-    if not isinstance(version, str):
-        raise APIError(400, "bad_parameters", f"'version' must be a string, got {short(version)}")
+    """The model's name and version (``NAME:VERSION`` or the ``version`` parameter; empty: its newest), as the
+    store spells them; 400 for anything that is not a tag."""
+    name, colon, version = name.partition(":")
+    given = params.get("version")
+    if given is not None and not isinstance(given, str):
+        raise APIError(400, "bad_parameters", f"'version' must be a string, got {short(given)}")
+    if colon and not version:
+        raise APIError(400, "bad_tag", f"{short(name + ':')} names no version after the colon")
+    if version and given and version.lower() != given.lower():
+        raise APIError(400, "bad_tag", f"the tag names version {short(version)} and the parameters "
+                                       f"{short(given)}: name one")
+    name, version = name.lower(), (version or given or "").lower()
+    for what, value in (("name", name), ("version", version)):
+        if (value or what == "name") and (len(value) > TAG_MAX or not TAG.fullmatch(value)):
+            raise APIError(400, "bad_tag", f"model {what} {short(value)} is not a tag of BentoML's store: lowercase "
+                           f"letters, digits, '-', '.' and '_', at most {TAG_MAX} characters, beginning and ending "
+                           "with a letter or digit")
     return name, version
 
 
-async def control_request(request: Request, name: str) -> tuple[str, str, Engine, object]:
+async def control_request(request: Request, name: str) -> tuple[str, str, dict, Engine, object]:
     """A load or unload request, authorized and read: the model's name and version (``NAME:VERSION`` or the
-    ``version`` parameter), the engine and this worker's share in the served set (``WorkerSync`` or None)."""
+    ``version`` parameter), its parameters, the engine and this worker's share in the served set
+    (``WorkerSync`` or None)."""
     authorize(request)
     req = await json_body(request)
-    name, version = split_tag(name, req.get("parameters", {}))
-    return name, version, _engine(request), request.app.state.sync
+    params = req.get("parameters", {})
+    name, version = split_tag(name, params)
+    return name, version, params, _engine(request), request.app.state.sync
+
+
+#: The store's listing, read again when one of its folders changed (a version stored or deleted) or after
+#: ``STORE_TTL_S`` (a store whose folders cannot be watched); one reader at a time.
+STORE_TTL_S = 30.0
+_store = {"stamp": None, "at": float("-inf"), "rows": []}
+_store_lock = threading.Lock()
+
+
+def _store_stamp():
+    """What changes when a version is stored or deleted: the mtimes of the store's folder and of each model's."""
+    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "models"
+    try:
+        with os.scandir(home) as entries:
+            return home.stat().st_mtime_ns, tuple(sorted((e.name, e.stat().st_mtime_ns) for e in entries
+                                                         if e.is_dir(follow_symlinks=False)))
+    except OSError:
+        return None
+
+
+def stored_versions() -> list[tuple[str, str]]:
+    """Every cnnserve model version in the store, as (name, version), oldest first per name."""
+    import bentoml
+
+    with _store_lock:
+        stamp, now = _store_stamp(), time.monotonic()
+        if stamp is None or stamp != _store["stamp"] or now - _store["at"] > STORE_TTL_S:
+            listed = sorted((s for s in bentoml.models.list() if s.info.module == "cnnserve"),
+                            key=lambda s: (s.tag.name, s.info.creation_time))
+            _store.update(stamp=stamp, at=now, rows=[(s.tag.name, s.tag.version) for s in listed])
+        return list(_store["rows"])
 
 
 def index(engine: Engine, sync) -> list[dict]:
     """Every stored cnnserve model version, with its state over all of this server's live workers."""
-    import bentoml
-
     reports = sync.state.reports() if sync else []
     if not reports:  # a lone engine (no shared state): what this process serves
         m = engine.manager
@@ -117,10 +175,7 @@ def index(engine: Engine, sync) -> list[dict]:
                         "unloading": sorted(s.key for s in m.retiring), "failed": dict(m.failed)}]
     desired = (sync.state.read() if sync else None) or {"models": {}}
     rows = []
-    for stored in sorted(bentoml.models.list(), key=lambda s: (s.tag.name, s.info.creation_time)):
-        if stored.info.module != "cnnserve":
-            continue
-        name, version = stored.tag.name, stored.tag.version
+    for name, version in stored_versions():
         key = f"{name}:{version}"
         have = sum(version in r.get("models", {}).get(name, ()) for r in reports)
         failed = next((r["failed"][key] for r in reports if key in r.get("failed", {})), "")
@@ -145,47 +200,70 @@ async def repository_index(request: Request):
     return JSONResponse(rows)
 
 
-async def settle(request: Request, generation: int, name: str) -> JSONResponse:
-    """200 once every worker serves ``generation``, else 202 with the model's rows of the index."""
+async def settle(request: Request, generation: int, name: str, key: str | None = None,
+                 before: dict | None = None) -> JSONResponse:
+    """200 once every worker serves ``generation``; a worker's refusal of ``key`` answered with its status once
+    the load is undone (``before``: the set it replaced); else 202 with the model's rows of the index."""
     e, sync = _engine(request), request.app.state.sync
-    if sync is None or await sync.wait_for(generation, e.config.workers, e.config.control_wait_s):
+    if sync is None:
         return JSONResponse({})
+    done, refused = await sync.wait_for(generation, e.config.workers, e.config.control_wait_s, key)
+    if done:
+        return JSONResponse({})
+    if refused is not None:
+        status, reason = refused
+        if before is not None:
+            await anyio.to_thread.run_sync(sync.roll_back, name, before, generation)
+        raise APIError(status if 400 <= status < 600 else 400, "load_failed",
+                       f"{reason}; the load was undone, the workers go back to what they served before")
     rows = await anyio.to_thread.run_sync(index, e, sync)
     return JSONResponse({"pending": [r for r in rows if r["name"] == name]}, status_code=202)
 
 
 @route("POST", "/v2/repository/models/{name}/load", tags=TAGS,
-       summary="Load a stored model (NAME, NAME:VERSION; default: its newest) beside the served one, then switch")
+       summary="Load a stored model (NAME, NAME:VERSION; default: its newest) beside the served one, then switch; "
+               "{\"parameters\": {\"default\": true}} also makes it the model requests without a name go to")
 async def load(request: Request, name: str):
-    name, version, e, sync = await control_request(request, name)
+    name, version, params, e, sync = await control_request(request, name)
     keep = max(1, e.config.keep_versions)
+    default = params.get("default", False)
+    if not isinstance(default, bool):
+        raise APIError(400, "bad_parameters", f"'default' must be true or false, got {short(default)}")
 
-    def do() -> int:
+    def do() -> tuple[int, dict | None, str]:
         resolved, path = stored_file(name, version)
         _, evicted = e.manager.load(name, resolved, path)
         if sync is None:
-            return 0
-        return sync.record_load(name, resolved, evicted, keep)
+            if default:
+                e.default = name
+            return 0, None, resolved
+        generation, before = sync.record_load(name, resolved, evicted, keep, default)
+        return generation, before, resolved
 
     try:
-        generation = await anyio.to_thread.run_sync(do)
+        generation, before, resolved = await anyio.to_thread.run_sync(do)
     except LoadFailed as err:
         if sync is not None:  # the reason, for the index whichever worker answers it
             await anyio.to_thread.run_sync(sync.report)
         raise APIError(err.status, "load_failed", str(err)) from None
-    return await settle(request, generation, name)
+    return await settle(request, generation, name, f"{name}:{resolved}", before)
 
 
 @route("POST", "/v2/repository/models/{name}/unload", tags=TAGS,
        summary="Stop serving a model (every version, or NAME:VERSION); its requests in flight finish first")
 async def unload(request: Request, name: str):
-    name, version, e, sync = await control_request(request, name)
+    name, version, _, e, sync = await control_request(request, name)
 
     def do() -> int:
-        e.manager.unload(name, version or None)
         if sync is None:
+            e.manager.unload(name, version or None)
             return 0
-        return sync.record_unload(name, version)
+        generation = sync.record_unload(name, version)  # decided once, for every worker
+        try:
+            e.manager.unload(name, version or None)  # here at once; the others in their sync step
+        except LoadFailed:
+            pass  # this worker has not caught up with the set yet: its sync step applies it
+        return generation
 
     try:
         generation = await anyio.to_thread.run_sync(do)

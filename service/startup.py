@@ -6,8 +6,9 @@ whenever one exits, forever (issue 24: 54 tracebacks in 90 s for a model whose w
 allocate; issue 25: a forced precision the model lacks, 820 log lines a minute). So:
 
 - **Refuse in the first process.** ``preflight`` checks what every worker would meet: each model
-  (``cnnserve.core.servable``: loadable, metadata that describes the graph, an input an image can be
-  decoded into) and a forced precision's variant. The settings' own types are
+  (``cnnserve.core.servable.trial``, in a process of its own under ``load_timeout_s`` and ``load_memory_mb``:
+  loadable, metadata that describes the graph, an input an image can be decoded into, finite outputs at the
+  largest batch) and a forced precision's variant. The settings' own types are
   checked by BentoML when it parses them (``Settings``). A refusal is raised as a BentoML exception
   while the module loads: ``bentoml serve`` prints one line, ``Error: [serve] `serve` failed: ...``,
   and exits 1 within seconds (so does ``bentoml build``).
@@ -162,12 +163,13 @@ def check_grpc_port(port: int) -> str | None:
 def preflight(path: str, settings) -> None:
     """What every worker would meet when it loads the model at ``path`` with ``settings``, checked now:
     ``ModelLoadError`` naming the model and the problem."""
-    from cnnserve.core.servable import NotServable, check_model
+    from cnnserve.core.servable import NotServable, check_model, trial
 
     from cnnserve.core.runtime import ModelLoadError, choose_precision
 
-    try:
-        check_model(path, settings.limits)
+    try:  # in a process of its own, as a runtime load is: a model that never warms up stops this one in time
+        trial(path, settings.limits, settings.max_batch_size, settings.precision, settings.load_timeout_s,
+              settings.load_memory_mb)
         if settings.precision != "auto":  # the forced variant: there, from the same weights, and servable
             _, choice = choose_precision(path, settings.precision, "cpu", threads=1)
             if choice["file"] != str(path):

@@ -1,13 +1,20 @@
 """One worker's part in the served set its server shares (``modelstate.py``): a thread that polls the
 desired set every ``model_sync_s`` seconds, converges on it through the manager (loads run in this
-thread, so the event loop keeps serving), and reports what it serves; and the wait of a control request
-for every worker's report.
+thread, so the event loop keeps serving), and reports what it serves and what it refused; and the wait of a
+control request for every worker's report.
+
+Decisions about the set are made once, against the shared desired set, under its file lock
+(``record_load``, ``record_unload``): which model is the last one served, which is the default. A worker
+only applies them, and says per generation what it could not apply (``refused``: status and reason), so a
+control request answers with a worker's refusal instead of counting it as applied; a refusal is tried again
+every ``RETRY_S`` seconds while the desired set still names it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import logging
 import os
 import threading
@@ -17,6 +24,8 @@ from .manager import LoadFailed, ModelManager
 from .modelstate import ServedState, stored_file
 
 log = logging.getLogger("cnnserve.workers")
+#: How often a worker tries again what it could not apply (a load refused for memory may fit later).
+RETRY_S = 10.0
 
 
 class WorkerSync:
@@ -29,7 +38,8 @@ class WorkerSync:
         self._leader = None  # the lock file this worker holds while it is the one that follows the store
         self.pid = os.getpid()
         self.generation = -1
-        self.failures: dict[str, str] = {}
+        self.failures: dict[str, tuple[int, str]] = {}  # name:version -> (status, reason), of the last converge
+        self._retry_at = float("inf")
         self._stamp = None
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -54,13 +64,16 @@ class WorkerSync:
     def step(self) -> None:
         """Converge once if the desired set changed since the last look."""
         stamp = self.state.stamp()
-        if stamp != self._stamp:
-            self._stamp, read_at = stamp, time.monotonic()
+        retry = time.monotonic() >= self._retry_at
+        if stamp != self._stamp or retry:
+            read_at = time.monotonic()
             desired = self.state.read()
-            if desired is not None and desired.get("generation", 0) != self.generation:
+            if desired is not None and (desired.get("generation", 0) != self.generation or retry):
                 self.failures = self.manager.converge(desired, lambda n, v: stored_file(n, v)[1], read_at)
                 self.generation = desired.get("generation", 0)
+                self._retry_at = time.monotonic() + RETRY_S if self.failures else float("inf")
                 self.report()
+            self._stamp = stamp  # only once applied: a converge that raised is tried again at the next step
         self.manager.sweep()
         if self.settings.follow_s and self.follow and time.monotonic() - self._followed_at >= self.settings.follow_s:
             self._followed_at = time.monotonic()
@@ -112,13 +125,18 @@ class WorkerSync:
         m = self.manager
         with m.lock:
             report = {"generation": self.generation, "models": m.loaded(), "loading": sorted(m.loading),
-                      "unloading": sorted(s.key for s in m.retiring), "failed": {**m.failed, **self.failures}}
+                      "unloading": sorted(s.key for s in m.retiring), "default": self.manager.engine.default,
+                      "failed": {**m.failed, **{k: why for k, (_, why) in self.failures.items()}},
+                      "refused": {k: status for k, (status, _) in self.failures.items()}}
         self.state.report(self.pid, report)
 
-    def record_load(self, name: str, version: str, evicted=(), keep: int = 1) -> int:
+    def record_load(self, name: str, version: str, evicted=(), keep: int = 1,
+                    default: bool = False) -> tuple[int, dict]:
         """Into the desired set: ``name:version`` as its newest (the newest ``keep`` versions kept), without
-        the versions the load evicted. Returns the generation written."""
+        the versions the load evicted; ``default``: and the model requests without a name go to. Returns the
+        generation written and the set before it (for ``roll_back``)."""
         with self.state.editing() as d:
+            before = json.loads(json.dumps(d))
             models = d.setdefault("models", {})
             models[name] = ([v for v in models.get(name, []) if v != version] + [version])[-keep:]
             for s in evicted:
@@ -127,30 +145,58 @@ class WorkerSync:
                     models[s.model.name] = left
                 else:
                     models.pop(s.model.name, None)
-            if d.get("default") not in models:
+            if default or not d.get("default"):  # else the operator's default stays, served or not
                 d["default"] = name
-        return d["generation"]
+        return d.get("generation", 0), before
+
+    def roll_back(self, name: str, before: dict, generation: int) -> int:
+        """Undo a ``record_load`` that a worker refused: the whole set as it was if nothing changed it since
+        (``generation`` is still the one written), else only ``name``'s versions and the default."""
+        with self.state.editing() as d:
+            if d.get("generation") == generation:
+                d["models"], d["default"] = before.get("models", {}), before.get("default")
+            else:
+                models = d.setdefault("models", {})
+                if before.get("models", {}).get(name):
+                    models[name] = before["models"][name]
+                else:
+                    models.pop(name, None)
+                if d.get("default") == name and before.get("default") != name:
+                    d["default"] = before.get("default")
+        return d.get("generation", 0)
 
     def record_unload(self, name: str, version: str | None = None) -> int:
-        """Out of the desired set: every version of ``name``, or ``version``. Returns the generation written."""
+        """Out of the desired set: every version of ``name``, or ``version``; decided here, under the set's lock,
+        for every worker at once: ``LoadFailed`` 404 for what the set does not name, 409 for the last model
+        (two unloads at the same instant cannot both pass). The default stays what the operator set. Returns
+        the generation written."""
         with self.state.editing() as d:
             models = d.setdefault("models", {})
-            left = [v for v in models.get(name, []) if version and v != version]
+            have = models.get(name, [])
+            if not have or (version and version not in have):
+                raise LoadFailed(f"{name}{':' + version if version else ''} is not loaded", 404)
+            left = [v for v in have if version and v != version]
             if left:
                 models[name] = left
+            elif len(models) == 1:
+                raise LoadFailed(f"{name} is the only model served; load another before unloading it", 409)
             else:
                 models.pop(name, None)
-            if d.get("default") not in models:
-                d["default"] = next(iter(models), None)
-        return d["generation"]
+        return d.get("generation", 0)
 
-    async def wait_for(self, generation: int, workers: int, timeout_s: float) -> bool:
-        """True once ``workers`` live workers have applied ``generation`` (False at ``timeout_s``)."""
+    async def wait_for(self, generation: int, workers: int, timeout_s: float,
+                       key: str | None = None) -> tuple[bool, tuple[int, str] | None]:
+        """``(True, None)`` once ``workers`` live workers have applied ``generation``; ``(False, (status,
+        reason))`` as soon as one of them refused ``key`` (``name:version``) at it or later; ``(False, None)`` at
+        ``timeout_s``."""
         self.wake()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             done = [r for r in self.state.reports() if r.get("generation", 0) >= generation]
+            for r in done:
+                if key and key in r.get("refused", {}):
+                    return False, (int(r["refused"][key]), f"worker {r.get('pid')}: {r['failed'].get(key, '')}")
             if len(done) >= workers:
-                return True
+                return True, None
             await asyncio.sleep(0.1)
-        return False
+        return False, None

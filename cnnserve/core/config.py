@@ -170,6 +170,11 @@ class Settings(BaseModel):
     keep_versions: Count = 1  # the newest N loaded versions of a model stay loaded and reachable by version
     max_model_memory_mb: NonNegative = 0.0  # loaded versions' memory budget (0: none); LRU idle ones evicted
     model_sync_s: Positive = 0.5  # how often each worker looks at the served set the workers share
+    # A runtime load first checks the model and warms it at max_batch_size in a process of its own, killed past
+    # load_timeout_s seconds and capped at load_memory_mb of address space (cnnserve.core.servable.trial), so a
+    # model that never finishes or asks for gigabytes is refused while the worker keeps serving
+    load_timeout_s: Positive = 30.0
+    load_memory_mb: Positive = 4096.0
     control_wait_s: Positive = 120.0  # a load or unload answers 200 once every worker serves it, else 202
     # follow the store: models served as NAME:latest (or NAME) are re-resolved every follow_s seconds and a newer
     # stored version is loaded by the same path as a load request (0: off)

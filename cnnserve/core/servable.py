@@ -11,12 +11,21 @@ missing is refused there); the metadata parses into a spec; the spec's input is 
 be decoded into (``Limits``: pixels and bytes) and its labels are a sane set; the graph takes exactly
 ``pixels`` as uint8 N x C x H x W with the spec's C, H and W wherever the graph fixes them, and gives
 ``logits`` and ``probabilities`` one column per label; and runs on one and on two blank images give
-exactly that. No torch, no onnx: only onnxruntime, which every install has.
+exactly that, finite. No torch, no onnx: only onnxruntime, which every install has.
+
+``trial`` runs the same checks, and a run at the largest batch a server would give the model, in a process of
+its own under a deadline and an address-space cap: a file can claim any input, hold a ``Loop`` that never ends
+or ask for gigabytes at batch 64, and a thread that runs onnxruntime cannot be stopped, a process can. A server
+loads a model in its own process only after the trial passed (``service/manager.py``, ``startup.preflight``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import resource
+import subprocess
+import sys
 
 import numpy as np
 
@@ -92,24 +101,129 @@ def check_session(session, path: str | os.PathLike, limits: Limits = DEFAULTS.li
         if shapes != [(n, k)] * len(onnxmeta.OUTPUTS):
             raise NotServable(f"{source}: a batch of {n} images gave outputs of shapes {shapes}, but its metadata "
                               f"names {k} labels: ({n}, {k}) expected")
+        _check_finite(got, source, n)
     return info
+
+
+def _check_finite(outputs, source: str, n: int) -> None:
+    """Probabilities a client could be answered with are numbers: a graph giving NaN or infinity on blank images
+    is broken (a server would answer NaN, which JSON cannot carry)."""
+    for name, out in zip(onnxmeta.OUTPUTS, outputs):
+        if not np.isfinite(out).all():
+            raise NotServable(f"{source}: a batch of {n} blank images gives {name!r} values that are not finite "
+                              "(NaN or infinity): the model is broken")
 
 
 def check_model(path: str | os.PathLike, limits: Limits = DEFAULTS.limits) -> ModelInfo:
     """Load ``path`` on the CPU, as a server would, and check it (``check_session``)."""
+    return check_session(_cpu_session(path), path, limits)
+
+
+def _cpu_session(path: str | os.PathLike):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1  # a check, not a benchmark: leave the cores to what is running
     opts.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception classes per failure
         raise NotServable(f"{path}: onnxruntime cannot load it: {_last_line(e)}") from None
-    return check_session(session, path, limits)
+
+
+class TrialFailed(NotServable):
+    """A trial that ran out of its time or memory (the model may be sound, only too large for the limits)."""
+
+
+def trial(path: str | os.PathLike, limits: Limits = DEFAULTS.limits, batch_size: int = 64, precision: str = "auto",
+          timeout_s: float = 60.0, memory_mb: float = 4096.0) -> None:
+    """``check_model`` of ``path`` and of each variant a server could choose for ``precision``, and one run of
+    each at ``batch_size`` blank images, in a process of its own: killed past ``timeout_s`` seconds, its address
+    space capped at ``memory_mb``. ``NotServable`` (``TrialFailed`` for time and memory) says why."""
+    job = json.dumps({"path": str(path), "batch_size": batch_size, "precision": precision, "memory_mb": memory_mb,
+                      "max_pixels": limits.max_pixels, "max_decoded_bytes": limits.max_decoded_bytes})
+    cap = int(memory_mb * 2**20)
+
+    def capped() -> None:  # in the child, before it runs anything
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run([sys.executable, "-m", "cnnserve.core.servable", job], capture_output=True,
+                              timeout=timeout_s, preexec_fn=capped, env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed it
+        raise TrialFailed(f"{path}: checking it and warming it up at batch {batch_size} took longer than "
+                          f"{timeout_s:g} s (load_timeout_s); it was stopped") from None
+    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        verdict = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        verdict = None
+    if isinstance(verdict, dict) and verdict.get("ok"):
+        return
+    if isinstance(verdict, dict) and verdict.get("error"):
+        raise NotServable(str(verdict["error"]))
+    err = done.stderr.decode("utf-8", "replace")
+    if done.returncode < 0 or "MemoryError" in err or "bad_alloc" in err or "Failed to allocate" in err:
+        raise TrialFailed(f"{path}: checking it and warming it up at batch {batch_size} needs more than "
+                          f"{memory_mb:,.0f} MB of address space (load_memory_mb), or ended by signal "
+                          f"{-done.returncode if done.returncode < 0 else 'none'}") from None
+    raise NotServable(f"{path}: the trial process ended with status {done.returncode}: "
+                      f"{_last_line(RuntimeError(err.strip().splitlines()[-1] if err.strip() else 'no output'))}")
+
+
+def _trial_main(job: dict) -> dict:
+    """The trial's child: every file a server could choose checked, each run once at the largest batch."""
+    from dataclasses import replace
+
+    limits = replace(DEFAULTS.limits, max_pixels=job["max_pixels"], max_decoded_bytes=job["max_decoded_bytes"])
+    path, precision, n = job["path"], job["precision"], max(1, int(job["batch_size"]))
+    session = _cpu_session(path)
+    try:
+        spec = ModelInfo.from_metadata(session.get_modelmeta().custom_metadata_map, path).spec
+    except SpecError as e:
+        raise NotServable(str(e)) from None
+    check_spec(spec, limits, path)
+    c, h, w = spec.input_shape
+    need = n * c * h * w * 4
+    if need > job["memory_mb"] * 2**20:  # its input alone, as the float32 the graph normalises to: said before
+        # anything runs, since even the checks' batches of one and two images would take long at that size
+        raise NotServable(f"{path}: a batch of {n} of its {c}x{h}x{w} inputs takes {need / 2**20:,.0f} MB as "
+                          f"float32, more than load_memory_mb ({job['memory_mb']:,.0f} MB) allows a load; a "
+                          "smaller max_batch_size or a larger load_memory_mb would let it warm up")
+    info = check_session(session, path, limits)
+    files = onnxmeta.variant_files(path, info.precision)
+    chosen = files if precision == "auto" else {p: f for p, f in files.items() if p == precision}
+    import onnxruntime as ort
+
+    for p, file in chosen.items():
+        if file != path:
+            check_model(file, limits)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(file, opts, providers=["CPUExecutionProvider"])
+        try:
+            got = session.run(list(onnxmeta.OUTPUTS), {onnxmeta.INPUT: np.zeros((n, *info.spec.input_shape),
+                                                                                 np.uint8)})
+        except Exception as e:  # onnxruntime's own exception classes
+            raise NotServable(f"{file}: a batch of {n} blank images does not run: {_last_line(e)}") from None
+        _check_finite(got, file, n)
+    return {"ok": True}
 
 
 def _last_line(e: BaseException) -> str:
     """onnxruntime's message without its C++ location prefix."""
     text = str(e).strip()
     return text.rsplit(") ", 1)[-1][:300] if "onnxruntime::" in text else text[:300]
+
+
+if __name__ == "__main__":  # the trial's child process (``trial``)
+    try:
+        verdict = _trial_main(json.loads(sys.argv[1]))
+    except NotServable as e:
+        verdict = {"error": str(e)}
+    except MemoryError:
+        verdict = {"error": f"{json.loads(sys.argv[1])['path']}: warming it up ran out of its address space "
+                            "(load_memory_mb)"}
+    print(json.dumps(verdict), flush=True)

@@ -28,7 +28,7 @@ def stored_model(tag: str):
 
     try:
         return bentoml.models.get(tag)
-    except (bentoml.exceptions.NotFound, ValueError):
+    except (bentoml.exceptions.BentoMLException, ValueError):  # NotFound, and a tag it cannot parse
         home = os.environ.get("BENTOML_HOME", "~/bentoml")
         raise NotStored(f"model {tag!r} is not in BentoML's model store ({home}). Make the default model "
                         "with `./run.sh up --no-serve`, or store an export with "
