@@ -127,8 +127,9 @@ def stored_file(name: str, version: str = "") -> tuple[str, str]:
 
     try:
         stored = stored_model(f"{name}:{version}" if version else name)
-    except NotStored as e:
-        raise LoadFailed(str(e), 404) from None
+    except NotStored:  # its own message names the store's folder: a client has no business with the server's paths
+        raise LoadFailed(f"model {name}{':' + version if version else ''} is not in this server's model store "
+                         "(`cnnserve repository` lists what is)", 404) from None
     if stored.info.module != "cnnserve":
         raise LoadFailed(f"{stored.tag} is not a model cnnserve stored (module {stored.info.module!r})", 404)
     return stored.tag.version, stored.path_of(MODEL_FILE)

@@ -66,6 +66,8 @@ class CnnServe:
                                          threads=ARGS.intra_op_threads, spin=ARGS.spin, precision=ARGS.precision,
                                          batch_sizes=(1, ARGS.max_batch_size), device=ARGS.device))
             self.engine = Engine(models, ARGS, metrics(), draining=lambda: DRAIN.active)
+            # the operator's default, served or not, from this worker's first request on (a respawned worker's)
+            self.engine.default = (SERVED.read() or {}).get("default") or self.engine.default
             app.state.engine = self.engine
             app.state.sync = WorkerSync(self.engine.manager, SERVED, ARGS)
             app.state.sync.start()
