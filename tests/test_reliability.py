@@ -638,9 +638,12 @@ def test_a_model_no_worker_could_load_is_refused_once(case, default_onnx, stored
 
 
 def test_a_worker_that_fails_to_start_stops_the_server_once(tmp_path):
-    """A model that passes every check the first process makes (one and two images run) but fails in the
-    workers' warm-up (eight images: onnxruntime refuses a tensor over 4 GiB): the server stops with the
-    reason and exit status 1 instead of restarting workers for ever."""
+    """A model whose warm-up at the largest batch asks onnxruntime for a tensor over 4 GiB is refused by the
+    first process's trial (which runs that batch in a process of its own); one that passes the trial but cannot
+    start in a worker (CUDA required where it does not load) stops the server with the reason and exit status
+    1 instead of restarting workers for ever."""
+    from cnnserve.core.runtime import cuda_works
+
     from onnx import TensorProto as T
     from onnx import helper, numpy_helper
 
@@ -667,9 +670,15 @@ def test_a_worker_that_fails_to_start_stops_the_server_once(tmp_path):
     path = tmp_path / "tiles.onnx"
     onnx.save(model, str(path))
     tag = _store_unchecked(path, "tiles")
-    status, out, seconds = serve_until_exit("--arg", f"models={tag}", "--arg", "workers=1")
+    status, out, seconds = serve_until_exit("--arg", f"models={tag}", "--arg", "workers=1", "--arg", "max_batch_size=8")
     assert status == 1, out[-3000:]
-    assert "cnnserve cannot start" in out and "4294967296" in out, out[-3000:]
+    assert "cannot be served" in out and "4294967296" in out and "stopping the server" not in out, out[-3000:]
+    if cuda_works():
+        return  # the worker below would start
+    status, out, seconds = serve_until_exit("--arg", f"models={tag}", "--arg", "workers=1", "--arg", "max_batch_size=1",
+                                            "--arg", "providers=cuda")
+    assert status == 1, out[-3000:]
+    assert "cnnserve cannot start" in out and "CUDA" in out, out[-3000:]
     assert out.count("stopping the server") <= 2, out[-3000:]  # the worker that failed (and at most one more)
 
 
