@@ -29,6 +29,7 @@ from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_dis
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
 from .manager import request_scope
+from .openapi import with_body
 from .params import ClassifyParams, ExplainParams, declare_route, refusal
 from .patches import runtime_info
 
@@ -276,7 +277,7 @@ def create_app(engine: Engine | None = None) -> CnnServeAPI:
         return internal_error(request.app, request, e)
 
     for path, endpoint, options in (*ROUTES, *kserve.ROUTES, *repository.ROUTES):
-        app.add_api_route(path, endpoint, **options)
+        app.add_api_route(path, endpoint, **with_body(path, options))
     # The demo page: static HTML, CSS and JavaScript in the package, over the public API only.
     app.mount("/demo/", StaticFiles(directory=Path(__file__).with_name("demo"), html=True), name="demo")
     return app

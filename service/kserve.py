@@ -296,7 +296,10 @@ V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"s
             "shape": {"type": "array", "items": {"type": "integer"}, "example": [1, 1, 28, 28]},
             "data": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}}}},
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
-            "name": {"type": "string", "enum": list(onnxmeta.OUTPUTS)}}}}}}}}}}
+            "name": {"type": "string", "enum": list(onnxmeta.OUTPUTS)}}}}}},
+    # a request the default model (28 x 28 grey) answers: a blank image, its probabilities
+    "example": {"inputs": [{"name": onnxmeta.INPUT, "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
+                "outputs": [{"name": onnxmeta.PROBABILITIES}]}}}}}
 TAGS = ["open inference protocol (KServe v2)"]
 ROUTES: list = []
 route = declare_route(ROUTES)

@@ -335,32 +335,124 @@ def test_deadline_and_priority_parameters(client, digits_test):
         assert r.status_code == 400, params
 
 
-def test_fuzzed_from_the_openapi_document(capped_server, client):
-    """schemathesis generates requests for every operation of /docs.json: never a 5xx (but the 504
-    a client asks for with its own timeout_ms), and the server stays ready with bounded memory."""
+def fuzz(url: str, doc: dict, max_examples: int, headers: dict | None = None, real: dict | None = None,
+         paths: set | None = None) -> tuple[list[str], list]:
+    """schemathesis cases for every operation of ``doc`` (those of ``paths`` only, when given), valid ones and
+    ones that break the schema, sent to ``url``. ``real``: path parameter -> values that exist (model names,
+    their versions), which the parameter takes in some of the cases (the rest are made up). Returns the
+    operations checked and, for every answer that is wrong, the
+    request and the answer: a 5xx (but the 504 a client asks for with its own timeout_ms), or a 4xx whose body
+    is not the service's JSON ``{"error", "code"}``. Every case runs: no shrinking, all failures listed."""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+    from hypothesis.errors import Unsatisfiable
 
-    schema = schemathesis.openapi.from_dict(client.get("/docs.json").json())
-    checked = []
+    schema = schemathesis.openapi.from_dict(doc)
+    checked, failures = [], []
     for result in schema.get_all_operations():
         op = result.ok()
+        if paths is not None and op.path not in paths:
+            continue
+        chosen = st.fixed_dictionaries({k: st.sampled_from([None, *v]) for k, v in (real or {}).items()
+                                        if "{%s}" % k in op.path})
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
 
-        @settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=op.as_strategy())
-        def check(case):
-            r = case.call(base_url=capped_server.url, timeout=60)
-            # the one 5xx a client may ask for: a deadline of its own choosing (timeout_ms) that passed
-            asked = r.status_code == 504 and "timeout_ms" in (case.query or {}) and \
-                r.json().get("code") == "deadline_exceeded"
-            assert r.status_code < 500 or asked, (case.method, case.path, case.query, r.status_code, r.text[:300])
+            @settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+            @given(case=op.as_strategy(generation_mode=mode), values=chosen)
+            def check(case, values):
+                values = {k: v for k, v in values.items() if v is not None}
+                if values:
+                    case.path_parameters = {**(case.path_parameters or {}), **values}
+                r = case.call(base_url=url, headers=headers, timeout=60)
+                problem = wrong_answer(case, r)
+                if problem:
+                    failures.append((case.method, case.formatted_path, case.query, short_body(case.body),
+                                     r.status_code, problem))
 
-        check()
+            try:
+                check()
+            except Unsatisfiable:  # nothing in the operation's schema to break (no parameters, no body)
+                assert mode == schemathesis.GenerationMode.NEGATIVE, op.path
         checked.append(f"{op.method.upper()} {op.path}")
-    assert "POST /classify" in checked and "POST /v2/models/{name}/infer" in checked
+    return checked, failures
+
+
+def wrong_answer(case, r) -> str | None:
+    try:
+        body = r.json()
+    except ValueError:
+        body = None
+    # the one 5xx a client may ask for: a deadline of its own choosing (timeout_ms) that passed
+    asked = (r.status_code == 504 and "timeout_ms" in (case.query or {}) and isinstance(body, dict)
+             and body.get("code") == "deadline_exceeded")
+    if r.status_code >= 500 and not asked:
+        return r.text[:300]
+    if 400 <= r.status_code < 500 and not (isinstance(body, dict) and {"error", "code"} <= set(body)):
+        return f"a {r.status_code} that is not the service's JSON error: {r.headers.get('content-type')} {r.text[:200]}"
+    return None
+
+
+def short_body(body) -> str:
+    text = repr(body)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def declared_routes() -> set[str]:
+    """Every route the service declares (api.py, kserve.py, repository.py) that its OpenAPI document lists."""
+    from cnnserve.service import api, kserve, repository
+
+    routes = (*api.ROUTES, *kserve.ROUTES, *repository.ROUTES)
+    hidden = {path for path, _, options in routes if options.get("include_in_schema") is False}
+    assert hidden == {"/demo"}, hidden  # the demo page's redirect; the page itself is static files
+    return {f"{options['methods'][0]} {path}" for path, _, options in routes if path not in hidden}
+
+
+def test_fuzzed_from_the_openapi_document(capped_server, client):
+    """schemathesis generates requests for every operation of /docs.json, valid ones and ones that break the
+    schema: never a 5xx (but the 504 a client asks for with its own timeout_ms), every 4xx the service's JSON
+    ``{"error", "code"}``, and the server stays ready with bounded memory. Every route the service declares is
+    in the document, BentoML's own too. Model control is off here (403): the next test fuzzes it on."""
+    doc = client.get("/docs.json").json()
+    loaded = client.get("/models").json()["loaded"]
+    checked, failures = fuzz(capped_server.url, doc, max_examples=12,
+                             real={"name": tuple(loaded), "version": tuple(sum(loaded.values(), []))})
+    assert not failures, "\n".join(map(str, failures[:20]))
+    assert declared_routes() <= set(checked), declared_routes() - set(checked)
+    assert {"GET /readyz", "GET /livez", "GET /metrics"} <= set(checked)
     assert client.get("/readyz").status_code == 200
     assert faults.tree_rss_mb(capped_server.proc.pid) < 4096
+
+
+def test_fuzzed_model_repository_with_and_without_the_token(default_onnx, stored_default, tmp_path):
+    """The model repository's routes (index, load, unload) fuzzed on a server with model control on, without the
+    token (403 each) and with it, the cases naming real models too: loads and unloads happen, a served set is
+    never emptied (the server refuses the last unload itself), and every answer is right as above."""
+    from cnnserve.export.store import store_model
+
+    second = str(store_model(default_onnx, "digits-fuzz").tag)
+    token = tmp_path / "token"
+    token.write_text("fuzz-token\n")
+    srv = Server("--arg", f"models={stored_default} {second}", "--arg", "workers=1", "--arg", "model_control=true",
+                 "--arg", f"control_token_file={token}", "--arg", "control_wait_s=5", memory_limit_mb=CAP_MB)
+    try:
+        doc = httpx.get(srv.url + "/docs.json").json()
+        repository = {p for p in doc["paths"] if p.startswith("/v2/repository/")}
+        assert repository == {"/v2/repository/index", "/v2/repository/models/{name}/load",
+                              "/v2/repository/models/{name}/unload"}, repository
+        real = {"name": ("lenet5-digits", "digits-fuzz", "lenet5-digits:" + stored_default.split(":")[1])}
+        without, failures = fuzz(srv.url, doc, max_examples=10, real=real, paths=repository)
+        with_token, more = fuzz(srv.url, doc, max_examples=20, real=real, paths=repository,
+                                headers={"Authorization": "Bearer fuzz-token"})
+        failures += more
+        assert not failures, "\n".join(map(str, failures[:20]))
+        assert len(without) == len(with_token) == 3
+        served = httpx.get(srv.url + "/models").json()["loaded"]
+        assert served and httpx.get(srv.url + "/readyz").status_code == 200, served
+        assert "Traceback" not in srv.output(), srv.output()[-3000:]
+    finally:
+        srv.stop()
 
 
 def metric_sum(url: str, name: str) -> float:
