@@ -184,9 +184,8 @@ class JSONRefusals:
 
         async def shaped(message) -> None:
             if message["type"] == "http.response.start":
-                headers = dict(message.get("headers", ()))
-                if message["status"] in (404, 405) and not headers.get(b"content-type", b"").startswith(
-                        b"application/json"):
+                if message["status"] in (404, 405) and not dict(message.get("headers", ())).get(
+                        b"content-type", b"").startswith(b"application/json"):
                     held.update(message)  # replaced: its body is dropped as it comes
                     return
             elif held and message["type"] == "http.response.body":
