@@ -340,9 +340,9 @@ def fuzz(url: str, doc: dict, max_examples: int, headers: dict | None = None, re
     """schemathesis cases for every operation of ``doc`` (those of ``paths`` only, when given), valid ones and
     ones that break the schema, sent to ``url``. ``real``: path parameter -> values that exist (model names,
     their versions), which the parameter takes in some of the cases (the rest are made up). Returns the
-    operations checked and, for every answer that is wrong, the
-    request and the answer: a 5xx (but the 504 a client asks for with its own timeout_ms), or a 4xx whose body
-    is not the service's JSON ``{"error", "code"}``. Every case runs: no shrinking, all failures listed."""
+    operations checked and, for every answer that is wrong, the request and the answer: a 5xx (but the 504 a
+    client asks for with its own timeout_ms), or a 4xx whose body is not the service's JSON ``{"error",
+    "code"}``. Every case runs: no shrinking, all failures listed."""
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
