@@ -170,9 +170,10 @@ class Settings(BaseModel):
     keep_versions: Count = 1  # the newest N loaded versions of a model stay loaded and reachable by version
     max_model_memory_mb: NonNegative = 0.0  # loaded versions' memory budget (0: none); LRU idle ones evicted
     model_sync_s: Positive = 0.5  # how often each worker looks at the served set the workers share
-    # A runtime load first checks the model and warms it at max_batch_size in a process of its own, killed past
-    # load_timeout_s seconds and capped at load_memory_mb of address space (cnnserve.core.servable.trial), so a
-    # model that never finishes or asks for gigabytes is refused while the worker keeps serving
+    # A runtime load first checks the model and warms it up in a process of its own, killed past load_timeout_s
+    # seconds and capped at load_memory_mb of address space (a batch of max_batch_size inputs must fit it too:
+    # cnnserve.core.servable.trial), so a model that never finishes or asks for gigabytes is refused while the
+    # worker keeps serving
     load_timeout_s: Positive = 30.0
     load_memory_mb: Positive = 4096.0
     control_wait_s: Positive = 120.0  # a load or unload answers 200 once every worker serves it, else 202

@@ -131,6 +131,10 @@ def _cpu_session(path: str | os.PathLike):
         raise NotServable(f"{path}: onnxruntime cannot load it: {_last_line(e)}") from None
 
 
+#: The largest batch ``Model.warm_up`` runs by default.
+WARM_BATCH = 8
+
+
 class TrialFailed(NotServable):
     """A trial that ran out of its time or memory (the model may be sound, only too large for the limits)."""
 
@@ -138,8 +142,11 @@ class TrialFailed(NotServable):
 def trial(path: str | os.PathLike, limits: Limits = DEFAULTS.limits, batch_size: int = 64, precision: str = "auto",
           timeout_s: float = 60.0, memory_mb: float = 4096.0) -> None:
     """``check_model`` of ``path`` and of each variant a server could choose for ``precision``, and one run of
-    each at ``batch_size`` blank images, in a process of its own: killed past ``timeout_s`` seconds, its address
-    space capped at ``memory_mb``. ``NotServable`` (``TrialFailed`` for time and memory) says why."""
+    each at the largest batch the server's worker runs while loading it (``batch_size``, the server's
+    max_batch_size, where the worker times variants at it; else the warm-up's), in a process of its own: killed
+    past ``timeout_s`` seconds, its address space capped at ``memory_mb``; a batch of ``batch_size`` inputs that
+    would not fit ``memory_mb`` is refused before anything runs. ``NotServable`` (``TrialFailed`` for time and
+    memory) says why."""
     job = json.dumps({"path": str(path), "batch_size": batch_size, "precision": precision, "memory_mb": memory_mb,
                       "max_pixels": limits.max_pixels, "max_decoded_bytes": limits.max_decoded_bytes})
     cap = int(memory_mb * 2**20)
@@ -152,7 +159,7 @@ def trial(path: str | os.PathLike, limits: Limits = DEFAULTS.limits, batch_size:
         done = subprocess.run([sys.executable, "-m", "cnnserve.core.servable", job], capture_output=True,
                               timeout=timeout_s, preexec_fn=capped, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:  # subprocess.run has killed it
-        raise TrialFailed(f"{path}: checking it and warming it up at batch {batch_size} took longer than "
+        raise TrialFailed(f"{path}: checking it and warming it up took longer than "
                           f"{timeout_s:g} s (load_timeout_s); it was stopped") from None
     lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
     try:
@@ -165,7 +172,7 @@ def trial(path: str | os.PathLike, limits: Limits = DEFAULTS.limits, batch_size:
         raise NotServable(str(verdict["error"]))
     err = done.stderr.decode("utf-8", "replace")
     if done.returncode < 0 or "MemoryError" in err or "bad_alloc" in err or "Failed to allocate" in err:
-        raise TrialFailed(f"{path}: checking it and warming it up at batch {batch_size} needs more than "
+        raise TrialFailed(f"{path}: checking it and warming it up needs more than "
                           f"{memory_mb:,.0f} MB of address space (load_memory_mb), or ended by signal "
                           f"{-done.returncode if done.returncode < 0 else 'none'}") from None
     raise NotServable(f"{path}: the trial process ended with status {done.returncode}: "
@@ -196,6 +203,10 @@ def _trial_main(job: dict) -> dict:
     chosen = files if precision == "auto" else {p: f for p, f in files.items() if p == precision}
     import onnxruntime as ort
 
+    # Run at the largest batch the worker itself will run while it loads: its warm-up's (``Model.warm_up``: 8),
+    # or max_batch_size where it times several variants to choose one. Larger batches at serving time are bounded
+    # by the input check above; running them here would cost a large model seconds of a core per worker.
+    n = n if precision == "auto" and len(files) > 1 else min(n, WARM_BATCH)
     for p, file in chosen.items():
         if file != path:
             check_model(file, limits)
