@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import anyio
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -156,6 +157,8 @@ async def explain(request: Request, p: Annotated[ExplainParams, Query()]):
     data, ticket, timings = await one_image(request, e, p, t0, priority=p.priority or "bulk")
     result, pixels, heat = await e.explain(data, p.model, p.method, p.target, p.patch, p.stride, p.top_k, ticket,
                                            timings, version=p.version, calibrated=p.calibrated)
+    if not np.isfinite(heat).all():  # CAM's feature maps can hold NaN where the logits do not
+        raise NotFinite([0])
     t = time.perf_counter()
 
     def render() -> Response:
