@@ -24,6 +24,8 @@ def _cmd_up(args) -> int:
 
     run = Path(args.run)
     ckpt, onnx_path = run / "model.pt", run / "model.onnx"
+    if not args.no_serve:  # before minutes of training, not after them
+        _check_ports(args.host, args.port, _grpc_port(args))
     if ckpt.is_file() and not args.retrain:
         print(f"[1/3] using the trained model in {run}/ (--retrain to train again)")
     else:
@@ -81,11 +83,23 @@ def _serve(tags, port: int, host: str, extra=(), sample=None, grpc_port: int | N
     argv = [bentoml, "serve", "cnnserve.service.service:CnnServe", *workdir, "--host", host,
             "--port", str(port), "--arg", "models=" + " ".join(tags), *extra]
     grpc = f", gRPC on port {grpc_port}" if grpc_port else ", no gRPC" if grpc_port == 0 else ""
+    _check_ports(host, port, grpc_port)  # again: training and export took a while
     print(f"serving {' '.join(tags)} on http://{host}:{port}{grpc} (Ctrl+C to stop); try:\n"
           f"  curl -F image=@{sample or 'IMAGE.png'} http://127.0.0.1:{port}/classify")
     sys.stdout.flush()
     os.execv(bentoml, argv)
     return 0  # not reached
+
+
+def _check_ports(host: str, port: int, grpc_port: int | None) -> None:
+    """A ValueError naming each of HTTP's and gRPC's ports that another process holds (``cnnserve: error:``, one
+    line, exit 2), raised before anything says "serving": ``bentoml serve`` fails on a taken HTTP port only
+    after its start, with a long traceback."""
+    from cnnserve.service.startup import taken_ports
+
+    taken = taken_ports(host, {"HTTP": port, "gRPC": grpc_port or 0})
+    if taken:
+        raise ValueError(taken)
 
 
 def _write_samples(run) -> None:
@@ -215,7 +229,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--grpc-port", type=int, metavar="PORT",
                    help="gRPC's port (the Open Inference Protocol, docs/grpc.md); 0: no gRPC (default: the port "
                         "after --port, 3001 beside 3000, unless --arg-file names grpc_port)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
     p.add_argument("--arg-file", help="service arguments from a YAML file, e.g. what `cnnserve tune` wrote (the "
                                       "served model stays the default one)")
     p.set_defaults(func=_cmd_up)

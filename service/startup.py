@@ -16,7 +16,7 @@ allocate; issue 25: a forced precision the model lacks, 820 log lines a minute).
   does not load): the worker logs its reason once, leaves it in the server's folder and asks the first
   process to stop (SIGTERM); the first process prints the reason and exits 1 (``at_exit``), instead of
   BentoML restarting the worker for ever.
-- **gRPC's port is checked in the first process** (``check_grpc_port``): every worker binds it with
+- **gRPC's port is checked in the first process** (``check_grpc_port``, HTTP's beside it): every worker binds it with
   SO_REUSEPORT so that they share it, and Linux lets any process of the same user join that group, so a
   second server on a host with the same ``grpc_port`` silently took half the first one's gRPC connections,
   and one running as another user (a container) stopped the other's workers from binding at all.
@@ -137,27 +137,48 @@ def serve_address() -> tuple[str, int] | None:
 
 
 def check_grpc_port(port: int) -> str | None:
-    """Why gRPC cannot have ``port`` on HTTP's address, asked in the first process of ``bentoml serve``
-    before any worker starts; None when it is free (or when this is not a server's start)."""
-    import socket
-
+    """Why the server cannot have its ports on HTTP's address, asked in the first process of ``bentoml serve``
+    before any worker starts; None when they are free (or when this is not a server's start). HTTP's port is
+    asked too, though BentoML binds it: taken, BentoML fails only after the workers are set up, with a
+    50-line traceback, and a message naming gRPC's port alone would send the user to the wrong one."""
     address = serve_address()
-    if not port or address is None:
+    if address is None:
         return None
     host, http_port = address
-    if port == http_port:
+    if not http_port:  # no --port: BentoML's configured one (3000 unless its configuration says otherwise)
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        http_port = int(BentoMLContainer.http.port.get())
+    if port and port == http_port:
         return f"grpc_port {port} is HTTP's port too: give gRPC another (--arg grpc_port=PORT, 0 for none)"
+    return taken_ports(host, {"HTTP": http_port, "gRPC": port})
+
+
+def taken_ports(host: str, ports: dict[str, int]) -> str | None:
+    """One line naming each of ``ports`` (protocol: port; 0 for none) that cannot be bound on ``host``, and
+    what to pass instead; None when every one is free. ``cnnserve up`` asks before it says it serves."""
+    import socket
+
     host = host.strip("[]")
-    # SO_REUSEADDR: a port whose last connections wait out TIME_WAIT is free; no SO_REUSEPORT, so that a
-    # socket any process listens on (another server's gRPC workers included) makes the bind fail
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            return (f"gRPC's port {port} on {host} is taken ({e.strerror}; another server?): give this one "
-                    f"another (--arg grpc_port=PORT, `cnnserve up --grpc-port PORT`), or 0 for no gRPC")
-    return None
+    taken, why = [], ""
+    for name, port in ports.items():
+        if not port:
+            continue
+        # SO_REUSEADDR: a port whose last connections wait out TIME_WAIT is free; no SO_REUSEPORT, so that a
+        # socket any process listens on (another server's gRPC workers included) makes the bind fail
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                taken.append(name)
+                why = e.strerror
+    if not taken:
+        return None
+    fixes = {"HTTP": "--port PORT", "gRPC": "--arg grpc_port=PORT, `cnnserve up --grpc-port PORT`, or 0 for no gRPC"}
+    return (" and ".join(f"{name}'s port {ports[name]}" for name in taken) + f" on {host} "
+            + ("is" if len(taken) == 1 else "are") + f" taken ({why}; another server?): give this one "
+            + ("another" if len(taken) == 1 else "others") + " (" + "; ".join(fixes[n] for n in taken) + ")")
 
 
 def preflight(path: str, settings) -> None:

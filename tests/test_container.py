@@ -172,3 +172,31 @@ def test_gpu_bento_builds_from_the_cuda_base_with_its_lock(stored_default):
     cpu, gpu = (yaml.safe_load((ROOT / f).read_text()) for f in ("bentofile.yaml", "bentofile-gpu.yaml"))
     assert gpu["service"] == cpu["service"] and gpu["include"] == cpu["include"]
     assert gpu["python"]["lock_packages"] is cpu["python"]["lock_packages"] is False
+
+
+def test_the_image_listens_on_every_interface_and_up_on_loopback(stored_default):
+    """`cnnserve up` is a development command: it listens on 127.0.0.1 unless told (`--host 0.0.0.0`). The image
+    runs BentoML's own entrypoint, `bentoml serve` with no --host, which listens on every interface (as a
+    container must, to be reached through its published port); nothing in the bento, the Kubernetes manifests
+    or the build narrows that."""
+    import bentoml
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    from cnnserve.command.cli import build_parser
+    from cnnserve.command.container import build_bento
+
+    assert build_parser().parse_args(["up"]).host == "127.0.0.1"
+    assert build_parser().parse_args(["up", "--host", "0.0.0.0"]).host == "0.0.0.0"
+    assert BentoMLContainer.http.host.get() == "0.0.0.0"  # `bentoml serve` without --host
+    tag = build_bento([stored_default])
+    try:
+        docker = Path(bentoml.get(tag).path, "env", "docker")
+        text = (docker / "Dockerfile").read_text() + (docker / "entrypoint.sh").read_text()
+        assert 'ENTRYPOINT [ "/home/bentoml/bento/env/docker/entrypoint.sh" ]' in text
+        assert "BENTOML_HOST" not in text and "--host" not in text and "127.0.0.1" not in text
+    finally:
+        bentoml.delete(tag)
+    for manifest in ("cnnserve.yaml", "cnnserve-gpu.yaml"):
+        for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / manifest).read_text()):
+            for c in (doc or {}).get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                assert "--host" not in c.get("args", []) and "BENTOML_HOST" not in str(c.get("env", [])), manifest

@@ -116,3 +116,69 @@ def test_up_puts_grpc_on_the_port_after_https_unless_told(tmp_path):
     assert _grpc_port(parse(["up", "--port", "4000", "--arg-file", str(named)])) is None
     assert _grpc_port(parse(["up", "--port", "4000", "--arg-file", str(unnamed)])) == 4001
     assert _grpc_port(parse(["up", "--arg-file", str(named), "--grpc-port", "5001"])) == 5001
+
+
+@contextlib.contextmanager
+def held(*ports: int):
+    """Listening sockets on 127.0.0.1 holding ``ports``, as another server would."""
+    socks = []
+    try:
+        for port in ports:
+            s = socket.socket()
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            socks.append(s)
+        yield
+    finally:
+        for s in socks:
+            s.close()
+
+
+# which ports a socket holds: HTTP's (P), gRPC's (P+1), both
+TAKEN = [("HTTP",), ("gRPC",), ("HTTP", "gRPC")]
+
+
+def _taken_line(out: str) -> list[str]:
+    return [line for line in out.splitlines() if "is taken" in line or "are taken" in line]
+
+
+@pytest.mark.parametrize("taken", TAKEN, ids=["+".join(t) for t in TAKEN])
+def test_up_with_a_port_taken_says_which_in_one_line_before_serving(taken, default_run, tmp_path):
+    """`cnnserve up` on a port another server holds: one line naming each taken port, exit non-zero, and
+    nothing said about serving (not a "serving ... on" line and then BentoML's 50-line traceback)."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("model.pt", "model.onnx"):  # a trained, exported run: up goes straight to serving
+        shutil.copy2(default_run / name, run / name)
+    port = free_port_before_a_free_one()
+    ports = {"HTTP": port, "gRPC": port + 1}
+    with held(*(ports[k] for k in taken)):
+        r = subprocess.run([*CNNSERVE, "up", "--run", str(run), "--port", str(port), "--host", "127.0.0.1"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=180)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out[-3000:]
+    assert "serving" not in out.lower() and "Traceback" not in out, out[-3000:]
+    lines = _taken_line(out)
+    assert len(lines) == 1, out[-3000:]
+    for k, p in ports.items():
+        assert (f"{k}'s port {p}" in lines[0]) == (k in taken), lines[0]
+
+
+@pytest.mark.parametrize("taken", TAKEN, ids=["+".join(t) for t in TAKEN])
+def test_bentoml_serve_with_a_port_taken_says_which_in_one_line(taken, stored_default):
+    """`bentoml serve` of the service (what the container and the README's second server run): the same one
+    line from its first process, naming each taken port, before any worker starts."""
+    from tests.conftest import serve_until_exit
+
+    port = free_port_before_a_free_one()
+    ports = {"HTTP": port, "gRPC": port + 1}
+    with held(*(ports[k] for k in taken)):
+        status, out, _ = serve_until_exit("--arg", f"models={stored_default}", "--arg", f"grpc_port={port + 1}",
+                                          port=port, timeout=120)
+    assert status != 0 and "Traceback" not in out and "Starting production" not in out, out[-3000:]
+    lines = _taken_line(out)
+    assert len(lines) == 1, out[-3000:]
+    for k, p in ports.items():
+        assert (f"{k}'s port {p}" in lines[0]) == (k in taken), lines[0]
