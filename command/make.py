@@ -11,7 +11,7 @@ import sys
 
 from cnnserve.core.config import DEFAULT_ARCH
 from cnnserve.core.onnxmeta import DEFAULT_OPSET
-from cnnserve.core.spec import INTERPOLATIONS, RESIZE_POLICIES, ModelSpec
+from cnnserve.core.spec import INTERPOLATIONS, RESIZE_MODES, RESIZE_POLICIES, ModelSpec
 
 SPEC_DEFAULTS = {f: ModelSpec.__dataclass_fields__[f].default for f in ("crop_pct", "interpolation")}
 
@@ -34,6 +34,11 @@ def add_train(sub) -> None:
     p.add_argument("--download", action="store_true", default=S, help="fetch MNIST / Fashion-MNIST into --data-dir")
     p.add_argument("--img-size", type=int, default=S, help="input side in pixels (default: the architecture's)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=S, help="input channels (default: the data's)")
+    p.add_argument("--resize", choices=tuple(RESIZE_MODES), default=S,
+                   help="how a picture is brought to the input size, in training and then in serving and scoring "
+                        "(the export carries it): crop scales the shorter side to size / 0.875 and takes the "
+                        "centre; whole stretches the whole picture to the size (for full-frame photos whose edges "
+                        "matter). Default: the architecture's: crop for the ImageNet families, whole for LeNet-5")
     p.add_argument("--limit", type=int, default=S, help="use at most this many training images")
     p.add_argument("--epochs", type=int, default=S, help="default 30")
     p.add_argument("--batch-size", type=int, default=S, help="default 32")
@@ -78,22 +83,35 @@ def _cmd_export(args) -> int:
     from pathlib import Path
 
     from cnnserve.export.files import VariantsFailed
-    from cnnserve.models.fromweights import checkpoint_from_weights
+    from cnnserve.models.fromweights import INPUT_FLAGS, checkpoint_from_weights
     from cnnserve.export.pipeline import export_checkpoint
 
     checkpoint = args.checkpoint
+    given = {"size": args.img_size, "mean": args.mean, "std": args.std, "resize": args.resize,
+             "crop_pct": args.crop_pct, "interpolation": args.interpolation}
+    if args.calib_images and not args.int8:
+        raise ValueError("--calib-images goes with --int8 (the images int8 calibrates and is checked on)")
     if args.weights:  # an architecture by name and a weights file: first a checkpoint of them, named as --out
+        if args.int8 and not args.calib_images:  # before any work: nothing is written for a refused command
+            raise ValueError(f"--int8 needs real images to calibrate on: weights come with no data set, so give "
+                             f"--calib-images DIR (a folder of pictures like those {args.checkpoint} will see: "
+                             f"--calibration of them calibrate, the rest check int8 against fp32)")
         out = Path(args.out).with_suffix(".pt") if args.out else Path("runs") / checkpoint.replace(":", "-") / "model.pt"
-        checkpoint = checkpoint_from_weights(checkpoint, args.weights, out, args.labels, args.overwrite)
+        checkpoint = checkpoint_from_weights(checkpoint, args.weights, out, args.labels, args.overwrite,
+                                             input=given, preset=args.preset, log=print)
         print(f"checkpoint {checkpoint} ({args.checkpoint} with {args.weights})")
-    elif args.labels:
-        raise ValueError("--labels goes with --weights (a checkpoint carries its own labels)")
+    else:
+        named = [flag for flag, value in (("--labels", args.labels), ("--preset", args.preset), *(
+            (f, given[k]) for k, f in INPUT_FLAGS.items())) if value is not None]
+        if named:
+            raise ValueError(f"{', '.join(named)} go{'es' if len(named) == 1 else ''} with --weights (a checkpoint "
+                             "carries its own labels and input)")
     try:
         results = export_checkpoint(checkpoint, args.out, fp16=args.fp16, int8=args.int8,
                                     calibration=args.calibration, calibration_method=args.calibration_method,
                                     int8_format=args.int8_format, simplify_graph=args.simplify,
                                     data_dir=args.data_dir, opset=args.opset, overwrite=args.overwrite,
-                                    calibrate=args.calibrate)
+                                    calibrate=args.calibrate, calib_images=args.calib_images, check=args.check)
     except VariantsFailed as e:
         # the verified fp32 file (and any variant that passed) is not thrown away with the refused variant
         fp32 = e.results[0]["path"]
@@ -189,6 +207,8 @@ def _add_int8_options(p) -> None:
     from cnnserve.export.quantize import FORMATS, METHODS
 
     p.add_argument("--calibration", type=int, default=128, help="int8: calibration images (default 128)")
+    p.add_argument("--check", type=int, default=256,
+                   help="int8 from a folder: images after the calibration ones to verify with (at most)")
     p.add_argument("--calibration-method", default="auto", choices=("auto", *METHODS),
                    help="int8: auto quantizes with minmax and percentile and keeps the one that agrees best with "
                         "fp32 on held-out images")
@@ -208,10 +228,31 @@ def add_parsers(sub) -> None:
     p.add_argument("--weights", help="a state dict for that architecture (.pth, .safetensors; nothing is downloaded)")
     p.add_argument("--labels", help="with --weights: class names, one per line (default: ImageNet-1k's for 1000 "
                                     "classes)")
+    p.add_argument("--img-size", type=int, help="with --weights: the input side the model was trained at (default: "
+                                                "the library's data config, timm's pretrained_cfg or torchvision's "
+                                                "weights transforms; the zoo's size for a zoo name)")
+    p.add_argument("--mean", type=float, nargs="+", help="with --weights: per-channel mean on the 0-1 scale (one "
+                                                         "value for all; default: the library's)")
+    p.add_argument("--std", type=float, nargs="+", help="with --weights: per-channel std (default: the library's)")
+    p.add_argument("--resize", choices=tuple(RESIZE_MODES),
+                   help="with --weights: crop (the shorter side to size / crop-pct, then the centre; the library's "
+                        "way) or whole (the whole picture stretched to the size)")
+    p.add_argument("--crop-pct", type=float, help="with --weights: the centre crop's share of the resized side "
+                                                  "(default: the library's, 0.875 for torchvision's ImageNet models)")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, help="with --weights: resampling filter (default: "
+                                                                   "the library's)")
+    p.add_argument("--preset", help="with --weights: take the input from another of the library's weights: timm's "
+                                    "pretrained tag (a1_in1k) or torchvision's weights name (IMAGENET1K_V1); flags "
+                                    "given beside it still win")
     p.add_argument("--out", "-o", help="ONNX file to write (default: beside the checkpoint, model.onnx)")
     p.add_argument("--fp16", action="store_true", help="also write a half-precision variant (NAME.fp16.onnx)")
     p.add_argument("--int8", action="store_true", help="also write a statically quantized variant (NAME.int8.onnx), "
-                                                       "calibrated on the training split and verified on the test split")
+                                                       "calibrated on the checkpoint's training split and verified on "
+                                                       "its test split, or on --calib-images")
+    p.add_argument("--calib-images", help="int8: a folder of real pictures like those the model will see (needed "
+                                          "for weights, which come with no data set): a seeded --calibration of "
+                                          "them calibrate, up to --check of the others choose the method and run "
+                                          "the agreement gate")
     _add_int8_options(p)
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=False,
                    help="simplify the graph with onnxslim (off by default: measured not to pay on CPU, "
@@ -278,7 +319,6 @@ def add_parsers(sub) -> None:
                                    "the rest (top-1 agreement with fp32 at least 99%); writes NAME.int8.onnx beside it.")
     p.add_argument("onnx", help="an fp32 file written by `cnnserve export` or `cnnserve import`")
     p.add_argument("--images", required=True, help="a folder of images like those the model will see")
-    p.add_argument("--check", type=int, default=256, help="images after the calibration ones to verify with (at most)")
     _add_int8_options(p)
     p.add_argument("--store", action=argparse.BooleanOptionalAction, default=True,
                    help="store the model again with its new variant (default on)")

@@ -58,14 +58,49 @@ def test_images(ckpt: dict, data_dir: str | None = None, n_random: int = 64, spl
     return (np.stack([x.numpy() for x, _ in pairs]), np.array([int(y) for _, y in pairs]))
 
 
+def folder_split(folder: str | os.PathLike, spec, calibration: int, check: int = 256) -> dict:
+    """A folder's pictures (recursively; decoded as the service decodes them for ``spec``) in a seeded order:
+    the first ``calibration`` to calibrate int8 on, up to ``check`` others held out to choose the method and
+    run the agreement gate on. Shuffled, not sorted, so that a folder of class sub-folders calibrates on every
+    class; files that are not readable images are skipped. Refused with fewer than 16 held-out pictures."""
+    from cnnserve.core.preprocess import IMAGE_EXTENSIONS, ImageError, load_file
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ExportError(f"{root}: no such folder of images (--calib-images)")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    order = np.random.default_rng(0).permutation(len(paths))
+    images, names = [], []
+    for i in order:
+        if len(images) >= calibration + check:
+            break
+        try:
+            images.append(load_file(paths[i], spec))
+        except ImageError:
+            continue  # a file that is not an image is not an image of the data
+        names.append(str(paths[i].relative_to(root)))
+    if len(images) < calibration + 16:
+        raise ExportError(f"{root}: {len(images)} readable images; int8 calibrates on --calibration {calibration} "
+                          f"and needs at least 16 more, held out, to check the result (add pictures or lower "
+                          f"--calibration)")
+    stack = np.stack(images)
+    return {"calibration": stack[:calibration], "calibration_files": names[:calibration],
+            "held_out": stack[calibration:], "held_out_files": names[calibration:]}
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | None = None, *, fp16: bool = False,
                       int8: bool = False, calibration: int = 128, calibration_method: str = "auto",
                       int8_format: str | None = None, simplify_graph: bool = False, data_dir: str | None = None,
                       opset: int = DEFAULT_OPSET, overwrite: bool = False, calibrate: bool = True,
-                      log=print) -> list[dict]:
+                      calib_images: str | os.PathLike | None = None, check: int = 256, log=print) -> list[dict]:
     """Export, verify and save; returns one record per file written (path, report path, report, info).
-    ``int8``: also NAME.int8.onnx, calibrated on ``calibration`` images of the training split
-    (``export.quantize``), after the fp32 file is written. ``calibrate``: probabilities are
+    ``int8``: also NAME.int8.onnx (``export.quantize``), after the fp32 file is written, calibrated on
+    ``calibration`` images of the checkpoint's training split and checked on its validation and test splits;
+    or, with ``calib_images`` (a folder), on ``calibration`` of its pictures and checked on up to ``check``
+    others (``folder_split``; on the test split too when the checkpoint has one). A checkpoint with no data
+    set (made from weights) has only random pixels of its own, on which the agreement gate would pass
+    whatever the quantization did, so int8 for it needs ``calib_images`` and is refused without, before any
+    work. ``calibrate``: probabilities are
     softmax(logits / T) with T fitted on the validation split (``export.probabilities``); false keeps the
     raw softmax (the out-of-distribution threshold is fitted either way).
 
@@ -75,6 +110,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
     same checkpoint, or with ``overwrite`` (``check_outputs``).
     """
     ckpt = load_checkpoint(checkpoint)
+    if int8 and not ckpt.get("data") and calib_images is None:
+        raise ExportError(f"{ckpt['path']}: --int8 needs real images to calibrate on, and this checkpoint comes with "
+                          "no data set (its own would be random pixels): give --calib-images DIR, a folder of "
+                          "pictures like those the model will see")
     model = classifier_from_checkpoint(ckpt)
     metrics = ckpt.get("metrics", {})
     info = ModelInfo(spec=ckpt["spec"], precision="fp32", metrics=metrics,
@@ -82,7 +121,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
                      origin=ckpt.get("origin", {"kind": "trained"}))
     out = Path(out) if out else Path(ckpt["path"]).with_suffix(".onnx")
     check_outputs(out, info.checkpoint_sha256, ["fp32"] + ["fp16"] * fp16 + ["int8"] * int8, overwrite, log)
+    folder = folder_split(calib_images, info.spec, calibration, check) if int8 and calib_images is not None else None
     images, targets = test_images(ckpt, data_dir)
+    kind = "test" if targets is not None else "random"
+    if folder is not None and targets is None:  # no test split of its own: the real pictures held out are better
+        images, kind = folder["held_out"], "held-out folder"
     log(f"exporting {ckpt['path']} ({info.spec.arch}, input uint8 {'x'.join(map(str, info.spec.input_shape))}, "
         f"{info.spec.num_classes} classes) to ONNX opset {opset} ...")
     t0 = time.time()
@@ -93,7 +136,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
     if simplify_graph:
         proto = simplify(proto)
     log(f"traced in {time.time() - t0:.1f}s; verifying against PyTorch on {len(images)} "
-        f"{'test' if targets is not None else 'random'} images ...")
+        f"{kind} images ...")
     jobs = [("fp32", proto, out)]
     if fp16:
         half = to_fp16(proto)
@@ -124,11 +167,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
                         "info": replace(info, precision=precision)})
     if int8:
         path = Path(onnxmeta.variant_file(str(out), "int8"))
+        if folder is not None:  # real pictures: calibration on some, the method chosen and the gate run on others
+            calib_set, selection = (folder["calibration"], None), (folder["held_out"], None)
+            gate = (images, targets) if targets is not None else selection  # labels, where the checkpoint has them
+            source = f"folder {calib_images}"
+            files = {"files": folder["calibration_files"], "held_out_files": folder["held_out_files"]}
+        else:
+            calib_set = test_images(ckpt, data_dir, split="train", limit=calibration)
+            selection, gate = test_images(ckpt, data_dir, split="val", limit=256), (images, targets)
+            source, files = f"{info.data} training split", None
         try:
-            results.append(export_int8(proto, info, path,
-                                       test_images(ckpt, data_dir, split="train", limit=calibration),
-                                       test_images(ckpt, data_dir, split="val", limit=256), (images, targets),
-                                       calibration_method, int8_format, f"{info.data or 'random'} training split", log))
+            results.append(export_int8(proto, info, path, calib_set, selection, gate, calibration_method, int8_format,
+                                       source, log, calibration_files=files))
         except ExportError as e:
             failures.append(drop_refused(path, str(e), log))
     if failures:
@@ -137,8 +187,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike | No
 
 
 def export_int8(fp32: onnx.ModelProto, info: ModelInfo, path: Path, calibration, selection, test,
-                method: str = "auto", fmt: str | None = None, source: str = "", log=print) -> dict:
-    """Quantize ``fp32`` (images as (uint8 array, targets) pairs), verify against it, write if it passes."""
+                method: str = "auto", fmt: str | None = None, source: str = "", log=print,
+                calibration_files: dict | None = None) -> dict:
+    """Quantize ``fp32`` (images as (uint8 array, targets) pairs), verify against it, write if it passes.
+    ``calibration_files``: which files calibrated and which were held out, for the report."""
     log(f"quantizing to int8: {len(calibration[0])} calibration images from the {source}, "
         f"{len(selection[0])} to choose the method, {len(test[0])} to verify ...")
     try:
@@ -146,6 +198,7 @@ def export_int8(fp32: onnx.ModelProto, info: ModelInfo, path: Path, calibration,
                                       source=source, log=log)
     except ValueError as e:
         raise ExportError(f"{path}: {e}") from None
+    report["calibration"].update(calibration_files or {})
     info8 = replace(info, precision="int8")
     set_metadata(q, info8, next((p.value for p in fp32.metadata_props if p.key == onnxmeta.KEY_SAMPLES), None))
     q.producer_name, q.producer_version = "cnnserve", info.versions.get("cnnserve", "")

@@ -221,45 +221,86 @@ def _near(arch: str, names: list[str], lib: str) -> str:
             + f"`cnnserve models '{lib}:*{stem}*'` lists the names it has")
 
 
-def library_entry(name: str):
-    """A registry entry for ``timm:ARCH`` or ``torchvision:ARCH``: built by the library with random
-    weights, its spec from the library's pretrained data config (mean, std, input size, crop
-    fraction, interpolation) where it has one, else ImageNet's at 224."""
+def _tag_list(names: list[str]) -> str:
+    return ", ".join(names) if names else "none"
 
+
+def library_data_config(name: str, preset: str | None = None) -> dict:
+    """The input ``timm:ARCH`` or ``torchvision:ARCH`` was trained with, as its library states it: mean, std,
+    input size, crop fraction and interpolation, with ``source`` saying where they came from. timm's come
+    from the architecture's ``pretrained_cfg`` (through ``resolve_data_config``), torchvision's from its
+    weights' ``transforms()``; ``preset`` names which of the library's weights (timm's pretrained tag,
+    ``a1_in1k``; torchvision's enum member, ``IMAGENET1K_V1``), else its default ones. An architecture the
+    library states nothing for gets ImageNet's at 224."""
     lib, _, arch = name.partition(":")
-    mean, std, size, crop_pct, interpolation = IMAGENET_MEAN, IMAGENET_STD, 224, 0.875, "bilinear"
+    config = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "size": 224, "crop_pct": 0.875,
+              "interpolation": "bilinear", "source": f"ImageNet's defaults ({lib} states none for {arch})"}
     if lib == "timm":
         import_torchvision()
         import timm
+        from timm.data import resolve_data_config
 
         if not timm.is_model(arch):
             raise UnknownModelError(f"timm has no architecture {arch!r} (timm {timm.__version__}); "
                                     + _near(arch, library_models("timm"), "timm"))
-        cfg = timm.models.get_pretrained_cfg(arch)
+        base = arch.partition(".")[0]
+        tagged = f"{base}.{preset}" if preset else arch
+        try:
+            cfg = timm.models.get_pretrained_cfg(tagged)
+        except RuntimeError:  # a tag the architecture has no weights for
+            tags = timm.list_pretrained(f"{base}.*")
+            raise UnknownModelError(f"timm has no pretrained config {tagged!r}; its tags: "
+                                    f"{_tag_list([t.partition('.')[2] for t in tags])}") from None
         if cfg is not None:
-            mean, std, crop_pct = tuple(cfg.mean), tuple(cfg.std), float(cfg.crop_pct or crop_pct)
-            size = int(cfg.input_size[-1])
-            interpolation = "bicubic" if cfg.interpolation == "bicubic" else "bilinear"
-
-        def builder(num_classes, in_chans, img_size):
-            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+            d = resolve_data_config(pretrained_cfg=cfg.to_dict())
+            config = {"mean": tuple(d["mean"]), "std": tuple(d["std"]), "size": int(d["input_size"][-1]),
+                      "crop_pct": float(d["crop_pct"] or 0.875),
+                      "interpolation": "bicubic" if d["interpolation"] == "bicubic" else "bilinear",
+                      "source": f"timm's pretrained_cfg of {base}.{cfg.tag}" if cfg.tag else
+                                f"timm's pretrained_cfg of {base}"}
     elif lib == "torchvision":
         tv = import_torchvision()
         if arch not in tv.models.list_models(module=tv.models):
             raise UnknownModelError(f"torchvision has no classification architecture {arch!r} (torchvision "
                                     f"{tv.__version__}); " + _near(arch, library_models("torchvision"), "torchvision"))
-        weights = tv.models.get_model_weights(arch).DEFAULT
-        t = weights.transforms()
-        mean, std, size = tuple(t.mean), tuple(t.std), int(t.crop_size[0])
-        crop_pct = min(1.0, size / t.resize_size[0])
-        interpolation = "bicubic" if t.interpolation.value == "bicubic" else "bilinear"
+        try:
+            enum = tv.models.get_model_weights(arch)
+        except (ValueError, KeyError):
+            enum = None
+        if preset and (enum is None or preset not in enum.__members__):
+            raise UnknownModelError(f"torchvision's {arch} has no weights {preset!r}; its weights: "
+                                    f"{_tag_list(list(enum.__members__) if enum is not None else [])}")
+        if enum is not None:
+            weights = enum[preset] if preset else enum.DEFAULT
+            t = weights.transforms()
+            size = int(t.crop_size[0])
+            config = {"mean": tuple(t.mean), "std": tuple(t.std), "size": size,
+                      "crop_pct": min(1.0, size / t.resize_size[0]),
+                      "interpolation": "bicubic" if t.interpolation.value == "bicubic" else "bilinear",
+                      "source": f"torchvision's {weights} transforms"}
+    else:
+        raise UnknownModelError(f"unknown library {lib!r} in {name!r}; valid: {', '.join(LIBRARIES)}")
+    return config
+
+
+def library_entry(name: str):
+    """A registry entry for ``timm:ARCH`` or ``torchvision:ARCH``: built by the library with random
+    weights, its spec from the library's pretrained data config (``library_data_config``)."""
+
+    lib, _, arch = name.partition(":")
+    config = library_data_config(name)
+    if lib == "timm":
+        import timm
+
+        def builder(num_classes, in_chans, img_size):
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    else:
+        tv = import_torchvision()
 
         def builder(num_classes, in_chans, img_size):
             if in_chans != 3:
                 raise ValueError(f"torchvision's {arch} takes 3 channels, not {in_chans}")
             return tv.models.get_model(arch, weights=None, num_classes=num_classes)
-    else:
-        raise UnknownModelError(f"unknown library {lib!r} in {name!r}; valid: {', '.join(LIBRARIES)}")
-    spec = ModelSpec(name, 3, size, size, mean, std, resize="center-crop", crop_pct=crop_pct,
-                     interpolation=interpolation)
+    spec = ModelSpec(name, 3, config["size"], config["size"], config["mean"], config["std"], resize="center-crop",
+                     crop_pct=config["crop_pct"], interpolation=config["interpolation"])
     return ModelEntry(name, lib, builder, spec, f"{lib}'s {arch}")

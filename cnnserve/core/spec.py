@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass, field, replace
 #: ``center-crop``: resize the shorter side to ``size / crop_pct``, then crop the
 #: centre H x W (the ImageNet evaluation transform of torchvision and timm).
 RESIZE_POLICIES = ("stretch", "center-crop")
+#: The words ``cnnserve train`` and ``export --weights`` take for them (``--resize crop|whole``): crop the
+#: centre, or keep the whole picture.
+RESIZE_MODES = {"crop": "center-crop", "whole": "stretch"}
 #: The resampling filter of that resize (timm's pretrained configs name bicubic for many models).
 INTERPOLATIONS = ("bilinear", "bicubic")
 
