@@ -85,8 +85,9 @@ def create_model(name: str, num_classes: int, in_chans: int | None = None,
 
 
 def spec_for(name: str, labels, channels: int | None = None, size: int | None = None,
-             mean=None, std=None) -> ModelSpec:
-    """The registry's spec for ``name``, specialised to a data set's labels, channels and statistics."""
+             mean=None, std=None, resize: str | None = None) -> ModelSpec:
+    """The registry's spec for ``name``, specialised to a data set's labels, channels and statistics;
+    ``resize``: a resize policy other than the architecture's."""
     base = default_spec(name)
     channels = channels or base.channels
     rgb = channels == 3
@@ -95,6 +96,7 @@ def spec_for(name: str, labels, channels: int | None = None, size: int | None = 
         channels=channels,
         height=size or base.height,
         width=size or base.width,
+        resize=resize or base.resize,
         mean=tuple(mean) if mean is not None else (base.mean if len(base.mean) == channels
                                                    else (IMAGENET_MEAN if rgb else (0.5,))),
         std=tuple(std) if std is not None else (base.std if len(base.std) == channels

@@ -3,7 +3,8 @@
 ``cnnserve train ARCH --data NAME --epochs N`` writes one run folder:
   model.pt      best weights (by validation accuracy), spec, labels, test metrics
   last.pt       everything needed to resume (optimizer, schedule, history, RNG)
-  metrics.json  per-epoch metrics, the config, the spec and the test result
+  metrics.json  per-epoch metrics, the config, the spec, the test result and the verdict (``verdict.py``:
+                near chance, overfitting, still improving, said plainly at the end of the run too)
   curves.png    loss and accuracy per epoch; confusion.png: the test confusion matrix
 """
 
@@ -26,12 +27,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from cnnserve.core.config import DEFAULT_ARCH, DEFAULT_DATA
+from cnnserve.core.spec import RESIZE_MODES
 
 from .checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
 from .data import DATASETS, NATIVE_CHANNELS, DataError, load_dataset
 from .optim import OPTIMIZERS, augment, init_weights, make_optimizer, make_schedule, parameter_groups
 from .pretrained import freeze_backbone, load_weights, read_weights
 from .registry import Classifier, build_classifier, get_entry, spec_for
+from .verdict import format_verdict, judge
 
 SCHEDULES = ("cosine", "step", "none")
 INITS = ("kaiming", "xavier", "default")
@@ -69,10 +72,15 @@ class TrainConfig:
     pretrained: str | None = None
     freeze_backbone: bool = False  # only the head learns
     backbone_lr: float | None = None  # the backbone's learning rate as a fraction of --lr (default 0.1 with --pretrained)
+    # how a picture is brought to the input size, in training, serving and scoring alike (the spec carries it):
+    # crop (the centre, after the shorter side is scaled to size / crop fraction) or whole (the whole picture
+    # stretched to the size); default: the architecture's (crop for the ImageNet families, whole for LeNet-5)
+    resize: str | None = None
 
     def __post_init__(self):
         for name, value, valid in (("data set", self.data, DATASETS), ("optimizer", self.optimizer, OPTIMIZERS),
-                                   ("schedule", self.schedule, SCHEDULES), ("init", self.init, INITS)):
+                                   ("schedule", self.schedule, SCHEDULES), ("init", self.init, INITS),
+                                   ("resize", self.resize or "crop", tuple(RESIZE_MODES))):
             if value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
         get_entry(self.arch)  # raises with the list of valid names
@@ -158,13 +166,18 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
     weights, source = read_weights(cfg.pretrained) if cfg.pretrained and not state else (None, None)
     channels = cfg.channels or (source or {}).get("channels") or (3 if cfg.pretrained else NATIVE_CHANNELS[cfg.data])
     size = cfg.img_size or (source or {}).get("height") or get_entry(cfg.arch).spec.height
+    resize = RESIZE_MODES[cfg.resize] if cfg.resize else None
     if state:  # a resumed run keeps its own input, whatever the weights it started from said
-        channels, size = state["spec"].channels, state["spec"].height
-    data = load_dataset(cfg.data, spec_for(cfg.arch, (), channels, size), cfg.data_dir, cfg.download, cfg.limit)
+        if resize and resize != state["spec"].resize:
+            raise CheckpointError(f"{resume}: the run resizes by {state['spec'].resize}, not {resize}: a resumed run "
+                                  "keeps its input (start a new run for another --resize)")
+        channels, size, resize = state["spec"].channels, state["spec"].height, state["spec"].resize
+    data = load_dataset(cfg.data, spec_for(cfg.arch, (), channels, size, resize=resize), cfg.data_dir, cfg.download,
+                        cfg.limit)
     # from weights trained elsewhere, their normalisation: a cnnserve checkpoint's own, else the
     # architecture's pretrained one (ImageNet's, or the library's data config)
     stats = ((source["mean"], source["std"]) if source else (None, None)) if cfg.pretrained else (data.mean, data.std)
-    spec = state["spec"] if state else spec_for(cfg.arch, data.labels, channels, size, *stats)
+    spec = state["spec"] if state else spec_for(cfg.arch, data.labels, channels, size, *stats, resize=resize)
     if spec.labels != data.labels:
         raise CheckpointError(f"{resume}: its labels {spec.labels} differ from the data set's {data.labels}")
     print(f"data {cfg.data}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test images, "
@@ -268,7 +281,11 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
         "arch": cfg.arch, "spec": spec.to_dict(), "state_dict": model.net.state_dict(), "metrics": metrics,
         "train_config": asdict(cfg), "data": cfg.data, "torch_version": str(torch.__version__), "origin": origin,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    _write_metrics(out, cfg, spec, history, metrics)
+    verdict = judge(test["accuracy"], test["n"], spec.num_classes, history, {
+        "epochs": cfg.epochs, "data": cfg.data, "resize": spec.resize, "limit": cfg.limit, "n_train": len(data.train),
+        "pretrained": bool(cfg.pretrained or origin.get("kind") == "pretrained"), "augment": do_augment,
+        "channels": spec.channels})
+    _write_metrics(out, cfg, spec, history, metrics, verdict)
     from .report import plot_confusion, plot_curves
 
     plot_curves(history, out / "curves.png", title=f"{cfg.arch} on {cfg.data}")
@@ -276,11 +293,13 @@ def train(cfg: TrainConfig, resume: str | None = None, progress: bool | None = N
                    title=f"{cfg.arch} on {cfg.data}: test accuracy {test['accuracy']:.2%}")
     print(f"test accuracy {test['accuracy']:.4f} ({test['n']} images, best epoch {best_epoch}); "
           f"checkpoint {out / 'model.pt'}")
+    print(format_verdict(verdict), flush=True)
     return out
 
 
-def _write_metrics(out: Path, cfg: TrainConfig, spec, history: list, test: dict | None) -> None:
-    doc = {"config": asdict(cfg), "spec": spec.to_dict(), "epochs": history, "test": test}
+def _write_metrics(out: Path, cfg: TrainConfig, spec, history: list, test: dict | None,
+                   verdict: dict | None = None) -> None:
+    doc = {"config": asdict(cfg), "spec": spec.to_dict(), "epochs": history, "test": test, "verdict": verdict}
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(out / "metrics.json")

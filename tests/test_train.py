@@ -204,3 +204,67 @@ def test_train_never_replaces_a_run_silently(tmp_path):
     assert not (run / "model.onnx").exists() and not (run / "model.int8.verify.json").exists()
     # resuming continues the run in its own folder
     run_cli("train", "--resume", run / "last.pt", "--epochs", "2", check=True)
+
+
+def test_a_weak_run_says_so_plainly(tmp_path):
+    """One epoch on 20 digits is near chance: the end of `train` says so, with what to try, and metrics.json
+    holds the same verdict (a run of 46% on a folder once finished with no word)."""
+    proc = run_cli("train", "lenet5", "--epochs", "1", "--limit", "20", "--out", tmp_path / "weak", check=True)
+    verdict = json.loads((tmp_path / "weak" / "metrics.json").read_text())["verdict"]
+    codes = {f["code"] for f in verdict["findings"]}
+    assert verdict["status"] == "weak" and "near_chance" in codes, verdict
+    assert "still_improving" in codes  # one epoch: the best was the last
+    assert verdict["chance"] == pytest.approx(0.1)
+    assert "near chance" in proc.stdout and "try:" in proc.stdout, proc.stdout
+    assert "--epochs" in proc.stdout
+
+
+def test_a_sane_run_says_nothing_alarming(default_run):
+    verdict = json.loads((default_run / "metrics.json").read_text())["verdict"]
+    assert verdict["status"] == "ok", verdict
+    assert not [f for f in verdict["findings"] if f["level"] == "warning"], verdict
+
+
+def test_verdict_reads_the_validation_curve():
+    """Overfitting (training accuracy far above validation) and a run stopped while still improving are
+    told apart from a fine run, whatever the test accuracy."""
+    from cnnserve.models.verdict import judge
+
+    def history(train_acc, val_acc):
+        return [{"epoch": i + 1, "train_accuracy": t, "val_accuracy": v} for i, (t, v) in enumerate(zip(train_acc,
+                                                                                                         val_acc))]
+    fine = judge(0.95, 100, 4, history([0.6, 0.9, 0.96, 0.97], [0.7, 0.93, 0.95, 0.95]))
+    assert fine["status"] == "ok" and not fine["findings"], fine
+    over = judge(0.6, 100, 4, history([0.6, 0.9, 1.0, 1.0], [0.5, 0.62, 0.6, 0.6]))
+    assert "overfitting" in {f["code"] for f in over["findings"]} and over["status"] == "weak"
+    rising = judge(0.8, 100, 4, history([0.4, 0.6, 0.75, 0.85], [0.45, 0.6, 0.72, 0.81]))
+    assert "still_improving" in {f["code"] for f in rising["findings"]}
+    assert "--epochs" in next(f for f in rising["findings"] if f["code"] == "still_improving")["try"]
+
+
+def test_resize_whole_keeps_the_whole_picture(tmp_path):
+    """--resize whole: the spec says stretch (the whole image to the input size, no centre crop), training
+    saw it so, and the export carries it for the service and the scorer."""
+    import numpy as np
+
+    from cnnserve.core.preprocess import load_file
+    from cnnserve.export.pipeline import export_checkpoint
+    from cnnserve.export.store import read_info
+    from tests.conftest import encode
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "photos" / cls).mkdir(parents=True)
+        for i in range(12):
+            picture = rng.integers(0, 256, (30, 60, 3), dtype=np.uint8)
+            picture[:, :6] = 255 if cls == "a" else 0  # the class shows only at the edge a centre crop drops
+            (tmp_path / "photos" / cls / f"{i}.png").write_bytes(encode(picture))
+    run = tmp_path / "run"
+    run_cli("train", "mobilenet_v1", "--data", "folder", "--data-dir", tmp_path / "photos", "--img-size", 16,
+            "--epochs", "1", "--resize", "whole", "--out", run, check=True)
+    spec = load_checkpoint(run).get("spec")
+    assert spec.resize == "stretch"
+    assert load_file(tmp_path / "photos" / "a" / "0.png", spec)[:, :, 0].min() == 255  # the edge is kept
+    assert json.loads((run / "metrics.json").read_text())["config"]["resize"] == "whole"
+    export_checkpoint(run, log=lambda *a: None)
+    assert read_info(run / "model.onnx").spec.resize == "stretch"
