@@ -17,7 +17,7 @@ import anyio
 import numpy as np
 
 from cnnserve.core import onnxmeta
-from cnnserve.core.confidence import assess, ood_scores
+from cnnserve.core.confidence import assess, not_finite_rows, ood_scores
 from cnnserve.core.config import DEFAULTS, Settings
 from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
@@ -26,7 +26,7 @@ from . import explain as xp
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .decoding import DecodeFailed, DecodePool
 from .drift import Monitor
-from .errors import REQUEST_CODES, APIError
+from .errors import REQUEST_CODES, APIError, model_output_not_finite
 from .manager import ModelManager
 
 log = logging.getLogger("cnnserve.engine")
@@ -336,8 +336,14 @@ class Engine:
         preds = []
         if good:
             out, scores = await self.run(model, np.stack([decoded[i] for i in good]), ticket=ticket)
-            probs, rows = assess(model.info, out, calibrated, scores)
-            preds = [{"predictions": p, **r} for p, r in zip(model.top_k(probs, k), rows)]
+            probs, rows = assess(model.info, out, calibrated, scores, finite=False)
+            # an image the model answered NaN or infinity for fails alone, as a bad image does
+            bad = set(not_finite_rows(out, scores))
+            for j in bad:
+                decoded[good[j]] = model_output_not_finite(model.name, model.version, [good[j]])
+            keep = [j for j in range(len(good)) if j not in bad]
+            preds = [{"predictions": p, **rows[j]} for j, p in zip(keep, model.top_k(probs[keep], k))]
+            good = [good[j] for j in keep]
         by_index = dict(zip(good, preds))
         results = []
         for i, (filename, _) in enumerate(files):
@@ -350,8 +356,10 @@ class Engine:
         return {"model": model.name, "version": model.version, "results": results}
 
     def describe(self) -> dict:
+        # copies, and only models that still have a batcher: a load or unload in another thread may change both
+        models, batchers = list(self.models.values()), dict(self.batchers)
         return {"default": self.default, "loaded": self.manager.loaded(), "models": [
-            {**m.describe(), "batching": self.batchers[m.name].describe()} for m in self.models.values()]}
+            {**m.describe(), "batching": batchers[m.name].describe()} for m in models if m.name in batchers]}
 
     def close(self) -> None:
         if self.monitor:

@@ -163,6 +163,11 @@ def test_a_model_answering_nan_gets_a_json_500_naming_it_at_once(client, srv, di
         "/classify/explain": client.post("/classify/explain", params=params, content=png, headers=headers),
         "/v2/models/digits-nan/infer": client.post("/v2/models/digits-nan/infer", content=v2_body(bad)),
     }
+    batch = answers.pop("/classify/batch")  # one image of several fails alone, as a bad image does
+    assert batch.status_code == 200, batch.text
+    first, second = batch.json()["results"]
+    assert "predictions" in first and second["error"]["code"] == "model_output_not_finite", batch.text
+    assert second["error"]["status"] == 500 and "digits-nan" in second["error"]["message"], batch.text
     for route, r in answers.items():
         assert r.status_code == 500 and r.headers["content-type"] == "application/json", (route, r.text)
         body = r.json()
