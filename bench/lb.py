@@ -24,26 +24,27 @@ CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 
 
 class Balancer:
-    """HAProxy with ``deploy/haproxy/haproxy.cfg``, its ``server`` lines replaced by ``backends`` (ports on
-    127.0.0.1, named r1, r2, ...), listening on a free loopback port, with its runtime API on a socket."""
+    """HAProxy with ``deploy/haproxy/haproxy.cfg``, the ``server`` lines of its backends replaced by ``backends``
+    (HTTP ports on 127.0.0.1, named r1, r2, ...) and ``grpc`` (each one's gRPC port, in the same order; none:
+    the gRPC backend has no servers), listening on free loopback ports (``port``, and ``grpc_port`` for gRPC
+    over HTTP/2), with its runtime API on a socket."""
 
-    def __init__(self, backends: list[int], check_ms: int | None = None):
+    def __init__(self, backends: list[int], check_ms: int | None = None, grpc: list[int] | None = None):
         exe = shutil.which("haproxy")
         if exe is None:
             raise RuntimeError("haproxy is not installed (Debian: apt-get install haproxy)")
         self.names = [f"r{i + 1}" for i in range(len(backends))]
         self.folder = Path(tempfile.mkdtemp(prefix="cnnserve-lb-"))
         self.socket = str(self.folder / "admin.sock")
-        text = CONFIG.read_text()
-        head = text[:text.index("    # servers")]
-        lines = [f"    server {n} 127.0.0.1:{p} check" for n, p in zip(self.names, backends)]
+        text = configure(CONFIG.read_text(), dict(zip(self.names, backends)), dict(zip(self.names, grpc or [])))
         if check_ms:
-            head = head.replace("default-server inter 1s", f"default-server inter {check_ms}ms")
+            text = text.replace("default-server inter 1s", f"default-server inter {check_ms}ms")
         self.check_s = (check_ms or 1000) / 1000
-        (self.folder / "haproxy.cfg").write_text(head + "\n".join(lines) + "\n")
-        self.port = free_port()
+        (self.folder / "haproxy.cfg").write_text(text)
+        self.port, self.grpc_port = free_port(), free_port()
         self.proc = subprocess.Popen([exe, "-db", "-f", str(self.folder / "haproxy.cfg")],
                                      env={**os.environ, "CNNSERVE_LB_BIND": f"127.0.0.1:{self.port}",
+                                          "CNNSERVE_LB_GRPC_BIND": f"127.0.0.1:{self.grpc_port}",
                                           "CNNSERVE_LB_SOCKET": self.socket},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         deadline = time.time() + 10
@@ -61,22 +62,23 @@ class Balancer:
                 out += chunk
         return out.decode()
 
-    def states(self) -> dict[str, str]:
-        """Each replica's check state as HAProxy sees it: UP, DOWN, MAINT, ..."""
+    def states(self, backend: str = "replicas") -> dict[str, str]:
+        """Each replica's check state in ``backend`` (``replicas_grpc``: gRPC's) as HAProxy sees it: UP, DOWN,
+        MAINT, ..."""
         rows = self.command("show stat").splitlines()
         header = rows[0].lstrip("# ").split(",")
         out = {}
         for row in rows[1:]:
             fields = dict(zip(header, row.split(",")))
-            if fields.get("pxname") == "replicas" and fields.get("svname") in self.names:
+            if fields.get("pxname") == backend and fields.get("svname") in self.names:
                 out[fields["svname"]] = fields["status"].split()[0]
         return out
 
-    def wait_for(self, name: str, state: str, timeout: float = 60) -> float | None:
+    def wait_for(self, name: str, state: str, timeout: float = 60, backend: str = "replicas") -> float | None:
         """Seconds until ``name`` is in ``state`` (None if it never was within ``timeout``)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
-            if self.states().get(name) == state:
+            if self.states(backend).get(name) == state:
                 return time.monotonic() - t0
             time.sleep(0.05)
         return None
@@ -89,6 +91,28 @@ class Balancer:
             self.proc.terminate()
             self.proc.wait(10)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def configure(text: str, http: dict[str, int], grpc: dict[str, int]) -> str:
+    """The configuration ``text`` with each backend's ``server`` lines replaced by one per replica (name: port),
+    each written as the file's first line of that backend is: HTTP's backend with ``http``'s ports, gRPC's
+    (``replicas_grpc``) with ``grpc``'s, its check sent to the same replica's HTTP port."""
+    import re
+
+    out, backend, template = [], None, {}
+    for line in text.splitlines():
+        if m := re.match(r"^(frontend|backend|defaults|global|listen)\b\s*(\S*)", line):
+            backend = m.group(2) if m.group(1) == "backend" else None
+        if backend and re.match(r"^\s+server\s", line):
+            if backend not in template:
+                template[backend] = line
+                ports = grpc if backend == "replicas_grpc" else http
+                for name, port in ports.items():
+                    new = re.sub(r"^(\s+server\s+)\S+(\s+[\d.]+:)\d+", rf"\g<1>{name}\g<2>{port}", line)
+                    out.append(re.sub(r"(\scheck\b.*\sport\s+)\d+", rf"\g<1>{http[name]}", new))
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
 
 
 def replicas(n: int, *args: str, **kw) -> list[Server]:
@@ -201,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     args = ("--arg", f"models={a.model}", "--arg", "workers=1")
     servers = replicas(2, *args)
-    lb = Balancer([s.port for s in servers])
+    lb = Balancer([s.port for s in servers], grpc=[s.grpc_port for s in servers])
     bodies = sample_bodies(servers[0])
     try:
         out = {"rolling_restart": rolling_restart_trial(servers, lb, bodies, a.clients)}

@@ -105,3 +105,51 @@ def test_autoscalers_read_a_metric_cnnserve_serves():
     assert trigger["type"] == "prometheus" and METRIC in trigger["metadata"]["query"]
     assert {"serverAddress", "query", "threshold"} <= set(trigger["metadata"])
     assert float(trigger["metadata"]["threshold"]) == float(hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"])
+
+
+def haproxy_backends() -> dict[str, list[tuple[str, int, str]]]:
+    """deploy/haproxy/haproxy.cfg's backends: each one's server lines as (name, port, the rest of the line)."""
+    import re
+
+    out: dict[str, list] = {}
+    backend = None
+    for line in (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text().splitlines():
+        if m := re.match(r"^(frontend|backend|defaults|global|listen)\b\s*(\S*)", line):
+            backend = m.group(2) if m.group(1) == "backend" else None
+            if backend:
+                out[backend] = []
+        elif backend and (m := re.match(r"^\s+server\s+(\S+)\s+[\d.]+:(\d+)\s*(.*)$", line)):
+            out[backend].append((m.group(1), int(m.group(2)), m.group(3)))
+    return out
+
+
+def test_haproxy_replicas_take_no_port_the_documented_servers_use():
+    """The balancer's replicas are on ports of their own: the README's servers (`./run.sh up`: HTTP 3000, gRPC
+    3001; the second server: 3002 and 3003) are not replicas, and HAProxy's HTTP check on a gRPC port marks
+    the replica DOWN ("Layer7 invalid response"). Each replica's gRPC port has a backend of its own, spoken
+    to over HTTP/2 and checked on its HTTP port's /readyz; docs/deploying.md names each replica's two ports."""
+    import re
+
+    from cnnserve.command.cli import build_parser
+    from cnnserve.command.serve import _grpc_port
+
+    readme = (ROOT / "README.md").read_text()
+    up = build_parser().parse_args(["up"])
+    documented = {up.port, _grpc_port(up)} | {int(p) for p in re.findall(r"--port (\d+)", readme)} \
+        | {int(p) for p in re.findall(r"grpc_port=(\d+)", readme)}
+    assert {3000, 3001, 3002, 3003} <= documented
+    backends = haproxy_backends()
+    http, grpc = backends["replicas"], backends["replicas_grpc"]
+    assert http and [n for n, _, _ in http] == [n for n, _, _ in grpc]
+    ports = [p for _, p, _ in http + grpc]
+    assert len(set(ports)) == len(ports) and not set(ports) & documented, (ports, documented)
+    deploying = (ROOT / "docs" / "deploying.md").read_text()
+    for (name, port, rest), (_, gport, grest) in zip(http, grpc):
+        assert rest.split()[0] == "check", rest
+        opts = grest.split()
+        assert "proto" in opts and opts[opts.index("proto") + 1] == "h2", grest  # gRPC is HTTP/2
+        # checked where the replica says it is ready (its HTTP port), over HTTP/1.1
+        assert int(opts[opts.index("port") + 1]) == port and opts[opts.index("check-proto") + 1] == "h1", grest
+        assert f"--port {port} --arg grpc_port={gport}" in deploying, (name, port, gport)
+    cfg = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+    assert re.search(r"^\s+bind .* proto h2\s*$", cfg, re.M), "no HTTP/2 frontend for gRPC"

@@ -28,11 +28,31 @@ def bodies(digits_test):
 def fleet(stored_default):
     """Two replicas of one worker each (2 cores here) and the balancer in front of them."""
     servers = lb.replicas(2, "--arg", f"models={stored_default}", "--arg", "workers=1")
-    balancer = lb.Balancer([s.port for s in servers])
+    balancer = lb.Balancer([s.port for s in servers], grpc=[s.grpc_port for s in servers])
     yield servers, balancer
     balancer.stop()
     for s in servers:
         s.stop()
+
+
+def test_grpc_goes_through_haproxy_over_http2(fleet, digits_test, stored_default):
+    """The balancer's gRPC frontend (HTTP/2 both sides): each replica's gRPC port is UP, checked on its HTTP
+    port's /readyz, and tritonclient's calls through it are answered by the replicas."""
+    import tritonclient.grpc as tg
+
+    servers, balancer = fleet
+    for name in balancer.names:
+        assert balancer.wait_for(name, "UP", 30, backend="replicas_grpc") is not None, balancer.states("replicas_grpc")
+    client = tg.InferenceServerClient(f"127.0.0.1:{balancer.grpc_port}")
+    assert client.is_server_ready()
+    x = digits_test[0][:4]
+    t = tg.InferInput("pixels", list(x.shape), "UINT8")
+    t.set_data_from_numpy(x)
+    model = stored_default.split(":")[0]
+    probs = client.infer(model, [t], client_timeout=30).as_numpy("probabilities")
+    assert probs.shape == (4, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-4)
+    direct = tg.InferenceServerClient(servers[0].grpc_target).infer(model, [t], client_timeout=30)
+    assert np.allclose(probs, direct.as_numpy("probabilities"), atol=1e-6)  # the replicas' own answer
 
 
 def test_rolling_restart_behind_haproxy_loses_nothing(fleet, bodies):
