@@ -576,7 +576,7 @@ def test_the_control_plane_keeps_its_contract(control_server, universe):
     t = time.monotonic()
     try:
         run_state_machine_as_test(lambda: ControlStates(control_server, universe), settings=settings(
-            max_examples=10, stateful_step_count=10, deadline=None, derandomize=True, database=None,
+            max_examples=8, stateful_step_count=8, deadline=None, derandomize=True, database=None,
             phases=PHASES, suppress_health_check=list(HealthCheck),
             print_blob=False))
     finally:
