@@ -32,7 +32,9 @@ class Server:
         self.kwargs = {"ready_timeout": ready_timeout, "service": service,
                        "memory_limit_mb": memory_limit_mb, "home": home}
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        # a server given a certificate (tls_certfile) answers HTTPS only
+        self.tls = any(str(a).startswith("tls_certfile=") for a in args)
+        self.url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
         # gRPC on a free port of its own too, unless the arguments name one (grpc_port=0: none): never the
         # default 3001, which servers of parallel tests would all bind (SO_REUSEPORT)
         named = [a.split("=", 1)[1] for a in args if a.startswith("grpc_port=")]
@@ -51,15 +53,18 @@ class Server:
         self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float) -> None:
+        import ssl
         import time
         import urllib.request
 
+        # readiness only: the test itself checks the certificate
+        context = ssl._create_unverified_context() if self.tls else None  # noqa: S323
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.output()}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2, context=context) as r:
                     if r.status == 200:
                         return
             except OSError:

@@ -70,6 +70,20 @@ def _control(args, action: str) -> int:
     return 0
 
 
+def _cmd_api_key(args) -> int:
+    from cnnserve.service.apikeys import KeysFileError, new_key
+
+    try:
+        key = new_key(args.name, args.file)
+    except KeysFileError as e:
+        print(f"cnnserve: api-key: {e}", file=sys.stderr)
+        return 1
+    print(key)
+    print(f"(the key of {args.name!r}, shown this once; {args.file} keeps only its SHA-256: serve with "
+          f"--arg api_keys_file={args.file})", file=sys.stderr)
+    return 0
+
+
 def _cmd_repository(args) -> int:
     try:
         _, rows = call(args.url, "/v2/repository/index", {}, timeout=args.timeout)
@@ -97,6 +111,13 @@ def add_parsers(sub) -> None:
         p.add_argument("--token-file", help=f"a file holding the control token (default: ${TOKEN_ENV})")
         p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer (default 300)")
         p.set_defaults(func=func)
+    p = sub.add_parser("api-key", help="make an API key for the inference endpoints (--arg api_keys_file)",
+                       description="Make a random API key named NAME, append its SHA-256 to the keys file (made, "
+                                   "readable by its owner only, if missing) and print the key once: the file never "
+                                   "holds it. A running server reads the file again when it changes.")
+    p.add_argument("name", help="the key's name, as metrics show callers (letters, digits, '_', '.', '-')")
+    p.add_argument("--file", required=True, help="the keys file the server reads (--arg api_keys_file=FILE)")
+    p.set_defaults(func=_cmd_api_key)
     p = sub.add_parser("repository", help="list the stored models and their states in a running service",
                        description="The model repository index: every stored cnnserve model version and its "
                                    "state (READY in every worker, LOADING, UNLOADING, UNAVAILABLE with the reason).")

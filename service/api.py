@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from cnnserve.core.confidence import NotFinite
 
-from . import kserve, repository
+from . import apikeys, kserve, repository
 from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
@@ -219,8 +219,14 @@ class CnnServeAPI(FastAPI):
     route, and the OpenAPI document, is FastAPI's."""
 
     fast_path = True
+    #: ``apikeys.APIKeys`` where the server has a keys file (``api_keys_file``): the inference routes need a key
+    api_keys = None
 
     async def __call__(self, scope, receive, send) -> None:
+        if self.api_keys is not None and scope["type"] == "http" and apikeys.protected(scope["path"]):
+            refusal = self.unauthorized(scope)
+            if refusal is not None:
+                return await refusal(scope, receive, send)
         with request_scope():  # the models a request looks up stay loaded until it is answered (manager.py)
             if (self.fast_path and scope["type"] == "http" and scope["method"] == "POST"
                     and scope["path"][len(scope.get("root_path", "")):] == "/classify"):
@@ -232,6 +238,23 @@ class CnnServeAPI(FastAPI):
                 # server to log: it is logged already, with its traceback
                 if not getattr(e, ANSWERED, False):
                     raise
+
+    def unauthorized(self, scope) -> JSONResponse | None:
+        """401 for a request to an inference route without a key the keys file holds; None (counted under the
+        key's name) for one with."""
+        headers = dict(scope.get("headers", ()))
+        sent = apikeys.presented(headers.get(b"authorization", b"").decode("latin-1"),
+                                 headers.get(b"x-api-key", b"").decode("latin-1"))
+        name = self.api_keys.identify(sent)
+        engine = getattr(self.state, "engine", None)
+        metrics = getattr(engine, "metrics", None)
+        if name is None:
+            return error_response(self, APIError(
+                401, "unauthorized", "this endpoint needs an API key: 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+                + (" (the key sent is not one this server holds)" if sent else ""), {"WWW-Authenticate": "Bearer"}))
+        if metrics and hasattr(metrics, "api_key_requests"):
+            metrics.api_key_requests.labels(name, "http").inc()
+        return None
 
     async def fast_classify(self, scope, receive, send) -> None:
         """The same answers as FastAPI's route, errors included: an ``APIError`` as its JSON, anything else a JSON

@@ -98,6 +98,9 @@ def metrics() -> SimpleNamespace:
         # gRPC calls by method and status code (HTTP's are BentoML's bentoml_service_request_* by route)
         requests=Histogram("cnnserve_request_seconds", "Time of one call, by protocol, endpoint (a served "
                            "method) and status", ["protocol", "endpoint", "status"], buckets=seconds),
+        # callers by their API key's name from the keys file (service/apikeys.py): a closed set the operator writes
+        api_key_requests=Counter("cnnserve_api_key_requests", "Inference requests with a valid API key, by the key's "
+                                 "name and protocol", ["key", "protocol"]),
         # the autoscaling metric (deploy/kubernetes): summed over a pod's workers
         queued=Gauge("cnnserve_queued_images", "Images waiting for or in the model, as each batch starts and ends",
                      ["model"], multiprocess_mode="livesum"),

@@ -26,6 +26,7 @@ from cnnserve.core.store import NotStored, stored_model
 
 from . import startup
 from .api import create_app
+from .apikeys import APIKeys, KeysFileError
 from .engine import Engine
 from .http_server import DRAIN, ConnectionCloseWhileDraining, JSONRefusals
 from .manager import LoadFailed
@@ -51,6 +52,11 @@ apply_patches(ARGS)
 log.info("running on %s", ", ".join(f"{k} {v}" for k, v in running_versions().items()))
 
 app = create_app()  # its engine comes with the worker's service instance (CnnServe.__init__)
+if ARGS.api_keys_file:  # a file that cannot be used stops `bentoml serve` at once, with one line naming it
+    try:
+        app.api_keys = APIKeys(ARGS.api_keys_file)
+    except KeysFileError as e:
+        raise bentoml.exceptions.BentoMLException(str(e)) from None
 ROUTES.add_app(app)  # the route templates that metric labels may name (metrics.py)
 
 
@@ -163,8 +169,14 @@ if RUN.first:  # what the checks loaded goes back to the system: this process on
     gc.collect()
     trim_memory()
 
+# TLS for HTTP (uvicorn's, through BentoML's ssl configuration) and gRPC (grpc_server.py) from one pair of files
+TLS = startup.tls_files(ARGS)
+if isinstance(TLS, str):
+    raise bentoml.exceptions.BentoMLException(TLS)
+
 CnnServe = bentoml.asgi_app(app, path="/")(
     bentoml.service(name="cnnserve", workers=ARGS.workers, traffic={"timeout": 60},
+                    **({"ssl": {"enabled": True, "certfile": TLS[0], "keyfile": TLS[1]}} if TLS else {}),
                     logging={"access": {"enabled": False}}, metrics={"enabled": ARGS.bentoml_metrics},
                     # tracing off: BentoML always installs its OpenTelemetry middleware; an exclusion
                     # of every URL is the setting that makes it pass requests straight through

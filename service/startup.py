@@ -199,3 +199,22 @@ def preflight(path: str, settings) -> None:
         raise ModelLoadError(str(e)) from None
     # Not checked here: CUDA where it is required. A build machine may have no GPU, and this process would
     # keep a CUDA context for nothing; a worker that cannot have it stops the server (``cannot_start``).
+
+
+def tls_files(settings) -> tuple[str, str] | str | None:
+    """The certificate and key files HTTP and gRPC serve TLS with (``tls_certfile``, ``tls_keyfile``), None without
+    TLS, or why they cannot be used (one line, for the server's start to stop on)."""
+    cert, key = settings.tls_certfile, settings.tls_keyfile
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        return "TLS needs both --arg tls_certfile=PEM and --arg tls_keyfile=PEM"
+    for what, path in (("tls_certfile", cert), ("tls_keyfile", key)):
+        try:
+            with open(path, "rb") as f:
+                if b"-----BEGIN" not in f.read(1 << 20):
+                    return f"{what} {path}: not a PEM file"
+        except OSError as e:
+            return f"{what} {path}: cannot read it ({e.strerror})"
+    return os.path.abspath(cert), os.path.abspath(key)
+

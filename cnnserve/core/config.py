@@ -167,6 +167,12 @@ class Settings(BaseModel):
     model_control: bool = False
     control_token_env: str = "CNNSERVE_CONTROL_TOKEN"
     control_token_file: str = ""
+    # API keys for the inference endpoints (service/apikeys.py): a file of `NAME sha256:HEX` lines that
+    # `cnnserve api-key NAME --file PATH` writes; empty: no keys needed
+    api_keys_file: str = ""
+    # TLS for HTTP and gRPC alike: a PEM certificate (chain) and its unencrypted PEM key; empty: plain text
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
     keep_versions: Count = 1  # the newest N loaded versions of a model stay loaded and reachable by version
     max_model_memory_mb: NonNegative = 0.0  # loaded versions' memory budget (0: none); LRU idle ones evicted
     model_sync_s: Positive = 0.5  # how often each worker looks at the served set the workers share
