@@ -179,7 +179,8 @@ class ModelManager:
                 self._add(s, newest)
                 for old in evicted:
                     self._retire(old, "evictions")
-                self._trim(name)
+                if newest:  # an older version is loaded only to converge on a set, which retires what it lacks:
+                    self._trim(name)  # trimmed here it would be the oldest, so the very version just loaded
             if self.metrics:
                 self.metrics.model_load_seconds.labels(name).observe(seconds)
             self._count("loads", name, "ok")

@@ -548,8 +548,6 @@ class ControlStates(RuleBasedStateMachine):
                 f"without a model answered {r.status_code} {r.text[:300]}"
 
 
-@pytest.mark.xfail(strict=True, reason="converge loads a missing older version as the oldest, and the keep_versions "
-                                       "trim then retires that very version (the newest kept wins the slot)")
 def test_a_worker_that_skips_a_generation_serves_every_version_of_the_set(default_onnx):
     """Two loads at once on two workers (v3 through this one, v2 through the other) leave the set [v2, v3];
     this worker, serving [v1, v3] after its own load, may read that set without the one in between. It must
