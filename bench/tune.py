@@ -18,6 +18,7 @@ constraint; else the defaults stay and the report says so. ``bench/tune_report.p
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -121,6 +122,7 @@ class Tuner:
         self.trials: list[dict] = []
         self.t0 = time.monotonic()
         self.start_s: list[float] = []
+        self.stopped: str | None = None  # why the search ended before no neighbour of the best beat it
 
     def left(self) -> float:
         return self.a.budget_min * 60 - (time.monotonic() - self.t0)
@@ -132,6 +134,31 @@ class Tuner:
     def confirm_cost(self) -> float:
         start = statistics.mean(self.start_s) if self.start_s else 15.0
         return 2 * start + len(self.a.concurrency) * (2 * self.a.warmup + 6 * (self.a.duration + 1))
+
+    def one_pass(self) -> tuple[int, float]:
+        """The trials and seconds that one pass over the knobs needs: the defaults, each knob one step from them
+        (at most --max-trials in all), and the check. Below it the search ends before it has tried them, and
+        "no other setting beat the defaults" would say nothing."""
+        trials = min(self.a.max_trials, 1 + len(neighbours(defaults_point(self.space), self.space, None)))
+        return trials, trials * self.per_trial() + self.confirm_cost()
+
+    def budget_check(self) -> tuple[str | None, str | None]:
+        """A refusal when ``--budget-min`` leaves no room for a second trial and the check (the search could
+        compare nothing with the defaults), else a warning when it is below one pass over the knobs; each
+        names what one pass needs. The figures assume 15 s per server start, more than most models take."""
+        trials, seconds = self.one_pass()
+        need = (f"the {seconds / 60:.1f} min that one pass over the knobs needs here ({trials} trials: the defaults "
+                f"and each of {', '.join(self.space)} one step, about {self.per_trial():.0f} s each at "
+                f"{len(self.a.concurrency)} concurrencies, then {self.confirm_cost():.0f} s for the check)")
+        budget = self.a.budget_min * 60
+        if self.a.max_trials > 1 and budget < 2 * self.per_trial() + self.confirm_cost():
+            return (f"--budget-min {self.a.budget_min:g} leaves no room to try anything beside the defaults; it is "
+                    f"below {need}: give --budget-min {math.ceil(seconds / 60)}, or fewer --concurrency values, a "
+                    "shorter --duration or fewer --max-trials"), None
+        if budget < seconds:
+            return None, (f"--budget-min {self.a.budget_min:g} is below {need}: the search may stop before it has "
+                          "tried every knob (it says so at the end)")
+        return None, None
 
     def trial(self, point: dict, base: dict) -> dict:
         n = len(self.trials) + 1
@@ -201,8 +228,8 @@ class Tuner:
                 if repr(point) in seen:
                     continue
                 if len(self.trials) >= self.a.max_trials or self.left() < self.per_trial() + self.confirm_cost():
-                    log(f"search stops after {len(self.trials)} trials: "
-                        + ("--max-trials reached" if len(self.trials) >= self.a.max_trials else "budget"))
+                    self.stopped = "--max-trials reached" if len(self.trials) >= self.a.max_trials else "budget"
+                    log(f"search stops after {len(self.trials)} trials: {self.stopped}")
                     return first, best
                 seen.add(repr(point))
                 t = self.trial(point, base)
@@ -314,8 +341,14 @@ def command(a: argparse.Namespace) -> int:
     space = knobs(precisions, gpu)
     work = Path(tempfile.mkdtemp(prefix="cnnserve-tune-"))
     tuner = Tuner(a.model, stored.tag.name, space, work, a)
+    refusal, warning = tuner.budget_check()
+    if refusal:
+        shutil.rmtree(work, ignore_errors=True)
+        raise ValueError(refusal)
     log(f"tuning {stored.tag} for p99 <= {a.p99_ms:g} ms at {' '.join(map(str, a.concurrency))} connections, "
         f"{a.budget_min:g} min; knobs: {', '.join(space)}")
+    if warning:
+        log(warning)
     try:
         defaults, best = tuner.search()
         check = None
@@ -331,6 +364,8 @@ def command(a: argparse.Namespace) -> int:
     result = tune_report.write(a, stored, tuner, defaults, best, check)
     for line in result["summary"]:
         log(line)
+    log(f"{len(tuner.trials)} trials ran" + (f"; the search stopped early ({tuner.stopped}), so the knobs' other "
+                                             "steps were not tried" if tuner.stopped else ""))
     log(f"wrote {a.out} and its report ({result['md']}, {result['png']})")
     return 0 if result["met"] else 1
 

@@ -3,6 +3,7 @@ server with those settings."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 
@@ -41,14 +42,14 @@ def test_tune_writes_settings_a_server_starts_with(stored_default, tmp_path):
                 "--max-trials", "3", "--budget-min", "3", "--p99-ms", "1000", "--out", out, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "trial 1 (defaults) x8:" in r.stdout and "req/s" in r.stdout  # progress as it runs
+    trials = int(re.search(r"(\d+) trials ran", r.stdout).group(1))  # and at the end, how many trials ran
 
     doc = yaml.safe_load(out.read_text())
     assert doc["models"] == stored_default
     assert {"workers", "threads", "max_batch_size", "max_wait_ms"} <= set(doc)
     report = (tmp_path / "tuned.md").read_text()
     rows = table_rows(report)
-    trials = sorted({row[0].split()[0] for row in rows})
-    assert 2 <= len(trials) <= 3 and len(rows) == len(trials)  # one row per trial at the one concurrency
+    assert 2 <= trials <= 3 and len(rows) == trials  # one row per trial at the one concurrency
     for row in rows:
         assert row[2] == "8" and float(row[3]) > 0 and float(row[6]) > 0  # connections, req/s, p99
         assert float(row[7]) > 0 and float(row[8]) >= 1 and row[9] == "0"  # CPU-ms/req, mean batch, 503s
@@ -90,6 +91,37 @@ def test_a_constraint_nothing_meets_is_reported(stored_default, tmp_path):
     rows = table_rows((tmp_path / "t.md").read_text())
     assert len(rows) == 2 and all(row[-1] == "no" for row in rows)
     assert "no trial met" in (tmp_path / "t.md").read_text()
+
+
+def test_a_budget_below_one_pass_over_the_knobs_is_refused_with_what_it_needs(stored_default, tmp_path):
+    """One minute ran the defaults' trial and nothing else, then said "no other setting beat them in the
+    search". A budget with no room for a second trial and the check is refused before any server starts,
+    naming what one pass over the knobs (the defaults, each knob one step, the check) needs; one below that
+    pass is warned about."""
+    r = run_cli("tune", stored_default, "--budget-min", "1", "--out", tmp_path / "t.yaml", timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
+    assert "trial 1" not in r.stdout and not (tmp_path / "t.yaml").exists(), r.stdout  # nothing was measured
+    m = re.search(r"--budget-min 1 leaves no room to try anything beside the defaults; it is below the ([\d.]+) min "
+                  r"that one pass over the knobs needs here \((\d+) trials", r.stderr)
+    assert m, r.stderr
+    assert float(m.group(1)) > 1 and int(m.group(2)) >= 6  # the defaults; workers, threads, batch, wait one step
+
+    from argparse import Namespace
+    from pathlib import Path
+
+    from cnnserve.bench.tune import Tuner, knobs
+
+    def check(budget_min: float, max_trials: int = 100):
+        a = Namespace(max_trials=max_trials, concurrency=[1, 8, 64], duration=5.0, warmup=1.0, budget_min=budget_min)
+        tuner = Tuner("m:1", "m", knobs(["fp32"]), Path("."), a)
+        return tuner.one_pass(), tuner.budget_check()
+
+    (trials, seconds), (refusal, warning) = check(10)
+    assert refusal is None and warning is None and seconds < 600
+    _, (refusal, warning) = check(seconds / 60 - 0.5)  # room for some trials, not for the pass: said at the start
+    assert refusal is None and "the search may stop before it has tried every knob" in warning
+    (fewer, _), (refusal, warning) = check(seconds / 60 - 0.5, max_trials=3)  # fewer trials allowed, less needed
+    assert fewer == 3 < trials and refusal is None and warning is None
 
 
 @pytest.mark.parametrize("args, message", [
