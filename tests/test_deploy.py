@@ -153,3 +153,20 @@ def test_haproxy_replicas_take_no_port_the_documented_servers_use():
         assert f"--port {port} --arg grpc_port={gport}" in deploying, (name, port, gport)
     cfg = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
     assert re.search(r"^\s+bind .* proto h2\s*$", cfg, re.M), "no HTTP/2 frontend for gRPC"
+
+
+def test_serving_md_lists_every_metric_once_with_its_labels():
+    """docs/serving.md's `/metrics` row is the one place that names what cnnserve adds to `/metrics`: one row
+    (there were two, with different labels), every metric the service defines in it, with its labels as
+    Prometheus shows them (a counter's name ends in _total)."""
+    from cnnserve.service.metrics import metrics
+
+    rows = [line for line in (ROOT / "docs" / "serving.md").read_text().splitlines()
+            if line.startswith("| `/readyz`, `/livez`, `/metrics` |")]
+    assert len(rows) == 1, rows
+    missing = []
+    for m in vars(metrics()).values():
+        name = m._name + ("_total" if m._type == "counter" else "")
+        if f"`{name}{{{','.join(m._labelnames)}}}`" not in rows[0]:
+            missing.append(f"{name}{{{','.join(m._labelnames)}}}")
+    assert not missing, missing
