@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
+from collections import deque
 from pathlib import Path
 
 from cnnserve.core.config import DEFAULT_MODEL
@@ -79,6 +81,46 @@ def build_bento(tags: list[str], gpu: bool = False, args: list[str] | None = Non
     return match.group(1)
 
 
+CA = "/etc/ssl/certs/ca-certificates.crt"  # Debian's bundle, on the host and in the image: the one mounted over
+ULIMITS = ("nofile=1024:1024", "nproc=1024:1024")
+
+# A build through a proxy that re-signs TLS with its own CA: uv (the bento's Dockerfile installs the lock with it)
+# says UnknownIssuer; pip and Python's ssl say CERTIFICATE_VERIFY_FAILED.
+_TLS = re.compile(r"invalid peer certificate: UnknownIssuer|CERTIFICATE_VERIFY_FAILED|certificate verify failed", re.I)
+# runc: "error setting rlimit type 7: operation not permitted"; crun: "setrlimit `RLIMIT_NOFILE`: Operation not
+# permitted": the host refuses the engine's default open-file and process limits
+_RLIMIT = re.compile(r"(setrlimit|setting rlimit)[^\n]*operation not permitted", re.I)
+
+
+def build_hints(output: str, backend: str) -> list[str]:
+    """The remedies for the failures a build's ``output`` shows that have a known one (docs/containers.md); the
+    build's own error stays above them, so these name only what to pass."""
+    hints = []
+    if _TLS.search(output):
+        hints.append(
+            "the image's package downloads failed TLS verification: a proxy on this network re-signs TLS with a CA "
+            "the build does not trust. Build on the host's network with the host's CA bundle mounted over the "
+            f"image's: --opt network=host --opt volume={CA}:{CA}:ro (uv in the build reads it where the base sets "
+            "SSL_CERT_FILE or UV_NATIVE_TLS, as deploy/local-base-image.sh's does; docs/containers.md)")
+    if _RLIMIT.search(output):
+        hints.append(
+            f"this host refuses {backend}'s default ulimits: build with "
+            + " ".join(f"--opt ulimit={u}" for u in ULIMITS) + f", and run the image with "
+            + " ".join(f"--ulimit {u}" for u in ULIMITS) + " (docs/containers.md)")
+    return hints
+
+
+def run_needs_ulimits(engine: str, image: str) -> bool:
+    """Whether ``engine run`` of ``image`` is refused the engine's default ulimits on this host (a container that
+    runs ``true`` and exits, started once to find out)."""
+    try:
+        probe = subprocess.run([engine, "run", "--rm", "--network=none", "--entrypoint", "true", image],
+                               capture_output=True, text=True, errors="replace", timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode != 0 and bool(_RLIMIT.search(probe.stdout + probe.stderr))
+
+
 def containerize(bento: str, backend: str, image_tag: str | None, opts: list[str]) -> str:
     image = image_tag or bento
     cmd = [_bentoml(), "containerize", bento, "--backend", backend, "--image-tag", image,
@@ -87,8 +129,18 @@ def containerize(bento: str, backend: str, image_tag: str | None, opts: list[str
     # Run from the temporary directory's parent: containerize copies the bento to a temporary directory and
     # refuses the Dockerfile template it finds there (deploy/bento/) as "outside of the working directory"
     # unless the working directory holds it (BentoML 1.4.40, bentoml/_internal/container/generate.py).
-    if subprocess.run(cmd, cwd=tempfile.gettempdir()).returncode != 0:
-        raise ContainerError(f"bentoml containerize with {backend} failed (see its output above)")
+    # Its output goes to the user as it comes, and its end is kept to be read for a known failure.
+    tail: deque[str] = deque(maxlen=5000)
+    with subprocess.Popen(cmd, cwd=tempfile.gettempdir(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace", bufsize=1) as proc:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line)
+    if proc.returncode != 0:
+        hints = build_hints("".join(tail), backend)
+        raise ContainerError(f"bentoml containerize with {backend} failed (see its output above)"
+                             + "".join(f"\n  {h}" for h in hints))
     return image
 
 
@@ -100,7 +152,13 @@ def main(models: str = DEFAULT_MODELS, gpu: bool = False, backend: str = "auto",
     bento = build_bento(tags, gpu, args)
     print(f"built bento {bento}")
     image = containerize(bento, engine, image_tag, opts or [])
+    # a host that refused the engine's default ulimits for the build refuses them for `run` too; and podman's
+    # `run` can be refused them where its build was not (so on this project's machines): asked once, here
+    ulimits = [o.split("=", 1)[1] for o in opts or [] if o.startswith("ulimit=")]
+    if not ulimits and engine == "podman" and run_needs_ulimits(engine, image):
+        ulimits = list(ULIMITS)
+    ulimits = "".join(f"--ulimit {u} " for u in ulimits)
     print(f"built image {image} with {engine}. Run it:\n"
-          f"  {engine} run --rm -p 3000:3000 {image}" + (" --gpus all" if gpu else "") +
+          f"  {engine} run --rm {ulimits}-p 3000:3000 {image}" + (" --gpus all" if gpu else "") +
           "\n  curl -F image=@runs/lenet5-digits/sample-7.png http://localhost:3000/classify")
     return 0

@@ -200,3 +200,93 @@ def test_the_image_listens_on_every_interface_and_up_on_loopback(stored_default)
         for doc in yaml.safe_load_all((ROOT / "deploy" / "kubernetes" / manifest).read_text()):
             for c in (doc or {}).get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
                 assert "--host" not in c.get("args", []) and "BENTOML_HOST" not in str(c.get("env", [])), manifest
+
+
+# What a build prints where a proxy re-signs TLS with a CA the image does not trust: uv inside the build (the
+# bento's Dockerfile installs the serving lock with it; its error chain as uv words it, ending in the line a user
+# reported) and pip (which installs uv on a base without it; Python's ssl wording). And runc's refusal of podman's
+# default ulimits, as `podman --runtime runc run` printed it on this project's machine.
+UV_TLS = """#12 [base-container 5/9] RUN uv pip install --system -r /home/bentoml/bento/env/python/requirements.txt
+#12 1.911 error: Request failed after 3 retries
+#12 1.911   Caused by: Failed to fetch: `https://pypi.org/simple/numpy/`
+#12 1.911   Caused by: error sending request for url (https://pypi.org/simple/numpy/)
+#12 1.911   Caused by: client error (Connect)
+#12 1.911   Caused by: invalid peer certificate: UnknownIssuer
+Error: building at STEP "RUN uv pip install": exit status 2
+"""
+PIP_TLS = """WARNING: Retrying (Retry(total=4, connect=None, read=None, redirect=None, status=None)) after connection
+broken by 'SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: unable to get local
+issuer certificate (_ssl.c:1006)'))': /simple/uv/
+ERROR: No matching distribution found for uv
+"""
+RLIMIT = ("Error: runc: runc create failed: unable to start container process: error during container init: "
+          "error setting rlimits for ready process: error setting rlimit type 7: operation not permitted: "
+          "OCI permission denied")
+CA_VOLUME = f"--opt volume={CA}:{CA}:ro"
+
+
+@pytest.mark.parametrize("output, says, not_says", [
+    (UV_TLS, ["TLS", "--opt network=host", CA_VOLUME, "docs/containers.md"], ["ulimit"]),
+    (PIP_TLS, ["TLS", CA_VOLUME], ["ulimit"]),
+    (RLIMIT, ["--opt ulimit=nofile=1024:1024", "--opt ulimit=nproc=1024:1024", "--ulimit nofile=1024:1024"],
+     [CA_VOLUME]),
+    (UV_TLS + RLIMIT, [CA_VOLUME, "--opt ulimit=nofile=1024:1024"], []),
+    ("Error: building at STEP \"COPY . .\": no space left on device", [], [CA_VOLUME, "ulimit"]),
+], ids=["uv-tls", "pip-tls", "rlimit", "both", "other"])
+def test_a_failed_builds_output_is_read_for_its_known_remedies(output, says, not_says):
+    from cnnserve.command.container import build_hints
+
+    hints = "\n".join(build_hints(output, "podman"))
+    assert bool(hints) == bool(says), hints
+    for text in says:
+        assert text in hints, hints
+    for text in not_says:
+        assert text not in hints, hints
+
+
+def test_containerize_names_the_remedy_after_the_builds_own_output(tmp_path, monkeypatch, capsys):
+    """The build's output still streams to the user as it comes; a failure it recognises ends with the remedy."""
+    from cnnserve.command import container
+
+    fake = tmp_path / "bentoml"
+    fake.write_text(f"#!/bin/sh\ncat <<'EOF'\n{UV_TLS}EOF\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(container, "_bentoml", lambda: str(fake))
+    with pytest.raises(container.ContainerError) as e:
+        container.containerize("cnnserve:x", "podman", None, [])
+    assert "invalid peer certificate: UnknownIssuer" in capsys.readouterr().out  # streamed
+    assert "bentoml containerize with podman failed" in str(e.value) and CA_VOLUME in str(e.value)
+
+
+def test_the_run_line_carries_the_builds_ulimits(stored_default, monkeypatch, capsys):
+    """Where the build needed --opt ulimit=... (podman's defaults refused), `podman run` needs --ulimit too:
+    the command the build prints to run the image says so."""
+    from cnnserve.command import container
+
+    monkeypatch.setattr(container, "choose_backend", lambda preferred: "podman")
+    monkeypatch.setattr(container, "build_bento", lambda tags, gpu, args: "cnnserve:x")
+    monkeypatch.setattr(container, "containerize", lambda bento, engine, tag, opts: "cnnserve:x")
+    monkeypatch.setattr(container, "run_needs_ulimits", lambda engine, image: False)
+    opts = ["network=host", "ulimit=nofile=1024:1024", "ulimit=nproc=1024:1024"]
+    assert container.main(stored_default, backend="podman", opts=opts) == 0
+    out = capsys.readouterr().out
+    assert "podman run --rm --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 -p 3000:3000 cnnserve:x" in out, out
+    assert container.main(stored_default, backend="podman", opts=[]) == 0
+    assert "podman run --rm -p 3000:3000 cnnserve:x" in capsys.readouterr().out
+    # a host that refuses them to `run` only (this project's machines: the build ran its steps, `run` failed)
+    monkeypatch.setattr(container, "run_needs_ulimits", lambda engine, image: True)
+    assert container.main(stored_default, backend="podman", opts=[]) == 0
+    assert "podman run --rm --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 -p 3000:3000" in capsys.readouterr().out
+
+
+def test_a_refused_run_is_recognised(tmp_path):
+    """The probe behind that line: a `run` that fails with runc's rlimit refusal needs --ulimit; one that fails
+    otherwise, or works, does not."""
+    from cnnserve.command.container import run_needs_ulimits
+
+    engine = tmp_path / "podman"
+    for script, needs in ((f"echo '{RLIMIT}' >&2; exit 126", True), ("echo 'no such image' >&2; exit 125", False),
+                          ("exit 0", False)):
+        engine.write_text(f"#!/bin/sh\n{script}\n")
+        engine.chmod(0o755)
+        assert run_needs_ulimits(str(engine), "cnnserve:x") is needs, script
