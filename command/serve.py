@@ -182,7 +182,8 @@ def add_parsers(sub) -> None:
                                    "the service; http engine: the served model name, default the service's)")
     p.add_argument("--out", "-o", required=True, help="predictions file: .csv, .jsonl or .parquet")
     p.add_argument("--engine", default=ENGINES[0], help=f"{', '.join(ENGINES)} (default {ENGINES[0]})")
-    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="classes per image (at most the model's)")
+    p.add_argument("--top-k", type=int, help=f"classes per image, between 1 and the model's classes (default "
+                                             f"{DEFAULTS.top_k}, or all of them where the model has fewer)")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.max_batch_size,
                    help="images per onnxruntime run (local, ray) or per progress step (http)")
     p.add_argument("--workers", type=int, help="decoders (local) or Ray CPUs (default: all cores)")

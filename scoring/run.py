@@ -58,8 +58,24 @@ def resolve_model(model: str) -> tuple[str, str]:
     return stored.path_of("model.onnx"), str(stored.tag)
 
 
-def _served_classes(url: str, model: str | None) -> int:
-    """How many classes the service's model has (to clamp top-k before the first request)."""
+def check_top_k(top_k: int | None, model: str, labels: list[str] | int) -> int:
+    """The service's rule for top-k: None (not given) is the default clamped to the model's classes; a value
+    given must be between 1 and them, as the service answers 400 ``bad_top_k`` otherwise (scoring clamped it
+    without a word). Returns the top-k to write."""
+    n = labels if isinstance(labels, int) else len(labels)
+    if top_k is None:
+        return min(DEFAULTS.top_k, n)
+    if not 1 <= top_k <= n:
+        names = "" if isinstance(labels, int) else \
+            f" ({', '.join(labels[:10])}{', ...' if n > 10 else ''})"
+        raise ScoreError(f"--top-k {top_k}: {model} has {n} classes{names}; give --top-k between 1 and {n} (the "
+                         f"service answers top_k={top_k} with 400 bad_top_k too)")
+    return top_k
+
+
+def _served_classes(url: str, model: str | None) -> tuple[str, list[str]]:
+    """The service's model (``model``, or its default): its name and labels (to check top-k before the first
+    request)."""
     import httpx
 
     try:
@@ -71,7 +87,7 @@ def _served_classes(url: str, model: str | None) -> int:
     name = model or info["default"]
     for m in info["models"]:
         if m["name"] == name:
-            return len(m["labels"])
+            return f"{url}'s model {name!r}", list(m["labels"])
     raise ScoreError(f"{url}: serves no model {name!r} (it serves {', '.join(m['name'] for m in info['models'])})")
 
 
@@ -89,7 +105,7 @@ def _grpc_classes(url: str, model: str | None) -> int:
 
 
 def score(inputs: list[str], out: str, *, model: str | None = None, engine: str = "local",
-          top_k: int = DEFAULTS.top_k, batch_size: int = DEFAULTS.max_batch_size, workers: int | None = None,
+          top_k: int | None = None, batch_size: int = DEFAULTS.max_batch_size, workers: int | None = None,
           url: str | None = None, concurrency: int = 16, ray_address: str | None = None,
           providers: str = DEFAULTS.providers, precision: str = DEFAULTS.precision, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None, decoders: str = "auto", settings: Settings = DEFAULTS) -> dict:
@@ -112,23 +128,25 @@ def score(inputs: list[str], out: str, *, model: str | None = None, engine: str 
         print(f"{printable(p)}: skipped, it is this run's output", file=sys.stderr)
     local_model = None
     if engine == "http":
-        top_k = min(top_k, _served_classes(url, model))
+        top_k = check_top_k(top_k, *_served_classes(url, model))
     elif engine == "grpc":
-        top_k = min(top_k, _grpc_classes(url, model))
+        top_k = check_top_k(top_k, f"{url}'s model {model or '(the default)'}", _grpc_classes(url, model))
     else:
-        model_path = resolve_model(model)[0]
+        model_path, shown = resolve_model(model)
+        if shown == Path(model_path).name:  # a file: as the user named it
+            shown = str(model)
         # the precision the service would choose (auto: timed here at the scoring batch size)
         try:
             local_model = load_model(model_path, providers=providers, warm_up=False, precision=precision,
                                      batch_sizes=(batch_size,))
         except ModelLoadError as e:
             raise ScoreError(str(e)) from None
+        top_k = check_top_k(top_k, f"model {shown} ({local_model.spec.arch})", list(local_model.spec.labels))
         model_path = local_model.choice.get("file", model_path)
         print(f"model {model_path} ({local_model.info.precision}, {precision} precision"
               + (f": {local_model.choice['reason']}" if "reason" in local_model.choice else "") + ")", file=sys.stderr)
         if engine == "local":  # the first run at a new batch size allocates: do it before the clock starts
             local_model.warm_up((batch_size,))
-        top_k = min(top_k, local_model.spec.num_classes)
     writer = Writer(Path(out), top_k, resume, overwrite)
     todo = [p for p in found.paths if not writer.has(p)]
     bad = [b for b in found.bad if not writer.has(b[0])]

@@ -212,6 +212,42 @@ def test_progress_reaches_a_log_before_the_end(slow_job, tmp_path):
     assert "300 scored, 0 failed" in seen[-1][0]
 
 
+@pytest.mark.slow
+def test_a_top_k_the_model_cannot_give_is_refused_as_the_service_refuses_it(image_dir, default_onnx, server, tmp_path):
+    """The service answers top_k=11 on a 10-class model with 400; score clamped it to 10 without a word. One
+    rule: refused by every engine before anything is written, naming the model and its classes."""
+    import urllib.error
+    import urllib.request
+
+    png = next((image_dir / "png").iterdir()).read_bytes()
+    request = urllib.request.Request(server.url + "/classify?top_k=11", data=png, headers={"Content-Type": "image/png"})
+    with pytest.raises(urllib.error.HTTPError) as answer:
+        urllib.request.urlopen(request, timeout=30)
+    assert answer.value.code == 400 and json.load(answer.value)["code"] == "bad_top_k"
+    for k in ("11", "0"):
+        out = tmp_path / f"k{k}.csv"
+        r = run_cli("score", image_dir, "--model", default_onnx, "--out", out, "--top-k", k)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert f"--top-k {k}: " in r.stderr and f"{default_onnx}" in r.stderr, r.stderr
+        assert "has 10 classes (0, 1, 2," in r.stderr and "between 1 and 10" in r.stderr, r.stderr
+        assert not out.exists()
+    with pytest.raises(ScoreError, match=r"--top-k 11: .* has 10 classes.*between 1 and 10"):
+        score([str(image_dir)], str(tmp_path / "h.csv"), engine="http", url=server.url, top_k=11, progress=False)
+    assert not (tmp_path / "h.csv").exists()
+
+
+def test_top_k_follows_the_services_rule_on_a_model_with_few_classes():
+    """A 4-class model: no --top-k gives the default clamped to its classes (as a request without top_k gets),
+    --top-k 9 is refused naming the model and its classes (as top_k=9 is a 400)."""
+    from cnnserve.scoring.run import check_top_k
+
+    labels = ["circle", "square", "triangle", "star"]
+    assert check_top_k(None, "model shapes.onnx", labels) == 4 and check_top_k(3, "m", labels) == 3
+    with pytest.raises(ScoreError, match=r"--top-k 9: model shapes.onnx has 4 classes \(circle, square, triangle, "
+                                         r"star\); give --top-k between 1 and 4"):
+        check_top_k(9, "model shapes.onnx", labels)
+
+
 def test_fail_on_error_and_cli_errors(image_dir, default_onnx, tmp_path):
     out = tmp_path / "p.csv"
     ok = run_cli("score", image_dir, "--model", default_onnx, "--out", out)
