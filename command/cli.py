@@ -60,6 +60,9 @@ def _cmd_bench(args) -> int:  # reached only through parse_args (main sends `ben
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve", description="Train CNNs, export them to ONNX, serve them with BentoML.")
+    from cnnserve import __version__
+
+    parser.add_argument("--version", action="version", version=f"cnnserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list the architectures, or describe one",

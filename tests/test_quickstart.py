@@ -182,3 +182,14 @@ def test_bentoml_serve_with_a_port_taken_says_which_in_one_line(taken, stored_de
     assert len(lines) == 1, out[-3000:]
     for k, p in ports.items():
         assert (f"{k}'s port {p}" in lines[0]) == (k in taken), lines[0]
+
+
+def test_version_prints_cnnserves_own():
+    """`cnnserve --version`: cnnserve's version (the package's, as pyproject.toml gives it), nothing else."""
+    import tomllib
+
+    from cnnserve import __version__
+
+    r = subprocess.run([*CNNSERVE, "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"cnnserve {__version__}", r.stdout + r.stderr
+    assert __version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
