@@ -317,6 +317,9 @@ class ControlStates(RuleBasedStateMachine):
         fail, saying whether the workers got there later or never."""
         found = next((s for s in expected if self.converged(s)), None)
         if found is not None:
+            if len({s.default for s in expected if s.served == found.served}) > 1:  # the order decided the default
+                default = self.request("GET", "/models").json()["default"]
+                found = next((s for s in expected if s.served == found.served and s.default == default), found)
             return found
         seen, t = [(r["pid"], r.get("generation"), r.get("models")) for r in reports_of(self.srv)], time.monotonic()
         while found is None and time.monotonic() - t < CONVERGE_S:
@@ -386,23 +389,24 @@ class ControlStates(RuleBasedStateMachine):
         self.note("load", str(op))
         self.control(op)
 
-    @rule(pick=st.integers(0, 7), whole=st.booleans())
-    def unload(self, pick, whole) -> None:
+    @rule(pick=st.integers(0, 7), whole=st.booleans(), upper=st.booleans())
+    def unload(self, pick, whole, upper) -> None:
         """One served model (every version), or one served version of it; sometimes the last one served."""
         names = sorted(self.state.served)
         name = names[pick % len(names)]
         versions = self.state.served[name]
-        op = Op("unload", name, None if whole else versions[pick % len(versions)])
+        op = Op("unload", name.upper() if upper else name, None if whole else versions[pick % len(versions)])
         self.note("unload", str(op))
         self.control(op)
 
     @rule(kind=st.sampled_from(["damaged", "labels", "name:../x", "name:a:b", "version ../../x", "unknown name",
-                                "unknown version"]), action=st.sampled_from(["load", "unload"]),
+                                "unknown version", "default 'yes'"]), action=st.sampled_from(["load", "unload"]),
           via=st.sampled_from(["tag", "param"]))
     def refused(self, kind, action, via) -> None:
         """What no worker can serve (a damaged stored file; metadata naming 5 labels for 10 outputs): a load
         is a 4xx with its reason and the index's, an unload a 404 (it is not loaded); malformed tags are 400
-        (the path form: 400, or 404 where no route takes a slash), unknown ones 404. Nothing changes."""
+        (the path form: 400, or 404 where no route takes a slash), unknown ones 404, a default parameter that
+        is not a boolean 400. Nothing changes."""
         self.note("refused", f"refused ({kind}): {action}")
         if kind in self.u.bad:
             op = Op(action, NAME, self.u.bad[kind], via)
@@ -419,6 +423,10 @@ class ControlStates(RuleBasedStateMachine):
             r, allowed = self.call(Op(action, NAME, "../../x", "param")), frozenset({400})
         elif kind == "unknown name":
             r, allowed = self.call(Op(action, "no-such-model")), frozenset({404})
+        elif kind == "default 'yes'":  # a load's parameter: the load is refused whatever ``action`` says
+            r, allowed = self.request("POST", f"/v2/repository/models/{OTHER}/load",
+                                      json.dumps({"parameters": {"default": "yes"}}).encode(),
+                                      {**AUTH, "Content-Type": "application/json"}), frozenset({400})
         else:
             r, allowed = self.call(Op(action, NAME, "zzzzzzzzzzzzzzzz", via)), frozenset({404})
         self.answered(f"{action} ({kind})", r, allowed, self.state)
@@ -431,7 +439,8 @@ class ControlStates(RuleBasedStateMachine):
         lost update)."""
         unloads = sorted([Op("unload", n) for n in self.state.served]
                          + [Op("unload", n, v) for n, vs in self.state.served.items() for v in vs], key=str)
-        loads = [Op("load", n, v) for n, vs in sorted(self.u.good.items()) for v in vs]
+        loads = [Op("load", n, v, default=d) for d in (False, True) for n, vs in sorted(self.u.good.items())
+                 for v in vs]
         pick = {"unload": unloads, "load": loads}
         first, second = kind.split("+")
         ops = [pick[first][a % len(pick[first])], pick[second][b % len(pick[second])]]
@@ -482,26 +491,68 @@ class ControlStates(RuleBasedStateMachine):
         self.state = self.served_now(orders, f"{ops[0]} | {ops[1]} from {self.state.served} answered {statuses}, but")
 
     @precondition(lambda self: self.kills < 1)
-    @rule()
-    def kill_a_worker(self) -> None:
-        """kill -9 of one worker: the server starts another, which serves the shared set and its default."""
-        before = {r["pid"] for r in reports_of(self.srv)}
-        victim = min(before)
-        self.note("kill", f"kill -9 worker {victim}")
+    @rule(during=st.sampled_from(["nothing", "a load it answers", "a load the other answers"]),
+          which=st.integers(0, 2))
+    def kill_a_worker(self, during, which) -> None:
+        """kill -9 of one worker, idle or while a load (of NAME's version ``which``) is under way: the server
+        starts another, which serves the shared set and its default. A load the other worker answers still
+        answers 200 once the new worker has it (202 past control_wait_s); one whose worker dies gets no answer,
+        and leaves the set as it was or loaded, never anything else."""
+        pids = sorted(r["pid"] for r in reports_of(self.srv))
+        op = Op("load", NAME, self.u.good[NAME][which])
+        allowed, loaded = predict(self.u, self.state, op)
+        candidates = [self.state]
+        answers, errors, thread, conns = [], [], None, {}
+        if during == "nothing":
+            victim = pids[0]
+        else:
+            conns = connections_to_workers(self.srv, pids)
+            assert len(conns) == 2, f"no connection to each worker {pids}: {sorted(conns)}"
+            answering = pids[0]
+            victim = answering if during == "a load it answers" else pids[1]
+            candidates = [loaded, self.state] if during == "a load it answers" else [loaded]
+
+            def load() -> None:
+                try:
+                    answers.append(self.call(op, via=conns[answering]))
+                except BaseException as e:  # noqa: BLE001 - its worker died (no answer), or raised below
+                    errors.append(e)
+
+            thread = threading.Thread(target=load)
+            thread.start()
+            time.sleep(0.2)  # under way (a load takes a trial process and a warm-up: seconds here)
+        self.note("kill", f"kill -9 worker {victim} during {during}" + ("" if during == "nothing" else f" ({op})"))
         self.kills += 1
         os.kill(victim, signal.SIGKILL)
         t = time.monotonic()
+        if thread is not None:
+            thread.join(180)
+            for conn in conns.values():
+                conn.close()
+            for e in errors:
+                if not isinstance(e, (OSError, http.client.HTTPException)):
+                    raise e
+            if during == "a load the other answers":
+                assert answers and answers[0].status_code in (200, 202), \
+                    f"{op}, its sibling killed: {answers[0].status_code if answers else errors}"
+                if answers[0].status_code == 202:
+                    print(f"    {op} answered 202")
+            elif answers:  # answered before its worker died
+                assert answers[0].status_code in allowed, f"{op}: {answers[0].status_code} {answers[0].text[:300]}"
+                candidates = [loaded]
         deadline = t + RESPAWN_S
         while True:
             reports = reports_of(self.srv)
-            if (len(reports) == 2 and victim not in {r["pid"] for r in reports}
-                    and all(r.get("models") == self.state.served for r in reports)):
-                break
+            if len(reports) == 2 and victim not in {r["pid"] for r in reports}:
+                found = next((c for c in candidates if all(r.get("models") == c.served for r in reports)), None)
+                if found is not None:
+                    break
             if time.monotonic() > deadline:
-                pytest.fail(f"no worker came back serving {self.state.served} in {RESPAWN_S:.0f} s: "
-                            f"{reports}\n{self.srv.output()[-3000:]}")
+                pytest.fail(f"no worker came back serving {' or '.join(str(c.served) for c in candidates)} in "
+                            f"{RESPAWN_S:.0f} s: {reports}\n{self.srv.output()[-3000:]}")
             time.sleep(0.2)
-        print(f"    back in {time.monotonic() - t:.1f} s")
+        self.state = found
+        print(f"    back in {time.monotonic() - t:.1f} s, serving {found.served}")
 
     # -- what must hold after every step --------------------------------------------------------------------
 
