@@ -9,8 +9,9 @@ lives in the training script). The importer composes, in ONNX, the project's con
 
 writes the metadata (spec, labels, origin), and verifies the composed graph against the original
 fed with the same preprocessing computed in numpy, on real images decoded by the project's own
-preprocessing (max difference <= 1e-4; batches of several images, so a graph whose batch is fixed
-is caught). Nothing is retrained. Problems are one-line ``ImportError_`` messages.
+preprocessing (max difference <= 1e-4; batches of several images, so a graph whose operations fix the
+batch, a ``Reshape`` to ``[1, ...]``, is caught; one that only declares a batch of 1 but computes per image runs
+and is kept). Nothing is retrained. Problems are one-line ``ImportError_`` messages.
 """
 
 from __future__ import annotations
