@@ -25,7 +25,7 @@ from starlette.staticfiles import StaticFiles
 
 from cnnserve.core.confidence import NotFinite
 
-from . import apikeys, kserve, repository
+from . import apikeys, kserve, repository, triton
 from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
@@ -302,7 +302,8 @@ def create_app(engine: Engine | None = None) -> CnnServeAPI:
     async def unexpected(request, e: Exception):
         return internal_error(request.app, request, e)
 
-    for path, endpoint, options in (*ROUTES, *kserve.ROUTES, *repository.ROUTES):
+    # Triton's extensions first: /v2/models/stats before kserve's /v2/models/{name}
+    for path, endpoint, options in (*ROUTES, *triton.ROUTES, *kserve.ROUTES, *repository.ROUTES):
         app.add_api_route(path, endpoint, **with_body(path, options))
     # The demo page: static HTML, CSS and JavaScript in the package, over the public API only.
     app.mount("/demo/", StaticFiles(directory=Path(__file__).with_name("demo"), html=True), name="demo")

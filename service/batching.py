@@ -86,8 +86,10 @@ class MicroBatcher:
     def __init__(self, fn: Callable[[np.ndarray], np.ndarray], max_batch_size: int, max_queue: int,
                  max_wait_ms: float, on_batch: Callable[[int, float], None] | None = None, name: str = "model",
                  on_depth: Callable[[int], None] | None = None, bulk_slice_ms: float = 50.0,
-                 seconds_per_image: float = 0.0, fixed_slice: int | None = None, in_flight: int = 1):
-        """``on_batch(images, seconds)`` after each run; ``on_depth(images)`` with the images waiting for or in
+                 seconds_per_image: float = 0.0, fixed_slice: int | None = None, in_flight: int = 1,
+                 on_execution: Callable[[int, float, float, float], None] | None = None):
+        """``on_batch(images, seconds)`` after each run; ``on_execution(images, stacking, seconds, splitting)``
+        too, with the seconds spent stacking the requests' images into the batch and splitting its rows back; ``on_depth(images)`` with the images waiting for or in
         the model, as each batch starts and ends (the autoscaling metric: cheap, and fresh under load).
         ``bulk_slice_ms``: see ``bulk_slice``; ``seconds_per_image``: the model's time per image measured in
         its warm-up (the first estimate); ``fixed_slice``: a slice of that many images whatever the time.
@@ -95,6 +97,7 @@ class MicroBatcher:
         another's compute); the next batch is taken only when a run is free, so it is as full as it can be."""
         self.fn, self.max_batch_size, self.max_wait = fn, max_batch_size, max_wait_ms / 1000
         self.max_queue, self.on_batch, self.on_depth, self.name = max_queue, on_batch, on_depth, name
+        self.on_execution = on_execution
         self.bulk_slice_s, self.fixed_slice = bulk_slice_ms / 1000, fixed_slice
         self._queues: dict[str, deque] = {p: deque() for p in PRIORITIES}
         self._queued = 0  # images waiting (not yet in a running batch)
@@ -251,12 +254,13 @@ class MicroBatcher:
             if not pieces:
                 free.release()
                 continue
+            formed = time.perf_counter()
             if len(pieces) == 1:
                 item, a, b = pieces[0]
                 batch = item.pixels if (a, b) == (0, len(item.pixels)) else item.pixels[a:b]
             else:
                 batch = np.concatenate([item.pixels[a:b] for item, a, b in pieces])
-            run = self._run(loop, pieces, batch, free)
+            run = self._run(loop, pieces, batch, free, time.perf_counter() - formed)
             if self.in_flight == 1:
                 await run
             else:
@@ -264,7 +268,8 @@ class MicroBatcher:
                 self._runs.add(task)
                 task.add_done_callback(self._runs.discard)
 
-    async def _run(self, loop, pieces: list, batch: np.ndarray, free: asyncio.Semaphore) -> None:
+    async def _run(self, loop, pieces: list, batch: np.ndarray, free: asyncio.Semaphore,
+                   stacking: float = 0.0) -> None:
         """Run one batch in the pool and hand each request its rows; a failing run fails its requests only."""
         fn = pieces[0][0].job or self.fn
         self._running += len(batch)
@@ -283,7 +288,8 @@ class MicroBatcher:
             free.release()
             if self.on_depth:
                 self.on_depth(self._queued + self._running)
-        seconds = time.perf_counter() - t
+        done = time.perf_counter()
+        seconds = done - t
         self._measured(len(batch), seconds)
         start = 0
         for item, a, b in pieces:
@@ -294,6 +300,8 @@ class MicroBatcher:
                 if item.done == len(item.pixels):
                     item.fut.set_result(_joined([rows for _, rows in sorted(item.parts, key=lambda p: p[0])]))
             start += b - a
+        if self.on_execution:
+            self.on_execution(len(batch), stacking, seconds, time.perf_counter() - done)
 
     def _measured(self, n: int, seconds: float) -> None:
         rate = n / max(seconds, 1e-6)

@@ -28,6 +28,7 @@ from .decoding import DecodeFailed, DecodePool
 from .drift import Monitor
 from .errors import REQUEST_CODES, APIError, model_output_not_finite
 from .manager import ModelManager
+from .stats import Statistics
 
 log = logging.getLogger("cnnserve.engine")
 
@@ -56,6 +57,8 @@ class Ticket:
     deadline: float | None = None
     priority: str = "interactive"
     gone: asyncio.Future | None = None
+    #: when the request arrived (``time.perf_counter()``): its statistics count from there (``stats.py``)
+    start: float | None = None
 
 
 class Engine:
@@ -75,6 +78,7 @@ class Engine:
         self.decoders = DecodePool(config.decoders, config.limits, config.decode_cpu_ms / 1000,
                                    config.max_queue, c * h * w)
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
+        self.stats = Statistics()  # Triton's statistics extension: what each version did (stats.py, triton.py)
         self.manager = ModelManager(self, config, metrics)  # loads, swaps and releases versions at runtime
         # drift, drained off the request path
         self.monitor = Monitor(self.models, metrics) if config.drift_monitor else None
@@ -97,10 +101,14 @@ class Engine:
                 self.metrics.batch_size.labels(model.name).observe(n)
                 self.metrics.inference.labels(model.name).observe(seconds)
 
+        def executed(n: int, stacking: float, seconds: float, splitting: float) -> None:
+            self.stats.execution(model, n, stacking, seconds, splitting)
+
         depth = self.metrics.queued.labels(model.name).set if self.metrics else None
         return MicroBatcher(run, self.config.max_batch_size, self.config.max_queue, self.config.max_wait_ms,
                             observe, model.name, depth, bulk_slice_ms=self.config.bulk_slice_ms,
-                            seconds_per_image=model.seconds_per_image, in_flight=self.config.runs_in_flight)
+                            seconds_per_image=model.seconds_per_image, in_flight=self.config.runs_in_flight,
+                            on_execution=executed)
 
     def _explain_job(self, model: Model, method: str):
         """The batcher job of an explanation (one function per model and method, so that those requests batch
@@ -155,8 +163,9 @@ class Engine:
         if priority not in (None, *PRIORITIES):
             raise APIError(400, "bad_priority", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
         ms = timeout_ms if timeout_ms is not None else self.config.timeout_ms
-        deadline = (start or time.perf_counter()) + ms / 1000 if ms else None
-        return Ticket(deadline, priority or "interactive")
+        start = start or time.perf_counter()
+        deadline = start + ms / 1000 if ms else None
+        return Ticket(deadline, priority or "interactive", start=start)
 
     async def decode(self, model: Model, data: bytes, timings: dict | None = None,
                      ticket: Ticket | None = None) -> np.ndarray:
@@ -225,9 +234,17 @@ class Engine:
         these images)."""
         ticket = ticket or Ticket()
         problem = None
+        t = time.perf_counter()
+        start = ticket.start or t
+        parts = timings if timings is not None else {}
         try:
-            return await self.manager.batcher(model).submit(pixels, timings, deadline=ticket.deadline,
-                                                            priority=ticket.priority, gone=ticket.gone, job=job)
+            out = await self.manager.batcher(model).submit(pixels, parts, deadline=ticket.deadline,
+                                                           priority=ticket.priority, gone=ticket.gone, job=job)
+            now = time.perf_counter()
+            queue, infer = parts.get("queue", 0.0), parts.get("inference", 0.0)
+            self.stats.request(model, len(pixels), True, now - start, t - start, queue, infer,
+                               max(0.0, now - t - queue - infer))
+            return out
         except Overloaded as e:
             problem = (503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})
         except DeadlineExceeded:
@@ -236,6 +253,7 @@ class Engine:
         except ClientGone:
             problem = (499, "client_closed", "the client closed the connection while the request waited for "
                                              "the model; it was not run")
+        self.stats.request(model, len(pixels), False, time.perf_counter() - start)
         raise APIError(*problem)
 
     async def explain(self, data: bytes, name: str | None = None, method: str = "occlusion",

@@ -28,6 +28,8 @@ from .bodies import read_body, watch_disconnect
 from .params import RequestParams, declare_route
 from .patches import runtime_info
 
+#: The Open Inference Protocol's extensions served (Triton's names), over HTTP and gRPC alike.
+EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics")
 #: The input that carries encoded images (BYTES) instead of pixels.
 IMAGE_INPUT = "image"
 
@@ -311,7 +313,7 @@ def _engine(request: Request) -> Engine:
 
 @route("GET", "/v2", tags=TAGS, summary="Server metadata")
 async def server_metadata():
-    return {"name": "cnnserve", "version": __version__, "extensions": ["binary_tensor_data"],
+    return {"name": "cnnserve", "version": __version__, "extensions": list(EXTENSIONS),
             "runtime": runtime_info()}
 
 

@@ -64,7 +64,12 @@ def control_token(config) -> str | None:
 
 def authorize(request: Request) -> None:
     """403 unless model control is on and the request carries its bearer token."""
-    config = _engine(request).config
+    check_token(_engine(request).config, request.headers.get("authorization", ""))
+
+
+def check_token(config, sent: str) -> None:
+    """403 unless model control is on and ``sent`` (an ``Authorization`` header, or gRPC's metadata of that name)
+    is ``Bearer TOKEN`` with the server's token, compared in constant time."""
     if not config.model_control:
         raise APIError(403, "control_disabled", "loading and unloading models is off on this server "
                                                 "(start it with --arg model_control=true and a token)")
@@ -72,7 +77,6 @@ def authorize(request: Request) -> None:
     if token is None:
         raise APIError(403, "no_control_token", f"model_control is on but no token is set: put one in the "
                        f"environment variable {config.control_token_env} or the file control_token_file names")
-    sent = request.headers.get("authorization", "")
     if not hmac.compare_digest(sent.encode("latin-1", "replace"), f"Bearer {token}".encode()):
         raise APIError(403, "forbidden", "this endpoint needs 'Authorization: Bearer TOKEN' with the server's "
                                          "model control token")
@@ -200,16 +204,15 @@ async def repository_index(request: Request):
     return JSONResponse(rows)
 
 
-async def settle(request: Request, generation: int, name: str, key: str | None = None,
-                 before: dict | None = None) -> JSONResponse:
-    """200 once every worker serves ``generation``; a worker's refusal of ``key`` answered with its status once
-    the load is undone (``before``: the set it replaced); else 202 with the model's rows of the index."""
-    e, sync = _engine(request), request.app.state.sync
+async def settle(e: Engine, sync, generation: int, name: str, key: str | None = None,
+                 before: dict | None = None) -> list[dict] | None:
+    """None once every worker serves ``generation``; a worker's refusal of ``key`` raised with its status once
+    the load is undone (``before``: the set it replaced); else the model's rows of the index (still pending)."""
     if sync is None:
-        return JSONResponse({})
+        return None
     done, refused = await sync.wait_for(generation, e.config.workers, e.config.control_wait_s, key)
     if done:
-        return JSONResponse({})
+        return None
     if refused is not None:
         status, reason = refused
         if before is not None:
@@ -217,7 +220,12 @@ async def settle(request: Request, generation: int, name: str, key: str | None =
         raise APIError(status if 400 <= status < 600 else 400, "load_failed",
                        f"{reason}; the load was undone, the workers go back to what they served before")
     rows = await anyio.to_thread.run_sync(index, e, sync)
-    return JSONResponse({"pending": [r for r in rows if r["name"] == name]}, status_code=202)
+    return [r for r in rows if r["name"] == name]
+
+
+def answer(pending: list[dict] | None) -> JSONResponse:
+    """200 when every worker applied the change, else 202 with the model's rows of the index."""
+    return JSONResponse({}) if pending is None else JSONResponse({"pending": pending}, status_code=202)
 
 
 @route("POST", "/v2/repository/models/{name}/load", tags=TAGS,
@@ -225,8 +233,12 @@ async def settle(request: Request, generation: int, name: str, key: str | None =
                "{\"parameters\": {\"default\": true}} also makes it the model requests without a name go to")
 async def load(request: Request, name: str):
     name, version, params, e, sync = await control_request(request, name)
+    return answer(await load_model(e, sync, name, version, params.get("default", False)))
+
+
+async def load_model(e: Engine, sync, name: str, version: str, default=False) -> list[dict] | None:
+    """A load, as both protocols ask for it (``split_tag``'s name and version): ``settle``'s answer."""
     keep = max(1, e.config.keep_versions)
-    default = params.get("default", False)
     if not isinstance(default, bool):
         raise APIError(400, "bad_parameters", f"'default' must be true or false, got {short(default)}")
 
@@ -246,14 +258,18 @@ async def load(request: Request, name: str):
         if sync is not None:  # the reason, for the index whichever worker answers it
             await anyio.to_thread.run_sync(sync.report)
         raise APIError(err.status, "load_failed", str(err)) from None
-    return await settle(request, generation, name, f"{name}:{resolved}", before)
+    return await settle(e, sync, generation, name, f"{name}:{resolved}", before)
 
 
 @route("POST", "/v2/repository/models/{name}/unload", tags=TAGS,
        summary="Stop serving a model (every version, or NAME:VERSION); its requests in flight finish first")
 async def unload(request: Request, name: str):
     name, version, _, e, sync = await control_request(request, name)
+    return answer(await unload_model(e, sync, name, version))
 
+
+async def unload_model(e: Engine, sync, name: str, version: str) -> list[dict] | None:
+    """An unload, as both protocols ask for it: ``settle``'s answer."""
     def do() -> int:
         if sync is None:
             e.manager.unload(name, version or None)
@@ -269,4 +285,4 @@ async def unload(request: Request, name: str):
         generation = await anyio.to_thread.run_sync(do)
     except LoadFailed as err:
         raise APIError(err.status, "unload_failed", str(err)) from None
-    return await settle(request, generation, name)
+    return await settle(e, sync, generation, name)

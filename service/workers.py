@@ -75,6 +75,7 @@ class WorkerSync:
                 self.report()
             self._stamp = stamp  # only once applied: a converge that raised is tried again at the next step
         self.manager.sweep()
+        self.manager.engine.stats.flush(self.state.folder)  # for the other workers' answers (triton.py)
         if self.settings.follow_s and self.follow and time.monotonic() - self._followed_at >= self.settings.follow_s:
             self._followed_at = time.monotonic()
             if self._lead():
