@@ -1,7 +1,8 @@
 """The model control plane as a state machine: hypothesis drives one real two-worker server through loads,
-unloads, default changes, bad models, malformed names, concurrent pairs of calls and a worker killed with -9,
-keeps a model of what the server must serve, and checks after every step that the workers' reports, the
-index, ``/models`` and requests (one without a model, one naming each stored version) agree with it.
+unloads, default changes, bad models, malformed names, pairs of calls at the same instant (on two workers, or
+one) and a worker killed with -9 (idle, or while a load is under way), keeps a model of what the server must
+serve, and checks after every step that the workers' reports, the index, and on a connection to each worker
+``/models`` and requests (one without a model, one naming each stored version) agree with it.
 
 What the model holds (the contract of ``docs/runtime.md``, "Models at runtime"):
 
