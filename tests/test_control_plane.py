@@ -338,3 +338,42 @@ def test_a_refusal_by_another_worker_is_answered_and_undone(default_onnx, tmp_pa
     finally:
         for e in engines:
             e.close()
+
+
+def test_a_trial_ends_with_the_worker_that_started_it(default_onnx, tmp_path):
+    """The deadline is the worker's: a worker killed with -9 while its trial of a never-ending warm-up runs must
+    not leave the trial running under init (it kept a core busy for minutes)."""
+    import subprocess
+    import sys
+
+    forever = hostile.model_never_ending(default_onnx, tmp_path / "forever.onnx")
+    worker = subprocess.Popen([sys.executable, "-c", "from cnnserve.core.servable import trial; "
+                               f"trial({forever!r}, timeout_s=120)"])
+
+    def trials() -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and b"cnnserve.core.servable" in (entry / "cmdline").read_bytes() \
+                        and forever.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    try:
+        deadline = time.monotonic() + 30
+        while not trials() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert trials(), "the trial did not start"
+        time.sleep(1.0)  # it is running the Loop now
+    finally:
+        worker.kill()
+        worker.wait()
+    deadline = time.monotonic() + 5
+    while trials() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = trials()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "the trial outlived the worker that started it"

@@ -150,9 +150,14 @@ def trial(path: str | os.PathLike, limits: Limits = DEFAULTS.limits, batch_size:
     job = json.dumps({"path": str(path), "batch_size": batch_size, "precision": precision, "memory_mb": memory_mb,
                       "max_pixels": limits.max_pixels, "max_decoded_bytes": limits.max_decoded_bytes})
     cap = int(memory_mb * 2**20)
+    cpu = int(timeout_s) + 5  # it runs one thread: CPU seconds cannot outgrow the deadline by much
 
     def capped() -> None:  # in the child, before it runs anything
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+        # The deadline is the parent's (subprocess.run's timeout): should the parent die first (a worker killed
+        # with -9), the child would run on under init. The kernel ends it then, and past its CPU time anyway.
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        _die_with_parent()
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
@@ -177,6 +182,18 @@ def trial(path: str | os.PathLike, limits: Limits = DEFAULTS.limits, batch_size:
                           f"{-done.returncode if done.returncode < 0 else 'none'}") from None
     raise NotServable(f"{path}: the trial process ended with status {done.returncode}: "
                       f"{_last_line(RuntimeError(err.strip().splitlines()[-1] if err.strip() else 'no output'))}")
+
+
+def _die_with_parent() -> None:
+    """Linux's PR_SET_PDEATHSIG: SIGKILL when the thread that started this process ends (it waits for this
+    process, so only its death ends it early); nothing elsewhere."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def _trial_main(job: dict) -> dict:
