@@ -18,11 +18,18 @@ speaks it) beside HTTP, in each BentoML worker, on the worker's event loop and t
   UNAVAILABLE, the calls in flight finish, then the server stops (GOAWAY), all within ``grace_s`` (``stop``).
 - Both workers bind ``grpc_port`` (SO_REUSEPORT); the kernel spreads connections between them. The address is
   HTTP's (``bentoml serve --host``).
+- **Bounds** (``server_options``; docs/grpc.md): calls per worker (``grpc_max_calls``: more are refused
+  RESOURCE_EXHAUSTED before their message is read) and per connection (``grpc_max_streams``), 64 KB of a
+  message before its call is taken up (BDP probing off: it grew that window to megabytes), the whole message
+  within the call's deadline (each call reads its own message, ``receive``), answers within
+  ``grpc_max_answer_mb`` (checked before one is built), connections that stop answering pings, sit idle or
+  grow old closed (``grpc_keepalive_s``, ``IDLE_S``, ``grpc_connection_age_s``), and the freed heap given back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
@@ -32,9 +39,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from cnnserve import __version__
+from cnnserve.core.config import KB, MB
 from cnnserve.core.grpc_proto import HEALTH_SERVICE, METHODS, POOL, SERVICE, pb
 
 from . import kserve
@@ -43,6 +51,7 @@ from .errors import APIError, short
 from . import repository
 from .http_server import DRAIN
 from .manager import request_scope
+from .memory import trim_memory
 
 log = logging.getLogger("cnnserve.grpc")
 
@@ -53,6 +62,22 @@ STATUS = {400: SC.INVALID_ARGUMENT, 404: SC.NOT_FOUND, 408: SC.DEADLINE_EXCEEDED
 #: The methods served (others answer UNIMPLEMENTED): the metric's closed set of ``endpoint`` labels.
 SERVED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
           "RepositoryIndex")
+#: Bounds nobody needs to tune (docs/grpc.md): a connection without calls for this long is closed; a worker
+#: takes at most this many connections (each costs about 16 KB and a file descriptor HTTP needs too); the heap
+#: is trimmed this often (what gRPC frees when a connection or a large message goes stays with the process
+#: otherwise: 10 x 5 unfinished 19 MB messages left 600 MB behind after their connections closed).
+IDLE_S, MAX_CONNECTIONS, TRIM_EVERY_S = 60, 1024, 5.0
+#: Refusal messages carry at most this many bytes (they are status details, i.e. metadata: a client refuses
+#: metadata past 8 KB, and a message that echoes a 100 KB model name came back RESOURCE_EXHAUSTED).
+MAX_DETAILS = 1000
+
+
+def details_of(e: APIError) -> str:
+    """The refusal's message, cut to ``MAX_DETAILS`` bytes of UTF-8."""
+    text = e.message
+    if len(text.encode()) <= MAX_DETAILS:
+        return text
+    return text.encode()[:MAX_DETAILS - 3].decode(errors="ignore") + "..."
 
 
 def status_of(e: APIError) -> grpc.StatusCode:
@@ -82,6 +107,7 @@ class InferenceService:
 
     def __init__(self, engine: Engine, sync=None) -> None:
         self.engine, self.sync = engine, sync  # sync: the workers' shared served set (workers.py), for the index
+        self.max_answer = engine.config.grpc_max_answer_bytes
 
     async def ServerLive(self, request, context):  # noqa: N802 - the protocol's names
         return pb.ServerLiveResponse(live=True)
@@ -112,8 +138,10 @@ class InferenceService:
             entry(name=r["name"], version=r["version"], state=r["state"], reason=r["reason"])
             for r in rows if not request.ready or r["state"] == "READY"])
 
-    async def ModelInfer(self, request, context):  # noqa: N802
-        t0 = time.perf_counter()
+    async def ModelInfer(self, request, context, started: float | None = None):  # noqa: N802
+        """``started``: when the call began, before its message arrived (the deadline counts from there, as
+        HTTP's counts from before the body)."""
+        t0 = started or time.perf_counter()
         e = self.engine
         model = e.model(request.model_name, request.model_version or None)
         ticket = e.ticket(None, priority_of(request.parameters), t0)
@@ -139,22 +167,52 @@ class InferenceService:
                     and any(len(getattr(t.contents, f)) for f in TYPED if f != "uint_contents")):
                 raise APIError(400, "bad_data", "UINT8 contents go in uint_contents (or raw_input_contents)")
         pixels = kserve.tensor_input(e, model, tensor)
-        wanted = kserve.output_names([o.name for o in request.outputs])
+        wanted = kserve.output_names([o.name for o in request.outputs])  # each at most once
         classes = [classification(o.parameters, model.spec.num_classes) for o in request.outputs] or [None] * 2
         parts = await kserve.outputs(e, model, pixels, ticket)
-        out = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        # what the answer will take, before it is built: one FP32 row per image, or k texts per image
+        planned, size = [], len(request.id) + len(model.name) + len(model.version or "") + 64
         for name, k in zip(wanted, classes):
             part = np.ascontiguousarray(parts[name], np.float32)
-            if k:  # Triton's classification extension: the top k as "value:index:label", BYTES
-                top = np.argsort(-part, axis=1, kind="stable")[:, :k]
+            top = np.argsort(-part, axis=1, kind="stable")[:, :k] if k else None
+            size += 64 + (part.nbytes if top is None else text_bytes(part, top, model.spec.labels))
+            planned.append((name, part, top))
+        if size > self.max_answer:
+            raise APIError(413, "answer_too_large", f"the answer would take {size / 2**20:.2f} MB, over the "
+                                                    f"{self.max_answer / 2**20:.2f} MB an answer may take "
+                                                    "(grpc_max_answer_mb): ask for fewer images, outputs or "
+                                                    "classes")
+        out = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
+        for name, part, top in planned:
+            if top is not None:  # Triton's classification extension: the top k as "value:index:label", BYTES
                 labels = model.spec.labels
                 texts = [f"{row[i]:f}:{i}:{labels[i]}".encode() for row, idx in zip(part, top) for i in idx]
-                out.outputs.add(name=name, datatype="BYTES", shape=[len(part), k])
+                out.outputs.add(name=name, datatype="BYTES", shape=list(top.shape))
                 out.raw_output_contents.append(b"".join(len(t).to_bytes(4, "little") + t for t in texts))
                 continue
             out.outputs.add(name=name, datatype="FP32", shape=list(part.shape))
             out.raw_output_contents.append(part.astype("<f4", copy=False).tobytes())
         return out
+
+
+def text_bytes(part: np.ndarray, top: np.ndarray, labels: tuple[str, ...]) -> int:
+    """What the texts ``"value:index:label"`` of ``top`` (indices into ``part``'s rows) take with their 4-byte
+    lengths, at most: each value as wide as the widest in ``part`` (with a sign), each index as the largest."""
+    width = len(f"{float(np.abs(part).max(initial=0)):f}") + 1
+    return top.size * (4 + width + 1 + len(str(len(labels) - 1)) + 1) + int(label_bytes(labels)[top].sum())
+
+
+_LABEL_BYTES: dict[int, tuple[tuple, np.ndarray]] = {}
+
+
+def label_bytes(labels: tuple[str, ...]) -> np.ndarray:
+    """Each label's length in UTF-8, once per model (a model may have 100,000 labels)."""
+    hit = _LABEL_BYTES.get(id(labels))
+    if hit is None or hit[0] is not labels:
+        if len(_LABEL_BYTES) > 64:  # models come and go at runtime
+            _LABEL_BYTES.clear()
+        hit = _LABEL_BYTES[id(labels)] = (labels, np.array([len(x.encode()) for x in labels], np.int64))
+    return hit[1]
 
 
 def classification(params, num_classes: int) -> int | None:
@@ -227,10 +285,14 @@ class Gate:
         self.idle.set()
 
 
-def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate):
+def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate, config):
+    """The method as gRPC calls it: request-streaming on the server's side (a unary call on the wire), so that
+    it runs as soon as the call begins and reads the one message itself, within the call's deadline
+    (``receive``); gRPC's own unary handling reads the message first, for as long as the client takes."""
     method = getattr(service, name)
+    takes_start = name == "ModelInfer"
 
-    async def handle(request, context):
+    async def handle(requests, context):
         t0 = time.perf_counter()
         code = SC.OK
         gate.inflight += 1
@@ -239,19 +301,18 @@ def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate)
         try:
             if gate.refusing:
                 raise APIError(503, "draining", "the server is shutting down; call another replica")
+            request = await receive(context, config)
+            if request is grpc.aio.EOF:
+                raise APIError(400, "bad_message", "the call carried no request message")
             if isinstance(request, _Unparsed):
                 raise APIError(400, "bad_message", request.error)
             with request_scope():  # the model versions it looks up stay loaded until it is answered (manager.py)
-                return await method(request, context)
+                return await (method(request, context, t0) if takes_start else method(request, context))
         except APIError as e:
             e.__traceback__ = e.__context__ = None
             code = status_of(e)
             metrics.rejected(e.code)
-            trailing = [("cnnserve-code", e.code)]
-            retry = e.headers.get("Retry-After")
-            if retry:
-                trailing += [("retry-after", retry), ("grpc-retry-pushback-ms", str(int(retry) * 1000))]
-            await context.abort(code, e.message, tuple(trailing))
+            await context.abort(code, details_of(e), trailing_of(e))
         except asyncio.CancelledError:
             code = SC.CANCELLED
             raise
@@ -268,8 +329,142 @@ def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate)
             metrics.observe(name, code, time.perf_counter() - t0)
 
     request_cls, response_cls = METHODS[name]
-    return grpc.unary_unary_rpc_method_handler(handle, request_deserializer=_parser(request_cls),
-                                               response_serializer=response_cls.SerializeToString)
+    return grpc.stream_unary_rpc_method_handler(handle, request_deserializer=_parser(request_cls),
+                                                response_serializer=response_cls.SerializeToString)
+
+
+def trailing_of(e: APIError) -> tuple:
+    trailing = [("cnnserve-code", e.code)]
+    retry = e.headers.get("Retry-After")
+    if retry:
+        trailing += [("retry-after", retry), ("grpc-retry-pushback-ms", str(int(retry) * 1000))]
+    return tuple(trailing)
+
+
+async def receive(context, config):
+    """The call's next message, within its deadline (the client's, else ``timeout_ms`` from now): a message
+    that has not arrived by then is refused (408: DEADLINE_EXCEEDED), and what came of it is dropped with the
+    call. gRPC itself waits for as long as the client takes (a connection that sent the first part of a 19 MB
+    message was still held after 180 s). ``grpc.aio.EOF`` when the client sent none."""
+    seconds = config.timeout_ms / 1000 or None
+    left = context.time_remaining()
+    if left is not None and (seconds is None or left < seconds):
+        seconds = left
+    try:
+        async with asyncio.timeout(seconds):
+            return await context.read()
+    except TimeoutError:
+        pass
+    raise APIError(408, "body_timeout", f"the request message did not arrive within {seconds:g} s (the call's "
+                                        "deadline, or timeout_ms)")
+
+
+def bounded(handler, config):
+    """One of gRPC's own services' handlers (health's Check and Watch, reflection's stream) with each request
+    message read as ``receive`` reads ours: request-streaming on the server's side, like ours."""
+    if handler is None:
+        return None
+
+    async def messages(context):
+        while True:
+            try:
+                request = await receive(context, config)
+            except APIError as e:
+                await context.abort(status_of(e), details_of(e), trailing_of(e))
+            if request is grpc.aio.EOF:
+                return
+            yield request
+
+    async def requests_of(context):  # what the handler takes: its one message, or all of them
+        if handler.request_streaming:
+            return messages(context)
+        async for request in messages(context):
+            return request
+        await context.abort(SC.INVALID_ARGUMENT, "the call carried no request message")
+
+    inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    kw = {"request_deserializer": handler.request_deserializer,
+          "response_serializer": handler.response_serializer}
+    if not handler.response_streaming:
+        async def answer(requests, context):
+            return await inner(await requests_of(context), context)
+        return grpc.stream_unary_rpc_method_handler(answer, **kw)
+    if inspect.isasyncgenfunction(inner):
+        async def answers(requests, context):
+            async for one in inner(await requests_of(context), context):
+                yield one
+    else:
+        async def answers(requests, context):  # the handler writes its answers itself (context.write)
+            await inner(await requests_of(context), context)
+    return grpc.stream_stream_rpc_method_handler(answers, **kw)
+
+
+class Bounded(grpc.GenericRpcHandler):
+    """A generic handler's methods, each ``bounded`` (made once per method)."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, config) -> None:
+        self.inner, self.config, self.made = inner, config, {}
+
+    def service(self, details):
+        handler = self.inner.service(details)
+        made = self.made.get(details.method)
+        if made is None or made[0] is not handler:
+            made = self.made[details.method] = (handler, bounded(handler, self.config))
+        return made[1]
+
+
+class Collected:
+    """Stands in for the server while gRPC's own services register, so that their handlers can be ``bounded``
+    (the generated registration gives each service twice: generic, and by method name, which is left out)."""
+
+    def __init__(self) -> None:
+        self.generic: list = []
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.generic.extend(handlers)
+
+    def add_registered_method_handlers(self, service, handlers) -> None:
+        pass
+
+
+def c_int(value: float) -> int:
+    """A channel argument is a C int: larger settings mean "no limit" and are given as the largest."""
+    return min(int(value), 2**31 - 1)
+
+
+def server_options(config) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments, each checked to take effect on the installed grpcio by
+    tests/test_grpc.py (HTTP/2 written by hand, as hostile clients write it)."""
+    keepalive_ms = c_int(config.grpc_keepalive_s * 1000)
+    return [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", c_int(config.max_request_bytes)),
+        # at least 4 MB for the other methods' answers (reflection's descriptors); ModelInfer checks its own
+        ("grpc.max_send_message_length", c_int(max(config.grpc_max_answer_bytes, 4 * MB) + 64 * KB)),
+        ("grpc.max_concurrent_streams", c_int(config.grpc_max_streams)),
+        # ... counted as HTTP/2 counts them (calls not yet finished), so that a client that keeps to the limit
+        # is never refused: gRPC's "overload protection" also counts finished calls whose memory is not yet
+        # freed, and refused a client's 17th call at 16 in flight with REFUSED_STREAM (UNAVAILABLE to it)
+        ("grpc.http.overload_protection", 0),
+        # BDP probing grows each connection's window to megabytes: a client could then send that much of a
+        # message for each of its calls before any is taken up (measured: 4-16 MB a stream). Without it, 64 KB;
+        # a call being read still opens its window to the size of its message, so large messages stream as fast.
+        ("grpc.http2.bdp_probe", 0),
+        ("grpc.max_allowed_incoming_connections", MAX_CONNECTIONS),
+        # a connection that stops answering pings (a client that stopped reading) is closed: keepalive pings
+        # every grpc_keepalive_s while calls are open, each answered within as long again; the ping's own
+        # timeout is what closes it (the keepalive timeout alone did not, on grpcio 1.85)
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_ms),
+        ("grpc.http2.ping_timeout_ms", keepalive_ms),
+        ("grpc.max_connection_idle_ms", IDLE_S * 1000),
+        # then every connection goes (GOAWAY: a client reconnects for its next call, as load balancing wants too),
+        # its calls in flight given what a call may take (timeout_ms) or the drain's grace, whichever is longer
+        ("grpc.max_connection_age_ms", c_int(config.grpc_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", c_int(max(config.grace_s * 1000, config.timeout_ms))),
+        # a client may keep a connection for long; its pings are fine, at most one every 10 s without calls
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
 
 
 def http_host() -> str:
@@ -294,21 +489,21 @@ class GrpcServer:
     def __init__(self, engine: Engine, port: int, host: str | None = None, sync=None) -> None:
         self.engine, self.port, self.host = engine, port, host or http_host()
         config = engine.config
-        limit = config.max_request_bytes
-        self.server = grpc.aio.server(options=[
-            ("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", -1),
-            # a client may keep a connection for long; its pings are fine, at most one every 10 s without calls
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ])
+        # calls past grpc_max_calls are refused RESOURCE_EXHAUSTED by gRPC before anything of them is read; a call
+        # counts until its answer is handed to the connection (a large one a client never reads: until it closes)
+        self.server = grpc.aio.server(options=server_options(config),
+                                      maximum_concurrent_rpcs=c_int(config.grpc_max_calls))
         service, metrics, self.gate = InferenceService(engine, sync), Metrics(engine), Gate()
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            SERVICE, {name: _handler(service, metrics, name, self.gate) for name in SERVED}),))
+            SERVICE, {name: _handler(service, metrics, name, self.gate, config) for name in SERVED}),))
         self.health = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), self.server,
-                                            pool=POOL)
+        theirs = Collected()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, theirs)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(
+            (SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), pool=POOL), theirs)
+        self.server.add_generic_rpc_handlers(tuple(Bounded(h, config) for h in theirs.generic))
         self.stopped: asyncio.Task | None = None
+        self.trimming: asyncio.Task | None = None
 
     async def start(self) -> int:
         bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
@@ -318,8 +513,15 @@ class GrpcServer:
         await self._health(self.engine.ready)
         loop = asyncio.get_running_loop()
         DRAIN.listeners.append(lambda: loop.call_soon_threadsafe(self._drain))
+        self.trimming = asyncio.ensure_future(self._trim())
         log.info("gRPC (Open Inference Protocol, health, reflection) on %s:%d", self.host, bound)
         return bound
+
+    async def _trim(self) -> None:
+        """Give the heap's free pages back every ``TRIM_EVERY_S`` (a microsecond when there are none)."""
+        while True:
+            await asyncio.sleep(TRIM_EVERY_S)
+            trim_memory()
 
     async def _health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -358,5 +560,7 @@ class GrpcServer:
                 except TimeoutError:
                     pass
                 await self.server.stop(max(0.0, grace - (time.monotonic() - t)))
+                if self.trimming is not None:
+                    self.trimming.cancel()
             self.stopped = asyncio.ensure_future(stop())
         await asyncio.shield(self.stopped)

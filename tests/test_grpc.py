@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
+import socket
+import struct
 import threading
 import time
 
@@ -29,7 +32,9 @@ BAD = {"StatusCode.INTERNAL", "StatusCode.UNKNOWN"}
 
 @pytest.fixture(scope="module")
 def srv(stored_default):
-    s = Server("--arg", f"models={stored_default}", "--arg", "max_request_mb=2", memory_limit_mb=CAP_MB)
+    # answers over 50 KB refused: 256 images' top 10 as text for both outputs is about 150 KB, 16 images' is 10 KB
+    s = Server("--arg", f"models={stored_default}", "--arg", "max_request_mb=2", "--arg", "grpc_max_answer_mb=0.05",
+               memory_limit_mb=CAP_MB)
     yield s
     s.stop()
 
@@ -187,6 +192,14 @@ def test_refusals_map_to_status_codes(srv, model):
     # a message over max_request_mb (2 MB here): RESOURCE_EXHAUSTED before it is parsed
     got, details, _ = call(t, "ModelInfer", infer_bytes(model, raw=bytes(3 * 2**20)))
     assert got == "RESOURCE_EXHAUSTED", details
+    # a call that ends without a message (a unary call always carries one; a hand-made client need not)
+    for method in ("ModelInfer", "ServerLive"):
+        with grpc.insecure_channel(t) as ch, pytest.raises(grpc.RpcError) as e:
+            ch.stream_unary(path(method))(iter(()), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    with grpc.insecure_channel(t) as ch, pytest.raises(grpc.RpcError) as e:
+        ch.stream_unary("/grpc.health.v1.Health/Check")(iter(()), timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     # methods not served: UNIMPLEMENTED; the server is still fine after all this
     assert call(t, "ModelStreamInfer", b"")[0] == "UNIMPLEMENTED"
     assert call(t, "ServerLive", b"")[0] == "OK"
@@ -213,6 +226,295 @@ def test_hostile_messages_never_internal(srv, model):
     assert seen.get("INVALID_ARGUMENT", 0) > 0, seen
 
 
+def test_answers_are_bounded_by_what_the_request_asks(srv, model, digits_test):
+    """An answer is built once per output, each output at most once, and never past ``grpc_max_answer_mb``:
+    a request that names an output many times is refused (one named 2,000 times in a 0.7 MB request once got a
+    513 MB answer and took its worker from 163 MB to 2.1 GB); one whose answer would pass the limit is refused
+    with the reason before the answer is built, and the server answers the next request as before."""
+    images, _ = digits_test
+
+    def request(n: int, outputs: list[tuple[str, int]]) -> bytes:
+        req = pb.ModelInferRequest(model_name=model, id="x")
+        req.inputs.add(name="pixels", datatype="UINT8", shape=[n, 1, 28, 28])
+        req.raw_input_contents.append(np.resize(images, (n, 1, 28, 28)).tobytes())
+        for name, k in outputs:
+            o = req.outputs.add(name=name)
+            if k:
+                o.parameters["classification"].int64_param = k
+        return req.SerializeToString()
+
+    got, details, trailing = call(srv.grpc_target, "ModelInfer", request(1, [("probabilities", 0)] * 2000))
+    assert (got, trailing.get("cnnserve-code")) == ("INVALID_ARGUMENT", "duplicate_output"), details
+    assert len(details) < 1000
+    both_as_text = [("logits", 10), ("probabilities", 10)]
+    got, details, trailing = call(srv.grpc_target, "ModelInfer", request(256, both_as_text))
+    assert (got, trailing.get("cnnserve-code")) == ("INVALID_ARGUMENT", "answer_too_large"), details
+    assert "grpc_max_answer_mb" in details, details
+    with grpc.insecure_channel(srv.grpc_target) as ch:
+        for n, outputs in ((16, both_as_text), (256, [])):
+            raw = ch.unary_unary(path("ModelInfer"))(request(n, outputs), timeout=30)
+            resp = pb.ModelInferResponse.FromString(raw)
+            assert [list(o.shape) for o in resp.outputs] == ([[n, 10]] * 2)
+            assert len(raw) <= n * 2 * 10 * 64 + 1024  # what n images can need, whatever was asked
+    assert call(srv.grpc_target, "ServerReady", b"")[0] == "OK"
+
+
+# -- HTTP/2 by hand: what a client that stalls, floods or never reads does to the server --------------------------
+
+DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE = 0, 1, 3, 4, 6, 7, 8
+MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE = 3, 4
+
+
+class RawH2:
+    """An HTTP/2 client written frame by frame (the project has no HTTP/2 library, and grpc's own client cannot
+    stop half-way through a unary call's message or leave its answers unread): a connection that opens calls,
+    sends what the server's flow control lets it send, and reads (acknowledging pings and, if ``reads``,
+    opening its window for the answers) only when asked to."""
+
+    def __init__(self, target: str, window: int = 65535, reads: bool = True) -> None:
+        host, port = target.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.reads, self.buf, self.next_id, self.eof, self.goaway = reads, b"", 1, False, None
+        self.settings: dict[int, int] = {}
+        self.conn_window, self.initial = 65535, 65535
+        self.windows: dict[int, int] = {}
+        self.ended: dict[int, str] = {}  # stream -> "trailers" or "reset"
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0, struct.pack(
+            ">HIHI", 2, 0, INITIAL_WINDOW_SIZE, window)))
+
+    def send(self, data: bytes) -> bool:
+        try:
+            self.sock.sendall(data)
+            return True
+        except OSError:
+            self.eof = True
+            return False
+
+    def pump(self, seconds: float = 0.0) -> None:
+        """Read and handle what arrives within ``seconds``."""
+        end = time.monotonic() + seconds
+        while not self.eof:
+            if not select.select([self.sock], [], [], max(0.0, end - time.monotonic()))[0]:
+                return
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self.eof = True
+                return
+            self.buf += chunk
+            while len(self.buf) >= 9 and len(self.buf) >= 9 + int.from_bytes(self.buf[:3], "big"):
+                n = int.from_bytes(self.buf[:3], "big")
+                kind, flags, sid, payload = self.buf[3], self.buf[4], int.from_bytes(self.buf[5:9], "big"), \
+                    self.buf[9:9 + n]
+                self.buf = self.buf[9 + n:]
+                self.handle(kind, flags, sid & 0x7FFFFFFF, payload)
+            if time.monotonic() >= end:
+                return
+
+    def handle(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+        if kind == SETTINGS and not flags & 1:
+            for i in range(0, len(payload), 6):
+                key, value = struct.unpack(">HI", payload[i:i + 6])
+                self.settings[key] = value
+                if key == INITIAL_WINDOW_SIZE:
+                    self.windows = {s: w + value - self.initial for s, w in self.windows.items()}
+                    self.initial = value
+            self.send(frame(SETTINGS, 1, 0, b""))
+        elif kind == WINDOW_UPDATE:
+            grow = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+            if sid == 0:
+                self.conn_window += grow
+            elif sid in self.windows:
+                self.windows[sid] += grow
+        elif kind == PING and not flags & 1:
+            self.send(frame(PING, 1, 0, payload))
+        elif kind == GOAWAY:
+            self.goaway = int.from_bytes(payload[4:8], "big")
+        elif kind == RST_STREAM:
+            self.ended.setdefault(sid, "reset")
+        elif kind == DATA and payload and self.reads:
+            self.send(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", len(payload)))
+                      + frame(WINDOW_UPDATE, 0, sid, struct.pack(">I", len(payload))))
+        if kind in (DATA, HEADERS) and flags & 1:
+            self.ended.setdefault(sid, "trailers")
+
+    def call(self, method: str) -> int:
+        return self.call_path(path(method))
+
+    def call_path(self, where: str) -> int:
+        """A new call's headers (HPACK literals, nothing indexed or compressed); its stream id."""
+        sid, self.next_id = self.next_id, self.next_id + 2
+        block = b"".join(b"\x00" + hpack_length(len(k)) + k + hpack_length(len(v)) + v for k, v in (
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", where.encode()),
+            (b":authority", b"127.0.0.1"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+        self.windows[sid] = self.initial
+        self.send(frame(HEADERS, 4, sid, block))
+        return sid
+
+    def push(self, sid: int, data: bytes, end: bool = False, patience: float = 1.0) -> int:
+        """Send as much of ``data`` as the server's windows allow, waiting up to ``patience`` seconds for them
+        to open; the bytes the server let through."""
+        sent, idle = 0, time.monotonic()
+        while sent < len(data) and sid not in self.ended and not self.eof:
+            room = min(self.conn_window, self.windows[sid], self.settings.get(5, 16384), len(data) - sent)
+            if room <= 0:
+                if time.monotonic() - idle > patience:
+                    break
+                self.pump(0.05)
+                continue
+            last = end and sent + room == len(data)
+            if not self.send(frame(DATA, 1 if last else 0, sid, data[sent:sent + room])):
+                break
+            sent, idle = sent + room, time.monotonic()
+            self.conn_window -= room
+            self.windows[sid] -= room
+        return sent
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
+
+
+def hpack_length(n: int) -> bytes:
+    if n < 127:
+        return bytes([n])
+    out, n = [127], n - 127
+    while n >= 128:
+        out.append(n & 127 | 128)
+        n >>= 7
+    return bytes([*out, n])
+
+
+def grpc_message(body: bytes, announced: int | None = None) -> bytes:
+    """gRPC's framing of one message: uncompressed, its length (or ``announced``), the bytes."""
+    return b"\x00" + struct.pack(">I", len(body) if announced is None else announced) + body
+
+
+@pytest.fixture(scope="module")
+def bounded_srv(stored_default):
+    """gRPC's bounds made short enough to watch (two workers, 20 MB messages as by default)."""
+    s = Server("--arg", f"models={stored_default}", "--arg", "workers=2", "--arg", "grpc_max_calls=4",
+               "--arg", "grpc_max_streams=4", "--arg", "timeout_ms=10000", "--arg", "grace_s=2",
+               "--arg", "grpc_keepalive_s=2", "--arg", "grpc_connection_age_s=6", memory_limit_mb=CAP_MB)
+    yield s
+    s.stop()
+
+
+def settle(rss, limit_mb: float, seconds: float = 20) -> float:
+    """The server's memory once it is at most ``limit_mb`` (polled for ``seconds``; freed pages go back to the
+    system a few seconds after the calls that held them end); the last reading if it never gets there."""
+    deadline = time.monotonic() + seconds
+    while True:
+        now = rss()
+        if now <= limit_mb or time.monotonic() > deadline:
+            return now
+        time.sleep(0.5)
+
+
+def test_unfinished_messages_are_bounded_and_dropped(bounded_srv, model):
+    """10 connections x 5 calls, each sending all but the last byte of an 8 MB message (a review measured 10
+    x 5 x 19 MB: 742 MB held, never closed, never given back): a connection carries at most
+    ``grpc_max_streams`` calls (its fifth is refused by HTTP/2 itself), a worker reads at most
+    ``grpc_max_calls`` messages at once (other calls are refused RESOURCE_EXHAUSTED after one 64 KB window,
+    unread), every unfinished call ends DEADLINE_EXCEEDED once its deadline (``timeout_ms``) has passed, and
+    the memory goes back. (The calls are all sent well within the 10 s deadline, which would let more in.)"""
+    from cnnserve.bench.faults import tree_rss_mb
+
+    rss = lambda: tree_rss_mb(bounded_srv.proc.pid)  # noqa: E731
+    before = rss()
+    conns = [RawH2(bounded_srv.grpc_target) for _ in range(10)]
+    for c in conns:
+        c.pump(0.3)
+    assert conns[0].settings.get(MAX_CONCURRENT_STREAMS) == 4, conns[0].settings
+    assert conns[0].settings.get(INITIAL_WINDOW_SIZE, 65535) <= 65535, conns[0].settings  # no BDP-grown window
+    body = grpc_message(bytes(8 << 20))[:-1]
+    accepted = [[c.push(c.call("ModelInfer"), body, patience=0.5) for _ in range(5)] for c in conns]
+    checks = RawH2(bounded_srv.grpc_target)  # gRPC's own services read theirs within the deadline too
+    checks.pump(0.3)
+    for method in ("/grpc.health.v1.Health/Check", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"):
+        checks.push(checks.call_path(method), grpc_message(b"\x0a", announced=1000))
+    conns.append(checks)
+    held = [n for per_conn in accepted for n in per_conn if n > 128 * 1024]
+    peak = rss()
+    assert len(held) <= 2 * 4, accepted  # two workers, 4 calls each
+    assert peak - before < 2 * 4 * 8 * 2 + 200, (before, peak)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 15 and not all(len(c.ended) == len(c.windows) or c.eof for c in conns):
+        for c in conns:
+            c.pump(0.05)
+    took = time.monotonic() - t0
+    assert all(len(c.ended) == len(c.windows) or c.eof for c in conns), [c.ended for c in conns]
+    assert took < 10 + 5, took
+    for c in conns:
+        c.close()
+    after = settle(rss, before + 60)
+    assert after < before + 60, (before, peak, after)
+    assert health_of(bounded_srv.grpc_target) == 1  # SERVING
+
+
+def test_clients_that_never_read_are_closed(bounded_srv, model):
+    """A client that stops reading its socket with answers pending (a review: 4 such calls held 1.2 GB for 60 s)
+    is closed once a keepalive ping goes unanswered (``grpc_keepalive_s``, then as long again); one that reads
+    and answers pings but never opens its window for the answers is asked to go away after
+    ``grpc_connection_age_s`` and closed once no call of it is in flight, at most the grace (the longer of
+    ``grace_s`` and ``timeout_ms``) later. Afterwards the workers answer as before."""
+    request = infer_bytes(model, shape=(256, 1, 28, 28), raw=bytes(256 * 784))
+    deaf = RawH2(bounded_srv.grpc_target, window=0, reads=False)
+    deaf.pump(0.3)
+    for _ in range(4):
+        deaf.push(deaf.call("ModelInfer"), grpc_message(request), end=True)
+    stubborn, born = RawH2(bounded_srv.grpc_target, window=0), time.monotonic()
+    stubborn.pump(0.3)
+    for _ in range(4):
+        stubborn.push(stubborn.call("ModelInfer"), grpc_message(request), end=True)
+    t0 = time.monotonic()
+    deaf_closed = stubborn_closed = None
+    while time.monotonic() - t0 < 20 and (deaf_closed is None or stubborn_closed is None):
+        time.sleep(0.1)
+        stubborn.pump(0.1)
+        if stubborn.eof and stubborn_closed is None:
+            stubborn_closed = time.monotonic() - born
+        if deaf_closed is None and closed_by_peer(deaf.sock):
+            deaf_closed = time.monotonic() - t0
+    deaf.close()
+    stubborn.close()
+    assert deaf_closed is not None and deaf_closed < 2 + 2 + 3, deaf_closed
+    assert stubborn.goaway is not None
+    # GOAWAY at 6 s (+-10%: gRPC's jitter), then closed once no call is in flight, at most the grace (10 s) later
+    assert stubborn_closed is not None and 6 * 0.9 < stubborn_closed < 6 * 1.1 + 10 + 3, stubborn_closed
+    with grpc.insecure_channel(bounded_srv.grpc_target) as ch:
+        for _ in range(4):
+            ch.unary_unary(path("ModelInfer"))(request, timeout=30)
+
+
+def test_calls_past_the_stream_limit_wait_in_the_client(bounded_srv, model):
+    """A client with more calls than ``grpc_max_streams`` on one connection keeps the rest in its own queue and
+    every call is answered: none is refused (gRPC's "overload protection" refused calls at the limit with
+    REFUSED_STREAM, which the client reports as UNAVAILABLE)."""
+    request = infer_bytes(model, raw=bytes(784))
+    with grpc.insecure_channel(bounded_srv.grpc_target) as ch:
+        infer = ch.unary_unary(path("ModelInfer"))
+        for _ in range(3):
+            calls = [infer.future(request, timeout=30) for _ in range(40)]
+            assert [c.exception() for c in calls] == [None] * 40
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer has closed ``sock``: what it sent before is read and dropped, then EOF or a reset."""
+    while select.select([sock], [], [], 0)[0]:
+        try:
+            if not sock.recv(1 << 20):
+                return True
+        except OSError:
+            return True
+    return False
+
+
 def test_health_reflection_and_metrics(srv, model):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -222,6 +524,9 @@ def test_health_reflection_and_metrics(srv, model):
         for name in ("", SERVICE):
             assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == \
                 health_pb2.HealthCheckResponse.SERVING
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE), timeout=10)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
         stub = reflection_pb2_grpc.ServerReflectionStub(ch)
         answers = list(stub.ServerReflectionInfo(iter([
             reflection_pb2.ServerReflectionRequest(list_services=""),

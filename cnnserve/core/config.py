@@ -161,6 +161,17 @@ class Settings(BaseModel):
     # The Open Inference Protocol over gRPC in every worker (service/grpc_server.py; both workers bind it with
     # SO_REUSEPORT); 0: no gRPC. Its messages are limited to max_request_mb.
     grpc_port: Annotated[int, Field(ge=0, le=65535)] = 3001
+    # gRPC's bounds (docs/grpc.md): calls one worker serves at once (more are refused RESOURCE_EXHAUSTED before
+    # their message is read: at most this many messages of max_request_mb are held), calls at once on one
+    # connection (HTTP/2's MAX_CONCURRENT_STREAMS: a client queues the rest itself), keepalive pings every
+    # grpc_keepalive_s on a connection with calls (unanswered as long again: closed), every connection asked to go
+    # after grpc_connection_age_s (its calls then get the longer of grace_s and timeout_ms), and the largest answer
+    # (413 answer_too_large, before it is built; 0: 256 KB per image of max_images_per_request, 64 MB by default)
+    grpc_max_calls: Count = 64
+    grpc_max_streams: Count = 16
+    grpc_keepalive_s: Positive = 20.0
+    grpc_connection_age_s: Positive = 120.0
+    grpc_max_answer_mb: NonNegative = 0.0
     # Models at runtime (service/repository.py, service/manager.py): the repository extension's load and
     # unload answer 403 unless model_control is true, and then need the bearer token from the environment
     # variable control_token_env names or the file control_token_file (read at each request)
@@ -215,6 +226,10 @@ class Settings(BaseModel):
     @property
     def max_request_bytes(self) -> int:
         return int(self.max_request_mb * MB)
+
+    @property
+    def grpc_max_answer_bytes(self) -> int:
+        return int(self.grpc_max_answer_mb * MB) if self.grpc_max_answer_mb else self.max_images_per_request * 256 * KB
 
     @property
     def max_json_bytes(self) -> int:
