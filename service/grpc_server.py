@@ -12,6 +12,11 @@ speaks it) beside HTTP, in each BentoML worker, on the worker's event loop and t
   microseconds, too, whichever is sooner; the server's ``timeout_ms`` without either). ``priority``: a
   request parameter, ``interactive`` or ``bulk`` (string), or Triton's integer (1 interactive, 2 and more
   bulk, 0 the default).
+- **Beside inference** (as HTTP has them): Triton's model configuration and statistics (``ModelConfig``,
+  ``ModelStatistics``, ``triton.py``) and the model repository (``RepositoryIndex``, ``RepositoryModelLoad``,
+  ``RepositoryModelUnload``: the control token as ``authorization: Bearer TOKEN`` call metadata). With
+  ``api_keys_file``, ``ModelInfer`` needs a key as call metadata (401 is UNAUTHENTICATED); with
+  ``tls_certfile``, the port serves TLS with HTTP's certificate.
 - **Health** (``grpc.health.v1``): SERVING once every model is warm, NOT_SERVING from the first SIGTERM.
   **Reflection** lists the services.
 - **Drain**: on SIGTERM, health says NOT_SERVING at once; after ``drain_s`` (HTTP's drain) new calls get
@@ -37,6 +42,7 @@ import time
 import anyio
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -45,10 +51,9 @@ from cnnserve import __version__
 from cnnserve.core.config import KB, MB
 from cnnserve.core.grpc_proto import HEALTH_SERVICE, METHODS, POOL, SERVICE, pb
 
-from . import kserve
+from . import apikeys, kserve, repository, triton
 from .engine import Engine
 from .errors import APIError, short
-from . import repository
 from .http_server import DRAIN
 from .manager import request_scope
 from .memory import trim_memory
@@ -57,11 +62,13 @@ log = logging.getLogger("cnnserve.grpc")
 
 SC = grpc.StatusCode
 #: HTTP statuses of ``APIError`` to gRPC status codes (an unlisted 4xx is INVALID_ARGUMENT).
-STATUS = {400: SC.INVALID_ARGUMENT, 404: SC.NOT_FOUND, 408: SC.DEADLINE_EXCEEDED, 413: SC.INVALID_ARGUMENT,
-          415: SC.INVALID_ARGUMENT, 499: SC.CANCELLED, 503: SC.UNAVAILABLE, 504: SC.DEADLINE_EXCEEDED}
+STATUS = {400: SC.INVALID_ARGUMENT, 401: SC.UNAUTHENTICATED, 403: SC.PERMISSION_DENIED, 404: SC.NOT_FOUND,
+          408: SC.DEADLINE_EXCEEDED, 409: SC.FAILED_PRECONDITION, 413: SC.INVALID_ARGUMENT,
+          415: SC.INVALID_ARGUMENT, 499: SC.CANCELLED, 500: SC.INTERNAL, 503: SC.UNAVAILABLE,
+          504: SC.DEADLINE_EXCEEDED, 507: SC.RESOURCE_EXHAUSTED}
 #: The methods served (others answer UNIMPLEMENTED): the metric's closed set of ``endpoint`` labels.
 SERVED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-          "RepositoryIndex")
+          "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "ModelConfig", "ModelStatistics")
 #: Bounds nobody needs to tune (docs/grpc.md): a connection without calls for this long is closed; a worker
 #: takes at most this many connections (each costs about 16 KB and a file descriptor HTTP needs too); the heap
 #: is trimmed this often (what gRPC frees when a connection or a large message goes stays with the process
@@ -105,8 +112,9 @@ def _parser(cls):
 class InferenceService:
     """The methods of ``inference.GRPCInferenceService`` over an ``Engine``."""
 
-    def __init__(self, engine: Engine, sync=None) -> None:
+    def __init__(self, engine: Engine, sync=None, api_keys=None) -> None:
         self.engine, self.sync = engine, sync  # sync: the workers' shared served set (workers.py), for the index
+        self.api_keys = api_keys  # apikeys.APIKeys: ModelInfer needs a key, as HTTP's infer routes do
         self.max_answer = engine.config.grpc_max_answer_bytes
 
     async def ServerLive(self, request, context):  # noqa: N802 - the protocol's names
@@ -120,7 +128,8 @@ class InferenceService:
         return pb.ModelReadyResponse(ready=m.warmup_ms > 0 and not DRAIN.active)
 
     async def ServerMetadata(self, request, context):  # noqa: N802
-        return pb.ServerMetadataResponse(name="cnnserve", version=__version__, extensions=["binary_tensor_data"])
+        return pb.ServerMetadataResponse(name="cnnserve", version=__version__,
+                                         extensions=[*kserve.EXTENSIONS, "classification"])
 
     async def ModelMetadata(self, request, context):  # noqa: N802
         d = kserve.model_metadata(self.engine, request.name, request.version or None)
@@ -138,11 +147,52 @@ class InferenceService:
             entry(name=r["name"], version=r["version"], state=r["state"], reason=r["reason"])
             for r in rows if not request.ready or r["state"] == "READY"])
 
+    async def ModelConfig(self, request, context):  # noqa: N802
+        """Triton's model configuration, as HTTP's ``/config`` gives it (``triton.py``)."""
+        config = triton.model_config(self.engine, request.name, request.version or None)
+        return json_format.ParseDict({"config": config}, pb.ModelConfigResponse(), ignore_unknown_fields=True)
+
+    async def ModelStatistics(self, request, context):  # noqa: N802
+        """Triton's statistics of every loaded version, one model's, or one version's, summed over the workers."""
+        folder = self.sync.state.folder if self.sync is not None else None
+        stats = await anyio.to_thread.run_sync(triton.model_stats, self.engine, folder, request.name or None,
+                                               request.version or None)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
+
+    async def RepositoryModelLoad(self, request, context):  # noqa: N802
+        """A load as HTTP's (``repository.py``): the control token as ``authorization: Bearer TOKEN`` call
+        metadata; parameters ``version`` (string) and ``default`` (bool). Not yet in every worker within
+        control_wait_s: DEADLINE_EXCEEDED (the index then says when it is READY)."""
+        params = self._control(context, request.parameters)
+        name, version = repository.split_tag(request.model_name, params)
+        _settled(await repository.load_model(self.engine, self.sync, name, version, params.get("default", False)))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context):  # noqa: N802
+        params = self._control(context, request.parameters)
+        name, version = repository.split_tag(request.model_name, params)
+        _settled(await repository.unload_model(self.engine, self.sync, name, version))
+        return pb.RepositoryModelUnloadResponse()
+
+    def _control(self, context, parameters) -> dict:
+        metadata = dict(context.invocation_metadata() or ())
+        repository.check_token(self.engine.config, str(metadata.get("authorization", "")))
+        return {key: _param(parameters, key) for key in parameters}
+
     async def ModelInfer(self, request, context, started: float | None = None):  # noqa: N802
         """``started``: when the call began, before its message arrived (the deadline counts from there, as
         HTTP's counts from before the body)."""
         t0 = started or time.perf_counter()
         e = self.engine
+        if self.api_keys is not None:  # the inference call needs a key, as HTTP's infer does (apikeys.py)
+            metadata = dict(context.invocation_metadata() or ())
+            caller = self.api_keys.identify(apikeys.presented(str(metadata.get("authorization", "")),
+                                                              str(metadata.get("x-api-key", ""))))
+            if caller is None:
+                raise APIError(401, "unauthorized", "this call needs an API key: 'authorization: Bearer KEY' or "
+                                                    "'x-api-key: KEY' call metadata")
+            if e.metrics and hasattr(e.metrics, "api_key_requests"):
+                e.metrics.api_key_requests.labels(caller, "grpc").inc()
         model = e.model(request.model_name, request.model_version or None)
         ticket = e.ticket(None, priority_of(request.parameters), t0)
         left = context.time_remaining()
@@ -193,6 +243,13 @@ class InferenceService:
             out.outputs.add(name=name, datatype="FP32", shape=list(part.shape))
             out.raw_output_contents.append(part.astype("<f4", copy=False).tobytes())
         return out
+
+
+def _settled(pending) -> None:
+    """A control call's answer: OK once every worker applied it (gRPC has no 202)."""
+    if pending is not None:
+        raise APIError(504, "pending", "not yet served by every worker within control_wait_s; RepositoryIndex says "
+                                       "when it is READY")
 
 
 def text_bytes(part: np.ndarray, top: np.ndarray, labels: tuple[str, ...]) -> int:
@@ -486,14 +543,17 @@ def http_host() -> str:
 class GrpcServer:
     """The worker's gRPC server: started on its event loop, drained with HTTP, stopped with the worker."""
 
-    def __init__(self, engine: Engine, port: int, host: str | None = None, sync=None) -> None:
-        self.engine, self.port, self.host = engine, port, host or http_host()
+    def __init__(self, engine: Engine, port: int, host: str | None = None, sync=None, api_keys=None,
+                 tls: tuple[str, str] | None = None) -> None:
+        """``api_keys``: ModelInfer needs one (``apikeys.APIKeys``); ``tls``: (certificate, key) PEM files to serve
+        TLS with, as HTTP does."""
+        self.engine, self.port, self.host, self.tls = engine, port, host or http_host(), tls
         config = engine.config
         # calls past grpc_max_calls are refused RESOURCE_EXHAUSTED by gRPC before anything of them is read; a call
         # counts until its answer is handed to the connection (a large one a client never reads: until it closes)
         self.server = grpc.aio.server(options=server_options(config),
                                       maximum_concurrent_rpcs=c_int(config.grpc_max_calls))
-        service, metrics, self.gate = InferenceService(engine, sync), Metrics(engine), Gate()
+        service, metrics, self.gate = InferenceService(engine, sync, api_keys), Metrics(engine), Gate()
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             SERVICE, {name: _handler(service, metrics, name, self.gate, config) for name in SERVED}),))
         self.health = health_aio.HealthServicer()
@@ -506,7 +566,13 @@ class GrpcServer:
         self.trimming: asyncio.Task | None = None
 
     async def start(self) -> int:
-        bound = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        if self.tls:
+            with open(self.tls[0], "rb") as cert, open(self.tls[1], "rb") as key:
+                credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+            bound = self.server.add_secure_port(address, credentials)
+        else:
+            bound = self.server.add_insecure_port(address)
         if not bound:
             raise RuntimeError(f"cannot bind gRPC port {self.port}")
         await self.server.start()

@@ -124,7 +124,8 @@ class CnnServe:
             from .grpc_server import GrpcServer
 
             try:
-                self.grpc = GrpcServer(self.engine, ARGS.grpc_port, sync=getattr(app.state, "sync", None))
+                self.grpc = GrpcServer(self.engine, ARGS.grpc_port, sync=getattr(app.state, "sync", None),
+                                       api_keys=app.api_keys, tls=TLS)
                 await self.grpc.start()
             except Exception as e:  # noqa: BLE001 - a port in use: every worker would meet it
                 startup.cannot_start(RUN, f"gRPC on port {ARGS.grpc_port}: {type(e).__name__}: {e}")

@@ -137,3 +137,34 @@ def test_tls_for_http_from_one_pair_of_files(stored_default, certificate, keys):
             httpx.get(srv.url.replace("https://", "http://") + "/readyz", timeout=5)
     finally:
         srv.stop()
+
+
+def test_grpc_needs_the_key_too_and_serves_tls_with_the_same_files(stored_default, certificate, keys):
+    import grpc
+    import tritonclient.grpc as tg
+    from tritonclient.utils import InferenceServerException
+
+    cert, key = certificate
+    srv = Server("--arg", f"models={stored_default}", "--arg", f"tls_certfile={cert}", "--arg", f"tls_keyfile={key}",
+                 "--arg", "workers=1", "--arg", f"api_keys_file={keys['path']}")
+    try:
+        x = tg.InferInput("pixels", [1, 1, 28, 28], "UINT8")
+        x.set_data_from_numpy(np.zeros((1, 1, 28, 28), np.uint8))
+        with tg.InferenceServerClient(srv.grpc_target, ssl=True, root_certificates=str(cert)) as c:
+            assert c.is_server_ready()  # health and metadata stay open
+            with pytest.raises(InferenceServerException) as e:
+                c.infer("lenet5-digits", [x])
+            assert e.value.status() == "StatusCode.UNAUTHENTICATED", e.value
+            with pytest.raises(InferenceServerException) as e:
+                c.infer("lenet5-digits", [x], headers={"x-api-key": "cns_wrong"})
+            assert e.value.status() == "StatusCode.UNAUTHENTICATED"
+            got = c.infer("lenet5-digits", [x], headers={"authorization": f"Bearer {keys['ci']}"})
+            assert got.as_numpy("probabilities").shape == (1, 10)
+        channel = grpc.insecure_channel(srv.grpc_target)  # plain text to a TLS port: no answer
+        with pytest.raises(grpc.FutureTimeoutError):
+            grpc.channel_ready_future(channel).result(timeout=3)
+        channel.close()
+        metrics = httpx.get(srv.url + "/metrics", verify=str(cert)).text
+        assert 'cnnserve_api_key_requests_total{key="ci",protocol="grpc"} 1.0' in metrics
+    finally:
+        srv.stop()

@@ -147,22 +147,15 @@ def trial(path: str | os.PathLike, limits: Limits = DEFAULTS.limits, batch_size:
     past ``timeout_s`` seconds, its address space capped at ``memory_mb``; a batch of ``batch_size`` inputs that
     would not fit ``memory_mb`` is refused before anything runs. ``NotServable`` (``TrialFailed`` for time and
     memory) says why."""
+    # the child caps itself as it starts (``_limit_self``): a preexec_fn would run Python between fork and exec in
+    # a process with gRPC's threads, which crashed the child (SIGSEGV)
     job = json.dumps({"path": str(path), "batch_size": batch_size, "precision": precision, "memory_mb": memory_mb,
+                      "cpu_s": int(timeout_s) + 5,
                       "max_pixels": limits.max_pixels, "max_decoded_bytes": limits.max_decoded_bytes})
-    cap = int(memory_mb * 2**20)
-    cpu = int(timeout_s) + 5  # it runs one thread: CPU seconds cannot outgrow the deadline by much
-
-    def capped() -> None:  # in the child, before it runs anything
-        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        # The deadline is the parent's (subprocess.run's timeout): should the parent die first (a worker killed
-        # with -9), the child would run on under init. The kernel ends it then, and past its CPU time anyway.
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        _die_with_parent()
-
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         done = subprocess.run([sys.executable, "-m", "cnnserve.core.servable", job], capture_output=True,
-                              timeout=timeout_s, preexec_fn=capped, env=env, stdin=subprocess.DEVNULL)
+                              timeout=timeout_s, env=env, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:  # subprocess.run has killed it
         raise TrialFailed(f"{path}: checking it and warming it up took longer than "
                           f"{timeout_s:g} s (load_timeout_s); it was stopped") from None
@@ -184,16 +177,23 @@ def trial(path: str | os.PathLike, limits: Limits = DEFAULTS.limits, batch_size:
                       f"{_last_line(RuntimeError(err.strip().splitlines()[-1] if err.strip() else 'no output'))}")
 
 
-def _die_with_parent() -> None:
-    """Linux's PR_SET_PDEATHSIG: SIGKILL when the thread that started this process ends (it waits for this
-    process, so only its death ends it early); nothing elsewhere."""
+def _limit_self(job: dict) -> None:
+    """In the trial's child, before it imports onnxruntime: its address space capped at ``memory_mb``, its CPU
+    time at ``cpu_s`` (it runs one thread), and its life tied to its parent's. The deadline is the parent's
+    (subprocess.run's timeout): should the parent die first (a worker killed with -9), the child would run on
+    under init; Linux's PR_SET_PDEATHSIG has the kernel kill it then."""
+    cap = int(job["memory_mb"] * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    resource.setrlimit(resource.RLIMIT_CPU, (int(job["cpu_s"]), int(job["cpu_s"]) + 1))
     try:
         import ctypes
         import signal
 
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except (OSError, AttributeError):
+    except (OSError, AttributeError):  # not Linux: the CPU limit still ends it
         pass
+    if os.getppid() == 1:  # the parent died before the line above
+        os._exit(1)
 
 
 def _trial_main(job: dict) -> dict:
@@ -247,6 +247,7 @@ def _last_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":  # the trial's child process (``trial``)
+    _limit_self(json.loads(sys.argv[1]))
     try:
         verdict = _trial_main(json.loads(sys.argv[1]))
     except NotServable as e:
