@@ -19,20 +19,10 @@ from cnnserve.export.pipeline import export_checkpoint
 from cnnserve.export.store import read_info
 from cnnserve.models.pretrained import import_torchvision, library_data_config
 from tests.conftest import encode, run_cli
+from tests.test_byo import randomise_bn
 
 tv = import_torchvision()
 LABELS = ("circle", "square", "triangle", "cross")
-
-
-def randomise_bn(net):
-    """Batch-norm statistics other than (0, 1), so that the logits depend on every tensor loaded."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.2 - 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return net.eval()
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +36,8 @@ def weights(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("inputs")
     torch.manual_seed(0)
-    nets = {"timm": randomise_bn(timm.create_model("test_resnet", num_classes=len(LABELS))),
-            "tv": randomise_bn(tv.models.shufflenet_v2_x0_5(num_classes=len(LABELS)))}
+    nets = {"timm": randomise_bn(timm.create_model("test_resnet", num_classes=len(LABELS))).eval(),
+            "tv": randomise_bn(tv.models.shufflenet_v2_x0_5(num_classes=len(LABELS))).eval()}
     save_file(nets["timm"].state_dict(), str(d / "timm.safetensors"))
     torch.save(nets["tv"].state_dict(), d / "tv.pth")
     (d / "labels.txt").write_text("\n".join(LABELS) + "\n")
