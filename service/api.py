@@ -35,6 +35,7 @@ from .params import ClassifyParams, ExplainParams, declare_route, refusal
 from .patches import runtime_info
 
 log = logging.getLogger("cnnserve.api")
+access = logging.getLogger("cnnserve.access")
 
 CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
@@ -222,7 +223,31 @@ class CnnServeAPI(FastAPI):
     #: ``apikeys.APIKeys`` where the server has a keys file (``api_keys_file``): the inference routes need a key
     api_keys = None
 
+    #: one log line per HTTP request (``access_log``): off by default, as BentoML's is here (it costs throughput)
+    access_log = False
+
     async def __call__(self, scope, receive, send) -> None:
+        if self.access_log and scope["type"] == "http":
+            return await self.logged(scope, receive, send)
+        return await self.answer(scope, receive, send)
+
+    async def logged(self, scope, receive, send) -> None:
+        """The request answered, then one line: method, path, status, milliseconds, and the API key's name
+        (never the key)."""
+        t0, status = time.perf_counter(), [0]
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.answer(scope, receive, sending)
+        finally:
+            access.info("%s %s %d %.1f ms key=%s", scope["method"], scope["path"][:200], status[0],
+                        (time.perf_counter() - t0) * 1000, scope.get("state", {}).get("api_key", "-"))
+
+    async def answer(self, scope, receive, send) -> None:
         if self.api_keys is not None and scope["type"] == "http" and apikeys.protected(scope["path"]):
             refusal = self.unauthorized(scope)
             if refusal is not None:
@@ -254,6 +279,7 @@ class CnnServeAPI(FastAPI):
                 + (" (the key sent is not one this server holds)" if sent else ""), {"WWW-Authenticate": "Bearer"}))
         if metrics and hasattr(metrics, "api_key_requests"):
             metrics.api_key_requests.labels(name, "http").inc()
+        scope.setdefault("state", {})["api_key"] = name  # for the access log
         return None
 
     async def fast_classify(self, scope, receive, send) -> None:

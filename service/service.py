@@ -52,6 +52,7 @@ apply_patches(ARGS)
 log.info("running on %s", ", ".join(f"{k} {v}" for k, v in running_versions().items()))
 
 app = create_app()  # its engine comes with the worker's service instance (CnnServe.__init__)
+app.access_log = ARGS.access_log
 if ARGS.api_keys_file:  # a file that cannot be used stops `bentoml serve` at once, with one line naming it
     try:
         app.api_keys = APIKeys(ARGS.api_keys_file)

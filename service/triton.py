@@ -80,7 +80,8 @@ def model_config(engine: Engine, name: str, version: str | None = None) -> dict:
         "dynamic_batching": {
             "max_queue_delay_microseconds": int(c.max_wait_ms * 1000),
             "priority_levels": 2, "default_priority_level": 1,  # 1 interactive, 2 bulk (the ``priority`` parameter)
-            "default_queue_policy": {"timeout_action": "REJECT", "default_timeout_microseconds": int(c.timeout_ms * 1000),
+            "default_queue_policy": {"timeout_action": "REJECT",
+                                     "default_timeout_microseconds": int(c.timeout_ms * 1000),
                                      "allow_timeout_override": True, "max_queue_size": c.max_queue}},
         "instance_group": [{"name": m.name, "kind": "KIND_GPU" if on_gpu else "KIND_CPU", "count": c.runs_in_flight,
                             **({"gpus": [c.device_id]} if on_gpu else {})}],

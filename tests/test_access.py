@@ -31,7 +31,8 @@ def keys(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def keyed(stored_default, keys):
-    srv = Server("--arg", f"models={stored_default}", "--arg", f"api_keys_file={keys['path']}", "--arg", "workers=1")
+    srv = Server("--arg", f"models={stored_default}", "--arg", f"api_keys_file={keys['path']}", "--arg", "workers=1",
+                 "--arg", "access_log=true")
     yield srv
     srv.stop()
 
@@ -73,6 +74,9 @@ def test_inference_needs_a_key_and_the_rest_stays_open(keyed, keys):
     assert 'cnnserve_api_key_requests_total{key="ci",protocol="http"} 4.0' in metrics
     assert 'key="ops"' in metrics and keys["ci"] not in metrics and keys["ops"] not in metrics
     assert 'cnnserve_rejected_requests_total{protocol="http",reason="unauthorized"} 16.0' in metrics
+    log = keyed.output()  # the access log names the caller by its key's name, never the key
+    assert "POST /classify 200" in log and "key=ci" in log and "key=ops" in log and "POST /classify 401" in log
+    assert keys["ci"] not in log and keys["ops"] not in log
 
 
 def test_keys_are_added_and_revoked_without_a_restart(keyed, keys, tmp_path):

@@ -157,7 +157,8 @@ def test_a_runtime_load_runs_the_start_up_checks_in_a_trial_first(server, store)
     served = converged(server)["models"]
     assert served[NAME][-1] == store["v2"] and not any(n.startswith("bad-") for n in served)
     index = httpx.post(f"{server.url}/v2/repository/index", json={}).json()
-    assert {r["name"]: r["state"] for r in index if r["name"].startswith("bad-")} == dict.fromkeys(expected, "UNAVAILABLE")
+    states = {r["name"]: r["state"] for r in index if r["name"].startswith("bad-")}
+    assert states == dict.fromkeys(expected, "UNAVAILABLE")
 
 
 def test_a_larger_model_loads_into_a_server_started_with_a_smaller_one(server, store):

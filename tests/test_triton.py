@@ -64,7 +64,8 @@ def test_model_config_as_triton_gives_it(http, srv):
     assert [(o["name"], o["data_type"], o["dims"]) for o in config["output"]] == [
         ("logits", "TYPE_FP32", [10]), ("probabilities", "TYPE_FP32", [10])]
     batching = config["dynamic_batching"]
-    assert batching["max_queue_delay_microseconds"] == 2000 and batching["default_queue_policy"]["max_queue_size"] == 1024
+    assert batching["max_queue_delay_microseconds"] == 2000
+    assert batching["default_queue_policy"]["max_queue_size"] == 1024
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
     version = http.get_model_metadata(NAME)["versions"][0]
     assert http.get_model_config(NAME, version)["name"] == NAME

@@ -181,6 +181,8 @@ class Settings(BaseModel):
     # API keys for the inference endpoints (service/apikeys.py): a file of `NAME sha256:HEX` lines that
     # `cnnserve api-key NAME --file PATH` writes; empty: no keys needed
     api_keys_file: str = ""
+    # one log line per HTTP request (method, path, status, ms, the API key's name); off: it costs throughput
+    access_log: bool = False
     # TLS for HTTP and gRPC alike: a PEM certificate (chain) and its unencrypted PEM key; empty: plain text
     tls_certfile: str = ""
     tls_keyfile: str = ""
