@@ -74,8 +74,11 @@ def add_train(sub) -> None:
 def store(path, name=None) -> str:
     from cnnserve.export.store import store_model
 
-    model = store_model(path, name)
-    print(f"stored {path} as {model.tag} in BentoML's model store")
+    model = store_model(path, name, reuse=True)
+    if getattr(model, "reused", False):  # a second export of the same checkpoint: no new version to serve
+        print(f"{path} is already in BentoML's model store as {model.tag} (the same files): reused, no new version")
+    else:
+        print(f"stored {path} as {model.tag} in BentoML's model store")
     return str(model.tag)
 
 

@@ -101,9 +101,10 @@ def _tensors(proto):
                 graphs.extend(a.graphs)
 
 
-def store_model(path: str | os.PathLike, name: str | None = None):
+def store_model(path: str | os.PathLike, name: str | None = None, reuse: bool = False):
     """Save one exported ONNX file, with its variants, under ``name`` (default ARCH-DATA[-fp16]) with an
-    automatic version, once each has passed ``check_servable``."""
+    automatic version, once each has passed ``check_servable``. ``reuse``: when the newest stored version of
+    ``name`` holds the very same files, return it instead of storing them again (``.reused`` is then True)."""
     import bentoml
 
     info = read_info(path)
@@ -111,6 +112,11 @@ def store_model(path: str | os.PathLike, name: str | None = None):
     for f in (path, *extra.values()):
         check_servable(f)
     name = name or default_name(info)
+    if reuse:
+        same = _same_as_newest(name, path, extra)
+        if same is not None:
+            same.reused = True
+            return same
     with bentoml.models.create(
         name,
         module="cnnserve",
@@ -122,3 +128,25 @@ def store_model(path: str | os.PathLike, name: str | None = None):
         for precision, v in extra.items():
             shutil.copyfile(v, model.path_of(f"model.{precision}.onnx"))
     return model
+
+
+def _same_as_newest(name: str, path, extra: dict):
+    """The newest stored version of ``name`` when its files are byte for byte ``path`` and its variants ``extra``
+    (and no others), else None."""
+    import filecmp
+
+    import bentoml
+
+    try:
+        newest = bentoml.models.get(f"{name}:latest")
+    except (bentoml.exceptions.BentoMLException, ValueError):
+        return None
+    if newest.info.module != "cnnserve":
+        return None
+    stored = {p.name for p in Path(newest.path).glob("model*.onnx")}
+    wanted = {MODEL_FILE: path, **{f"model.{precision}.onnx": v for precision, v in extra.items()}}
+    if stored != set(wanted) or not all(filecmp.cmp(newest.path_of(f), src, shallow=False)
+                                        for f, src in wanted.items()):
+        return None
+    return newest
+

@@ -237,3 +237,20 @@ def test_import_help_says_how_it_resizes():
     defaults (issue 25, item 7)."""
     text = " ".join(run_cli("import", "--help", check=True).stdout.split())
     assert "default center-crop" in text and "default 0.875" in text and "default bilinear" in text
+
+
+def test_storing_the_same_export_again_reuses_its_version(default_onnx, tmp_path, capsys):
+    """`cnnserve export --store` of a checkpoint exported before stored a byte-identical new version each time; it
+    now names the version that holds the same files. Other files (or another name) still make a new version."""
+    from cnnserve.command.make import store
+
+    first = store(default_onnx, "reuse-check")
+    again = store(default_onnx, "reuse-check")
+    out = capsys.readouterr().out
+    assert again == first and "already in BentoML's model store" in out and "no new version" in out
+    changed = tmp_path / "model.onnx"
+    proto = onnx.load(str(default_onnx))
+    proto.doc_string = "another export"
+    onnx.save(proto, str(changed))
+    assert store(changed, "reuse-check") != first
+    assert str(store_model(default_onnx, "reuse-check").tag) != first  # the library call stores as asked
