@@ -378,3 +378,19 @@ def test_a_trial_ends_with_the_worker_that_started_it(default_onnx, tmp_path):
     for pid in left:
         os.kill(pid, signal.SIGKILL)
     assert not left, "the trial outlived the worker that started it"
+
+
+def test_a_trial_runs_under_a_server_that_is_pid_1(default_onnx):
+    """In a container the server is pid 1: a trial child that took a parent of pid 1 for a dead parent exited at
+    once, and the container never became ready."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs unshare and root for a pid namespace of its own")
+    done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c",
+                           "import os; assert os.getpid() == 1; from cnnserve.core.servable import trial; "
+                           f"trial({str(default_onnx)!r}); print('trial passed')"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "trial passed" in done.stdout, done.stderr[-2000:]

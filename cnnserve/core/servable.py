@@ -150,7 +150,7 @@ def trial(path: str | os.PathLike, limits: Limits = DEFAULTS.limits, batch_size:
     # the child caps itself as it starts (``_limit_self``): a preexec_fn would run Python between fork and exec in
     # a process with gRPC's threads, which crashed the child (SIGSEGV)
     job = json.dumps({"path": str(path), "batch_size": batch_size, "precision": precision, "memory_mb": memory_mb,
-                      "cpu_s": int(timeout_s) + 5,
+                      "cpu_s": int(timeout_s) + 5, "parent": os.getpid(),
                       "max_pixels": limits.max_pixels, "max_decoded_bytes": limits.max_decoded_bytes})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
@@ -192,8 +192,8 @@ def _limit_self(job: dict) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):  # not Linux: the CPU limit still ends it
         pass
-    if os.getppid() == 1:  # the parent died before the line above
-        os._exit(1)
+    if os.getppid() != job["parent"]:  # the parent died before the line above (not "is pid 1": in a container
+        os._exit(1)                    # the server is)
 
 
 def _trial_main(job: dict) -> dict:
