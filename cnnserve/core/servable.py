@@ -192,8 +192,9 @@ def _limit_self(job: dict) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):  # not Linux: the CPU limit still ends it
         pass
-    if os.getppid() != job["parent"]:  # the parent died before the line above (not "is pid 1": in a container
-        os._exit(1)                    # the server is)
+    # the parent died before the line above ("my parent is pid 1" would not do: in a container the server is)
+    if os.getppid() != job["parent"]:
+        os._exit(1)
 
 
 def _trial_main(job: dict) -> dict:
@@ -218,19 +219,14 @@ def _trial_main(job: dict) -> dict:
     info = check_session(session, path, limits)
     files = onnxmeta.variant_files(path, info.precision)
     chosen = files if precision == "auto" else {p: f for p, f in files.items() if p == precision}
-    import onnxruntime as ort
-
     # Run at the largest batch the worker itself will run while it loads: its warm-up's (``Model.warm_up``: 8),
     # or max_batch_size where it times several variants to choose one. Larger batches at serving time are bounded
     # by the input check above; running them here would cost a large model seconds of a core per worker.
     n = n if precision == "auto" and len(files) > 1 else min(n, WARM_BATCH)
-    for p, file in chosen.items():
+    for file in chosen.values():
         if file != path:
             check_model(file, limits)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
-        session = ort.InferenceSession(file, opts, providers=["CPUExecutionProvider"])
+            session = _cpu_session(file)
         try:
             got = session.run(list(onnxmeta.OUTPUTS), {onnxmeta.INPUT: np.zeros((n, *info.spec.input_shape),
                                                                                  np.uint8)})
