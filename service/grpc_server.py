@@ -154,8 +154,7 @@ class InferenceService:
 
     async def ModelStatistics(self, request, context):  # noqa: N802
         """Triton's statistics of every loaded version, one model's, or one version's, summed over the workers."""
-        folder = self.sync.state.folder if self.sync is not None else None
-        stats = await anyio.to_thread.run_sync(triton.model_stats, self.engine, folder, request.name or None,
+        stats = await anyio.to_thread.run_sync(triton.model_stats, self.engine, self.sync, request.name or None,
                                                request.version or None)
         return json_format.ParseDict(stats, pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 

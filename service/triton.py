@@ -43,15 +43,16 @@ def _duration(pair) -> dict:
     return {"count": pair[0], "ns": pair[1]}
 
 
-def model_stats(engine: Engine, folder, name: str | None = None, version: str | None = None) -> dict:
-    """Triton's ``$stats_model_response`` for every loaded version, every version of ``name``, or one."""
+def model_stats(engine: Engine, sync, name: str | None = None, version: str | None = None) -> dict:
+    """Triton's ``$stats_model_response`` for every loaded version, every version of ``name``, or one, summed over
+    the workers of ``sync``'s server (``workers.WorkerSync``; None: this process alone)."""
     loaded = engine.manager.loaded()
     if name:
         m = engine.model(name, version)  # 404 in the service's words for what is not served
         wanted = [(m.name, v) for v in loaded.get(m.name, [m.version]) if not version or v == m.version]
     else:
         wanted = [(n, v) for n, versions in loaded.items() for v in versions]
-    figures = engine.stats.merged(folder)
+    figures = engine.stats.merged(sync.state.folder if sync is not None else None)
     out = []
     for n, v in wanted:
         s = figures.get(f"{n}:{v}") or Statistics._fresh(n, v)
@@ -92,16 +93,11 @@ def model_config(engine: Engine, name: str, version: str | None = None) -> dict:
     }
 
 
-def _folder(request: Request):
-    sync = getattr(request.app.state, "sync", None)
-    return sync.state.folder if sync is not None else None
-
-
 @route("GET", "/v2/models/stats", tags=TAGS, summary="Statistics of every loaded model version (Triton's extension)")
 @route("GET", "/v2/models/{name}/stats", tags=TAGS, summary="Statistics of every loaded version of a model")
 @route("GET", "/v2/models/{name}/versions/{version}/stats", tags=TAGS, summary="Statistics of one loaded version")
 async def stats_route(request: Request, name: str | None = None, version: str | None = None):
-    return model_stats(request.app.state.engine, _folder(request), name, version)
+    return model_stats(request.app.state.engine, getattr(request.app.state, "sync", None), name, version)
 
 
 @route("GET", "/v2/models/{name}/config", tags=TAGS, summary="The model's configuration, as Triton gives it")
