@@ -316,7 +316,8 @@ def test_import_refuses_bad_models_with_one_line_each(tmp_path):
 
 def test_weights_of_another_architecture_are_named_before_labels(tmp_path):
     """ResNet-18 weights given for ResNet-34 say that they do not fit, not that the classes need names
-    (issue 25, item 7: "the weights have 3 classes: name them with --labels FILE" came first)."""
+    (the labels' message, "the weights have 3 classes: name them with --labels FILE", once came first and hid
+    the mismatch)."""
     torch.save(tv.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18.pth")
     proc = run_cli("export", "torchvision:resnet34", "--weights", tmp_path / "r18.pth", "--out", tmp_path / "m.onnx")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -327,7 +328,7 @@ def test_weights_of_another_architecture_are_named_before_labels(tmp_path):
 def test_library_imports_and_the_hint_for_unknown_names_work(tmp_path):
     """`import timm` and `import torchvision` work in the project's venv (its torchvision is a CUDA build
     beside a CPU-only torch: ./run.sh puts command/venvhook.py in front of the import), and the command an
-    unknown name suggests runs and lists the right name (issue 25, item 3)."""
+    unknown name suggests runs and lists the right name (a hint whose command fails leaves the user stuck)."""
     import subprocess
     import sys
 

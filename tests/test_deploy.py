@@ -57,7 +57,7 @@ def test_pods_are_locked_down_and_shut_down_within_their_grace():
         # the one path it writes is a volume (the container test runs the image read-only with the same path)
         assert [m["mountPath"] for m in c["volumeMounts"]] == [WRITABLE]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        assert ports["http"] == 3000 and ports["grpc"] == DEFAULTS.grpc_port  # gRPC beside HTTP (issue 28)
+        assert ports["http"] == 3000 and ports["grpc"] == DEFAULTS.grpc_port  # gRPC beside HTTP, both served
         assert c["readinessProbe"]["grpc"]["port"] == ports["grpc"]  # gRPC's health service, as /readyz
         assert c["startupProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/livez"
         assert all(r in c["resources"]["requests"] and r in c["resources"]["limits"] for r in ("cpu", "memory"))

@@ -73,7 +73,7 @@ def test_occlusion_png_and_an_explicit_target(client, digits_test):
 
 
 def test_heatmap_png_names_its_class_and_has_a_colour_scale(client, digits_test):
-    """The PNG says which class it explains and carries its colour scale (issue 25, item 9: it had neither).
+    """The PNG says which class it explains and carries its colour scale (it once had neither).
     The scale is the map's own colour ramp, left (0) to right (the largest value); the caption differs
     with the class; the PNG's Title says the same in text."""
     from cnnserve.service.explain import _LUT
@@ -163,7 +163,7 @@ def test_cam_outputs_are_the_head_and_the_served_map_is_their_cam(client):
     ({"method": "gradients"}, 400, "bad_method"),
     ({"patch": 1, "stride": 1}, 400, "too_many_occlusions"),  # 784 copies > max_occlusions 256
     ({"patch": 40}, 400, "bad_patch"),
-    ({"patch": 0}, 400, "bad_patch"),  # 0 is a value, not "unset" (issue 24)
+    ({"patch": 0}, 400, "bad_patch"),  # 0 is a value, not "unset": refused, not defaulted
     ({"stride": 0}, 400, "bad_patch"),
     ({"target": 10}, 400, "bad_target"),
     ({"format": "gif"}, 400, "bad_format"),
@@ -256,8 +256,8 @@ def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
     """On /demo: an empty page shows notes, not broken images; upload a held-out digit: the bars appear, the
     top one is /classify's answer, the occlusion heatmap is drawn; a sample is one click away. A refused
     upload clears the previous results. Then the 4-class ResNet (fewer classes than the five bars the page
-    asks for: issue 25, item 2): its sample is classified and explained, with the occlusion's progress and
-    expected time shown while it runs. The screenshots are kept in test-artifacts/."""
+    asks for: it shows as many bars as there are classes): its sample is classified and explained, with the
+    occlusion's progress and expected time shown while it runs. The screenshots are kept in test-artifacts/."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -301,7 +301,7 @@ def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
                    and d.find_elements(By.CSS_SELECTOR, "#bars li.bar"))
         assert driver.find_elements(By.CSS_SELECTOR, "#bars li.bar")[0].get_attribute("data-label") == label
         assert not severe()
-        # noise: the page says the image is unlike the training data (issue 29)
+        # noise: the page says the image is unlike the training data (its OOD score, not just its bars)
         noise = tmp_path / "noise.png"
         noise.write_bytes(encode(np.random.default_rng(5).integers(0, 256, (28, 28), dtype=np.uint8)))
         driver.find_element(By.ID, "file").send_keys(str(noise))
@@ -351,8 +351,8 @@ def test_demo_page_in_chromium(explain_server, client, digits_test, tmp_path):
 
 @pytest.mark.parametrize("arch", ["lenet5", "resnet18"])
 def test_filters_title_fits_the_picture(arch, tmp_path):
-    """filters.png's title lies inside the picture, however few filters make it narrow (issue 25, item 9:
-    LeNet-5's six filters gave a figure narrower than its one-line title, cut off at both ends)."""
+    """filters.png's title lies inside the picture, however few filters make it narrow (LeNet-5's six
+    filters gave a figure narrower than its one-line title, cut off at both ends)."""
     import matplotlib.pyplot as plt
 
     from cnnserve.models.checkpoint import classifier_from_checkpoint, load_checkpoint

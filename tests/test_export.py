@@ -201,7 +201,7 @@ def test_export_bad_checkpoints_give_one_clear_line(default_run, tmp_path):
 def test_export_never_overwrites_silently(default_run, tmp_path):
     """Exports replace only their own earlier files (an export of the same checkpoint); anything else at
     --out is refused before any work, and --overwrite replaces it with the variants and reports beside it.
-    A checkpoint made from --weights is named after --out (issue 25, item 6: `--out DIR/mine.onnx` wrote
+    A checkpoint made from --weights is named after --out (`--out DIR/mine.onnx` once wrote
     DIR/model.pt over an unrelated file)."""
     out = tmp_path / "m.onnx"
     out.write_text("someone's notes")
@@ -234,7 +234,7 @@ def test_export_never_overwrites_silently(default_run, tmp_path):
 
 def test_import_help_says_how_it_resizes():
     """The resize policy decides whether the user's own preprocessing matches the service's: --help says the
-    defaults (issue 25, item 7)."""
+    defaults (the help once named the options without them)."""
     text = " ".join(run_cli("import", "--help", check=True).stdout.split())
     assert "default center-crop" in text and "default 0.875" in text and "default bilinear" in text
 

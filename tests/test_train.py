@@ -12,7 +12,7 @@ from tests.conftest import run_cli
 
 
 def test_default_run_reaches_97_percent(default_run):
-    """The embedded default (LeNet-5 on digits) reaches the issue's bar of 97% test accuracy."""
+    """The embedded default (LeNet-5 on digits) reaches the accuracy asked of it: 97% on the test split."""
     ckpt = torch.load(default_run / "model.pt", weights_only=True)  # plain data, no pickled objects
     assert ckpt["metrics"]["test_accuracy"] >= 0.97
     assert ckpt["metrics"]["n_test"] == 360
@@ -187,7 +187,7 @@ def test_train_cli_unreadable_folder_image_names_it(tmp_path):
 def test_train_never_replaces_a_run_silently(tmp_path):
     """A second run into a folder that holds one is refused, naming the next free folder and --overwrite;
     --overwrite removes the earlier run's files, its exports included, so nothing stale stays beside the new
-    checkpoint (issue 25, item 6: the new run once left the old model.onnx and model.int8.verify.json)."""
+    checkpoint (a new run once left the old run's model.onnx and model.int8.verify.json beside its own)."""
     run = tmp_path / "run"
     args = ("train", "lenet5", "--epochs", "1", "--limit", "64", "--out", run)
     run_cli(*args, check=True)
