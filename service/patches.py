@@ -302,6 +302,11 @@ def running_versions() -> dict[str, str]:
 
 
 def runtime_info() -> dict:
-    """What runs: library versions and each patch's outcome (``/models``, ``/v2``)."""
+    """What runs: library versions and each patch's outcome (``/models``, ``/v2``). ``bare_service_importable``:
+    whether this process could import the service's folder under a second name, ``service`` (the repository
+    root on its path) beside ``cnnserve.service``; looked up, never imported."""
+    import importlib.util
+
     return {"versions": running_versions(), "patches": dict(APPLIED_PATCHES),
-            "modules_with_two_names": modules_with_two_names()}
+            "modules_with_two_names": modules_with_two_names(),
+            "bare_service_importable": importlib.util.find_spec("service") is not None}
