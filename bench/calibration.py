@@ -13,8 +13,8 @@ def section(onnx_path: str) -> dict:
     info = read_info(onnx_path)
     c, ood = info.calibration, info.ood
     if not c.get("test"):
-        return {"skipped": "the export holds no calibration figures (random weights, or exported before "
-                           "issue 29: export it again)"}
+        return {"skipped": "the export holds no calibration figures (random weights, or exported by a cnnserve "
+                           "that did not calibrate: export it again)"}
     t = c["test"]
     return {"temperature": info.temperature, "calibrated": c.get("calibrated", True), "why": c.get("why"),
             "bins": t["bins"],

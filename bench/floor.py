@@ -3,7 +3,7 @@ body and answers a fixed JSON. No framework, no model: what any Python service o
 per request before doing anything. The harness serves it with as many workers as cnnserve has and
 puts the same load on both.
 
-    python -m uvicorn cnnserve.bench.floor:app --workers 2 --loop uvloop --http httptools --no-access-log
+    python -m uvicorn bench.floor:app --workers 2 --loop uvloop --http httptools --no-access-log
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The harness's GPU mode (``cnnserve bench --gpu``): issue 32's measurements in one call on a GPU machine.
+"""The harness's GPU mode (``cnnserve bench --gpu``): the GPU measurements of docs/gpu.md in one call on a GPU machine.
 
 1. **correctness**: a trained export (``--gpu-trained``, default the ResNet-18 trained on shapes at 64 px) run by
    the service's own runtime with ``providers=cuda`` (``get_providers()`` checked, never assumed) against the CPU
@@ -174,7 +174,7 @@ def load_processes(url: str, files: str, clients: int, procs: int, duration: flo
     well below a GPU's rate), run at once; their throughputs summed, the worst p99."""
     procs = max(1, min(procs, clients))
     share = [clients // procs + (i < clients % procs) for i in range(procs)]
-    running = [subprocess.Popen([sys.executable, "-m", "cnnserve.bench.load", url, "--files", files, "--concurrency",
+    running = [subprocess.Popen([sys.executable, "-m", "bench.load", url, "--files", files, "--concurrency",
                                  str(c), "--duration", str(duration), "--warmup", str(warmup)],
                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in share]
     runs = []
@@ -202,7 +202,7 @@ def service(fp32: Path, settings: dict, clients, duration: float, warmup: float,
     from cnnserve.core.runtime import choose_precision
     from cnnserve.export.store import store_model
 
-    from .server import Server
+    from tests.support.server import Server
 
     name = f"gpu-{fp32.parent.name}"
     tag = str(store_model(fp32, name).tag)
@@ -258,7 +258,7 @@ def main(args, command: str) -> int:
     doc = {"date": time.strftime("%Y-%m-%d %H:%M"), "mode": "gpu" if on_cuda else "rehearsal",
            "device": device_info(), "command": command, "size": size, "batches": batches, "arches": {}}
     log(f"{'GPU' if on_cuda else 'rehearsal on the CPU provider (no working CUDA here)'}: {doc['device']}")
-    trained = Path(args.gpu_trained) if args.gpu_trained else ROOT / "runs" / "resnet18-shapes-64" / "model.onnx"
+    trained = Path(args.gpu_trained) if args.gpu_trained else ROOT / "runs" / "resnet18-shapes-64" / onnxmeta.MODEL_FILE
     stem = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         f"{time.strftime('%Y-%m-%d')}-gpu-{'-'.join(doc['device']['gpu']['name'].split()[1:2]).lower()}"
         if on_cuda and doc["device"].get("gpu") else f"{time.strftime('%Y-%m-%d')}-gpu-rehearsal")

@@ -61,7 +61,7 @@ def materialise(skeleton: Path, folder: Path) -> Path:
             value = rng.normal(0, math.sqrt(2 / math.prod(dims[1:])), dims).astype(dtype)
         init.CopyFrom(numpy_helper.from_array(value, init.name))
     folder.mkdir(parents=True, exist_ok=True)
-    fp32 = folder / "model.onnx"
+    fp32 = folder / onnxmeta.MODEL_FILE
     onnx.save_model(proto, str(fp32))
     with_fp16(fp32, overwrite=True)
     return fp32

@@ -1,4 +1,4 @@
-"""The GPU mode's report (``bench/gpu.py`` measures): the targets of issue 32 and the GPU's ceiling, each target
+"""The GPU mode's report (``bench/gpu.py`` measures): the GPU targets (docs/gpu.md) and the GPU's ceiling, each target
 judged MET, MISSED or NOT MEASURED; markdown beside the JSON, and a PNG of images/s by batch size for each model,
 precision and method, with PyTorch eager and, where the GPU is known, the fp16 ceiling."""
 
@@ -21,7 +21,7 @@ def peak_fp16(gpu: dict | None) -> float | None:
 
 
 def judge(doc: dict) -> list[dict]:
-    """Each target of issue 32, MET, MISSED or NOT MEASURED (a rehearsal measures none)."""
+    """Each GPU target (``TARGETS``), MET, MISSED or NOT MEASURED (a rehearsal measures none)."""
     rehearsal, rows = doc["mode"] != "gpu", []
 
     def row(name, value, target, met, unit=""):
@@ -167,7 +167,7 @@ def write(doc: dict, stem: Path) -> str:
     try:
         plot(doc, stem.with_suffix(".png"))
     except ImportError as e:  # a GPU machine without matplotlib: the figures are in the JSON and markdown
-        text += f"\n(No PNG: {e}; `python -m cnnserve.bench.gpu_report {stem.name}.json` draws it elsewhere.)\n"
+        text += f"\n(No PNG: {e}; `python -m bench.gpu_report {stem.name}.json` draws it elsewhere.)\n"
     stem.with_suffix(".md").write_text(text)
     return text
 

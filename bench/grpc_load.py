@@ -4,7 +4,7 @@ extension, aiohttp, one kept-alive connection per client) and over gRPC (``Model
 ``raw_input_contents``, grpc.aio, one channel per client: SO_REUSEPORT spreads connections, not calls, so
 clients sharing one channel would all land on one worker). Loopback only, bounded in time::
 
-    python -m cnnserve.bench.grpc_load --http 127.0.0.1:3000 --grpc 127.0.0.1:3001 --model lenet5-digits \\
+    python -m bench.grpc_load --http 127.0.0.1:3000 --grpc 127.0.0.1:3001 --model lenet5-digits \\
         --shape 1 28 28 --clients 1 64 --duration 10
 
 Prints one JSON object: per protocol and client count, requests, req/s, latency percentiles, failures.
@@ -18,16 +18,19 @@ import argparse
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import numpy as np
+
+from cnnserve.core.onnxmeta import INPUT, PROBABILITIES
 
 from .load import percentiles
 
 
 def http_request(model: str, pixels: np.ndarray) -> tuple[str, bytes, dict]:
-    head = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(pixels.shape),
+    head = json.dumps({"inputs": [{"name": INPUT, "datatype": "UINT8", "shape": list(pixels.shape),
                                    "parameters": {"binary_data_size": pixels.nbytes}}],
-                       "outputs": [{"name": "probabilities"}]}).encode()
+                       "outputs": [{"name": PROBABILITIES}]}).encode()
     return (f"/v2/models/{model}/infer", head + pixels.tobytes(),
             {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(len(head))})
 
@@ -58,9 +61,9 @@ async def run_grpc(target: str, model: str, pixels: np.ndarray, clients: int, wa
     from cnnserve.core.grpc_proto import path, pb
 
     req = pb.ModelInferRequest(model_name=model)
-    req.inputs.add(name="pixels", datatype="UINT8", shape=list(pixels.shape))
+    req.inputs.add(name=INPUT, datatype="UINT8", shape=list(pixels.shape))
     req.raw_input_contents.append(pixels.tobytes())
-    req.outputs.add(name="probabilities")
+    req.outputs.add(name=PROBABILITIES)
     body = req.SerializeToString()
 
     class Channel:
@@ -154,8 +157,8 @@ def section(w: dict, srv, clients, duration: float, warmup: float, rounds: int, 
     argv = [sys.executable, "-m", __name__, "--http", srv.url.removeprefix("http://"), "--grpc", srv.grpc_target,
             "--model", name, "--shape", *map(str, w["spec"].input_shape), "--clients", *map(str, clients),
             "--duration", str(duration), "--warmup", str(warmup), "--rounds", str(rounds)]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True,
-                         timeout=len(clients) * rounds * 2 * (duration + warmup + 60))
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+                         timeout=len(clients) * rounds * 2 * (duration + warmup + 60))  # `-m bench...` from the checkout
     runs = json.loads(out.stdout)["results"]
     rows = []
     for n in clients:

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnserve.core.config import DEFAULTS
+from cnnserve.core.onnxmeta import MODEL_FILE
 
 from .report import best, report
 from .timing import timed
@@ -128,7 +129,7 @@ def prepare(name: str, runs: Path, work: Path) -> dict:
     if not (run / "model.pt").is_file():
         log(f"{name}: training {' '.join(w['train'])} (speed does not depend on accuracy)")
         cli("train", *w["train"], "--out", str(run), "--overwrite")  # its own folder (an interrupted run: again)
-    onnx_path = run / "model.onnx"
+    onnx_path = run / MODEL_FILE
     if not onnx_path.is_file() or onnx_path.stat().st_mtime < (run / "model.pt").stat().st_mtime:
         cli("export", str(run / "model.pt"), "--overwrite")  # keeps its own folder's export current
     info = read_info(onnx_path)
@@ -158,7 +159,7 @@ def prepare_stored(tag: str, work: Path) -> dict:
     from cnnserve.models.data import LABELS, render_shape
 
     stored = stored_model(tag)
-    onnx_path = stored.path_of("model.onnx")
+    onnx_path = stored.path_of(MODEL_FILE)
     spec = read_info(onnx_path).spec
     name = stored.tag.name
     images = work / "images" / name
@@ -234,10 +235,10 @@ def summarise(runs: list[dict]) -> dict:
 
 def start(w: dict, service: str):
     """The server under test, and the URL and multipart field its clients use."""
-    from .server import Server
+    from tests.support.server import Server
 
     if service == "naive":
-        srv = Server("--arg", f"model={w['tag']}", service="cnnserve.bench.naive_service:NaiveOnnx")
+        srv = Server("--arg", f"model={w['tag']}", service=f"{__package__}.naive_service:NaiveOnnx")
         return srv, srv.url + "/classify", "images"
     if service == "torchserve":
         from .torchserve.peer import TorchServe, archive, install
@@ -343,9 +344,9 @@ def bench_int8(w: dict, batches, seconds: float, repeats: int, concurrency: int,
     serve_fmt = max(passed or FORMATS, key=lambda f: best(rows[f], "images_per_s"))
     both = folder / "serve"
     both.mkdir()
-    shutil.copyfile(w["onnx"], both / "model.onnx")
+    shutil.copyfile(w["onnx"], both / MODEL_FILE)
     shutil.copyfile(folder / serve_fmt / "model.int8.onnx", both / "model.int8.onnx")
-    tag = str(store_model(both / "model.onnx", f"{w['tag'].split(':')[0]}-int8bench").tag)
+    tag = str(store_model(both / MODEL_FILE, f"{w['tag'].split(':')[0]}-int8bench").tag)
     out["service"] = {"format": serve_fmt, "gate_passed": serve_fmt in passed}
     for precision in ("fp32", "int8", "auto"):
         wp = {**w, "tag": tag, "serve": {**w["serve"], "precision": precision}}
@@ -409,7 +410,7 @@ def wrk(url: str, body: Path, content_type: str, concurrency: int, duration: flo
 
 def floor_server(workers: int):
     """The bare ASGI app of ``bench/floor.py`` under uvicorn, as many workers as cnnserve has."""
-    from .server import free_port, stop_group
+    from tests.support.server import free_port, stop_group
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", f"{__package__}.floor:app", "--port", str(port),
@@ -434,7 +435,7 @@ def cpu_ms(rps: float) -> float:
 def bench_floor(w: dict, concurrency: int, duration: float, repeats: int) -> dict:
     """The bare-ASGI floor and cnnserve under the same ``wrk`` load (one of the workload's images as a
     raw body), ``repeats`` runs each, interleaved so drift hits both alike."""
-    from .server import stop_group
+    from tests.support.server import stop_group
 
     body = sorted(Path(w["images"]).iterdir())[0]
     ctype = "image/png" if w["format"] == "PNG" else "image/jpeg"
@@ -467,7 +468,9 @@ def bench_floor(w: dict, concurrency: int, duration: float, repeats: int) -> dic
 
 def bench_faults(w: dict) -> dict:
     """Drain on SIGTERM, kill -9 of a worker, and a soak with hostile images (``bench/faults.py``)."""
-    from . import faults, hostile
+    from tests.support import hostile
+
+    from . import faults
 
     log(f"{w['name']}: fault trials (drain, kill -9 of a worker, soak with hostile images)")
     files = sorted(Path(w["images"]).iterdir())[:16]
@@ -530,7 +533,7 @@ def bench_batch(w: dict, engines, n: int, batch: int) -> dict:
     batch size (with spinning off, as the engines run it)."""
     from cnnserve.core.runtime import load_model
 
-    from .server import Server
+    from tests.support.server import Server
 
     folder = scoring_folder(w, n)
     m = load_model(w["onnx"], providers="cpu")
@@ -604,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="files per batch-scoring run (from 5,000 the local engine decodes in processes)")
     g = ap.add_argument_group("the GPU mode (bench/gpu.py, docs/gpu.md)")
     g.add_argument("--gpu", action="store_true",
-                   help="run issue 32's GPU measurements instead (correctness, in-process onnxruntime plain / IO binding "
+                   help="run the GPU measurements of docs/gpu.md instead (correctness, in-process onnxruntime plain / IO binding "
                         "/ CUDA graphs and PyTorch eager, the service); without a working CUDA provider, a small "
                         "rehearsal on the CPU provider")
     g.add_argument("--gpu-prepare", action="store_true",

@@ -2,7 +2,7 @@
 under load, a replica killed, and the throughput of one replica against two. Each trial returns counts
 and times; tests assert the counts, the report carries the times.
 
-    python -m cnnserve.bench.lb --model lenet5-digits:latest      # all three trials, JSON on stdout
+    python -m bench.lb --model lenet5-digits:latest      # all three trials, JSON on stdout
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .faults import Load
-from .server import ROOT, Server, free_port
+from tests.support.faults import Load
+from tests.support.server import ROOT, Server, free_port
 
 CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
 

@@ -3,8 +3,8 @@ precision among its verified variants (timed at batch sizes 1 and 64 when there 
 What ``POST /v2/repository/models/NAME/load`` spends in each worker before it switches (README, "Models at
 runtime")::
 
-    .venv/bin/python -m cnnserve.bench.loadtime runs/lenet5-digits/model.onnx --rounds 5
-    .venv/bin/python -m cnnserve.bench.loadtime runs/lenet5-digits/model.onnx --swaps 60
+    .venv/bin/python -m bench.loadtime runs/lenet5-digits/model.onnx --rounds 5
+    .venv/bin/python -m bench.loadtime runs/lenet5-digits/model.onnx --swaps 60
 
 ``--swaps N``: N hot swaps through the model manager as a worker does them (a request holding the old
 version runs on it across the swap; the worker's memory settings and sweep), and the process's resident
@@ -22,7 +22,7 @@ from cnnserve.core.runtime import load_model
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cnnserve.bench.loadtime", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.loadtime", description=__doc__.split("\n\n")[0])
     p.add_argument("onnx", help="an exported model file (its variants beside it)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--swaps", type=int, default=0, help="hot swaps through the model manager instead")

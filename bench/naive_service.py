@@ -8,7 +8,7 @@ per-image PIL call such examples use. It serves the same exported model as cnnse
 so the comparison measures the serving path only. It has none of cnnserve's input
 checks, limits or metrics: keep it out of production.
 
-    bentoml serve cnnserve.bench.naive_service:NaiveOnnx --arg model=lenet5-digits:latest
+    bentoml serve bench.naive_service:NaiveOnnx --arg model=lenet5-digits:latest
 
 Clients send multipart form data with the image in the field ``images``.
 """
@@ -23,6 +23,8 @@ import onnxruntime as ort
 from PIL import Image
 from pydantic import BaseModel
 
+from cnnserve.core.onnxmeta import INPUT, MODEL_FILE, PROBABILITIES
+
 
 class NaiveArgs(BaseModel):
     model: str = "lenet5-digits:latest"
@@ -36,7 +38,7 @@ class NaiveOnnx:
     bento_model = bentoml.models.BentoModel(ARGS.model)
 
     def __init__(self) -> None:
-        self.session = ort.InferenceSession(self.bento_model.path_of("model.onnx"), providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(self.bento_model.path_of(MODEL_FILE), providers=["CPUExecutionProvider"])
         _, self.channels, self.height, self.width = self.session.get_inputs()[0].shape
         self.labels = json.loads(self.session.get_modelmeta().custom_metadata_map["cnnserve.labels"])
 
@@ -47,5 +49,5 @@ class NaiveOnnx:
         for img in images:
             a = np.asarray(img.convert(mode).resize((self.width, self.height)), dtype=np.uint8)
             batch.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
-        probs = self.session.run(["probabilities"], {"pixels": np.stack(batch)})[0]
+        probs = self.session.run([PROBABILITIES], {INPUT: np.stack(batch)})[0]
         return [{"label": self.labels[int(p.argmax())], "probability": float(p.max())} for p in probs]

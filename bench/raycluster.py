@@ -2,7 +2,7 @@
 --block`` (its own raylet and object store, ``--num-cpus`` each), joined with a token as Ray's token
 authentication wants. ``kill(i)`` is a node lost: SIGKILL to every process of worker node ``i``.
 
-    python -m cnnserve.bench.raycluster --workers 2 -- cnnserve score DIR --engine ray --ray-address {address} ...
+    python -m bench.raycluster --workers 2 -- cnnserve score DIR --engine ray --ray-address {address} ...
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .lb import kill_tree
-from .server import free_port
+from tests.support.server import free_port
 
 
 # Everything a Ray node binds is a port the OS picks, as ray.cluster_utils.Cluster does for its nodes on one

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from cnnserve.core.onnxmeta import INPUT, LOGITS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -42,12 +44,12 @@ def measure(arch: str, batch: int, runs: int) -> dict:
     blobs = {"plain": plain.SerializeToString(), "onnxslim": slim.SerializeToString()}
     sessions = {k: _session(b) for k, b in blobs.items()}
     x = np.random.default_rng(0).integers(0, 256, (batch, *spec.input_shape), dtype=np.uint8)
-    outs = {k: s.run(["logits"], {"pixels": x})[0] for k, s in sessions.items()}  # warm-up, and parity
+    outs = {k: s.run([LOGITS], {INPUT: x})[0] for k, s in sessions.items()}  # warm-up, and parity
     times = {k: [] for k in sessions}
     for i in range(runs):
         for k in (("plain", "onnxslim") if i % 2 == 0 else ("onnxslim", "plain")):
             t = time.perf_counter()
-            sessions[k].run(["logits"], {"pixels": x})
+            sessions[k].run([LOGITS], {INPUT: x})
             times[k].append(time.perf_counter() - t)
         print(f"  {arch}: run {i + 1}/{runs}", end="\r", flush=True)
     med = {k: statistics.median(v) * 1000 for k, v in times.items()}

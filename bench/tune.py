@@ -323,7 +323,7 @@ def add_parser(sub) -> None:
 def command(a: argparse.Namespace) -> int:
     import shutil
 
-    from cnnserve.core.onnxmeta import variant_file
+    from cnnserve.core.onnxmeta import MODEL_FILE, variant_file
     from cnnserve.core.store import stored_model
 
     from . import tune_report
@@ -335,7 +335,7 @@ def command(a: argparse.Namespace) -> int:
         raise ValueError(f"--warmup {a.warmup}: must be 0 or more")
     a.concurrency = sorted(set(a.concurrency))
     stored = stored_model(a.model)  # NotStored names the tag and how to store it
-    onnx = stored.path_of("model.onnx")
+    onnx = stored.path_of(MODEL_FILE)
     gpu = cuda_works()  # on CUDA: fp16 is a candidate, and the GPU's knobs join
     precisions = ["fp32", *(p for p in (("fp16", "int8") if gpu else ("int8",)) if os.path.isfile(variant_file(onnx, p)))]
     space = knobs(precisions, gpu)

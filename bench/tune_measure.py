@@ -1,4 +1,4 @@
-"""How ``cnnserve tune`` measures one setting: the real service started with it (``bench/server.py``), ``wrk``
+"""How ``cnnserve tune`` measures one setting: the real service started with it (``tests/support/server.py``), ``wrk``
 POSTing the model's own images round-robin (req/s, p50/p95/p99, 503s and other failures, counted in wrk's
 Lua), the server's whole process tree's CPU time (psutil) and the batches it formed (its ``/metrics``)."""
 
@@ -43,7 +43,7 @@ end
 
 def start(tag: str, settings: dict):
     """The service serving ``tag`` with these arguments, ready."""
-    from .server import Server
+    from tests.support.server import Server
 
     args = [a for k, v in settings.items() for a in ("--arg", f"{k}={v}")]
     return Server("--arg", f"models={tag}", *args, *PINNED, ready_timeout=180)

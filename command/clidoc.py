@@ -19,14 +19,14 @@ The service's own settings (`bentoml serve --arg key=value`) are in [serving.md]
 
 
 def parsers() -> dict[str, argparse.ArgumentParser]:
-    """Each subcommand's parser by name (``bench``: the harness's own)."""
-    from cnnserve.bench.harness import build_parser as bench_parser
-    from cnnserve.command.cli import build_parser
+    """Each subcommand's parser by name (``bench`` and ``tune``: the harness's own, from the checkout's
+    ``bench/``, which this runs in)."""
+    from cnnserve.command.cli import build_parser, harness_parsers
 
     top = build_parser()
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     found = dict(sub.choices)
-    found["bench"] = bench_parser()
+    found.update(harness_parsers())
     return found
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from cnnserve.bench.server import Server, free_port  # noqa: E402,F401  (a real `bentoml serve`, shared with the harness)
+from tests.support.server import Server, free_port  # noqa: E402,F401  (a real `bentoml serve`, shared with the harness)
 # the installed console script when there is one (the real entry point), else the module
 _SCRIPT = Path(sys.executable).with_name("cnnserve")
 CNNSERVE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "cnnserve.command.cli"]
@@ -42,7 +42,7 @@ def serve_until_exit(*args: str, timeout: float = 120, cap_mb: int = 6144, port:
     refuse to start. gRPC off unless the arguments name its port."""
     import time
 
-    from cnnserve.bench.server import cap_memory, home_of_its_own
+    from tests.support.server import cap_memory, home_of_its_own
     from cnnserve.core.store import bentoml_command
 
     if not any(a.startswith("grpc_port=") for a in args):

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from cnnserve.bench.faults import worker_pids
 from cnnserve.core.grpc_proto import path, pb
+from tests.support.faults import worker_pids
 
 from .conftest import Server, encode
 

@@ -5,24 +5,38 @@ models  models/                 the ground floor
 export  export/                 models and the ground floor
 service service/                the ground floor only; no torch reachable (the serving image)
 scoring scoring/                the ground floor only; no torch reachable (batch scoring)
-command command/, bench/        anything; nothing imports it
+command command/                the product's floors; nothing of the product imports it
+
+Beside the product, a checkout holds two top-level packages that the wheel does not carry and that no
+module of the product imports (but for bench and tune, which ``command/cli.py`` and ``clidoc.py`` import
+from the checkout inside a function, when they run):
+
+bench   bench/                  the benchmark harness: the product and tests.support
+tests   tests/support/          what the tests run against, shared with the harness: the product only
 
 Across floors, code names the installed namespace (``cnnserve.models``); within a floor it imports
-relatively. The wheel maps the repository's folders to that namespace (pyproject.toml). No module
+relatively. The wheel maps the repository's product folders to that namespace (pyproject.toml). No module
 imports itself back through others (a cycle), at any depth, function-level imports included.
 """
 
 import ast
 import re
+import shutil
+import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the product's folders, each installed as cnnserve.<name>
 FOLDERS = {"models": "models", "export": "export", "service": "service", "scoring": "scoring",
-           "command": "command", "bench": "bench"}
+           "command": "command"}
+# a checkout's own top-level packages: never installed, never under cnnserve
+CHECKOUT = {"bench": "bench", "tests.support": "tests/support"}
+PRODUCT = {"ground", "models", "export", "service", "scoring", "command"}
 ALLOWED = {
     "ground": {"ground"},
     "models": {"ground", "models"},
@@ -30,34 +44,60 @@ ALLOWED = {
     "service": {"ground", "service"},
     "scoring": {"ground", "scoring"},
     "command": {"ground", "models", "export", "service", "scoring", "command"},
+    "bench": PRODUCT | {"bench", "tests"},
+    "tests": PRODUCT | {"tests"},
 }
+# bench and tune: the command's doors to the checkout's harness, which import it inside a function
+HARNESS_DOORS = {"cnnserve.command.cli", "cnnserve.command.clidoc"}
 
 
 def module_of(path: Path) -> str:
-    """The installed name of a repository file: models/data.py -> cnnserve.models.data."""
+    """The module name of a repository file: models/data.py -> cnnserve.models.data (installed), bench/lb.py
+    -> bench.lb and tests/support/server.py -> tests.support.server (a checkout's)."""
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
     if parts[-1] == "__init__":
         parts.pop()
-    return ".".join(parts if parts[0] == "cnnserve" else ["cnnserve", *parts])
+    return ".".join(parts if parts[0] in ("cnnserve", "bench", "tests") else ["cnnserve", *parts])
 
 
 def floor_of(module: str) -> str | None:
     parts = module.split(".")
+    if parts[0] == "bench":
+        return "bench"
+    if parts[0] == "tests":
+        return "tests" if parts[1:2] == ["support"] else "the test suite"  # allowed to no one
     if parts[0] != "cnnserve":
         return None  # not the project's
     if len(parts) == 1:
         return "ground"
     # cnnserve.core and the names cnnserve/__init__.py defines (__version__, ...) are the ground's
     return {"models": "models", "export": "export", "service": "service", "scoring": "scoring",
-            "command": "command", "bench": "command"}.get(parts[1], "ground")
+            "command": "command"}.get(parts[1], "ground")
 
 
-def project_files() -> list[Path]:
+def product_files() -> list[Path]:
     files = sorted((ROOT / "cnnserve").rglob("*.py"))
     for folder in FOLDERS.values():
         files += sorted((ROOT / folder).rglob("*.py"))
     return files
+
+
+def project_files() -> list[Path]:
+    """The product's files and the checkout's packages beside it (bench/ without its results)."""
+    files = product_files()
+    for folder in CHECKOUT.values():
+        files += sorted(p for p in (ROOT / folder).rglob("*.py") if "results" not in p.relative_to(ROOT).parts)
+    return files
+
+
+def function_level(path: Path) -> set[int]:
+    """The lines of the imports ``path`` makes inside a function (run when it is called, not on import)."""
+    lines = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines |= {n.lineno for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    return lines
 
 
 def imports(path: Path) -> list[tuple[int, str]]:
@@ -84,13 +124,20 @@ def imports(path: Path) -> list[tuple[int, str]]:
 def test_every_import_goes_down_a_floor_or_stays():
     wrong = []
     for path in project_files():
-        here = floor_of(module_of(path))
+        module = module_of(path)
+        here, lazy = floor_of(module), function_level(path)
         for line, name in imports(path):
             top = name.split(".")[0]
             if top in FOLDERS:  # `from models import ...` works in a checkout only; the wheel has no `models`
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {name} (use cnnserve.{name})")
                 continue
+            if name.split(".")[:2] in (["cnnserve", "bench"], ["cnnserve", "tests"]):
+                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {name}: the checkout's packages are "
+                             f"{name.split('.', 1)[1]}, never under cnnserve")
+                continue
             there = floor_of(name)
+            if there == "bench" and module in HARNESS_DOORS and line in lazy:
+                continue
             if there and there not in ALLOWED[here]:
                 wrong.append(f"{path.relative_to(ROOT)}:{line}: {here} imports {name} ({there})")
     assert not wrong, "imports against the floors:\n" + "\n".join(wrong)
@@ -173,6 +220,30 @@ def test_the_checker_sees_a_wrong_import(tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="service imports cnnserve.models.data"):
         test_every_import_goes_down_a_floor_or_stays()
     api.write_text(api.read_text().replace("from cnnserve.models.data import load_dataset", ""))
+    # the product importing the checkout's harness or the tests' support, even inside a function
+    for bad, floor in (("from bench.load import percentiles", "scoring imports bench.load"),
+                       ("from tests.support.server import Server", "scoring imports tests.support.server"),
+                       ("from cnnserve.bench.load import percentiles", "never under cnnserve")):
+        scoring = tmp_path / "scoring" / "run.py"
+        before = scoring.read_text()
+        scoring.write_text(before + f"\ndef harness():\n    {bad}\n")
+        with pytest.raises(AssertionError, match=floor):
+            test_every_import_goes_down_a_floor_or_stays()
+        scoring.write_text(before)
+    # the command's doors to the harness import it when they run, never on import
+    cli = tmp_path / "command" / "cli.py"
+    before = cli.read_text()
+    cli.write_text(before + "\nfrom bench.harness import main\n")
+    with pytest.raises(AssertionError, match="command imports bench.harness"):
+        test_every_import_goes_down_a_floor_or_stays()
+    cli.write_text(before)
+    # the tests' support never reaches back into the harness
+    support = tmp_path / "tests" / "support" / "faults.py"
+    before = support.read_text()
+    support.write_text(before + "\nfrom bench.report import report\n")
+    with pytest.raises(AssertionError, match="tests imports bench.report"):
+        test_every_import_goes_down_a_floor_or_stays()
+    support.write_text(before)
     spec = tmp_path / "cnnserve" / "core" / "spec.py"
     spec.write_text(spec.read_text() + "\ndef f():\n    import torch\n")
     with pytest.raises(AssertionError, match="cnnserve.core.spec"):
@@ -187,18 +258,37 @@ def test_the_checker_sees_a_wrong_import(tmp_path, monkeypatch):
 
 
 def test_the_wheel_maps_every_package_folder_under_cnnserve():
-    """Every folder of Python files is a package the wheel installs, under the cnnserve namespace,
-    from the repository folder of the same name."""
+    """Every folder of the product's Python files is a package the wheel installs, under the cnnserve
+    namespace, from the repository folder of the same name (the checkout's own packages are not among them)."""
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    folders = {module_of(p.parent / "__init__.py") for p in project_files() if "results" not in p.parts}
+    folders = {module_of(p.parent / "__init__.py") for p in product_files()}
     assert set(tool["packages"]) == folders
     assert tool["package-dir"] == {f"cnnserve.{k}": v for k, v in FOLDERS.items()}
     # those names only: a folder imported under its bare name too (the repository root on sys.path) is reported
-    import subprocess
-
     code = "import cnnserve, cnnserve.service.errors, service.errors; print(cnnserve.modules_with_two_names())"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "['cnnserve.service.errors', 'service.errors']" in out, out
+
+
+def test_the_wheel_carries_the_product_only(tmp_path):
+    """The wheel built from the tree holds cnnserve and its dist-info only: not the benchmark harness (bench/,
+    as cnnserve/bench/ or bench/), not the tests' support, not the tests; and every product package."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "work", "results")
+    for folder in ("cnnserve", *FOLDERS.values(), "bench", "tests"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=skip)
+    out = tmp_path / "wheels"
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                           "-w", str(out), "."], cwd=src, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (wheel,) = out.glob("cnnserve-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"cnnserve"}
+    assert not [n for n in names if n.startswith(("cnnserve/bench/", "bench/", "tests/", "cnnserve/tests/"))]
+    assert {f"cnnserve/{k}/__init__.py" for k in FOLDERS} | {"cnnserve/core/__init__.py"} <= set(names)
 
 
 # import name -> the distribution that provides it, where they differ
@@ -219,7 +309,7 @@ def test_every_third_party_import_is_declared():
     for path in [*project_files(), *(ROOT / "tests").glob("*.py")]:
         for _, name in imports(path):
             top = name.split(".")[0]
-            if top in sys.stdlib_module_names or top in ("cnnserve", "tests", *FOLDERS) or top in ON_DEMAND:
+            if top in sys.stdlib_module_names or top in ("cnnserve", "tests", "bench", *FOLDERS) or top in ON_DEMAND:
                 continue
             if DISTRIBUTIONS.get(top, top).lower().replace("_", "-") not in declared:
                 missing.add(f"{top} ({path.relative_to(ROOT)})")

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from cnnserve.bench import lb
+from bench import lb
 from tests.conftest import encode
 
 pytestmark = [pytest.mark.slow,
@@ -87,7 +87,7 @@ def test_ray_cluster_of_three_nodes_scores_every_row_once_with_a_node_killed(def
 
     from PIL import Image
 
-    from cnnserve.bench.raycluster import RayCluster
+    from bench.raycluster import RayCluster
     from tests.conftest import CNNSERVE
 
     rng = np.random.default_rng(0)

@@ -76,7 +76,7 @@ class TorchServe:
     """``torchserve --foreground`` with one model, on free loopback ports, until ``stop()``."""
 
     def __init__(self, mar: Path, workers: int, batch_size: int, max_batch_delay_ms: int, ready_timeout: float = 180):
-        from cnnserve.bench.server import free_port
+        from tests.support.server import free_port
 
         self.name = mar.stem
         port, mgmt, metrics = free_port(), free_port(), free_port()
@@ -128,7 +128,7 @@ class TorchServe:
         return (self.home / "torchserve.out").read_text()[-1500:]
 
     def stop(self) -> None:
-        from cnnserve.bench.server import stop_group
+        from tests.support.server import stop_group
 
         stop_group(self.proc, 30)
         self.log.close()

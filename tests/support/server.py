@@ -1,4 +1,5 @@
-"""A real `bentoml serve` of the project's service on a free loopback port (tests and benchmarks)."""
+"""A real `bentoml serve` of the project's service on a free loopback port (the tests, and the benchmark
+harness in bench/)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from cnnserve.core.store import bentoml_command
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository root: each server runs from it, as a user's would
 
 
 def free_port() -> int:
@@ -84,7 +85,8 @@ class Server:
 def home_of_its_own() -> str:
     """A BENTOML_HOME for one server that shares the current model store (a link) but not the rest
     (BentoML keeps its Prometheus multiprocess files under BENTOML_HOME and a starting server wipes
-    them; the service keeps its own since issue 24, but the harness also serves peers that do not)."""
+    them; the service points PROMETHEUS_MULTIPROC_DIR at a folder of its own, but the harness also serves
+    peers that do not)."""
     shared = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
     (shared / "models").mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix="bentoml-home-"))
