@@ -423,7 +423,7 @@ def test_unfinished_messages_are_bounded_and_dropped(bounded_srv, model):
     ``grpc_max_calls`` messages at once (other calls are refused RESOURCE_EXHAUSTED after one 64 KB window,
     unread), every unfinished call ends DEADLINE_EXCEEDED once its deadline (``timeout_ms``) has passed, and
     the memory goes back. (The calls are all sent well within the 10 s deadline, which would let more in.)"""
-    from cnnserve.bench.faults import tree_rss_mb
+    from tests.support.faults import tree_rss_mb
 
     rss = lambda: tree_rss_mb(bounded_srv.proc.pid)  # noqa: E731
     before = rss()

@@ -324,7 +324,7 @@ def test_calibrate_command_on_a_folder_per_class(default_onnx, digits_test, tmp_
 
 
 def test_harness_calibration_section_reports_the_exports_figures(default_onnx):
-    from cnnserve.bench.calibration import report_lines, section
+    from bench.calibration import report_lines, section
 
     r = section(str(default_onnx))
     _, info = load(default_onnx)

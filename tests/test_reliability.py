@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import pytest
 
-from cnnserve.bench import faults, hostile
 from cnnserve.service.batching import ClientGone, DeadlineExceeded, MicroBatcher
 from tests.conftest import ROOT, Server, encode, serve_until_exit
+from tests.support import faults, hostile
 
 pytestmark = pytest.mark.slow
 CAP_MB = 6144  # per process: a BentoML worker with onnxruntime maps about 2 GB of address space
@@ -42,7 +42,7 @@ def test_hostile_images_refused_from_their_headers_under_a_memory_cap():
     centre-crop model, in a process capped at 1.5 GB (several once took 3-20 GB)."""
     out = run_capped("""
 import json
-from cnnserve.bench import hostile
+from tests.support import hostile
 from cnnserve.core.spec import ModelSpec
 from cnnserve.core.preprocess import ImageError, preprocess
 specs = [ModelSpec("lenet5", 1, 28, 28, (0.5,), (0.5,), labels=tuple("0123456789")),
@@ -68,7 +68,7 @@ def test_rejected_images_hold_no_memory(default_onnx):
     stay flat (they grew without bound while tracebacks kept the buffers)."""
     out = run_capped("""
 import asyncio, gc, json, resource
-from cnnserve.bench import hostile
+from tests.support import hostile
 from cnnserve.core.config import Settings
 from cnnserve.core.runtime import load_model
 from cnnserve.service.engine import Engine
