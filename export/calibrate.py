@@ -1,6 +1,8 @@
-"""The numbers behind calibrated probabilities (numpy only): temperature scaling, its measures and the
-measures of the out-of-distribution score (the score itself is ``cnnserve.core.confidence``'s, which
-the service and the batch scorer answer with).
+"""The numbers behind calibrated probabilities: temperature scaling, its measures and the measures of the
+out-of-distribution score (the score itself is ``cnnserve.core.confidence``'s, numpy only, which the
+service and the batch scorer answer with). Export runs where the ``train`` extra is installed, so the
+AUROC is scikit-learn's, not written out here again; the serving image has no scikit-learn, and nothing
+on its path imports this module.
 
 - Temperature scaling (Guo et al. 2017): one T > 0 that minimises the negative log-likelihood of
   softmax(logits / T) on held-out data. The arg-max of every row is unchanged by construction.
@@ -13,6 +15,7 @@ the service and the batch scorer answer with).
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 BINS = 15
 PASS_RATE = 0.95
@@ -100,17 +103,11 @@ def threshold(scores: np.ndarray, pass_rate: float = PASS_RATE) -> float:
 
 
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
-    """The probability that an outlier scores higher than an inlier (ties count half): Mann-Whitney U."""
+    """The probability that an outlier scores higher than an inlier (ties count half), Mann-Whitney's U over
+    the number of pairs: the area under the ROC curve with the outliers as the positives."""
     inside, outside = np.asarray(inside, np.float64), np.asarray(outside, np.float64)
-    both = np.concatenate([inside, outside])
-    order = both.argsort(kind="mergesort")
-    ranks = np.empty(len(both))
-    ranks[order] = np.arange(1, len(both) + 1)
-    for value in np.unique(both[order][np.r_[False, np.diff(both[order]) == 0]]):  # average ranks of ties
-        tied = both == value
-        ranks[tied] = ranks[tied].mean()
-    u = ranks[len(inside):].sum() - len(outside) * (len(outside) + 1) / 2
-    return float(u / (len(inside) * len(outside)))
+    truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+    return float(roc_auc_score(truth, np.concatenate([inside, outside])))
 
 
 def ood_measures(inside: np.ndarray, outside: np.ndarray, limit: float) -> dict:

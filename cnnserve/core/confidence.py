@@ -1,4 +1,4 @@
-"""What every classification answer says about its own probabilities (issue 29).
+"""What every classification answer says about its own probabilities, so a caller can act on them.
 
 The export fitted a temperature T (the graph's ``probabilities`` are softmax(logits / T); its ``logits``
 are raw) and an out-of-distribution threshold on the energy score ``-T logsumexp(logits / T)``'s
@@ -12,7 +12,9 @@ distance from the validation split's energies, that 95% of the validation split 
   softmax of the logits instead.
 
 numpy only, on rows the model already returned (logits and probabilities side by side): the service
-(``service/engine.py``) and the batch scorer (``scoring/``) answer alike.
+(``service/engine.py``) and the batch scorer (``scoring/``) answer alike, and the serving image has no
+scipy. The export (``export/calibrate.py``) fits and measures with scipy's softmax, but computes the
+energy score it fits the threshold on with this module's, the one every answer is scored with.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    """Each row's log-sum-exp as an N x 1 column, shifted by the row's maximum so that no exp overflows."""
+    m = z.max(axis=1, keepdims=True)
+    return m + np.log(np.exp(z - m).sum(axis=1, keepdims=True))
+
+
 def energy(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
     """The energy score ``-T logsumexp(logits / T)`` per row (Liu et al. 2020; lower: more like the data
     the network was trained on, up to the failure ``ood_scores`` guards against)."""
-    z = np.asarray(logits, np.float64) / t
-    m = z.max(axis=1)
-    return -t * (m + np.log(np.exp(z - m[:, None]).sum(axis=1)))
+    return -t * _logsumexp(np.asarray(logits, np.float64) / t)[:, 0]
 
 
 def ood_scores(ood: dict, logits: np.ndarray, t: float) -> np.ndarray:
@@ -37,17 +43,17 @@ def ood_scores(ood: dict, logits: np.ndarray, t: float) -> np.ndarray:
     noise among them, with logits larger than any it gives its own data (Hein et al. 2019), so their energy
     is *lower* than the training data's and a one-sided rule calls them the most familiar of all. A model
     exported before this rule (no ``center``) scores the energy itself, as it was exported to."""
-    e = energy(logits, t)
+    energies = energy(logits, t)
     center, below, above = ood.get("center"), ood.get("below"), ood.get("above")
     if all(isinstance(v, (int, float)) for v in (center, below, above)) and below > 0 and above > 0:
-        return np.maximum((center - e) / below, (e - center) / above)
-    return e
+        return np.maximum((center - energies) / below, (energies - center) / above)
+    return energies
 
 
 def raw_softmax(logits: np.ndarray) -> np.ndarray:
+    """softmax(logits) per row, float32 as the graph's own probabilities: what ``calibrated=false`` answers."""
     z = np.asarray(logits, np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+    return np.exp(z - _logsumexp(z)).astype(np.float32)
 
 
 def threshold(info) -> float | None:
