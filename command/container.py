@@ -1,4 +1,4 @@
-"""Build the serving container in one command: ``bentoml build``, then ``bentoml containerize``.
+"""Build the serving container in one command: the project's wheel, ``bentoml build``, then ``bentoml containerize``.
 
     ./run.sh container                      # CPU image of the default model
     ./run.sh container --models "lenet5-digits:latest resnet18-shapes:latest" --image-tag cnnserve:1
@@ -67,11 +67,44 @@ def check_models(tags: list[str]) -> None:
             raise ContainerError(f"{e} (the image carries the models it serves)") from None
 
 
+WHEEL_DIR = ROOT / "build" / "wheel"  # git-ignored, as all of build/
+
+
+def build_wheel(bentofile: str = "bentofile.yaml") -> Path:
+    """The project as a wheel, built from the working tree into build/wheel/, where ``bentofile`` names it
+    (``python.wheels``); the image installs it, and the serving lock, with ``--no-deps``. Returns its path."""
+    import yaml
+
+    named = (yaml.safe_load((ROOT / bentofile).read_text()).get("python") or {}).get("wheels") or []
+    shutil.rmtree(WHEEL_DIR, ignore_errors=True)
+    # setuptools builds in the tree and packs all of build/lib: a module deleted since the last build would
+    # still be in the wheel unless that goes first
+    for scratch in (ROOT / "build").glob("bdist.*"):
+        shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(ROOT / "build" / "lib", ignore_errors=True)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+           "--wheel-dir", str(WHEEL_DIR), str(ROOT)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, errors="replace")
+    if proc.returncode != 0:
+        output = "\n".join(line for line in (proc.stderr + proc.stdout).splitlines()
+                           if "is ignored: it is neither a file nor a directory" not in line)
+        raise ContainerError("building the cnnserve wheel for the bento failed (" + " ".join(cmd[2:]) + "):\n"
+                             + output.strip()[-2000:])
+    built = sorted(WHEEL_DIR.glob("*.whl"))
+    if [ROOT / w for w in named] != built:
+        made = ", ".join(str(w.relative_to(ROOT)) for w in built) or "none"
+        raise ContainerError(f"{bentofile} names the wheel {', '.join(named) or '(none)'} (python.wheels), but the "
+                             f"build made {made}: make them agree (the file name carries pyproject.toml's version)")
+    return built[0]
+
+
 def build_bento(tags: list[str], gpu: bool = False, args: list[str] | None = None) -> str:
     """``bentoml build`` with the models (and any other service arguments, KEY=VALUE) as the bento's
-    arguments; returns the bento tag. Settings read when the service is declared (``workers``) are
-    fixed here; per-worker ones (``providers``, limits) can still be overridden by ``serve --arg``."""
+    arguments, after the wheel it carries; returns the bento tag. Settings read when the service is declared
+    (``workers``) are fixed here; per-worker ones (``providers``, limits) can still be overridden by
+    ``serve --arg``."""
     bentofile = "bentofile-gpu.yaml" if gpu else "bentofile.yaml"
+    build_wheel(bentofile)
     extra = [a for kv in (args or []) for a in ("--arg", kv)]
     cmd = [_bentoml(), "build", "-f", bentofile, "--arg", "models=" + " ".join(tags), *extra, "--output", "tag"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
