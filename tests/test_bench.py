@@ -3,10 +3,12 @@ the load generator, onnxruntime and PyTorch in-process, batch scoring; the repor
 (Speed is never asserted here: these machines are noisy. The harness's report is where speed lives.)"""
 
 import json
+import math
 import shutil
 
 import pytest
 
+from cnnserve.bench.harness import cpu_ms, summarise
 from cnnserve.bench.load import multipart, parse_server_timing
 from tests.conftest import run_cli
 
@@ -21,6 +23,35 @@ def test_server_timing_and_multipart_helpers():
     assert ctype.startswith("multipart/form-data; ")
     assert body.startswith(f"--{boundary}\r\n".encode()) and body.endswith(f"\r\n--{boundary}--\r\n".encode())
     assert b'name="image"; filename="a.png"' in body and b"\r\n\r\n\x89PNG...\r\n" in body
+
+
+def load_run(rps: float, requests: int, p99: float, non_200: int = 0, total_ms: float | None = None) -> dict:
+    """One run of the load generator as ``bench/load.py`` reports it."""
+    return {"concurrency": 8, "duration_s": 2.0, "throughput_rps": rps, "requests": requests, "n_503": 0,
+            "n_non_200": non_200, "latency_ms": {"p50": p99 / 4, "p95": p99 / 2, "p99": p99, "mean": p99 / 3,
+                                                 "max": p99 * 2},
+            **({"server_timing_ms": {"total": total_ms}} if total_ms is not None else {})}
+
+
+def test_repeated_runs_are_summarised_by_their_median_and_spread():
+    """Known runs, known figures: the middle run's req/s (whatever order the runs came in), the slowest and
+    fastest as the spread, the runs' counts summed, each latency quantile's median, the stages' mean."""
+    runs = [load_run(300.0, 600, 9.0, total_ms=2.0), load_run(100.0, 200, 30.0, non_200=2, total_ms=4.0),
+            load_run(250.0, 500, 12.0, total_ms=6.0)]
+    row = summarise(runs)
+    assert row["throughput_rps"] == 250.0 and row["spread"] == [100.0, 300.0]
+    assert (row["repeats"], row["requests"], row["n_non_200"]) == (3, 1300, 2)
+    assert row["latency_ms"]["p99"] == 12.0 and row["latency_ms"]["max"] == 24.0
+    assert row["server_timing_ms"] == {"total": 4.0}
+    assert summarise(runs[:2])["throughput_rps"] == 200.0  # two runs: halfway between them
+    assert "server_timing_ms" not in summarise([load_run(100.0, 200, 30.0)])  # a server that does not say
+
+
+def test_cpu_ms_is_the_cores_time_per_request(monkeypatch):
+    """Four cores kept busy for a second by 2000 requests: 2 CPU-ms each; no requests, no figure."""
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert cpu_ms(2000.0) == 2.0 and cpu_ms(500.0) == 8.0
+    assert math.isnan(cpu_ms(0.0))
 
 
 def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
@@ -47,8 +78,7 @@ def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
         assert [x["concurrency"] for x in r[key]] == [1, 8]
         for row in r[key]:
             assert row["repeats"] == len(row["runs"]) == 2
-            assert row["n_non_200"] == 0 and row["throughput_rps"] > 0
-            assert row["spread"][0] <= row["throughput_rps"] <= row["spread"][1]
+            assert row["n_non_200"] == 0 and all(run["throughput_rps"] > 0 for run in row["runs"])
     stages = r["service"][1]["server_timing_ms"]  # cnnserve says where the time went; the baseline cannot
     assert {"decode", "queue", "inference", "total", "client"} <= set(stages) and stages["client"] >= stages["total"]
     assert "server_timing_ms" not in r["naive"][0]
@@ -57,8 +87,8 @@ def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
     if shutil.which("wrk"):
         f = r["floor"]
         assert f["concurrency"] == 8 and f["floor"]["failures"] == 0 and f["cnnserve"]["failures"] == 0
-        assert f["floor"]["throughput_rps"] > f["cnnserve"]["throughput_rps"] > 0
-        assert f["cnnserve"]["cpu_ms"] == pytest.approx(doc["machine"]["cores"] * 1000 / f["cnnserve"]["throughput_rps"])
+        # which is faster is the report's to say, never a test's: these machines are noisy
+        assert all(f[side]["throughput_rps"] > 0 and f[side]["cpu_ms"] > 0 for side in ("floor", "cnnserve"))
     else:
         assert "wrk is not installed" in r["floor_error"]
     # the service's settings are what `cnnserve tune` chose for this workload (bench/tuned/lenet5.yaml)
