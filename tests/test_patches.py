@@ -127,12 +127,17 @@ def test_fixed_upstream_steps_aside(clean, monkeypatch, caplog):
     assert TimeoutMiddleware.__call__ is fixed and "not needed" in caplog.text
 
 
-def test_metric_labels_shown_and_fixed(clean):
+def test_metric_labels_shown_and_fixed(clean, monkeypatch):
     """BentoML's request metrics label by the raw path (a series per made-up path); patched, the label is the
     route's template or ``other``."""
     from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 
     from cnnserve.service.metrics import ROUTES
+
+    # the route added here, and the paths it labels (remembered by ROUTES), are this test's only: the
+    # process's route table is put back afterwards
+    monkeypatch.setattr(ROUTES, "exact", dict(ROUTES.exact))
+    monkeypatch.setattr(ROUTES, "patterns", list(ROUTES.patterns))
 
     paths = ["/nope/1", "/nope/2", "/models/abc", "/models/def"]
     if BY_NAME["bentoml-metric-labels"].check() == patches.FIXED:
