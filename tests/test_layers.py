@@ -20,6 +20,7 @@ imports itself back through others (a cycle), at any depth, function-level impor
 """
 
 import ast
+import os
 import re
 import shutil
 import subprocess
@@ -289,6 +290,15 @@ def test_the_wheel_carries_the_product_only(tmp_path):
     assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"cnnserve"}
     assert not [n for n in names if n.startswith(("cnnserve/bench/", "bench/", "tests/", "cnnserve/tests/"))]
     assert {f"cnnserve/{k}/__init__.py" for k in FOLDERS} | {"cnnserve/core/__init__.py"} <= set(names)
+    # installed from it, away from any checkout: bench and tune say where the harness lives, in one line
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    for command in ("bench", "tune"):
+        proc = subprocess.run([sys.executable, "-m", "cnnserve.command.cli", command, "--help"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(site)})
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.startswith(f"cnnserve: error: `cnnserve {command}`") and proc.stderr.count("\n") == 1
+        assert "repository's bench/" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # import name -> the distribution that provides it, where they differ
