@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from cnnserve.core.config import DEFAULT_ARCH
-from cnnserve.core.onnxmeta import DEFAULT_OPSET
+from cnnserve.core.onnxmeta import DEFAULT_OPSET, LOGITS, OUTPUTS
 from cnnserve.core.spec import INTERPOLATIONS, RESIZE_MODES, RESIZE_POLICIES, ModelSpec
 
 SPEC_DEFAULTS = {f: ModelSpec.__dataclass_fields__[f].default for f in ("crop_pct", "interpolation")}
@@ -284,7 +284,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--labels", required=True, help="class names, one per line, in output order")
     p.add_argument("--size", help="HxW input size (needed when the model's height/width are dynamic)")
     p.add_argument("--layout", default="nchw", choices=("nchw", "nhwc"), help="the model's input layout")
-    p.add_argument("--outputs", default="logits", choices=("logits", "probabilities"),
+    p.add_argument("--outputs", default=LOGITS, choices=OUTPUTS,
                    help="what the model's output holds (probabilities: logits are their log)")
     p.add_argument("--resize", default="center-crop", choices=RESIZE_POLICIES,
                    help="how the service brings an image to --size (default %(default)s: the shorter side to "

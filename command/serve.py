@@ -9,6 +9,7 @@ import os
 import sys
 
 from cnnserve.core.config import DEFAULT_ARCH, DEFAULT_DATA, DEFAULT_MODEL, DEFAULTS, PRECISIONS
+from cnnserve.core.onnxmeta import MODEL_FILE
 from cnnserve.core.store import NotStored, bentoml_command, stored_model
 from cnnserve.scoring import DECODERS, ENGINES
 
@@ -23,7 +24,7 @@ def _cmd_up(args) -> int:
     from pathlib import Path
 
     run = Path(args.run)
-    ckpt, onnx_path = run / "model.pt", run / "model.onnx"
+    ckpt, onnx_path = run / "model.pt", run / MODEL_FILE
     if not args.no_serve:  # before minutes of training, not after them
         _check_ports(args.host, args.port, _grpc_port(args))
     if ckpt.is_file() and not args.retrain:

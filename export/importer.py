@@ -49,7 +49,8 @@ def _dims(value_info) -> list:
 
 def _check(model: onnx.ModelProto, name: str, layout: str, size: tuple[int, int] | None, channels: int,
            labels: list[str]) -> tuple[str, str, int, int]:
-    """(input name, output name, height, width) after every check the issue names."""
+    """(input name, output name, height, width), after the checks that the graph is one image classifier:
+one float32 4-D input of the given channels and size, one [batch, classes] output with a label per class."""
     graph = model.graph
     inits = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
@@ -113,14 +114,14 @@ def _wrap(model: onnx.ModelProto, input_name: str, output_name: str, spec: Model
                                        ["batch", c, h, w] if layout == "nchw" else ["batch", h, w, c])],
         [numpy_helper.from_array(scale, "pre_scale"), numpy_helper.from_array(shift, "pre_shift")])
     k = spec.num_classes
-    if outputs == "logits":
-        post_nodes = [helper.make_node("Identity", ["post_in"], ["logits"]),
-                      helper.make_node("Softmax", ["post_in"], ["probabilities"], axis=1)]
+    if outputs == onnxmeta.LOGITS:
+        post_nodes = [helper.make_node("Identity", ["post_in"], [onnxmeta.LOGITS]),
+                      helper.make_node("Softmax", ["post_in"], [onnxmeta.PROBABILITIES], axis=1)]
         inits = []
     else:  # probabilities: logits = log(p), whose softmax is p again
-        post_nodes = [helper.make_node("Identity", ["post_in"], ["probabilities"]),
+        post_nodes = [helper.make_node("Identity", ["post_in"], [onnxmeta.PROBABILITIES]),
                       helper.make_node("Max", ["post_in", "post_tiny"], ["post_clipped"]),
-                      helper.make_node("Log", ["post_clipped"], ["logits"])]
+                      helper.make_node("Log", ["post_clipped"], [onnxmeta.LOGITS])]
         inits = [numpy_helper.from_array(np.array(1e-30, np.float32), "post_tiny")]
     post = helper.make_graph(
         post_nodes, "cnnserve_outputs", [helper.make_tensor_value_info("post_in", TensorProto.FLOAT, ["batch", k])],
@@ -177,8 +178,8 @@ def numpy_preprocess(pixels: np.ndarray, spec: ModelSpec, layout: str) -> np.nda
 
 
 def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: tuple[int, int] | None = None,
-                layout: str = "nchw", outputs: str = "logits", resize: str = "center-crop", crop_pct: float = 0.875,
-                interpolation: str = "bilinear", out: str | os.PathLike | None = None,
+                layout: str = "nchw", outputs: str = onnxmeta.LOGITS, resize: str = "center-crop",
+                crop_pct: float = 0.875, interpolation: str = "bilinear", out: str | os.PathLike | None = None,
                 images: str | os.PathLike | None = None, overwrite: bool = False, log=print) -> dict:
     """Wrap, verify and write; returns {"path", "report_path", "report", "info"} like an export. An existing
     ``out`` is replaced only when it is an earlier import of the same file, or with ``overwrite``."""
@@ -189,8 +190,8 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
     path = Path(path)
     if layout not in ("nchw", "nhwc"):
         raise ModelImportError(f"--layout must be nchw or nhwc, not {layout!r}")
-    if outputs not in ("logits", "probabilities"):
-        raise ModelImportError(f"--outputs must be logits or probabilities, not {outputs!r}")
+    if outputs not in onnxmeta.OUTPUTS:
+        raise ModelImportError(f"--outputs must be {' or '.join(onnxmeta.OUTPUTS)}, not {outputs!r}")
     try:
         model = onnx.load_model(str(path))
     except FileNotFoundError:
@@ -202,7 +203,7 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
         raise ModelImportError(f"{path}: already a cnnserve export; store it with `cnnserve store`")
     input_name, output_name, h, w = _check(model, str(path), layout, size, len(mean), labels)
     stem = path.name.removesuffix(".onnx")
-    out = Path(out) if out else Path("runs") / f"imported-{stem}" / "model.onnx"
+    out = Path(out) if out else Path("runs") / f"imported-{stem}" / onnxmeta.MODEL_FILE
     if out.exists() and not overwrite and not _imported_from(out, file_sha256(path)):
         raise ModelImportError(f"{out} exists and is not an earlier import of {path}: imports never replace it "
                                "silently; --out another file, or --overwrite to replace it")
@@ -236,7 +237,7 @@ def import_onnx(path: str | os.PathLike, *, mean, std, labels: list[str], size: 
     except Exception as e:  # noqa: BLE001 - onnxruntime's load errors have several types
         raise ModelImportError(f"{path}: onnxruntime cannot load it ({str(e)[:300]})") from None
     step = _dims(next(i for i in original.graph.input if i.name == input_name))[0] or len(pixels)
-    want = "logits" if outputs == "logits" else "probabilities"
+    want = outputs  # the contract's output that holds what the original gives
     t0 = time.time()
     expect = np.concatenate([ref.run([output_name], {input_name: numpy_preprocess(pixels[i:i + step], spec, layout)})[0]
                              for i in range(0, len(pixels), step)])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import onnx
 
-from cnnserve.core.onnxmeta import MODEL_FILE, ModelInfo, variant_files
+from cnnserve.core.onnxmeta import MODEL_FILE, ModelInfo, variant_file, variant_files
 from cnnserve.core.servable import NotServable, check_model
 from cnnserve.core.spec import SpecError
 
@@ -126,7 +126,7 @@ def store_model(path: str | os.PathLike, name: str | None = None, reuse: bool = 
     ) as model:
         shutil.copyfile(path, model.path_of(MODEL_FILE))
         for precision, v in extra.items():
-            shutil.copyfile(v, model.path_of(f"model.{precision}.onnx"))
+            shutil.copyfile(v, model.path_of(variant_file(MODEL_FILE, precision)))
     return model
 
 
@@ -144,7 +144,7 @@ def _same_as_newest(name: str, path, extra: dict):
     if newest.info.module != "cnnserve":
         return None
     stored = {p.name for p in Path(newest.path).glob("model*.onnx")}
-    wanted = {MODEL_FILE: path, **{f"model.{precision}.onnx": v for precision, v in extra.items()}}
+    wanted = {MODEL_FILE: path, **{variant_file(MODEL_FILE, precision): v for precision, v in extra.items()}}
     if stored != set(wanted) or not all(filecmp.cmp(newest.path_of(f), src, shallow=False)
                                         for f, src in wanted.items()):
         return None

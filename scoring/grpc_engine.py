@@ -10,6 +10,7 @@ import asyncio
 from typing import Iterator
 
 from cnnserve.core.grpc_proto import path, pb
+from cnnserve.core.onnxmeta import PROBABILITIES
 from cnnserve.core.preprocess import DEFAULT_LIMITS, ImageError, read_file
 
 from . import row
@@ -31,7 +32,7 @@ def served_classes(url: str, model_name: str | None) -> int:
         call = channel.unary_unary(path("ModelMetadata"), request_serializer=pb.ModelMetadataRequest.SerializeToString,
                                    response_deserializer=pb.ModelMetadataResponse.FromString)
         meta = call(pb.ModelMetadataRequest(name=model_name or ""), timeout=30)
-    return int(next(o.shape[-1] for o in meta.outputs if o.name == "probabilities"))
+    return int(next(o.shape[-1] for o in meta.outputs if o.name == PROBABILITIES))
 
 
 def predictions(response) -> list[dict]:
@@ -60,7 +61,7 @@ def score_grpc(paths: list[str], url: str, model_name: str | None, top_k: int, b
         req.inputs.add(name="image", datatype="BYTES", shape=[1])
         req.raw_input_contents.append(len(data).to_bytes(4, "little") + data)
         req.parameters["priority"].string_param = "bulk"
-        req.outputs.add(name="probabilities").parameters["classification"].int64_param = top_k
+        req.outputs.add(name=PROBABILITIES).parameters["classification"].int64_param = top_k
         delay, last = 0.2, ""
         for attempt in range(max_retries + 1):
             async with sem:

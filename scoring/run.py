@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from cnnserve.core.config import DEFAULT_MODEL, DEFAULTS, Settings, cores
+from cnnserve.core.onnxmeta import MODEL_FILE
 from cnnserve.core.store import NotStored, stored_model
 
 from cnnserve.core.runtime import ModelLoadError, load_model
@@ -55,7 +56,7 @@ def resolve_model(model: str) -> tuple[str, str]:
         stored = stored_model(model)
     except NotStored as e:
         raise ScoreError(f"{model}: no such ONNX file, and {e}") from None
-    return stored.path_of("model.onnx"), str(stored.tag)
+    return stored.path_of(MODEL_FILE), str(stored.tag)
 
 
 def check_top_k(top_k: int | None, model: str, labels: list[str] | int) -> int:

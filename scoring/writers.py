@@ -166,7 +166,8 @@ class Writer:
 
 
 def header_of(top_k: int, ood: bool = True) -> list[str]:
-    """A CSV output's first row for ``top_k`` (``ood=False``: as written before issue 29's columns)."""
+    """A CSV output's first row for ``top_k`` (``ood=False``: as written before the out-of-distribution
+    columns, so that ``--resume`` recognises such a file and refuses it by name)."""
     return (["path"] + [f"{c}_{i}" for i in range(1, top_k + 1) for c in ("label", "probability")]
             + ["ood_score", "in_distribution"] * ood + ["error"])
 

@@ -54,7 +54,7 @@ def requested_providers(choice: str = "auto", device: DeviceOptions = NO_DEVICE_
     return [(CUDA, cuda_options(device)), CPU]
 
 
-_ORT_SEVERITY = [2]  # onnxruntime's default logger severity as this process last set it (2, WARNING, at start)
+_ort_log_severity = 2  # onnxruntime's default logger severity as this process last set it (2, WARNING, at start)
 
 
 @contextlib.contextmanager
@@ -62,17 +62,18 @@ def ort_severity(level: int | None):
     """onnxruntime's process-wide log severity at ``level`` for the block (None: left as it is), then back
     to what it was (onnxruntime has no getter: the level is tracked here, and every change the project makes
     goes through this)."""
+    global _ort_log_severity
     if level is None:
         yield
         return
-    before = _ORT_SEVERITY[0]
+    before = _ort_log_severity
     ort.set_default_logger_severity(level)
-    _ORT_SEVERITY[0] = level
+    _ort_log_severity = level
     try:
         yield
     finally:
         ort.set_default_logger_severity(before)
-        _ORT_SEVERITY[0] = before
+        _ort_log_severity = before
 
 
 def cuda_works() -> bool:

@@ -2,9 +2,9 @@
 
 ``cnnserve store`` refuses a model that fails this check, and the service runs it in the server's
 first process, before its workers start (``service/startup.py``): a model a worker could never load
-or warm up stops the server once, with one message, instead of restarting workers forever (issue 24:
-metadata claiming a 100000x100000 input was stored, and warm-up then asked for 9.31 GiB in every
-worker, 54 tracebacks in 90 s).
+or warm up stops the server once, with one message, instead of restarting workers forever (as it did
+when metadata claiming a 100000x100000 input was stored, and warm-up then asked for 9.31 GiB in every
+worker: 54 tracebacks in 90 s).
 
 What is checked: onnxruntime loads the file (external data outside the model's folder, absolute or
 missing is refused there); the metadata parses into a spec; the spec's input is one an image could
