@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
-from cnnserve.bench.harness import cpu_ms, summarise
-from cnnserve.bench.load import multipart, parse_server_timing
+from bench.harness import cpu_ms, summarise
+from bench.load import multipart, parse_server_timing
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -151,7 +151,7 @@ def test_the_gpu_mode_rehearses_end_to_end_on_the_cpu(tmp_path, default_onnx):
     assert "**Rehearsal**" in md and "| fp16 | io_binding |" in md
     assert out.with_suffix(".png").stat().st_size > 10_000
     # a part that fails on the device is reported in words, and the rest of the report still renders
-    from cnnserve.bench.gpu_report import judge, markdown
+    from bench.gpu_report import judge, markdown
 
     r18["in_process"]["fp16"]["buckets"] = "failed: RuntimeError: capture refused"
     r18["pytorch"] = "failed: ImportError: no torch"
