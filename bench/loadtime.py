@@ -6,7 +6,7 @@ runtime")::
     .venv/bin/python -m bench.loadtime runs/lenet5-digits/model.onnx --rounds 5
     .venv/bin/python -m bench.loadtime runs/lenet5-digits/model.onnx --swaps 60
 
-``--swaps N``: N hot swaps through the model manager as a worker does them (a request holding the old
+``--swaps N``: N hot swaps through the model registry as a worker does them (a request holding the old
 version runs on it across the swap; the worker's memory settings and sweep), and the process's resident
 memory as it goes: what a replaced version leaves behind.
 """
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.loadtime", description=__doc__.split("\n\n")[0])
     p.add_argument("onnx", help="an exported model file (its variants beside it)")
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--swaps", type=int, default=0, help="hot swaps through the model manager instead")
+    p.add_argument("--swaps", type=int, default=0, help="hot swaps through the model registry instead")
     args = p.parse_args(argv)
     if args.swaps:
         return swaps(args.onnx, args.swaps)
@@ -50,23 +50,25 @@ def swaps(path: str, n: int) -> int:
 
     from cnnserve.service.budget import rss_bytes
     from cnnserve.service.engine import Engine
-    from cnnserve.service.manager import request_scope
+    from cnnserve.service.registry import request_scope
     from cnnserve.service.memory import return_freed_memory
 
     return_freed_memory()  # as a server worker does at start
     engine = Engine([load_model(path, name="m", version="0", providers="cpu")])
-    pixels = np.zeros((4, *engine.models["m"].spec.input_shape), np.uint8)
+    registry = engine.registry
+    pixels = np.zeros((4, *registry.newest("m").spec.input_shape), np.uint8)
 
     async def run() -> None:
         for i in range(1, n + 1):
             with request_scope():
-                held = engine.model("m")
-                await asyncio.to_thread(engine.manager.load, "m", str(i), path)
+                held = engine.call("m")
+                await asyncio.to_thread(registry.load, "m", str(i), path)
                 await engine.run(held, pixels)  # the old version answers across the swap
             del held
-            await asyncio.to_thread(engine.manager.sweep)  # the worker's sync thread does this every 0.5 s
+            await asyncio.to_thread(registry.sweep)  # the worker's sync thread does this every 0.5 s
             if i in (1, 10) or i % 20 == 0 or i == n:
-                print(f"swap {i}: resident {rss_bytes() / 2**20:.0f} MB, versions open {len(engine.manager.by_model)}")
+                print(f"swap {i}: resident {rss_bytes() / 2**20:.0f} MB, versions open "
+                      f"{sum(map(len, registry.served.values())) + len(registry.retiring)}")
 
     asyncio.run(run())
     engine.close()

@@ -1,11 +1,13 @@
 """The HTTP API: classification, explanations and model metadata (the Open Inference Protocol's routes are
-in ``kserve.py``).
+in ``kserve.py``, the protocol itself in ``v2.py``).
 
 A FastAPI app mounted on the BentoML service (``service.py``); BentoML adds /readyz, /livez, /metrics and
-merges these routes into its OpenAPI document (/docs.json). Routes are thin: each reads the request
-within its size limit and calls the engine that ``service.py`` put in ``app.state.engine``. Query
-parameters are the pydantic models of ``params.py``. Errors are JSON ``{"error": message, "code": reason}``
-with a 4xx status (503 with Retry-After under overload), never a 500 for anything a client sends.
+merges these routes into its OpenAPI document (/docs.json). Routes are thin: each checks its parameters
+into a ``Call`` (``Engine.call``), reads the request within its size limit and hands both to the engine
+(the ``EngineDep`` dependency: what ``service.py`` put in ``app.state.engine``). Query parameters are the
+pydantic models of ``params.py``; the routes of each module are a FastAPI ``APIRouter``. Errors are JSON
+``{"error": message, "code": reason}`` with a 4xx status (503 with Retry-After under overload), never a 500
+for anything a client sends.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Annotated
 
 import anyio
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,10 +31,9 @@ from . import apikeys, kserve, repository, triton
 from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
-from .manager import request_scope
-from .openapi import with_body
-from .params import ClassifyParams, ExplainParams, declare_route, refusal
+from .params import ClassifyParams, EngineDep, ExplainParams, engine_of, refusal
 from .patches import runtime_info
+from .registry import request_scope
 
 log = logging.getLogger("cnnserve.api")
 access = logging.getLogger("cnnserve.access")
@@ -46,12 +47,7 @@ BATCH_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": [IMAGES_FIELD], "properties": {
         IMAGES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
-ROUTES: list = []  # (path, endpoint, FastAPI's route options): create_app adds them, and kserve.ROUTES
-route = declare_route(ROUTES)
-
-
-def engine_of(request: Request) -> Engine:
-    return request.app.state.engine
+router = APIRouter()
 
 
 def internal_error(app, request: Request, e: Exception) -> JSONResponse:
@@ -67,7 +63,7 @@ def internal_error(app, request: Request, e: Exception) -> JSONResponse:
 def not_finite(app, request: Request, e: NotFinite) -> JSONResponse:
     """The model answered NaN or infinity: a 500 naming the model the request asked for."""
     engine = engine_of(request)
-    name = request.query_params.get("model") or (engine.default if engine else "?")
+    name = request.query_params.get("model") or (engine.registry.default if engine else "?")
     log.error("model %r answered NaN or infinity for %s %s (rows %s)", name, request.method, request.url.path,
               e.rows[:10])
     # (its rows are those the model ran: for an explanation, the image and its occluded copies)
@@ -96,68 +92,63 @@ async def read(request: Request) -> bytes:
     return await read_body(request, config.max_request_bytes, config.body_timeout_s)
 
 
-async def one_image(request: Request, e: Engine, p: ClassifyParams, t0: float, priority: str | None = None):
-    """The image of a one-image request, its ticket and its timings so far (``read``); a bad model,
-    top_k, deadline or priority is refused before the upload is read."""
-    e.top_k(e.model(p.model, p.version), p.top_k)
-    ticket = e.ticket(p.timeout_ms, priority or p.priority, t0)
-    files = await image_files(request, await read(request), IMAGE_FIELD, e.config.max_request_bytes, 1)
-    ticket.gone = watch_disconnect(request)
-    return files[0][1], ticket, {"read": time.perf_counter() - t0}
+async def one_image(request: Request, engine: Engine, p: ClassifyParams, t0: float, priority: str | None = None):
+    """A one-image request's ``Call``, its image and its timings so far (``read``); a bad model, top_k, deadline
+    or priority is refused before the upload is read."""
+    call = engine.call(p.model, p.version, p.top_k, p.timeout_ms, priority or p.priority, p.calibrated, t0)
+    files = await image_files(request, await read(request), IMAGE_FIELD, engine.config.max_request_bytes, 1)
+    call.ticket.gone = watch_disconnect(request)
+    return call, files[0][1], {"read": time.perf_counter() - t0}
 
 
-def timed(response, e: Engine, model: str, timings: dict, t0: float, last: str, t: float, method=None):
+def timed(response, engine: Engine, model: str, timings: dict, t0: float, last: str, t: float, method=None):
     """``response`` with its Server-Timing header, the stages observed; ``last`` (the stage that
     serialises the answer) gets the time since ``t``."""
     timings[last] += time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     response.headers["Server-Timing"] = server_timing(timings)
-    e.observe(model, timings, method)
+    engine.observe(model, timings, method)
     return response
 
 
 async def classify_request(request: Request, p: ClassifyParams) -> JSONResponse:
     t0 = time.perf_counter()
-    e = engine_of(request)
-    data, ticket, timings = await one_image(request, e, p, t0)
-    result = await e.classify(data, p.model, p.top_k, timings, ticket, version=p.version, calibrated=p.calibrated)
+    engine = engine_of(request)
+    call, data, timings = await one_image(request, engine, p, t0)
+    result = await engine.classify(call, data, timings)
     t = time.perf_counter()
     # serialised here, so that its time is measured
-    return timed(JSONResponse(result), e, result["model"], timings, t0, "respond", t)
+    return timed(JSONResponse(result), engine, result["model"], timings, t0, "respond", t)
 
 
-@route("POST", "/classify", tags=["classification"], openapi_extra=CLASSIFY_BODY,
-       summary="Classify one image (multipart field 'image', or the raw image as the body)")
+@router.post("/classify", tags=["classification"], openapi_extra=CLASSIFY_BODY,
+             summary="Classify one image (multipart field 'image', or the raw image as the body)")
 async def classify(request: Request, p: Annotated[ClassifyParams, Query()]):
     # The running service answers through ``CnnServeAPI.fast_classify`` with this same handler; FastAPI's
     # route documents it and serves an app whose fast path is off (the test compares the two).
     return await classify_request(request, p)
 
 
-@route("POST", "/classify/batch", tags=["classification"], openapi_extra=BATCH_BODY,
-       summary="Classify many images (multipart field 'images', repeated); per-image results in order")
-async def classify_batch(request: Request, p: Annotated[ClassifyParams, Query()]):
-    t0 = time.perf_counter()
-    e = engine_of(request)
-    ticket = e.ticket(p.timeout_ms, p.priority, t0)
-    files = await image_files(request, await read(request), IMAGES_FIELD, e.config.max_request_bytes,
-                              e.config.max_images_per_request)
-    ticket.gone = watch_disconnect(request)
-    return await e.classify_many(files, p.model, p.top_k, ticket, p.calibrated)
+@router.post("/classify/batch", tags=["classification"], openapi_extra=BATCH_BODY,
+             summary="Classify many images (multipart field 'images', repeated); per-image results in order")
+async def classify_batch(request: Request, p: Annotated[ClassifyParams, Query()], engine: EngineDep):
+    call = engine.call(p.model, p.version, p.top_k, p.timeout_ms, p.priority, p.calibrated, time.perf_counter())
+    files = await image_files(request, await read(request), IMAGES_FIELD, engine.config.max_request_bytes,
+                              engine.config.max_images_per_request)
+    call.ticket.gone = watch_disconnect(request)
+    return await engine.classify_many(call, files)
 
 
-@route("POST", "/classify/explain", tags=["explanation"], openapi_extra=CLASSIFY_BODY,
-       summary="Where the model looks: an occlusion or CAM sensitivity map for one image "
-               "(as JSON, or with format=png a heatmap over the image)")
-async def explain(request: Request, p: Annotated[ExplainParams, Query()]):
+@router.post("/classify/explain", tags=["explanation"], openapi_extra=CLASSIFY_BODY,
+             summary="Where the model looks: an occlusion or CAM sensitivity map for one image "
+                     "(as JSON, or with format=png a heatmap over the image)")
+async def explain(request: Request, p: Annotated[ExplainParams, Query()], engine: EngineDep):
     t0 = time.perf_counter()
-    e = engine_of(request)
     if p.format not in ("json", "png"):
         raise APIError(400, "bad_format", f"format must be json or png, got {p.format!r}")
     # bulk unless asked otherwise: an explanation is hundreds of images' work (service/batching.py)
-    data, ticket, timings = await one_image(request, e, p, t0, priority=p.priority or "bulk")
-    result, pixels, heat = await e.explain(data, p.model, p.method, p.target, p.patch, p.stride, p.top_k, ticket,
-                                           timings, version=p.version, calibrated=p.calibrated)
+    call, data, timings = await one_image(request, engine, p, t0, priority=p.priority or "bulk")
+    result, pixels, heat = await engine.explain(call, data, p.method, p.target, p.patch, p.stride, timings)
     if not np.isfinite(heat).all():  # CAM's feature maps can hold NaN where the logits do not
         raise NotFinite([0])
     t = time.perf_counter()
@@ -175,39 +166,38 @@ async def explain(request: Request, p: Annotated[ExplainParams, Query()]):
 
     # a 224-px map is 50,000 numbers (or a PNG to encode): tens of ms, off the event loop
     response = await anyio.to_thread.run_sync(render) if heat.size > 4096 else render()
-    return timed(response, e, result["model"], timings, t0, "explain", t, p.method)
+    return timed(response, engine, result["model"], timings, t0, "explain", t, p.method)
 
 
-@route("GET", "/models/{name}/samples", tags=["models"],
-       summary="Held-out sample images the export embedded (one per class, at most ten), as data URLs")
-async def model_samples(request: Request, name: str):
-    m = engine_of(request).model(name)
+@router.get("/models/{name}/samples", tags=["models"],
+            summary="Held-out sample images the export embedded (one per class, at most ten), as data URLs")
+async def model_samples(name: str, engine: EngineDep):
+    m = engine.model(name)
     return {"model": m.name, "samples": m.samples}
 
 
-@route("GET", "/demo", include_in_schema=False)
+@router.get("/demo", include_in_schema=False)
 async def demo_redirect():
     return RedirectResponse("demo/")  # relative: works behind a path prefix
 
 
-@route("GET", "/models", tags=["models"], summary="The served models: spec, labels, version, providers in use")
-async def list_models(request: Request):
-    return {**engine_of(request).describe(), "runtime": runtime_info()}
+@router.get("/models", tags=["models"], summary="The served models: spec, labels, version, providers in use")
+async def list_models(engine: EngineDep):
+    return {**engine.describe(), "runtime": runtime_info()}
 
 
-@route("GET", "/models/{name}/monitor", tags=["models"],
-       summary="Drift: the recent answers' class mix against the test split's (PSI), OOD rate, mean top-1")
-async def model_monitor(request: Request, name: str):
-    e = engine_of(request)
-    model = e.model(name)
-    if e.monitor is None:
+@router.get("/models/{name}/monitor", tags=["models"],
+            summary="Drift: the recent answers' class mix against the test split's (PSI), OOD rate, mean top-1")
+async def model_monitor(name: str, engine: EngineDep):
+    model = engine.model(name)
+    if engine.monitor is None:
         raise APIError(404, "monitor_off", "the drift monitor is off in this server (drift_monitor=false)")
-    return e.monitor.snapshot(model)  # the version this request holds: one view, whatever is swapped meanwhile
+    return engine.monitor.snapshot(model)  # the version this request holds: one view, whatever is swapped meanwhile
 
 
-@route("GET", "/models/{name}", tags=["models"], summary="One model's metadata")
-async def get_model(request: Request, name: str):
-    return engine_of(request).model(name).describe()
+@router.get("/models/{name}", tags=["models"], summary="One model's metadata")
+async def get_model(name: str, engine: EngineDep):
+    return engine.model(name).describe()
 
 
 class CnnServeAPI(FastAPI):
@@ -252,7 +242,7 @@ class CnnServeAPI(FastAPI):
             refusal = self.unauthorized(scope)
             if refusal is not None:
                 return await refusal(scope, receive, send)
-        with request_scope():  # the models a request looks up stay loaded until it is answered (manager.py)
+        with request_scope():  # the models a request looks up stay loaded until it is answered (registry.py)
             if (self.fast_path and scope["type"] == "http" and scope["method"] == "POST"
                     and scope["path"][len(scope.get("root_path", "")):] == "/classify"):
                 return await self.fast_classify(scope, receive, send)
@@ -329,8 +319,8 @@ def create_app(engine: Engine | None = None) -> CnnServeAPI:
         return internal_error(request.app, request, e)
 
     # Triton's extensions first: /v2/models/stats before kserve's /v2/models/{name}
-    for path, endpoint, options in (*ROUTES, *triton.ROUTES, *kserve.ROUTES, *repository.ROUTES):
-        app.add_api_route(path, endpoint, **with_body(path, options))
+    for routes in (router, triton.router, kserve.router, repository.router):
+        app.include_router(routes)
     # The demo page: static HTML, CSS and JavaScript in the package, over the public API only.
     app.mount("/demo/", StaticFiles(directory=Path(__file__).with_name("demo"), html=True), name="demo")
     return app

@@ -45,22 +45,25 @@ async def read_body(request: Request, limit: int, idle_timeout: float) -> bytes:
     except ClientDisconnect:
         problem = (499, "client_closed", f"the client closed the connection after {size:,} bytes of the body")
     if len(chunks) > 4:  # a body of many pieces: give their heap pages back once it is answered
-        _trim_later(loop)
+        _TrimLater.schedule(loop)
     if problem:
         raise APIError(*problem)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-_trim = {"pending": False}
+class _TrimLater:
+    """At most one ``malloc_trim`` pending at a time, however many large bodies arrive meanwhile."""
 
+    pending = False
 
-def _trim_later(loop, delay: float = 0.5) -> None:
-    """One ``malloc_trim`` ``delay`` seconds from now (however many large bodies arrive meanwhile)."""
-    if not _trim["pending"]:
-        _trim["pending"] = True
+    @classmethod
+    def schedule(cls, loop, delay: float = 0.5) -> None:
+        if cls.pending:
+            return
+        cls.pending = True
 
         def run() -> None:
-            _trim["pending"] = False
+            cls.pending = False
             trim_memory()
 
         loop.call_later(delay, run)

@@ -1,5 +1,5 @@
 """The memory budget of loaded model versions (``max_model_memory_mb``): what a version costs, and which
-idle versions a load evicts, least recently used first (``manager.py`` holds the versions).
+idle versions a load evicts, least recently used first (``registry.py`` holds the versions).
 
 A version's size is what the worker's resident memory grew by while it loaded (sessions, the precision
 choice's candidates that were dropped are freed by then, warm-up buffers), and at least its file: one

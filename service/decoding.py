@@ -2,7 +2,7 @@
 
 Why processes: the limits of ``cnnserve.core.preprocess`` (bytes, pixels, decoded memory, chunks)
 bound what an image may be, not what decoding it costs. Files within every limit took seconds of a
-core each (issue 24: a GIF of 1-byte comment sub-blocks, 2.3 s of Python; a 7000x7000 RLE4 BMP,
+core each (measured: a GIF of 1-byte comment sub-blocks, 2.3 s of Python; a 7000x7000 RLE4 BMP,
 2.5-5.7 s; a progressive JPEG repeating one scan 3,000 times, 17-23 s), and a thread that decodes
 cannot be stopped. A process can: each image runs in a decoding process, and the process is killed
 once the image has used ``decode_cpu_ms`` of CPU (measured as CPU, so a busy machine does not turn

@@ -46,13 +46,14 @@ def psi(current: np.ndarray, reference: np.ndarray) -> float:
 
 
 class Monitor:
-    def __init__(self, models: dict, metrics=None, window: int = 1000, interval: float = 1.0):
-        self.models, self.metrics, self.window = models, metrics, window
+    def __init__(self, newest, names, metrics=None, window: int = 1000, interval: float = 1.0):
+        """``newest(name)``: the version of a model new requests get, or None once it is unloaded (the
+        registry's); ``names``: the models served at start (one loaded at runtime gets its state on first use)."""
+        self.newest, self.metrics, self.window = newest, metrics, window
         self.pending: deque = deque(maxlen=PENDING)
         self.lock = threading.Lock()
-        # ``models`` is the engine's own dict: a model loaded at runtime (manager.py) gets its state on first use
         self.state: dict = {}
-        for name in models:
+        for name in names:
             self._state(name)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, args=(interval,), name="cnnserve-drift", daemon=True)
@@ -99,7 +100,7 @@ class Monitor:
                 entry[2].append(scores)
             touched: dict = {}
             for model, outs, scores in batches.values():
-                if model.name not in self.models:  # unloaded since it answered
+                if self.newest(model.name) is None:  # unloaded since it answered
                     continue
                 touched[model.name] = model
                 self._add(model, np.concatenate(outs), np.concatenate(scores))
@@ -167,7 +168,7 @@ class Monitor:
         looked up once, whatever other models are loaded and unloaded meanwhile (a lookup per step once answered
         500 when another model's unload fell between two of them)."""
         if isinstance(model, str):
-            found = self.models.get(model)
+            found = self.newest(model)
             if found is None:
                 raise KeyError(f"no model named {model!r} is served")
             model = found

@@ -1,8 +1,10 @@
-"""The serving core: models, their batchers, decoding, runs, classification and explanations; no protocol,
-no BentoML.
+"""The data plane: decoding, runs, classification and explanations, for every protocol; no protocol, no
+BentoML, and no models of its own (the registry's, ``registry.py``).
 
-``service.py`` wraps an ``Engine`` in a BentoML service; the front ends (``api.py`` for HTTP, ``kserve.py``
-for the Open Inference Protocol) parse requests and call its methods. Every refusal is an ``APIError``
+The front ends (``api.py`` for HTTP, ``kserve.py`` for the Open Inference Protocol, ``grpc_server.py`` for
+gRPC) turn a request into a ``Call`` (``Engine.call``: the one check of its parameters and the one lookup of
+its model), hand it with the request's images or pixels to ``classify``, ``classify_many``, ``explain`` or
+``run`` (a ``Prediction``), and turn the result back into their protocol. Every refusal is an ``APIError``
 (``errors.py``), so nothing a client sends becomes a 500.
 """
 
@@ -22,12 +24,12 @@ from cnnserve.core.config import DEFAULTS, Settings
 from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
 
-from . import explain as xp
+from . import explain as explanation
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .decoding import DecodeFailed, DecodePool
 from .drift import Monitor
 from .errors import REQUEST_CODES, APIError, model_output_not_finite
-from .manager import ModelManager
+from .registry import ModelRegistry, Served
 from .stats import Statistics
 
 log = logging.getLogger("cnnserve.engine")
@@ -61,27 +63,56 @@ class Ticket:
     start: float | None = None
 
 
+@dataclass
+class Call:
+    """One request as every front end hands it to the data plane, checked once (``Engine.call``): the version it
+    holds until it is answered, how many classes to answer with, whether calibrated, its deadline and priority."""
+
+    served: Served
+    top_k: int
+    ticket: Ticket
+    calibrated: bool = True
+
+    @property
+    def model(self) -> Model:
+        return self.served.model
+
+
+@dataclass
+class Prediction:
+    """What the model answered for N images: logits and probabilities (N x K each, float32, views of one batch
+    output) and each row's out-of-distribution score, with the version that answered."""
+
+    model: Model
+    both: np.ndarray  # N x 2K: the batcher's output, logits then probabilities
+    ood: np.ndarray
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.both[:, :self.model.spec.num_classes]
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.both[:, self.model.spec.num_classes:]
+
+
 class Engine:
+    """The data plane: a request's images decoded, run through its model's batcher, and answered, whatever the
+    protocol. The models are the registry's (``registry.py``)."""
+
     def __init__(self, models: list[Model], config: Settings = DEFAULTS, metrics=None, draining=lambda: False):
-        if not models:
-            raise ValueError("no models to serve")
-        names = [m.name for m in models]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two models share a name: {names}")
         self.config, self.metrics = config, metrics
         self.draining = draining  # true once a drain has begun (the server's SIGTERM): not ready
-        self.models = {m.name: m for m in models}
-        self.default = models[0].name
-        self.batchers = {m.name: self._batcher(m) for m in models}
-        self._explain_jobs: dict = {}
-        c, h, w = max((m.spec.input_shape for m in models), key=lambda shape: shape[0] * shape[1] * shape[2])
+        c, h, w = max((m.spec.input_shape for m in models), key=lambda shape: shape[0] * shape[1] * shape[2],
+                      default=(1, 1, 1))
         self.decoders = DecodePool(config.decoders, config.limits, config.decode_cpu_ms / 1000,
                                    config.max_queue, c * h * w)
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
         self.stats = Statistics()  # Triton's statistics extension: what each version did (stats.py, triton.py)
-        self.manager = ModelManager(self, config, metrics)  # loads, swaps and releases versions at runtime
-        # drift, drained off the request path
-        self.monitor = Monitor(self.models, metrics) if config.drift_monitor else None
+        self.monitor = None  # drift, drained off the request path: set before the first batcher can run
+        self.registry = ModelRegistry(models, config, self._batcher, self.decoders.grow, metrics)
+        if config.drift_monitor:
+            self.monitor = Monitor(self.registry.newest, [m.name for m in models], metrics)
 
     def _batcher(self, model: Model) -> MicroBatcher:
         outputs = list(onnxmeta.OUTPUTS)
@@ -110,47 +141,57 @@ class Engine:
                             seconds_per_image=model.seconds_per_image, in_flight=self.config.runs_in_flight,
                             on_execution=executed)
 
-    def _explain_job(self, model: Model, method: str):
-        """The batcher job of an explanation (one function per model and method, so that those requests batch
+    @staticmethod
+    def explain_job(served: Served, method: str):
+        """The batcher job of an explanation (one function per version and method, so that those requests batch
         together): for CAM, logits, probabilities and the last feature maps; for occlusion, logits and
         probabilities, not counted by the drift monitor (the occluded copies are no one's answers:
         ``explain`` counts the image itself)."""
-        key = (model.name, model.version, method)
-        job = self._explain_jobs.get(key)
+        job = served.jobs.get(method)
         if job is None:
+            model = served.model
             if method == "cam":
                 outputs = [onnxmeta.LOGITS, onnxmeta.PROBABILITIES, onnxmeta.FEATURES]
-                job = self._explain_jobs[key] = lambda pixels: model.run(pixels, outputs)
+                job = served.jobs[method] = lambda pixels: model.run(pixels, outputs)
             else:
                 outputs = list(onnxmeta.OUTPUTS)
-                job = self._explain_jobs[key] = lambda pixels: np.concatenate(model.run(pixels, outputs), axis=1)
+                job = served.jobs[method] = lambda pixels: np.concatenate(model.run(pixels, outputs), axis=1)
         return job
 
     @property
     def ready(self) -> bool:
-        return not self.draining() and all(m.warmup_ms > 0 for m in self.models.values())
+        return not self.draining() and all(s.model.warmup_ms > 0 for s in self.registry.current())
 
-    # -- lookups and validation --------------------------------------------------------------
+    # -- one validation of what a request asks for ---------------------------------------------------
 
     def model(self, name: str | None = None, version: str | None = None) -> Model:
-        """The served model (its newest version, or ``version``), held until the request ends (``manager.py``).
-        Without a name, the default the operator set: refused while it is not served, never another model."""
-        if not name and self.default not in self.models:
-            raise APIError(409, "default_unavailable", f"this request names no model and the default model, "
-                           f"{self.default!r}, is not loaded: name one of {', '.join(self.models)} (the model "
-                           "parameter), or load the default again or set another (a load with "
-                           "{\"parameters\": {\"default\": true}})")
-        return self.manager.lookup(name or self.default, version)
+        """The served model (its newest version, or ``version``; without a name the operator's default), held until
+        the request ends (``registry.py``): for the routes that describe a model rather than run it."""
+        return self.registry.lookup(name, version).model
 
-    def top_k(self, model: Model, k: int | None) -> int:
-        """The number of classes to return: the default is clamped to the model's classes, an explicit
-        value out of range is refused."""
-        n = model.spec.num_classes
-        if k is None:
-            return min(self.config.top_k, n)
-        if not 1 <= k <= n:
-            raise APIError(400, "bad_top_k", f"top_k must be between 1 and {n} for model {model.name!r}, got {k}")
-        return k
+    def call(self, name: str | None = None, version: str | None = None, top_k: int | None = None,
+             timeout_ms: float | None = None, priority: str | None = None, calibrated: bool = True,
+             start: float | None = None) -> Call:
+        """A request's parameters, whatever protocol carried them, checked in one place before its body is read:
+        the model (looked up once, held until the request ends), ``top_k`` (the default clamped to the model's
+        classes, an explicit value out of range refused), the deadline and the priority; 4xx ``APIError``s."""
+        served = self.registry.lookup(name, version)
+        n = served.model.spec.num_classes
+        if top_k is None:
+            k = min(self.config.top_k, n)
+        elif not 1 <= top_k <= n:
+            raise APIError(400, "bad_top_k", f"top_k must be between 1 and {n} for model {served.model.name!r}, "
+                                             f"got {top_k}")
+        else:
+            k = top_k
+        if timeout_ms is not None and not 0 < timeout_ms <= 3_600_000:
+            raise APIError(400, "bad_timeout", f"timeout_ms must be above 0 and at most 3600000, got {timeout_ms:g}")
+        if priority not in (None, *PRIORITIES):
+            raise APIError(400, "bad_priority", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+        ms = timeout_ms if timeout_ms is not None else self.config.timeout_ms
+        start = start or time.perf_counter()
+        ticket = Ticket(start + ms / 1000 if ms else None, priority or "interactive", start=start)
+        return Call(served, k, ticket, calibrated)
 
     # -- images --------------------------------------------------------------------------------
 
@@ -226,25 +267,24 @@ class Engine:
             raise whole
         return decoded
 
-    async def run(self, model: Model, pixels: np.ndarray, timings: dict | None = None,
-                  ticket: Ticket | None = None, job=None):
-        """``[out, scores]``: logits and probabilities (N x 2K) and the rows' OOD scores (N), through the model's
-        batcher (or what ``job`` gives), in as many batches as N needs; overload becomes 503, a passed deadline
-        504. ``timings`` gets ``queue`` (waiting for the first batch) and ``inference`` (the runs that carried
+    async def run(self, call: Call, pixels: np.ndarray, timings: dict | None = None, job=None):
+        """The request's pixels through its version's batcher, in as many batches as N needs: a ``Prediction``, or
+        with ``job`` (an explanation's) what the job gives; overload becomes 503, a passed deadline 504.
+        ``timings`` gets ``queue`` (waiting for the first batch) and ``inference`` (the runs that carried
         these images)."""
-        ticket = ticket or Ticket()
+        ticket, model = call.ticket, call.model
         problem = None
         t = time.perf_counter()
         start = ticket.start or t
         parts = timings if timings is not None else {}
         try:
-            out = await self.manager.batcher(model).submit(pixels, parts, deadline=ticket.deadline,
-                                                           priority=ticket.priority, gone=ticket.gone, job=job)
+            out = await call.served.batcher.submit(pixels, parts, deadline=ticket.deadline,
+                                                   priority=ticket.priority, gone=ticket.gone, job=job)
             now = time.perf_counter()
             queue, infer = parts.get("queue", 0.0), parts.get("inference", 0.0)
             self.stats.request(model, len(pixels), True, now - start, t - start, queue, infer,
                                max(0.0, now - t - queue - infer))
-            return out
+            return out if job is not None else Prediction(model, *out)
         except Overloaded as e:
             problem = (503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})
         except DeadlineExceeded:
@@ -256,74 +296,69 @@ class Engine:
         self.stats.request(model, len(pixels), False, time.perf_counter() - start)
         raise APIError(*problem)
 
-    async def explain(self, data: bytes, name: str | None = None, method: str = "occlusion",
-                      target: int | None = None, patch: int | None = None, stride: int | None = None,
-                      top_k: int | None = None, ticket: Ticket | None = None, timings: dict | None = None,
-                      version: str | None = None, calibrated: bool = True) -> tuple[dict, np.ndarray, np.ndarray]:
+    async def explain(self, call: Call, data: bytes, method: str = "occlusion", target: int | None = None,
+                      patch: int | None = None, stride: int | None = None,
+                      timings: dict | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
         """Where the model looks for ``target`` (default: its top class) in one image: the answer (with the
         image's ``ood_score`` as /classify gives it), the model's input (C x H x W) and the sensitivity map
         (H x W), of the probabilities /classify answers (``calibrated=False``: of the raw softmax). See
         ``service/explain.py``."""
-        model = self.model(name, version)
-        k = self.top_k(model, top_k)
-        spec = model.spec
-        extra = xp.check_request(model, method, target, patch, stride, self.config.max_occlusions)
+        model, spec = call.model, call.model.spec
+        extra = explanation.check_request(model, method, target, patch, stride, self.config.max_occlusions)
         patch, stride = extra.get("patch"), extra.get("stride")
         h, w = spec.height, spec.width
         n = 1 if method == "cam" else 1 + extra["occlusions"]
         try:  # shed now, before the decode and the copies are paid for
-            self.manager.batcher(model).check_room(n, (ticket or Ticket()).priority)
+            call.served.batcher.check_room(n, call.ticket.priority)
         except Overloaded as e:
             raise APIError(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)}) from None
-        pixels = await self.decode(model, data, timings, ticket)
+        pixels = await self.decode(model, data, timings, call.ticket)
         # Both methods go through the model's batcher like any request (bulk unless the request says
         # otherwise): counted against max_queue, shed with 503, bound by the deadline, and run in slices
         # that let interactive requests in between.
+        job = self.explain_job(call.served, method)
         if method == "cam":
-            logits, probs, features = await self.run(model, pixels[None], timings, ticket,
-                                                     job=self._explain_job(model, method))
+            logits, probs, features = await self.run(call, pixels[None], timings, job)
             t = time.perf_counter()
             out = np.concatenate([logits, probs], axis=1)
-            probs, rows = assess(model.info, out, calibrated)
+            probs, rows = assess(model.info, out, call.calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
-            heat = xp.cam(features[0], model.cam_weights, tgt, (h, w))
+            heat = explanation.cam(features[0], model.cam_weights, tgt, (h, w))
         else:
             fill = np.array([round(m * 255) for m in spec.mean], np.uint8)
 
             def stacked() -> tuple[np.ndarray, list]:  # the image, then its occluded copies
-                copies, boxes = xp.occluded(pixels, patch, stride, fill)
+                copies, boxes = explanation.occluded(pixels, patch, stride, fill)
                 return np.concatenate([pixels[None], copies]), boxes
 
             # tens of MB for a 224-px model: copied in a thread, not on the event loop that serves the others
             big = extra["occlusions"] * pixels.nbytes > 2**20
             batch, boxes = await anyio.to_thread.run_sync(stacked) if big else stacked()
-            out = await self.run(model, batch, timings, ticket, job=self._explain_job(model, method))
+            out = await self.run(call, batch, timings, job)
             del batch
             t = time.perf_counter()
-            probs, rows = assess(model.info, out, calibrated)
+            probs, rows = assess(model.info, out, call.calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
-            heat = xp.sensitivity(float(probs[0, tgt]), probs[1:, tgt], boxes, patch, (h, w))
+            heat = explanation.sensitivity(float(probs[0, tgt]), probs[1:, tgt], boxes, patch, (h, w))
         if self.monitor:
             self.monitor.record(model, out[:1])  # the image explained is an answer; its occluded copies are not
         result = {"model": model.name, "version": model.version, "method": method,
                   "target": {"index": tgt, "label": spec.labels[tgt]}, "probability": float(probs[0, tgt]),
-                  "predictions": model.top_k(probs[:1], k)[0], **rows[0], **extra,
+                  "predictions": model.top_k(probs[:1], call.top_k)[0], **rows[0], **extra,
                   "map_shape": [h, w], "map": np.round(heat, 5).tolist()}
         if timings is not None:
             timings["explain"] = time.perf_counter() - t
         return result, pixels, heat
 
-    async def classify(self, data: bytes, name: str | None = None, top_k: int | None = None,
-                       timings: dict | None = None, ticket: Ticket | None = None, version: str | None = None,
-                       calibrated: bool = True) -> dict:
+    async def classify(self, call: Call, data: bytes, timings: dict | None = None) -> dict:
         """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""
-        model = self.model(name, version)
-        k = self.top_k(model, top_k)
-        pixels = await self.decode(model, data, timings, ticket)
-        out, scores = await self.run(model, pixels[None], timings, ticket)
+        model = call.model
+        pixels = await self.decode(model, data, timings, call.ticket)
+        p = await self.run(call, pixels[None], timings)
         t = time.perf_counter()
-        probs, rows = assess(model.info, out, calibrated, scores)
-        result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, k)[0], **rows[0]}
+        probs, rows = assess(model.info, p.both, call.calibrated, p.ood)
+        result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, call.top_k)[0],
+                  **rows[0]}
         if timings is not None:
             timings["respond"] = time.perf_counter() - t
         return result
@@ -340,27 +375,25 @@ class Engine:
                                                         else self.metrics.explain.labels(model, method, stage))
                 child.observe(seconds)
 
-    async def classify_many(self, files: list[tuple[str, bytes]], name: str | None = None,
-                            top_k: int | None = None, ticket: Ticket | None = None, calibrated: bool = True) -> dict:
+    async def classify_many(self, call: Call, files: list[tuple[str, bytes]]) -> dict:
         """Per-image results in order; a bad image gets its own error entry, the others still run."""
-        model = self.model(name)
-        k = self.top_k(model, top_k)
+        model = call.model
         if not files:
             raise APIError(400, "no_images", "send one or more images in the form field 'images'")
         self.check_count(len(files))
 
-        decoded = await self.decode_all(model, [data for _, data in files], ticket)
+        decoded = await self.decode_all(model, [data for _, data in files], call.ticket)
         good = [i for i, d in enumerate(decoded) if not isinstance(d, APIError)]
         preds = []
         if good:
-            out, scores = await self.run(model, np.stack([decoded[i] for i in good]), ticket=ticket)
-            probs, rows = assess(model.info, out, calibrated, scores, finite=False)
+            p = await self.run(call, np.stack([decoded[i] for i in good]))
+            probs, rows = assess(model.info, p.both, call.calibrated, p.ood, finite=False)
             # an image the model answered NaN or infinity for fails alone, as a bad image does
-            bad = set(not_finite_rows(out, scores))
+            bad = set(not_finite_rows(p.both, p.ood))
             for j in bad:
                 decoded[good[j]] = model_output_not_finite(model.name, model.version, [good[j]])
             keep = [j for j in range(len(good)) if j not in bad]
-            preds = [{"predictions": p, **rows[j]} for j, p in zip(keep, model.top_k(probs[keep], k))]
+            preds = [{"predictions": top, **rows[j]} for j, top in zip(keep, model.top_k(probs[keep], call.top_k))]
             good = [good[j] for j in keep]
         by_index = dict(zip(good, preds))
         results = []
@@ -374,13 +407,11 @@ class Engine:
         return {"model": model.name, "version": model.version, "results": results}
 
     def describe(self) -> dict:
-        # copies, and only models that still have a batcher: a load or unload in another thread may change both
-        models, batchers = list(self.models.values()), dict(self.batchers)
-        return {"default": self.default, "loaded": self.manager.loaded(), "models": [
-            {**m.describe(), "batching": batchers[m.name].describe()} for m in models if m.name in batchers]}
+        return {"default": self.registry.default, "loaded": self.registry.loaded(), "models": [
+            {**s.model.describe(), "batching": s.batcher.describe()} for s in self.registry.current()]}
 
     def close(self) -> None:
         if self.monitor:
             self.monitor.close()
-        self.manager.close()
+        self.registry.close()
         self.decoders.close()

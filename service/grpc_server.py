@@ -2,7 +2,7 @@
 speaks it) beside HTTP, in each BentoML worker, on the worker's event loop and the same ``Engine``.
 
 - **One engine**: the same models, batchers (one per model, shared by both protocols), decoding, limits and
-  refusals as HTTP; requests are parsed by ``kserve.tensor_input`` like the HTTP infer route's.
+  refusals as HTTP; requests become ``v2.Tensor``s as the HTTP infer route's do (``v2.py``).
 - **Refusals** map ``APIError`` to status codes (``STATUS``): 400/413/415 INVALID_ARGUMENT, 404 NOT_FOUND,
   503 overloaded RESOURCE_EXHAUSTED with ``retry-after`` (seconds) and ``grpc-retry-pushback-ms`` in the
   trailing metadata, 504 DEADLINE_EXCEEDED; every refusal carries its code in ``cnnserve-code``. A message
@@ -51,21 +51,21 @@ from cnnserve import __version__
 from cnnserve.core.config import KB, MB
 from cnnserve.core.grpc_proto import HEALTH_SERVICE, METHODS, POOL, SERVICE, pb
 
-from . import apikeys, kserve, repository, triton
+from . import apikeys, repository, triton, v2
 from .engine import Engine
 from .errors import APIError, short
 from .http_server import DRAIN
-from .manager import request_scope
+from .registry import request_scope
 from .memory import trim_memory
 
 log = logging.getLogger("cnnserve.grpc")
 
-SC = grpc.StatusCode
+Code = grpc.StatusCode
 #: HTTP statuses of ``APIError`` to gRPC status codes (an unlisted 4xx is INVALID_ARGUMENT).
-STATUS = {400: SC.INVALID_ARGUMENT, 401: SC.UNAUTHENTICATED, 403: SC.PERMISSION_DENIED, 404: SC.NOT_FOUND,
-          408: SC.DEADLINE_EXCEEDED, 409: SC.FAILED_PRECONDITION, 413: SC.INVALID_ARGUMENT,
-          415: SC.INVALID_ARGUMENT, 499: SC.CANCELLED, 500: SC.INTERNAL, 503: SC.UNAVAILABLE,
-          504: SC.DEADLINE_EXCEEDED, 507: SC.RESOURCE_EXHAUSTED}
+STATUS = {400: Code.INVALID_ARGUMENT, 401: Code.UNAUTHENTICATED, 403: Code.PERMISSION_DENIED, 404: Code.NOT_FOUND,
+          408: Code.DEADLINE_EXCEEDED, 409: Code.FAILED_PRECONDITION, 413: Code.INVALID_ARGUMENT,
+          415: Code.INVALID_ARGUMENT, 499: Code.CANCELLED, 500: Code.INTERNAL, 503: Code.UNAVAILABLE,
+          504: Code.DEADLINE_EXCEEDED, 507: Code.RESOURCE_EXHAUSTED}
 #: The methods served (others answer UNIMPLEMENTED): the metric's closed set of ``endpoint`` labels.
 SERVED = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
           "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload", "ModelConfig", "ModelStatistics")
@@ -89,8 +89,8 @@ def details_of(e: APIError) -> str:
 
 def status_of(e: APIError) -> grpc.StatusCode:
     if e.code == "overloaded":
-        return SC.RESOURCE_EXHAUSTED
-    return STATUS.get(e.status, SC.INVALID_ARGUMENT if 400 <= e.status < 500 else SC.UNAVAILABLE)
+        return Code.RESOURCE_EXHAUSTED
+    return STATUS.get(e.status, Code.INVALID_ARGUMENT if 400 <= e.status < 500 else Code.UNAVAILABLE)
 
 
 class _Unparsed:
@@ -129,10 +129,10 @@ class InferenceService:
 
     async def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(name="cnnserve", version=__version__,
-                                         extensions=[*kserve.EXTENSIONS, "classification"])
+                                         extensions=[*v2.EXTENSIONS, "classification"])
 
     async def ModelMetadata(self, request, context):  # noqa: N802
-        d = kserve.model_metadata(self.engine, request.name, request.version or None)
+        d = v2.model_metadata(self.engine, request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=d["name"], versions=d["versions"], platform=d["platform"],
@@ -182,7 +182,7 @@ class InferenceService:
         """``started``: when the call began, before its message arrived (the deadline counts from there, as
         HTTP's counts from before the body)."""
         t0 = started or time.perf_counter()
-        e = self.engine
+        engine = self.engine
         if self.api_keys is not None:  # the inference call needs a key, as HTTP's infer does (apikeys.py)
             metadata = dict(context.invocation_metadata() or ())
             caller = self.api_keys.identify(apikeys.presented(str(metadata.get("authorization", "")),
@@ -190,19 +190,20 @@ class InferenceService:
             if caller is None:
                 raise APIError(401, "unauthorized", "this call needs an API key: 'authorization: Bearer KEY' or "
                                                     "'x-api-key: KEY' call metadata")
-            if e.metrics and hasattr(e.metrics, "api_key_requests"):
-                e.metrics.api_key_requests.labels(caller, "grpc").inc()
-        model = e.model(request.model_name, request.model_version or None)
-        ticket = e.ticket(None, priority_of(request.parameters), t0)
+            if engine.metrics and hasattr(engine.metrics, "api_key_requests"):
+                engine.metrics.api_key_requests.labels(caller, "grpc").inc()
+        call = engine.call(request.model_name or None, request.model_version or None,
+                      priority=priority_of(request.parameters), start=t0)
+        model, ticket = call.model, call.ticket
         left = context.time_remaining()
         timeout_us = _param(request.parameters, "timeout")
         for seconds in (left, timeout_us / 1e6 if type(timeout_us) is int and timeout_us > 0 else None):
             if seconds is not None and (ticket.deadline is None or t0 + seconds < ticket.deadline):
                 ticket.deadline = t0 + seconds
         if len(request.inputs) != 1:
-            raise kserve.one_input_please()
+            raise v2.not_one_input()
         t = request.inputs[0]
-        tensor = kserve.Tensor(t.name, t.datatype, [int(s) for s in t.shape], base64=False)
+        tensor = v2.Tensor(t.name, t.datatype, [int(s) for s in t.shape], base64=False)
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
                 raise APIError(400, "bad_binary", f"{len(request.raw_input_contents)} raw_input_contents for "
@@ -215,10 +216,10 @@ class InferenceService:
             if (t.datatype == "UINT8" and not len(tensor.data)
                     and any(len(getattr(t.contents, f)) for f in TYPED if f != "uint_contents")):
                 raise APIError(400, "bad_data", "UINT8 contents go in uint_contents (or raw_input_contents)")
-        pixels = kserve.tensor_input(e, model, tensor)
-        wanted = kserve.output_names([o.name for o in request.outputs])  # each at most once
+        pixels = v2.tensor_input(engine, call, tensor)
+        wanted = v2.output_names([o.name for o in request.outputs])  # each at most once
         classes = [classification(o.parameters, model.spec.num_classes) for o in request.outputs] or [None] * 2
-        parts = await kserve.outputs(e, model, pixels, ticket)
+        parts = await v2.outputs(engine, call, pixels)
         # what the answer will take, before it is built: one FP32 row per image, or k texts per image
         planned, size = [], len(request.id) + len(model.name) + len(model.version or "") + 64
         for name, k in zip(wanted, classes):
@@ -350,7 +351,7 @@ def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate,
 
     async def handle(requests, context):
         t0 = time.perf_counter()
-        code = SC.OK
+        code = Code.OK
         gate.inflight += 1
         gate.started += 1
         gate.idle.clear()
@@ -362,7 +363,7 @@ def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate,
                 raise APIError(400, "bad_message", "the call carried no request message")
             if isinstance(request, _Unparsed):
                 raise APIError(400, "bad_message", request.error)
-            with request_scope():  # the model versions it looks up stay loaded until it is answered (manager.py)
+            with request_scope():  # the model versions it looks up stay loaded until it is answered (registry.py)
                 return await (method(request, context, t0) if takes_start else method(request, context))
         except APIError as e:
             e.__traceback__ = e.__context__ = None
@@ -370,12 +371,12 @@ def _handler(service: InferenceService, metrics: Metrics, name: str, gate: Gate,
             metrics.rejected(e.code)
             await context.abort(code, details_of(e), trailing_of(e))
         except asyncio.CancelledError:
-            code = SC.CANCELLED
+            code = Code.CANCELLED
             raise
         except grpc.aio.AbortError:
             raise
         except Exception:
-            code = SC.INTERNAL
+            code = Code.INTERNAL
             log.exception("%s failed", name)
             raise
         finally:
@@ -436,7 +437,7 @@ def bounded(handler, config):
             return messages(context)
         async for request in messages(context):
             return request
-        await context.abort(SC.INVALID_ARGUMENT, "the call carried no request message")
+        await context.abort(Code.INVALID_ARGUMENT, "the call carried no request message")
 
     inner = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     kw = {"request_deserializer": handler.request_deserializer,

@@ -1,7 +1,7 @@
 """What cnnserve adds to the HTTP server that BentoML runs (uvicorn with httptools).
 
 - **A bound on request heads.** httptools sets no limit on the size of a request's head:
-  issue 12 measured a 96 MB header holding a worker for 13.8 s (the parser joins each header's
+  a 96 MB header was measured holding holding a worker for 13.8 s (the parser joins each header's
   pieces anew per read, so the cost grows with the square of its size) and a 256 MB one
   for 131 s, while every other client of that worker waited. ``GuardedHttpTools`` answers
   431 once a head passes ``max_head_bytes``, and 408 when a head is still incomplete

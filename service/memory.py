@@ -23,7 +23,7 @@ def return_freed_memory() -> bool:
     """Make freed image buffers go back to the operating system (glibc only).
 
     glibc raises its mmap threshold after a large buffer is freed, up to 32 MiB, so the next
-    image buffers come from heap arenas that rarely shrink (issue 12 saw four 7000x7000 RGBA
+    image buffers come from heap arenas that rarely shrink (four 7000x7000 RGBA
     decodes leave 3.4 GB held after they finished). A fixed threshold of 1 MiB keeps every
     larger buffer in its own mapping, returned the moment it is freed. Its effect was not
     measured on its own; the soak figures in the benchmark report include it."""

@@ -8,7 +8,7 @@ created before that would never reach /metrics. Created once per process.
 **Every label takes its values from a closed set**: model names that are served, stage and method
 names of the code, refusal codes of the code, and for a request's path its route template
 (``/v2/models/{name}/infer``) or ``other``. A label that took whatever a client sent would add a
-series per value, each kept in every worker and in /metrics for good (issue 24: 6,000 requests to
+series per value, each kept in every worker and in /metrics for good (measured: 6,000 requests to
 ``/nope/<uuid>`` added 128 MB to a worker and 25 MB to /metrics through BentoML's own request
 metrics). ``ROUTES`` gives the path label; ``patches.py`` makes BentoML's request metrics use it.
 """
@@ -52,6 +52,10 @@ class RouteLabels:
         from starlette.routing import Mount
 
         for route in getattr(app, "routes", ()):
+            included = getattr(route, "original_router", None)  # FastAPI >= 0.16x keeps an included router whole
+            if included is not None:
+                self.add_app(included)
+                continue
             path, regex = getattr(route, "path", None), getattr(route, "path_regex", None)
             if path is None or regex is None:
                 continue
@@ -104,7 +108,7 @@ def metrics() -> SimpleNamespace:
         # the autoscaling metric (deploy/kubernetes): summed over a pod's workers
         queued=Gauge("cnnserve_queued_images", "Images waiting for or in the model, as each batch starts and ends",
                      ["model"], multiprocess_mode="livesum"),
-        # models at runtime (service/manager.py); the model label is a stored model's name, never a version
+        # models at runtime (service/registry.py); the model label is a stored model's name, never a version
         model_loads=Counter("cnnserve_model_loads", "Model versions loaded at runtime, by result",
                             ["model", "result"]),
         model_unloads=Counter("cnnserve_model_unloads", "Model versions released (unloaded or replaced)", ["model"]),
@@ -168,7 +172,7 @@ def observe_many(child, values) -> None:
     ``bulk_observe_matches``, else it is what runs; the sum equal up to float rounding), in one ``inc``
     per bucket and one for the sum. In multiprocess mode each ``inc`` is a write to a memory-mapped file
     under a lock: per value, draining a second of answers held the GIL long enough to cost the service
-    10% of its throughput and half again its p99 (the drift monitor, issue 29)."""
+    10% of its throughput and half again its p99 (measured on the drift monitor)."""
     import numpy as np
 
     values = np.asarray(values, np.float64).ravel()

@@ -3,7 +3,7 @@
 BentoML runs several worker processes and a control request (``repository.py``) reaches one of them.
 That worker changes the **desired set** (``models.json``: the served versions of each model, oldest to
 newest, and a generation number), written atomically under a file lock; every worker polls it and
-converges (``manager.py``), then writes its **report** (``workers/PID.json``: the generation it has
+converges (``registry.py``), then writes its **report** (``workers/PID.json``: the generation it has
 applied, what it serves, what failed and why). A control request answers once every live worker has
 reported the generation it wrote.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cnnserve.core.onnxmeta import MODEL_FILE
 
-from .manager import LoadFailed
+from .registry import LoadFailed
 
 DESIRED, LOCK, REPORTS = "models.json", "models.lock", "workers"
 

@@ -24,38 +24,6 @@ preprocessing spec and labels, served by BentoML.
 Bad input gets a 4xx with `{"error", "code"}`. Served models: {models}."""
 
 
-def _json_body(properties: dict, description: str) -> dict:
-    return {"requestBody": {"required": False, "description": description, "content": {"application/json": {
-        "schema": {"type": "object", "properties": properties}}}}}
-
-
-_VERSION = {"type": "string", "description": "a stored version (else NAME:VERSION in the path, or the newest)"}
-#: The JSON bodies of routes whose handlers read the body themselves (the model repository's, ``repository.py``):
-#: FastAPI cannot see them, so without these the document, and the clients and fuzzers that read it, would
-#: not know the routes take a body at all. ``api.create_app`` adds them to the routes' declarations.
-REQUEST_BODIES = {
-    ("POST", "/v2/repository/index"): _json_body(
-        {"ready": {"type": "boolean", "description": "true: only the versions every worker serves"}},
-        "optional; an empty body lists every stored version"),
-    ("POST", "/v2/repository/models/{name}/load"): _json_body(
-        {"parameters": {"type": "object", "properties": {
-            "version": _VERSION,
-            "default": {"type": "boolean", "description": "also make it the model requests without one go to"}}}},
-        "optional"),
-    ("POST", "/v2/repository/models/{name}/unload"): _json_body(
-        {"parameters": {"type": "object", "properties": {"version": _VERSION}}},
-        "optional; without a version every version is unloaded"),
-}
-
-
-def with_body(path: str, options: dict) -> dict:
-    """A route's declaration (FastAPI's ``add_api_route`` options) with its ``REQUEST_BODIES`` entry, if any."""
-    body = REQUEST_BODIES.get((options["methods"][0], path))
-    if body is None:
-        return options
-    return {**options, "openapi_extra": {**body, **options.get("openapi_extra", {})}}
-
-
 def info(version: str, models: list[str]) -> dict:
     return {"title": "cnnserve", "version": version,
             "description": DESCRIPTION.replace("{models}", ", ".join(f"`{m}`" for m in models) or "none")}

@@ -6,10 +6,13 @@ means for a model (``top_k`` at most its classes, a known ``priority``) is the e
 
 from __future__ import annotations
 
+from typing import Annotated
 from urllib.parse import parse_qsl
 
+from fastapi import Depends, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .engine import Engine
 from .errors import APIError
 
 
@@ -63,12 +66,10 @@ def refusal(errors, prefix: tuple = ()) -> APIError:
     return APIError(400, "bad_parameter", f"invalid request: {where}")
 
 
-def declare_route(table: list):
-    """A decorator that declares routes at module level into ``table``: ``@route("GET", "/models")``;
-    ``api.create_app`` adds them to the app (FastAPI's ``add_api_route``)."""
-    def route(method: str, path: str, **options):
-        def declare(endpoint):
-            table.append((path, endpoint, {"methods": [method], **options}))
-            return endpoint
-        return declare
-    return route
+def engine_of(request: Request) -> Engine:
+    """The worker's engine (``service.py`` sets it once its models are loaded)."""
+    return request.app.state.engine
+
+
+#: The one dependency of the routes that need the engine.
+EngineDep = Annotated[Engine, Depends(engine_of)]

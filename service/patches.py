@@ -27,7 +27,7 @@ The patches:
     answering is passed on at once, not held for the timer and answered 504), so it also requires the
     upstream function to be the one it mirrors (its syntax tree, docstrings and annotations aside).
 ``uvicorn-head-limits``
-    uvicorn's httptools protocol sets no bound on a request head (issue 12: a 96 MB header held a worker
+    uvicorn's httptools protocol sets no bound on a request head (a 96 MB header held a worker
     for 13.8 s) and none on a connection that never sends its head. Probe: a head larger than
     ``max_header_kb`` fed to the installed protocol over a stand-in transport; no refusal is the defect.
     The fix makes uvicorn's ``auto`` and ``httptools`` choices ``http_server.GuardedHttpTools``, which
@@ -35,7 +35,7 @@ The patches:
 ``bentoml-metric-labels``
     BentoML's request metrics (``RunnerTrafficMetricsMiddleware``, on unless ``bentoml_metrics=false``)
     label every series with the request's raw path: each new path a client makes up adds series that
-    every worker keeps for good and /metrics serves (issue 24: 6,000 requests to ``/nope/<uuid>``, +128 MB
+    every worker keeps for good and /metrics serves (measured: 6,000 requests to ``/nope/<uuid>``, +128 MB
     in a worker, /metrics from 4 KB to 25.6 MB). Probe: two requests to made-up paths through the
     installed middleware, with a stand-in metrics client that records the labels; two different
     ``endpoint`` values are the defect. The fix keeps BentoML's metrics and gives their ``endpoint`` label

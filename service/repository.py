@@ -32,24 +32,36 @@ import time
 from pathlib import Path
 
 import anyio
-from fastapi import Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from .bodies import read_body
 from .engine import Engine
 from .errors import APIError, json_depth, short
-from .manager import LoadFailed
 from .modelstate import stored_file
-from .params import declare_route
+from .params import engine_of
+from .registry import LoadFailed
 
 TAGS = ["model repository (Open Inference Protocol extension)"]
-ROUTES: list = []
-route = declare_route(ROUTES)
+router = APIRouter(tags=TAGS)
 MAX_BODY = 64 * 1024
 
 
-def _engine(request: Request) -> Engine:
-    return request.app.state.engine
+def _json_body(properties: dict, description: str) -> dict:
+    """The OpenAPI body of a route whose handler reads its JSON itself (``json_body``): FastAPI cannot see it, so
+    without this the document, and the clients and fuzzers that read it, would not know the route takes one."""
+    return {"requestBody": {"required": False, "description": description, "content": {"application/json": {
+        "schema": {"type": "object", "properties": properties}}}}}
+
+
+_VERSION = {"type": "string", "description": "a stored version (else NAME:VERSION in the path, or the newest)"}
+INDEX_BODY = _json_body({"ready": {"type": "boolean", "description": "true: only the versions every worker serves"}},
+                        "optional; an empty body lists every stored version")
+LOAD_BODY = _json_body({"parameters": {"type": "object", "properties": {
+    "version": _VERSION,
+    "default": {"type": "boolean", "description": "also make it the model requests without one go to"}}}}, "optional")
+UNLOAD_BODY = _json_body({"parameters": {"type": "object", "properties": {"version": _VERSION}}},
+                         "optional; without a version every version is unloaded")
 
 
 def control_token(config) -> str | None:
@@ -64,7 +76,7 @@ def control_token(config) -> str | None:
 
 def authorize(request: Request) -> None:
     """403 unless model control is on and the request carries its bearer token."""
-    check_token(_engine(request).config, request.headers.get("authorization", ""))
+    check_token(engine_of(request).config, request.headers.get("authorization", ""))
 
 
 def check_token(config, sent: str) -> None:
@@ -83,8 +95,8 @@ def check_token(config, sent: str) -> None:
 
 
 async def json_body(request: Request) -> dict:
-    body = await read_body(request, MAX_BODY, _engine(request).config.body_timeout_s)
-    config = _engine(request).config
+    body = await read_body(request, MAX_BODY, engine_of(request).config.body_timeout_s)
+    config = engine_of(request).config
     if json_depth(body) > config.max_json_depth:
         raise APIError(400, "bad_json", f"the JSON nests deeper than {config.max_json_depth} levels")
     problem = None
@@ -135,7 +147,7 @@ async def control_request(request: Request, name: str) -> tuple[str, str, dict, 
     req = await json_body(request)
     params = req.get("parameters", {})
     name, version = split_tag(name, params)
-    return name, version, params, _engine(request), request.app.state.sync
+    return name, version, params, engine_of(request), request.app.state.sync
 
 
 #: The store's listing, read again when one of its folders changed (a version stored or deleted) or after
@@ -173,7 +185,7 @@ def index(engine: Engine, sync) -> list[dict]:
     """Every stored cnnserve model version, with its state over all of this server's live workers."""
     reports = sync.state.reports() if sync else []
     if not reports:  # a lone engine (no shared state): what this process serves
-        m = engine.manager
+        m = engine.registry
         with m.lock:
             reports = [{"models": m.loaded(), "loading": sorted(m.loading),
                         "unloading": sorted(s.key for s in m.retiring), "failed": dict(m.failed)}]
@@ -195,22 +207,23 @@ def index(engine: Engine, sync) -> list[dict]:
     return rows
 
 
-@route("POST", "/v2/repository/index", tags=TAGS, summary="The models in the store and their states")
+@router.post("/v2/repository/index", summary="The models in the store and their states",
+             openapi_extra=INDEX_BODY)
 async def repository_index(request: Request):
     req = await json_body(request)
-    rows = await anyio.to_thread.run_sync(index, _engine(request), request.app.state.sync)
+    rows = await anyio.to_thread.run_sync(index, engine_of(request), request.app.state.sync)
     if req.get("ready") is True:
         rows = [r for r in rows if r["state"] == "READY"]
     return JSONResponse(rows)
 
 
-async def settle(e: Engine, sync, generation: int, name: str, key: str | None = None,
+async def settle(engine: Engine, sync, generation: int, name: str, key: str | None = None,
                  before: dict | None = None) -> list[dict] | None:
     """None once every worker serves ``generation``; a worker's refusal of ``key`` raised with its status once
     the load is undone (``before``: the set it replaced); else the model's rows of the index (still pending)."""
     if sync is None:
         return None
-    done, refused = await sync.wait_for(generation, e.config.workers, e.config.control_wait_s, key)
+    done, refused = await sync.wait_for(generation, engine.config.workers, engine.config.control_wait_s, key)
     if done:
         return None
     if refused is not None:
@@ -219,7 +232,7 @@ async def settle(e: Engine, sync, generation: int, name: str, key: str | None = 
             await anyio.to_thread.run_sync(sync.roll_back, name, before, generation)
         raise APIError(status if 400 <= status < 600 else 400, "load_failed",
                        f"{reason}; the load was undone, the workers go back to what they served before")
-    rows = await anyio.to_thread.run_sync(index, e, sync)
+    rows = await anyio.to_thread.run_sync(index, engine, sync)
     return [r for r in rows if r["name"] == name]
 
 
@@ -228,26 +241,27 @@ def answer(pending: list[dict] | None) -> JSONResponse:
     return JSONResponse({}) if pending is None else JSONResponse({"pending": pending}, status_code=202)
 
 
-@route("POST", "/v2/repository/models/{name}/load", tags=TAGS,
-       summary="Load a stored model (NAME, NAME:VERSION; default: its newest) beside the served one, then switch; "
-               "{\"parameters\": {\"default\": true}} also makes it the model requests without a name go to")
+@router.post("/v2/repository/models/{name}/load", openapi_extra=LOAD_BODY,
+             summary="Load a stored model (NAME, NAME:VERSION; default: its newest) beside the served one, then "
+                     "switch; {\"parameters\": {\"default\": true}} also makes it the model requests without a name "
+                     "go to")
 async def load(request: Request, name: str):
-    name, version, params, e, sync = await control_request(request, name)
-    return answer(await load_model(e, sync, name, version, params.get("default", False)))
+    name, version, params, engine, sync = await control_request(request, name)
+    return answer(await load_model(engine, sync, name, version, params.get("default", False)))
 
 
-async def load_model(e: Engine, sync, name: str, version: str, default=False) -> list[dict] | None:
+async def load_model(engine: Engine, sync, name: str, version: str, default=False) -> list[dict] | None:
     """A load, as both protocols ask for it (``split_tag``'s name and version): ``settle``'s answer."""
-    keep = max(1, e.config.keep_versions)
+    keep = max(1, engine.config.keep_versions)
     if not isinstance(default, bool):
         raise APIError(400, "bad_parameters", f"'default' must be true or false, got {short(default)}")
 
     def do() -> tuple[int, dict | None, str]:
         resolved, path = stored_file(name, version)
-        _, evicted = e.manager.load(name, resolved, path)
+        _, evicted = engine.registry.load(name, resolved, path)
         if sync is None:
             if default:
-                e.default = name
+                engine.registry.default = name
             return 0, None, resolved
         generation, before = sync.record_load(name, resolved, evicted, keep, default)
         return generation, before, resolved
@@ -258,25 +272,26 @@ async def load_model(e: Engine, sync, name: str, version: str, default=False) ->
         if sync is not None:  # the reason, for the index whichever worker answers it
             await anyio.to_thread.run_sync(sync.report)
         raise APIError(err.status, "load_failed", str(err)) from None
-    return await settle(e, sync, generation, name, f"{name}:{resolved}", before)
+    return await settle(engine, sync, generation, name, f"{name}:{resolved}", before)
 
 
-@route("POST", "/v2/repository/models/{name}/unload", tags=TAGS,
-       summary="Stop serving a model (every version, or NAME:VERSION); its requests in flight finish first")
+@router.post("/v2/repository/models/{name}/unload",
+             openapi_extra=UNLOAD_BODY,
+             summary="Stop serving a model (every version, or NAME:VERSION); its requests in flight finish first")
 async def unload(request: Request, name: str):
-    name, version, _, e, sync = await control_request(request, name)
-    return answer(await unload_model(e, sync, name, version))
+    name, version, _, engine, sync = await control_request(request, name)
+    return answer(await unload_model(engine, sync, name, version))
 
 
-async def unload_model(e: Engine, sync, name: str, version: str) -> list[dict] | None:
+async def unload_model(engine: Engine, sync, name: str, version: str) -> list[dict] | None:
     """An unload, as both protocols ask for it: ``settle``'s answer."""
     def do() -> int:
         if sync is None:
-            e.manager.unload(name, version or None)
+            engine.registry.unload(name, version or None)
             return 0
         generation = sync.record_unload(name, version)  # decided once, for every worker
         try:
-            e.manager.unload(name, version or None)  # here at once; the others in their sync step
+            engine.registry.unload(name, version or None)  # here at once; the others in their sync step
         except LoadFailed:
             pass  # this worker has not caught up with the set yet: its sync step applies it
         return generation
@@ -285,4 +300,4 @@ async def unload_model(e: Engine, sync, name: str, version: str) -> list[dict] |
         generation = await anyio.to_thread.run_sync(do)
     except LoadFailed as err:
         raise APIError(err.status, "unload_failed", str(err)) from None
-    return await settle(e, sync, generation, name)
+    return await settle(engine, sync, generation, name)

@@ -8,7 +8,7 @@ From the repository root (``bentofile.yaml`` names this service)::
 Arguments (``--arg key=value`` for ``bentoml serve`` and ``bentoml build``; a value must
 not contain commas, so several model tags are separated by spaces): see ``cnnserve.core.config.Settings``.
 The HTTP API lives in ``api.py``, ``kserve.py`` and ``repository.py``, gRPC in ``grpc_server.py``, the request
-logic in ``engine.py`` and the model versions in ``manager.py``.
+logic in ``engine.py`` and the model versions in ``registry.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .api import create_app
 from .apikeys import APIKeys, KeysFileError
 from .engine import Engine
 from .http_server import DRAIN, ConnectionCloseWhileDraining, JSONRefusals
-from .manager import LoadFailed
+from .registry import LoadFailed
 from .memory import return_freed_memory, trim_memory
 from .metrics import ROUTES, metrics
 from .modelstate import ServedState, stored_file
@@ -74,9 +74,10 @@ class CnnServe:
                                          batch_sizes=(1, ARGS.max_batch_size), device=ARGS.device))
             self.engine = Engine(models, ARGS, metrics(), draining=lambda: DRAIN.active)
             # the operator's default, served or not, from this worker's first request on (a respawned worker's)
-            self.engine.default = (SERVED.read() or {}).get("default") or self.engine.default
+            registry = self.engine.registry
+            registry.default = (SERVED.read() or {}).get("default") or registry.default
             app.state.engine = self.engine
-            app.state.sync = WorkerSync(self.engine.manager, SERVED, ARGS)
+            app.state.sync = WorkerSync(self.engine, SERVED, ARGS)
             app.state.sync.start()
         except Exception as e:  # noqa: BLE001 - whatever it is, every new worker would meet it again
             reason = str(e) if isinstance(e, ModelLoadError) else f"{type(e).__name__}: {e}"

@@ -2,8 +2,8 @@
 
 BentoML imports the service module in the server's first process (the one ``bentoml serve`` or a
 container starts) before it starts any worker, then in every worker; and it starts a worker again
-whenever one exits, forever (issue 24: 54 tracebacks in 90 s for a model whose warm-up could never
-allocate; issue 25: a forced precision the model lacks, 820 log lines a minute). So:
+whenever one exits, forever (seen: 54 tracebacks in 90 s for a model whose warm-up could never
+allocate; a forced precision the model lacks, 820 log lines a minute). So:
 
 - **Refuse in the first process.** ``preflight`` checks what every worker would meet: each model
   (``cnnserve.core.servable.trial``, in a process of its own under ``load_timeout_s`` and ``load_memory_mb``:
@@ -23,7 +23,7 @@ allocate; issue 25: a forced precision the model lacks, 820 log lines a minute).
 - **The server's own folder**, ``$BENTOML_HOME/cnnserve-servers/PID``, removed at exit (and, for a
   server that was killed, by the next one to start): the reason above, and the server's Prometheus
   files. BentoML keeps every server's in ``$BENTOML_HOME/prometheus_multiproc_dir`` and a starting
-  server empties it, so two servers sharing a BENTOML_HOME deleted each other's (issue 24).
+  server empties it, so two servers sharing a BENTOML_HOME deleted each other's.
 """
 
 from __future__ import annotations

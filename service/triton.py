@@ -26,18 +26,17 @@ from __future__ import annotations
 import json
 import os
 
-from fastapi import Request
+from fastapi import APIRouter, Request
 
 from cnnserve.core import onnxmeta
 from cnnserve.core.runtime import CPU
 
 from .engine import Engine
-from .params import declare_route
+from .params import EngineDep
 from .stats import BATCH_PARTS, REQUEST_PARTS, Statistics
 
 TAGS = ["open inference protocol: Triton's model configuration and statistics extensions"]
-ROUTES: list = []
-route = declare_route(ROUTES)
+router = APIRouter(tags=TAGS)
 
 def _duration(pair) -> dict:
     return {"count": pair[0], "ns": pair[1]}
@@ -46,7 +45,7 @@ def _duration(pair) -> dict:
 def model_stats(engine: Engine, sync, name: str | None = None, version: str | None = None) -> dict:
     """Triton's ``$stats_model_response`` for every loaded version, every version of ``name``, or one, summed over
     the workers of ``sync``'s server (``workers.WorkerSync``; None: this process alone)."""
-    loaded = engine.manager.loaded()
+    loaded = engine.registry.loaded()
     if name:
         m = engine.model(name, version)  # 404 in the service's words for what is not served
         wanted = [(m.name, v) for v in loaded.get(m.name, [m.version]) if not version or v == m.version]
@@ -93,14 +92,14 @@ def model_config(engine: Engine, name: str, version: str | None = None) -> dict:
     }
 
 
-@route("GET", "/v2/models/stats", tags=TAGS, summary="Statistics of every loaded model version (Triton's extension)")
-@route("GET", "/v2/models/{name}/stats", tags=TAGS, summary="Statistics of every loaded version of a model")
-@route("GET", "/v2/models/{name}/versions/{version}/stats", tags=TAGS, summary="Statistics of one loaded version")
-async def stats_route(request: Request, name: str | None = None, version: str | None = None):
-    return model_stats(request.app.state.engine, getattr(request.app.state, "sync", None), name, version)
+@router.get("/v2/models/stats", summary="Statistics of every loaded model version (Triton's extension)")
+@router.get("/v2/models/{name}/stats", summary="Statistics of every loaded version of a model")
+@router.get("/v2/models/{name}/versions/{version}/stats", summary="Statistics of one loaded version")
+async def stats_route(request: Request, engine: EngineDep, name: str | None = None, version: str | None = None):
+    return model_stats(engine, getattr(request.app.state, "sync", None), name, version)
 
 
-@route("GET", "/v2/models/{name}/config", tags=TAGS, summary="The model's configuration, as Triton gives it")
-@route("GET", "/v2/models/{name}/versions/{version}/config", tags=TAGS, summary="One version's configuration")
-async def config_route(request: Request, name: str, version: str | None = None):
-    return model_config(request.app.state.engine, name, version)
+@router.get("/v2/models/{name}/config", summary="The model's configuration, as Triton gives it")
+@router.get("/v2/models/{name}/versions/{version}/config", summary="One version's configuration")
+async def config_route(name: str, engine: EngineDep, version: str | None = None):
+    return model_config(engine, name, version)

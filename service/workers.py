@@ -1,5 +1,5 @@
 """One worker's part in the served set its server shares (``modelstate.py``): a thread that polls the
-desired set every ``model_sync_s`` seconds, converges on it through the manager (loads run in this
+desired set every ``model_sync_s`` seconds, converges on it through the registry (loads run in this
 thread, so the event loop keeps serving), and reports what it serves and what it refused; and the wait of a
 control request for every worker's report.
 
@@ -20,7 +20,7 @@ import os
 import threading
 import time
 
-from .manager import LoadFailed, ModelManager
+from .registry import LoadFailed
 from .modelstate import ServedState, stored_file
 
 log = logging.getLogger("cnnserve.workers")
@@ -29,8 +29,10 @@ RETRY_S = 10.0
 
 
 class WorkerSync:
-    def __init__(self, manager: ModelManager, state: ServedState, settings) -> None:
-        self.manager, self.state, self.settings = manager, state, settings
+    def __init__(self, engine, state: ServedState, settings) -> None:
+        """``engine``: the worker's (its registry converges; its statistics are flushed for the others)."""
+        self.registry, self.stats = engine.registry, engine.stats
+        self.state, self.settings = state, settings
         self.interval = settings.model_sync_s
         # follow the store: the models started as NAME:latest (or NAME), re-resolved every follow_s seconds
         self.follow = [t.split(":")[0] for t in settings.tags if t.endswith(":latest") or ":" not in t]
@@ -69,13 +71,13 @@ class WorkerSync:
             read_at = time.monotonic()
             desired = self.state.read()
             if desired is not None and (desired.get("generation", 0) != self.generation or retry):
-                self.failures = self.manager.converge(desired, lambda n, v: stored_file(n, v)[1], read_at)
+                self.failures = self.registry.converge(desired, lambda n, v: stored_file(n, v)[1], read_at)
                 self.generation = desired.get("generation", 0)
                 self._retry_at = time.monotonic() + RETRY_S if self.failures else float("inf")
                 self.report()
             self._stamp = stamp  # only once applied: a converge that raised is tried again at the next step
-        self.manager.sweep()
-        self.manager.engine.stats.flush(self.state.folder)  # for the other workers' answers (triton.py)
+        self.registry.sweep()
+        self.stats.flush(self.state.folder)  # for the other workers' answers (triton.py)
         if self.settings.follow_s and self.follow and time.monotonic() - self._followed_at >= self.settings.follow_s:
             self._followed_at = time.monotonic()
             if self._lead():
@@ -104,10 +106,10 @@ class WorkerSync:
                 continue  # unloaded since: no longer followed
             try:
                 version, path = stored_file(name)
-                if version == served[-1] or f"{name}:{version}" in self.manager.failed:
+                if version == served[-1] or f"{name}:{version}" in self.registry.failed:
                     continue
                 log.info("following the store: %s:latest is now %s", name, version)
-                _, evicted = self.manager.load(name, version, path)
+                _, evicted = self.registry.load(name, version, path)
                 self.record_load(name, version, evicted, max(1, self.settings.keep_versions))
             except LoadFailed as e:
                 log.warning("following the store: %s: %s", name, e)
@@ -123,10 +125,10 @@ class WorkerSync:
             self._wake.clear()
 
     def report(self) -> None:
-        m = self.manager
+        m = self.registry
         with m.lock:
             report = {"generation": self.generation, "models": m.loaded(), "loading": sorted(m.loading),
-                      "unloading": sorted(s.key for s in m.retiring), "default": self.manager.engine.default,
+                      "unloading": sorted(s.key for s in m.retiring), "default": self.registry.default,
                       "failed": {**m.failed, **{k: why for k, (_, why) in self.failures.items()}},
                       "refused": {k: status for k, (status, _) in self.failures.items()}}
         self.state.report(self.pid, report)

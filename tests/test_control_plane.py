@@ -316,12 +316,12 @@ def test_a_refusal_by_another_worker_is_answered_and_undone(default_onnx, tmp_pa
     roomy, tight = Settings(workers=2, model_sync_s=0.1), Settings(workers=2, model_sync_s=0.1,
                                                                     max_model_memory_mb=0.001)
     engines = [Engine([load_model(default_onnx, name="refused", version=v1)], s) for s in (roomy, tight)]
-    syncs = [WorkerSync(e.manager, state, s) for e, s in zip(engines, (roomy, tight))]
+    syncs = [WorkerSync(e, state, s) for e, s in zip(engines, (roomy, tight))]
     syncs[1].pid = os.getppid()  # two workers' reports in one process: the other one under a live pid of its own
     try:
         for s in syncs:
             s.step()
-        engines[0].manager.load("refused", v2, stored_file("refused", v2)[1])
+        engines[0].registry.load("refused", v2, stored_file("refused", v2)[1])
         generation, before = syncs[0].record_load("refused", v2, keep=2)
 
         async def wait():
@@ -334,7 +334,7 @@ def test_a_refusal_by_another_worker_is_answered_and_undone(default_onnx, tmp_pa
         syncs[0].roll_back("refused", before, generation)
         for s in syncs:
             s.step()
-        assert [e.manager.loaded() for e in engines] == [{"refused": [v1]}] * 2
+        assert [e.registry.loaded() for e in engines] == [{"refused": [v1]}] * 2
         assert state.read()["models"] == {"refused": [v1]}
     finally:
         for e in engines:

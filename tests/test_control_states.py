@@ -612,11 +612,11 @@ def test_a_worker_that_skips_a_generation_serves_every_version_of_the_set(defaul
     config = Settings(providers="cpu", precision="fp32", max_batch_size=8, keep_versions=2)
     engine = Engine([load_model(default_onnx, name=NAME, version="v1", providers="cpu", batch_sizes=(1, 8))], config)
     try:
-        engine.manager.load(NAME, "v3", str(default_onnx))  # this worker's own control request
+        engine.registry.load(NAME, "v3", str(default_onnx))  # this worker's own control request
         since = time.monotonic()
-        failures = engine.manager.converge({"generation": 2, "default": NAME, "models": {NAME: ["v2", "v3"]}},
+        failures = engine.registry.converge({"generation": 2, "default": NAME, "models": {NAME: ["v2", "v3"]}},
                                            lambda name, version: str(default_onnx), since)
-        assert failures == {} and engine.manager.loaded() == {NAME: ["v2", "v3"]}
+        assert failures == {} and engine.registry.loaded() == {NAME: ["v2", "v3"]}
     finally:
         engine.close()
 

@@ -296,7 +296,7 @@ def test_unknown_routes_and_methods_answer_the_services_json(client, srv):
 
 def test_the_monitor_reads_one_view_while_another_model_is_swapped():
     """``/models/A/monitor`` (``Monitor.snapshot``) while model B is unloaded and loaded again in a tight loop, as
-    the manager does it (``engine.models`` is the monitor's dict): never an error. The snapshot looked B up again
+    the registry does it (``newest`` is the monitor's view of the served set): never an error. The snapshot looked B up again
     after checking it was served, and answered 500 (1 in 47,602 over HTTP; about 1 in 40 here before the fix)."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -314,13 +314,13 @@ def test_the_monitor_reads_one_view_while_another_model_is_swapped():
     info = ModelInfo(spec, ood={"test_class_mix": [0.1] * 10, "threshold": 1.0})
     a, b = (SimpleNamespace(name=n, version="1", spec=spec, info=info) for n in ("A", "B"))
     models = {"A": a, "B": b}
-    monitor = Monitor(models, metrics, interval=3600)
+    monitor = Monitor(models.get, list(models), metrics, interval=3600)
     stop, failures = threading.Event(), []
 
     def swap() -> None:
         while not stop.is_set():
-            models.pop("B", None)  # manager._retire
-            models["B"] = b  # manager._switch
+            models.pop("B", None)  # the registry retires B's last version
+            models["B"] = b  # and loads it again
 
     out = np.zeros((1, 20), np.float32)
     out[0, 13] = 1.0
@@ -347,7 +347,7 @@ def test_the_monitor_reads_one_view_while_another_model_is_swapped():
     assert not failures, (len(failures), n, failures[:3])
     assert snap["answers"] == n and snap["class_psi"] is not None and n > 100, (n, snap)
     # a row of NaN is counted apart, never into the figures
-    monitor = Monitor({"A": a}, metrics, interval=3600)
+    monitor = Monitor({"A": a}.get, ["A"], metrics, interval=3600)
     monitor.record(a, np.full((2, 20), np.nan, np.float32), np.zeros(2))
     monitor.record(a, out, np.zeros(1))
     snap = monitor.snapshot(a)

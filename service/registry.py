@@ -1,16 +1,18 @@
-"""The model manager under the engine: loads stored model versions at runtime, swaps them in, releases
-the old ones when their last request is done, keeps a memory budget, and converges on the served set
-that every worker of the server shares (``modelstate.py``).
+"""The model registry: the one owner of the served models. Each loaded version (``Served``) holds its model,
+its batcher and its explanation jobs; the registry looks them up for requests, loads stored versions at
+runtime, swaps them in, releases the old ones when their last request is done, keeps a memory budget, and
+converges on the served set that every worker of the server shares (``modelstate.py``). The engine
+(``engine.py``) keeps no models: it asks the registry for one per request.
 
 - **Try, load beside, then switch.** A version is first checked and warmed at the largest batch in a process
   of its own, under ``load_timeout_s`` and ``load_memory_mb`` (``cnnserve.core.servable.trial``: the checks a
   server makes at start, and a deadline a thread could not have); then loaded, warmed and its precision chosen
   (``cnnserve.core.runtime.load_model``) in a thread while the served version keeps answering; then one
-  step under a lock makes it the one new requests get (``Engine.models[name]``). A failed load changes
+  step under a lock makes it the one new requests get (the newest in ``served[name]``). A failed load changes
   nothing that serves, and its reason is kept for the repository index. The decoding buffers grow to a
   larger model's input when it loads (``DecodePool.grow``), within the image limits the trial checks.
 - **Reference counted.** Every request that looks a model up holds it until the request ends
-  (``request_scope``, which ``api.py`` opens around each HTTP request; every front end should): a replaced
+  (``request_scope``, which every front end opens around each request): a replaced
   version stays open, its queued requests finish on it, and its batcher and session are closed when its
   last holder is done. A version looked up outside any scope is kept ``LOOSE_GRACE_S`` more seconds.
 - **Versions.** The newest ``keep_versions`` loaded versions of a name stay loaded and reachable by
@@ -40,7 +42,7 @@ from .budget import MB, OverBudget, evictions, rss_bytes
 from .errors import APIError, short
 from .memory import trim_memory
 
-log = logging.getLogger("cnnserve.manager")
+log = logging.getLogger("cnnserve.registry")
 #: How long a version looked up outside any request scope stays open after it is replaced (``_closable``).
 LOOSE_GRACE_S = 60.0
 
@@ -63,6 +65,8 @@ class Served:
     model: Model
     batcher: object
     size: int = 0
+    #: the batcher jobs of its explanations, one per method (``Engine.explain_job``), closed with it
+    jobs: dict = field(default_factory=dict)
     holders: int = 0
     last_used: float = field(default_factory=time.monotonic)
     born: float = field(default_factory=time.monotonic)
@@ -77,37 +81,55 @@ class Served:
 
 @contextmanager
 def request_scope():
-    """The span of one request: every model it looks up (``ModelManager.lookup``) is held until it ends."""
+    """The span of one request: every model it looks up (``ModelRegistry.lookup``) is held until it ends."""
     held: list = []
     token = _HELD.set(held)
     try:
         yield held
     finally:
         _HELD.reset(token)
-        for manager, served in held:
-            manager.release(served)
+        for registry, served in held:
+            registry.release(served)
 
 
-class ModelManager:
-    def __init__(self, engine, settings, metrics=None) -> None:
-        self.engine, self.settings, self.metrics = engine, settings, metrics
+class ModelRegistry:
+    """The served versions by name, oldest to newest; ``make_batcher(model)`` gives a new version its batcher and
+    ``grow(values)`` makes room for a larger input in the decoding buffers."""
+
+    def __init__(self, models: list[Model], settings, make_batcher, grow=lambda values: None, metrics=None) -> None:
+        if not models:
+            raise ValueError("no models to serve")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two models share a name: {names}")
+        self.settings, self.metrics = settings, metrics
+        self.make_batcher, self.grow = make_batcher, grow
+        #: the operator's default: what a request without a model gets, served or not (``lookup`` refuses then)
+        self.default = models[0].name
         self.lock = threading.RLock()
         self.load_lock = threading.Lock()  # one load at a time: each is measured alone, and CPU is scarce
         self.served: dict[str, list[Served]] = {}  # by name, oldest to newest
-        self.by_model: dict[int, Served] = {}
         self.retiring: list[Served] = []
         self.failed: dict[str, str] = {}  # name:version -> why its last load failed
         self.loading: set[str] = set()
         self.loop = None
         self._freed = False  # a version was closed since the last sweep: its memory goes back to the system
-        for m in engine.models.values():
-            self._add(Served(m, engine.batchers[m.name], self._file_size(m)))
+        for m in models:
+            self._add(Served(m, make_batcher(m), self._file_size(m)))
 
     # -- requests -------------------------------------------------------------------------------------
 
-    def lookup(self, name: str, version: str | None = None) -> Model:
-        """The served model (the newest version, or ``version``), held by the current request."""
+    def lookup(self, name: str | None, version: str | None = None) -> Served:
+        """The served version (the newest, or ``version``) of ``name``, or of the default without a name, held by
+        the current request. Without a name while the default is not served: 409, never another model."""
         with self.lock:
+            if not name:
+                if self.default not in self.served:
+                    raise APIError(409, "default_unavailable", f"this request names no model and the default "
+                                   f"model, {self.default!r}, is not loaded: name one of {', '.join(self.served)} "
+                                   "(the model parameter), or load the default again or set another (a load with "
+                                   "{\"parameters\": {\"default\": true}})")
+                name = self.default
             versions = self.served.get(name)
             if not versions:
                 raise APIError(404, "unknown_model", f"no model named {short(name)}; serving: "
@@ -128,11 +150,17 @@ class ModelManager:
                 s.loose_at = s.last_used
         if self.loop is None:
             self.loop = _running_loop()
-        return s.model
+        return s
 
-    def batcher(self, model: Model):
-        """The batcher of this very model object (a replaced version's, while its requests finish)."""
-        return self.by_model[id(model)].batcher
+    def newest(self, name: str) -> Model | None:
+        """The version of ``name`` new requests get, without holding it (the drift monitor's view), or None."""
+        versions = self.served.get(name)
+        return versions[-1].model if versions else None
+
+    def current(self) -> list[Served]:
+        """The newest version of each served model, the default first."""
+        with self.lock:
+            return sorted((v[-1] for v in self.served.values() if v), key=lambda s: s.model.name != self.default)
 
     def release(self, served: Served) -> None:
         with self.lock:
@@ -155,7 +183,6 @@ class ModelManager:
                     if newest:
                         self.served[name].remove(existing)
                         self.served[name].append(existing)
-                        self._switch(name)
                     return existing, []
                 self.loading.add(key)
                 self.failed.pop(key, None)
@@ -222,8 +249,8 @@ class ModelManager:
                     if (s.model.version not in keep and s.born < since
                             and (len(self.served) > 1 or len(self.served[name]) > 1)):
                         self._retire(s, "unloads")
-            if desired.get("default"):  # the operator's choice, served or not (``Engine.model`` says which)
-                self.engine.default = desired["default"]
+            if desired.get("default"):  # the operator's choice, served or not (``lookup`` says which)
+                self.default = desired["default"]
         return failures
 
     def loaded(self) -> dict[str, list[str]]:
@@ -264,8 +291,8 @@ class ModelManager:
         except Exception as e:  # noqa: BLE001 - a file onnxruntime or the metadata parser refuses, in words
             raise LoadFailed(f"{path}: {type(e).__name__}: {e}") from None
         c, h, w = model.spec.input_shape
-        self.engine.decoders.grow(c * h * w)  # within the image limits: the trial checked the spec against them
-        return Served(model, self.engine._batcher(model))
+        self.grow(c * h * w)  # within the image limits: the trial checked the spec against them
+        return Served(model, self.make_batcher(model))
 
     def _fit(self, new: Served) -> list[Served]:
         """The idle versions to evict so that ``new`` fits the budget (``budget.py``), or ``LoadFailed``."""
@@ -283,16 +310,8 @@ class ModelManager:
             versions.append(s)
         else:
             versions.insert(0, s)
-        self.by_model[id(s.model)] = s
-        self._switch(s.model.name)
         if self.metrics:
             self.metrics.model_resident_bytes.labels(s.model.name).set(self._resident(s.model.name))
-
-    def _switch(self, name: str) -> None:
-        """New requests without a version get the newest of ``name`` (one dict assignment each)."""
-        s = self.served[name][-1]
-        self.engine.models[name] = s.model
-        self.engine.batchers[name] = s.batcher
 
     def _trim(self, name: str) -> None:
         keep = max(1, self.settings.keep_versions)
@@ -305,13 +324,9 @@ class ModelManager:
         versions = self.served.get(name, [])
         if s in versions:
             versions.remove(s)
-        if versions:
-            self._switch(name)
-        else:
-            self.served.pop(name, None)
-            self.engine.models.pop(name, None)
-            self.engine.batchers.pop(name, None)
+        if not versions:
             # the default stays the operator's choice: requests without a model are refused, not rerouted
+            self.served.pop(name, None)
         s.retired = True
         self.retiring.append(s)
         self._count(why, name)
@@ -333,11 +348,8 @@ class ModelManager:
             if s not in self.retiring:
                 return
             self.retiring.remove(s)
-            self.by_model.pop(id(s.model), None)
             self._freed = True
-            for key in list(self.engine._explain_jobs):  # a copy: the event loop may add one meanwhile
-                if key[:2] == (s.model.name, s.model.version):
-                    self.engine._explain_jobs.pop(key, None)
+            s.jobs.clear()
         loop = self.loop
         if loop is not None and loop.is_running() and _running_loop() is not loop:
             loop.call_soon_threadsafe(s.batcher.close)  # the batcher's task lives on the event loop
