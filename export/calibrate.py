@@ -1,8 +1,8 @@
 """The numbers behind calibrated probabilities: temperature scaling, its measures and the measures of the
 out-of-distribution score (the score itself is ``cnnserve.core.confidence``'s, numpy only, which the
 service and the batch scorer answer with). Export runs where the ``train`` extra is installed, so the
-AUROC is scikit-learn's, not written out here again; the serving image has no scikit-learn, and nothing
-on its path imports this module.
+softmax, the search for T and the AUROC are scipy's and scikit-learn's, not written out here again; the
+serving image has neither, and nothing on its path imports this module.
 
 - Temperature scaling (Guo et al. 2017): one T > 0 that minimises the negative log-likelihood of
   softmax(logits / T) on held-out data. The arg-max of every row is unchanged by construction.
@@ -15,6 +15,7 @@ on its path imports this module.
 from __future__ import annotations
 
 import numpy as np
+from scipy import optimize, special
 from sklearn.metrics import roc_auc_score
 
 BINS = 15
@@ -23,13 +24,11 @@ LOG_T_RANGE = (np.log(0.05), np.log(20.0))
 
 
 def log_softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, np.float64) / t
-    z = z - z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return special.log_softmax(np.asarray(logits, np.float64) / t, axis=1)
 
 
 def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
-    return np.exp(log_softmax(logits, t))
+    return special.softmax(np.asarray(logits, np.float64) / t, axis=1)
 
 
 def nll(logits: np.ndarray, targets: np.ndarray, t: float = 1.0) -> float:
@@ -37,27 +36,15 @@ def nll(logits: np.ndarray, targets: np.ndarray, t: float = 1.0) -> float:
 
 
 def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
-    """The T in [0.05, 20] minimising NLL: a grid on log T, then golden-section search around its best point
-    (NLL is smooth and, in log T, unimodal in practice)."""
+    """The T in [0.05, 20] minimising NLL, by bounded Brent search on log T. NLL is convex in 1 / T (a mean
+    of log-sum-exps of terms linear in it, less a linear term), so it has one minimum on log T's range too;
+    where it falls all the way to a bound (a split classified perfectly) the search ends at that bound,
+    which the caller checks for."""
     if len(targets) == 0:
         raise ValueError("no labelled images to fit a temperature on")
-    grid = np.linspace(*LOG_T_RANGE, 121)
-    losses = [nll(logits, targets, np.exp(g)) for g in grid]
-    i = int(np.argmin(losses))
-    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
-    ratio = (np.sqrt(5) - 1) / 2
-    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fa, fb = nll(logits, targets, np.exp(a)), nll(logits, targets, np.exp(b))
-    for _ in range(60):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - ratio * (hi - lo)
-            fa = nll(logits, targets, np.exp(a))
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + ratio * (hi - lo)
-            fb = nll(logits, targets, np.exp(b))
-    return float(np.exp((lo + hi) / 2))
+    found = optimize.minimize_scalar(lambda log_t: nll(logits, targets, np.exp(log_t)), bounds=LOG_T_RANGE,
+                                     method="bounded", options={"xatol": 1e-7})
+    return float(np.exp(found.x))
 
 
 def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = BINS) -> dict:
