@@ -18,8 +18,8 @@ import httpx
 import numpy as np
 import pytest
 
-from cnnserve.bench import faults, hostile
 from tests.conftest import Server, encode
+from tests.support import faults, hostile
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-control"
