@@ -107,47 +107,59 @@ def test_default_top_k_is_clamped_explicit_is_refused(default_onnx):
     few = copy.copy(m)
     few.info = copy.copy(m.info)
     object.__setattr__(few.info, "spec", m.spec.with_labels(("a", "b", "c")))
-    engine = Engine([m])
-    assert engine.top_k(few, None) == 3 and engine.top_k(m, None) == 5
+    few.name = "few"
+    engine = Engine([m, few])
+    assert engine.call(few.name).top_k == 3 and engine.call(m.name).top_k == 5
     with pytest.raises(APIError, match="between 1 and 3"):
-        engine.top_k(few, 4)
+        engine.call(few.name, top_k=4)
     engine.close()
 
 
 def test_engine_decodes_inline_or_in_processes_alike(default_onnx, digits_test):
     """Small images decode on the event loop, large ones in decoding processes: same answers, all stages
-    timed; a broken image fails alone on either path."""
+    timed; a broken image fails alone on either path. The expected answers come from the held-out pixels
+    themselves, never through the decoding under test."""
     from cnnserve.core.config import Settings
     from cnnserve.service.engine import STAGES, Engine
     from cnnserve.service.errors import APIError
-    from cnnserve.core.preprocess import preprocess
     from tests.conftest import encode
 
     m = load_model(default_onnx)
-    x, _ = digits_test
-    small = encode(x[3][0])  # 8x8
-    large = encode(np.kron(x[3][0], np.ones((40, 40), np.uint8)))  # 320x320, same digit
+    x, y = digits_test
+    small = encode(x[3][0])  # 28x28, as the test split holds it (PNG: lossless)
+    large = encode(np.kron(x[3][0], np.ones((40, 40), np.uint8)))  # 1120x1120, the same digit
+    probs = m.predict(x[3:4])[0]  # the model on the very pixels the small PNG holds
+    order = np.argsort(-probs)[:5]
+    want = [(m.spec.labels[i], int(i)) for i in order]
+    assert m.spec.labels[order[0]] == m.spec.labels[y[3]]  # a digit the model gets right
+    answers = {}
 
     async def classify(engine, data):
         timings = {}
-        out = await engine.classify(data, timings=timings)
+        out = await engine.classify(engine.call(), data, timings=timings)
         return out["predictions"], timings
 
     for limit in (0, 128 * 128):  # always processes; the default
         engine = Engine([m], Settings(inline_decode_pixels=limit))
         try:
-            for data in (small, large):
+            for size, data in (("small", small), ("large", large)):
                 preds, timings = asyncio.run(classify(engine, data))
                 assert set(timings) == set(STAGES) - {"read", "total"}
                 assert all(v >= 0 for v in timings.values())
-                ref = m.top_k(m.predict(preprocess(data, m.spec)[None]), 5)[0]
-                assert preds == ref
+                answers[limit, size] = preds
             for data in (small, large):
                 with pytest.raises(APIError) as err:
-                    asyncio.run(engine.classify(data[: len(data) // 2]))
+                    asyncio.run(engine.classify(engine.call(), data[: len(data) // 2]))
                 assert err.value.status == 400 and err.value.code in ("truncated", "bad_image")
         finally:
             engine.close()
+    for limit in (0, 128 * 128):
+        small_answer, large_answer = answers[limit, "small"], answers[limit, "large"]
+        assert [(p["label"], p["index"]) for p in small_answer] == want, small_answer
+        assert [p["probability"] for p in small_answer] == pytest.approx(probs[order].tolist(), abs=1e-6)
+        assert large_answer[0]["label"] == m.spec.labels[y[3]], large_answer  # resized down to the same digit
+    assert answers[0, "small"] == answers[128 * 128, "small"]  # decoded in a process, then on the event loop
+    assert answers[0, "large"] == answers[128 * 128, "large"]
 
 
 def test_classify_fast_path_answers_as_fastapi_route_does(default_onnx, digits_test):
