@@ -35,6 +35,24 @@ def run_capped(code: str, megabytes: int = 3072, timeout: float = 300) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def wait_until(predicate, timeout: float, what: str, every: float = 0.1):
+    """Poll ``predicate`` until it returns something true (returned) or ``timeout`` seconds pass (fails,
+    saying ``what`` never happened)."""
+    deadline = time.monotonic() + timeout
+    while not (got := predicate()):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(every)
+    return got
+
+
+async def until(predicate, timeout: float, what: str) -> None:
+    """``wait_until`` on the event loop: yields to it between polls."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.001)
+
+
 # --- in-process, under a memory cap -------------------------------------------------------------
 
 def test_hostile_images_refused_from_their_headers_under_a_memory_cap():
@@ -167,12 +185,13 @@ def test_bulk_work_runs_a_slice_at_a_time_and_interactive_requests_get_in_betwee
         b = MicroBatcher(fn, max_batch_size=8, max_queue=100, max_wait_ms=0, fixed_slice=3)
         explanation = asyncio.create_task(b.submit(np.arange(100, 110, dtype=np.uint8)[:, None], priority="bulk"))
         cam_pass = asyncio.create_task(b.submit(np.array([[7]], np.uint8), priority="bulk", job=cam))
-        await asyncio.sleep(0.03)  # the first slice runs
+        await until(lambda: batches, 5, "the first slice runs")
         interactive = []
-        for i in range(3):
+        for i in range(3):  # each arrives while a batch of bulk work runs, and the next arrives once one more began
+            started = len(batches)
             arrivals.append(time.perf_counter())
             interactive.append(asyncio.create_task(b.submit(np.array([[i]], np.uint8))))
-            await asyncio.sleep(0.025)
+            await until(lambda: len(batches) > started, 5, f"a batch after interactive request {i} arrived")
         out = await asyncio.gather(explanation, cam_pass, *interactive)
         b.close()
         return out
@@ -400,13 +419,14 @@ def short_body(body) -> str:
 
 
 def declared_routes() -> set[str]:
-    """Every route the service declares (api.py, kserve.py, repository.py) that its OpenAPI document lists."""
-    from cnnserve.service import api, kserve, repository
+    """Every route the service declares (the routers of api.py, triton.py, kserve.py, repository.py) that its
+    OpenAPI document lists."""
+    from cnnserve.service import api, kserve, repository, triton
 
-    routes = (*api.ROUTES, *kserve.ROUTES, *repository.ROUTES)
-    hidden = {path for path, _, options in routes if options.get("include_in_schema") is False}
+    routes = [r for router in (api.router, triton.router, kserve.router, repository.router) for r in router.routes]
+    hidden = {r.path for r in routes if not r.include_in_schema}
     assert hidden == {"/demo"}, hidden  # the demo page's redirect; the page itself is static files
-    return {f"{options['methods'][0]} {path}" for path, _, options in routes if path not in hidden}
+    return {f"{method} {r.path}" for r in routes if r.path not in hidden for method in r.methods}
 
 
 def test_fuzzed_from_the_openapi_document(capped_server, client):
@@ -477,13 +497,15 @@ def test_requests_whose_clients_left_are_never_run(stored_default, digits_test):
             s.sendall(head + png)
         for s in socks:
             s.close()
-        time.sleep(1.5)
+        # refused by the batcher, not while reading the body or waiting to be decoded (the other two paths
+        # that count client_closed): each of the twenty is logged once with the batcher's words, once its
+        # batch closes (400 ms); a request that ran instead would never be logged so
+        refused = "while the request waited for the model; it was not run"
+        log = wait_until(lambda: (out := srv.output()).count(refused) >= 20 and out, 30,
+                         "twenty requests refused by the batcher")
+        assert log.count(refused) == 20, log[-3000:]
         assert metric_sum(srv.url, "cnnserve_batch_size_sum") == ran  # not one of them ran
         assert 'reason="client_closed"' in httpx.get(srv.url + "/metrics").text
-        # refused by the batcher, not while reading the body or waiting to be decoded (the other two paths
-        # that count client_closed): each of the twenty is logged once with the batcher's words
-        log = srv.output()
-        assert log.count("while the request waited for the model; it was not run") == 20, log[-3000:]
         assert "bytes of the body" not in log and "waited to be decoded" not in log
         assert "Traceback" not in log
     finally:
@@ -531,7 +553,7 @@ def test_soak_with_hostile_images_mixed_in(capped_server, bodies):
     assert out["rss_after_mb"] - out["rss_before_mb"] < 300, out
 
 
-# --- issue 24: bounded labels, idle connections, numbers of any length, shared homes -------------------
+# --- bounded labels, idle connections, numbers of any length, shared homes ----------------------------
 
 def _many_requests(port: int, n: int, connections: int = 2) -> dict:
     """``n`` requests to paths and model names never seen before (a fresh uuid each), over kept-alive
@@ -559,8 +581,8 @@ def _many_requests(port: int, n: int, connections: int = 2) -> dict:
 
 
 def test_metric_labels_stay_a_closed_set_whatever_the_paths(capped_server):
-    """10,000 requests to made-up paths and model names: /metrics and the workers' memory stay flat (before
-    issue 24 each new path added series to BentoML's request metrics: 21.8 KB of worker memory apiece)."""
+    """10,000 requests to made-up paths and model names: /metrics and the workers' memory stay flat (each new
+    path once added series to BentoML's request metrics: 21.8 KB of worker memory apiece)."""
     _many_requests(capped_server.port, 1000)  # every kind of answer once, and the allocator warm
     size_before = len(httpx.get(capped_server.url + "/metrics").content)
     rss_before = faults.tree_rss_mb(capped_server.proc.pid)
@@ -707,8 +729,8 @@ def _weights_outside(m):
 @pytest.mark.parametrize("case", ["input 100000x100000 in the metadata", "5 labels for 10 outputs",
                                   "weights outside its folder", "forced precision it lacks"])
 def test_a_model_no_worker_could_load_is_refused_once(case, default_onnx, stored_default, tmp_path):
-    """Issue 24 item 5 and issue 25 item 4: `cnnserve store` refuses the file, and a server given it anyway
-    exits 1 once with one message (it restarted its workers forever: 54 tracebacks in 90 s)."""
+    """`cnnserve store` refuses the file, and a server given it anyway exits 1 once with one message (it once
+    restarted its workers forever: 54 tracebacks in 90 s)."""
     from cnnserve.export.store import StoreError, store_model
 
     if case == "forced precision it lacks":
@@ -774,7 +796,7 @@ def test_a_worker_that_fails_to_start_stops_the_server_once(tmp_path):
     assert out.count("stopping the server") <= 2, out[-3000:]  # the worker that failed (and at most one more)
 
 
-# --- issue 24: explanations and large images yield to interactive requests ------------------------------
+# --- explanations and large images yield to interactive requests ---------------------------------------
 
 def _multipart(field: str, files: list[bytes], content_type: str = "image/png") -> tuple[bytes, str]:
     boundary = "cnnserve-test-boundary"
@@ -795,8 +817,8 @@ def one_worker(stored_default):
 
 def test_interactive_answers_keep_coming_under_an_explanation_flood(one_worker, digits_test):
     """Four clients looping occlusion maps (170 images each, bulk by default, a slice per batch) and one
-    interactive client: the interactive client's answers keep coming, many per explanation. Before issue 24
-    the explanations ran at interactive priority and queued ahead of it: a handful of answers in 15 s."""
+    interactive client: the interactive client's answers keep coming, many per explanation. The explanations
+    once ran at interactive priority and queued ahead of it: a handful of answers in 15 s."""
     png = encode(digits_test[0][0][0])
     out = faults.flood_trial(one_worker, [(png, "image/png")], [(png, "image/png")], "/classify/explain",
                              clients=4, seconds=8)
@@ -813,8 +835,8 @@ def test_interactive_answers_keep_coming_under_an_explanation_flood(one_worker, 
 def test_interactive_images_are_decoded_between_a_flood_of_large_ones(one_worker):
     """Two clients sending 128 legal 7000x7000 grey PNGs at a time (/classify/batch, deadline 3 s), and an
     interactive client with an image that is decoded in a process too: it is decoded between theirs, image
-    by image, and answered; theirs end at their deadline with cnnserve's 504 (before issue 24 they held the
-    decoding threads a minute, the victim waited 30-60 s and got BentoML's own 504)."""
+    by image, and answered; theirs end at their deadline with cnnserve's 504 (they once held the decoding
+    threads a minute, the victim waited 30-60 s and got BentoML's own 504)."""
     big, ctype = _multipart("images", [hostile.grey_png()] * 128)
     victim = encode(np.kron(np.eye(10, dtype=np.uint8) * 255, np.ones((32, 32), np.uint8)))  # 320x320: not inline
     out = faults.flood_trial(one_worker, [(victim, "image/png")], [(big, ctype)], "/classify/batch?timeout_ms=3000",
