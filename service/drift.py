@@ -66,13 +66,13 @@ class Monitor:
         return {"recent": deque(maxlen=self.window), "answers": 0, "out_of_distribution": 0, "top1_sum": 0.0,
                 "ood_sum": 0.0, "not_finite": 0}
 
-    def record(self, model, out: np.ndarray, scores: np.ndarray | None = None) -> None:
+    def record(self, model, logits: np.ndarray, probs: np.ndarray, scores: np.ndarray | None = None) -> None:
         """The request path's part, once per batch the model ran (every protocol's answers: /classify,
-        /v2 infer, gRPC): one append of the batch's logits and probabilities (N x 2K), their OOD scores where
+        /v2 infer, gRPC): one append of the batch's logits and probabilities (N x K each), their OOD scores where
         the batch has them (else the drain computes them), and what the drain needs of the version that made
         them (not the model itself: a replaced version is closed and freed when its last request ends, not a
         drain later)."""
-        self.pending.append((Answered(model.name, model.version, model.spec, model.info), out, scores))
+        self.pending.append((Answered(model.name, model.version, model.spec, model.info), logits, probs, scores))
 
     def _loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -90,36 +90,35 @@ class Monitor:
             batches: dict = {}
             while self.pending:
                 try:
-                    model, out, scores = self.pending.popleft()
+                    model, logits, probs, scores = self.pending.popleft()
                 except IndexError:
                     break
                 if scores is None:
-                    scores = ood_scores(model.info.ood, out[:, :model.spec.num_classes], model.info.temperature)
-                entry = batches.setdefault((model.name, model.version), (model, [], []))
-                entry[1].append(out)
-                entry[2].append(scores)
+                    scores = ood_scores(model.info.ood, logits, model.info.temperature)
+                entry = batches.setdefault((model.name, model.version), (model, [], [], []))
+                for parts, part in zip(entry[1:], (logits, probs, scores)):
+                    parts.append(part)
             touched: dict = {}
-            for model, outs, scores in batches.values():
+            for model, *parts in batches.values():
                 if self.newest(model.name) is None:  # unloaded since it answered
                     continue
                 touched[model.name] = model
-                self._add(model, np.concatenate(outs), np.concatenate(scores))
+                self._add(model, *map(np.concatenate, parts))
             if self.metrics:
                 for name, model in touched.items():
                     value = self.psi(name, model)
                     if value is not None:
                         self.metrics.class_psi.labels(name).set(value)
 
-    def _add(self, model, out: np.ndarray, scores: np.ndarray) -> None:
+    def _add(self, model, logits: np.ndarray, probs: np.ndarray, scores: np.ndarray) -> None:
         k = model.spec.num_classes
-        finite = np.isfinite(out).all(axis=1) & np.isfinite(scores)
+        finite = np.isfinite(logits).all(axis=1) & np.isfinite(probs).all(axis=1) & np.isfinite(scores)
         dropped = len(finite) - int(finite.sum())
         if dropped:  # answered as an error (a model's NaN): counted apart, so the means and /monitor stay numbers
             self._state(model.name)["not_finite"] += dropped
-            out, scores = out[finite], scores[finite]
-            if not len(out):
+            probs, scores = probs[finite], scores[finite]
+            if not len(probs):
                 return
-        probs = out[:, k:]
         classes, top1 = probs.argmax(axis=1), probs.max(axis=1)
         limit = threshold(model.info)
         outside = 0 if limit is None else int((~(scores <= limit)).sum())  # NaN: outside, as assess says

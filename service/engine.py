@@ -80,20 +80,17 @@ class Call:
 
 @dataclass
 class Prediction:
-    """What the model answered for N images: logits and probabilities (N x K each, float32, views of one batch
-    output) and each row's out-of-distribution score, with the version that answered."""
+    """What the model answered for N images: logits and probabilities (N x K each, float32) and each row's
+    out-of-distribution score, with the version that answered."""
 
     model: Model
-    both: np.ndarray  # N x 2K: the batcher's output, logits then probabilities
+    logits: np.ndarray
+    probabilities: np.ndarray
     ood: np.ndarray
 
-    @property
-    def logits(self) -> np.ndarray:
-        return self.both[:, :self.model.spec.num_classes]
-
-    @property
-    def probabilities(self) -> np.ndarray:
-        return self.both[:, self.model.spec.num_classes:]
+    def assess(self, calibrated: bool = True, finite: bool = True) -> tuple[np.ndarray, list[dict]]:
+        """The probabilities to answer with and each row's OOD fields (``confidence.assess``)."""
+        return assess(self.model.info, self.logits, self.probabilities, calibrated, self.ood, finite)
 
 
 class Engine:
@@ -118,14 +115,13 @@ class Engine:
         outputs = list(onnxmeta.OUTPUTS)
 
         def run(pixels: np.ndarray) -> list[np.ndarray]:
-            """Logits and probabilities side by side, and each row's OOD score: scored once per batch, here in
-            the inference thread, not once per request on the event loop."""
+            """Logits, probabilities and each row's OOD score: scored once per batch, here in the inference
+            thread, not once per request on the event loop."""
             logits, probs = model.run(pixels, outputs)
-            out = np.concatenate([logits, probs], axis=1)
             scores = ood_scores(model.info.ood, logits, model.info.temperature)
             if self.monitor:
-                self.monitor.record(model, out, scores)  # every protocol's answers reach the drift monitor
-            return [out, scores]
+                self.monitor.record(model, logits, probs, scores)  # every protocol's answers reach the monitor
+            return [logits, probs, scores]
 
         def observe(n: int, seconds: float) -> None:
             if self.metrics:
@@ -144,18 +140,13 @@ class Engine:
     @staticmethod
     def explain_job(served: Served, method: str):
         """The batcher job of an explanation (one function per version and method, so that those requests batch
-        together): for CAM, logits, probabilities and the last feature maps; for occlusion, logits and
-        probabilities, not counted by the drift monitor (the occluded copies are no one's answers:
-        ``explain`` counts the image itself)."""
+        together): logits and probabilities, for CAM with the last feature maps, not counted by the drift
+        monitor (the occluded copies are no one's answers: ``explain`` counts the image itself)."""
         job = served.jobs.get(method)
         if job is None:
             model = served.model
-            if method == "cam":
-                outputs = [onnxmeta.LOGITS, onnxmeta.PROBABILITIES, onnxmeta.FEATURES]
-                job = served.jobs[method] = lambda pixels: model.run(pixels, outputs)
-            else:
-                outputs = list(onnxmeta.OUTPUTS)
-                job = served.jobs[method] = lambda pixels: np.concatenate(model.run(pixels, outputs), axis=1)
+            outputs = [*onnxmeta.OUTPUTS, onnxmeta.FEATURES] if method == "cam" else list(onnxmeta.OUTPUTS)
+            job = served.jobs[method] = lambda pixels: model.run(pixels, outputs)
         return job
 
     @property
@@ -318,10 +309,9 @@ class Engine:
         # that let interactive requests in between.
         job = self.explain_job(call.served, method)
         if method == "cam":
-            logits, probs, features = await self.run(call, pixels[None], timings, job)
+            logits, raw, features = await self.run(call, pixels[None], timings, job)
             t = time.perf_counter()
-            out = np.concatenate([logits, probs], axis=1)
-            probs, rows = assess(model.info, out, call.calibrated)
+            probs, rows = assess(model.info, logits, raw, call.calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
             heat = explanation.cam(features[0], model.cam_weights, tgt, (h, w))
         else:
@@ -334,14 +324,14 @@ class Engine:
             # tens of MB for a 224-px model: copied in a thread, not on the event loop that serves the others
             big = extra["occlusions"] * pixels.nbytes > 2**20
             batch, boxes = await anyio.to_thread.run_sync(stacked) if big else stacked()
-            out = await self.run(call, batch, timings, job)
+            logits, raw = await self.run(call, batch, timings, job)
             del batch
             t = time.perf_counter()
-            probs, rows = assess(model.info, out, call.calibrated)
+            probs, rows = assess(model.info, logits, raw, call.calibrated)
             tgt = int(probs[0].argmax()) if target is None else target
             heat = explanation.sensitivity(float(probs[0, tgt]), probs[1:, tgt], boxes, patch, (h, w))
-        if self.monitor:
-            self.monitor.record(model, out[:1])  # the image explained is an answer; its occluded copies are not
+        if self.monitor:  # the image explained is an answer; its occluded copies are not
+            self.monitor.record(model, logits[:1], raw[:1])
         result = {"model": model.name, "version": model.version, "method": method,
                   "target": {"index": tgt, "label": spec.labels[tgt]}, "probability": float(probs[0, tgt]),
                   "predictions": model.top_k(probs[:1], call.top_k)[0], **rows[0], **extra,
@@ -356,7 +346,7 @@ class Engine:
         pixels = await self.decode(model, data, timings, call.ticket)
         p = await self.run(call, pixels[None], timings)
         t = time.perf_counter()
-        probs, rows = assess(model.info, p.both, call.calibrated, p.ood)
+        probs, rows = p.assess(call.calibrated)
         result = {"model": model.name, "version": model.version, "predictions": model.top_k(probs, call.top_k)[0],
                   **rows[0]}
         if timings is not None:
@@ -387,9 +377,9 @@ class Engine:
         preds = []
         if good:
             p = await self.run(call, np.stack([decoded[i] for i in good]))
-            probs, rows = assess(model.info, p.both, call.calibrated, p.ood, finite=False)
+            probs, rows = p.assess(call.calibrated, finite=False)
             # an image the model answered NaN or infinity for fails alone, as a bad image does
-            bad = set(not_finite_rows(p.both, p.ood))
+            bad = set(not_finite_rows(p.logits, p.probabilities, p.ood))
             for j in bad:
                 decoded[good[j]] = model_output_not_finite(model.name, model.version, [good[j]])
             keep = [j for j in range(len(good)) if j not in bad]

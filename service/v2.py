@@ -178,7 +178,7 @@ async def outputs(engine: Engine, call: Call, pixels: np.ndarray | list[bytes]) 
     if isinstance(pixels, list):
         pixels = await decode(engine, call, pixels)
     p = await engine.run(call, pixels)
-    bad = not_finite_rows(p.both)
+    bad = not_finite_rows(p.logits, p.probabilities)
     if bad:  # no protocol can carry NaN as a number (JSON has none), and no client can use it
         raise model_output_not_finite(p.model.name, p.model.version, bad)
     return {onnxmeta.LOGITS: p.logits, onnxmeta.PROBABILITIES: p.probabilities}

@@ -296,8 +296,9 @@ def test_unknown_routes_and_methods_answer_the_services_json(client, srv):
 
 def test_the_monitor_reads_one_view_while_another_model_is_swapped():
     """``/models/A/monitor`` (``Monitor.snapshot``) while model B is unloaded and loaded again in a tight loop, as
-    the registry does it (``newest`` is the monitor's view of the served set): never an error. The snapshot looked B up again
-    after checking it was served, and answered 500 (1 in 47,602 over HTTP; about 1 in 40 here before the fix)."""
+    the registry does it (``newest`` is the monitor's view of the served set): never an error. The snapshot
+    looked B up again after checking it was served, and answered 500 (1 in 47,602 over HTTP; about 1 in 40 here
+    before the fix)."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
     from cnnserve.core.onnxmeta import ModelInfo
@@ -332,8 +333,8 @@ def test_the_monitor_reads_one_view_while_another_model_is_swapped():
         deadline = time.monotonic() + 3
         n = 0
         while time.monotonic() < deadline:
-            monitor.record(b, out, np.zeros(1))
-            monitor.record(a, out, np.zeros(1))
+            monitor.record(b, out[:, :10], out[:, 10:], np.zeros(1))
+            monitor.record(a, out[:, :10], out[:, 10:], np.zeros(1))
             try:
                 snap = monitor.snapshot("A")
             except Exception as e:  # noqa: BLE001 - what the route answered 500 for
@@ -348,8 +349,8 @@ def test_the_monitor_reads_one_view_while_another_model_is_swapped():
     assert snap["answers"] == n and snap["class_psi"] is not None and n > 100, (n, snap)
     # a row of NaN is counted apart, never into the figures
     monitor = Monitor({"A": a}.get, ["A"], metrics, interval=3600)
-    monitor.record(a, np.full((2, 20), np.nan, np.float32), np.zeros(2))
-    monitor.record(a, out, np.zeros(1))
+    monitor.record(a, np.full((2, 10), np.nan, np.float32), np.full((2, 10), np.nan, np.float32), np.zeros(2))
+    monitor.record(a, out[:, :10], out[:, 10:], np.zeros(1))
     snap = monitor.snapshot(a)
     monitor.close()
     assert snap["not_finite"] == 2 and snap["answers"] == 1 and snap["mean_top1_probability"] == 1.0, snap

@@ -1,4 +1,4 @@
-"""Models in and out at runtime (issue 27): the model manager in-process, then a real two-worker server
+"""Models in and out at runtime: the model manager in-process, then a real two-worker server
 driven by tritonclient's repository calls, hot swaps under 64 clients, and a worker killed with -9."""
 
 from __future__ import annotations
@@ -35,31 +35,33 @@ def test_a_replaced_version_finishes_its_requests_then_closes(default_onnx):
     from cnnserve.core.config import Settings
     from cnnserve.core.runtime import load_model
     from cnnserve.service.engine import Engine
-    from cnnserve.service.manager import request_scope
+    from cnnserve.service.registry import request_scope
 
     config = Settings(providers="cpu", precision="fp32", max_batch_size=8)
     engine = Engine([load_model(default_onnx, name=NAME, version="v1", providers="cpu", batch_sizes=(1, 8))], config)
-    manager = engine.manager
+    registry = engine.registry
     pixels = np.zeros((2, 1, 28, 28), np.uint8)
 
     async def scenario():
         with request_scope():
-            old = engine.model(NAME)
-            assert old.version == "v1"
-            await asyncio.to_thread(manager.load, NAME, "v2", str(default_onnx))
-            assert engine.model(NAME).version == "v2" and engine.models[NAME].version == "v2"
-            assert [s.model.version for s in manager.retiring] == ["v1"]
-            out, scores = await engine.run(old, pixels)  # still runs on v1's own batcher
-            assert out.shape == (2, 20) and scores.shape == (2,)
-        assert manager.retiring == [] and id(old) not in manager.by_model  # released with its last request
-        return weakref.ref(old)
+            old = engine.call(NAME)
+            assert old.model.version == "v1"
+            await asyncio.to_thread(registry.load, NAME, "v2", str(default_onnx))
+            assert engine.model(NAME).version == "v2" and registry.newest(NAME).version == "v2"
+            assert [s.model.version for s in registry.retiring] == ["v1"]
+            p = await engine.run(old, pixels)  # still runs on v1's own batcher
+            assert p.model is old.model and p.logits.shape == p.probabilities.shape == (2, 10)
+            assert p.ood.shape == (2,)
+        assert registry.retiring == [] and old.served not in registry.served[NAME]  # released with its last request
         with request_scope():
-            assert (await engine.classify(encode(np.zeros((28, 28), np.uint8)), NAME))["version"] == "v2"
+            call = engine.call(NAME)
+            assert (await engine.classify(call, encode(np.zeros((28, 28), np.uint8))))["version"] == "v2"
+        return weakref.ref(old.model)
 
     old = asyncio.run(scenario())
     gc.collect()
     assert old() is None  # the replaced version's session is gone with it
-    assert manager.loaded() == {NAME: ["v2"]}
+    assert registry.loaded() == {NAME: ["v2"]}
     engine.close()
 
 
@@ -86,7 +88,7 @@ def test_the_memory_budget_evicts_the_least_recently_used_idle_version_or_refuse
     from cnnserve.core.config import Settings
     from cnnserve.core.runtime import load_model
     from cnnserve.service.engine import Engine
-    from cnnserve.service.manager import MB, LoadFailed, request_scope
+    from cnnserve.service.registry import MB, LoadFailed, request_scope
 
     from prometheus_client import REGISTRY
 
@@ -94,7 +96,7 @@ def test_the_memory_budget_evicts_the_least_recently_used_idle_version_or_refuse
 
     engine = Engine([load_model(default_onnx, name="a", version="1", providers="cpu", batch_sizes=(1, 8))],
                     Settings(providers="cpu", precision="fp32", max_batch_size=8), metrics())
-    m = engine.manager
+    m = engine.registry
 
     def sample(name: str, **labels) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
@@ -250,16 +252,24 @@ def test_hot_swap_under_64_clients_loses_nothing(tc, server, versions):
 
             await asyncio.gather(*(one() for _ in range(64)))
 
+    def answered(sent_after: float, n: int, what: str) -> None:
+        """Wait until ``n`` requests sent after ``sent_after`` have their answers (a client's exception ends the
+        runner: then this fails at once)."""
+        deadline = time.monotonic() + 60
+        while sum(1 for sent, *_ in list(results) if sent > sent_after) < n:
+            assert time.monotonic() < deadline and runner.is_alive(), f"not within 60 s: {what}"
+            time.sleep(0.05)
+
     runner = threading.Thread(target=lambda: asyncio.run(clients()))
     runner.start()
     try:
         marks = []
-        time.sleep(1.5)
+        answered(0, 64, "the clients' first answers")
         for version in (v2, v1):
             started = time.monotonic()
             tc.load_model(f"{NAME}:{version}", headers=AUTH)
             marks.append((started, time.monotonic()))
-            time.sleep(2.0)
+            answered(marks[-1][1], 128, f"two rounds of the 64 clients after {version} was loaded")
     finally:
         stop.set()
         runner.join(120)
@@ -285,6 +295,10 @@ def test_versions_are_reachable_and_the_newest_n_stay_loaded(tc, server, version
         r = httpx.post(server.url + "/classify", params={"model": NAME, "version": version}, content=digit(),
                        headers={"Content-Type": "image/png"})
         assert r.status_code == 200 and r.json()["version"] == version
+        # the batch route serves the version asked for too (it once ignored ``version`` and answered the newest)
+        r = httpx.post(server.url + "/classify/batch", params={"model": NAME, "version": version},
+                       files=[("images", ("a.png", digit(), "image/png")), ("images", ("b.png", digit(), "image/png"))])
+        assert r.status_code == 200 and r.json()["version"] == version and len(r.json()["results"]) == 2
         import numpy as np
 
         x = np.zeros((1, 1, 28, 28), np.uint8)

@@ -85,35 +85,33 @@ def not_finite_rows(*arrays: np.ndarray | None) -> list[int]:
     return [] if bad is None or not bad.any() else np.flatnonzero(bad).tolist()
 
 
-def assess(info, out: np.ndarray, calibrated: bool = True, scores: np.ndarray | None = None,
+def assess(info, logits: np.ndarray, probs: np.ndarray, calibrated: bool = True, scores: np.ndarray | None = None,
            finite: bool = True) -> tuple[np.ndarray, list[dict]]:
-    """``out`` (N x 2K: logits, probabilities) to the probabilities to answer with (raw softmax unless
+    """A model's ``logits`` and ``probs`` (N x K each) to the probabilities to answer with (raw softmax unless
     ``calibrated``) and per row ``{"ood_score", "in_distribution", "calibrated"}``. ``scores``: the rows'
     ``ood_scores`` where the batch that made them already has them (the service's batcher scores each batch
     once, in its inference thread: per request, on the event loop, that numpy work cost LeNet-5 a tenth of
     its throughput), else computed here. ``NotFinite`` where a row of the answer would hold NaN or infinity
     (a model can be finite on blank images and NaN on a real one), unless ``finite`` is false (the batch
     scorer writes such rows as they are, for the rest of its batch)."""
-    k = info.spec.num_classes
-    logits = out[:, :k]
     scaled = info.temperature != 1.0
-    probs = out[:, k:] if calibrated or not scaled else raw_softmax(logits)
+    answered = probs if calibrated or not scaled else raw_softmax(logits)
     if scores is None:
         scores = ood_scores(info.ood, logits, info.temperature)
     if finite:
-        bad = not_finite_rows(out, scores)  # the raw softmax of finite logits is finite
+        bad = not_finite_rows(logits, probs, scores)  # the raw softmax of finite logits is finite
         if bad:
             raise NotFinite(bad)
     limit = threshold(info)
     rows = [{"ood_score": round(float(s), 4), "in_distribution": None if limit is None else bool(s <= limit),
              "calibrated": bool(calibrated and scaled)} for s in scores]
-    return probs, rows
+    return answered, rows
 
 
 def score_rows(model, pixels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
     """A ``runtime.Model``'s calibrated probabilities and per-row OOD fields for uint8 ``pixels``."""
     from .onnxmeta import OUTPUTS
 
-    probs, rows = assess(model.info, np.concatenate(model.run(pixels, list(OUTPUTS)), axis=1), finite=False)
+    probs, rows = assess(model.info, *model.run(pixels, list(OUTPUTS)), finite=False)
     return probs, rows
 
