@@ -50,7 +50,7 @@ def _cmd_up(args) -> int:
     samples = sorted(run.glob("sample-*.png"))
     grpc_port = _grpc_port(args)
     extra = (*(("--arg", f"grpc_port={grpc_port}") if grpc_port is not None else ()),
-             *(("--arg-file", args.arg_file) if args.arg_file else ()))
+             *(("--arg-file", os.path.abspath(args.arg_file)) if args.arg_file else ()))
     return _serve([tag], args.port, args.host, extra, sample=samples[-1] if samples else None, grpc_port=grpc_port)
 
 
@@ -74,12 +74,11 @@ def _grpc_port(args) -> int | None:
 
 
 def _serve(tags, port: int, host: str, extra=(), sample=None, grpc_port: int | None = None) -> int:
-    """Replace this process with `bentoml serve` of the project's service (from the repository root)."""
-    from pathlib import Path
-
-    # one name everywhere (docs/design.md, "One name per module"): as bentofile.yaml names it
-    root = Path(__file__).resolve().parents[1]
-    workdir = ["--working-dir", str(root)] if (root / "bentofile.yaml").is_file() else []
+    """Replace this process with `bentoml serve` of the project's service, from an empty working directory."""
+    # One name everywhere (docs/design.md, "One name per module"): bentoml serve puts its working directory on
+    # sys.path, and from the repository root the served process could import service/ as a bare ``service``
+    # beside the installed cnnserve.service. The service is found by its installed name; the folder is empty.
+    workdir = ["--working-dir", str(_empty_workdir())]
     bentoml = bentoml_command()
     argv = [bentoml, "serve", "cnnserve.service.service:CnnServe", *workdir, "--host", host,
             "--port", str(port), "--arg", "models=" + " ".join(tags), *extra]
@@ -90,6 +89,14 @@ def _serve(tags, port: int, host: str, extra=(), sample=None, grpc_port: int | N
     sys.stdout.flush()
     os.execv(bentoml, argv)
     return 0  # not reached
+
+
+def _empty_workdir():
+    from pathlib import Path
+
+    folder = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml") / "cnnserve-workdir"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def _check_ports(host: str, port: int, grpc_port: int | None) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import os
 import time
 
 import anyio
@@ -55,6 +54,7 @@ from . import apikeys, repository, triton, v2
 from .engine import Engine
 from .errors import APIError, short
 from .http_server import DRAIN
+from .patches import worker_host
 from .registry import request_scope
 from .memory import trim_memory
 
@@ -525,17 +525,10 @@ def server_options(config) -> list[tuple[str, int]]:
 
 
 def http_host() -> str:
-    """The address HTTP listens on (``bentoml serve --host``), so that gRPC listens there too: BentoML hands
-    each worker the listening socket as ``--fd N``. All interfaces where it cannot be read."""
-    import socket
-    import sys
-
-    args = sys.argv
-    try:
-        fd = int(args[args.index("--fd") + 1])
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            host = sock.getsockname()[0]
-    except (ValueError, IndexError, OSError):
+    """The address HTTP listens on (``bentoml serve --host``), so that gRPC listens there too (BentoML's socket,
+    ``patches.worker_host``); all interfaces where it cannot be read."""
+    host = worker_host()
+    if host is None:
         return "[::]"
     return f"[{host}]" if ":" in host else host
 

@@ -13,6 +13,10 @@ when its module loads, logs one line per patch and keeps the outcome for ``/mode
   (``check`` raises ``UnknownShape``), so an upgrade that changes a patched target cannot pass the suite.
 
 The probes decide by behaviour or shape, never by a version string: each costs a few milliseconds.
+Two more entries only **read** BentoML's internals (``Reading``): HTTP's address from click's context of
+``bentoml serve`` (``serve_address``) and each worker's listening socket, ``--fd N`` (``worker_host``). Each is
+probed on the live object before it is read; a shape it was not written for is refused, reported as the
+patches are, and read as nothing (gRPC then listens on every interface, and its port is not checked first).
 
 The patches:
 
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from dataclasses import dataclass
 
 from importlib import metadata
@@ -246,6 +251,78 @@ def _apply_drain(settings) -> Callable[[], None]:
     def undo() -> None:
         uvicorn.Server.handle_exit = original
     return undo
+
+
+# --- readings: what cnnserve reads of BentoML's internals, changing nothing ---------------------------------
+
+@dataclass(frozen=True)
+class Reading:
+    """A value read from another library's internals. ``probe(obj)`` raises ``UnknownShape`` where the installed
+    code is not the shape the reading assumes; the reading then gives None (its caller does without it), says so
+    once in the log and in the runtime report, and its test fails on the upgrade that changed it."""
+
+    name: str
+    library: str
+    reads: str
+    probe: Callable[[object], None]
+
+    def usable(self, obj) -> bool:
+        if self.name not in APPLIED_PATCHES:
+            try:
+                self.probe(obj)
+                APPLIED_PATCHES[self.name] = f"reads {self.library} {version_of(self.library)}"
+            except Exception as e:  # noqa: BLE001 - an unknown shape, said as such
+                APPLIED_PATCHES[self.name] = f"{REFUSED}: {self.library} {version_of(self.library)} has an unknown " \
+                                             f"shape ({e}); read the installed code, then update service/patches.py"
+                log.error("reading %s: %s", self.name, APPLIED_PATCHES[self.name])
+        return not APPLIED_PATCHES[self.name].startswith(REFUSED)
+
+
+def _probe_serve_command(command) -> None:
+    names = {getattr(p, "name", None) for p in getattr(command, "params", ())}
+    if not {"host", "port"} <= names:
+        raise UnknownShape(f"the serve command has no host and port parameters (it has {sorted(map(str, names))})")
+
+
+def _probe_worker_command(command) -> None:
+    if not any("--fd" in getattr(p, "opts", ()) for p in getattr(command, "params", ())):
+        raise UnknownShape("BentoML's worker command has no --fd option")
+
+
+SERVE_ADDRESS = Reading("bentoml-serve-address", "bentoml", "HTTP's host and port from click's context of `bentoml "
+                        "serve`, to check gRPC's port beside it in the first process", _probe_serve_command)
+WORKER_SOCKET = Reading("bentoml-worker-fd", "bentoml", "the listening socket each worker gets as --fd N, for gRPC "
+                        "to listen on HTTP's address", _probe_worker_command)
+
+
+def serve_address() -> tuple[str, int] | None:
+    """HTTP's host and port in the first process of ``bentoml serve`` (the module is imported inside its
+    command); None elsewhere (``bentoml build``, a worker, a script) or where the command is not as read."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.info_name != "serve" or not SERVE_ADDRESS.usable(ctx.command):
+        return None
+    return ctx.params.get("host") or "0.0.0.0", int(ctx.params.get("port") or 0)
+
+
+def worker_host() -> str | None:
+    """The address of the socket BentoML handed this worker (``--fd N``), or None."""
+    import socket
+    import sys
+
+    args = sys.argv
+    if "--fd" not in args:
+        return None
+    from _bentoml_impl.worker.service import main
+
+    if not WORKER_SOCKET.usable(main):
+        return None
+    try:
+        with socket.socket(fileno=os.dup(int(args[args.index("--fd") + 1]))) as sock:
+            return sock.getsockname()[0]
+    except (ValueError, IndexError, OSError):
+        return None
 
 
 PATCHES: tuple[Patch, ...] = (

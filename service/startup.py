@@ -125,22 +125,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def serve_address() -> tuple[str, int] | None:
-    """HTTP's host and port in the first process of ``bentoml serve`` (the module is imported inside its
-    command); None elsewhere (``bentoml build``, a worker, a script)."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    if ctx is None or ctx.info_name != "serve":
-        return None
-    return ctx.params.get("host") or "0.0.0.0", int(ctx.params.get("port") or 0)
-
-
 def check_grpc_port(port: int) -> str | None:
     """Why the server cannot have its ports on HTTP's address, asked in the first process of ``bentoml serve``
     before any worker starts; None when they are free (or when this is not a server's start). HTTP's port is
     asked too, though BentoML binds it: taken, BentoML fails only after the workers are set up, with a
     50-line traceback, and a message naming gRPC's port alone would send the user to the wrong one."""
+    from .patches import serve_address
+
     address = serve_address()
     if address is None:
         return None

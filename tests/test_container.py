@@ -173,13 +173,13 @@ def test_a_server_outside_the_repository_serves_the_package_under_one_name(store
         srv.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="the suite's servers (tests/support/server.py) and `cnnserve up` "
-                   "(command/serve.py) serve from the repository root, which bentoml serve puts on sys.path: there "
-                   "`import service` finds service/ beside cnnserve.service. Which working directory they should "
-                   "use instead is still to be decided; this turns into a failure once it is, to be removed then")
 def test_the_suites_server_has_no_bare_service_to_import(server):
+    """A served process (the suite's, started as `cnnserve up` starts one: from an empty working directory) finds
+    no ``service`` beside ``cnnserve.service``: bentoml serve puts its working directory on sys.path, and from the
+    repository root ``import service`` found the folder."""
     runtime = json.load(urllib.request.urlopen(server.url + "/v2", timeout=10))["runtime"]
     assert runtime["bare_service_importable"] is False, runtime
+    assert runtime["modules_with_two_names"] == [], runtime
 
 
 def test_the_wheel_is_built_as_the_bentofile_names_it_or_the_build_stops_saying_why(tmp_path, monkeypatch):

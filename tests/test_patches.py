@@ -148,3 +148,34 @@ def test_metric_labels_shown_and_fixed(clean, monkeypatch):
     assert probes.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == {"other", "/models/{name}"}
     patches.revert_patches()
     assert probes.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == set(paths)
+
+
+def test_the_readings_know_the_installed_code(clean):
+    """What the service reads of BentoML's internals (click's context of `bentoml serve`, the worker's ``--fd``)
+    is the shape the readings assume on the locked BentoML; a command without it is refused, reported, and read
+    as nothing. The serve command is built in a process of its own: building BentoML's CLI sets its context."""
+    import subprocess
+    import sys
+
+    from _bentoml_impl.worker.service import main as worker_command
+
+    patches.WORKER_SOCKET.probe(worker_command)
+    probe = ("from bentoml_cli.cli import cli; from cnnserve.service.patches import SERVE_ADDRESS; "
+             "SERVE_ADDRESS.probe(cli.commands['serve']); print('ok')")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+
+    class Bare:
+        params = ()
+
+    assert not patches.WORKER_SOCKET.usable(Bare())
+    outcome = patches.runtime_info()["patches"]["bentoml-worker-fd"]
+    assert outcome.startswith(patches.REFUSED) and "--fd" in outcome and "bentoml" in outcome
+
+
+def test_grpc_listens_on_the_address_bentoml_handed_the_worker(server):
+    """A real server's worker read its listening socket (``--fd``) and says so in its runtime report."""
+    import urllib.request
+
+    runtime = json.load(urllib.request.urlopen(server.url + "/v2", timeout=10))["runtime"]
+    assert runtime["patches"]["bentoml-worker-fd"].startswith("reads bentoml"), runtime["patches"]

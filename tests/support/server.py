@@ -45,9 +45,15 @@ class Server:
         self.grpc_target = f"127.0.0.1:{self.grpc_port}" if self.grpc_port else None
         self.home = home or home_of_its_own()
         self.args = args
+        # bentoml serve puts its working directory on sys.path: cnnserve's is an empty folder, as `cnnserve up`'s,
+        # so that nothing in the served process can import the repository's folders under bare names (service)
+        workdir = ()
+        if service.startswith("cnnserve."):
+            (Path(self.home) / "workdir").mkdir(exist_ok=True)
+            workdir = ("--working-dir", str(Path(self.home) / "workdir"))
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bentoml-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [bentoml_command(), "serve", service, "--host", "127.0.0.1", "--port", str(self.port),
+            [bentoml_command(), "serve", service, *workdir, "--host", "127.0.0.1", "--port", str(self.port),
              *args], cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "BENTOML_HOME": self.home},
             preexec_fn=(lambda: cap_memory(memory_limit_mb)) if memory_limit_mb else None)
