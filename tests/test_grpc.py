@@ -588,7 +588,10 @@ def test_sigterm_drains_grpc_calls_in_flight(stored_default, model, digits_test)
         threads = [threading.Thread(target=client) for _ in range(4)]
         for th_ in threads:
             th_.start()
-        time.sleep(2)
+        deadline = time.monotonic() + 60
+        while results.count("ok") < 2 * len(threads):  # the clients are calling: answers come back
+            assert time.monotonic() < deadline and all(th_.is_alive() for th_ in threads), results
+            time.sleep(0.05)
         before = len(results)
         os.kill(s.proc.pid, signal.SIGTERM)
         t0 = time.monotonic()
