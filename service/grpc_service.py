@@ -172,8 +172,13 @@ class InferenceService:
                                                     "'x-api-key: KEY' call metadata")
             if engine.metrics and hasattr(engine.metrics, "api_key_requests"):
                 engine.metrics.api_key_requests.labels(caller, "grpc").inc()
-        call = engine.call(request.model_name or None, request.model_version or None,
-                      priority=priority_of(request.parameters), start=t0)
+        model_name, model_version = request.model_name or None, request.model_version or None
+        try:
+            priority = priority_of(request.parameters)
+        except APIError:
+            engine.model(model_name, model_version)  # an unknown model is NOT_FOUND, whatever else is wrong
+            raise
+        call = engine.call(model_name, model_version, priority=priority, start=t0)
         model, ticket = call.model, call.ticket
         left = context.time_remaining()
         timeout_us = _param(request.parameters, "timeout")
