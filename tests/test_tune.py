@@ -109,7 +109,7 @@ def test_a_budget_below_one_pass_over_the_knobs_is_refused_with_what_it_needs(st
     from argparse import Namespace
     from pathlib import Path
 
-    from bench.tune import Tuner, knobs
+    from bench.tune_search import Tuner, knobs
 
     def check(budget_min: float, max_trials: int = 100):
         a = Namespace(max_trials=max_trials, concurrency=[1, 8, 64], duration=5.0, warmup=1.0, budget_min=budget_min)
@@ -138,7 +138,7 @@ def test_bad_input_is_one_line(stored_default, args, message):
 
 
 def test_the_climb_moves_one_knob_one_step_and_tries_what_paid_first():
-    from bench.tune import defaults_point, knobs, neighbours
+    from bench.tune_search import defaults_point, knobs, neighbours
 
     space = knobs(["fp32", "int8"])
     base = defaults_point(space)
@@ -166,7 +166,7 @@ def _trial(n, rps, p99, failures=0, meets=True):
 def test_the_winner_is_kept_only_beyond_the_defaults_spread():
     from argparse import Namespace
 
-    from bench.tune import better, score
+    from bench.tune_search import better, score
     from bench.tune_report import verdict
 
     a = Namespace(p99_ms=100.0, concurrency=[64], out="tuned.yaml")
