@@ -5,8 +5,12 @@ a fresh server, and their rows in the report. The tests run the same trials and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tests.support.faults import drain_trial, kill_worker_trial, soak_trial
 from tests.support.server import Server
+
+from .workloads import log
 
 
 def run_all(server_args: list[str], bodies, hostile_bodies, soak_s: float = 20.0) -> dict:
@@ -23,6 +27,19 @@ def run_all(server_args: list[str], bodies, hostile_bodies, soak_s: float = 20.0
         finally:
             srv.stop()
     return out
+
+
+def section(w: dict) -> dict:
+    """Drain on SIGTERM, kill -9 of a worker, and a soak with hostile images (``bench/faults.py``)."""
+    from tests.support import hostile
+
+    log(f"{w['name']}: fault trials (drain, kill -9 of a worker, soak with hostile images)")
+    files = sorted(Path(w["images"]).iterdir())[:16]
+    ctype = "image/png" if w["format"] == "PNG" else "image/jpeg"
+    bodies = [(f.read_bytes(), ctype) for f in files]
+    bad = [(data, "application/octet-stream") for data, _, _ in hostile.images().values()]
+    settings = [a for k, v in w["serve"].items() if k != "workers" for a in ("--arg", f"{k}={v}")]
+    return run_all(["--arg", f"models={w['tag']}", *settings], bodies, bad)
 
 
 def report_lines(name: str, r: dict) -> list[str]:

@@ -168,7 +168,7 @@ def kill_trial(servers: list[Server], lb: Balancer, bodies, clients: int = 64, w
 def throughput_trial(lb: Balancer, body: Path, content_type: str, concurrency: int = 64, duration: float = 10,
                      repeats: int = 3) -> dict:
     """wrk through the balancer with one replica in rotation, then two, interleaved ``repeats`` times."""
-    from .harness import wrk
+    from .floor_section import wrk
 
     url = f"http://127.0.0.1:{lb.port}/classify"
     runs: dict[int, list[dict]] = {1: [], 2: []}

@@ -36,7 +36,7 @@ def verdict(a, defaults: dict, best: dict, check: dict | None) -> tuple[dict, bo
 
 
 def write(a, stored, tuner, defaults: dict, best: dict, check: dict | None) -> dict:
-    from .harness import machine
+    from .workloads import machine
 
     chosen, met, summary = verdict(a, defaults, best, check)
     out = Path(a.out)

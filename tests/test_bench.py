@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from bench.harness import cpu_ms, summarise
+from bench.floor_section import cpu_ms
+from bench.http_sections import summarise
 from bench.load import multipart, parse_server_timing
 from tests.conftest import run_cli
 
