@@ -31,6 +31,7 @@ from . import apikeys, kserve, repository, triton
 from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
+from .explain import explain_image, heatmap_png
 from .params import ClassifyParams, EngineDep, ExplainParams, engine_of, refusal
 from .patches import runtime_info
 from .registry import request_scope
@@ -148,15 +149,13 @@ async def explain(request: Request, p: Annotated[ExplainParams, Query()], engine
         raise APIError(400, "bad_format", f"format must be json or png, got {p.format!r}")
     # bulk unless asked otherwise: an explanation is hundreds of images' work (service/batching.py)
     call, data, timings = await one_image(request, engine, p, t0, priority=p.priority or "bulk")
-    result, pixels, heat = await engine.explain(call, data, p.method, p.target, p.patch, p.stride, timings)
+    result, pixels, heat = await explain_image(engine, call, data, p.method, p.target, p.patch, p.stride, timings)
     if not np.isfinite(heat).all():  # CAM's feature maps can hold NaN where the logits do not
         raise NotFinite([0])
     t = time.perf_counter()
 
     def render() -> Response:
         if p.format == "png":
-            from .explain import heatmap_png
-
             return Response(heatmap_png(pixels, heat, label=result["target"]["label"],
                                         probability=result["probability"], method=p.method),
                             media_type="image/png", headers={

@@ -1,11 +1,11 @@
 """The data plane: decoding, runs, classification and explanations, for every protocol; no protocol, no
 BentoML, and no models of its own (the registry's, ``registry.py``).
 
-The front ends (``api.py`` for HTTP, ``kserve.py`` for the Open Inference Protocol, ``grpc_server.py`` for
+The front ends (``api.py`` for HTTP, ``kserve.py`` for the Open Inference Protocol, ``grpc_service.py`` for
 gRPC) turn a request into a ``Call`` (``Engine.call``: the one check of its parameters and the one lookup of
-its model), hand it with the request's images or pixels to ``classify``, ``classify_many``, ``explain`` or
-``run`` (a ``Prediction``), and turn the result back into their protocol. Every refusal is an ``APIError``
-(``errors.py``), so nothing a client sends becomes a 500.
+its model), hand it with the request's images or pixels to ``classify``, ``classify_many`` or ``run`` (a
+``Prediction``), or to ``explain.explain_image``, and turn the result back into their protocol. Every refusal
+is an ``APIError`` (``errors.py``), so nothing a client sends becomes a 500.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from cnnserve.core.config import DEFAULTS, Settings
 from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
 
-from . import explain as explanation
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .decoding import DecodeFailed, DecodePool
 from .drift import Monitor
@@ -136,18 +135,6 @@ class Engine:
                             observe, model.name, depth, bulk_slice_ms=self.config.bulk_slice_ms,
                             seconds_per_image=model.seconds_per_image, in_flight=self.config.runs_in_flight,
                             on_execution=executed)
-
-    @staticmethod
-    def explain_job(served: Served, method: str):
-        """The batcher job of an explanation (one function per version and method, so that those requests batch
-        together): logits and probabilities, for CAM with the last feature maps, not counted by the drift
-        monitor (the occluded copies are no one's answers: ``explain`` counts the image itself)."""
-        job = served.jobs.get(method)
-        if job is None:
-            model = served.model
-            outputs = [*onnxmeta.OUTPUTS, onnxmeta.FEATURES] if method == "cam" else list(onnxmeta.OUTPUTS)
-            job = served.jobs[method] = lambda pixels: model.run(pixels, outputs)
-        return job
 
     @property
     def ready(self) -> bool:
@@ -286,59 +273,6 @@ class Engine:
                                              "the model; it was not run")
         self.stats.request(model, len(pixels), False, time.perf_counter() - start)
         raise APIError(*problem)
-
-    async def explain(self, call: Call, data: bytes, method: str = "occlusion", target: int | None = None,
-                      patch: int | None = None, stride: int | None = None,
-                      timings: dict | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
-        """Where the model looks for ``target`` (default: its top class) in one image: the answer (with the
-        image's ``ood_score`` as /classify gives it), the model's input (C x H x W) and the sensitivity map
-        (H x W), of the probabilities /classify answers (``calibrated=False``: of the raw softmax). See
-        ``service/explain.py``."""
-        model, spec = call.model, call.model.spec
-        extra = explanation.check_request(model, method, target, patch, stride, self.config.max_occlusions)
-        patch, stride = extra.get("patch"), extra.get("stride")
-        h, w = spec.height, spec.width
-        n = 1 if method == "cam" else 1 + extra["occlusions"]
-        try:  # shed now, before the decode and the copies are paid for
-            call.served.batcher.check_room(n, call.ticket.priority)
-        except Overloaded as e:
-            raise APIError(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)}) from None
-        pixels = await self.decode(model, data, timings, call.ticket)
-        # Both methods go through the model's batcher like any request (bulk unless the request says
-        # otherwise): counted against max_queue, shed with 503, bound by the deadline, and run in slices
-        # that let interactive requests in between.
-        job = self.explain_job(call.served, method)
-        if method == "cam":
-            logits, raw, features = await self.run(call, pixels[None], timings, job)
-            t = time.perf_counter()
-            probs, rows = assess(model.info, logits, raw, call.calibrated)
-            tgt = int(probs[0].argmax()) if target is None else target
-            heat = explanation.cam(features[0], model.cam_weights, tgt, (h, w))
-        else:
-            fill = np.array([round(m * 255) for m in spec.mean], np.uint8)
-
-            def stacked() -> tuple[np.ndarray, list]:  # the image, then its occluded copies
-                copies, boxes = explanation.occluded(pixels, patch, stride, fill)
-                return np.concatenate([pixels[None], copies]), boxes
-
-            # tens of MB for a 224-px model: copied in a thread, not on the event loop that serves the others
-            big = extra["occlusions"] * pixels.nbytes > 2**20
-            batch, boxes = await anyio.to_thread.run_sync(stacked) if big else stacked()
-            logits, raw = await self.run(call, batch, timings, job)
-            del batch
-            t = time.perf_counter()
-            probs, rows = assess(model.info, logits, raw, call.calibrated)
-            tgt = int(probs[0].argmax()) if target is None else target
-            heat = explanation.sensitivity(float(probs[0, tgt]), probs[1:, tgt], boxes, patch, (h, w))
-        if self.monitor:  # the image explained is an answer; its occluded copies are not
-            self.monitor.record(model, logits[:1], raw[:1])
-        result = {"model": model.name, "version": model.version, "method": method,
-                  "target": {"index": tgt, "label": spec.labels[tgt]}, "probability": float(probs[0, tgt]),
-                  "predictions": model.top_k(probs[:1], call.top_k)[0], **rows[0], **extra,
-                  "map_shape": [h, w], "map": np.round(heat, 5).tolist()}
-        if timings is not None:
-            timings["explain"] = time.perf_counter() - t
-        return result, pixels, heat
 
     async def classify(self, call: Call, data: bytes, timings: dict | None = None) -> dict:
         """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""

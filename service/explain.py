@@ -9,17 +9,27 @@
   ``cnnserve export`` adds those maps (output ``features``) and the layer's weights (``cam_weights``)
   to such models; one forward pass gives the map.
 
-Pure numpy and Pillow; ``Engine.explain`` runs the model.
+The maps are pure numpy and Pillow. A request's flow, ``explain_image``: checked against its model, its image
+decoded, then the image with its occluded copies (once, for CAM) through the model's batcher like any request
+(``engine.py`` decodes and runs), and the map and the answer made of what came back.
 """
 
 from __future__ import annotations
 
 import io
+import time
 
+import anyio
 import numpy as np
 from PIL import Image
 
+from cnnserve.core import onnxmeta
+from cnnserve.core.confidence import assess
+
+from .batching import Overloaded
+from .engine import Call, Engine
 from .errors import APIError
+from .registry import Served
 
 METHODS = ("occlusion", "cam")
 
@@ -56,6 +66,72 @@ def check_request(model, method: str, target: int | None, patch: int | None, str
                            "(max_occlusions): use a larger stride")
         extra = {"patch": patch, "stride": stride, "occlusions": n}
     return extra
+
+
+async def explain_image(engine: Engine, call: Call, data: bytes, method: str = "occlusion",
+                        target: int | None = None, patch: int | None = None, stride: int | None = None,
+                        timings: dict | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Where the model looks for ``target`` (default: its top class) in one image: the answer (with the
+    image's ``ood_score`` as /classify gives it), the model's input (C x H x W) and the sensitivity map
+    (H x W), of the probabilities /classify answers (``calibrated=False``: of the raw softmax). The image and
+    its occluded copies are the engine's to decode and run."""
+    model, spec = call.model, call.model.spec
+    extra = check_request(model, method, target, patch, stride, engine.config.max_occlusions)
+    patch, stride = extra.get("patch"), extra.get("stride")
+    h, w = spec.height, spec.width
+    n = 1 if method == "cam" else 1 + extra["occlusions"]
+    try:  # shed now, before the decode and the copies are paid for
+        call.served.batcher.check_room(n, call.ticket.priority)
+    except Overloaded as e:
+        raise APIError(503, "overloaded", str(e), {"Retry-After": str(e.retry_after)}) from None
+    pixels = await engine.decode(model, data, timings, call.ticket)
+    # Both methods go through the model's batcher like any request (bulk unless the request says
+    # otherwise): counted against max_queue, shed with 503, bound by the deadline, and run in slices
+    # that let interactive requests in between.
+    job = explanation_job(call.served, method)
+    if method == "cam":
+        logits, raw, features = await engine.run(call, pixels[None], timings, job)
+        t = time.perf_counter()
+        probs, rows = assess(model.info, logits, raw, call.calibrated)
+        tgt = int(probs[0].argmax()) if target is None else target
+        heat = cam(features[0], model.cam_weights, tgt, (h, w))
+    else:
+        fill = np.array([round(m * 255) for m in spec.mean], np.uint8)
+
+        def stacked() -> tuple[np.ndarray, list]:  # the image, then its occluded copies
+            copies, boxes = occluded(pixels, patch, stride, fill)
+            return np.concatenate([pixels[None], copies]), boxes
+
+        # tens of MB for a 224-px model: copied in a thread, not on the event loop that serves the others
+        big = extra["occlusions"] * pixels.nbytes > 2**20
+        batch, boxes = await anyio.to_thread.run_sync(stacked) if big else stacked()
+        logits, raw = await engine.run(call, batch, timings, job)
+        del batch
+        t = time.perf_counter()
+        probs, rows = assess(model.info, logits, raw, call.calibrated)
+        tgt = int(probs[0].argmax()) if target is None else target
+        heat = sensitivity(float(probs[0, tgt]), probs[1:, tgt], boxes, patch, (h, w))
+    if engine.monitor:  # the image explained is an answer; its occluded copies are not
+        engine.monitor.record(model, logits[:1], raw[:1])
+    result = {"model": model.name, "version": model.version, "method": method,
+              "target": {"index": tgt, "label": spec.labels[tgt]}, "probability": float(probs[0, tgt]),
+              "predictions": model.top_k(probs[:1], call.top_k)[0], **rows[0], **extra,
+              "map_shape": [h, w], "map": np.round(heat, 5).tolist()}
+    if timings is not None:
+        timings["explain"] = time.perf_counter() - t
+    return result, pixels, heat
+
+
+def explanation_job(served: Served, method: str):
+    """The batcher job of an explanation (one function per version and method, so that those requests batch
+    together): logits and probabilities, for CAM with the last feature maps, not counted by the drift
+    monitor (the occluded copies are no one's answers: ``explain_image`` counts the image itself)."""
+    job = served.jobs.get(method)
+    if job is None:
+        model = served.model
+        outputs = [*onnxmeta.OUTPUTS, onnxmeta.FEATURES] if method == "cam" else list(onnxmeta.OUTPUTS)
+        job = served.jobs[method] = lambda pixels: model.run(pixels, outputs)
+    return job
 
 
 def positions(size: int, patch: int, stride: int) -> list[int]:

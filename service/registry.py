@@ -65,7 +65,7 @@ class Served:
     model: Model
     batcher: object
     size: int = 0
-    #: the batcher jobs of its explanations, one per method (``Engine.explain_job``), closed with it
+    #: the batcher jobs of its explanations, one per method (``explain.explanation_job``), closed with it
     jobs: dict = field(default_factory=dict)
     holders: int = 0
     last_used: float = field(default_factory=time.monotonic)
