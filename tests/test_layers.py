@@ -309,7 +309,7 @@ def test_the_wheel_carries_the_product_only(tmp_path):
 DISTRIBUTIONS = {"PIL": "pillow", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client",
                  "onnxruntime": "onnxruntime-gpu", "yaml": "pyyaml", "tritonclient": "tritonclient",
                  "grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
-                 "google": "protobuf"}
+                 "google": "protobuf", "_bentoml_impl": "bentoml", "bentoml_cli": "bentoml"}
 ON_DEMAND = {"ts"}  # TorchServe: the harness installs it into bench/work/ on first use (bench/torchserve/)
 
 
