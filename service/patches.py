@@ -1,9 +1,9 @@
 """Every change cnnserve makes to another library's internals, in one place, each applied only where a
 probe of the installed code shows the defect it fixes.
 
-A patch is a ``Patch``: the library it touches, what it fixes, a **probe** that runs the installed
-code (or reads its shape) and answers ``DEFECT`` or ``FIXED``, and an ``apply`` that installs the fix
-and returns how to undo it. ``apply_patches(settings)`` is the one entry point; the service calls it
+A patch is a ``Patch``: the library it touches, what it fixes, a **probe** (``probes.py``) that runs the
+installed code (or reads its shape) and answers ``DEFECT`` or ``FIXED``, and an ``apply`` that installs the
+fix and returns how to undo it. ``apply_patches(settings)`` is the one entry point; the service calls it
 when its module loads, logs one line per patch and keeps the outcome for ``/models`` and ``/v2``:
 
 - the defect is there and the code has the shape the fix was written for: **applied**;
@@ -53,7 +53,6 @@ The patches:
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -63,13 +62,14 @@ from typing import Callable
 
 from cnnserve import modules_with_two_names
 
-from . import http_server, probes
+from . import http_server
 from .metrics import ROUTES, BoundedEndpoint
-from .probes import UnknownShape
+from .probes import (FIXED, UnknownShape, httptools_protocol, metrics_middleware, probe_head_limits,
+                     probe_metric_labels, probe_serve_command, probe_sigterm_drain, probe_timeout_timers,
+                     probe_worker_command, server_handle_exit, timeout_middleware)
 
 log = logging.getLogger("cnnserve.service")
 
-DEFECT, FIXED = "defect", "fixed"
 APPLIED, NOT_NEEDED, REFUSED = "applied", "not needed", "refused"
 
 
@@ -103,40 +103,10 @@ class Patch:
             raise self.unknown(f"the probe failed: {type(e).__name__}: {e}") from None
 
 
-# --- bentoml-timeout-timers -------------------------------------------------------------------------
-
-def _timeout_middleware():
-    try:
-        from bentoml._internal.server.http.traffic import TimeoutMiddleware
-    except ImportError as e:
-        raise UnknownShape(f"no bentoml._internal.server.http.traffic.TimeoutMiddleware: {e}") from None
-    return TimeoutMiddleware
-
-
-#: ``TimeoutMiddleware.__call__`` as ``http_server.timeout_call`` mirrors it (read in BentoML 1.4.39 and 1.4.40).
-TIMEOUT_CALL_DIGESTS = frozenset({"e9ff39e0c293ffe8"})
-
-
-def _probe_timeout() -> str:
-    mw = _timeout_middleware()
-    if mw.__call__ is http_server.timeout_call:
-        raise UnknownShape("already patched in this process")  # check() before apply, or probe the original
-    return _probe_timeout_class(mw)
-
-
-def _probe_timeout_class(mw) -> str:
-    if probes.live_timers_after_one_request(mw) == 0:
-        return FIXED
-    if not callable(getattr(mw, "_set_timer_out", None)):
-        raise UnknownShape("TimeoutMiddleware has no _set_timer_out, which the fix calls")
-    digest = probes.tree_digest(mw.__call__)
-    if digest not in TIMEOUT_CALL_DIGESTS:
-        raise UnknownShape(f"TimeoutMiddleware.__call__ is not the one the fix mirrors (digest {digest})")
-    return DEFECT
-
+# --- each patch's fix (its probe, and the lookup of its target, are in probes.py) ------------------------
 
 def _apply_timeout(settings) -> Callable[[], None]:
-    mw = _timeout_middleware()
+    mw = timeout_middleware()
     original = mw.__call__
     mw.__call__ = http_server.timeout_call
 
@@ -145,28 +115,8 @@ def _apply_timeout(settings) -> Callable[[], None]:
     return undo
 
 
-# --- bentoml-metric-labels ---------------------------------------------------------------------------
-
-def _metrics_middleware():
-    try:
-        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
-    except ImportError as e:
-        raise UnknownShape(f"no bentoml._internal.server.http.instruments.RunnerTrafficMetricsMiddleware: {e}") from None
-    if not callable(getattr(RunnerTrafficMetricsMiddleware, "_setup", None)):
-        raise UnknownShape("RunnerTrafficMetricsMiddleware has no _setup, which the fix wraps")
-    return RunnerTrafficMetricsMiddleware
-
-
-def _probe_metric_labels() -> str:
-    mw = _metrics_middleware()
-    if getattr(mw._setup, "__cnnserve_patch__", False):
-        raise UnknownShape("already patched in this process")
-    found = probes.endpoint_labels(mw, ["/cnnserve-probe/a", "/cnnserve-probe/b"])
-    return DEFECT if len(found & {"/cnnserve-probe/a", "/cnnserve-probe/b"}) == 2 else FIXED
-
-
 def _apply_metric_labels(settings) -> Callable[[], None]:
-    mw = _metrics_middleware()
+    mw = metrics_middleware()
     original = mw._setup
 
     def _setup(self, *args, **kwargs):
@@ -183,33 +133,8 @@ def _apply_metric_labels(settings) -> Callable[[], None]:
     return undo
 
 
-# --- uvicorn-head-limits ------------------------------------------------------------------------------
-
-#: What ``GuardedHttpTools`` overrides or uses of uvicorn's protocol.
-HEAD_LIMIT_NEEDS = ("connection_made", "connection_lost", "on_message_begin", "on_headers_complete",
-                    "data_received")
-
-
-def _httptools_protocol():
-    try:
-        import uvicorn.config as uc
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError as e:
-        raise UnknownShape(f"uvicorn's httptools protocol cannot be imported: {e}") from None
-    missing = [n for n in HEAD_LIMIT_NEEDS if not callable(getattr(HttpToolsProtocol, n, None))]
-    if missing or not {"auto", "httptools"} <= set(getattr(uc, "HTTP_PROTOCOLS", {})):
-        raise UnknownShape(f"HttpToolsProtocol lacks {missing} or uvicorn.config.HTTP_PROTOCOLS has no "
-                           f"'auto' and 'httptools' entries")
-    return uc, HttpToolsProtocol
-
-
-def _probe_head_limits() -> str:
-    _, protocol = _httptools_protocol()
-    return FIXED if probes.head_refused(protocol, 1024 * 1024) else DEFECT
-
-
 def _apply_head_limits(settings) -> Callable[[], None]:
-    uc, _ = _httptools_protocol()
+    uc, _ = httptools_protocol()
     guarded = http_server.GuardedHttpTools
     before = (guarded.max_head_bytes, guarded.head_timeout_s, dict(uc.HTTP_PROTOCOLS))
     guarded.max_head_bytes, guarded.head_timeout_s = settings.max_header_bytes, settings.header_timeout_s
@@ -222,30 +147,8 @@ def _apply_head_limits(settings) -> Callable[[], None]:
     return undo
 
 
-# --- uvicorn-sigterm-drain ----------------------------------------------------------------------------
-
-def _server_handle_exit():
-    try:
-        import uvicorn
-    except ImportError as e:
-        raise UnknownShape(f"uvicorn cannot be imported: {e}") from None
-    handle_exit = getattr(uvicorn.Server, "handle_exit", None)
-    if handle_exit is None or list(inspect.signature(handle_exit).parameters) != ["self", "sig", "frame"]:
-        raise UnknownShape("uvicorn.Server.handle_exit(self, sig, frame) is not there")
-    return uvicorn, handle_exit
-
-
-def _probe_drain() -> str:
-    _, handle_exit = _server_handle_exit()
-    if getattr(handle_exit, http_server.DRAIN_MARK, False):
-        raise UnknownShape("already patched in this process")
-    if probes.stops_at_once(handle_exit):
-        return DEFECT
-    raise UnknownShape("Server.handle_exit(SIGTERM) no longer sets should_exit: its shutdown changed")
-
-
 def _apply_drain(settings) -> Callable[[], None]:
-    uvicorn, original = _server_handle_exit()
+    uvicorn, original = server_handle_exit()
     uvicorn.Server.handle_exit = http_server.draining_handle_exit(original, settings.drain_s, settings.grace_s)
 
     def undo() -> None:
@@ -278,21 +181,10 @@ class Reading:
         return not APPLIED_PATCHES[self.name].startswith(REFUSED)
 
 
-def _probe_serve_command(command) -> None:
-    names = {getattr(p, "name", None) for p in getattr(command, "params", ())}
-    if not {"host", "port"} <= names:
-        raise UnknownShape(f"the serve command has no host and port parameters (it has {sorted(map(str, names))})")
-
-
-def _probe_worker_command(command) -> None:
-    if not any("--fd" in getattr(p, "opts", ()) for p in getattr(command, "params", ())):
-        raise UnknownShape("BentoML's worker command has no --fd option")
-
-
 SERVE_ADDRESS = Reading("bentoml-serve-address", "bentoml", "HTTP's host and port from click's context of `bentoml "
-                        "serve`, to check gRPC's port beside it in the first process", _probe_serve_command)
+                        "serve`, to check gRPC's port beside it in the first process", probe_serve_command)
 WORKER_SOCKET = Reading("bentoml-worker-fd", "bentoml", "the listening socket each worker gets as --fd N, for gRPC "
-                        "to listen on HTTP's address", _probe_worker_command)
+                        "to listen on HTTP's address", probe_worker_command)
 
 
 def serve_address() -> tuple[str, int] | None:
@@ -327,13 +219,13 @@ def worker_host() -> str | None:
 
 PATCHES: tuple[Patch, ...] = (
     Patch("bentoml-timeout-timers", "bentoml", "TimeoutMiddleware's per-request timers kept every request alive "
-          "for 60 s (full GC 80-180 ms, p99 over 300 ms)", _probe_timeout, _apply_timeout),
+          "for 60 s (full GC 80-180 ms, p99 over 300 ms)", probe_timeout_timers, _apply_timeout),
     Patch("bentoml-metric-labels", "bentoml", "request metrics labelled by raw path grew a series per path a "
-          "client made up (21.8 KB of worker memory each)", _probe_metric_labels, _apply_metric_labels),
+          "client made up (21.8 KB of worker memory each)", probe_metric_labels, _apply_metric_labels),
     Patch("uvicorn-head-limits", "uvicorn", "httptools' request heads had no size or time bound",
-          _probe_head_limits, _apply_head_limits),
+          probe_head_limits, _apply_head_limits),
     Patch("uvicorn-sigterm-drain", "uvicorn", "SIGTERM stopped at once instead of draining",
-          _probe_drain, _apply_drain),
+          probe_sigterm_drain, _apply_drain),
 )
 
 #: name -> outcome in this process, for /models, /v2 and the start-up log.

@@ -1,6 +1,9 @@
-"""The probes of ``patches.py``: small harnesses that run another library's installed code on stand-ins
-(a private event loop in its own thread, a stand-in transport, a stand-in metrics client) and report
-what it did, so a patch is applied only where the defect it fixes is seen. Nothing here changes a library.
+"""The probes of ``patches.py``: for each patch, its target found in the installed library with the shape the
+fix needs (``UnknownShape`` where it is not), and whether the defect is there (``DEFECT`` or ``FIXED``); for
+each reading, the shape it reads. The verdicts come from small harnesses that run the library's installed code
+on stand-ins (a private event loop in its own thread, a stand-in transport, a stand-in metrics client) and
+report what it did, so a patch is applied only where the defect it fixes is seen. Nothing here changes a
+library.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ import inspect
 import signal
 import textwrap
 import threading
+
+from . import http_server
+
+DEFECT, FIXED = "defect", "fixed"
 
 
 def tree_digest(func) -> str:
@@ -31,6 +38,124 @@ def tree_digest(func) -> str:
 class UnknownShape(RuntimeError):
     """The patched library's code is not the shape the fix was written for."""
 
+
+# --- bentoml-timeout-timers ---------------------------------------------------------------------------
+
+def timeout_middleware():
+    """BentoML's ``TimeoutMiddleware``, which the fix replaces the ``__call__`` of."""
+    try:
+        from bentoml._internal.server.http.traffic import TimeoutMiddleware
+    except ImportError as e:
+        raise UnknownShape(f"no bentoml._internal.server.http.traffic.TimeoutMiddleware: {e}") from None
+    return TimeoutMiddleware
+
+
+#: ``TimeoutMiddleware.__call__`` as ``http_server.timeout_call`` mirrors it (read in BentoML 1.4.39 and 1.4.40).
+TIMEOUT_CALL_DIGESTS = frozenset({"e9ff39e0c293ffe8"})
+
+
+def probe_timeout_timers() -> str:
+    mw = timeout_middleware()
+    if mw.__call__ is http_server.timeout_call:
+        raise UnknownShape("already patched in this process")  # check() before apply, or probe the original
+    return _probe_timeout_class(mw)
+
+
+def _probe_timeout_class(mw) -> str:
+    if live_timers_after_one_request(mw) == 0:
+        return FIXED
+    if not callable(getattr(mw, "_set_timer_out", None)):
+        raise UnknownShape("TimeoutMiddleware has no _set_timer_out, which the fix calls")
+    digest = tree_digest(mw.__call__)
+    if digest not in TIMEOUT_CALL_DIGESTS:
+        raise UnknownShape(f"TimeoutMiddleware.__call__ is not the one the fix mirrors (digest {digest})")
+    return DEFECT
+
+
+# --- bentoml-metric-labels ----------------------------------------------------------------------------
+
+def metrics_middleware():
+    """BentoML's ``RunnerTrafficMetricsMiddleware``, whose ``_setup`` the fix wraps."""
+    try:
+        from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+    except ImportError as e:
+        raise UnknownShape(f"no bentoml._internal.server.http.instruments.RunnerTrafficMetricsMiddleware: {e}") from None
+    if not callable(getattr(RunnerTrafficMetricsMiddleware, "_setup", None)):
+        raise UnknownShape("RunnerTrafficMetricsMiddleware has no _setup, which the fix wraps")
+    return RunnerTrafficMetricsMiddleware
+
+
+def probe_metric_labels() -> str:
+    mw = metrics_middleware()
+    if getattr(mw._setup, "__cnnserve_patch__", False):
+        raise UnknownShape("already patched in this process")
+    found = endpoint_labels(mw, ["/cnnserve-probe/a", "/cnnserve-probe/b"])
+    return DEFECT if len(found & {"/cnnserve-probe/a", "/cnnserve-probe/b"}) == 2 else FIXED
+
+
+# --- uvicorn-head-limits ------------------------------------------------------------------------------
+
+#: What ``GuardedHttpTools`` overrides or uses of uvicorn's protocol.
+HEAD_LIMIT_NEEDS = ("connection_made", "connection_lost", "on_message_begin", "on_headers_complete",
+                    "data_received")
+
+
+def httptools_protocol():
+    """uvicorn's configuration module and its httptools protocol, which ``GuardedHttpTools`` extends."""
+    try:
+        import uvicorn.config as uc
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError as e:
+        raise UnknownShape(f"uvicorn's httptools protocol cannot be imported: {e}") from None
+    missing = [n for n in HEAD_LIMIT_NEEDS if not callable(getattr(HttpToolsProtocol, n, None))]
+    if missing or not {"auto", "httptools"} <= set(getattr(uc, "HTTP_PROTOCOLS", {})):
+        raise UnknownShape(f"HttpToolsProtocol lacks {missing} or uvicorn.config.HTTP_PROTOCOLS has no "
+                           f"'auto' and 'httptools' entries")
+    return uc, HttpToolsProtocol
+
+
+def probe_head_limits() -> str:
+    _, protocol = httptools_protocol()
+    return FIXED if head_refused(protocol, 1024 * 1024) else DEFECT
+
+
+# --- uvicorn-sigterm-drain ----------------------------------------------------------------------------
+
+def server_handle_exit():
+    """uvicorn and its ``Server.handle_exit``, which the fix wraps."""
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise UnknownShape(f"uvicorn cannot be imported: {e}") from None
+    handle_exit = getattr(uvicorn.Server, "handle_exit", None)
+    if handle_exit is None or list(inspect.signature(handle_exit).parameters) != ["self", "sig", "frame"]:
+        raise UnknownShape("uvicorn.Server.handle_exit(self, sig, frame) is not there")
+    return uvicorn, handle_exit
+
+
+def probe_sigterm_drain() -> str:
+    _, handle_exit = server_handle_exit()
+    if getattr(handle_exit, http_server.DRAIN_MARK, False):
+        raise UnknownShape("already patched in this process")
+    if stops_at_once(handle_exit):
+        return DEFECT
+    raise UnknownShape("Server.handle_exit(SIGTERM) no longer sets should_exit: its shutdown changed")
+
+
+# --- the readings (patches.Reading): the shape each reads of BentoML --------------------------------------
+
+def probe_serve_command(command) -> None:
+    names = {getattr(p, "name", None) for p in getattr(command, "params", ())}
+    if not {"host", "port"} <= names:
+        raise UnknownShape(f"the serve command has no host and port parameters (it has {sorted(map(str, names))})")
+
+
+def probe_worker_command(command) -> None:
+    if not any("--fd" in getattr(p, "opts", ()) for p in getattr(command, "params", ())):
+        raise UnknownShape("BentoML's worker command has no --fd option")
+
+
+# --- the harnesses -------------------------------------------------------------------------------------------
 
 def answering(status: int):
     """A stand-in ASGI app that answers ``status`` with an empty body."""

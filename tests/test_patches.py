@@ -33,13 +33,13 @@ def test_each_probe_knows_the_installed_code(name, clean):
         found = patch.check()
     except patches.UnknownShape as e:
         pytest.fail(str(e))
-    assert found in (patches.DEFECT, patches.FIXED)
+    assert found in (probes.DEFECT, probes.FIXED)
 
 
 def test_timeout_middleware_leak_shown_and_fixed(clean):
     from bentoml._internal.server.http.traffic import TimeoutMiddleware
 
-    if BY_NAME["bentoml-timeout-timers"].check() == patches.FIXED:
+    if BY_NAME["bentoml-timeout-timers"].check() == probes.FIXED:
         assert probes.live_timers_after_one_request(TimeoutMiddleware) == 0
         assert patches.apply_patches(Settings())["bentoml-timeout-timers"].startswith(patches.NOT_NEEDED)
         pytest.skip("the installed BentoML no longer leaks its timers: the patch steps aside (checked above)")
@@ -66,7 +66,7 @@ def test_timeout_middleware_leak_shown_and_fixed(clean):
 def test_head_limits_shown_and_fixed(clean):
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    assert BY_NAME["uvicorn-head-limits"].check() == patches.DEFECT
+    assert BY_NAME["uvicorn-head-limits"].check() == probes.DEFECT
     assert not probes.head_refused(HttpToolsProtocol, 1 << 20)  # uvicorn reads a 1 MB head to its end
     assert patches.apply_patches(Settings(max_header_kb=64))["uvicorn-head-limits"].startswith(patches.APPLIED)
     import uvicorn.config as uc
@@ -81,7 +81,7 @@ def test_head_limits_shown_and_fixed(clean):
 def test_sigterm_drain_shown_and_fixed(clean):
     import uvicorn
 
-    assert BY_NAME["uvicorn-sigterm-drain"].check() == patches.DEFECT
+    assert BY_NAME["uvicorn-sigterm-drain"].check() == probes.DEFECT
     assert probes.stops_at_once(uvicorn.Server.handle_exit)  # uvicorn stops at the first SIGTERM
     patches.apply_patches(Settings(drain_s=30, grace_s=5))
     assert not probes.stops_at_once(uvicorn.Server.handle_exit)  # now it drains first
@@ -140,7 +140,7 @@ def test_metric_labels_shown_and_fixed(clean, monkeypatch):
     monkeypatch.setattr(ROUTES, "patterns", list(ROUTES.patterns))
 
     paths = ["/nope/1", "/nope/2", "/models/abc", "/models/def"]
-    if BY_NAME["bentoml-metric-labels"].check() == patches.FIXED:
+    if BY_NAME["bentoml-metric-labels"].check() == probes.FIXED:
         pytest.skip("the installed BentoML no longer labels its metrics by raw path: the patch steps aside")
     assert probes.endpoint_labels(RunnerTrafficMetricsMiddleware, paths) == set(paths)  # the defect
     ROUTES.add("/models/{name}")
