@@ -1,5 +1,5 @@
 """One decoding process (``decoding.py`` says why there are processes): the worker's handle on it (its
-shared memory region, its pipes, its CPU time) and, run as ``python -m cnnserve.service.decoder LIMITS FD
+shared memory region, the jobs and answers over its pipes, its CPU time) and, run as ``python -m cnnserve.service.decoder LIMITS FD
 SIZE ...``, the process's own loop. The worker starts them; nothing else should.
 """
 
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from cnnserve.core.config import Limits
 from cnnserve.core.preprocess import ImageError, preprocess
@@ -30,7 +30,8 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 class Decoder:
-    """One decoding process, its shared region and its pipes."""
+    """One decoding process, its shared region and its pipes: ``send`` hands it an image, ``answers`` reads
+    what it said."""
 
     def __init__(self, limits: Limits, input_bytes: int, output_bytes: int, memory_bytes: int) -> None:
         self.input_bytes, self.size = input_bytes, input_bytes + output_bytes
@@ -55,6 +56,39 @@ class Decoder:
         self.buffer = b""
         self.watch: asyncio.TimerHandle | None = None
         self.specs: dict = {}
+
+    def send(self, data: bytes, spec: ModelSpec) -> None:
+        """Hand the process its next image: the bytes into the shared region, the job and what decoding needs of
+        ``spec`` over its pipe. ``OSError`` where the process has died."""
+        key = self.specs.get(spec)
+        if key is None:  # what decoding needs of it (not the labels)
+            key = self.specs[spec] = replace(spec, labels=()).to_json().encode()
+        n = len(data)
+        self.region[:n] = data
+        self.numbers += 1
+        os.write(self.proc.stdin.fileno(), JOB.pack(self.numbers, n, len(key)) + key)
+
+    def answers(self) -> list[tuple] | None:
+        """The answers complete on the process's pipe so far, each (number, status, message, CPU seconds,
+        decode and resize seconds); None once the pipe is closed (the process is gone)."""
+        try:
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+        except BlockingIOError:
+            return []
+        except OSError:
+            chunk = b""
+        if not chunk:
+            return None
+        self.buffer += chunk
+        answers = []
+        while len(self.buffer) >= ANSWER.size:
+            number, status, length, cpu, decode_s, resize_s = ANSWER.unpack_from(self.buffer)
+            if len(self.buffer) < ANSWER.size + length:
+                break
+            message = self.buffer[ANSWER.size:ANSWER.size + length].decode("utf-8", "replace")
+            self.buffer = self.buffer[ANSWER.size + length:]
+            answers.append((number, status, message, cpu, decode_s, resize_s))
+        return answers
 
     def cpu_seconds(self) -> float | None:
         """CPU the process has used (user + system), from /proc; None where there is none."""

@@ -35,7 +35,6 @@ import os
 import subprocess
 import time
 from collections import deque
-from dataclasses import replace
 
 import numpy as np
 
@@ -43,9 +42,10 @@ from cnnserve.core.config import Limits
 from cnnserve.core.preprocess import ImageError
 from cnnserve.core.spec import ModelSpec
 
-from .decoder import ANSWER, JOB, Decoder
+from .decoder import Decoder
 
 log = logging.getLogger("cnnserve.decode")
+
 
 class DecodeFailed(Exception):
     """An image the decoding stage answers for: its HTTP status, code and message."""
@@ -203,25 +203,17 @@ class DecodePool:
         if job.timer is not None:  # it runs now: the deadline is watched by the budget's timer below
             job.timer.cancel()
             job.timer = None
-        spec = decoder.specs.get(job.spec)
-        if spec is None:  # what decoding needs of it (not the labels)
-            spec = decoder.specs[job.spec] = replace(job.spec, labels=()).to_json().encode()
-        n = len(job.data)
-        decoder.region[:n] = job.data
-        decoder.numbers += 1
-        decoder.job = job
-        decoder.started_at = time.perf_counter()
-        self.busy.add(decoder)
         try:
-            os.write(decoder.proc.stdin.fileno(), JOB.pack(decoder.numbers, n, len(spec)) + spec)
+            decoder.send(job.data, job.spec)
         except OSError:  # the process died between jobs: the image goes first to the next one
-            decoder.job = None
             key = object()
             self.groups[id(key)] = deque([job])
             self.queues["interactive"].appendleft((id(key), self.groups[id(key)]))
             self.waiting += 1
             self._replace(decoder, None)
             return
+        decoder.job, decoder.started_at = job, time.perf_counter()
+        self.busy.add(decoder)
         decoder.watch = asyncio.get_running_loop().call_later(self._wait(job, time.perf_counter()), self._check,
                                                               decoder)
 
@@ -287,23 +279,12 @@ class DecodePool:
         asyncio.get_running_loop().run_in_executor(None, decoder.proc.wait)
 
     def _readable(self, decoder: Decoder) -> None:
-        try:
-            chunk = os.read(decoder.proc.stdout.fileno(), 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            chunk = b""
-        if not chunk:  # the process is gone (killed by the system, out of memory...)
+        answers = decoder.answers()
+        if answers is None:  # the process is gone (killed by the system, out of memory...)
             self._replace(decoder, None)
             return
-        decoder.buffer += chunk
-        while len(decoder.buffer) >= ANSWER.size:
-            number, status, length, cpu, decode_s, resize_s = ANSWER.unpack_from(decoder.buffer)
-            if len(decoder.buffer) < ANSWER.size + length:
-                return
-            message = decoder.buffer[ANSWER.size:ANSWER.size + length].decode("utf-8", "replace")
-            decoder.buffer = decoder.buffer[ANSWER.size + length:]
-            self._answered(decoder, number, status, message, cpu, decode_s, resize_s)
+        for answer in answers:
+            self._answered(decoder, *answer)
 
     def _answered(self, decoder, number, status, message, cpu, decode_s, resize_s) -> None:
         decoder.cpu_before = cpu
