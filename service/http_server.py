@@ -1,7 +1,7 @@
 """What cnnserve adds to the HTTP server that BentoML runs (uvicorn with httptools).
 
 - **A bound on request heads.** httptools sets no limit on the size of a request's head:
-  a 96 MB header was measured holding holding a worker for 13.8 s (the parser joins each header's
+  a 96 MB header was measured holding a worker for 13.8 s (the parser joins each header's
   pieces anew per read, so the cost grows with the square of its size) and a 256 MB one
   for 131 s, while every other client of that worker waited. ``GuardedHttpTools`` answers
   431 once a head passes ``max_head_bytes``, and 408 when a head is still incomplete
@@ -16,6 +16,15 @@
   the requests in flight. A second SIGTERM or a SIGINT stops at once.
 
 ``patches.py`` installs both where its probes find uvicorn without them, and says so in the log.
+
+The server's ASGI middlewares, which ``service.py`` adds with BentoML's documented
+``Service.add_asgi_middleware`` (no change to BentoML): ``ConnectionCloseWhileDraining`` (the drain's
+``Connection: close``), ``JSONRefusals`` (BentoML's plain-text 404 and 405 as the service's JSON errors), and
+``OpenAPIInfo``, which makes the OpenAPI document (``/docs.json``, and the browsable page at ``/``) describe
+cnnserve. BentoML writes the document's ``info`` itself: outside a bento the version is the string "None" and
+the description is BentoML's own read-me boilerplate (badges, Slack and Twitter links), with BentoML's team as
+the contact. ``OpenAPIInfo`` replaces that block with cnnserve's title, version and description; the paths
+are BentoML's and FastAPI's as generated.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import json
 import logging
 import signal
 import threading
+
 log = logging.getLogger("cnnserve.service")
 
 
@@ -210,6 +220,61 @@ class JSONRefusals:
                 if k.lower() not in (b"content-type", b"content-length", b"allow")]
         await send({"type": "http.response.start", "status": e.status, "headers": out})
         await send({"type": "http.response.body", "body": body})
+
+
+OPENAPI_DESCRIPTION = """CNN image classification on onnxruntime: exported ONNX models that carry their own \
+preprocessing spec and labels, served by BentoML.
+
+- `POST /classify`: one image (multipart field `image`, or the raw bytes); the top classes with probabilities
+- `POST /classify/batch`: many images, one result (or error) each
+- `POST /classify/explain`: where the model looks (occlusion or CAM), as JSON or a PNG heatmap
+- `GET /models`: the served models, their spec, labels, precision and providers
+- `/v2/...`: the Open Inference Protocol (KServe v2)
+- `GET /demo`: a page to try it in a browser
+
+Bad input gets a 4xx with `{"error", "code"}`. Served models: {models}."""
+
+
+def openapi_info(version: str, models: list[str]) -> dict:
+    """The OpenAPI document's ``info`` block for cnnserve serving ``models``."""
+    return {"title": "cnnserve", "version": version,
+            "description": OPENAPI_DESCRIPTION.replace("{models}", ", ".join(f"`{m}`" for m in models) or "none")}
+
+
+class OpenAPIInfo:
+    """ASGI middleware: the ``info`` block of the OpenAPI document at ``path`` becomes ``info``."""
+
+    def __init__(self, app, info: dict, path: str = "/docs.json") -> None:
+        self.app, self.info, self.path = app, info, path
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("path") != self.path:
+            return await self.app(scope, receive, send)
+        start: dict = {}
+        chunks: list[bytes] = []
+
+        async def rewrite(message) -> None:
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            if message["type"] != "http.response.body":
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            if start.get("status") == 200:
+                try:
+                    doc = json.loads(body)
+                    doc["info"] = self.info
+                    body = json.dumps(doc).encode()
+                except (ValueError, TypeError):
+                    pass  # not the JSON expected: passed on as it came
+            headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"content-length"]
+            await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, rewrite)
 
 
 async def timeout_call(self, scope, receive, send) -> None:

@@ -28,13 +28,11 @@ from . import startup
 from .api import create_app
 from .apikeys import APIKeys, KeysFileError
 from .engine import Engine
-from .http_server import DRAIN, ConnectionCloseWhileDraining, JSONRefusals
+from .http_server import DRAIN, ConnectionCloseWhileDraining, JSONRefusals, OpenAPIInfo, openapi_info
 from .registry import LoadFailed
 from .memory import return_freed_memory, trim_memory
 from .metrics import ROUTES, metrics
 from .modelstate import ServedState, stored_file
-from .openapi import OpenAPIInfo
-from .openapi import info as openapi_info
 from .patches import apply_patches, running_versions
 from .workers import WorkerSync
 
@@ -186,7 +184,7 @@ CnnServe = bentoml.asgi_app(app, path="/")(
                     **({} if ARGS.tracing else {"tracing": {"excluded_urls": [".*"]}}))(
         CnnServe))
 CnnServe.add_asgi_middleware(ConnectionCloseWhileDraining)
-# /docs.json names cnnserve and its version, not "None" and BentoML's read-me (service/openapi.py)
+# /docs.json names cnnserve and its version, not "None" and BentoML's read-me (http_server.py)
 CnnServe.add_asgi_middleware(OpenAPIInfo, info=openapi_info(__version__, TAGS))
 # BentoML's router answers an unknown path with plain text: every 404 and 405 in the service's JSON (http_server.py)
 CnnServe.add_asgi_middleware(JSONRefusals)
