@@ -173,19 +173,6 @@ class Engine:
 
     # -- images --------------------------------------------------------------------------------
 
-    def ticket(self, timeout_ms: float | None = None, priority: str | None = None,
-               start: float | None = None) -> Ticket:
-        """A request's deadline and priority from its parameters (the server's defaults otherwise),
-        refused with 400 before its body is read."""
-        if timeout_ms is not None and not 0 < timeout_ms <= 3_600_000:
-            raise APIError(400, "bad_timeout", f"timeout_ms must be above 0 and at most 3600000, got {timeout_ms:g}")
-        if priority not in (None, *PRIORITIES):
-            raise APIError(400, "bad_priority", f"priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
-        ms = timeout_ms if timeout_ms is not None else self.config.timeout_ms
-        start = start or time.perf_counter()
-        deadline = start + ms / 1000 if ms else None
-        return Ticket(deadline, priority or "interactive", start=start)
-
     async def decode(self, model: Model, data: bytes, timings: dict | None = None,
                      ticket: Ticket | None = None) -> np.ndarray:
         """Bytes to the model's uint8 input; a bad image fails here, alone. Only work proven cheap

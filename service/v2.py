@@ -1,5 +1,5 @@
 """The Open Inference Protocol (KServe v2, as Triton speaks it) for both of its front ends, HTTP (``kserve.py``)
-and gRPC (``grpc_server.py``): model metadata, a request's one input tensor checked and turned into pixels or
+and gRPC (``grpc_service.py``): model metadata, a request's one input tensor checked and turned into pixels or
 encoded images, and the outputs of a ``Prediction`` by name. No transport here: each front end parses its
 messages into a ``Tensor`` and serialises the outputs its own way.
 """

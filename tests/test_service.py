@@ -285,9 +285,12 @@ def test_health_metrics_and_openapi(client, digits_test):
     assert queued and all(float(line.rsplit(" ", 1)[1]) == 0 for line in queued), queued
     # what runs: library versions and the patches' outcomes
     runtime = client.get("/v2").json()["runtime"]
-    from cnnserve.service.patches import PATCHES
+    from cnnserve.service.patches import PATCHES, WORKER_SOCKET
 
-    assert runtime["versions"]["bentoml"] and set(runtime["patches"]) == {p.name for p in PATCHES}
+    # every patch, and the worker's reading of its socket (gRPC listens on HTTP's address)
+    assert runtime["versions"]["bentoml"]
+    assert set(runtime["patches"]) == {p.name for p in PATCHES} | {WORKER_SOCKET.name}
+    assert runtime["patches"][WORKER_SOCKET.name].startswith("reads bentoml"), runtime["patches"]
     # one name per module in the running worker (as bentofile.yaml names the service)
     assert runtime["modules_with_two_names"] == []
     paths = client.get("/docs.json").json()["paths"]
