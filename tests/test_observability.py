@@ -502,9 +502,11 @@ def test_the_rules_evaluate_on_the_real_series(stack):
     got = p.wait(alerts, 15, f"the alerts {sorted(expected)}")
     quiet = {"CnnserveHTTPServerErrors", "CnnserveOverloaded", "CnnserveQueueSaturated", "CnnserveScrapeDown"}
     assert not {name for name, _, _ in got} & quiet, got
-    by_name = {a["labels"]["alertname"]: a for a in p.api("alerts")["alerts"]}
-    assert by_name["CnnserveModelLoadFailed"]["labels"]["model"] == "digits-broken"
-    assert by_name["CnnserveOutOfDistribution"]["labels"]["model"] == stack.model
+    models = collections.defaultdict(set)
+    for a in p.api("alerts")["alerts"]:
+        models[a["labels"]["alertname"]].add(a["labels"].get("model"))
+    assert models["CnnserveModelLoadFailed"] == {"digits-broken"}
+    assert stack.model in models["CnnserveOutOfDistribution"]  # (digits-b too when its share was blank images)
 
 
 @pytest.mark.slow
