@@ -500,6 +500,7 @@ def test_the_rules_evaluate_on_the_real_series(stack):
         return got if expected <= got else None
 
     got = p.wait(alerts, 15, f"the alerts {sorted(expected)}")
+    # (the clients hold at most 1,320 images at once: 20 batches of 32 and 4 explanations of 170, under 1536)
     quiet = {"CnnserveHTTPServerErrors", "CnnserveOverloaded", "CnnserveQueueSaturated", "CnnserveScrapeDown"}
     assert not {name for name, _, _ in got} & quiet, got
     models = collections.defaultdict(set)
