@@ -97,10 +97,11 @@ class Engine:
     protocol. The models are the registry's (``registry.py``)."""
 
     def __init__(self, models: list[Model], config: Settings = DEFAULTS, metrics=None, draining=lambda: False):
+        if not models:  # before the decoding processes are started for nothing
+            raise ValueError("no models to serve")
         self.config, self.metrics = config, metrics
         self.draining = draining  # true once a drain has begun (the server's SIGTERM): not ready
-        c, h, w = max((m.spec.input_shape for m in models), key=lambda shape: shape[0] * shape[1] * shape[2],
-                      default=(1, 1, 1))
+        c, h, w = max((m.spec.input_shape for m in models), key=lambda shape: shape[0] * shape[1] * shape[2])
         self.decoders = DecodePool(config.decoders, config.limits, config.decode_cpu_ms / 1000,
                                    config.max_queue, c * h * w)
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
