@@ -1,7 +1,8 @@
 """The query parameters of the HTTP routes, declared once as pydantic models: FastAPI validates them for its
 routes and documents them in the OpenAPI document, and the ``/classify`` fast path validates the same model
 from the raw query string, so both answer a bad value with the same 400 and the same words. What a value
-means for a model (``top_k`` at most its classes, a known ``priority``) is the engine's check.
+means for a model (``top_k`` at most its classes, a known ``priority``) is the engine's check (``Engine.call``).
+``EngineDep`` is the routes' one dependency: the worker's engine.
 """
 
 from __future__ import annotations
