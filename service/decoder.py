@@ -1,6 +1,7 @@
 """One decoding process (``decoding.py`` says why there are processes): the worker's handle on it (its
-shared memory region, the jobs and answers over its pipes, its CPU time) and, run as ``python -m cnnserve.service.decoder LIMITS FD
-SIZE ...``, the process's own loop. The worker starts them; nothing else should.
+shared memory region, the jobs and answers over its pipes, its CPU time) and, run as
+``python -m cnnserve.service.decoder LIMITS FD SIZE ...``, the process's own loop. The worker starts them;
+nothing else should.
 """
 
 from __future__ import annotations
