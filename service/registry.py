@@ -1,26 +1,17 @@
 """The model registry: the one owner of the served models. Each loaded version (``Served``) holds its model,
 its batcher and its explanation jobs; the registry looks them up for requests, loads stored versions at
-runtime, swaps them in, releases the old ones when their last request is done, keeps a memory budget, and
-converges on the served set that every worker of the server shares (``modelstate.py``). The engine
-(``engine.py``) keeps no models: it asks the registry for one per request.
+runtime, swaps them in, releases the old ones when their last request is done and keeps a memory budget;
+``workers.converge`` brings it to the served set every worker shares (``modelstate.py``). The engine keeps no
+models. docs/runtime.md tells the whole story; in short:
 
-- **Try, load beside, then switch.** A version is first checked and warmed at the largest batch in a process
-  of its own, under ``load_timeout_s`` and ``load_memory_mb`` (``cnnserve.core.servable.trial``: the checks a
-  server makes at start, and a deadline a thread could not have); then loaded, warmed and its precision chosen
-  (``cnnserve.core.runtime.load_model``) in a thread while the served version keeps answering; then one
-  step under a lock makes it the one new requests get (the newest in ``served[name]``). A failed load changes
-  nothing that serves, and its reason is kept for the repository index. The decoding buffers grow to a
-  larger model's input when it loads (``DecodePool.grow``), within the image limits the trial checks.
-- **Reference counted.** Every request that looks a model up holds it until the request ends
-  (``request_scope``, which every front end opens around each request): a replaced
-  version stays open, its queued requests finish on it, and its batcher and session are closed when its
-  last holder is done. A version looked up outside any scope is kept ``LOOSE_GRACE_S`` more seconds.
-- **Versions.** The newest ``keep_versions`` loaded versions of a name stay loaded and reachable by
-  version (``/v2/models/NAME/versions/V/infer``, ``/classify?version=V``); new requests without a
-  version get the newest.
-- **Memory budget** (``max_model_memory_mb``): each version's size is what the process grew by while it
-  loaded (at least its file); past the budget the least recently used idle versions are evicted (never
-  one a request holds), or the load is refused with the figures.
+- **Try, load beside, then switch.** A trial in a process of its own (``cnnserve.core.servable.trial``: a
+  deadline and a memory cap that a thread could not have), then the load in a thread while the served version
+  keeps answering, then one step under the lock makes it the newest. A failed load changes nothing that serves.
+- **Reference counted.** A request holds every version it looks up until it ends (``request_scope``): a
+  replaced version finishes its queued requests, then its batcher and session close. One looked up outside
+  any scope is kept ``LOOSE_GRACE_S`` more seconds.
+- **Versions and memory.** The newest ``keep_versions`` stay reachable by version; past
+  ``max_model_memory_mb`` the least recently used idle versions go, or the load is refused with the figures.
 """
 
 from __future__ import annotations
@@ -205,7 +196,7 @@ class ModelRegistry:
             with self.lock:
                 self._add(s, newest)
                 for old in evicted:
-                    self._retire(old, "evictions")
+                    self.retire(old, "evictions")
                 if newest:  # an older version is loaded only to converge on a set, which retires what it lacks:
                     self._trim(name)  # trimmed here it would be the oldest, so the very version just loaded
             if self.metrics:
@@ -223,35 +214,8 @@ class ModelRegistry:
             if len(versions) == len(self.served[name]) and len(self.served) == 1:
                 raise LoadFailed(f"{name} is the only model served; load another before unloading it", 409)
             for s in versions:
-                self._retire(s, "unloads")
+                self.retire(s, "unloads")
         return versions
-
-    def converge(self, desired: dict, locate, since: float | None = None) -> dict[str, tuple[int, str]]:
-        """Make this worker serve ``desired`` (``modelstate``): load what it lacks (``locate(name, version)``
-        gives the stored file), then release what it does not name. Returns the failures by name:version, each
-        as its HTTP status and reason."""
-        failures, since = {}, time.monotonic() if since is None else since
-        wanted = desired.get("models", {})
-        for name, versions in wanted.items():
-            for version in versions:
-                have = any(s.model.version == version for s in self.served.get(name, ()))
-                if have and (version != versions[-1] or self.loaded()[name][-1] == version):
-                    continue
-                try:
-                    self.load(name, version, locate(name, version), newest=version == versions[-1])
-                except LoadFailed as e:
-                    failures[f"{name}:{version}"] = (e.status, str(e))
-        with self.lock:
-            for name in list(self.served):
-                keep = wanted.get(name, [])
-                for s in list(self.served[name]):
-                    # a version loaded after ``desired`` was read (by a control request) is not this set's to drop
-                    if (s.model.version not in keep and s.born < since
-                            and (len(self.served) > 1 or len(self.served[name]) > 1)):
-                        self._retire(s, "unloads")
-            if desired.get("default"):  # the operator's choice, served or not (``lookup`` says which)
-                self.default = desired["default"]
-        return failures
 
     def loaded(self) -> dict[str, list[str]]:
         with self.lock:
@@ -316,9 +280,9 @@ class ModelRegistry:
     def _trim(self, name: str) -> None:
         keep = max(1, self.settings.keep_versions)
         while len(self.served.get(name, ())) > keep:
-            self._retire(self.served[name][0], "unloads")
+            self.retire(self.served[name][0], "unloads")
 
-    def _retire(self, s: Served, why: str) -> None:
+    def retire(self, s: Served, why: str) -> None:
         """Take ``s`` out of service (under the lock); closed now if nothing holds it, else by its last holder."""
         name = s.model.name
         versions = self.served.get(name, [])

@@ -71,7 +71,7 @@ class WorkerSync:
             read_at = time.monotonic()
             desired = self.state.read()
             if desired is not None and (desired.get("generation", 0) != self.generation or retry):
-                self.failures = self.registry.converge(desired, lambda n, v: stored_file(n, v)[1], read_at)
+                self.failures = converge(self.registry, desired, lambda n, v: stored_file(n, v)[1], read_at)
                 self.generation = desired.get("generation", 0)
                 self._retry_at = time.monotonic() + RETRY_S if self.failures else float("inf")
                 self.report()
@@ -203,3 +203,31 @@ class WorkerSync:
                 return True, None
             await asyncio.sleep(0.1)
         return False, None
+
+
+def converge(registry, desired: dict, locate, since: float | None = None) -> dict[str, tuple[int, str]]:
+    """Make this worker's ``registry`` serve ``desired`` (``modelstate``): load what it lacks
+    (``locate(name, version)`` gives the stored file), then release what it does not name. Returns the failures
+    by name:version, each as its HTTP status and reason."""
+    failures, since = {}, time.monotonic() if since is None else since
+    wanted = desired.get("models", {})
+    for name, versions in wanted.items():
+        for version in versions:
+            have = any(s.model.version == version for s in registry.served.get(name, ()))
+            if have and (version != versions[-1] or registry.loaded()[name][-1] == version):
+                continue
+            try:
+                registry.load(name, version, locate(name, version), newest=version == versions[-1])
+            except LoadFailed as e:
+                failures[f"{name}:{version}"] = (e.status, str(e))
+    with registry.lock:
+        for name in list(registry.served):
+            keep = wanted.get(name, [])
+            for s in list(registry.served[name]):
+                # a version loaded after ``desired`` was read (by a control request) is not this set's to drop
+                if (s.model.version not in keep and s.born < since
+                        and (len(registry.served) > 1 or len(registry.served[name]) > 1)):
+                    registry.retire(s, "unloads")
+        if desired.get("default"):  # the operator's choice, served or not (``lookup`` says which)
+            registry.default = desired["default"]
+    return failures

@@ -608,14 +608,15 @@ def test_a_worker_that_skips_a_generation_serves_every_version_of_the_set(defaul
     from cnnserve.core.config import Settings
     from cnnserve.core.runtime import load_model
     from cnnserve.service.engine import Engine
+    from cnnserve.service.workers import converge
 
     config = Settings(providers="cpu", precision="fp32", max_batch_size=8, keep_versions=2)
     engine = Engine([load_model(default_onnx, name=NAME, version="v1", providers="cpu", batch_sizes=(1, 8))], config)
     try:
         engine.registry.load(NAME, "v3", str(default_onnx))  # this worker's own control request
         since = time.monotonic()
-        failures = engine.registry.converge({"generation": 2, "default": NAME, "models": {NAME: ["v2", "v3"]}},
-                                           lambda name, version: str(default_onnx), since)
+        failures = converge(engine.registry, {"generation": 2, "default": NAME, "models": {NAME: ["v2", "v3"]}},
+                            lambda name, version: str(default_onnx), since)
         assert failures == {} and engine.registry.loaded() == {NAME: ["v2", "v3"]}
     finally:
         engine.close()
