@@ -144,7 +144,8 @@ def rolling_restart_trial(servers: list[Server], lb: Balancer, bodies, clients: 
     counted = load.count(since=t0)
     return {"replicas": len(servers), "clients": clients, "steps": steps,
             "answered": counted["answered"], "statuses": counted["statuses"],
-            "non_200": counted["answered"] - counted["statuses"].get(200, 0), "failed": counted["failed"]}
+            "non_200": counted["answered"] - counted["statuses"].get(200, 0), "failed": counted["failed"],
+            "failure_kinds": counted["failure_kinds"]}
 
 
 def kill_trial(servers: list[Server], lb: Balancer, bodies, clients: int = 64, warm_s: float = 2.0) -> dict:
@@ -162,7 +163,8 @@ def kill_trial(servers: list[Server], lb: Balancer, bodies, clients: int = 64, w
     counted = load.count(since=t0)
     return {"clients": clients, "check_interval_s": lb.check_s, "fall": 2, "out_of_rotation_s": _r(down),
             "answered_after_kill": counted["answered"], "statuses": counted["statuses"],
-            "non_200": counted["answered"] - counted["statuses"].get(200, 0), "failed": counted["failed"]}
+            "non_200": counted["answered"] - counted["statuses"].get(200, 0), "failed": counted["failed"],
+            "failure_kinds": counted["failure_kinds"]}
 
 
 def throughput_trial(lb: Balancer, body: Path, content_type: str, concurrency: int = 64, duration: float = 10,

