@@ -72,11 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
                     default=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
                              "calibration"],
                     choices=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
-                             "int8", "calibration", "grpc", "drift"],
+                             "int8", "calibration", "grpc", "drift", "telemetry"],
                     help="naive: the baseline BentoML service of bench/naive_service.py; torchserve: TorchServe "
                          "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve; grpc: "
                          "the same infer call over HTTP and gRPC, alternated (bench/grpc_load.py); drift: the service with and "
-                         "without its drift monitor, interleaved (bench/overhead.py)")
+                         "without its drift monitor, interleaved (bench/overhead.py); telemetry: access lines, "
+                         "JSON logs and tracing at 0, 1%% and 100%% against the service as it ships, interleaved "
+                         "(bench/overhead.py)")
     ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"],
                     help="batch-scoring engines to measure")
     ap.add_argument("--score-images", type=int, default=10000,
@@ -170,6 +172,15 @@ def main(argv=None) -> int:
             except RuntimeError as e:  # no wrk here: reported, the other sections still run
                 r["drift_error"] = str(e)
                 log(f"{name}: drift could not run: {e}")
+        if "telemetry" in args.sections:
+            from .overhead import telemetry_section
+
+            try:
+                r["telemetry"] = telemetry_section(w, max(args.concurrency), args.duration, args.warmup,
+                                                   args.http_repeats, log)
+            except RuntimeError as e:  # no wrk here: reported, the other sections still run
+                r["telemetry_error"] = str(e)
+                log(f"{name}: telemetry could not run: {e}")
         if "int8" in args.sections and w["run"]:
             r["int8"] = bench_int8(w, (1, 8, 32), args.seconds, args.repeats, max(args.concurrency), args.duration,
                                    args.warmup)

@@ -269,6 +269,13 @@ def report(doc: dict, stem: Path) -> str:
         lines += ["", "## The drift monitor's cost (the service with and without it, side by side; "
                       "`bench/overhead.py`, wrk)", ""]
         lines += [line for name, d in costs.items() for line in drift_lines(name, d)]
+    telemetry = {n: r["telemetry"] for n, r in doc["workloads"].items() if r.get("telemetry")}
+    if telemetry:
+        from .overhead import telemetry_lines
+
+        lines += ["", "## Request telemetry's cost (access lines, JSON logs, tracing; the service once per side, side "
+                      "by side; `bench/overhead.py`, wrk)", ""]
+        lines += [line for name, d in telemetry.items() for line in telemetry_lines(name, d)]
     calibrations = {n: r["calibration"] for n, r in doc["workloads"].items() if r.get("calibration")}
     if calibrations:
         from .calibration import report_lines as calibration_lines

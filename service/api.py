@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from cnnserve.core.confidence import NotFinite
 
-from . import apikeys, kserve, repository, triton
+from . import apikeys, kserve, repository, telemetry, triton
 from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
@@ -37,7 +37,6 @@ from .patches import runtime_info
 from .registry import request_scope
 
 log = logging.getLogger("cnnserve.api")
-access = logging.getLogger("cnnserve.access")
 
 CLASSIFY_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": [IMAGE_FIELD], "properties": {
@@ -55,7 +54,8 @@ def internal_error(app, request: Request, e: Exception) -> JSONResponse:
     """A JSON 500 at once for an error nothing expected (a bug, a library's failure), logged here with its
     traceback, once: the exception is marked, so ``CnnServeAPI`` does not pass it on for the server to log
     again. Its words stay in the log; the client learns its type only."""
-    log.error("%s %s failed: %s: %s", request.method, request.url.path, type(e).__name__, e, exc_info=e)
+    log.error("%s %s failed (request %s): %s: %s", request.method, request.url.path, telemetry.current_id(),
+              type(e).__name__, e, exc_info=e)
     setattr(e, ANSWERED, True)
     return error_response(app, APIError(500, "internal", f"the server failed on this request ({type(e).__name__}); "
                                                          "the error is in its log"))
@@ -80,7 +80,11 @@ def error_response(app, e: APIError) -> JSONResponse:
         engine.metrics.rejected.labels(e.code, "http").inc()
     if e.code == "client_closed":
         log.info("client disconnected: %s", e.message)
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    record = telemetry.current()
+    if record is None:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    record.code = e.code  # for its access line and trace
+    return JSONResponse(e.body(record.id), status_code=e.status, headers=e.headers)
 
 
 def server_timing(timings: dict) -> str:
@@ -108,6 +112,9 @@ def timed(response, engine: Engine, model: str, timings: dict, t0: float, last: 
     timings[last] += time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     response.headers["Server-Timing"] = server_timing(timings)
+    record = telemetry.current()
+    if record is not None:
+        record.timings = timings
     engine.observe(model, timings, method)
     return response
 
@@ -136,6 +143,8 @@ async def classify_batch(request: Request, p: Annotated[ClassifyParams, Query()]
     call = engine.call(p.model, p.version, p.top_k, p.timeout_ms, p.priority, p.calibrated, time.perf_counter())
     files = await image_files(request, await read(request), IMAGES_FIELD, engine.config.max_request_bytes,
                               engine.config.max_images_per_request)
+    if call.request is not None:
+        call.request.mark("read")
     call.ticket.gone = watch_disconnect(request)
     return await engine.classify_many(call, files)
 
@@ -212,31 +221,8 @@ class CnnServeAPI(FastAPI):
     #: ``apikeys.APIKeys`` where the server has a keys file (``api_keys_file``): the inference routes need a key
     api_keys = None
 
-    #: one log line per HTTP request (``access_log``): off by default, as BentoML's is here (it costs throughput)
-    access_log = False
-
     async def __call__(self, scope, receive, send) -> None:
-        if self.access_log and scope["type"] == "http":
-            return await self.logged(scope, receive, send)
-        return await self.answer(scope, receive, send)
-
-    async def logged(self, scope, receive, send) -> None:
-        """The request answered, then one line: method, path, status, milliseconds, and the API key's name
-        (never the key)."""
-        t0, status = time.perf_counter(), [0]
-
-        async def sending(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.answer(scope, receive, sending)
-        finally:
-            access.info("%s %s %d %.1f ms key=%s", scope["method"], scope["path"][:200], status[0],
-                        (time.perf_counter() - t0) * 1000, scope.get("state", {}).get("api_key", "-"))
-
-    async def answer(self, scope, receive, send) -> None:
+        # (a request's id, access line and trace are the server's middleware's: telemetry.RequestTelemetry)
         if self.api_keys is not None and scope["type"] == "http" and apikeys.protected(scope["path"]):
             refusal = self.unauthorized(scope)
             if refusal is not None:
@@ -268,7 +254,9 @@ class CnnServeAPI(FastAPI):
                 + (" (the key sent is not one this server holds)" if sent else ""), {"WWW-Authenticate": "Bearer"}))
         if metrics and hasattr(metrics, "api_key_requests"):
             metrics.api_key_requests.labels(name, "http").inc()
-        scope.setdefault("state", {})["api_key"] = name  # for the access log
+        record = telemetry.current()
+        if record is not None:
+            record.api_key = name  # for the access line
         return None
 
     async def fast_classify(self, scope, receive, send) -> None:

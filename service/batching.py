@@ -64,13 +64,14 @@ class _Item:
     results of those that ran, in order."""
 
     __slots__ = ("pixels", "fut", "queued_at", "deadline", "gone", "timer", "job", "bulk", "sent", "parts",
-                 "done", "started", "seconds")
+                 "done", "started", "seconds", "marks")
 
     def __init__(self, pixels, fut, queued_at, deadline, gone, timer, job, bulk) -> None:
         self.pixels, self.fut, self.queued_at, self.deadline, self.gone = pixels, fut, queued_at, deadline, gone
         self.timer, self.job, self.bulk = timer, job, bulk
         # parts: (first row, rows) of each run that carried some of it (runs in flight may end out of order)
         self.sent, self.parts, self.done, self.started, self.seconds = 0, [], 0, None, 0.0
+        self.marks = None  # a traced request's times (service/telemetry.py)
 
     @property
     def left(self) -> int:
@@ -114,14 +115,16 @@ class MicroBatcher:
 
     async def submit(self, pixels: np.ndarray, timings: dict | None = None, *, deadline: float | None = None,
                      priority: str = "interactive", gone: asyncio.Future | None = None,
-                     job: Callable | None = None):
+                     job: Callable | None = None, marks: dict | None = None):
         """Run ``pixels`` (N x C x H x W) in shared batches; returns this request's N result rows (for a
         ``job`` returning several arrays, the N rows of each).
 
         ``timings``, if given, gets ``queue`` (seconds until its first batch started) and ``inference``
         (seconds of the runs that carried these images). Raises ``Overloaded`` when the queue is full
         (bulk requests may fill half of it, so interactive ones always find room) and ``DeadlineExceeded``
-        when ``deadline`` passes before its (next) batch starts."""
+        when ``deadline`` passes before its (next) batch starts. ``marks`` (a traced or JSON-logged request's,
+        ``telemetry.RequestRecord.marks``) gets ``queued`` and ``started``, and from each run that carries it
+        ``run`` (the first start), ``ran`` (the last end) and ``batch`` (the largest batch's images)."""
         n = len(pixels)
         bulk = priority == "bulk"
         self.check_room(n, priority)
@@ -137,6 +140,9 @@ class MicroBatcher:
         if deadline is not None:  # answer 504 as soon as the deadline passes, not when the batch forms
             timer = loop.call_later(deadline - now, _expire, fut)
         item = _Item(pixels, fut, now, deadline, gone, timer, job, bulk)
+        if marks is not None:
+            item.marks = marks
+            marks.setdefault("queued", now)
         self._queues["bulk" if bulk else "interactive"].append(item)
         self._queued += n
         if bulk:
@@ -149,6 +155,8 @@ class MicroBatcher:
                 timer.cancel()
             if item.left:  # failed or cancelled part-way: its images still queued are not counted
                 self._forget(item)
+            if marks is not None and item.started is not None:
+                marks.setdefault("started", item.started)
         if timings is not None:
             timings["queue"], timings["inference"] = item.started - now, item.seconds
         return rows
@@ -295,6 +303,8 @@ class MicroBatcher:
         for item, a, b in pieces:
             if not item.fut.done():
                 item.seconds += seconds
+                if item.marks is not None:
+                    _mark(item.marks, t, done, len(batch))
                 item.parts.append((a, _rows(out, start, start + b - a)))
                 item.done += b - a
                 if item.done == len(item.pixels):
@@ -317,6 +327,12 @@ class MicroBatcher:
         for task in list(self._runs):
             task.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _mark(marks: dict, start: float, end: float, n: int) -> None:
+    marks.setdefault("run", start)
+    marks["ran"] = end
+    marks["batch"] = max(marks.get("batch", 0), n)
 
 
 def _rows(out, a: int, b: int):

@@ -30,6 +30,7 @@ from .drift import Monitor
 from .errors import REQUEST_CODES, APIError, model_output_not_finite
 from .registry import ModelRegistry, Served
 from .stats import Statistics
+from .telemetry import RequestRecord, current as current_request
 
 log = logging.getLogger("cnnserve.engine")
 
@@ -71,10 +72,16 @@ class Call:
     top_k: int
     ticket: Ticket
     calibrated: bool = True
+    #: the request's telemetry (telemetry.py): its id, and its stages' times where it is traced or logged as JSON
+    request: RequestRecord | None = None
 
     @property
     def model(self) -> Model:
         return self.served.model
+
+    @property
+    def request_id(self) -> str | None:
+        return self.request.id if self.request is not None else None
 
 
 @dataclass
@@ -170,7 +177,10 @@ class Engine:
         ms = timeout_ms if timeout_ms is not None else self.config.timeout_ms
         start = start or time.perf_counter()
         ticket = Ticket(start + ms / 1000 if ms else None, priority or "interactive", start=start)
-        return Call(served, k, ticket, calibrated)
+        call = Call(served, k, ticket, calibrated, current_request())
+        if call.request is not None:
+            call.request.call = call  # its access line and trace name the model and version
+        return call
 
     # -- images --------------------------------------------------------------------------------
 
@@ -245,7 +255,8 @@ class Engine:
         parts = timings if timings is not None else {}
         try:
             out = await call.served.batcher.submit(pixels, parts, deadline=ticket.deadline,
-                                                   priority=ticket.priority, gone=ticket.gone, job=job)
+                                                   priority=ticket.priority, gone=ticket.gone, job=job,
+                                                   marks=call.request.marks if call.request is not None else None)
             now = time.perf_counter()
             queue, infer = parts.get("queue", 0.0), parts.get("inference", 0.0)
             self.stats.request(model, len(pixels), True, now - start, t - start, queue, infer,

@@ -16,8 +16,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
-    def body(self) -> dict:
-        return {"error": self.message, "code": self.code}
+    def body(self, request_id: str | None = None) -> dict:
+        """The JSON error; with the request's id (``telemetry.py``) where there is one."""
+        if request_id is None:
+            return {"error": self.message, "code": self.code}
+        return {"error": self.message, "code": self.code, "request_id": request_id}
 
 
 #: Set on an unexpected exception once it has been answered (a JSON 500) and logged with its traceback.

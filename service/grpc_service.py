@@ -17,9 +17,14 @@
   ``ModelStatistics``, ``triton.py``) and the model repository (``RepositoryIndex``, ``RepositoryModelLoad``,
   ``RepositoryModelUnload``: the control token as ``authorization: Bearer TOKEN`` call metadata). With
   ``api_keys_file``, ``ModelInfer`` needs a key as call metadata (401 is UNAUTHENTICATED).
+- **Request ids** (``telemetry.py``): ``ModelInfer`` answers with ``x-request-id`` in its initial metadata (the
+  client's ``x-request-id`` call metadata where it is sane, else one made here), and in a refusal's trailing
+  metadata too; its access line and trace are HTTP's.
 """
 
 from __future__ import annotations
+
+import time
 
 import anyio
 import grpc
@@ -29,7 +34,7 @@ from google.protobuf import json_format
 from cnnserve import __version__
 from cnnserve.core.grpc_proto import pb
 
-from . import apikeys, repository, triton, v2
+from . import apikeys, repository, telemetry as _telemetry, triton, v2
 from .engine import Engine
 from .errors import APIError, short
 from .http_server import DRAIN
@@ -65,6 +70,9 @@ def status_of(e: APIError) -> grpc.StatusCode:
 def trailing_of(e: APIError) -> tuple:
     """The refusal's trailing metadata: its code, and when to retry where it says."""
     trailing = [("cnnserve-code", e.code)]
+    rid = getattr(e, "request_id", None)  # set by ModelInfer
+    if rid:
+        trailing.append((_telemetry.HEADER, rid))
     retry = e.headers.get("Retry-After")
     if retry:
         trailing += [("retry-after", retry), ("grpc-retry-pushback-ms", str(int(retry) * 1000))]
@@ -91,6 +99,9 @@ def parser_of(cls):
 
 class InferenceService:
     """The methods of ``inference.GRPCInferenceService`` over an ``Engine``."""
+
+    #: the worker's ``telemetry.Telemetry`` (service.py sets it): ModelInfer's request ids, access lines and traces
+    telemetry = None
 
     def __init__(self, engine: Engine, sync=None, api_keys=None) -> None:
         self.engine, self.sync = engine, sync  # sync: the workers' shared served set (workers.py), for the index
@@ -160,8 +171,36 @@ class InferenceService:
 
     async def ModelInfer(self, request, context, started: float | None = None):  # noqa: N802
         """``started``: when the call began, before its message arrived (the deadline counts from there, as
-        HTTP's counts from before the body)."""
+        HTTP's counts from before the body). The call's id goes out in the initial metadata at once, so that
+        every answer, a refusal's too, carries it."""
         t0 = started or time.perf_counter()
+        if self.telemetry is None:
+            return await self._infer(request, context, t0)
+        client_id = traceparent = None
+        for key, value in context.invocation_metadata() or ():
+            if key == _telemetry.HEADER:
+                client_id = value if isinstance(value, str) else None
+            elif key == "traceparent":
+                traceparent = value if isinstance(value, str) else None
+        record = self.telemetry.begin(client_id, traceparent, "grpc", "POST", MODEL_INFER, peer_address(context), t0)
+        token = _telemetry.CURRENT.set(record)
+        try:
+            await context.send_initial_metadata(((_telemetry.HEADER, record.id),))
+            answer = await self._infer(request, context, t0)
+            record.status = "OK"
+            return answer
+        except APIError as e:
+            e.request_id, record.code, record.status = record.id, e.code, status_of(e).name
+            raise
+        except Exception:
+            record.code, record.status = "internal", "INTERNAL"
+            raise
+        finally:
+            _telemetry.CURRENT.reset(token)
+            if self.telemetry.access_log or record.sampled:
+                self.telemetry.end(record)
+
+    async def _infer(self, request, context, t0: float):
         engine = self.engine
         if self.api_keys is not None:  # the inference call needs a key, as HTTP's infer does (apikeys.py)
             metadata = dict(context.invocation_metadata() or ())
@@ -228,6 +267,19 @@ class InferenceService:
             out.outputs.add(name=name, datatype="FP32", shape=list(part.shape))
             out.raw_output_contents.append(part.astype("<f4", copy=False).tobytes())
         return out
+
+
+#: ModelInfer's full name, its access line's path and its span's name
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def peer_address(context) -> str | None:
+    """The client's address from gRPC's peer string (``ipv4:127.0.0.1:5000``, ``ipv6:[::1]:5000``)."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer or None
 
 
 def _settled(pending) -> None:

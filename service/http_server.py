@@ -116,10 +116,14 @@ if HttpToolsProtocol is not None:
 
         def _refuse(self, status: int, reason: str, message: str) -> None:
             self._cancel_head_timer()
-            body = ('{"error": "%s", "code": "%s"}' % (message, "header_too_large" if status == 431 else
-                                                        "header_timeout")).encode()
+            from .telemetry import new_id
+
+            rid = new_id()  # the head was not read: an id of the server's own, for the answer and the log
+            body = ('{"error": "%s", "code": "%s", "request_id": "%s"}' % (
+                message, "header_too_large" if status == 431 else "header_timeout", rid)).encode()
             self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                                 b"connection: close\r\n\r\n" % (status, reason.encode(), len(body)) + body)
+                                 b"x-request-id: %s\r\nconnection: close\r\n\r\n"
+                                 % (status, reason.encode(), len(body), rid.encode()) + body)
             # A lingering close: closing with unread bytes in the socket would send a reset that can
             # destroy the answer before the client reads it. End our side, discard what still comes
             # in, and close a moment later.
@@ -129,7 +133,7 @@ if HttpToolsProtocol is not None:
                 asyncio.get_running_loop().call_later(2.0, self.transport.close)
             else:  # pragma: no cover
                 self.transport.close()
-            log.info("refused a request head from %s: %s", self.client, message)
+            log.info("refused a request head from %s: %s (request %s)", self.client, message, rid)
 else:  # pragma: no cover
     GuardedHttpTools = None
 
@@ -209,11 +213,15 @@ class JSONRefusals:
     @staticmethod
     async def _refuse(scope, start: dict, send) -> None:
         from .errors import routing_error
+        from .telemetry import current
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in start.get("headers", ())}
         e = routing_error(scope.get("method", "GET"), scope.get("path", ""), start["status"],
                           headers={"Allow": headers["allow"]} if "allow" in headers else None)
-        body = json.dumps(e.body()).encode()
+        record = current()  # the request's telemetry (RequestTelemetry, outside this middleware)
+        if record is not None:
+            record.code = e.code
+        body = json.dumps(e.body(record.id if record is not None else None)).encode()
         out = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         out += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in e.headers.items()]
         out += [(k, v) for k, v in start.get("headers", ())  # the others (connection: close in a drain)
@@ -301,8 +309,11 @@ async def timeout_call(self, scope, receive, send) -> None:
         await waiter
     except asyncio.TimeoutError:
         if fut.cancel():
+            # the request's id, from the state its telemetry middleware (inside this one) left in the scope
+            rid = scope.get("state", {}).get("request_id")
             resp = JSONResponse({"error": f"Not able to process the request in {self.timeout} seconds",
-                                 "code": "timeout"}, status_code=504)
+                                 "code": "timeout", **({"request_id": rid} if rid else {})}, status_code=504,
+                                headers={"X-Request-ID": rid} if rid else None)
             await resp(scope, receive, send)
     else:
         await fut

@@ -103,8 +103,10 @@ async def infer(engine: Engine, call: Call, body: bytes, header_length: str | No
         resp = {"model_name": model.name, "model_version": model.version,
                 "outputs": [{"name": o, "datatype": "FP32", "shape": list(parts[o].shape),
                              "data": parts[o].ravel().tolist()} for o in wanted]}
-        if "id" in req:
+        if "id" in req:  # the protocol's id: the request's own, echoed
             resp["id"] = req["id"]
+        elif call.request is not None:  # else the one its X-Request-ID header carries
+            resp["id"] = call.request.id
         return JSONResponse(resp)
 
     if sum(parts[o].size for o in wanted) > INLINE_ANSWER_VALUES:
@@ -179,6 +181,8 @@ async def infer_route(request: Request, p: Annotated[RequestParams, Query()], na
     try:
         call = engine.call(name, version, timeout_ms=p.timeout_ms, priority=p.priority, start=t0)
         body = await read_body(request, engine.config.max_request_bytes, engine.config.body_timeout_s)
+        if call.request is not None:
+            call.request.mark("read")
         call.ticket.gone = watch_disconnect(request)
         return await infer(engine, call, body, request.headers.get("inference-header-content-length"))
     except APIError as err:

@@ -24,7 +24,7 @@ from cnnserve.core.onnxmeta import MODEL_FILE
 from cnnserve.core.runtime import ModelLoadError, load_model
 from cnnserve.core.store import NotStored, stored_model
 
-from . import startup
+from . import startup, telemetry
 from .api import create_app
 from .apikeys import APIKeys, KeysFileError
 from .engine import Engine
@@ -45,12 +45,15 @@ logging.getLogger("cnnserve").setLevel(logging.INFO)
 RUN = startup.begin()
 ARGS = bentoml.use_arguments(Settings)
 TAGS = ARGS.tags
+if ARGS.log_format == "json":  # from here on (the server's first process and each worker) every line is JSON
+    telemetry.json_logging()
 # At import: uvicorn binds its signal handlers and reads its protocol table before the service instance exists.
 apply_patches(ARGS)
 log.info("running on %s", ", ".join(f"{k} {v}" for k, v in running_versions().items()))
 
 app = create_app()  # its engine comes with the worker's service instance (CnnServe.__init__)
-app.access_log = ARGS.access_log
+# each request's id, access line and trace (telemetry.py): one per worker, its tracer made at its first traced request
+TELEMETRY = telemetry.Telemetry.of(ARGS, ROUTES)
 if ARGS.api_keys_file:  # a file that cannot be used stops `bentoml serve` at once, with one line naming it
     try:
         app.api_keys = APIKeys(ARGS.api_keys_file)
@@ -63,6 +66,8 @@ class CnnServe:
     """Loads every configured model, warms it, and reports ready only then."""
 
     def __init__(self) -> None:
+        if ARGS.log_format == "json":  # BentoML configured the worker's logging after the module loaded
+            telemetry.json_logging()
         tag = "the engine"
         try:
             models = []
@@ -122,7 +127,9 @@ class CnnServe:
         self.grpc = None
         if ARGS.grpc_port:
             from .grpc_server import GrpcServer
+            from .grpc_service import InferenceService
 
+            InferenceService.telemetry = TELEMETRY  # ModelInfer's ids, access lines and traces
             try:
                 self.grpc = GrpcServer(self.engine, ARGS.grpc_port, sync=getattr(app.state, "sync", None),
                                        api_keys=app.api_keys, tls=TLS)
@@ -137,6 +144,7 @@ class CnnServe:
     async def stop_grpc(self) -> None:
         if self.grpc is not None:
             await self.grpc.stop()
+        TELEMETRY.shutdown()  # the spans still held are sent
 
 
 def _require_stored(tag: str) -> None:
@@ -179,10 +187,12 @@ CnnServe = bentoml.asgi_app(app, path="/")(
     bentoml.service(name="cnnserve", workers=ARGS.workers, traffic={"timeout": 60},
                     **({"ssl": {"enabled": True, "certfile": TLS[0], "keyfile": TLS[1]}} if TLS else {}),
                     logging={"access": {"enabled": False}}, metrics={"enabled": ARGS.bentoml_metrics},
-                    # tracing off: BentoML always installs its OpenTelemetry middleware; an exclusion
-                    # of every URL is the setting that makes it pass requests straight through
-                    **({} if ARGS.tracing else {"tracing": {"excluded_urls": [".*"]}}))(
+                    # BentoML always installs its OpenTelemetry middleware; an exclusion of every URL is the
+                    # setting that makes it pass requests straight through (cnnserve's traces: telemetry.py)
+                    tracing={"excluded_urls": [".*"]})(
         CnnServe))
+# The first added is the outermost of these: every answer below it carries the request's id
+CnnServe.add_asgi_middleware(telemetry.RequestTelemetry, telemetry=TELEMETRY)
 CnnServe.add_asgi_middleware(ConnectionCloseWhileDraining)
 # /docs.json names cnnserve and its version, not "None" and BentoML's read-me (http_server.py)
 CnnServe.add_asgi_middleware(OpenAPIInfo, info=openapi_info(__version__, TAGS))

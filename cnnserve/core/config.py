@@ -151,9 +151,14 @@ class Settings(BaseModel):
     # most as many bulk images as the model runs in this time, by its measured time per image (at least
     # one), so an interactive request waits for at most one such slice (service/batching.py)
     bulk_slice_ms: Positive = 50.0
-    # BentoML's per-request OpenTelemetry spans: on in BentoML, off here unless asked for (they go to no
-    # exporter unless BentoML's tracing is configured, and cost a fifth of a small model's request CPU:
-    # docs/benchmarks.md). BentoML's request metrics (bentoml_service_request_*) stay on by default.
+    # OpenTelemetry traces (service/telemetry.py, docs/observability.md): the share of requests traced, each with
+    # its decode, queue, inference and respond spans, sent over OTLP/HTTP to tracing_endpoint (a traces URL; empty:
+    # the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4318); 0: no
+    # tracer at all. A request whose traceparent says sampled is traced whatever the share.
+    tracing_sample: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.0
+    tracing_endpoint: str = ""
+    # tracing=true: every request traced (tracing_sample=1 unless that is set). BentoML's own per-request spans
+    # stay off whatever it says (they cost a fifth of a small model's request CPU: docs/benchmarks.md)
     tracing: bool = False
     bentoml_metrics: bool = True
     drain_s: NonNegative = 3.0  # on SIGTERM: answer with Connection: close and readyz 503 this long, then stop
@@ -181,8 +186,12 @@ class Settings(BaseModel):
     # API keys for the inference endpoints (service/apikeys.py): a file of `NAME sha256:HEX` lines that
     # `cnnserve api-key NAME --file PATH` writes; empty: no keys needed
     api_keys_file: str = ""
-    # one log line per HTTP request (method, path, status, ms, the API key's name); off: it costs throughput
-    access_log: bool = False
+    # one log line per request, HTTP and gRPC's ModelInfer (service/telemetry.py): method, path, status, ms, the API
+    # key's name and the request's id as text; with log_format=json every field as JSON (id, client, route, model,
+    # version, stage times, batch size, error code). Unset: on with log_format=json, off with text
+    access_log: bool | None = None
+    # every line the server logs as text (BentoML's format) or as JSON, one object a line (Elastic Common Schema)
+    log_format: Literal["text", "json"] = "text"
     # TLS for HTTP and gRPC alike: a PEM certificate (chain) and its unencrypted PEM key; empty: plain text
     tls_certfile: str = ""
     tls_keyfile: str = ""
@@ -230,6 +239,16 @@ class Settings(BaseModel):
         return int(self.max_request_mb * MB)
 
     @property
+    @property
+    def trace_ratio(self) -> float:
+        """The share of requests traced: ``tracing_sample``, or all of them with ``tracing=true``."""
+        return self.tracing_sample or (1.0 if self.tracing else 0.0)
+
+    @property
+    def access_lines(self) -> bool:
+        """Whether each request gets a line: ``access_log``, or by default with JSON logs only."""
+        return self.access_log if self.access_log is not None else self.log_format == "json"
+
     def grpc_max_answer_bytes(self) -> int:
         return int(self.grpc_max_answer_mb * MB) if self.grpc_max_answer_mb else self.max_images_per_request * 256 * KB
 

@@ -1,0 +1,258 @@
+"""Request telemetry of a real server (service/telemetry.py): every answer's request id (HTTP's X-Request-ID, the
+error bodies, the v2 body's id, gRPC's metadata), JSON log lines parsed one by one, and the OpenTelemetry spans a
+small OTLP/HTTP receiver (tests/support/otlp.py, opentelemetry-proto) gets from a traced server.
+
+Two servers of one worker each: one with JSON logs and every request traced, one with text access lines and
+tracing_sample=0 (its receiver must get nothing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import encode
+from tests.support.otlp import Receiver
+from tests.support.server import Server
+
+DIGIT = encode(np.full((28, 28), 200, np.uint8))
+PIXELS = np.zeros((1, 1, 28, 28), np.uint8)
+SANE_ID = "client-id_0123.ABC:xyz"
+
+
+def start(stored_default: str, receiver: Receiver, *args: str) -> Server:
+    # the batch processor sends every 200 ms, not every 5 s, so the test need not wait
+    old = os.environ.get("OTEL_BSP_SCHEDULE_DELAY")
+    os.environ["OTEL_BSP_SCHEDULE_DELAY"] = "200"
+    try:
+        return Server("--arg", f"models={stored_default}", "--arg", "workers=1",
+                      "--arg", f"tracing_endpoint={receiver.endpoint}", *args)
+    finally:
+        if old is None:
+            del os.environ["OTEL_BSP_SCHEDULE_DELAY"]
+        else:
+            os.environ["OTEL_BSP_SCHEDULE_DELAY"] = old
+
+
+@pytest.fixture(scope="module")
+def traced(stored_default):
+    """JSON logs, every request traced; its receiver."""
+    receiver = Receiver()
+    srv = start(stored_default, receiver, "--arg", "log_format=json", "--arg", "tracing_sample=1")
+    yield srv, receiver
+    srv.stop()
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def plain(stored_default):
+    """Text access lines, tracing_sample=0 with a receiver all the same."""
+    receiver = Receiver()
+    srv = start(stored_default, receiver, "--arg", "access_log=true", "--arg", "tracing_sample=0")
+    yield srv, receiver
+    srv.stop()
+    receiver.close()
+
+
+def grpc_infer(target: str, metadata=(), model: str = "lenet5-digits"):
+    """(answer or None, status code, initial metadata, trailing metadata) of one ModelInfer."""
+    from cnnserve.core.grpc_proto import SERVICE, pb
+
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name="pixels", datatype="UINT8", shape=list(PIXELS.shape))
+    request.raw_input_contents.append(PIXELS.tobytes())
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary(f"/{SERVICE}/ModelInfer", request_serializer=pb.ModelInferRequest.SerializeToString,
+                                    response_deserializer=pb.ModelInferResponse.FromString)
+        try:
+            answer, call = infer.with_call(request, metadata=metadata, timeout=30)
+            return answer, call.code(), dict(call.initial_metadata()), dict(call.trailing_metadata())
+        except grpc.RpcError as e:
+            return None, e.code(), dict(e.initial_metadata() or ()), dict(e.trailing_metadata() or ())
+
+
+def server_lines(srv: Server) -> list[str]:
+    srv.log.flush()
+    with open(srv.log.name) as f:
+        return [line for line in f.read().splitlines() if line.strip()]
+
+
+def access_lines(srv: Server, wait_for: set[str], timeout: float = 10) -> dict[str, dict]:
+    """The JSON access lines by request id, once those of ``wait_for`` are all written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {}
+        for line in server_lines(srv):
+            if line.startswith("{"):
+                doc = json.loads(line)
+                if doc.get("log.logger") == "cnnserve.access":
+                    found[doc["http.request.id"]] = doc
+        if wait_for <= found.keys() or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def spans_of(receiver: Receiver, trace_ids: set[str], n: int, timeout: float = 15) -> list[dict]:
+    """The spans of these traces once there are ``n`` of them (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = [s for s in receiver.snapshot() if s["trace_id"] in trace_ids]
+        if len(spans) >= n or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.2)
+
+
+# -- ids and JSON logs ---------------------------------------------------------------------------------------------
+
+def test_every_answer_carries_an_id_and_every_log_line_is_json(traced, stored_default):
+    srv, _ = traced
+    seen: dict[str, tuple] = {}  # request id -> (route, status) as the client saw it
+    with httpx.Client(base_url=srv.url, timeout=30) as client:
+        ok = client.post("/classify", content=DIGIT, headers={"Content-Type": "image/png", "X-Request-ID": SANE_ID})
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == SANE_ID  # a sane id comes back as it was
+        seen[SANE_ID] = ("/classify", 200)
+
+        bad = client.post("/classify", content=b"not an image", headers={"Content-Type": "image/png"})
+        assert bad.status_code in (400, 415)
+        rid = bad.headers["x-request-id"]
+        assert bad.json()["request_id"] == rid and len(rid) == 32  # made by the server, in the body too
+        seen[rid] = ("/classify", bad.status_code)
+
+        for insane in ("x" * 129, "a\tb", "quote\"d", "sp ace", "ü-nicode".encode()):
+            r = client.post("/classify", content=DIGIT, headers={"Content-Type": "image/png",
+                                                                 "X-Request-ID": insane})
+            assert r.status_code == 200 and r.headers["x-request-id"] not in (insane, "", "ü-nicode")
+            assert len(r.headers["x-request-id"]) == 32
+            seen[r.headers["x-request-id"]] = ("/classify", 200)
+
+        lost = client.get("/no/such/route")  # BentoML's own router answers it: its JSON error carries the id too
+        assert lost.status_code == 404 and lost.json()["request_id"] == lost.headers["x-request-id"]
+        seen[lost.headers["x-request-id"]] = ("other", 404)
+
+        batch = client.post("/classify/batch", files=[("images", ("a.png", DIGIT, "image/png"))])
+        assert batch.status_code == 200
+        seen[batch.headers["x-request-id"]] = ("/classify/batch", 200)
+
+        body = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}]}
+        v2 = client.post("/v2/models/lenet5-digits/infer", json=body)
+        assert v2.status_code == 200 and v2.json()["id"] == v2.headers["x-request-id"]  # no id asked: the header's
+        seen[v2.headers["x-request-id"]] = ("/v2/models/{name}/infer", 200)
+        echoed = client.post("/v2/models/lenet5-digits/infer", json={**body, "id": "protocol-id"},
+                             headers={"X-Request-ID": "header-id"})
+        assert echoed.json()["id"] == "protocol-id" and echoed.headers["x-request-id"] == "header-id"
+        seen["header-id"] = ("/v2/models/{name}/infer", 200)
+
+    answer, code, initial, _ = grpc_infer(srv.grpc_target, metadata=(("x-request-id", "grpc-id-1"),))
+    assert code == grpc.StatusCode.OK and answer.outputs and initial["x-request-id"] == "grpc-id-1"
+    _, code, initial, trailing = grpc_infer(srv.grpc_target, model="no-such-model")
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert trailing["x-request-id"] == initial["x-request-id"] and len(initial["x-request-id"]) == 32
+    grpc_seen = {"grpc-id-1": "OK", initial["x-request-id"]: "NOT_FOUND"}
+
+    lines = access_lines(srv, set(seen) | set(grpc_seen))
+    assert set(seen) | set(grpc_seen) <= lines.keys(), f"missing access lines: {set(seen) - lines.keys()}"
+    for rid, (route, status) in seen.items():
+        line = lines[rid]
+        assert line["http.route"] == route and line["http.response.status_code"] == status, line
+        assert line["client.address"] == "127.0.0.1" and line["event.duration"] > 0 and line["@timestamp"]
+    ok_line = lines[SANE_ID]
+    assert ok_line["cnnserve.model"] == "lenet5-digits" and ok_line["cnnserve.model_version"]
+    assert ok_line["cnnserve.batch_size"] >= 1 and ok_line["log.level"] == "INFO"
+    for stage in ("read", "decode", "queue", "inference", "respond", "total"):
+        assert ok_line[f"cnnserve.stage_ms.{stage}"] >= 0, stage
+    assert lines[rid_of(seen, 400, 415)]["error.code"] == "not_an_image"
+    for stage in ("decode", "queue", "inference", "respond"):  # stages from the batcher's marks where no timings
+        assert lines["header-id"][f"cnnserve.stage_ms.{stage}"] >= 0, stage
+    assert lines["grpc-id-1"]["rpc.grpc.status_code"] == "OK" and lines["grpc-id-1"]["cnnserve.batch_size"] >= 1
+    assert lines[initial["x-request-id"]]["error.code"] == "unknown_model"
+    assert lines[initial["x-request-id"]]["rpc.grpc.status_code"] == "NOT_FOUND"
+
+    # every line the server wrote, its start-up and BentoML's own included, is one JSON object
+    text = [line for line in server_lines(srv) if not line.startswith("{")]
+    assert not text, text[:5]
+    docs = [json.loads(line) for line in server_lines(srv)]
+    assert all("@timestamp" in d and "log.level" in d and "message" in d for d in docs)
+    assert any("Service cnnserve initialized" in d["message"] for d in docs)  # BentoML's line, as JSON
+
+
+def rid_of(seen: dict, *statuses: int) -> str:
+    return next(rid for rid, (_, status) in seen.items() if status in statuses)
+
+
+def test_text_access_lines_name_the_request_id(plain):
+    srv, _ = plain
+    with httpx.Client(base_url=srv.url, timeout=30) as client:
+        r = client.post("/classify", content=DIGIT, headers={"Content-Type": "image/png", "X-Request-ID": SANE_ID})
+    assert r.status_code == 200 and r.headers["x-request-id"] == SANE_ID
+    deadline = time.monotonic() + 10
+    while not any(f"POST /classify 200" in line and f"id={SANE_ID}" in line for line in server_lines(srv)):
+        assert time.monotonic() < deadline, server_lines(srv)[-5:]
+        time.sleep(0.2)
+
+
+# -- traces --------------------------------------------------------------------------------------------------------
+
+def test_a_traced_request_has_its_stages_under_its_span(traced):
+    srv, receiver = traced
+    parent_trace, parent_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with httpx.Client(base_url=srv.url, timeout=30) as client:
+        r = client.post("/classify", content=DIGIT, headers={"Content-Type": "image/png", "X-Request-ID": "traced-1"})
+        joined = client.post("/classify", content=DIGIT, headers={
+            "Content-Type": "image/png", "traceparent": f"00-{parent_trace}-{parent_span}-01"})
+        declined = client.post("/classify", content=DIGIT, headers={
+            "Content-Type": "image/png", "traceparent": f"00-{'1' * 32}-{'2' * 16}-00"})
+    assert r.status_code == joined.status_code == declined.status_code == 200
+    lines = access_lines(srv, {"traced-1", joined.headers["x-request-id"], declined.headers["x-request-id"]})
+    trace_id = lines["traced-1"]["trace.id"]  # the access line names the request's trace
+    assert "trace.id" not in lines[declined.headers["x-request-id"]]  # its parent said not sampled
+
+    spans = spans_of(receiver, {trace_id, parent_trace}, 10)
+    mine = [s for s in spans if s["trace_id"] == trace_id]
+    root = next(s for s in mine if s["parent_id"] == "")
+    assert root["name"] == "POST /classify" and root["kind"] == 2  # SERVER
+    assert root["attributes"]["cnnserve.request_id"] == "traced-1"
+    assert root["attributes"]["http.response.status_code"] == 200
+    assert root["attributes"]["cnnserve.model"] == "lenet5-digits"
+    assert root["resource"]["service.name"] == "cnnserve"
+    children = {s["name"]: s for s in mine if s["parent_id"] == root["span_id"]}
+    assert set(children) == {"decode", "queue", "inference", "respond"}, mine
+    order = [children[n] for n in ("decode", "queue", "inference", "respond")]
+    for a, b in zip(order, order[1:]):  # one after the other, within the request's span
+        assert a["end"] <= b["start"] + 1000, (a, b)  # (a microsecond of rounding)
+    assert root["start"] <= order[0]["start"] and order[-1]["end"] <= root["end"]
+    assert children["inference"]["attributes"]["cnnserve.batch_size"] >= 1
+
+    other = [s for s in spans if s["trace_id"] == parent_trace]  # a client's sampled trace is joined
+    other_root = next(s for s in other if s["attributes"].get("cnnserve.request_id"))
+    assert other_root["parent_id"] == parent_span and len(other) == 5
+    assert not [s for s in receiver.snapshot() if s["trace_id"] == "1" * 32]
+
+
+def test_grpc_and_v2_calls_are_traced_with_their_batches(traced):
+    srv, receiver = traced
+    _, code, initial, _ = grpc_infer(srv.grpc_target, metadata=(("x-request-id", "grpc-traced"),))
+    assert code == grpc.StatusCode.OK
+    lines = access_lines(srv, {"grpc-traced"})
+    spans = spans_of(receiver, {lines["grpc-traced"]["trace.id"]}, 5)
+    root = next(s for s in spans if s["parent_id"] == "")
+    assert root["name"] == "inference.GRPCInferenceService/ModelInfer" and root["attributes"]["rpc.system"] == "grpc"
+    assert {s["name"] for s in spans if s["parent_id"] == root["span_id"]} == {"decode", "queue", "inference",
+                                                                               "respond"}
+
+
+def test_sample_zero_exports_nothing(plain):
+    srv, receiver = plain
+    with httpx.Client(base_url=srv.url, timeout=30) as client:
+        for _ in range(20):
+            assert client.post("/classify", content=DIGIT, headers={"Content-Type": "image/png"}).status_code == 200
+        # a client's sampled trace is not joined either: no tracer at all
+        client.post("/classify", content=DIGIT, headers={"Content-Type": "image/png",
+                                                         "traceparent": f"00-{'3' * 32}-{'4' * 16}-01"})
+    assert grpc_infer(srv.grpc_target)[1] == grpc.StatusCode.OK
+    time.sleep(1.0)  # five of the batch processor's periods
+    assert receiver.posts == 0 and receiver.count == 0
