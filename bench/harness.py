@@ -72,13 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
                     default=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
                              "calibration"],
                     choices=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
-                             "int8", "calibration", "grpc", "drift", "telemetry"],
+                             "int8", "calibration", "grpc", "drift", "telemetry", "peers"],
                     help="naive: the baseline BentoML service of bench/naive_service.py; torchserve: TorchServe "
                          "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve; grpc: "
                          "the same infer call over HTTP and gRPC, alternated (bench/grpc_load.py); drift: the service with and "
                          "without its drift monitor, interleaved (bench/overhead.py); telemetry: access lines, "
                          "JSON logs and tracing at 0, 1%% and 100%% against the service as it ships, interleaved "
-                         "(bench/overhead.py)")
+                         "(bench/overhead.py); peers: Triton, KServe, Ray Serve and MLServer beside cnnserve on the "
+                         "same model.onnx under wrk (bench/peers/), written to STEM-peers.{json,md,png}")
+    ap.add_argument("--peers", nargs="+", default=["triton", "kserve", "rayserve", "mlserver"],
+                    choices=["triton", "kserve", "rayserve", "mlserver"], help="the peers section's peers")
+    ap.add_argument("--peers-concurrency", nargs="+", type=int, default=[1, 8, 64, 256],
+                    help="the peers section's connections (wrk)")
+    ap.add_argument("--peers-tune-min", type=float, default=5.0,
+                    help="minutes of tuning per peer and model, start-ups included (0: documented settings only)")
     ap.add_argument("--engines", nargs="+", default=["local", "http", "ray"], choices=["local", "http", "ray"],
                     help="batch-scoring engines to measure")
     ap.add_argument("--score-images", type=int, default=10000,
@@ -181,6 +188,11 @@ def main(argv=None) -> int:
             except RuntimeError as e:  # no wrk here: reported, the other sections still run
                 r["telemetry_error"] = str(e)
                 log(f"{name}: telemetry could not run: {e}")
+        if "peers" in args.sections:  # bench/peers/: the servers users would pick instead, side by side
+            from .peers.section import section as peers_section
+
+            r["peers"] = peers_section(w, work, sorted(args.peers_concurrency), args.duration, args.short, args.warmup,
+                                       args.http_repeats, args.peers, args.peers_tune_min, log=log)
         if "int8" in args.sections and w["run"]:
             r["int8"] = bench_int8(w, (1, 8, 32), args.seconds, args.repeats, max(args.concurrency), args.duration,
                                    args.warmup)
@@ -197,6 +209,13 @@ def main(argv=None) -> int:
         doc["workloads"][name] = r
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) if args.out else RESULTS / f"{time.strftime('%Y-%m-%d')}-{doc['machine']['host']}"
+    if "peers" in args.sections:
+        from .peers.report import write as write_peers
+
+        print(write_peers(doc, stem.with_name(stem.name + "-peers")))
+        log(f"wrote {stem}-peers.json, .md and .png")
+        if set(args.sections) == {"peers"}:  # nothing else measured: the day's main report stays as it is
+            return 0
     stem.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str))
     text = report(doc, stem)
     plot(doc, stem)
