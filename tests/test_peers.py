@@ -1,7 +1,9 @@
-"""The harness's ``peers`` section run for real on a tiny budget: cnnserve beside one peer, MLServer (the smallest
-and quickest of the four to install: about a minute from the package registry on the 2-core machine), each serving
-the session's LeNet-5 export under wrk. Skipped, with the reason, where wrk is missing or pip cannot install the
-peer. Speed is never asserted here; the section's report is where speed lives."""
+"""The harness's ``peers`` section run for real on a tiny budget: cnnserve beside one peer, MLServer (the quickest of
+the four to install: 59 s from the package registry on the busy 2-core machine, against 56-91 s for the others and
+Ray Serve's and Triton's slower starts), each serving the session's LeNet-5 export under wrk. SLOW ON A FRESH
+MACHINE: 130 s with the install (load average 6), 46 s once the peer's environment exists (``CNNSERVE_TEST_KEEP``
+keeps it between runs). Skipped, with the reason, where wrk is missing or pip cannot install the peer. Speed is
+never asserted here; the section's report is where speed lives."""
 
 from __future__ import annotations
 
