@@ -73,6 +73,7 @@ def tune_peer(peer, python: Path, w: dict, lists: dict, budget_s: float, duratio
             srv = Running.peer(peer, python, w["onnx"], w["model"], settings, folder)
         except RuntimeError as e:
             trials.append({"settings": settings, "error": scrub(str(e)[-300:], folder)})
+            log(f"{w['name']}: tuning {peer.label} {settings}: could not start: {trials[-1]['error'][-200:]}")
             continue
         try:
             wrk(srv.url + "/", f"/v2/models/{srv.model}/infer", lists[kind], TUNE_CONCURRENCY, warmup)
