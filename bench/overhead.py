@@ -32,7 +32,8 @@ def bodies_file(w: dict, folder: Path, limit: int = 64) -> Path:
 
 def interleaved(w: dict, sides: dict, what: str, concurrency: int, duration: float, warmup: float, repeats: int,
                 log=print) -> dict[str, list[dict]]:
-    """Every side's server started, then ``repeats`` rounds of one wrk run each: each side's runs."""
+    """Every side's server started, then ``repeats`` rounds of one wrk run each, each round starting one side
+    further on (so that no side is always measured first, just after another's load): each side's runs."""
     import shutil
 
     from .tune_measure import measure, start
@@ -46,8 +47,9 @@ def interleaved(w: dict, sides: dict, what: str, concurrency: int, duration: flo
     try:
         for side, extra in sides.items():
             servers[side] = start(w["tag"], {**w["serve"], **extra})
+        order = list(servers.items())
         for i in range(repeats):
-            for side, srv in servers.items():
+            for side, srv in order[i % len(order):] + order[:i % len(order)]:
                 r = measure(srv, name, bodies, concurrency, duration, warmup if i == 0 else 0)
                 runs[side].append(r)
                 log(f"{w['name']}: {what} {side} x{concurrency}, run {i + 1}: {r['throughput_rps']:.0f} req/s, "
@@ -103,6 +105,55 @@ TELEMETRY_SIDES = {
 TELEMETRY_TARGETS = {"JSON logs": 0.97, "tracing 0.01": 0.97}
 
 
+def request_cpu(endpoint: str, n: int = 300, rounds: int = 5) -> dict[str, float]:
+    """The CPU microseconds each telemetry path adds to one request, in this process (``time.process_time``,
+    every thread counted: the span processor's and exporter's too): the record and its id alone, a text access
+    line through ``logging`` (to a null stream), a JSON line, and a traced request's five spans made, batched,
+    encoded and sent to ``endpoint``. On a machine shared with other work these are steadier than req/s: the
+    throughput cost of a path is about its figure over the service's CPU per request."""
+    import io
+    import logging
+    import time
+
+    from cnnserve.service.metrics import RouteLabels
+    from cnnserve.service.telemetry import Telemetry
+
+    def record(t: Telemetry):
+        r = t.begin(None, None, "http", "POST", "/classify", "127.0.0.1", time.perf_counter())
+        r.status = 200
+        now = time.perf_counter()
+        if r.marks is not None:
+            r.marks.update(read=now, queued=now, started=now, run=now, ran=now, batch=8)
+        return r
+
+    access = logging.getLogger("cnnserve.access")
+    handler = logging.StreamHandler(io.StringIO())
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
+    paths = {"record and id": Telemetry(), "text line": Telemetry(access_log=True),
+             "JSON line": Telemetry(access_log=True, log_format="json"),
+             "traced request": Telemetry(sample=1.0, endpoint=endpoint)}
+    out = {}
+    try:
+        for name, t in paths.items():
+            t.lines.write = lambda line: None  # the line made, not written (a real server's are batched)
+            samples = []
+            for _ in range(rounds):
+                c = time.process_time()
+                for _ in range(n):
+                    t.end(record(t)) if (t.access_log or t.sample) else record(t)
+                if t.sample:
+                    t.tracer().provider.force_flush()
+                samples.append((time.process_time() - c) / n * 1e6)
+            out[name] = statistics.median(samples)
+            t.shutdown()
+    finally:
+        access.removeHandler(handler)
+        access.propagate = True
+    return out
+
+
 def telemetry_section(w: dict, concurrency: int, duration: float, warmup: float, repeats: int, log=print) -> dict:
     from tests.support.otlp import Receiver
 
@@ -111,20 +162,25 @@ def telemetry_section(w: dict, concurrency: int, duration: float, warmup: float,
         sides = {side: {k: v.replace("{endpoint}", receiver.endpoint) for k, v in extra.items()}
                  for side, extra in TELEMETRY_SIDES.items()}
         runs = interleaved(w, sides, "telemetry", concurrency, duration, warmup, repeats, log)
+        cpu_us = request_cpu(receiver.endpoint)
+        log(f"{w['name']}: telemetry CPU per request: " + ", ".join(f"{k} {v:.1f} us" for k, v in cpu_us.items()))
     finally:
         receiver.close()
     base = [r["throughput_rps"] for r in runs["as shipped"]]
+    base_cpu = [r["cpu_ms"] for r in runs["as shipped"]]
     out = {"concurrency": concurrency, "duration_s": duration, "repeats": repeats, "spans_received": receiver.count,
-           "sides": {}}
+           "request_cpu_us": cpu_us, "sides": {}}
     for side, rs in runs.items():
         rates = [r["throughput_rps"] for r in rs]
         ratios = [a / b for a, b in zip(rates, base) if b]
+        cpu = [a / b for a, b in zip((r["cpu_ms"] for r in rs), base_cpu) if b]
         out["sides"][side] = {"settings": TELEMETRY_SIDES[side], "throughput_rps": statistics.median(rates),
                               "spread": [min(rates), max(rates)],
                               "ratio": statistics.median(ratios) if ratios else None,
                               "ratio_spread": [min(ratios), max(ratios)] if ratios else None,
                               "p99_ms": statistics.median(r["p99_ms"] for r in rs),
                               "cpu_ms": statistics.median(r["cpu_ms"] for r in rs),
+                              "cpu_ratio": statistics.median(cpu) if cpu else None,
                               "failures": sum(r["failures"] for r in rs), "runs": rs}
     out["targets"] = {side: {"floor": floor, "ratio": out["sides"][side]["ratio"],
                              "met": (out["sides"][side]["ratio"] or 0) >= floor}
@@ -136,14 +192,29 @@ def telemetry_lines(name: str, d: dict) -> list[str]:
     lines = [f"{name}, {d['concurrency']} connections, {d['repeats']} interleaved rounds x {d['duration_s']:.0f} s "
              f"each ({d['spans_received']:,} spans received by the local OTLP receiver):", "",
              "| side | arguments | req/s (median) | spread | / as shipped (median of rounds) | rounds' spread | "
-             "p99 ms | CPU-ms per request | failures |", "|---|---|---|---|---|---|---|---|---|"]
+             "p99 ms | CPU-ms per request | its / as shipped | failures |", "|---|---|---|---|---|---|---|---|---|---|"]
     for side, x in d["sides"].items():
         args = " ".join(f"`{k}={'URL' if k == 'tracing_endpoint' else v}`" for k, v in x["settings"].items()) or "-"
         ratio = f"{x['ratio']:.3f}" if x["ratio"] else "-"
         spread = f"{x['ratio_spread'][0]:.3f}-{x['ratio_spread'][1]:.3f}" if x["ratio_spread"] else "-"
         lines.append(f"| {side} | {args} | {x['throughput_rps']:.0f} | {x['spread'][0]:.0f}-{x['spread'][1]:.0f} | "
-                     f"{ratio} | {spread} | {x['p99_ms']:.1f} | {x['cpu_ms']:.3f} | {x['failures']} |")
+                     f"{ratio} | {spread} | {x['p99_ms']:.1f} | {x['cpu_ms']:.3f} | "
+                     f"{x['cpu_ratio']:.3f} | {x['failures']} |" if x.get("cpu_ratio") else
+                     f"{ratio} | {spread} | {x['p99_ms']:.1f} | {x['cpu_ms']:.3f} | - | {x['failures']} |")
     lines.append("")
+    if d.get("request_cpu_us"):
+        base = d["sides"]["as shipped"]["cpu_ms"] * 1000
+        lines += ["CPU each path adds to a request, measured in one process (`request_cpu`), and as a share of the "
+                  f"service's {base:.0f} us per request as shipped:", ""]
+        lines += [f"- {k}: {v:.1f} us ({v / base:.1%})" for k, v in d["request_cpu_us"].items()]
+        traced = d["request_cpu_us"].get("traced request")
+        if traced:
+            lines.append(f"- so tracing at 1%: {traced / 100:.1f} us a request on average ({traced / 100 / base:.2%})")
+        lines.append("")
+    same = d["sides"].get("tracing 0")
+    if same and same["ratio_spread"]:  # no tracer is made at 0: the very code of the baseline, so its ratio is noise
+        lines.append(f"- the noise: `tracing 0` runs the baseline's very code (no tracer at 0) and measured "
+                     f"{same['ratio']:.3f} of it, rounds {same['ratio_spread'][0]:.3f}-{same['ratio_spread'][1]:.3f}")
     for side, t in d["targets"].items():
         lines.append(f"- {side}: {t['ratio']:.3f} of the baseline's throughput, target at least {t['floor']:.2f}: "
                      f"**{'MET' if t['met'] else 'MISSED'}**")
