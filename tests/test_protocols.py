@@ -284,7 +284,8 @@ def test_unknown_routes_and_methods_answer_the_services_json(client, srv):
             ("GET", "/v2/repository/index", 405, "method_not_allowed")):
         r = client.request(method, path)
         assert r.status_code == status and r.headers["content-type"] == "application/json", (method, path, r.text)
-        assert set(r.json()) == {"error", "code"} and r.json()["code"] == code, (method, path, r.text)
+        # (and the request's id, service/telemetry.py)
+        assert set(r.json()) == {"error", "code", "request_id"} and r.json()["code"] == code, (method, path, r.text)
         if status == 405:
             assert r.headers.get("allow"), (method, path, r.headers)
     for path in ("/readyz", "/livez", "/healthz", "/metrics", "/docs.json", "/", "/demo/", "/v2/health/ready"):
