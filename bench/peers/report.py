@@ -121,12 +121,30 @@ def workload_lines(name: str, p: dict) -> list[str]:
     return lines + [""]
 
 
+def checkout() -> str:
+    """The checkout cnnserve ran from, as git saw it when the report was written: its commit, and the files of the
+    serving path changed but not committed (work in progress in the same tree is measured with it)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "service", "cnnserve"], cwd=root,
+                                 capture_output=True, text=True, timeout=30).stdout.split("\n")
+    except (OSError, subprocess.TimeoutExpired):
+        return "checkout unknown"
+    files = sorted(line[3:] for line in changed if line.strip())
+    return (f"commit {head or 'unknown'}" + (f", with uncommitted changes in {', '.join(files)} at the end of the run"
+                                             if files else ", no uncommitted change in service/ or cnnserve/"))
+
+
 def report(doc: dict, stem: Path) -> str:
     m = doc["machine"]
     lines = [f"# cnnserve beside its peers, {doc['date']}", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}; host Python {m['python']}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
-             f"Command: `{doc['command']}`.", "",
+             f"Command: `{doc['command']}`. cnnserve: {checkout()}.", "",
              "Every server serves the same `model.onnx` with onnxruntime on the same cores, all of them started side "
              "by side (each one's idle CPU is in its table). The load generator, `wrk`, runs on the same cores "
              "(loopback): it takes CPU from the servers, the same for each. Requests carry one image each.", "",
