@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import make, remote, serve
+from . import make, remote, rollout, serve
 
 
 def _cmd_models(args) -> int:
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_parsers(sub)
     serve.add_parsers(sub)
     remote.add_parsers(sub)  # load, unload, repository: models at runtime in a running service
+    rollout.add_parsers(sub)  # evaluate, replay: a model against labelled images or captured traffic
     for name, summary in HARNESS_COMMANDS.items():  # their parsers are the checkout's (main sends them there)
         p = sub.add_parser(name, help=summary, add_help=False)
         p.add_argument("harness_args", nargs=argparse.REMAINDER)

@@ -185,7 +185,8 @@ def add_parsers(sub) -> None:
                                    "from --out's extension: .csv, .jsonl, .parquet. Written as it goes; --resume "
                                    "completes a partial file.")
     p.add_argument("inputs", nargs="+", help="folders (recursive), globs, manifests (.txt/.csv/.parquet with a "
-                                             "'path' column) or image files")
+                                             "'path' column, .jsonl with a 'path' key, as a traffic capture's "
+                                             "manifest-N.jsonl) or image files")
     p.add_argument("--model", help=f"an exported .onnx file or a model store tag (default {DEFAULT_MODEL}, as "
                                    "the service; http engine: the served model name, default the service's)")
     p.add_argument("--out", "-o", required=True, help="predictions file: .csv, .jsonl or .parquet")

@@ -1,10 +1,14 @@
 """Where the images of a scoring run come from: folders (recursive), globs, manifests
-(.txt/.lst, .csv or .parquet with a ``path`` column) and single files, in the order given."""
+(.txt/.lst, .csv or .parquet with a ``path`` column, .jsonl with a ``path`` key) and single files, in the
+order given. A traffic capture (``service/capture.py``) is both: its folder holds the images (under
+``images/``; its manifests and labels are not images, and a file being written has no image extension), and
+each of its ``manifest-<n>.jsonl`` lists them in the order they were answered."""
 
 from __future__ import annotations
 
 import csv
 import glob
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +17,7 @@ from typing import Iterable, Iterator
 from cnnserve.core.preprocess import IMAGE_EXTENSIONS
 from . import ScoreError
 
-MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet")
+MANIFEST_EXTENSIONS = (".txt", ".lst", ".csv", ".parquet", ".jsonl")
 
 
 @dataclass
@@ -48,7 +52,16 @@ def _manifest_rows(path: Path) -> Iterator[tuple[int, str | None]]:
             yield i + 1, (str(v) if v not in (None, "") else None)
         return
     with path.open(newline="", encoding="utf-8", errors="surrogateescape") as f:  # names of any bytes
-        if suffix == ".csv":
+        if suffix == ".jsonl":
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line).get("path")
+                except (ValueError, AttributeError):  # not JSON, or not an object
+                    value = None
+                yield i, (value.strip() if isinstance(value, str) and value.strip() else None)
+        elif suffix == ".csv":
             reader = csv.DictReader(f)
             if not reader.fieldnames or "path" not in reader.fieldnames:
                 raise ScoreError(f"{path}: the CSV header has no 'path' column "
