@@ -48,11 +48,26 @@ def idle_cpu(servers: dict[str, Running], seconds: float) -> dict[str, float]:
     return {k: round(100 * (sum(tree_cpu(s.proc.pid).values()) - before[k]) / seconds, 1) for k, s in servers.items()}
 
 
-def measure(srv: Running, kind: str, lists: dict, concurrency: int, duration: float) -> dict:
+def settle(srv: Running, idle_cores: float = 0.1, limit: float = 60.0) -> float:
+    """Until the server has worked off what the last run left in flight (wrk stops with ``concurrency`` requests
+    outstanding, which the server still runs, taking the cores from whatever is measured next: ResNet-18 at 256
+    connections leaves seconds of work): its tree's CPU under ``idle_cores`` + 0.1 of a core over 0.3 s, at most
+    ``limit`` seconds. Returns the seconds waited."""
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        a = sum(tree_cpu(srv.proc.pid).values())
+        time.sleep(0.3)
+        if (sum(tree_cpu(srv.proc.pid).values()) - a) / 0.3 < idle_cores + 0.1:
+            break
+    return time.time() - t0
+
+
+def measure(srv: Running, kind: str, lists: dict, concurrency: int, duration: float, idle_cores: float = 0.1) -> dict:
     path = "/classify" if kind == "classify" else f"/v2/models/{srv.model}/infer"
     cpu0 = tree_cpu(srv.proc.pid)
     r = wrk(srv.url + "/", path, lists[kind], concurrency, duration)
     cpu1 = tree_cpu(srv.proc.pid)
+    r["settle_s"] = round(settle(srv, idle_cores), 2)  # before the next run, on this server or another
     cpu = sum(t - cpu0.get(pid, 0.0) for pid, t in cpu1.items())
     r["cpu_ms"] = 1000 * cpu / r["requests"] if r["requests"] else float("nan")
     return r
@@ -77,7 +92,8 @@ def tune_peer(peer, python: Path, w: dict, lists: dict, budget_s: float, duratio
             continue
         try:
             wrk(srv.url + "/", f"/v2/models/{srv.model}/infer", lists[kind], TUNE_CONCURRENCY, warmup)
-            r = measure(srv, kind, lists, TUNE_CONCURRENCY, duration)
+            settle(srv, 0.2)
+            r = measure(srv, kind, lists, TUNE_CONCURRENCY, duration, 0.2)
         except RuntimeError as e:
             r = {"error": scrub(str(e)[-300:], folder)}
         finally:
@@ -196,9 +212,10 @@ def section(w: dict, work: Path, concurrencies=(1, 8, 64, 256), duration: float 
                 for lb in order:
                     srv = servers[lb]
                     try:
+                        idle = out["idle_cpu_pct"].get(lb, 0) / 100
                         if i == 0 and warmup:
-                            measure(srv, kind, lists, c, warmup)
-                        r = measure(srv, kind, lists, c, secs)
+                            measure(srv, kind, lists, c, warmup, idle)
+                        r = measure(srv, kind, lists, c, secs, idle)
                     except RuntimeError as e:
                         out["errors"][f"{lb} {kind} x{c}"] = scrub(str(e)[-300:], work)
                         continue
