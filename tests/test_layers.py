@@ -77,10 +77,20 @@ def floor_of(module: str) -> str | None:
             "command": "command"}.get(parts[1], "ground")
 
 
+def sources(folder: str) -> list[Path]:
+    """The Python files of ``folder`` that git tracks or would track: what git ignores (the harness's work
+    folder, with the peers' virtual environments in it) is not the project's."""
+    if (ROOT / ".git").exists():
+        out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", f"{folder}/*.py"],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+        return sorted(ROOT / p for p in out if (ROOT / p).is_file())
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
 def product_files() -> list[Path]:
-    files = sorted((ROOT / "cnnserve").rglob("*.py"))
+    files = sources("cnnserve")
     for folder in FOLDERS.values():
-        files += sorted((ROOT / folder).rglob("*.py"))
+        files += sources(folder)
     return files
 
 
@@ -88,7 +98,7 @@ def project_files() -> list[Path]:
     """The product's files and the checkout's packages beside it (bench/ without its results)."""
     files = product_files()
     for folder in CHECKOUT.values():
-        files += sorted(p for p in (ROOT / folder).rglob("*.py") if "results" not in p.relative_to(ROOT).parts)
+        files += [p for p in sources(folder) if "results" not in p.relative_to(ROOT).parts]
     return files
 
 
@@ -309,8 +319,12 @@ def test_the_wheel_carries_the_product_only(tmp_path):
 DISTRIBUTIONS = {"PIL": "pillow", "sklearn": "scikit-learn", "prometheus_client": "prometheus-client",
                  "onnxruntime": "onnxruntime-gpu", "yaml": "pyyaml", "tritonclient": "tritonclient",
                  "grpc": "grpcio", "grpc_health": "grpcio-health-checking", "grpc_reflection": "grpcio-reflection",
-                 "google": "protobuf", "_bentoml_impl": "bentoml", "bentoml_cli": "bentoml"}
-ON_DEMAND = {"ts"}  # TorchServe: the harness installs it into bench/work/ on first use (bench/torchserve/)
+                 "google": "protobuf", "_bentoml_impl": "bentoml", "bentoml_cli": "bentoml",
+                 "opentelemetry": "opentelemetry-sdk", "pythonjsonlogger": "python-json-logger"}
+# The peers the harness installs into environments of their own under bench/work/ on first use, and what their
+# servers import there: TorchServe (bench/torchserve/), and PyTriton, KServe, MLServer with the peers' shared
+# model module (bench/peers/: each server script runs in its peer's environment with that folder on its path)
+ON_DEMAND = {"ts", "pytriton", "kserve", "mlserver", "peer_model"}
 
 
 def test_every_third_party_import_is_declared():
