@@ -70,6 +70,76 @@ def _control(args, action: str) -> int:
     return 0
 
 
+def _rollout(args, action: str, body: dict) -> tuple[int, dict] | None:
+    tag = urllib.parse.quote(args.tag, safe=":")
+    try:
+        return call(args.url, f"/v2/repository/models/{tag}/{action}", {"parameters": body}, _token(args),
+                    args.timeout)
+    except RemoteError as e:
+        print(f"cnnserve: {action} {args.tag}: {e}", file=sys.stderr)
+        return None
+
+
+def _cmd_canary(args) -> int:
+    done = _rollout(args, "canary", {"percent": args.percent})
+    if done is None:
+        return 1
+    print(f"canary {args.tag}: {args.percent:g}% of the requests that name no version"
+          + (" (ended)" if not args.percent else "") + ("; not yet in every worker" if done[0] == 202 else ""))
+    return 0
+
+
+def _cmd_shadow(args) -> int:
+    done = _rollout(args, "shadow", {"rate": args.rate})
+    if done is None:
+        return 1
+    print(f"shadow {args.tag}: {args.rate:g} of the served version's requests run on it too"
+          + (" (ended)" if not args.rate else "") + ("; not yet in every worker" if done[0] == 202 else ""))
+    return 0
+
+
+def _cmd_promote(args) -> int:
+    tag = urllib.parse.quote(args.tag, safe=":")
+    body = {"parameters": {"min_agreement": args.min_agreement, "min_labelled": args.min_labelled,
+                           "min_accuracy_gain": args.min_accuracy_gain}}
+    request = urllib.request.Request(args.url.rstrip("/") + f"/v2/repository/models/{tag}/promote",
+                                     data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {t}"} if (t := _token(args)) else {})})
+    try:  # not ``call``: a refusal's body lists each failed threshold, one a line here
+        with urllib.request.urlopen(request, timeout=args.timeout) as r:
+            answer = json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            answer = json.loads(e.read())
+        except ValueError:
+            answer = {}
+        if answer.get("failed"):
+            print(f"cnnserve: promote {args.tag}: not promoted ({e.code}); failed:", file=sys.stderr)
+            for why in answer["failed"]:
+                print(f"  {why}", file=sys.stderr)
+        else:
+            print(f"cnnserve: promote {args.tag}: {e.code} {answer.get('error') or e.reason}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(f"cnnserve: promote {args.tag}: cannot reach the service: {getattr(e, 'reason', e)}", file=sys.stderr)
+        return 1
+    f = answer.get("figures", {})
+    print(f"promoted {args.tag}: serving {answer.get('promoted', '?')} (was {answer.get('previous', '?')}, kept "
+          f"loaded for `cnnserve rollback`); agreement {f.get('agreement')}, labelled {f.get('labelled')}, accuracy "
+          f"{f.get('accuracy')} against {f.get('primary_accuracy')}" if f else f"promote {args.tag}: {answer}")
+    return 0
+
+
+def _cmd_rollback(args) -> int:
+    done = _rollout(args, "rollback", {})
+    if done is None:
+        return 1
+    print(f"rolled back {args.tag}: serving {done[1].get('serving', '?')}"
+          + ("; not yet in every worker" if done[0] == 202 else ""))
+    return 0
+
+
 def _cmd_api_key(args) -> int:
     from cnnserve.service.apikeys import KeysFileError, new_key
 
@@ -111,6 +181,50 @@ def add_parsers(sub) -> None:
         p.add_argument("--token-file", help=f"a file holding the control token (default: ${TOKEN_ENV})")
         p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer (default 300)")
         p.set_defaults(func=func)
+    def common(p, tag_help: str) -> None:
+        p.add_argument("tag", help=tag_help)
+        p.add_argument("--url", default="http://127.0.0.1:3000", help="the service (default http://127.0.0.1:3000)")
+        p.add_argument("--token-file", help=f"a file holding the control token (default: ${TOKEN_ENV})")
+        p.add_argument("--timeout", type=float, default=300, help="seconds to wait for the answer (default 300)")
+
+    rollout = ("; the service must run with --arg model_control=true and a token (docs/rollout.md). Answers once "
+               "every worker has done it.")
+    p = sub.add_parser("canary", help="send a share of the requests that name no version to a candidate version",
+                       description="Load NAME:CANDIDATE beside the served version in every worker and send PERCENT% "
+                                   "of the requests that name no version to it, chosen by a hash of the request id (a "
+                                   "retry with the same X-Request-ID gets the same version); --percent 0 ends it"
+                                   + rollout)
+    common(p, "NAME:CANDIDATE")
+    p.add_argument("--percent", type=float, required=True, help="the share, 0 to 100 (0 ends the canary)")
+    p.set_defaults(func=_cmd_canary)
+    p = sub.add_parser("shadow", help="run a sample of live requests on a candidate version too, and compare",
+                       description="Load NAME:CANDIDATE beside the served version and run a RATE share of the served "
+                                   "version's requests on it as well, after the served version answered, at bulk "
+                                   "priority, dropped first under load; its answers reach no client, they are compared "
+                                   "(top-1 agreement, |dp|, its latency, its accuracy on labels): /models/NAME/monitor"
+                                   + rollout)
+    common(p, "NAME:CANDIDATE")
+    p.add_argument("--rate", type=float, required=True, help="the share, 0 to 1 (0 ends the shadow)")
+    p.set_defaults(func=_cmd_shadow)
+    p = sub.add_parser("promote", help="make a candidate the served version if its measured figures pass",
+                       description="Make NAME:CANDIDATE (or NAME: its canary's or shadow's) the version requests get, "
+                                   "only if its labelled answers, its shadow agreement and its accuracy against the "
+                                   "served version's pass the thresholds; otherwise print which failed and exit 1. "
+                                   "The version it replaces stays loaded for `cnnserve rollback`" + rollout)
+    common(p, "NAME:CANDIDATE, or NAME for the candidate of its canary or shadow")
+    p.add_argument("--min-agreement", type=float, default=0.98,
+                   help="the shadow's top-1 agreement with the served version at least (default 0.98; 0: no shadow "
+                        "needed)")
+    p.add_argument("--min-labelled", type=int, default=200,
+                   help="the candidate's labelled answers at least (default 200; 0: no labels needed)")
+    p.add_argument("--min-accuracy-gain", type=float, default=0.0,
+                   help="its accuracy on labels at least the served version's plus this (default 0: not worse)")
+    p.set_defaults(func=_cmd_promote)
+    p = sub.add_parser("rollback", help="go back to the version served before the last promote",
+                       description="Serve the version the last promote replaced again (kept loaded since), or end a "
+                                   "canary and shadow and let their candidate go" + rollout)
+    common(p, "NAME")
+    p.set_defaults(func=_cmd_rollback)
     p = sub.add_parser("api-key", help="make an API key for the inference endpoints (--arg api_keys_file)",
                        description="Make a random API key named NAME, append its SHA-256 to the keys file (made, "
                                    "readable by its owner only, if missing) and print the key once: the file never "

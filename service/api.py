@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from cnnserve.core.confidence import NotFinite
 
-from . import apikeys, kserve, repository, telemetry, triton
+from . import apikeys, feedback, kserve, repository, telemetry, triton
 from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
@@ -198,9 +198,13 @@ async def list_models(engine: EngineDep):
             summary="Drift: the recent answers' class mix against the test split's (PSI), OOD rate, mean top-1")
 async def model_monitor(name: str, engine: EngineDep):
     model = engine.model(name)
+    rollout = await anyio.to_thread.run_sync(feedback.figures, engine, model.name)  # labels, shadow (rollout.md)
     if engine.monitor is None:
+        if rollout is not None:
+            return {"rollout": rollout}
         raise APIError(404, "monitor_off", "the drift monitor is off in this server (drift_monitor=false)")
-    return engine.monitor.snapshot(model)  # the version this request holds: one view, whatever is swapped meanwhile
+    # the version this request holds: one view, whatever is swapped meanwhile
+    return {**engine.monitor.snapshot(model), "rollout": rollout}
 
 
 @router.get("/models/{name}", tags=["models"], summary="One model's metadata")
@@ -306,7 +310,7 @@ def create_app(engine: Engine | None = None) -> CnnServeAPI:
         return internal_error(request.app, request, e)
 
     # Triton's extensions first: /v2/models/stats before kserve's /v2/models/{name}
-    for routes in (router, triton.router, kserve.router, repository.router):
+    for routes in (router, triton.router, kserve.router, repository.router, feedback.router):
         app.include_router(routes)
     # The demo page: static HTML, CSS and JavaScript in the package, over the public API only.
     app.mount("/demo/", StaticFiles(directory=Path(__file__).with_name("demo"), html=True), name="demo")

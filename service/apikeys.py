@@ -92,7 +92,7 @@ def new_key(name: str, path: str) -> str:
 def protected(path: str) -> bool:
     """The inference routes (HTTP): what a key is needed for."""
     return (path == "/classify" or path.startswith("/classify/")
-            or (path.startswith("/v2/models/") and path.endswith("/infer")))
+            or (path.startswith("/v2/models/") and path.endswith(("/infer", "/feedback"))))
 
 
 def presented(authorization: str | None, api_key: str | None) -> str | None:

@@ -114,6 +114,7 @@ class Engine:
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
         self.stats = Statistics()  # Triton's statistics extension: what each version did (stats.py, triton.py)
         self.monitor = None  # drift, drained off the request path: set before the first batcher can run
+        self.rollout = None  # answers, canary and shadow (rollout.py): the worker's sync sets it (workers.py)
         self.registry = ModelRegistry(models, config, self._batcher, self.decoders.grow, metrics)
         if config.drift_monitor:
             self.monitor = Monitor(self.registry.newest, [m.name for m in models], metrics)
@@ -161,6 +162,9 @@ class Engine:
         """A request's parameters, whatever protocol carried them, checked in one place before its body is read:
         the model (looked up once, held until the request ends), ``top_k`` (the default clamped to the model's
         classes, an explicit value out of range refused), the deadline and the priority; 4xx ``APIError``s."""
+        record = current_request()
+        if self.rollout is not None and not version:  # a canary's share of the requests that name no version
+            version = self.rollout.canary(name, record.id if record is not None else None)
         served = self.registry.lookup(name, version)
         n = served.model.spec.num_classes
         if top_k is None:
@@ -177,7 +181,7 @@ class Engine:
         ms = timeout_ms if timeout_ms is not None else self.config.timeout_ms
         start = start or time.perf_counter()
         ticket = Ticket(start + ms / 1000 if ms else None, priority or "interactive", start=start)
-        call = Call(served, k, ticket, calibrated, current_request())
+        call = Call(served, k, ticket, calibrated, record)
         if call.request is not None:
             call.request.call = call  # its access line and trace name the model and version
         return call
@@ -261,6 +265,8 @@ class Engine:
             queue, infer = parts.get("queue", 0.0), parts.get("inference", 0.0)
             self.stats.request(model, len(pixels), True, now - start, t - start, queue, infer,
                                max(0.0, now - t - queue - infer))
+            if self.rollout is not None and job is None:  # recorded for feedback; a sample shadowed
+                self.rollout.answered(call, pixels, out)
             return out if job is not None else Prediction(model, *out)
         except Overloaded as e:
             problem = (503, "overloaded", str(e), {"Retry-After": str(e.retry_after)})

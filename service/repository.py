@@ -301,3 +301,119 @@ async def unload_model(engine: Engine, sync, name: str, version: str) -> list[di
     except LoadFailed as err:
         raise APIError(err.status, "unload_failed", str(err)) from None
     return await settle(engine, sync, generation, name)
+
+
+# -- rollout on live traffic: canary, shadow, promote, rollback (rollout.py, docs/rollout.md) ----------------------
+
+CANARY_BODY = _json_body({"parameters": {"type": "object", "properties": {"percent": {
+    "type": "number", "description": "the share (0-100) of requests naming no version sent to NAME:VERSION; 0 ends"}}}},
+    "the share")
+SHADOW_BODY = _json_body({"parameters": {"type": "object", "properties": {"rate": {
+    "type": "number", "description": "the share (0-1) of the primary's requests run again on NAME:VERSION; 0 ends"}}}},
+    "the rate")
+PROMOTE_BODY = _json_body({"parameters": {"type": "object", "properties": {
+    "min_agreement": {"type": "number", "description": "the shadow's top-1 agreement at least (default 0.98)"},
+    "min_labelled": {"type": "integer", "description": "the candidate's labelled answers at least (default 200)"},
+    "min_accuracy_gain": {"type": "number", "description": "its accuracy at least the primary's plus this (0)"}}}},
+    "optional thresholds")
+
+
+def _number(params: dict, key: str, low: float, high: float, default: float | None = None) -> float:
+    value = params.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise APIError(400, "bad_parameters", f"'{key}' must be a number from {low:g} to {high:g}, got {short(value)}")
+    return float(value)
+
+
+def _rollout_of(sync) -> None:
+    if sync is None:
+        raise APIError(409, "no_rollout", "this engine runs without the server's shared state: no rollout")
+
+
+@router.post("/v2/repository/models/{name}/canary", openapi_extra=CANARY_BODY,
+             summary="Send a share of the requests that name no version to NAME:VERSION, loaded beside the served one")
+async def canary(request: Request, name: str):
+    name, version, params, engine, sync = await control_request(request, name)
+    return answer(await route_model(engine, sync, name, version, "canary", _number(params, "percent", 0, 100)))
+
+
+@router.post("/v2/repository/models/{name}/shadow", openapi_extra=SHADOW_BODY,
+             summary="Run a sample of the served version's requests again on NAME:VERSION and compare (no client sees "
+                     "its answers)")
+async def shadow(request: Request, name: str):
+    name, version, params, engine, sync = await control_request(request, name)
+    return answer(await route_model(engine, sync, name, version, "shadow", _number(params, "rate", 0, 1)))
+
+
+async def route_model(engine: Engine, sync, name: str, version: str, kind: str, value: float) -> list[dict] | None:
+    """A canary or shadow of ``name:version``: loaded here first (a failure answered at once), recorded in the set
+    every worker shares, then ``settle``'s answer."""
+    _rollout_of(sync)
+    if value and not version:
+        raise APIError(400, "bad_tag", f"name the candidate: {short(name)}:VERSION")
+
+    def do() -> tuple[int, dict, str]:
+        resolved = version
+        if value:
+            resolved, path = stored_file(name, version)
+            served = engine.registry.loaded().get(name, [])
+            if served and served[-1] != resolved:  # the served version itself is refused by record_route
+                engine.registry.load(name, resolved, path, newest=False)
+        return (*sync.record_route(name, kind, resolved, value), resolved)
+
+    try:
+        generation, before, resolved = await anyio.to_thread.run_sync(do)
+    except LoadFailed as err:
+        raise APIError(err.status, f"{kind}_failed", str(err)) from None
+    return await settle(engine, sync, generation, name, f"{name}:{resolved}" if value else None, before)
+
+
+@router.post("/v2/repository/models/{name}/promote", openapi_extra=PROMOTE_BODY,
+             summary="Make the candidate (NAME:VERSION, or the one of the canary or shadow) the served version, only "
+                     "if its measured figures pass the thresholds; 409 says which failed")
+async def promote(request: Request, name: str):
+    from .rollout import candidate_figures, promotion_failures
+
+    name, version, params, engine, sync = await control_request(request, name)
+    _rollout_of(sync)
+    thresholds = (_number(params, "min_agreement", 0, 1, 0.98), int(_number(params, "min_labelled", 0, 1e9, 200)),
+                  _number(params, "min_accuracy_gain", -1, 1, 0.0))
+    desired = sync.state.read() or {}
+    have = desired.get("models", {}).get(name)
+    route = desired.get("routes", {}).get(name, {})
+    if not version:
+        version = next((route[k]["version"] for k in ("canary", "shadow") if route.get(k)), "")
+    if not have or not version or version == have[-1] or version not in have:
+        raise APIError(409, "promote_failed", f"{short(name)}{':' + short(version) if version else ''} is not a "
+                       "candidate loaded beside the served version: start a canary or shadow of it first")
+
+    def measure() -> dict:
+        sync.rollout.flush()  # this worker's answers; the others flush theirs every model_sync_s
+        return candidate_figures(sync.rollout.store.figures(name), have[-1], version)
+
+    figures = await anyio.to_thread.run_sync(measure)
+    failed = promotion_failures(figures, *thresholds)
+    if failed:
+        return JSONResponse({"error": f"{name}:{version} not promoted: " + "; ".join(failed), "code": "promote_refused",
+                             "failed": failed, "figures": figures}, status_code=409)
+    try:
+        generation, before = await anyio.to_thread.run_sync(sync.record_promote, name, version)
+    except LoadFailed as err:
+        raise APIError(err.status, "promote_failed", str(err)) from None
+    pending = await settle(engine, sync, generation, name, f"{name}:{version}", before)
+    if pending is not None:
+        return answer(pending)
+    return JSONResponse({"promoted": version, "previous": have[-1], "figures": figures})
+
+
+@router.post("/v2/repository/models/{name}/rollback",
+             summary="Back to the version served before the last promote (kept loaded), or end a canary and shadow")
+async def rollback(request: Request, name: str):
+    name, _, _, engine, sync = await control_request(request, name)
+    _rollout_of(sync)
+    try:
+        generation, before, served = await anyio.to_thread.run_sync(sync.record_rollback, name)
+    except LoadFailed as err:
+        raise APIError(err.status, "rollback_failed", str(err)) from None
+    pending = await settle(engine, sync, generation, name, f"{name}:{served}", before)
+    return answer(pending) if pending is not None else JSONResponse({"serving": served})

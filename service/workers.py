@@ -22,10 +22,13 @@ import time
 
 from .registry import LoadFailed
 from .modelstate import ServedState, stored_file
+from .rollout import Rollout
 
 log = logging.getLogger("cnnserve.workers")
 #: How often a worker tries again what it could not apply (a load refused for memory may fit later).
 RETRY_S = 10.0
+#: How often a worker sets the feedback and shadow gauges of /metrics from the server's rollout file.
+FIGURES_S = 5.0
 
 
 class WorkerSync:
@@ -33,6 +36,9 @@ class WorkerSync:
         """``engine``: the worker's (its registry converges; its statistics are flushed for the others)."""
         self.registry, self.stats = engine.registry, engine.stats
         self.state, self.settings = state, settings
+        # the answers to join labels on, the canary and the shadow (rollout.py), in the server's one file
+        self.rollout = engine.rollout = Rollout(engine.registry, state.folder, settings, engine.metrics)
+        self._figured_at = float("-inf")
         self.interval = settings.model_sync_s
         # follow the store: the models started as NAME:latest (or NAME), re-resolved every follow_s seconds
         self.follow = [t.split(":")[0] for t in settings.tags if t.endswith(":latest") or ":" not in t]
@@ -72,12 +78,17 @@ class WorkerSync:
             desired = self.state.read()
             if desired is not None and (desired.get("generation", 0) != self.generation or retry):
                 self.failures = converge(self.registry, desired, lambda n, v: stored_file(n, v)[1], read_at)
+                self.rollout.apply(desired)  # once its candidates are loaded
                 self.generation = desired.get("generation", 0)
                 self._retry_at = time.monotonic() + RETRY_S if self.failures else float("inf")
                 self.report()
             self._stamp = stamp  # only once applied: a converge that raised is tried again at the next step
         self.registry.sweep()
         self.stats.flush(self.state.folder)  # for the other workers' answers (triton.py)
+        self.rollout.flush()
+        if time.monotonic() - self._figured_at >= FIGURES_S:  # SQL over the file: not every step
+            self._figured_at = time.monotonic()
+            self.rollout.update_metrics(self.registry.loaded())
         if self.settings.follow_s and self.follow and time.monotonic() - self._followed_at >= self.settings.follow_s:
             self._followed_at = time.monotonic()
             if self._lead():
@@ -150,6 +161,7 @@ class WorkerSync:
                     models.pop(s.model.name, None)
             if default or not d.get("default"):  # else the operator's default stays, served or not
                 d["default"] = name
+            d.get("routes", {}).pop(name, None)  # a plain load ends a rollout of the model: its candidates go
         return d.get("generation", 0), before
 
     def roll_back(self, name: str, before: dict, generation: int) -> int:
@@ -158,7 +170,12 @@ class WorkerSync:
         with self.state.editing() as d:
             if d.get("generation") == generation:
                 d["models"], d["default"] = before.get("models", {}), before.get("default")
+                d["routes"] = before.get("routes", {})
             else:
+                if before.get("routes", {}).get(name):
+                    d.setdefault("routes", {})[name] = before["routes"][name]
+                else:
+                    d.get("routes", {}).pop(name, None)
                 models = d.setdefault("models", {})
                 if before.get("models", {}).get(name):
                     models[name] = before["models"][name]
@@ -179,6 +196,7 @@ class WorkerSync:
             if not have or (version and version not in have):
                 raise LoadFailed(f"{name}{':' + version if version else ''} is not loaded", 404)
             left = [v for v in have if version and v != version]
+            _unroute(d, name, left)
             if left:
                 models[name] = left
             elif len(models) == 1:
@@ -186,6 +204,59 @@ class WorkerSync:
             else:
                 models.pop(name, None)
         return d.get("generation", 0)
+
+    # -- rollout: routes to a candidate kept loaded beside the newest (rollout.py) ------------------------------
+
+    def record_route(self, name: str, kind: str, version: str, value: float) -> tuple[int, dict]:
+        """Into the desired set: ``kind`` (``canary``: ``percent``; ``shadow``: ``rate``) of ``name`` to
+        ``version``, loaded beside the newest (reachable by version only); a value of 0 ends it, and the
+        candidate goes once nothing routes to it. ``LoadFailed`` 409 for the served version itself or a model the
+        set does not name. Returns the generation written and the set before it (for ``roll_back``)."""
+        with self.state.editing() as d:
+            before = json.loads(json.dumps(d))
+            models = d.setdefault("models", {})
+            have = models.get(name)
+            if not have:
+                raise LoadFailed(f"{name} is not served: load it first", 404)
+            if value and version == have[-1]:
+                raise LoadFailed(f"{name}:{version} is the version served: a {kind} needs another one", 409)
+            route = d.setdefault("routes", {}).setdefault(name, {})
+            if value:
+                route[kind] = {"version": version, ("percent" if kind == "canary" else "rate"): value}
+            else:
+                route.pop(kind, None)
+            models[name] = _kept(route, have[-1])
+            _unroute(d, name, models[name])
+        return d.get("generation", 0), before
+
+    def record_promote(self, name: str, version: str) -> tuple[int, dict]:
+        """``version`` (a candidate loaded beside the newest) becomes the newest; the one it replaces stays loaded
+        as ``previous`` for a rollback; the canary and shadow end."""
+        with self.state.editing() as d:
+            before = json.loads(json.dumps(d))
+            have = d.setdefault("models", {}).get(name)
+            if not have or version not in have:
+                raise LoadFailed(f"{name}:{version} is not loaded beside {name}: run a canary or shadow of it first",
+                                 409)
+            if version == have[-1]:
+                raise LoadFailed(f"{name}:{version} is already the version served", 409)
+            d.setdefault("routes", {})[name] = {"previous": have[-1]}
+            d["models"][name] = [have[-1], version]
+        return d.get("generation", 0), before
+
+    def record_rollback(self, name: str) -> tuple[int, dict, str]:
+        """Back to the version before the last promote (kept loaded), or, during a canary or shadow, end them and
+        let their candidate go. Returns the generation, the set before, and the version served now."""
+        with self.state.editing() as d:
+            before = json.loads(json.dumps(d))
+            have = d.setdefault("models", {}).get(name)
+            route = d.setdefault("routes", {}).get(name) or {}
+            if not have or not route:
+                raise LoadFailed(f"{name} has no promote, canary or shadow to roll back", 409)
+            served = route.get("previous") or have[-1]
+            d["models"][name] = [served]
+            d["routes"].pop(name, None)
+        return d.get("generation", 0), before, served
 
     async def wait_for(self, generation: int, workers: int, timeout_s: float,
                        key: str | None = None) -> tuple[bool, tuple[int, str] | None]:
@@ -231,3 +302,25 @@ def converge(registry, desired: dict, locate, since: float | None = None) -> dic
         if desired.get("default"):  # the operator's choice, served or not (``lookup`` says which)
             registry.default = desired["default"]
     return failures
+
+
+def _kept(route: dict, newest: str) -> list[str]:
+    """A routed model's versions, oldest to newest: its candidates and previous version, then the one served."""
+    extra = [route["previous"]] if route.get("previous") else []
+    extra += [r["version"] for r in (route.get("canary"), route.get("shadow")) if r and r["version"] not in extra]
+    return [v for v in extra if v != newest] + [newest]
+
+
+def _unroute(desired: dict, name: str, versions: list[str]) -> None:
+    """Routes of ``name`` to versions no longer in ``versions`` go (an unload of a candidate ends its canary)."""
+    routes = desired.get("routes", {})
+    route = routes.get(name)
+    if route is None:
+        return
+    for kind in ("canary", "shadow"):
+        if route.get(kind) and route[kind]["version"] not in versions:
+            route.pop(kind)
+    if route.get("previous") not in (None, *versions):
+        route.pop("previous")
+    if not route:
+        routes.pop(name)

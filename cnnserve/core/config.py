@@ -208,6 +208,11 @@ class Settings(BaseModel):
     # follow the store: models served as NAME:latest (or NAME) are re-resolved every follow_s seconds and a newer
     # stored version is loaded by the same path as a load request (0: off)
     follow_s: NonNegative = 0.0
+    # Rollout (service/rollout.py, docs/rollout.md): the answers of each model kept to join clients' labels on (and
+    # the labels and shadow comparisons kept), and the images a shadow candidate may hold queued before a shadow
+    # run is dropped
+    feedback_ring: Count = 10000
+    shadow_queue: Count = 16
     # Drift (service/drift.py): every batch's answers counted off the request path into /metrics and
     # /models/NAME/monitor; false: neither (the per-answer ood_score and in_distribution stay)
     drift_monitor: bool = True
