@@ -198,11 +198,9 @@ async def list_models(engine: EngineDep):
             summary="Drift: the recent answers' class mix against the test split's (PSI), OOD rate, mean top-1")
 async def model_monitor(name: str, engine: EngineDep):
     model = engine.model(name)
-    rollout = await anyio.to_thread.run_sync(feedback.figures, engine, model.name)  # labels, shadow (rollout.md)
     if engine.monitor is None:
-        if rollout is not None:
-            return {"rollout": rollout}
         raise APIError(404, "monitor_off", "the drift monitor is off in this server (drift_monitor=false)")
+    rollout = await anyio.to_thread.run_sync(feedback.figures, engine, model.name)  # labels, shadow (rollout.md)
     # the version this request holds: one view, whatever is swapped meanwhile
     return {**engine.monitor.snapshot(model), "rollout": rollout}
 
