@@ -138,6 +138,17 @@ def test_feedback_joins_every_answer_whichever_worker_gave_it(server, versions, 
     assert sum(c["count"] for c in figures["confusion"]) == 30
     assert all(c["label"] in [str(k) for k in range(10)] for c in figures["confusion"])  # class names
 
+    # a batch request: each image its own answer, by its index
+    r = httpx.post(f"{server.url}/classify/batch", params={"model": name}, headers={"X-Request-ID": "fb-batch"},
+                   files=[("images", (f"{i}.png", digits[i], "image/png")) for i in range(3)], timeout=60)
+    assert r.status_code == 200, r.text
+    for i, result in enumerate(r.json()["results"]):
+        f = feedback(server, name, "fb-batch", other_label(result["predictions"][0]["label"]), index=i)
+        assert f.status_code == 200 and f.json()["correct"] is False and f.json()["index"] == i, f.text
+    assert feedback(server, name, "fb-batch", "3", index=3).status_code == 404  # no fourth image
+    figures = monitor(server, name)["versions"][v1]
+    assert (figures["labelled"], figures["correct"]) == (33, 20)
+
     r = feedback(server, name, "never-answered", "3")
     assert r.status_code == 404 and str(RING) in r.json()["error"]
     for bad in ("not-a-class", 10, -1, True, None):
