@@ -68,6 +68,7 @@ class CnnServe:
     def __init__(self) -> None:
         if ARGS.log_format == "json":  # BentoML configured the worker's logging after the module loaded
             telemetry.json_logging()
+        TELEMETRY.start()  # with tracing on, the exporter's imports and thread now, not in the first traced request
         tag = "the engine"
         try:
             models = []

@@ -208,17 +208,27 @@ class Telemetry:
             self._tracer = make_tracer(self.endpoint)
         return self._tracer
 
+    def start(self) -> bool:
+        """The tracer made where tracing is on; a setup that fails turns tracing off in this worker, with a warning
+        (requests never fail for it). Whether tracing is on."""
+        if self.sample <= 0:
+            return False
+        try:
+            self.tracer()
+            return True
+        except Exception as e:  # noqa: BLE001 - whatever the exporter's setup raises
+            log.warning("tracing is off in this worker: %s: %s", type(e).__name__, e)
+            self.sample = 0.0
+            return False
+
     def _trace(self, record: RequestRecord, end: float) -> tuple[str, str] | None:
         """The request's span and its stages' under it, with their recorded times; its (trace id, span id)."""
         from opentelemetry import trace
         from opentelemetry.trace import SpanKind, Status, StatusCode
 
-        try:
-            tracer = self.tracer()
-        except Exception as e:  # noqa: BLE001 - a broken exporter setup must not fail requests
-            log.warning("tracing is off in this worker: %s: %s", type(e).__name__, e)
-            self.sample = 0.0
+        if not self.start():
             return None
+        tracer = self._tracer
         offset = time.time_ns() - time.perf_counter_ns()
 
         def ns(t: float) -> int:

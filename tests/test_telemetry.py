@@ -195,6 +195,26 @@ def test_text_access_lines_name_the_request_id(plain):
         time.sleep(0.2)
 
 
+def test_a_refused_head_has_an_id_too(plain):
+    """A head too large is refused before any route runs (http_server.GuardedHttpTools): its 431 names an id too."""
+    import socket
+
+    srv, _ = plain
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+        s.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 300_000 + b"\r\n\r\n")
+        answer = b""
+        while b"}" not in answer:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), answer[:300]
+    rid = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"x-request-id"))
+    assert json.loads(body)["request_id"] == rid.decode() and len(rid) == 32
+
+
 # -- traces --------------------------------------------------------------------------------------------------------
 
 def test_a_traced_request_has_its_stages_under_its_span(traced):
