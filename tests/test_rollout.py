@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "test-token-rollout"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 RING = 40  # feedback_ring: the answers (and labels, and shadow runs) kept per model
+SHADOW_QUEUE = 4  # shadow_queue: one client at a time never fills it, 64 at once do
 STEPS: collections.Counter = collections.Counter()  # what the state machine did, for its summary and its floor
 NAMES = ("ro-feedback", "ro-canary", "ro-promote", "ro-shadow", "ro-states")
 
@@ -74,7 +75,8 @@ def server(versions, tmp_path_factory):
     token.write_text(TOKEN + "\n")
     models = " ".join(f"{n}:{v['v1']}" for n, v in versions.items())
     srv = Server("--arg", f"models={models}", "--arg", "model_control=true", "--arg", f"control_token_file={token}",
-                 "--arg", "workers=2", "--arg", f"feedback_ring={RING}", "--arg", "model_sync_s=0.2")
+                 "--arg", "workers=2", "--arg", f"feedback_ring={RING}", "--arg", "model_sync_s=0.2",
+                 "--arg", f"shadow_queue={SHADOW_QUEUE}")
     srv.token_file = token
     yield srv
     srv.stop()
@@ -247,6 +249,16 @@ def test_a_shadow_of_a_different_model_disagrees_where_it_differs(server, versio
     assert any(f.startswith("agreement") for f in r.json()["failed"])
     assert any(f.startswith("accuracy") for f in r.json()["failed"])
     assert classify(server, name, digits[0])["version"] == v["v1"]
+
+    # under load the shadow goes first: 64 clients at once, every one answered, shadow runs dropped and counted
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(64) as pool:
+        answered = list(pool.map(lambda i: classify(server, name, digits[i % 200])["version"], range(256)))
+    assert answered == [v["v1"]] * 256
+    time.sleep(0.6)
+    (s,) = monitor(server, name)["shadow"]
+    assert s["dropped"] > 0, s
     assert control(server, name, "rollback").status_code == 200  # ends the shadow
     time.sleep(0.6)
     assert monitor(server, name)["routes"] == {}
