@@ -9,6 +9,7 @@ Each test uses a model name of its own (copies of the default model stored under
 from __future__ import annotations
 
 import collections
+import json
 import os
 import time
 import uuid
@@ -151,6 +152,12 @@ def test_feedback_joins_every_answer_whichever_worker_gave_it(server, versions, 
     figures = monitor(server, name)["versions"][v1]
     assert (figures["labelled"], figures["correct"]) == (33, 20)
 
+    for body, code in ((b"not json", "bad_json"), (b"[1]", "bad_request"), (b'{"id": 7, "label": "3"}', "bad_id"),
+                       (json.dumps({"id": "x" * 129, "label": "3"}).encode(), "bad_id"),
+                       (json.dumps({"id": answers[0]["id"], "label": "3", "index": True}).encode(), "bad_index")):
+        r = httpx.post(f"{server.url}/v2/models/{name}/feedback", content=body, timeout=60)
+        assert r.status_code == 400 and r.json()["code"] == code, (body, r.text)
+    assert feedback(server, "no-such-model", answers[0]["id"], "3").status_code == 404
     r = feedback(server, name, "never-answered", "3")
     assert r.status_code == 404 and str(RING) in r.json()["error"]
     for bad in ("not-a-class", 10, -1, True, None):
