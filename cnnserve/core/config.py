@@ -240,11 +240,6 @@ class Settings(BaseModel):
         return self.models.split()
 
     @property
-    def max_request_bytes(self) -> int:
-        return int(self.max_request_mb * MB)
-
-    @property
-    @property
     def trace_ratio(self) -> float:
         """The share of requests traced: ``tracing_sample``, or all of them with ``tracing=true``."""
         return self.tracing_sample or (1.0 if self.tracing else 0.0)
@@ -254,6 +249,11 @@ class Settings(BaseModel):
         """Whether each request gets a line: ``access_log``, or by default with JSON logs only."""
         return self.access_log if self.access_log is not None else self.log_format == "json"
 
+    @property
+    def max_request_bytes(self) -> int:
+        return int(self.max_request_mb * MB)
+
+    @property
     def grpc_max_answer_bytes(self) -> int:
         return int(self.grpc_max_answer_mb * MB) if self.grpc_max_answer_mb else self.max_images_per_request * 256 * KB
 
