@@ -25,6 +25,7 @@ from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
 
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
+from .capture import Capture
 from .decoding import DecodeFailed, DecodePool
 from .drift import Monitor
 from .errors import REQUEST_CODES, APIError, model_output_not_finite
@@ -118,6 +119,9 @@ class Engine:
         self.registry = ModelRegistry(models, config, self._batcher, self.decoders.grow, metrics)
         if config.drift_monitor:
             self.monitor = Monitor(self.registry.newest, [m.name for m in models], metrics)
+        # a share of the answered images and their answers, written by a thread of its own (capture.py)
+        self.capture = (Capture(config.capture_dir, config.capture_rate, config.capture_max_mb, config.capture_queue)
+                        if config.capture_dir else None)
 
     def _batcher(self, model: Model) -> MicroBatcher:
         outputs = list(onnxmeta.OUTPUTS)
@@ -290,6 +294,9 @@ class Engine:
                   **rows[0]}
         if timings is not None:
             timings["respond"] = time.perf_counter() - t
+        if self.capture is not None:
+            self.capture.offer(call.request_id, model.name, model.version, data, "", result,
+                               (time.perf_counter() - call.ticket.start) * 1000)
         return result
 
     def observe(self, model: str, timings: dict, method: str | None = None) -> None:
@@ -325,6 +332,10 @@ class Engine:
             preds = [{"predictions": top, **rows[j]} for j, top in zip(keep, model.top_k(probs[keep], call.top_k))]
             good = [good[j] for j in keep]
         by_index = dict(zip(good, preds))
+        if self.capture is not None:  # each image of the batch is a sample of its own (its id: the request's, -i)
+            ms, rid = (time.perf_counter() - call.ticket.start) * 1000, call.request_id
+            for i, pred in by_index.items():
+                self.capture.offer(rid and f"{rid}-{i}", model.name, model.version, files[i][1], "", pred, ms)
         results = []
         for i, (filename, _) in enumerate(files):
             if i in by_index:
@@ -342,5 +353,7 @@ class Engine:
     def close(self) -> None:
         if self.monitor:
             self.monitor.close()
+        if self.capture is not None:
+            self.capture.close()
         self.registry.close()
         self.decoders.close()

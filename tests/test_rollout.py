@@ -75,10 +75,11 @@ def server(versions, tmp_path_factory):
     token = tmp_path_factory.mktemp("token") / "token"
     token.write_text(TOKEN + "\n")
     models = " ".join(f"{n}:{v['v1']}" for n, v in versions.items())
+    capture = tmp_path_factory.mktemp("capture")
     srv = Server("--arg", f"models={models}", "--arg", "model_control=true", "--arg", f"control_token_file={token}",
                  "--arg", "workers=2", "--arg", f"feedback_ring={RING}", "--arg", "model_sync_s=0.2",
-                 "--arg", f"shadow_queue={SHADOW_QUEUE}")
-    srv.token_file = token
+                 "--arg", f"shadow_queue={SHADOW_QUEUE}", "--arg", f"capture_dir={capture}", "--arg", "capture_rate=1")
+    srv.token_file, srv.capture = token, capture
     yield srv
     srv.stop()
 
@@ -379,6 +380,37 @@ def make_machine(srv, v: dict, images: list[bytes]):
                     assert s["agreement"] == 1.0 and s["mean_abs_dp"] == 0.0, s
 
     return Machine
+
+
+def test_the_capture_keeps_what_was_sent_and_answered_under_the_answers_id(server, versions, digits):
+    """With capture_rate=1 every answered image lands in the capture folder (both workers write into it): its bytes
+    as sent, under the id the answer carried, with the version that answered and the answer's top-k; each image
+    of a /classify/batch request under the request's id and its index."""
+    name = "ro-feedback"
+    sent = {}
+    for i in range(6):
+        a = classify(server, name, digits[100 + i], f"cap-{i}-{uuid.uuid4().hex[:6]}")
+        sent[a["id"]] = (digits[100 + i], a)
+    files = [("images", (f"{i}.png", digits[110 + i], "image/png")) for i in range(3)]
+    r = httpx.post(f"{server.url}/classify/batch", params={"model": name}, files=files, timeout=60)
+    assert r.status_code == 200, r.text
+    for res in r.json()["results"]:
+        sent[f"{r.headers['x-request-id']}-{res['index']}"] = (digits[110 + res["index"]], {**res, **r.json()})
+    rows, deadline = {}, time.monotonic() + 30
+    while set(sent) - set(rows) and time.monotonic() < deadline:  # written off the request path, by a thread
+        time.sleep(0.2)
+        for manifest in server.capture.glob("manifest-*.jsonl"):
+            for line in manifest.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    rows[row["id"]] = row
+    assert not set(sent) - set(rows), f"not captured: {set(sent) - set(rows)}"
+    for rid, (image, answer) in sent.items():
+        row = rows[rid]
+        assert (server.capture / row["path"]).read_bytes() == image
+        assert (row["model"], row["version"]) == (name, answer["version"])
+        assert row["labels"] == [p["label"] for p in answer["predictions"]]
+        assert row["probabilities"] == pytest.approx([p["probability"] for p in answer["predictions"]])
 
 
 def test_rollout_as_a_state_machine(server, versions, digits):

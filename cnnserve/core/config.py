@@ -213,6 +213,13 @@ class Settings(BaseModel):
     # run is dropped
     feedback_ring: Count = 10000
     shadow_queue: Count = 16
+    # Traffic capture (service/capture.py, docs/rollout.md): a share of the answered /classify and /classify/batch
+    # images written to capture_dir with their answers, off the request path ("": off); the folder's files stay
+    # within capture_max_mb (oldest first); a worker queues at most capture_queue samples, then drops and counts
+    capture_dir: str = ""
+    capture_rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.01
+    capture_max_mb: Positive = 1024.0
+    capture_queue: Count = 256
     # Drift (service/drift.py): every batch's answers counted off the request path into /metrics and
     # /models/NAME/monitor; false: neither (the per-answer ood_score and in_distribution stay)
     drift_monitor: bool = True
