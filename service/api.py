@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from cnnserve.core.confidence import NotFinite
 
-from . import apikeys, feedback, kserve, repository, telemetry, triton
+from . import apikeys, kserve, repository, rollout_api, telemetry, triton
 from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
@@ -200,7 +200,7 @@ async def model_monitor(name: str, engine: EngineDep):
     model = engine.model(name)
     if engine.monitor is None:
         raise APIError(404, "monitor_off", "the drift monitor is off in this server (drift_monitor=false)")
-    rollout = await anyio.to_thread.run_sync(feedback.figures, engine, model.name)  # labels, shadow (rollout.md)
+    rollout = await anyio.to_thread.run_sync(rollout_api.figures, engine, model.name)  # labels, shadow (rollout.md)
     # the version this request holds: one view, whatever is swapped meanwhile
     return {**engine.monitor.snapshot(model), "rollout": rollout}
 
@@ -308,7 +308,7 @@ def create_app(engine: Engine | None = None) -> CnnServeAPI:
         return internal_error(request.app, request, e)
 
     # Triton's extensions first: /v2/models/stats before kserve's /v2/models/{name}
-    for routes in (router, triton.router, kserve.router, repository.router, feedback.router):
+    for routes in (router, triton.router, kserve.router, repository.router, rollout_api.router):
         app.include_router(routes)
     # The demo page: static HTML, CSS and JavaScript in the package, over the public API only.
     app.mount("/demo/", StaticFiles(directory=Path(__file__).with_name("demo"), html=True), name="demo")

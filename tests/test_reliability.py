@@ -419,11 +419,12 @@ def short_body(body) -> str:
 
 
 def declared_routes() -> set[str]:
-    """Every route the service declares (the routers of api.py, triton.py, kserve.py, repository.py) that its
-    OpenAPI document lists."""
-    from cnnserve.service import api, kserve, repository, triton
+    """Every route the service declares (the routers of api.py, triton.py, kserve.py, repository.py, rollout_api.py)
+    that its OpenAPI document lists."""
+    from cnnserve.service import api, kserve, repository, rollout_api, triton
 
-    routes = [r for router in (api.router, triton.router, kserve.router, repository.router) for r in router.routes]
+    routes = [r for router in (api.router, triton.router, kserve.router, repository.router, rollout_api.router)
+              for r in router.routes]
     hidden = {r.path for r in routes if not r.include_in_schema}
     assert hidden == {"/demo"}, hidden  # the demo page's redirect; the page itself is static files
     return {f"{method} {r.path}" for r in routes if r.path not in hidden for method in r.methods}
@@ -446,9 +447,10 @@ def test_fuzzed_from_the_openapi_document(capped_server, client):
 
 
 def test_fuzzed_model_repository_with_and_without_the_token(default_onnx, stored_default, tmp_path):
-    """The model repository's routes (index, load, unload) fuzzed on a server with model control on, without the
-    token (403 each) and with it, the cases naming real models too: loads and unloads happen, a served set is
-    never emptied (the server refuses the last unload itself), and every answer is right as above."""
+    """The model repository's routes (index, load, unload, and a rollout's canary, shadow, promote and rollback)
+    fuzzed on a server with model control on, without the token (403 each) and with it, the cases naming real
+    models too: loads, unloads, canaries and shadows happen, a served set is never emptied (the server refuses the
+    last unload itself), and every answer is right as above."""
     from cnnserve.export.store import store_model
 
     second = str(store_model(default_onnx, "digits-fuzz").tag)
@@ -459,15 +461,15 @@ def test_fuzzed_model_repository_with_and_without_the_token(default_onnx, stored
     try:
         doc = httpx.get(srv.url + "/docs.json").json()
         repository = {p for p in doc["paths"] if p.startswith("/v2/repository/")}
-        assert repository == {"/v2/repository/index", "/v2/repository/models/{name}/load",
-                              "/v2/repository/models/{name}/unload"}, repository
+        assert repository == {"/v2/repository/index", *(f"/v2/repository/models/{{name}}/{action}" for action in
+                              ("load", "unload", "canary", "shadow", "promote", "rollback"))}, repository
         real = {"name": ("lenet5-digits", "digits-fuzz", "lenet5-digits:" + stored_default.split(":")[1])}
         without, failures = fuzz(srv.url, doc, max_examples=10, real=real, paths=repository)
         with_token, more = fuzz(srv.url, doc, max_examples=20, real=real, paths=repository,
                                 headers={"Authorization": "Bearer fuzz-token"})
         failures += more
         assert not failures, "\n".join(map(str, failures[:20]))
-        assert len(without) == len(with_token) == 3
+        assert len(without) == len(with_token) == len(repository)
         served = httpx.get(srv.url + "/models").json()["loaded"]
         assert served and httpx.get(srv.url + "/readyz").status_code == 200, served
         assert "Traceback" not in srv.output(), srv.output()[-3000:]
