@@ -9,10 +9,9 @@ transaction per flush), the same file for every worker, so a label sent to any w
 gave. Each model keeps its newest ``feedback_ring`` answers; older ones are deleted (their ids answer 404). A
 label is a class name or index of the model, never a string of the client's in a metric label.
 
-**Routes.** The desired set the workers share (``modelstate.py``, ``models.json``) holds per model
-``{"canary": {"version", "percent"}, "shadow": {"version", "rate"}, "previous": version}``; a control request
-records them (``repository.py``), every worker applies them in its sync step after loading the candidate beside
-the newest (reachable by version only).
+**Routes.** The desired set the workers share (``models.json``) holds per model ``{"canary": {"version",
+"percent"}, "shadow": {"version", "rate"}, "previous": version}``; a control request records them
+(``rollout_api.py``), every worker applies them after loading the candidate beside the newest (by version only).
 
 - **Canary** (``Rollout.canary``, called by ``Engine.call`` for a request that names no version): a request whose
   id hashes (blake2b, the same in every worker and every run, unlike ``hash()``) below the share goes to the
@@ -27,6 +26,7 @@ the newest (reachable by version only).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import logging
 import os
@@ -71,7 +71,10 @@ class Store:
         self.path, self.ring = Path(path), max(1, ring)
         self.lock = threading.Lock()
         self.db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
-        with self.lock:
+        # one worker at a time: two workers starting together made the file at once, and switching it to WAL
+        # answered "database is locked" at once (SQLite does not wait for that lock) and stopped the server
+        with self.lock, open(self.path.with_name(self.path.name + ".lock"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: a crash loses at most the last flushes
             self.db.executescript(SCHEMA)
@@ -291,7 +294,7 @@ class Rollout:
         """The figures of each served model into /metrics (labels: model, version, and class names of the model)."""
         if self.metrics is None:  # the service's metrics are off (or an engine in a test): no /metrics to set
             return
-        gauges = _gauges()
+        m = self.metrics
         for name in served:
             versions = self.registry.served.get(name)
             if not versions:
@@ -301,46 +304,20 @@ class Rollout:
             for version, f in figures["versions"].items():
                 if version not in served[name]:
                     continue  # a version no longer served is not a label of /metrics any more
-                gauges["labelled"].labels(name, version).set(f["labelled"])
-                gauges["accuracy"].labels(name, version).set(f["accuracy"])
+                m.feedback_labelled.labels(name, version).set(f["labelled"])
+                m.feedback_accuracy.labels(name, version).set(f["accuracy"])
                 for c in f["confusion"][:TOP_CLASSES * TOP_CLASSES]:
                     if c["label"] < len(labels) and c["predicted"] < len(labels):
-                        gauges["confusion"].labels(name, version, labels[c["label"]],
+                        m.feedback_confusion.labels(name, version, labels[c["label"]],
                                                    labels[c["predicted"]]).set(c["count"])
             for s in figures["shadow"]:
                 if s["primary"] in served[name] and s["candidate"] in served[name]:
-                    gauges["agreement"].labels(name, s["primary"], s["candidate"]).set(s["agreement"])
-                    gauges["dropped"].labels(name, s["primary"], s["candidate"]).set(s["dropped"])
+                    m.shadow_agreement.labels(name, s["primary"], s["candidate"]).set(s["agreement"])
+                    m.shadow_dropped.labels(name, s["primary"], s["candidate"]).set(s["dropped"])
 
     def close(self) -> None:
         self.flush()
         self.store.close()
-
-
-_GAUGES: dict = {}
-_GAUGES_LOCK = threading.Lock()
-
-
-def _gauges() -> dict:
-    """The rollout's gauges, made once per process (inside the worker, as ``metrics.py``'s are)."""
-    with _GAUGES_LOCK:
-        if not _GAUGES:
-            from prometheus_client import Gauge
-
-            mode = {"multiprocess_mode": "livemax"}  # every worker reads the same file: any live one's figure
-            _GAUGES.update(
-                labelled=Gauge("cnnserve_feedback_labelled", "Answers of a version a client labelled (feedback)",
-                               ["model", "version"], **mode),
-                accuracy=Gauge("cnnserve_feedback_accuracy", "Share of a version's labelled answers that were right",
-                               ["model", "version"], **mode),
-                confusion=Gauge("cnnserve_feedback_confusion", "Labelled answers of a version by true and answered "
-                                "class (the most labelled classes)", ["model", "version", "label", "predicted"],
-                                **mode),
-                agreement=Gauge("cnnserve_shadow_agreement", "Share of shadowed requests whose top-1 the candidate "
-                                "agreed on", ["model", "primary", "candidate"], **mode),
-                dropped=Gauge("cnnserve_shadow_dropped", "Shadow runs dropped under load",
-                              ["model", "primary", "candidate"], **mode))
-        return _GAUGES
 
 
 def _take(buffer: deque) -> list:

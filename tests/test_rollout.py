@@ -95,6 +95,37 @@ def digits() -> list[bytes]:
     return [encode(np.asarray(Image.fromarray((im * 255 / 16).astype(np.uint8)).resize((28, 28)))) for im in images]
 
 
+def _open_store(path: str, barrier, results) -> None:
+    from cnnserve.service.rollout import Store
+
+    barrier.wait()
+    try:
+        Store(path, 10)
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - what a worker starting beside another would have died of
+        results.put(f"{type(e).__name__}: {e}")
+
+
+def test_workers_starting_together_each_open_the_rollout_file(tmp_path):
+    """Every worker of a server opens the one rollout file as it starts; eight at once, twenty times over, each
+    opens it. Before a file lock ordered them, about one worker in thirty died of "database is locked" (switching
+    a new file to WAL does not wait), and with it the server's start."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    failures = []
+    for trial in range(20):
+        path, barrier, results = str(tmp_path / f"{trial}.sqlite"), ctx.Barrier(8), ctx.Queue()
+        procs = [ctx.Process(target=_open_store, args=(path, barrier, results)) for _ in range(8)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(60)
+        failures += [o for o in outcomes if o != "ok"]
+    assert not failures, failures
+
+
 def classify(srv, name: str, image: bytes, rid: str | None = None, version: str | None = None) -> dict:
     """One request on a connection of its own (so the two workers share them), its id in the answer."""
     params = {"model": name, **({"version": version} if version else {})}
