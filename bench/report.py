@@ -164,7 +164,7 @@ def report(doc: dict, stem: Path) -> str:
         if rows:
             cols = list(rows[0][1])
             lines += ["", "Where the time of one request goes (cnnserve, mean ms per request, from the Server-Timing "
-                          "header of every answer; `service/engine.py` STAGES says what each stage covers):", "",
+                          "header of every answer; `service/metrics.py` STAGES says what each stage covers):", "",
                       "| clients | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             for c, b in rows:
                 lines.append(f"| {c} | " + " | ".join(f"{b[k]:.2f}" for k in cols) + " |")

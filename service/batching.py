@@ -1,10 +1,7 @@
 """An in-process micro-batcher: concurrent requests share one onnxruntime run.
 
-Why not BentoML's adaptive batching: on these machines (``shared/FACTS.md``) its
-dispatcher answered 503 at 8 concurrent clients for LeNet-5, and routing decoded images
-to a batchable method through the service's self-proxy answered 500 to 400 of 960
-requests at 64 clients. This batcher is an asyncio queue drained by one task that runs
-the model in a worker thread:
+Not BentoML's adaptive batching, which answered 503 and 500 under load here (docs/serving.md says
+how). This batcher is an asyncio queue drained by one task that runs the model in a worker thread:
 
 - greedy dynamic batching: when the model is free, everything queued (up to
   ``max_batch_size`` images) becomes the next batch. Under light load a request runs
@@ -18,8 +15,8 @@ the model in a worker thread:
   possibly none beside interactive requests). Batches run one at a time (``in_flight`` at a
   time where asked, on a GPU), so an interactive request that arrives while bulk work runs
   waits for at most one slice (per run in flight) before it is in the next batch; bulk work
-  yields between slices instead of holding the model for the whole of a large request (issue
-  24: a 64-image occlusion batch of a 224-px model held its model for seconds, and interactive
+  yields between slices instead of holding the model for the whole of a large request (a
+  64-image occlusion batch of a 224-px model once held its model for seconds, and interactive
   requests waited behind it).
 - jobs: a request may name another function than the model's usual run (a CAM pass, which
   asks for feature maps); it shares the queue, priorities, limits and deadlines, and is

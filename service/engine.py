@@ -11,7 +11,6 @@ is an ``APIError`` (``errors.py``), so nothing a client sends becomes a 500.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from dataclasses import dataclass
 
@@ -32,24 +31,6 @@ from .errors import REQUEST_CODES, APIError, model_output_not_finite
 from .registry import ModelRegistry, Served
 from .stats import Statistics
 from .telemetry import RequestRecord, current as current_request
-
-log = logging.getLogger("cnnserve.engine")
-
-
-# Where one /classify request's time goes, in order (seconds; the Server-Timing header and the
-# cnnserve_request_stage_seconds histogram carry them). ``total`` is the handler's time from entry
-# to a serialised response; what a client sees beyond it is HTTP parsing, the framework and the network.
-STAGES = {
-    "read": "receiving the request body and parsing the form",
-    "decode": "Pillow decoding the image (JPEG draft mode included)",
-    "resize": "mode conversion, resize and array layout",
-    "thread": "waiting for a decoding process, and handing the image to it and back",
-    "queue": "waiting for the model (the batch before this one, and batching)",
-    "inference": "the onnxruntime run of the batch that carried the image",
-    "respond": "top-k, the JSON body and its serialisation",
-    "total": "all of the above, from handler entry to a serialised response",
-}
-
 
 @dataclass
 class Ticket:
@@ -284,7 +265,7 @@ class Engine:
         raise APIError(*problem)
 
     async def classify(self, call: Call, data: bytes, timings: dict | None = None) -> dict:
-        """One image's top-k. ``timings``, if given, gets the seconds of each stage (``STAGES``)."""
+        """One image's top-k. ``timings``, if given, gets the seconds of each stage (``metrics.STAGES``)."""
         model = call.model
         pixels = await self.decode(model, data, timings, call.ticket)
         p = await self.run(call, pixels[None], timings)

@@ -249,7 +249,7 @@ class InferenceService:
         for name, k in zip(wanted, classes):
             part = np.ascontiguousarray(parts[name], np.float32)
             top = np.argsort(-part, axis=1, kind="stable")[:, :k] if k else None
-            size += 64 + (part.nbytes if top is None else text_bytes(part, top, model.spec.labels))
+            size += 64 + (part.nbytes if top is None else v2.text_bytes(part, top, model.spec.labels))
             planned.append((name, part, top))
         if size > self.max_answer:
             raise APIError(413, "answer_too_large", f"the answer would take {size / 2**20:.2f} MB, over the "
@@ -287,26 +287,6 @@ def _settled(pending) -> None:
     if pending is not None:
         raise APIError(504, "pending", "not yet served by every worker within control_wait_s; RepositoryIndex says "
                                        "when it is READY")
-
-
-def text_bytes(part: np.ndarray, top: np.ndarray, labels: tuple[str, ...]) -> int:
-    """What the texts ``"value:index:label"`` of ``top`` (indices into ``part``'s rows) take with their 4-byte
-    lengths, at most: each value as wide as the widest in ``part`` (with a sign), each index as the largest."""
-    width = len(f"{float(np.abs(part).max(initial=0)):f}") + 1
-    return top.size * (4 + width + 1 + len(str(len(labels) - 1)) + 1) + int(label_bytes(labels)[top].sum())
-
-
-_LABEL_BYTES: dict[int, tuple[tuple, np.ndarray]] = {}
-
-
-def label_bytes(labels: tuple[str, ...]) -> np.ndarray:
-    """Each label's length in UTF-8, once per model (a model may have 100,000 labels)."""
-    hit = _LABEL_BYTES.get(id(labels))
-    if hit is None or hit[0] is not labels:
-        if len(_LABEL_BYTES) > 64:  # models come and go at runtime
-            _LABEL_BYTES.clear()
-        hit = _LABEL_BYTES[id(labels)] = (labels, np.array([len(x.encode()) for x in labels], np.int64))
-    return hit[1]
 
 
 def classification(params, num_classes: int) -> int | None:

@@ -19,6 +19,20 @@ import re
 from functools import lru_cache
 from types import SimpleNamespace
 
+# Where one /classify request's time goes, in order (seconds; the Server-Timing header and the
+# cnnserve_request_stage_seconds histogram carry them). ``total`` is the handler's time from entry
+# to a serialised response; what a client sees beyond it is HTTP parsing, the framework and the network.
+STAGES = {
+    "read": "receiving the request body and parsing the form",
+    "decode": "Pillow decoding the image (JPEG draft mode included)",
+    "resize": "mode conversion, resize and array layout",
+    "thread": "waiting for a decoding process, and handing the image to it and back",
+    "queue": "waiting for the model (the batch before this one, and batching)",
+    "inference": "the onnxruntime run of the batch that carried the image",
+    "respond": "top-k, the JSON body and its serialisation",
+    "total": "all of the above, from handler entry to a serialised response",
+}
+
 OTHER = "other"
 #: BentoML's own routes beside the service's app (health, metrics, its OpenAPI page and assets).
 BENTOML_ROUTES = ("/", "/readyz", "/livez", "/healthz", "/metrics", "/docs.json", "/schema.json",
@@ -93,7 +107,7 @@ def metrics() -> SimpleNamespace:
                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)),
         inference=Histogram("cnnserve_inference_seconds", "Time of one onnxruntime run", ["model"], buckets=seconds),
         stage=Histogram("cnnserve_request_stage_seconds", "Time of one /classify request in each stage "
-                        "(service.engine.STAGES)", ["model", "stage"], buckets=seconds),
+                        "(service.metrics.STAGES)", ["model", "stage"], buckets=seconds),
         explain=Histogram("cnnserve_explain_stage_seconds", "Time of one /classify/explain request in each stage "
                           "(read, decode, resize, queue, inference, explain: the map and its PNG, total)",
                           ["model", "method", "stage"], buckets=seconds),
@@ -120,6 +134,18 @@ def metrics() -> SimpleNamespace:
         model_resident_bytes=Gauge("cnnserve_model_resident_bytes", "Memory of a model's loaded versions (what the "
                                    "worker grew by as each loaded), the largest over the workers", ["model"],
                                    multiprocess_mode="livemax"),
+        # a rollout (service/rollout.py), set from the server's one rollout file: every worker the same figure
+        feedback_labelled=Gauge("cnnserve_feedback_labelled", "Answers of a version a client labelled (feedback)",
+                                ["model", "version"], multiprocess_mode="livemax"),
+        feedback_accuracy=Gauge("cnnserve_feedback_accuracy", "Share of a version's labelled answers that were right",
+                                ["model", "version"], multiprocess_mode="livemax"),
+        feedback_confusion=Gauge("cnnserve_feedback_confusion", "Labelled answers of a version by true and answered "
+                                 "class (the most labelled classes)", ["model", "version", "label", "predicted"],
+                                 multiprocess_mode="livemax"),
+        shadow_agreement=Gauge("cnnserve_shadow_agreement", "Share of shadowed requests whose top-1 the candidate "
+                               "agreed on", ["model", "primary", "candidate"], multiprocess_mode="livemax"),
+        shadow_dropped=Gauge("cnnserve_shadow_dropped", "Shadow runs dropped under load",
+                             ["model", "primary", "candidate"], multiprocess_mode="livemax"),
         # drift (service/drift.py, off the request path): what the answers look like, per model
         top1_probability=Histogram("cnnserve_top1_probability", "Top-1 probability of each answer", ["model"],
                                    buckets=(0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)),

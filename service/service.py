@@ -24,7 +24,7 @@ from cnnserve.core.onnxmeta import MODEL_FILE
 from cnnserve.core.runtime import ModelLoadError, load_model
 from cnnserve.core.store import NotStored, stored_model
 
-from . import startup, telemetry
+from . import logs, startup, telemetry
 from .api import create_app
 from .apikeys import APIKeys, KeysFileError
 from .engine import Engine
@@ -46,7 +46,7 @@ RUN = startup.begin()
 ARGS = bentoml.use_arguments(Settings)
 TAGS = ARGS.tags
 if ARGS.log_format == "json":  # from here on (the server's first process and each worker) every line is JSON
-    telemetry.json_logging()
+    logs.json_logging()
 # At import: uvicorn binds its signal handlers and reads its protocol table before the service instance exists.
 apply_patches(ARGS)
 log.info("running on %s", ", ".join(f"{k} {v}" for k, v in running_versions().items()))
@@ -67,7 +67,7 @@ class CnnServe:
 
     def __init__(self) -> None:
         if ARGS.log_format == "json":  # BentoML configured the worker's logging after the module loaded
-            telemetry.json_logging()
+            logs.json_logging()
         TELEMETRY.start()  # with tracing on, the exporter's imports and thread now, not in the first traced request
         tag = "the engine"
         try:

@@ -10,8 +10,8 @@
   id, client, route template, model and version, each stage's milliseconds, the batch size and the refusal's
   code, under Elastic Common Schema names (``http.request.id``, ``url.path``, ``event.duration`` in ns ...), which
   Elasticsearch maps as they are and Loki's ``json`` parser turns into labels (dots become underscores). JSON
-  lines are written in batches, at most ``Lines.FLUSH_S`` late (``Lines``: what a line per request costs).
-  ``log_format=json`` also makes every other line of the server JSON (``json_logging``).
+  lines are written in batches, at most ``Lines.FLUSH_S`` late (``logs.Lines``: what a line per request costs).
+  ``log_format=json`` also makes every other line of the server JSON (``logs.json_logging``).
 - **Traces** (``tracing_sample``, the share of requests traced; 0, the default: none, and no tracer is made). The
   decision is taken when a request arrives, before any span object exists: a request whose W3C ``traceparent``
   says sampled is traced (one that says not sampled is not), others at the ratio. A traced request's spans
@@ -26,15 +26,15 @@ Untraced requests pay for their id, one random number and one ``ContextVar`` (me
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import random
-import sys
 import re
 import time
 from contextvars import ContextVar
+
+from .logs import Lines
 
 log = logging.getLogger("cnnserve.telemetry")
 access = logging.getLogger("cnnserve.access")
@@ -272,52 +272,6 @@ class Telemetry:
             self._tracer.provider.shutdown()
 
 
-class Lines:
-    """JSON access lines, written to standard output in batches: the first line of a batch schedules its write
-    ``FLUSH_S`` later on the event loop (or at ``MAX_LINES``). Each line is the object ``json_formatter`` would
-    write, made with one ``json`` encoder directly: through ``logging`` and python-json-logger, a write per line,
-    a JSON line per request left LeNet-5 at 64 clients 0.58 of its throughput in a first trial (text lines: 0.89);
-    this way it takes about 11 us of CPU, near a text line's 8 (docs/observability.md has the figures)."""
-
-    FLUSH_S, MAX_LINES = 0.1, 256
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self._held: list[str] = []
-        self._scheduled = False
-        self._second, self._prefix = -1, ""
-
-    def timestamp(self) -> str:
-        """Now in ISO 8601, UTC, to the microsecond (as ``json_formatter``'s ``@timestamp``)."""
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1e6):06d}+00:00"
-
-    def write(self, line: str) -> None:
-        self._held.append(line)
-        if len(self._held) >= self.MAX_LINES:
-            self.flush()
-        elif not self._scheduled:
-            try:
-                asyncio.get_running_loop().call_later(self.FLUSH_S, self.flush)
-                self._scheduled = True
-            except RuntimeError:  # no event loop in this thread: at once
-                self.flush()
-
-    def flush(self) -> None:
-        self._scheduled = False
-        if not self._held:
-            return
-        text, self._held = "\n".join(self._held) + "\n", []
-        try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
-        except (OSError, ValueError):  # standard output closed: nothing to write to
-            pass
-
-
 def make_tracer(endpoint: str = ""):
     """A tracer of its own (not the global provider, which BentoML configures for its own spans): every span it is
     asked for is recorded (the sampling decision is ``Telemetry._decide``'s), and sent in batches over OTLP/HTTP to
@@ -375,34 +329,3 @@ class RequestTelemetry:
             CURRENT.reset(token)
             if self.telemetry.access_log or record.sampled:
                 self.telemetry.end(record)
-
-
-# -- every log line as JSON ----------------------------------------------------------------------------------
-
-#: Record attributes BentoML's log filter adds for its text format (the JSON has its own fields).
-BENTOML_ATTRS = ("levelname_bracketed", "component", "trace_msg", "request_id", "service_name", "taskName")
-
-
-def json_formatter() -> logging.Formatter:
-    """Every field under the Elastic Common Schema's name: ``@timestamp`` (ISO 8601, UTC), ``log.level``,
-    ``log.logger``, ``message``, ``process.pid``, an exception's ``error.stack_trace``, and a record's own extras."""
-    from pythonjsonlogger.core import RESERVED_ATTRS
-    from pythonjsonlogger.json import JsonFormatter
-
-    return JsonFormatter("%(levelname)s %(name)s %(process)d %(message)s", timestamp="@timestamp",
-                         rename_fields={"levelname": "log.level", "name": "log.logger", "process": "process.pid",
-                                        "exc_info": "error.stack_trace"},
-                         reserved_attrs=[*RESERVED_ATTRS, *BENTOML_ATTRS])
-
-
-def json_logging() -> None:
-    """Every handler this process has (the root's and each logger's, BentoML's included) writes JSON, and Python's
-    warnings go through logging too. Called when the service module loads (the server's first process and each
-    worker) and again once a worker has started, after BentoML configured its logging."""
-    formatter = json_formatter()
-    loggers = [logging.getLogger(), *(x for x in logging.Logger.manager.loggerDict.values()
-                                      if isinstance(x, logging.Logger))]
-    for logger in loggers:
-        for handler in logger.handlers:
-            handler.setFormatter(formatter)
-    logging.captureWarnings(True)

@@ -184,3 +184,23 @@ async def outputs(engine: Engine, call: Call, pixels: np.ndarray | list[bytes]) 
     return {onnxmeta.LOGITS: p.logits, onnxmeta.PROBABILITIES: p.probabilities}
 
 
+# -- an answer's size, bounded before it is built (gRPC's grpc_max_answer_mb) ---------------------------------
+
+def text_bytes(part: np.ndarray, top: np.ndarray, labels: tuple[str, ...]) -> int:
+    """What the texts ``"value:index:label"`` of ``top`` (indices into ``part``'s rows) take with their 4-byte
+    lengths, at most: each value as wide as the widest in ``part`` (with a sign), each index as the largest."""
+    width = len(f"{float(np.abs(part).max(initial=0)):f}") + 1
+    return top.size * (4 + width + 1 + len(str(len(labels) - 1)) + 1) + int(label_bytes(labels)[top].sum())
+
+
+_LABEL_BYTES: dict[int, tuple[tuple, np.ndarray]] = {}
+
+
+def label_bytes(labels: tuple[str, ...]) -> np.ndarray:
+    """Each label's length in UTF-8, once per model (a model may have 100,000 labels)."""
+    hit = _LABEL_BYTES.get(id(labels))
+    if hit is None or hit[0] is not labels:
+        if len(_LABEL_BYTES) > 64:  # models come and go at runtime
+            _LABEL_BYTES.clear()
+        hit = _LABEL_BYTES[id(labels)] = (labels, np.array([len(x.encode()) for x in labels], np.int64))
+    return hit[1]

@@ -52,8 +52,10 @@ BENTOML_SERIES = {
     "bentoml_service_last_request_timestamp_seconds": {"pid", "runner_name", "service_name", "service_version"},
 }
 #: Documented series this test does not make: an eviction needs loads past max_model_memory_mb while the served
-#: model stays (tests/test_repository.py makes one in a registry of its own)
-NOT_MADE = {"cnnserve_model_evictions_total"}
+#: model stays (tests/test_repository.py makes one in a registry of its own); a rollout's figures need clients'
+#: labels and a shadow candidate (tests/test_rollout.py reads cnnserve_feedback_labelled from /metrics)
+NOT_MADE = {"cnnserve_model_evictions_total", "cnnserve_feedback_labelled", "cnnserve_feedback_accuracy",
+            "cnnserve_feedback_confusion", "cnnserve_shadow_agreement", "cnnserve_shadow_dropped"}
 TARGET_LABELS = {"instance", "job", "namespace", "pod"}
 NAMESPACE = "default"
 

@@ -120,8 +120,9 @@ def test_engine_decodes_inline_or_in_processes_alike(default_onnx, digits_test):
     timed; a broken image fails alone on either path. The expected answers come from the held-out pixels
     themselves, never through the decoding under test."""
     from cnnserve.core.config import Settings
-    from cnnserve.service.engine import STAGES, Engine
+    from cnnserve.service.engine import Engine
     from cnnserve.service.errors import APIError
+    from cnnserve.service.metrics import STAGES
     from tests.conftest import encode
 
     m = load_model(default_onnx)
@@ -169,7 +170,8 @@ def test_classify_fast_path_answers_as_fastapi_route_does(default_onnx, digits_t
     import httpx
 
     from cnnserve.service.api import create_app
-    from cnnserve.service.engine import STAGES, Engine
+    from cnnserve.service.engine import Engine
+    from cnnserve.service.metrics import STAGES
     from tests.conftest import encode
 
     m = load_model(default_onnx)

@@ -56,7 +56,7 @@ def test_classify_multipart_and_raw_body(client, digits_test, reference):
 
 def test_server_timing_breaks_down_each_request(client, digits_test):
     """Every /classify answer says where its time went (Server-Timing) and feeds the stage histogram."""
-    from cnnserve.service.engine import STAGES
+    from cnnserve.service.metrics import STAGES
 
     r = client.post("/classify", content=png(digits_test[0][1]), headers={"Content-Type": "image/png"})
     assert r.status_code == 200
