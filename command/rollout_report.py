@@ -15,26 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-BINS = 15
+from cnnserve.core.confidence import BINS, reliability
+
 #: Classes drawn in the confusion matrix at most: past it, those with the most errors (the rest are in the JSON).
 CONFUSION_CLASSES = 30
 MATPLOTLIB_MISSING = ("not drawn: matplotlib is missing (it comes with the train extra: pip install matplotlib); "
                       "the figures are in report.json and report.md")
-
-
-def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = BINS) -> dict:
-    """ECE over ``bins`` equal-width confidence bins, and each bin's count, mean confidence and accuracy."""
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == targets
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # (lo, hi] bins
-    counts = np.bincount(which, minlength=bins)
-    conf_sum = np.bincount(which, conf, minlength=bins)
-    acc_sum = np.bincount(which, correct.astype(np.float64), minlength=bins)
-    nonzero = np.maximum(counts, 1)
-    return {"ece": float(np.abs(acc_sum - conf_sum).sum() / max(len(targets), 1)), "bins": bins,
-            "counts": counts.tolist(), "confidence": np.round(conf_sum / nonzero, 6).tolist(),
-            "accuracy": np.round(acc_sum / nonzero, 6).tolist()}
 
 
 def classification_figures(probs: np.ndarray, targets: np.ndarray, labels: list[str], k: int) -> dict:

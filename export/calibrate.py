@@ -18,7 +18,8 @@ import numpy as np
 from scipy import optimize, special
 from sklearn.metrics import roc_auc_score
 
-BINS = 15
+from cnnserve.core.confidence import BINS, reliability
+
 PASS_RATE = 0.95
 LOG_T_RANGE = (np.log(0.05), np.log(20.0))
 
@@ -45,21 +46,6 @@ def fit_temperature(logits: np.ndarray, targets: np.ndarray) -> float:
     found = optimize.minimize_scalar(lambda log_t: nll(logits, targets, np.exp(log_t)), bounds=LOG_T_RANGE,
                                      method="bounded", options={"xatol": 1e-7})
     return float(np.exp(found.x))
-
-
-def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = BINS) -> dict:
-    """ECE over ``bins`` equal-width confidence bins, and each bin's count, mean confidence and accuracy."""
-    conf = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == targets
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # (lo, hi] bins
-    counts = np.bincount(which, minlength=bins)
-    conf_sum = np.bincount(which, conf, minlength=bins)
-    acc_sum = np.bincount(which, correct.astype(np.float64), minlength=bins)
-    nonzero = np.maximum(counts, 1)
-    ece = float(np.abs(acc_sum - conf_sum).sum() / max(len(targets), 1))
-    return {"ece": ece, "bins": bins, "counts": counts.tolist(),
-            "confidence": np.round(conf_sum / nonzero, 6).tolist(), "accuracy": np.round(acc_sum / nonzero, 6).tolist()}
 
 
 def ece_interval(probs: np.ndarray, targets: np.ndarray, bins: int = BINS, rounds: int = 1000,

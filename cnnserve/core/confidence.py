@@ -115,3 +115,21 @@ def score_rows(model, pixels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
     probs, rows = assess(model.info, *model.run(pixels, list(OUTPUTS)), finite=False)
     return probs, rows
 
+
+#: Equal-width bins of the top-1 confidence for the expected calibration error (the export's and evaluate's).
+BINS = 15
+
+
+def reliability(probs: np.ndarray, targets: np.ndarray, bins: int = BINS) -> dict:
+    """ECE over ``bins`` equal-width confidence bins, and each bin's count, mean confidence and accuracy."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == targets
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, bins - 1)  # (lo, hi] bins
+    counts = np.bincount(which, minlength=bins)
+    conf_sum = np.bincount(which, conf, minlength=bins)
+    acc_sum = np.bincount(which, correct.astype(np.float64), minlength=bins)
+    nonzero = np.maximum(counts, 1)
+    ece = float(np.abs(acc_sum - conf_sum).sum() / max(len(targets), 1))
+    return {"ece": ece, "bins": bins, "counts": counts.tolist(),
+            "confidence": np.round(conf_sum / nonzero, 6).tolist(), "accuracy": np.round(acc_sum / nonzero, 6).tolist()}
