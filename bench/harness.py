@@ -72,13 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
                     default=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
                              "calibration"],
                     choices=["pytorch", "onnxruntime", "service", "floor", "naive", "torchserve", "batch", "faults",
-                             "int8", "calibration", "grpc", "drift", "telemetry", "peers"],
+                             "int8", "calibration", "grpc", "drift", "telemetry", "shadow", "peers"],
                     help="naive: the baseline BentoML service of bench/naive_service.py; torchserve: TorchServe "
                          "(bench/torchserve/) on the same checkpoint; both under the same load as cnnserve; grpc: "
                          "the same infer call over HTTP and gRPC, alternated (bench/grpc_load.py); drift: the service with and "
                          "without its drift monitor, interleaved (bench/overhead.py); telemetry: access lines, "
                          "JSON logs and tracing at 0, 1%% and 100%% against the service as it ships, interleaved "
-                         "(bench/overhead.py); peers: Triton, KServe, Ray Serve and MLServer beside cnnserve on the "
+                         "(bench/overhead.py); shadow: the primary with and without a shadow at rate 1.0 on a second "
+                         "version of the same model, interleaved, and the share the shadow ran "
+                         "(bench/shadow_section.py); "
+                         "peers: Triton, KServe, Ray Serve and MLServer beside cnnserve on the "
                          "same model.onnx under wrk (bench/peers/), written to STEM-peers.{json,md,png}")
     ap.add_argument("--peers", nargs="+", default=["triton", "kserve", "rayserve", "mlserver"],
                     choices=["triton", "kserve", "rayserve", "mlserver"], help="the peers section's peers")
@@ -188,6 +191,15 @@ def main(argv=None) -> int:
             except RuntimeError as e:  # no wrk here: reported, the other sections still run
                 r["telemetry_error"] = str(e)
                 log(f"{name}: telemetry could not run: {e}")
+        if "shadow" in args.sections:
+            from .shadow_section import section as shadow_section
+
+            try:
+                r["shadow"] = shadow_section(w, max(args.concurrency), args.duration, args.warmup, args.http_repeats,
+                                             log)
+            except RuntimeError as e:  # no wrk here: reported, the other sections still run
+                r["shadow_error"] = str(e)
+                log(f"{name}: shadow could not run: {e}")
         if "peers" in args.sections:  # bench/peers/: the servers users would pick instead, side by side
             from .peers.section import section as peers_section
 

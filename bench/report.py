@@ -276,6 +276,13 @@ def report(doc: dict, stem: Path) -> str:
         lines += ["", "## Request telemetry's cost (access lines, JSON logs, tracing; the service once per side, side "
                       "by side; `bench/overhead.py`, wrk)", ""]
         lines += [line for name, d in telemetry.items() for line in telemetry_lines(name, d)]
+    shadows = {n: r["shadow"] for n, r in doc["workloads"].items() if r.get("shadow")}
+    if shadows:
+        from .shadow_section import report_lines as shadow_lines
+
+        lines += ["", "## What a shadow costs the primary (rate 1.0 on a second version against none, one server, "
+                      "interleaved; `bench/shadow_section.py`, wrk)", ""]
+        lines += [line for name, d in shadows.items() for line in shadow_lines(name, d)]
     calibrations = {n: r["calibration"] for n, r in doc["workloads"].items() if r.get("calibration")}
     if calibrations:
         from .calibration import report_lines as calibration_lines

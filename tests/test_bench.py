@@ -112,6 +112,37 @@ def test_bench_runs_end_to_end_and_reports(tmp_path, default_run, default_onnx):
     assert str(tmp_path) not in md  # reports name no machine's paths
 
 
+def test_the_shadow_section_measures_both_sides_and_the_share_the_shadow_ran(tmp_path, default_run, default_onnx):
+    """``--sections shadow`` at a tiny budget (one round of 2 s, LeNet-5, 64 clients): one server, the no-shadow
+    and the rate-1.0 sides, and a shadow that ran (the server's own count) on a candidate answering as the primary."""
+    if not shutil.which("wrk"):
+        pytest.skip("wrk is not installed (the section reports that; the drift test checks the message)")
+    out = tmp_path / "report"
+    run = tmp_path / "work" / "runs" / "lenet5-digits"
+    run.mkdir(parents=True)
+    shutil.copyfile(default_run / "model.pt", run / "model.pt")
+    shutil.copyfile(default_onnx, run / "model.onnx")  # copied second, so it is not older than the checkpoint
+    proc = run_cli("bench", "--models", "lenet5", "--sections", "shadow", "--concurrency", "64", "--duration", "2",
+                   "--http-repeats", "1", "--warmup", "0.5", "--work", str(tmp_path / "work"), "--out", str(out),
+                   timeout=600, env={"BENTOML_HOME": str(tmp_path / "bentoml")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    d = json.loads(out.with_suffix(".json").read_text())["workloads"]["lenet5"]["shadow"]
+    assert list(d["sides"]) == ["no shadow", "shadow 1.0"] and d["concurrency"] == 64 and d["repeats"] == 1
+    assert all(len(x["runs"]) == 1 and x["failures"] == 0 and x["throughput_rps"] > 0 for x in d["sides"].values())
+    assert "shadow" not in d["sides"]["no shadow"]["runs"][0]  # its share is counted on the shadow side only
+    s = d["shadow"]
+    assert s["ran"] > 0 and 0 < s["share_ran"] <= 1 and s["agreement"] == 1.0  # the same file answers alike
+    # every request wrk saw answered was offered to the shadow (rate 1.0), and the server's runs and drops account
+    # for each, give or take the requests in flight as each of the two wrk runs (warm-up, measure) ended
+    r = d["sides"]["shadow 1.0"]["runs"][0]["shadow"]
+    assert r["offered"] <= r["ran"] + r["dropped"] <= r["offered"] + 2 * 64
+    assert d["ratios"]["throughput"]["ratio"] > 0 and d["ratios"]["p99"]["ratio"] > 0  # met or not: the report's
+    md = out.with_suffix(".md").read_text()
+    assert "## What a shadow costs the primary" in md and "| no shadow |" in md and "| shadow 1.0 |" in md
+    assert "- the shadow ran " in md and md.count("target ") == 2
+    assert str(tmp_path) not in md
+
+
 def test_the_gpu_mode_rehearses_end_to_end_on_the_cpu(tmp_path, default_onnx):
     """``cnnserve bench --gpu`` where onnxruntime has no working CUDA: every step of the device run (the
     weightless graph, weights by rule, fp16 variants, correctness, the three onnxruntime methods, PyTorch eager,
