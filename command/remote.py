@@ -81,20 +81,22 @@ def _rollout(args, action: str, body: dict) -> tuple[int, dict] | None:
 
 
 def _cmd_canary(args) -> int:
-    done = _rollout(args, "canary", {"percent": args.percent})
-    if done is None:
-        return 1
-    print(f"canary {args.tag}: {args.percent:g}% of the requests that name no version"
-          + (" (ended)" if not args.percent else "") + ("; not yet in every worker" if done[0] == 202 else ""))
-    return 0
+    return _start_or_end(args, "canary", "percent", args.percent,
+                         f"{args.percent:g}% of the requests that name no version")
 
 
 def _cmd_shadow(args) -> int:
-    done = _rollout(args, "shadow", {"rate": args.rate})
+    return _start_or_end(args, "shadow", "rate", args.rate,
+                         f"{args.rate:g} of the served version's requests run on it too")
+
+
+def _start_or_end(args, action: str, key: str, share: float, what: str) -> int:
+    """A canary or a shadow: the same request with its share under ``key``; a share of 0 ends it."""
+    done = _rollout(args, action, {key: share})
     if done is None:
         return 1
-    print(f"shadow {args.tag}: {args.rate:g} of the served version's requests run on it too"
-          + (" (ended)" if not args.rate else "") + ("; not yet in every worker" if done[0] == 202 else ""))
+    print(f"{action} {args.tag}: {what}" + (" (ended)" if not share else "")
+          + ("; not yet in every worker" if done[0] == 202 else ""))
     return 0
 
 
