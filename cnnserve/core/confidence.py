@@ -73,7 +73,10 @@ class NotFinite(ValueError):
 def not_finite_rows(*arrays: np.ndarray | None) -> list[int]:
     """The indices of the rows that hold a NaN or an infinity in any of ``arrays`` (N rows each; None skipped).
     One check per array when all is well (always, but for a broken model): a few microseconds an answer."""
-    if all(a is None or np.isfinite(a).all() for a in arrays):
+    for a in arrays:  # a loop, not all() over a generator: a generator's frames were 3% of a v2 request's CPU
+        if a is not None and not np.isfinite(a).all():
+            break
+    else:
         return []
     bad = None
     for a in arrays:
