@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from contextvars import ContextVar
 
@@ -53,7 +54,22 @@ def sane_id(value: str | None) -> str | None:
 
 
 def new_id() -> str:
-    return os.urandom(16).hex()
+    """16 bytes of ``os.urandom`` as 32 hex digits (unguessable: feedback joins on them), drawn 4 KiB at a time
+    (a syscall per request was 5% of a v2 request's CPU), under a lock (the event loop and gRPC's threads)."""
+    with _ids_lock:
+        if _ids[1] >= len(_ids[0]):
+            _ids[:] = os.urandom(4096).hex(), 0
+        _ids[1] += 32
+        return _ids[0][_ids[1] - 32:_ids[1]]
+
+
+def _fresh_ids() -> None:  # in a forked worker: not the ids its parent drew, nor a lock held in it at the fork
+    global _ids_lock, _ids
+    _ids_lock, _ids = threading.Lock(), ["", 0]  # hex digits drawn, how many are used
+
+
+_fresh_ids()
+os.register_at_fork(after_in_child=_fresh_ids)
 
 
 class RequestRecord:
