@@ -32,7 +32,7 @@ from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_dis
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
 from .explain import explain_image, heatmap_png
-from .params import ClassifyParams, EngineDep, ExplainParams, engine_of, refusal
+from .params import ClassifyParams, EngineDep, ExplainParams, RequestParams, engine_of, refusal
 from .patches import runtime_info
 from .registry import request_scope
 
@@ -132,7 +132,7 @@ async def classify_request(request: Request, p: ClassifyParams) -> JSONResponse:
 @router.post("/classify", tags=["classification"], openapi_extra=CLASSIFY_BODY,
              summary="Classify one image (multipart field 'image', or the raw image as the body)")
 async def classify(request: Request, p: Annotated[ClassifyParams, Query()]):
-    # The running service answers through ``CnnServeAPI.fast_classify`` with this same handler; FastAPI's
+    # The running service answers through ``CnnServeAPI.fast`` with this same handler; FastAPI's
     # route documents it and serves an app whose fast path is off (the test compares the two).
     return await classify_request(request, p)
 
@@ -211,13 +211,15 @@ async def get_model(name: str, engine: EngineDep):
 
 
 class CnnServeAPI(FastAPI):
-    """FastAPI with one fast path: ``POST /classify`` goes from the ASGI call straight to its handler.
+    """FastAPI with fast paths: ``POST /classify`` and the Open Inference Protocol's ``POST .../infer`` go from
+    the ASGI call straight to their handlers.
 
     Profiled under load (bench/results/2026-11-23-vm-request-cost.md), FastAPI's routing, its
     middleware stack and the dependency solving of four query parameters took about a fifth of a
     worker's time for a request whose own work is a small PNG. The fast path validates the same
-    parameter model (``params.py``) and runs the same handler (``classify_request``); every other
-    route, and the OpenAPI document, is FastAPI's."""
+    parameter model (``params.py``) and runs the same handler (``classify_request``); the v2 infer
+    route's dependencies took a fifth of its CPU (bench/results/2026-12-07-vm-peers-profile.md) and its
+    fast path runs ``kserve.infer_request``. Every other route, and the OpenAPI document, is FastAPI's."""
 
     fast_path = True
     #: ``apikeys.APIKeys`` where the server has a keys file (``api_keys_file``): the inference routes need a key
@@ -230,9 +232,13 @@ class CnnServeAPI(FastAPI):
             if refusal is not None:
                 return await refusal(scope, receive, send)
         with request_scope():  # the models a request looks up stay loaded until it is answered (registry.py)
-            if (self.fast_path and scope["type"] == "http" and scope["method"] == "POST"
-                    and scope["path"][len(scope.get("root_path", "")):] == "/classify"):
-                return await self.fast_classify(scope, receive, send)
+            if self.fast_path and scope["type"] == "http" and scope["method"] == "POST":
+                path = scope["path"][len(scope.get("root_path", "")):]
+                if path == "/classify":
+                    return await self.fast(scope, receive, send, self.classify_handler)
+                target = kserve.infer_target(path)  # the Open Inference Protocol's infer (kserve.py)
+                if target is not None:
+                    return await self.fast(scope, receive, send, self.infer_handler(*target))
             try:
                 return await super().__call__(scope, receive, send)
             except Exception as e:
@@ -261,13 +267,24 @@ class CnnServeAPI(FastAPI):
             record.api_key = name  # for the access line
         return None
 
-    async def fast_classify(self, scope, receive, send) -> None:
-        """The same answers as FastAPI's route, errors included: an ``APIError`` as its JSON, anything else a JSON
-        500 at once (it once went unanswered until BentoML's 60 s timeout)."""
+    @staticmethod
+    async def classify_handler(request: Request) -> Response:
+        return await classify_request(request, ClassifyParams.from_query(request.scope["query_string"]))
+
+    @staticmethod
+    def infer_handler(name: str, version: str | None):
+        async def handler(request: Request) -> Response:
+            p = RequestParams.from_query(request.scope["query_string"])  # as FastAPI checks it: before the engine
+            return await kserve.infer_request(request, engine_of(request), p, name, version)
+        return handler
+
+    async def fast(self, scope, receive, send, handler) -> None:
+        """``handler``'s answer, the same as FastAPI's route gives, errors included: an ``APIError`` as its JSON,
+        anything else a JSON 500 at once (it once went unanswered until BentoML's 60 s timeout)."""
         scope["app"] = self  # as Starlette sets it, for request.app
         request = Request(scope, receive)
         try:
-            response = await classify_request(request, ClassifyParams.from_query(scope["query_string"]))
+            response = await handler(request)
         except APIError as e:
             response = error_response(self, e)
         except NotFinite as e:

@@ -7,6 +7,7 @@ work, are shared with gRPC (``v2.py``), so both protocols get the same limits an
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Annotated
 
@@ -176,6 +177,14 @@ async def model_ready(name: str, engine: EngineDep, version: str | None = None):
              summary="Inference on one loaded version (as /v2/models/{name}/infer)")
 async def infer_route(request: Request, p: Annotated[RequestParams, Query()], name: str, engine: EngineDep,
                       version: str | None = None):
+    # The running service answers through ``CnnServeAPI.fast`` with this same handler; FastAPI's route
+    # documents it and serves an app whose fast path is off (tests/test_v2_fast.py compares the two).
+    return await infer_request(request, engine, p, name, version)
+
+
+async def infer_request(request: Request, engine: Engine, p: RequestParams, name: str,
+                        version: str | None) -> JSONResponse:
+    """An infer request, from its checked query parameters and its path's model name and version."""
     t0 = time.perf_counter()
     status = "200"
     try:
@@ -188,6 +197,20 @@ async def infer_route(request: Request, p: Annotated[RequestParams, Query()], na
     except APIError as err:
         status = str(err.status)
         raise
+    except Exception:  # answered as a 500 by the app's handler
+        status = "500"
+        raise
     finally:  # the infer call in the same histogram as gRPC's ModelInfer (status: HTTP's number there)
         if engine.metrics and hasattr(engine.metrics, "requests"):
             engine.metrics.requests.labels("http", "ModelInfer", status).observe(time.perf_counter() - t0)
+
+
+#: The two infer routes' paths as Starlette matches them (``{name}``: one segment of the percent-decoded path,
+#: ``$`` as its compiled route has it), for the fast path.
+INFER_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer$")
+
+
+def infer_target(route_path: str) -> tuple[str, str | None] | None:
+    """(name, version) where ``route_path`` (the path less the root path) is an infer route's, else None."""
+    m = INFER_PATH.match(route_path)
+    return None if m is None else (m["name"], m["version"])

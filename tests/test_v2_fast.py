@@ -1,0 +1,139 @@
+"""The Open Inference Protocol's infer route on the service's fast path (``CnnServeAPI.fast``): the same answers
+as FastAPI's route, which serves an app whose fast path is off."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import numpy as np
+
+from cnnserve.core.runtime import load_model
+
+
+def infer_cases(name: str, x: np.ndarray, png: bytes) -> list[tuple[str, dict]]:
+    """(path, httpx keyword arguments) of each case: answers and refusals."""
+    pixels = {"name": "pixels", "datatype": "UINT8", "shape": [1, *x.shape]}
+    json_tensor = json.dumps({"inputs": [{**pixels, "data": x.ravel().tolist()}]}).encode()
+    head = json.dumps({"id": "mine", "inputs": [{**pixels, "parameters": {"binary_data_size": x.size}}]}).encode()
+    binary = dict(content=head + x.tobytes(), headers={"Inference-Header-Content-Length": str(len(head))})
+    image = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                    "data": [base64.b64encode(png).decode()]}]}).encode()
+    wrong_shape = json.dumps({"inputs": [{**pixels, "shape": [1, 1, 32, 32], "data": [0] * 1024}]}).encode()
+    some_outputs = json.loads(json_tensor) | {"outputs": [{"name": "probabilities"}]}
+    infer = f"/v2/models/{name}/infer"
+    return [
+        (infer, binary),
+        (infer, dict(content=json_tensor)),
+        (infer, dict(content=image, params={"priority": "bulk", "timeout_ms": "5000", "extra": "x"})),
+        (f"/v2/models/{name}/versions/v1/infer", dict(content=json_tensor)),
+        (infer, dict(content=json.dumps(some_outputs).encode())),
+        (infer, dict(content=json_tensor, headers={"X-Request-ID": "client-chosen-id"})),
+        ("/v2/models/nope/infer", dict(content=json_tensor)),
+        (f"/v2/models/{name}/versions/7/infer", dict(content=json_tensor)),
+        (infer, dict(content=json_tensor, params={"timeout_ms": "soon"})),
+        (infer, dict(content=json_tensor, params={"priority": "urgent"})),
+        ("/v2/models/nope/infer", dict(content=json_tensor, params={"timeout_ms": "-"})),  # the query first
+        (infer, dict(content=b'{"inputs": [')),
+        (infer, dict(content=wrong_shape)),
+        (infer, dict(content=json.dumps(some_outputs | {"outputs": [{"name": "feelings"}]}).encode())),
+        (infer, dict(content=head + x.tobytes(), headers={"Inference-Header-Content-Length": "99999"})),
+        # paths no infer route matches, left to FastAPI's routing either way
+        (f"/v2/models/{name}/infer/", dict(content=json_tensor)),
+        (f"/v2/models/{name}/versions/infer", dict(content=json_tensor)),
+        (f"/v2/models/{name}%2Fx/infer", dict(content=json_tensor)),
+    ]
+
+
+def test_v2_infer_fast_path_answers_as_fastapi_route_does(default_onnx, digits_test):
+    """The fast path, FastAPI's route and the fast path behind a root_path: the same status, the same answer
+    (outputs, or the refusal's code and words), the same Server-Timing stages, and the request's id (its
+    ``X-Request-ID``, from the telemetry middleware) in the answer's ``id`` unless the request names its own."""
+    import httpx
+
+    from cnnserve.service.api import create_app
+    from cnnserve.service.engine import Engine
+    from cnnserve.service.telemetry import RequestTelemetry, Telemetry
+    from tests.conftest import encode
+
+    m = load_model(default_onnx, version="v1", providers="cpu")
+    engine = Engine([m])
+    x, _ = digits_test
+    cases = infer_cases(m.name, x[5], encode(x[5][0]))
+
+    via_router: dict[tuple, list] = {}  # per run, the endpoint FastAPI's router chose for each case (None: none)
+
+    async def answers(fast: bool, root_path: str = "") -> list:
+        app = create_app(engine)
+        app.fast_path = fast
+        out = []
+        seen = via_router[fast, root_path] = []
+
+        async def observed(scope, receive, send):
+            await app(scope, receive, send)
+            seen.append(getattr(scope.get("endpoint"), "__name__", None))
+
+        transport = httpx.ASGITransport(app=RequestTelemetry(observed, Telemetry()), root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for path, kwargs in cases:
+                r = await client.post(root_path + path, **kwargs)
+                body = r.json() if r.content else {}  # (a redirect's is empty)
+                stages = {part.split(";")[0].strip() for part in r.headers.get("Server-Timing", "").split(",") if part}
+                error = body.get("error") and body["error"].replace(root_path + "/v2/", "/v2/")  # (as it was sent)
+                ids = body.get("id") == r.headers["X-Request-ID"], body.get("id") == "mine"
+                out.append((r.status_code, body.get("outputs"), body.get("code"), error, stages, ids,
+                            body.get("model_name"), body.get("model_version")))
+        return out
+
+    try:
+        fast, routed = asyncio.run(answers(True)), asyncio.run(answers(False))
+        behind_a_prefix = asyncio.run(answers(True, root_path="/cnn"))
+    finally:
+        engine.close()
+    for case, a, b, c in zip(cases, fast, routed, behind_a_prefix):
+        assert a == b == c, (case[0], case[1].get("params"), a, b, c)
+    # the infer cases took the fast path; the last three (no infer route's path) went to FastAPI's router either way
+    assert via_router[False, ""][:15] == ["infer_route"] * 15, via_router
+    assert via_router[True, ""] == via_router[True, "/cnn"] == [None] * 15 + via_router[False, ""][15:], via_router
+    assert [status for status, *_ in fast] == [200] * 6 + [404, 404] + [400] * 7 + [307, 405, 404], fast
+    assert [o["name"] for o in fast[0][1]] == ["logits", "probabilities"] and fast[0][5] == (False, True)
+    assert [o["name"] for o in fast[4][1]] == ["probabilities"]
+    assert all(answer[5] == (True, False) for answer in fast[1:6]), fast  # the request's id, as its header says
+    assert fast[8][2:4] == ("bad_parameter", "invalid request: query.timeout_ms: Input should be a valid number, "
+                                             "unable to parse string as a number"), fast[8]
+    assert [answer[2] for answer in fast[6:15]] == [
+        "unknown_model", "unknown_version", "bad_parameter", "bad_priority", "bad_parameter", "bad_json",
+        "bad_shape", "bad_output", "bad_request"], fast
+    probabilities = np.asarray(fast[0][1][1]["data"])
+    assert probabilities.argmax() == digits_test[1][5] and abs(probabilities.sum() - 1) < 1e-4
+
+
+def test_request_ids_are_unique_across_threads_and_forks():
+    """Request ids come from a block of random bytes (``telemetry.new_id``): 32 hex digits each, none twice from
+    four threads at once, and a forked worker does not hand out the ids its parent drew and had not used."""
+    import os
+    import threading
+
+    from cnnserve.service.telemetry import new_id
+
+    new_id()  # the parent has a block under way
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, as its parent would have made them
+        os.write(write, "".join(new_id() for _ in range(4)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as f:
+        child = f.read()
+    ids: list[list[str]] = [[] for _ in range(4)]
+    threads = [threading.Thread(target=lambda out: out.extend(new_id() for _ in range(5000)), args=(out,))
+               for out in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    drawn = [i for out in ids for i in out] + [child[k:k + 32] for k in range(0, len(child), 32)]
+    assert len(child) == 128 and len(set(drawn)) == len(drawn) == 20_004
+    assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in drawn)
