@@ -30,9 +30,9 @@ class Lines:
         """Now in ISO 8601, UTC, to the microsecond (as ``json_formatter``'s ``@timestamp``)."""
         now = time.time()
         second = int(now)
-        if second != self._second:
-            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1e6):06d}+00:00"
+        if second != self._second:  # the date and time of day made once a second
+            self._second, self._prefix = second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+        return f"{self._prefix}{int((now - second) * 1e6):06d}+00:00"
 
     def write(self, line: str) -> None:
         self._held.append(line)

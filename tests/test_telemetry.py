@@ -184,6 +184,132 @@ def rid_of(seen: dict, *statuses: int) -> str:
     return next(rid for rid, (_, status) in seen.items() if status in statuses)
 
 
+#: Every field of a JSON access line of a /classify answer from a traced server (docs/observability.md lists them)
+CLASSIFY_FIELDS = {"@timestamp", "log.level", "log.logger", "process.pid", "message", "http.request.id",
+                   "network.protocol", "http.request.method", "url.path", "http.route", "client.address",
+                   "event.duration", "cnnserve.latency_ms", "http.response.status_code", "cnnserve.model",
+                   "cnnserve.model_version", "cnnserve.batch_size", "trace.id", "span.id",
+                   *(f"cnnserve.stage_ms.{stage}" for stage in ("read", "decode", "resize", "thread", "queue",
+                                                                "inference", "respond", "total"))}
+
+
+def test_a_json_access_line_has_every_field_and_escapes_what_clients_send(traced):
+    """The JSON access lines are written as text, not through a JSON encoder (telemetry.Telemetry._log): every field
+    is there under its name, with a value of its type, and what a client chose (an id, a path with a quote, a
+    backslash, a new line and a non-ASCII letter) comes back as it was sent, the line one line of JSON."""
+    import datetime
+    import re
+
+    srv, _ = traced
+    with httpx.Client(base_url=srv.url, timeout=30) as client:
+        ok = client.post("/classify", content=DIGIT, headers={"Content-Type": "image/png", "X-Request-ID": "fields"})
+        hostile = client.get("/no%22such%5Cpath%0A%C3%A9", headers={"X-Request-ID": "hostile-path"})
+    assert ok.status_code == 200 and hostile.status_code == 404
+    lines = access_lines(srv, {"fields", "hostile-path"})
+    line = lines["fields"]
+    assert set(line) == CLASSIFY_FIELDS, set(line) ^ CLASSIFY_FIELDS
+    stamp = datetime.datetime.fromisoformat(line["@timestamp"])
+    assert stamp.utcoffset() == datetime.timedelta(0) and abs(time.time() - stamp.timestamp()) < 60
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}\+00:00", line["@timestamp"])
+    assert (line["log.level"], line["log.logger"]) == ("INFO", "cnnserve.access")
+    assert type(line["process.pid"]) is int and line["process.pid"] > 1
+    assert (line["http.request.id"], line["network.protocol"], line["http.request.method"]) == ("fields", "http",
+                                                                                                 "POST")
+    assert line["url.path"] == line["http.route"] == "/classify" and line["client.address"] == "127.0.0.1"
+    assert line["http.response.status_code"] == 200 and line["cnnserve.model"] == "lenet5-digits"
+    assert type(line["cnnserve.model_version"]) is str and line["cnnserve.model_version"]
+    assert type(line["event.duration"]) is int and type(line["cnnserve.latency_ms"]) is float
+    # one duration, in ns and in ms rounded to 3 decimals, and the message's ms to 1
+    assert abs(line["event.duration"] / 1e6 - line["cnnserve.latency_ms"]) <= 0.0005 + 1e-9, line
+    assert line["message"] == f"POST /classify 200 {line['event.duration'] / 1e6:.1f} ms"
+    for key in CLASSIFY_FIELDS:
+        if key.startswith("cnnserve.stage_ms."):
+            assert type(line[key]) is float and line[key] >= 0 and round(line[key], 3) == line[key], key
+    assert line["cnnserve.stage_ms.total"] <= line["cnnserve.latency_ms"]
+    assert type(line["cnnserve.batch_size"]) is int and line["cnnserve.batch_size"] >= 1
+    assert re.fullmatch(r"[0-9a-f]{32}", line["trace.id"]) and re.fullmatch(r"[0-9a-f]{16}", line["span.id"])
+
+    bad = lines["hostile-path"]
+    assert bad["url.path"] == "/no\"such\\path\n\u00e9" and bad["http.route"] == "other"
+    assert bad["message"].startswith("GET /no\"such\\path\n\u00e9 404 ")
+    assert bad["http.response.status_code"] == 404 and "cnnserve.model" not in bad
+    raw = [x for x in server_lines(srv) if '"hostile-path"' in x]
+    assert len(raw) == 1 and raw[0].isascii(), raw  # one line, as the JSON encoder writes it (ASCII)
+
+
+def test_json_lines_are_what_the_json_encoder_writes(capsys):
+    """In one process, records whose every string needs escaping: each line is the very text ``json`` writes
+    for its fields (the fields in the same order, floats as ``repr(round(x, 3))``), for HTTP and gRPC, with and
+    without stage timings, a model, a refusal's code, an API key and a trace."""
+    import random
+
+    from cnnserve.service.telemetry import RequestRecord, Telemetry
+
+    class Model:
+        name, version = 'digits "é"', "2\\b"
+
+    class Call:
+        model = Model()
+
+    hostile = ['/a"b\\c', "/\u2028\x00\x1f\x7f", "/ü/" + "x" * 300, "/\ud800"]
+    telemetry = Telemetry(access_log=True, log_format="json")  # no event loop here: each line written at once
+    rng = random.Random(7)
+    for i in range(200):
+        protocol = "grpc" if i % 3 == 0 else "http"
+        record = RequestRecord(f"id-{i}", time.perf_counter() - rng.random() / 10, protocol,
+                               rng.choice(["POST", 'G"T']), rng.choice(hostile), rng.choice([None, "::1", 'c"l']))
+        record.status = rng.choice(["OK", 'NOT"FOUND']) if protocol == "grpc" else rng.choice([200, 404, 0])
+        record.code, record.api_key = rng.choice([None, 'q"uote\n']), rng.choice([None, "", "ké\\y"])
+        record.call = Call() if i % 2 else None
+        if i % 4 < 2:  # /classify's timings: values that end in zeros (4.000 ms is 4.0) and that do not
+            record.timings = {"read": 0.004, "decode": 0.0, "queue": 0.0012345, "total": rng.random() / 10}
+        else:
+            now = record.start
+            record.marks = {"read": now, "queued": now + 0.001, "started": now + 0.0025, "run": now + 0.003,
+                            "ran": now + rng.random() / 100, "batch": rng.randint(1, 64)}
+        trace_ids = ("a" * 32, "b" * 16) if i % 5 == 0 else None
+        end = time.perf_counter()
+        telemetry._log(record, end, trace_ids)
+        line = capsys.readouterr().out
+        assert line.endswith("\n") and line.count("\n") == 1, line
+        fields = json.loads(line)
+        expected = expected_fields(telemetry, record, end, trace_ids, fields["@timestamp"])
+        assert line == json.dumps(expected, separators=(",", ":")) + "\n"
+
+
+def expected_fields(telemetry, record, end: float, trace_ids, stamp: str) -> dict:
+    """A JSON access line's fields as docs/observability.md describes them, made the slow way (a dict)."""
+    ms = (end - record.start) * 1000
+    path = record.path[:200]
+    fields = {"@timestamp": stamp, "log.level": "INFO", "log.logger": "cnnserve.access", "process.pid": os.getpid(),
+              "message": f"{record.method} {path} {record.status} {ms:.1f} ms", "http.request.id": record.id,
+              "network.protocol": record.protocol, "http.request.method": record.method, "url.path": path,
+              # no route table here: a path is its own route (not cut to 200 characters)
+              "http.route": record.path, "client.address": record.client,
+              "event.duration": int((end - record.start) * 1e9),
+              "cnnserve.latency_ms": round(ms, 3),
+              "rpc.grpc.status_code" if record.protocol == "grpc" else "http.response.status_code": record.status}
+    if record.call is not None:
+        fields["cnnserve.model"], fields["cnnserve.model_version"] = record.call.model.name, record.call.model.version
+    if record.timings:
+        stages = {stage: (0.0, seconds) for stage, seconds in record.timings.items()}
+    else:
+        m = record.marks
+        stages = {"decode": (m["read"], m["queued"]), "queue": (m["queued"], m["started"]),
+                  "inference": (m["run"], m["ran"]), "respond": (m["ran"], end)}
+    for stage, (a, b) in stages.items():
+        fields[f"cnnserve.stage_ms.{stage}"] = round((b - a) * 1000, 3)
+    if record.marks and "batch" in record.marks:
+        fields["cnnserve.batch_size"] = record.marks["batch"]
+    if record.code:
+        fields["error.code"] = record.code
+    if record.api_key:
+        fields["cnnserve.api_key"] = record.api_key
+    if trace_ids:
+        fields["trace.id"], fields["span.id"] = trace_ids
+    return fields
+
+
 def test_text_access_lines_name_the_request_id(plain):
     srv, _ = plain
     with httpx.Client(base_url=srv.url, timeout=30) as client:
