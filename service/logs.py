@@ -14,14 +14,16 @@ import time
 class Lines:
     """JSON access lines, written to standard output in batches: the first line of a batch schedules its write
     ``FLUSH_S`` later on the event loop (or at ``MAX_LINES``). Each line is the object ``json_formatter`` would
-    write, made with one ``json`` encoder directly: through ``logging`` and python-json-logger, a write per line,
+    write, as text (``telemetry.Telemetry._log``): through ``logging`` and python-json-logger, a write per line,
     a JSON line per request left LeNet-5 at 64 clients 0.58 of its throughput in a first trial (text lines: 0.89);
-    this way it takes about 11 us of CPU, near a text line's 8 (docs/observability.md has the figures)."""
+    this way it takes about 7 us of CPU with its share of the writes, a text line through BentoML's handler 11
+    (``bench/overhead.py``'s ``request_cpu``; docs/observability.md has the served figures)."""
 
     FLUSH_S, MAX_LINES = 0.1, 256
 
-    def __init__(self) -> None:
+    def __init__(self, stream=None) -> None:
         self.pid = os.getpid()
+        self.stream = stream  # None: standard output as it is at each write (BentoML and pytest replace it)
         self._held: list[str] = []
         self._scheduled = False
         self._second, self._prefix = -1, ""
@@ -50,9 +52,10 @@ class Lines:
         if not self._held:
             return
         text, self._held = "\n".join(self._held) + "\n", []
+        out = self.stream or sys.stdout
         try:
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            out.write(text)
+            out.flush()
         except (OSError, ValueError):  # standard output closed: nothing to write to
             pass
 
