@@ -143,6 +143,31 @@ def test_the_shadow_section_measures_both_sides_and_the_share_the_shadow_ran(tmp
     assert str(tmp_path) not in md
 
 
+def test_the_shadow_summary_takes_the_rounds_ratios_and_misses_a_round_with_no_answer():
+    """Known rounds, known verdicts: the medians of the rounds' shadow / no-shadow ratios against the targets, the
+    share the shadow ran over every round; a shadow round that completed no request (wrk gives it p99 0) is no
+    latency at all, never a p99 ratio of 0 that meets its target."""
+    from bench.shadow_section import report_lines, summarise
+
+    def run(rps, p99, requests=1000, ran=None, dropped=0):
+        return {"throughput_rps": rps, "p50_ms": p99 / 4, "p99_ms": p99, "requests": requests, "failures": 0,
+                **({"shadow": {"ran": ran, "dropped": dropped, "agreement": 1.0}} if ran is not None else {})}
+
+    off = [run(1000, 100), run(800, 100), run(900, 100)]
+    on = [run(950, 120, ran=900, dropped=50), run(720, 200, ran=700, dropped=20), run(900, 100, ran=900)]
+    d = summarise({"no shadow": off, "shadow 1.0": on}, 64, 30, 3, "v2")
+    assert d["ratios"]["throughput"]["ratio"] == 0.95 and d["ratios"]["throughput"]["met"]
+    assert d["ratios"]["p99"]["ratio"] == 1.2 and d["ratios"]["p99"]["met"] and d["shadow"]["ran"] == 2500
+    assert d["shadow"]["share_ran"] == 2500 / 2570 and d["sides"]["shadow 1.0"]["p99_ms"] == 120
+    on[1] = run(0, 0, requests=0, ran=30, dropped=0)
+    d = summarise({"no shadow": off, "shadow 1.0": on}, 64, 30, 3, "v2")
+    p99 = d["ratios"]["p99"]
+    assert p99["empty_rounds"] == 1 and p99["spread"] == [1.0, 1.2] and not p99["met"]
+    assert d["sides"]["shadow 1.0"]["p99_ms"] == 110  # the two rounds with answers
+    line = report_lines("lenet5", d)[-2]
+    assert line.startswith("- shadow / no shadow, p99: 1.100") and "1 round(s)" in line and "**MISSED**" in line
+
+
 def test_the_gpu_mode_rehearses_end_to_end_on_the_cpu(tmp_path, default_onnx):
     """``cnnserve bench --gpu`` where onnxruntime has no working CUDA: every step of the device run (the
     weightless graph, weights by rule, fp16 variants, correctness, the three onnxruntime methods, PyTorch eager,
