@@ -227,7 +227,7 @@ class CnnServeAPI(FastAPI):
 
     async def __call__(self, scope, receive, send) -> None:
         # (a request's id, access line and trace are the server's middleware's: telemetry.RequestTelemetry)
-        if self.api_keys is not None and scope["type"] == "http" and apikeys.protected(scope["path"]):
+        if self.api_keys is not None and scope["type"] == "http" and self.protected(scope):
             refusal = self.unauthorized(scope)
             if refusal is not None:
                 return await refusal(scope, receive, send)
@@ -246,6 +246,13 @@ class CnnServeAPI(FastAPI):
                 # server to log: it is logged already, with its traceback
                 if not getattr(e, ANSWERED, False):
                     raise
+
+    @staticmethod
+    def protected(scope) -> bool:
+        """Whether the path is an inference route's as the router matches it: with or without the root path, and
+        less the one final newline (``%0A``) that a route's ``$`` lets through (it once bypassed the key)."""
+        path = scope["path"].removesuffix("\n")
+        return apikeys.protected(path) or apikeys.protected(path[len(scope.get("root_path", "")):])
 
     def unauthorized(self, scope) -> JSONResponse | None:
         """401 for a request to an inference route without a key the keys file holds; None (counted under the

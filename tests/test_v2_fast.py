@@ -137,3 +137,41 @@ def test_request_ids_are_unique_across_threads_and_forks():
     drawn = [i for out in ids for i in out] + [child[k:k + 32] for k in range(0, len(child), 32)]
     assert len(child) == 128 and len(set(drawn)) == len(drawn) == 20_004
     assert all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in drawn)
+
+
+def test_v2_infer_needs_its_key_on_either_path(default_onnx, tmp_path):
+    """With a keys file, infer answers 401 without a key on the fast path and FastAPI's route alike: by a version,
+    behind a root path, and with a final ``%0A`` (a route's ``$`` matches before it: the key check once did not)."""
+    import hashlib
+
+    import httpx
+
+    from cnnserve.service.api import create_app
+    from cnnserve.service.apikeys import APIKeys
+    from cnnserve.service.engine import Engine
+
+    key = "k" * 43
+    (tmp_path / "keys").write_text(f"alice sha256:{hashlib.sha256(key.encode()).hexdigest()}\n")
+    m = load_model(default_onnx, version="v1", providers="cpu")
+    engine = Engine([m])
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28],
+                                   "data": [0] * 784}]})
+    paths = [f"/v2/models/{m.name}/infer", f"/v2/models/{m.name}/versions/v1/infer", f"/v2/models/{m.name}/infer%0A",
+             f"/v2/models/{m.name}/versions/v1/infer%0a", "/classify%0A"]
+
+    async def statuses(fast: bool, root_path: str) -> list:
+        app = create_app(engine)
+        app.fast_path, app.api_keys = fast, APIKeys(str(tmp_path / "keys"))
+        transport = httpx.ASGITransport(app=app, root_path=root_path)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return [[(await client.post(root_path + path, content=body, headers=headers)).status_code
+                     for path in paths] for headers in ({}, {"X-API-Key": key})]
+
+    try:
+        for fast in (True, False):
+            for root_path in ("", "/cnn"):
+                without, with_key = asyncio.run(statuses(fast, root_path))
+                assert without == [401] * len(paths), (fast, root_path, without)
+                assert with_key == [200] * 4 + [415], (fast, root_path, with_key)  # (/classify: no image sent)
+    finally:
+        engine.close()
