@@ -348,3 +348,46 @@ def test_replay_names_what_is_wrong(tmp_path, capture, versions, default_onnx):
     assert proc.returncode == 2 and "resnet18-shapes" in proc.stderr and NAME in proc.stderr
     proc = run_cli("replay", capture, "--model", f"{NAME}:nosuchversion")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_a_busy_worker_shadows_only_within_its_share_of_time(tmp_path):
+    """``Rollout._room`` on real batchers: an idle primary lends its time to the shadow; a busy one only
+    ``shadow_share`` of it, each run charged the candidate's measured seconds per image; the candidate never
+    holds more than ``shadow_queue`` images."""
+    import asyncio
+    import time
+
+    from cnnserve.core.config import Settings
+    from cnnserve.service.batching import MicroBatcher
+    from cnnserve.service.rollout import Rollout
+
+    release = threading.Event()
+
+    def held(batch):
+        release.wait(10)
+        return np.zeros((len(batch), 2), np.float32)
+
+    rollout = Rollout(None, tmp_path, Settings(shadow_share=0.05, shadow_queue=16))
+    primary = MicroBatcher(held, 8, 64, 0, name="primary")
+    cand = MicroBatcher(held, 8, 64, 0, name="candidate", seconds_per_image=0.01)
+
+    async def check():
+        assert rollout._room(primary, cand, 1)  # nothing else to do: the shadow runs
+        assert not rollout._room(primary, cand, 17)  # more than shadow_queue images
+        busy = asyncio.ensure_future(primary.submit(np.zeros((1, 1, 2, 2), np.uint8)))
+        while not primary._running:
+            await asyncio.sleep(0.001)
+        rollout.credit, rollout.credit_at = 0.0, time.monotonic()
+        assert not rollout._room(primary, cand, 1)  # busy, and no time saved up
+        rollout.credit_at -= 1.1  # 1.1 s busy at a 5% share: 55 ms, five runs of 10 ms
+        ran = [rollout._room(primary, cand, 1) for _ in range(8)]
+        release.set()
+        await busy
+        return ran
+
+    try:
+        assert asyncio.run(check()) == [True] * 5 + [False] * 3
+    finally:
+        release.set()
+        primary.close(), cand.close()
+        rollout.close()

@@ -209,10 +209,11 @@ class Settings(BaseModel):
     # stored version is loaded by the same path as a load request (0: off)
     follow_s: NonNegative = 0.0
     # Rollout (service/rollout.py, docs/rollout.md): the answers of each model kept to join clients' labels on (and
-    # the labels and shadow comparisons kept), and the images a shadow candidate may hold queued before a shadow
-    # run is dropped
+    # the labels and shadow comparisons kept), the images a shadow candidate may hold queued before a shadow
+    # run is dropped, and the share of a busy worker's time shadow runs may take (an idle one's they take freely)
     feedback_ring: Count = 10000
     shadow_queue: Count = 16
+    shadow_share: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.05
     # Traffic capture (service/capture.py, docs/rollout.md): a share of the answered /classify and /classify/batch
     # images written to capture_dir with their answers, off the request path ("": off); the folder's files stay
     # within capture_max_mb (oldest first); a worker queues at most capture_queue samples, then drops and counts
