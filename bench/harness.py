@@ -221,6 +221,7 @@ def main(argv=None) -> int:
         doc["workloads"][name] = r
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = Path(args.out) if args.out else RESULTS / f"{time.strftime('%Y-%m-%d')}-{doc['machine']['host']}"
+    stem.parent.mkdir(parents=True, exist_ok=True)  # an --out in a folder not made yet loses no measurement
     if "peers" in args.sections:
         from .peers.report import write as write_peers
 
