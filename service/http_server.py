@@ -94,7 +94,7 @@ if HttpToolsProtocol is not None:
             if self._head_bytes < 0:  # refused: discard what the client still sends
                 return
             super().data_received(data)
-            if self._head_done or self.transport.is_closing():
+            if self._head_done or self._head_bytes < 0 or self.transport.is_closing():  # answered, or refused
                 return
             self._head_bytes += len(data)  # the head is still incomplete after this read
             if self._head_bytes > self.max_head_bytes:
@@ -114,13 +114,18 @@ if HttpToolsProtocol is not None:
                 self._head_timer.cancel()
                 self._head_timer = None
 
-        def _refuse(self, status: int, reason: str, message: str) -> None:
+        def send_400_response(self, msg: str) -> None:
+            """What is not HTTP (a control character in a header, a broken request line): uvicorn answers it with
+            a plain-text 400 and no id; here it gets the service's JSON error, with one."""
+            self._refuse(400, "Bad Request", f"not a valid HTTP request: {msg}", "bad_http")
+
+        def _refuse(self, status: int, reason: str, message: str, code: str = "") -> None:
             self._cancel_head_timer()
             from .telemetry import new_id
 
             rid = new_id()  # the head was not read: an id of the server's own, for the answer and the log
-            body = ('{"error": "%s", "code": "%s", "request_id": "%s"}' % (
-                message, "header_too_large" if status == 431 else "header_timeout", rid)).encode()
+            body = json.dumps({"error": message, "code": code or (
+                "header_too_large" if status == 431 else "header_timeout"), "request_id": rid}).encode()
             self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                                  b"x-request-id: %s\r\nconnection: close\r\n\r\n"
                                  % (status, reason.encode(), len(body), rid.encode()) + body)

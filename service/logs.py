@@ -5,16 +5,21 @@ names, which Elasticsearch maps as they are and Loki's ``json`` parser turns int
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
 import time
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one per call with separators
+#: A string as JSON, as ``_ENCODER`` writes it (the C encoder's own function: quoted, escaped, ASCII only).
+_STR = json.encoder.encode_basestring_ascii
+
 
 class Lines:
     """JSON access lines, written to standard output in batches: the first line of a batch schedules its write
     ``FLUSH_S`` later on the event loop (or at ``MAX_LINES``). Each line is the object ``json_formatter`` would
-    write, as text (``telemetry.Telemetry._log``): through ``logging`` and python-json-logger, a write per line,
+    write, as text (``access_json``): through ``logging`` and python-json-logger, a write per line,
     a JSON line per request left LeNet-5 at 64 clients 0.58 of its throughput in a first trial (text lines: 0.89);
     this way it takes about 7 us of CPU with its share of the writes, a text line through BentoML's handler 11
     (``bench/overhead.py``'s ``request_cpu``; docs/observability.md has the served figures)."""
@@ -27,6 +32,9 @@ class Lines:
         self._held: list[str] = []
         self._scheduled = False
         self._second, self._prefix = -1, ""
+        # a JSON line's fixed fields, from its time stamp's value to its message's key
+        fixed = _ENCODER.encode({"log.level": "INFO", "log.logger": "cnnserve.access", "process.pid": self.pid})
+        self.head = f'",{fixed[1:-1]},"message":'
 
     def timestamp(self) -> str:
         """Now in ISO 8601, UTC, to the microsecond (as ``json_formatter``'s ``@timestamp``)."""
@@ -58,6 +66,77 @@ class Lines:
             out.flush()
         except (OSError, ValueError):  # standard output closed: nothing to write to
             pass
+
+
+# -- a request's access line as JSON --------------------------------------------------------------------------
+
+def _value(value) -> str:
+    """A field's value as ``_ENCODER`` writes it."""
+    if type(value) is str:
+        return _STR(value)
+    if type(value) is int:
+        return str(value)
+    return _ENCODER.encode(value)
+
+
+def _ms3(text: str) -> str:
+    """``repr(round(ms, 3))``, what ``_ENCODER`` writes for it, from ``ms``'s ``.3f`` text: wherever doubles lie
+    far closer together than 0.001, the shortest decimal of ``round(ms, 3)`` is those 3 decimals less trailing
+    zeros (a fifth of the time of ``repr`` and ``round``)."""
+    text = text.rstrip("0")
+    return text + "0" if text[-1] == "." else text
+
+
+_STAGE_KEYS: dict[str, str] = {}
+
+
+def _stage_key(stage: str) -> str:
+    """``,"cnnserve.stage_ms.STAGE":``, made once per stage name (a closed set: the service's own)."""
+    key = _STAGE_KEYS.get(stage)
+    if key is None:
+        key = _STAGE_KEYS[stage] = f",{_STR(f'cnnserve.stage_ms.{stage}')}:"
+    return key
+
+
+def access_json(lines: Lines, record, end: float, ms: float, path: str, route: str, stages, trace_ids) -> str:
+    """``record``'s access line (``telemetry.RequestRecord``, answered at ``end``): the object ``_ENCODER`` would
+    write for its fields, in this order, written directly: the fixed keys as text made once, each value as the
+    encoder writes it (strings through its own escaping, floats as repr). A dict and its encoding took about 9 us
+    of CPU a line, this about 6 (bench/overhead.py's request_cpu); tests/test_telemetry.py checks the text
+    against the encoder's and parses every field. ``stages(record, end)``: the stages' (start, end) where the
+    request has no timings of its own."""
+    client, status, call, marks = record.client, record.status, record.call, record.marks
+    latency = f"{ms:.3f}"
+    line = (f'{{"@timestamp":"{lines.timestamp()}{lines.head}'
+            f'{_STR(f"{record.method} {path} {status} {ms:.1f} ms")},"http.request.id":{_STR(record.id)}'
+            f',"network.protocol":{_STR(record.protocol)},"http.request.method":{_STR(record.method)}'
+            f',"url.path":{_STR(path)},"http.route":{_STR(route)}'
+            f',"client.address":{"null" if client is None else _STR(client)}'
+            f',"event.duration":{int((end - record.start) * 1e9)},"cnnserve.latency_ms":'
+            f'{latency if latency[-1] != "0" else _ms3(latency)}'
+            # a gRPC status code's name (OK, INVALID_ARGUMENT, ...)
+            f',"{"rpc.grpc.status_code" if record.protocol == "grpc" else "http.response.status_code"}":'
+            f'{_value(status)}')
+    if call is not None:
+        line += f',"cnnserve.model":{_value(call.model.name)},"cnnserve.model_version":{_value(call.model.version)}'
+    keys = _STAGE_KEYS
+    if record.timings:
+        for stage, seconds in record.timings.items():
+            text = f"{seconds * 1000:.3f}"
+            line += (keys.get(stage) or _stage_key(stage)) + (_ms3(text) if text[-1] == "0" else text)
+    else:
+        for stage, (a, b) in stages(record, end).items():
+            text = f"{(b - a) * 1000:.3f}"
+            line += (keys.get(stage) or _stage_key(stage)) + (_ms3(text) if text[-1] == "0" else text)
+    if marks and "batch" in marks:
+        line += f',"cnnserve.batch_size":{_value(marks["batch"])}'
+    if record.code:
+        line += f',"error.code":{_value(record.code)}'
+    if record.api_key:
+        line += f',"cnnserve.api_key":{_value(record.api_key)}'
+    if trace_ids:
+        line += f',"trace.id":{_STR(trace_ids[0])},"span.id":{_STR(trace_ids[1])}'
+    return line + "}"
 
 
 # -- every log line as JSON ----------------------------------------------------------------------------------

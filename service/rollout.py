@@ -45,8 +45,7 @@ log = logging.getLogger("cnnserve.rollout")
 DB = "rollout.sqlite"
 #: The classes whose confusion /metrics carries per version (the most labelled ones): a bounded label set.
 TOP_CLASSES = 5
-#: a busy worker's shadow credit saves up to this many seconds of candidate work; a run costs at least
-#: RUN_COST_S (a tiny model's run is mostly the submit, the task and the thread hop, not its FLOPs)
+#: a busy worker saves up to CREDIT_S of shadow work; a run costs at least RUN_COST_S (its submit and thread hop)
 CREDIT_S, RUN_COST_S = 0.25, 0.0002
 
 SCHEMA = """
@@ -263,18 +262,16 @@ class Rollout:
         task.add_done_callback(self.tasks.discard)
 
     def _room(self, primary, cand, n: int) -> bool:
-        """Whether a shadow run of ``n`` images may start: the candidate holds fewer than ``shadow_queue`` images,
-        and either the primary has nothing queued or running (the shadow takes idle time) or the worker's
-        shadow credit covers the run's cost (its measured seconds per image; ``shadow_share`` of the time
-        accrues). A compute-bound model at 64 clients is never idle: shadowed beyond that share, ResNet-18 kept
-        0.3 of its throughput; LeNet-5's runs cost little and mostly run."""
+        """Whether a shadow run of ``n`` images may start: within ``shadow_queue``, and the primary idle, or the
+        worker's credit (``shadow_share`` of its time) covering the run's measured cost. A busy compute-bound model
+        shadowed beyond such a share (ResNet-18 at 64 clients) kept 0.3 of its throughput."""
         if cand._queued + cand._running + n > self.settings.shadow_queue:
             return False
         if not (primary._queued or primary._running):
             return True
         now = time.monotonic()
-        self.credit = min(CREDIT_S, self.credit + (now - self.credit_at) * self.settings.shadow_share)
-        self.credit_at = now
+        saved = self.credit + (now - self.credit_at) * self.settings.shadow_share
+        self.credit, self.credit_at = min(CREDIT_S, saved), now
         cost = max(cand._per_image * n, RUN_COST_S)
         if cost > self.credit:
             return False

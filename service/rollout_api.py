@@ -7,7 +7,8 @@ the control requests that start a canary or a shadow, promote a candidate and ro
 The body is ``{"id": REQUEST_ID, "label": CLASS}`` (``label``: a class name of the model, or its index;
 ``"index": i`` for the i-th image of a batch request). 200 names the version that answered and whether it was right;
 404 when the id is not among the model's last ``feedback_ring`` answers (the ring is the server's: a replica keeps
-its own, so feedback must reach the replica that answered); 400 for a label that is not a class of the model.
+its own, so feedback must reach the replica that answered); 400 for a label that is not a class of the model, or an
+id no answer can carry.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .modelstate import stored_file
 from .params import engine_of
 from .registry import LoadFailed
 from .repository import _json_body, answer, control_request, json_body, settle
+from .telemetry import sane_id
 
 router = APIRouter(tags=["rollout"])
 
@@ -54,7 +56,9 @@ async def feedback(request: Request, name: str):
         raise APIError(409, "no_rollout", "this engine runs without the server's shared state: no feedback")
     req = await json_body(request)
     rid, index = req.get("id"), req.get("index", 0)
-    if not isinstance(rid, str) or not 1 <= len(rid) <= 128:  # the longest id an answer carries (telemetry.py)
+    # only an id an answer can carry (telemetry.sane_id): any other string (a lone surrogate, which SQLite cannot
+    # encode, included) names no answer
+    if not isinstance(rid, str) or sane_id(rid) != rid:
         raise APIError(400, "bad_id", f"'id' must be the request id of an answer (its X-Request-ID), got {short(rid)}")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < engine.config.max_images_per_request:
         raise APIError(400, "bad_index", f"'index' must be an image's index in its request, got {short(index)}")

@@ -26,7 +26,6 @@ Untraced requests pay for their id, one random number and one ``ContextVar`` (me
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -35,15 +34,12 @@ import threading
 import time
 from contextvars import ContextVar
 
-from .logs import Lines
+from .logs import Lines, access_json
 
 log = logging.getLogger("cnnserve.telemetry")
 access = logging.getLogger("cnnserve.access")
 
 HEADER = "x-request-id"
-_ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps makes one per call with separators
-#: A string as JSON, as ``_ENCODER`` writes it (the C encoder's own function: quoted, escaped, ASCII only).
-_STR = json.encoder.encode_basestring_ascii
 _HEADER_B = HEADER.encode()
 _TRACEPARENT_B = b"traceparent"
 #: An id a client may choose: what logs, headers and JSON carry without escaping or surprise.
@@ -51,7 +47,10 @@ _SANE = re.compile(r"[!#-\[\]-~]{1,128}")
 
 
 def sane_id(value: str | None) -> str | None:
-    """``value`` when it may serve as a request id (1 to 128 visible ASCII characters, no ``"`` or ``\\``)."""
+    """``value`` when it may serve as a request id (1 to 128 visible ASCII characters, no ``"`` or ``\\``), less
+    the spaces and tabs around it: httptools keeps a header value's trailing ones, which RFC 9110 says are not
+    part of the value."""
+    value = value.strip(" \t") if value else value
     return value if value and len(value) <= 128 and _SANE.fullmatch(value) else None
 
 
@@ -107,34 +106,6 @@ def current_id() -> str | None:
     return record.id if record is not None else None
 
 
-def _value(value) -> str:
-    """A field's value as ``_ENCODER`` writes it."""
-    if type(value) is str:
-        return _STR(value)
-    if type(value) is int:
-        return str(value)
-    return _ENCODER.encode(value)
-
-
-def _ms3(text: str) -> str:
-    """``repr(round(ms, 3))``, what ``_ENCODER`` writes for it, from ``ms``'s ``.3f`` text: wherever doubles lie
-    far closer together than 0.001, the shortest decimal of ``round(ms, 3)`` is those 3 decimals less trailing
-    zeros (a fifth of the time of ``repr`` and ``round``)."""
-    text = text.rstrip("0")
-    return text + "0" if text[-1] == "." else text
-
-
-_STAGE_KEYS: dict[str, str] = {}
-
-
-def _stage_key(stage: str) -> str:
-    """``,"cnnserve.stage_ms.STAGE":``, made once per stage name (a closed set: the service's own)."""
-    key = _STAGE_KEYS.get(stage)
-    if key is None:
-        key = _STAGE_KEYS[stage] = f",{_STR(f'cnnserve.stage_ms.{stage}')}:"
-    return key
-
-
 class Telemetry:
     """A worker's telemetry: the access lines it writes and the tracer of its sampled requests."""
 
@@ -146,7 +117,6 @@ class Telemetry:
         self.routes = routes  # metrics.ROUTES: the route template of a path, a closed set
         self._tracer = None
         self.lines = Lines()
-        self._head = ""  # a JSON line's fixed text (_make_head)
 
     @classmethod
     def of(cls, config, routes=None) -> "Telemetry":
@@ -197,48 +167,8 @@ class Telemetry:
             access.info("%s %s %s %.1f ms key=%s id=%s", record.method, path, record.status, ms,
                         record.api_key or "-", record.id)
             return
-        # The object _ENCODER would write for these fields, in this order, written directly: the fixed keys as
-        # text made once, each value as the encoder writes it (strings through its own escaping, floats as repr).
-        # A dict and its encoding took about 9 us of CPU a line, this about 6 (bench/overhead.py's request_cpu);
-        # tests/test_telemetry.py checks the text against the encoder's and parses every field.
-        client, status, call, marks = record.client, record.status, record.call, record.marks
-        latency = f"{ms:.3f}"
-        line = (f'{{"@timestamp":"{self.lines.timestamp()}{self._head or self._make_head()}'
-                f'{_STR(f"{record.method} {path} {status} {ms:.1f} ms")},"http.request.id":{_STR(record.id)}'
-                f',"network.protocol":{_STR(record.protocol)},"http.request.method":{_STR(record.method)}'
-                f',"url.path":{_STR(path)},"http.route":{_STR(self.route_of(record))}'
-                f',"client.address":{"null" if client is None else _STR(client)}'
-                f',"event.duration":{int((end - record.start) * 1e9)},"cnnserve.latency_ms":'
-                f'{latency if latency[-1] != "0" else _ms3(latency)}'
-                # a gRPC status code's name (OK, INVALID_ARGUMENT, ...)
-                f',"{"rpc.grpc.status_code" if record.protocol == "grpc" else "http.response.status_code"}":'
-                f'{_value(status)}')
-        if call is not None:
-            line += f',"cnnserve.model":{_value(call.model.name)},"cnnserve.model_version":{_value(call.model.version)}'
-        keys = _STAGE_KEYS
-        if record.timings:
-            for stage, seconds in record.timings.items():
-                text = f"{seconds * 1000:.3f}"
-                line += (keys.get(stage) or _stage_key(stage)) + (_ms3(text) if text[-1] == "0" else text)
-        else:
-            for stage, (a, b) in self._stages(record, end).items():
-                text = f"{(b - a) * 1000:.3f}"
-                line += (keys.get(stage) or _stage_key(stage)) + (_ms3(text) if text[-1] == "0" else text)
-        if marks and "batch" in marks:
-            line += f',"cnnserve.batch_size":{_value(marks["batch"])}'
-        if record.code:
-            line += f',"error.code":{_value(record.code)}'
-        if record.api_key:
-            line += f',"cnnserve.api_key":{_value(record.api_key)}'
-        if trace_ids:
-            line += f',"trace.id":{_STR(trace_ids[0])},"span.id":{_STR(trace_ids[1])}'
-        self.lines.write(line + "}")
-
-    def _make_head(self) -> str:
-        """A JSON line's fixed fields, from its time stamp's value to its message's key."""
-        fixed = _ENCODER.encode({"log.level": "INFO", "log.logger": "cnnserve.access", "process.pid": self.lines.pid})
-        self._head = f'",{fixed[1:-1]},"message":'
-        return self._head
+        self.lines.write(access_json(self.lines, record, end, ms, path, self.route_of(record), self._stages,
+                                     trace_ids))
 
     @staticmethod
     def _stages(record: RequestRecord, end: float) -> dict[str, tuple[float, float]]:
