@@ -30,6 +30,7 @@ named in ``--sections``); ``bench/report.py`` writes the Markdown and ``bench/re
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import subprocess
@@ -173,33 +174,17 @@ def main(argv=None) -> int:
                 log(f"{name}: grpc could not run: {r['grpc_error']}")
             finally:
                 srv.stop()
-        if "drift" in args.sections:
-            from .overhead import section as drift_section
-
+        # the sections that compare the service with itself under wrk, one setting changed, rounds interleaved
+        for key, module, fn in (("drift", "overhead", "section"), ("telemetry", "overhead", "telemetry_section"),
+                                ("shadow", "shadow_section", "section")):
+            if key not in args.sections:
+                continue
+            measure = getattr(importlib.import_module(f"{__package__}.{module}"), fn)
             try:
-                r["drift"] = drift_section(w, max(args.concurrency), args.duration, args.warmup, args.http_repeats,
-                                           log)
+                r[key] = measure(w, max(args.concurrency), args.duration, args.warmup, args.http_repeats, log)
             except RuntimeError as e:  # no wrk here: reported, the other sections still run
-                r["drift_error"] = str(e)
-                log(f"{name}: drift could not run: {e}")
-        if "telemetry" in args.sections:
-            from .overhead import telemetry_section
-
-            try:
-                r["telemetry"] = telemetry_section(w, max(args.concurrency), args.duration, args.warmup,
-                                                   args.http_repeats, log)
-            except RuntimeError as e:  # no wrk here: reported, the other sections still run
-                r["telemetry_error"] = str(e)
-                log(f"{name}: telemetry could not run: {e}")
-        if "shadow" in args.sections:
-            from .shadow_section import section as shadow_section
-
-            try:
-                r["shadow"] = shadow_section(w, max(args.concurrency), args.duration, args.warmup, args.http_repeats,
-                                             log)
-            except RuntimeError as e:  # no wrk here: reported, the other sections still run
-                r["shadow_error"] = str(e)
-                log(f"{name}: shadow could not run: {e}")
+                r[f"{key}_error"] = str(e)
+                log(f"{name}: {key} could not run: {e}")
         if "peers" in args.sections:  # bench/peers/: the servers users would pick instead, side by side
             from .peers.section import section as peers_section
 

@@ -56,18 +56,25 @@ def _last_layer(m) -> set[str]:
     return {i for n in gemms[-2:] for i in n.input}
 
 
-@pytest.fixture(scope="module")
-def versions(default_onnx, tmp_path_factory):
+def store_versions(default_onnx, folder, names) -> dict:
+    """Per model name: v1 (the default model), v2 (the same file stored again: a candidate that agrees everywhere)
+    and v3 (classes 3 and 5 swapped: one that disagrees on those), stored."""
+    import shutil
+
     from cnnserve.export.store import store_model
 
-    other = swapped(default_onnx, tmp_path_factory.mktemp("swapped") / "model.onnx")
-    import shutil
+    other = swapped(default_onnx, folder / "model.onnx")
     for f in default_onnx.parent.glob("model.*"):  # its metadata's companions (the verification report)
         if f.name != "model.onnx" and f.is_file():
             shutil.copy(f, other.parent / f.name)
     return {name: {"v1": store_model(default_onnx, name=name).tag.version,
                    "v2": store_model(default_onnx, name=name).tag.version,
-                   "v3": store_model(other, name=name).tag.version} for name in NAMES}
+                   "v3": store_model(other, name=name).tag.version} for name in names}
+
+
+@pytest.fixture(scope="module")
+def versions(default_onnx, tmp_path_factory):
+    return store_versions(default_onnx, tmp_path_factory.mktemp("swapped"), NAMES)
 
 
 @pytest.fixture(scope="module")

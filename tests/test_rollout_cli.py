@@ -8,14 +8,14 @@ Each test uses a model name of its own, so the figures of one (kept per model) a
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 
 import pytest
 
 from tests.conftest import Server, run_cli
-from tests.test_rollout import classify, digits, feedback, monitor, share, swapped  # noqa: F401 (digits: a fixture)
+from tests.test_rollout import (classify, digits, feedback, monitor, share,  # noqa: F401 (digits: a fixture)
+                                store_versions)
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token-rollout-cli"
@@ -24,17 +24,7 @@ NAMES = ("cli-canary", "cli-shadow", "cli-errors", "cli-promote")
 
 @pytest.fixture(scope="module")
 def versions(default_onnx, tmp_path_factory):
-    """Per model: v1 (served), v2 (the same file stored again: a candidate that agrees everywhere) and v3 (classes
-    3 and 5 swapped: one that disagrees on those)."""
-    from cnnserve.export.store import store_model
-
-    other = swapped(default_onnx, tmp_path_factory.mktemp("swapped") / "model.onnx")
-    for f in default_onnx.parent.glob("model.*"):  # its metadata's companions (the verification report)
-        if f.name != "model.onnx" and f.is_file():
-            shutil.copy(f, other.parent / f.name)
-    return {name: {"v1": store_model(default_onnx, name=name).tag.version,
-                   "v2": store_model(default_onnx, name=name).tag.version,
-                   "v3": store_model(other, name=name).tag.version} for name in NAMES}
+    return store_versions(default_onnx, tmp_path_factory.mktemp("swapped"), NAMES)
 
 
 @pytest.fixture(scope="module")
