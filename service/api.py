@@ -232,13 +232,9 @@ class CnnServeAPI(FastAPI):
             if refusal is not None:
                 return await refusal(scope, receive, send)
         with request_scope():  # the models a request looks up stay loaded until it is answered (registry.py)
-            if self.fast_path and scope["type"] == "http" and scope["method"] == "POST":
-                path = scope["path"][len(scope.get("root_path", "")):]
-                if path == "/classify":
-                    return await self.fast(scope, receive, send, self.classify_handler)
-                target = kserve.infer_target(path)  # the Open Inference Protocol's infer (kserve.py)
-                if target is not None:
-                    return await self.fast(scope, receive, send, self.infer_handler(*target))
+            handler = self.fast_handler(scope)
+            if handler is not None:
+                return await self.fast(scope, receive, send, handler)
             try:
                 return await super().__call__(scope, receive, send)
             except Exception as e:
@@ -246,6 +242,18 @@ class CnnServeAPI(FastAPI):
                 # server to log: it is logged already, with its traceback
                 if not getattr(e, ANSWERED, False):
                     raise
+
+    def fast_handler(self, scope):
+        """The handler of a request this app answers on its fast path (``http_server.FastPaths`` sends those
+        here past BentoML's router), else None."""
+        if self.fast_path and scope["type"] == "http" and scope["method"] == "POST":
+            path = scope["path"][len(scope.get("root_path", "")):]
+            if path == "/classify":
+                return self.classify_handler
+            target = kserve.infer_target(path)  # the Open Inference Protocol's infer (kserve.py)
+            if target is not None:
+                return self.infer_handler(*target)
+        return None
 
     @staticmethod
     def protected(scope) -> bool:

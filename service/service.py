@@ -28,7 +28,7 @@ from . import logs, startup, telemetry
 from .api import create_app
 from .apikeys import APIKeys, KeysFileError
 from .engine import Engine
-from .http_server import DRAIN, ConnectionCloseWhileDraining, JSONRefusals, OpenAPIInfo, openapi_info
+from .http_server import DRAIN, ConnectionCloseWhileDraining, FastPaths, JSONRefusals, OpenAPIInfo, openapi_info
 from .registry import LoadFailed
 from .memory import return_freed_memory, trim_memory
 from .metrics import ROUTES, metrics
@@ -195,6 +195,8 @@ CnnServe = bentoml.asgi_app(app, path="/")(
 # The first added is the outermost of these: every answer below it carries the request's id
 CnnServe.add_asgi_middleware(telemetry.RequestTelemetry, telemetry=TELEMETRY)
 CnnServe.add_asgi_middleware(ConnectionCloseWhileDraining)
+# /classify and v2 infer straight to the API, past BentoML's router (http_server.py)
+CnnServe.add_asgi_middleware(FastPaths, api=app)
 # /docs.json names cnnserve and its version, not "None" and BentoML's read-me (http_server.py)
 CnnServe.add_asgi_middleware(OpenAPIInfo, info=openapi_info(__version__, TAGS))
 # BentoML's router answers an unknown path with plain text: every 404 and 405 in the service's JSON (http_server.py)

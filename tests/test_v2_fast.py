@@ -47,13 +47,15 @@ def infer_cases(name: str, x: np.ndarray, png: bytes) -> list[tuple[str, dict]]:
 
 
 def test_v2_infer_fast_path_answers_as_fastapi_route_does(default_onnx, digits_test):
-    """The fast path, FastAPI's route and the fast path behind a root_path: the same status, the same answer
-    (outputs, or the refusal's code and words), the same Server-Timing stages, and the request's id (its
-    ``X-Request-ID``, from the telemetry middleware) in the answer's ``id`` unless the request names its own."""
+    """The fast path, FastAPI's route and the fast path behind a root_path, and reached from the server's middleware
+    past the router (``http_server.FastPaths``): the same status, the same answer (outputs, or the refusal's code
+    and words), the same Server-Timing stages, and the request's id (its ``X-Request-ID``, from the telemetry
+    middleware) in the answer's ``id`` unless the request names its own."""
     import httpx
 
     from cnnserve.service.api import create_app
     from cnnserve.service.engine import Engine
+    from cnnserve.service.http_server import FastPaths
     from cnnserve.service.telemetry import RequestTelemetry, Telemetry
     from tests.conftest import encode
 
@@ -64,17 +66,25 @@ def test_v2_infer_fast_path_answers_as_fastapi_route_does(default_onnx, digits_t
 
     via_router: dict[tuple, list] = {}  # per run, the endpoint FastAPI's router chose for each case (None: none)
 
-    async def answers(fast: bool, root_path: str = "") -> list:
+    async def answers(fast: bool, root_path: str = "", front: bool = False) -> list:
         app = create_app(engine)
         app.fast_path = fast
         out = []
-        seen = via_router[fast, root_path] = []
+        seen = via_router[fast, root_path, front] = []
 
-        async def observed(scope, receive, send):
+        async def observed(scope, receive, send):  # (with front: the rest of the server's stack, its router)
             await app(scope, receive, send)
             seen.append(getattr(scope.get("endpoint"), "__name__", None))
 
-        transport = httpx.ASGITransport(app=RequestTelemetry(observed, Telemetry()), root_path=root_path)
+        class Direct:  # the API as FastPaths reaches it, past the router
+            fast_handler = staticmethod(app.fast_handler)
+
+            async def __call__(self, scope, receive, send):
+                await app(scope, receive, send)
+                seen.append("direct")
+
+        inner = FastPaths(observed, api=Direct()) if front else observed
+        transport = httpx.ASGITransport(app=RequestTelemetry(inner, Telemetry()), root_path=root_path)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             for path, kwargs in cases:
                 r = await client.post(root_path + path, **kwargs)
@@ -89,13 +99,19 @@ def test_v2_infer_fast_path_answers_as_fastapi_route_does(default_onnx, digits_t
     try:
         fast, routed = asyncio.run(answers(True)), asyncio.run(answers(False))
         behind_a_prefix = asyncio.run(answers(True, root_path="/cnn"))
+        front, front_off = asyncio.run(answers(True, front=True)), asyncio.run(answers(False, "/cnn", front=True))
     finally:
         engine.close()
-    for case, a, b, c in zip(cases, fast, routed, behind_a_prefix):
-        assert a == b == c, (case[0], case[1].get("params"), a, b, c)
+    for case, a, b, c, d, e in zip(cases, fast, routed, behind_a_prefix, front, front_off):
+        assert a == b == c == d == e, (case[0], case[1].get("params"), a, b, c, d, e)
     # the infer cases took the fast path; the last three (no infer route's path) went to FastAPI's router either way
-    assert via_router[False, ""][:15] == ["infer_route"] * 15, via_router
-    assert via_router[True, ""] == via_router[True, "/cnn"] == [None] * 15 + via_router[False, ""][15:], via_router
+    routed_endpoints = via_router[False, "", False]
+    assert routed_endpoints[:15] == ["infer_route"] * 15, via_router
+    assert via_router[True, "", False] == via_router[True, "/cnn", False] == [None] * 15 + routed_endpoints[15:]
+    # from the middleware: past the router to the API's fast path, the others through the router; all through it
+    # where the fast path is off
+    assert via_router[True, "", True] == ["direct"] * 15 + routed_endpoints[15:], via_router
+    assert via_router[False, "/cnn", True] == routed_endpoints, via_router
     assert [status for status, *_ in fast] == [200] * 6 + [404, 404] + [400] * 7 + [307, 405, 404], fast
     assert [o["name"] for o in fast[0][1]] == ["logits", "probabilities"] and fast[0][5] == (False, True)
     assert [o["name"] for o in fast[4][1]] == ["probabilities"]

@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "bench" / "work"))
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--out", default="profile")
+    ap.add_argument("--no-triton", action="store_true", help="cnnserve only (Triton's side starts PyTriton)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,9 @@ def main() -> None:
         prof += ["", "| function (inclusive) | share |", "|---|---|"] + [f"| {k} | {v / busy:.1%} |" for k, v in under]
     finally:
         srv.stop()
+    if args.no_triton:
+        print("\n".join(lines + prof))
+        return
     peer = PEERS["triton"]
     trt = Running.peer(peer, venv("triton", Path(args.work)), w["onnx"], srv.model,
                        {**peer.default, "max_batch_size": 64, "spin": False}, out / "triton")
