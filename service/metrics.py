@@ -165,11 +165,18 @@ class BoundedEndpoint:
 
     def __init__(self, metric, label) -> None:
         self._metric, self._label = metric, label
+        self._children: dict = {}  # labelled children by their labels: prometheus's labels() locks and checks names
 
     def labels(self, *args, **kwargs):
         if "endpoint" in kwargs:
             kwargs["endpoint"] = self._label(kwargs["endpoint"])
-        return self._metric.labels(*args, **kwargs)
+        key = (args, *kwargs.items())
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= 4096:  # the labels are a closed set; bounded all the same
+                self._children.clear()
+            child = self._children[key] = self._metric.labels(*args, **kwargs)
+        return child
 
     def __getattr__(self, name):
         return getattr(self._metric, name)

@@ -179,3 +179,24 @@ def test_grpc_listens_on_the_address_bentoml_handed_the_worker(server):
 
     runtime = json.load(urllib.request.urlopen(server.url + "/v2", timeout=10))["runtime"]
     assert runtime["patches"]["bentoml-worker-fd"].startswith("reads bentoml"), runtime["patches"]
+
+
+def test_bounded_endpoint_counts_each_set_of_labels_apart():
+    """``BoundedEndpoint`` keeps the labelled children it hands out (prometheus's ``labels()`` locks and checks the
+    names every call): each route template and each status still counts apart, as ``labels()`` counts them."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from cnnserve.service.metrics import BoundedEndpoint, RouteLabels
+
+    routes = RouteLabels()
+    routes.add("/models/{name}")
+    counter = Counter("requests", "", ["endpoint", "code"], registry=CollectorRegistry())
+    bounded = BoundedEndpoint(counter, routes.label)
+    for path, code in [("/models/a", "200"), ("/models/b", "200"), ("/models/a", "404"), ("/nope", "200"),
+                       ("/nope/2", "404"), ("/models/c", "200")]:
+        bounded.labels(endpoint=path, code=code).inc()
+    assert bounded.labels(endpoint="/models/x", code="200") is bounded.labels(endpoint="/models/y", code="200")
+    counts = {(s.labels["endpoint"], s.labels["code"]): s.value for s in counter.collect()[0].samples
+              if s.name == "requests_total"}
+    assert counts == {("/models/{name}", "200"): 3, ("/models/{name}", "404"): 1, ("other", "200"): 1,
+                      ("other", "404"): 1}, counts

@@ -191,3 +191,41 @@ def test_v2_infer_needs_its_key_on_either_path(default_onnx, tmp_path):
                 assert with_key == [200] * 4 + [415], (fast, root_path, with_key)  # (/classify: no image sent)
     finally:
         engine.close()
+
+
+def test_v2_infer_refuses_json_nested_too_deep(default_onnx):
+    """A JSON part nested deeper than ``max_json_depth`` is refused (400 ``bad_json``) before the parser sees it,
+    the brackets in the binary part not counted; one at the limit goes on to the protocol's own checks (the scan
+    runs only where there are more opening brackets than the limit)."""
+    import httpx
+
+    from cnnserve.core.config import Settings
+    from cnnserve.service.api import create_app
+    from cnnserve.service.engine import Engine
+
+    limit = Settings().max_json_depth
+    engine = Engine([load_model(default_onnx, version="v1", providers="cpu")])
+    infer = f"/v2/models/{engine.registry.default}/infer"
+
+    def nested(depth: int, spare: int = 0) -> bytes:  # and ``spare`` bracket pairs side by side at depth 3
+        pad = b'"pad": [' + b"[], " * spare + b"0], " if spare else b""
+        return b"{" + pad + b'"inputs": ' + b"[" * (depth - 1) + b"0" + b"]" * (depth - 1) + b"}"
+
+    async def answers() -> list:
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            out = []
+            for body, headers in ((nested(limit + 1), {}), (nested(limit + 5), {}), (nested(limit), {}),
+                                  (nested(limit, spare=40), {}),
+                                  (b'{"inputs": []}' + b"[" * 100, {"Inference-Header-Content-Length": "14"})):
+                r = await client.post(infer, content=body, headers=headers)
+                out.append((r.status_code, r.json()["code"], "nests deeper" in r.json()["error"]))
+            return out
+
+    try:
+        deep, deeper, at_limit, wide, binary = asyncio.run(answers())
+    finally:
+        engine.close()
+    assert deep == deeper == (400, "bad_json", True), (deep, deeper)
+    assert at_limit[2] is False and wide[2] is False and binary[2] is False, (at_limit, wide, binary)
+    assert at_limit[:2] == wide[:2] == binary[:2] == (400, "bad_request"), (at_limit, wide, binary)
