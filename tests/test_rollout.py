@@ -272,8 +272,30 @@ def test_promote_refuses_until_the_figures_pass_then_rollback_restores(server, v
     assert cli.returncode == 0, cli.stderr
     assert {classify(server, name, digits[i])["version"] for i in range(10)} == {v["v2"]}
     assert classify(server, name, digits[0], version=v["v1"])["version"] == v["v1"]  # kept for the rollback
-    cli = run_cli("rollback", name, "--url", server.url, env=env)
+    # the rollback while 32 clients send all along: not one request fails
+    import collections
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    stop, statuses = threading.Event(), collections.Counter()
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                r = c.post(f"{server.url}/classify", params={"model": name}, content=digits[i % len(digits)],
+                           headers={"Content-Type": "image/png"})
+                statuses[r.status_code] += 1
+
+    with ThreadPoolExecutor(32) as pool:
+        clients = [pool.submit(client, i) for i in range(32)]
+        time.sleep(1)
+        cli = run_cli("rollback", name, "--url", server.url, env=env)
+        time.sleep(1)
+        stop.set()
+        for c in clients:
+            c.result()
     assert cli.returncode == 0 and v["v1"] in cli.stdout, cli.stderr
+    assert statuses[200] > 32 and set(statuses) == {200}, statuses
     assert {classify(server, name, digits[i])["version"] for i in range(10)} == {v["v1"]}
     assert control(server, name, "rollback").status_code == 409  # nothing left to roll back
 

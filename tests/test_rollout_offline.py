@@ -391,3 +391,21 @@ def test_a_busy_worker_shadows_only_within_its_share_of_time(tmp_path):
         release.set()
         primary.close(), cand.close()
         rollout.close()
+
+
+def test_evaluate_on_the_test_split_gives_the_accuracy_training_reported(default_run, default_onnx, digits_test,
+                                                                          tmp_path):
+    """The held-out digits written as PNG files in class folders (lossless: the pixels training tested on): the
+    command's accuracy is the one training wrote to metrics.json, to the image."""
+    x, y = digits_test
+    labels = json.loads((default_run / "metrics.json").read_text())["spec"]["labels"]
+    root = tmp_path / "test-split"
+    for i, (image, label) in enumerate(zip(x, y)):
+        (root / labels[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[0]).save(root / labels[label] / f"{i:04d}.png")
+    out = tmp_path / "report"
+    run_cli("evaluate", default_onnx, root, "--out", out, check=True)
+    trained = json.loads((default_run / "metrics.json").read_text())["test"]
+    f = json.loads((out / "report.json").read_text())["figures"]
+    assert f["images"] == trained["n_test"] == len(y)
+    assert f["accuracy"] == pytest.approx(trained["test_accuracy"], abs=1e-6), (f["accuracy"], trained)
