@@ -182,20 +182,22 @@ def _owner(port: int, client_port: int, pids) -> int | None:
     return None
 
 
-def connections_to_workers(srv, pids, tries: int = 80) -> dict[int, http.client.HTTPConnection]:
+def connections_to_workers(srv, pids, within_s: float = 30) -> dict[int, http.client.HTTPConnection]:
     """A kept-alive connection to each of ``pids`` (the workers accept from one shared socket, whichever is
-    quicker): so that a check reaches every worker, and a race puts its two calls on two workers, or one."""
+    quicker): so that a check reaches every worker, and a race puts its two calls on two workers, or one.
+    Tried for a while, not a number of times: a worker just started after a kill reports its set before its
+    loop is quick at accepting, and on a busy 2-core machine its sibling took 80 connections in a row."""
     found: dict[int, http.client.HTTPConnection] = {}
-    for _ in range(tries):
+    deadline = time.monotonic() + within_s
+    while len(found) < len(pids) and time.monotonic() < deadline:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=120)
         answer = send(conn, "GET", "/livez")
         owner = _owner(srv.port, conn.sock.getsockname()[1], pids) if answer.status_code == 200 else None
         if owner is not None and owner not in found:
             found[owner] = conn
-            if len(found) == len(pids):
-                break
         else:
             conn.close()
+            time.sleep(0.02)
     return found
 
 

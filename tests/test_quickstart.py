@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CNNSERVE, ROOT, free_port, health_of
+from tests.conftest import CNNSERVE, ROOT, health_of
 
 pytestmark = pytest.mark.slow
 README = (ROOT / "README.md").read_text()
@@ -39,16 +39,25 @@ def expected_label(run: Path, sample: str) -> str:
 
 
 def free_port_before_a_free_one() -> int:
-    """A free port P whose next, P+1, is free too: `up --port P` puts gRPC there."""
-    for _ in range(100):
-        port = free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
+    """A free port P whose next, P+1, is free too: `up --port P` puts gRPC there. Drawn below the kernel's
+    ephemeral range: `up` binds them only after training (a minute or two), and in that time the suite's
+    outgoing connections and other servers' port-0 binds take ephemeral ports (one took P+1 in CI)."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low - 1)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 1))
                 return port
-            except OSError:
-                continue
-    raise RuntimeError("no two free ports in a row")
+        except OSError:
+            continue
+    raise RuntimeError("no two free ports in a row below the ephemeral range")
 
 
 def test_up_trains_exports_stores_and_serves(tmp_path):
