@@ -225,14 +225,15 @@ class CnnServeAPI(FastAPI):
     #: ``apikeys.APIKeys`` where the server has a keys file (``api_keys_file``): the inference routes need a key
     api_keys = None
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope, receive, send, handler=None) -> None:
+        """``handler``: the request's fast-path handler where the caller found it (``http_server.FastPaths``)."""
         # (a request's id, access line and trace are the server's middleware's: telemetry.RequestTelemetry)
         if self.api_keys is not None and scope["type"] == "http" and self.protected(scope):
             refusal = self.unauthorized(scope)
             if refusal is not None:
                 return await refusal(scope, receive, send)
         with request_scope():  # the models a request looks up stay loaded until it is answered (registry.py)
-            handler = self.fast_handler(scope)
+            handler = handler or self.fast_handler(scope)
             if handler is not None:
                 return await self.fast(scope, receive, send, handler)
             try:

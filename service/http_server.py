@@ -197,8 +197,9 @@ class FastPaths:
         self.app, self.api = app, api
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and self.api.fast_handler(scope) is not None:
-            return await self.api(scope, receive, send)
+        handler = self.api.fast_handler(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if handler is not None:
+            return await self.api(scope, receive, send, handler)
         return await self.app(scope, receive, send)
 
 

@@ -174,12 +174,19 @@ async def model_ready(name: str, engine: EngineDep, version: str | None = None):
 
 @router.post("/v2/models/{name}/infer", openapi_extra=V2_BODY,
              summary="Inference on a uint8 N x C x H x W tensor named 'pixels', or encoded images named 'image'")
+async def infer_route(request: Request, p: Annotated[RequestParams, Query()], name: str, engine: EngineDep):
+    # The running service answers through ``CnnServeAPI.fast`` with this same handler; FastAPI's route
+    # documents it and serves an app whose fast path is off (tests/test_v2_fast.py compares the two). Two
+    # routes, not one with an optional version: FastAPI reads a parameter missing from the path from the
+    # query, and ?version= then chose the version here but not on the fast path (the protocol has it in
+    # the path only)
+    return await infer_request(request, engine, p, name, None)
+
+
 @router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=V2_BODY,
              summary="Inference on one loaded version (as /v2/models/{name}/infer)")
-async def infer_route(request: Request, p: Annotated[RequestParams, Query()], name: str, engine: EngineDep,
-                      version: str | None = None):
-    # The running service answers through ``CnnServeAPI.fast`` with this same handler; FastAPI's route
-    # documents it and serves an app whose fast path is off (tests/test_v2_fast.py compares the two).
+async def infer_version_route(request: Request, p: Annotated[RequestParams, Query()], name: str, version: str,
+                              engine: EngineDep):
     return await infer_request(request, engine, p, name, version)
 
 

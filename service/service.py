@@ -52,6 +52,7 @@ apply_patches(ARGS)
 log.info("running on %s", ", ".join(f"{k} {v}" for k, v in running_versions().items()))
 
 app = create_app()  # its engine comes with the worker's service instance (CnnServe.__init__)
+app.fast_path = ARGS.fast_paths
 # each request's id, access line and trace (telemetry.py): one per worker, its tracer made at its first traced request
 TELEMETRY = telemetry.Telemetry.of(ARGS, ROUTES)
 if ARGS.api_keys_file:  # a file that cannot be used stops `bentoml serve` at once, with one line naming it

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 
 import grpc
@@ -33,6 +32,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from cnnserve.core.grpc_proto import path, pb
+from tests.support.hostile import raw_http as http
 
 from .conftest import Server, encode
 
@@ -88,26 +88,6 @@ FIELD = st.one_of(
                      b"trail ", b" both\t"]),
 )
 ILLEGAL = st.tuples(FIELD, st.sampled_from(CONTROL_OCTETS), FIELD).map(lambda t: t[0] + bytes([t[1]]) + t[2])
-
-
-def http(srv, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> tuple:
-    """One request on a connection of its own, written byte for byte (a client library would refuse or tidy some
-    of these headers): (status, [(name, value)], body), or an AssertionError when no whole answer came back."""
-    head = [f"{method} {target} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Connection: close",
-            b"Content-Length: %d" % len(body), *(k + b": " + v for k, v in headers)]
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
-        s.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    raw_head, sep, rest = answer.partition(b"\r\n\r\n")
-    assert sep, f"no whole answer (connection dropped?): {answer[:200]!r}"
-    status_line, *lines = raw_head.split(b"\r\n")
-    status = int(status_line.split()[1])
-    fields = [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(b":") for line in lines)]
-    length = next((int(v) for k, v in fields if k == b"content-length"), None)
-    assert length is None or len(rest) == length, f"answer cut short: {len(rest)} of {length} bytes"
-    return status, fields, rest
 
 
 def check_http_answer(status: int, fields: list, body: bytes, sent: list[str]) -> list[str]:

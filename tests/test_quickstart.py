@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CNNSERVE, ROOT, health_of
+from tests.conftest import CNNSERVE, ROOT, free_port, health_of
 
 pytestmark = pytest.mark.slow
 README = (ROOT / "README.md").read_text()
@@ -38,28 +38,6 @@ def expected_label(run: Path, sample: str) -> str:
     return model.spec.labels[int(probs.argmax())]
 
 
-def free_port_before_a_free_one() -> int:
-    """A free port P whose next, P+1, is free too: `up --port P` puts gRPC there. Drawn below the kernel's
-    ephemeral range: `up` binds them only after training (a minute or two), and in that time the suite's
-    outgoing connections and other servers' port-0 binds take ephemeral ports (one took P+1 in CI)."""
-    import random
-
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12000), low - 1)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
-                return port
-        except OSError:
-            continue
-    raise RuntimeError("no two free ports in a row below the ephemeral range")
-
-
 def test_up_trains_exports_stores_and_serves(tmp_path):
     """`cnnserve up` (what ./run.sh up runs) on a fresh run folder ends with the service answering, gRPC
     on the port after HTTP's (never a fixed 3001 that another server on the host may hold: a container of
@@ -68,7 +46,7 @@ def test_up_trains_exports_stores_and_serves(tmp_path):
     from grpc_health.v1 import health_pb2
 
     run = tmp_path / "runs" / "lenet5-digits"
-    port = free_port_before_a_free_one()
+    port = free_port(then_free=1)
     log = open(tmp_path / "up.log", "w+")
     # a store of its own: two BentoML servers sharing one BENTOML_HOME reset each other's Prometheus
     # multiprocess files at start (the session's server then lost its cnnserve_* counters)
@@ -161,7 +139,7 @@ def test_up_with_a_port_taken_says_which_in_one_line_before_serving(taken, defau
     run.mkdir()
     for name in ("model.pt", "model.onnx"):  # a trained, exported run: up goes straight to serving
         shutil.copy2(default_run / name, run / name)
-    port = free_port_before_a_free_one()
+    port = free_port(then_free=1)
     ports = {"HTTP": port, "gRPC": port + 1}
     with held(*(ports[k] for k in taken)):
         r = subprocess.run([*CNNSERVE, "up", "--run", str(run), "--port", str(port), "--host", "127.0.0.1"],
@@ -181,7 +159,7 @@ def test_bentoml_serve_with_a_port_taken_says_which_in_one_line(taken, stored_de
     line from its first process, naming each taken port, before any worker starts."""
     from tests.conftest import serve_until_exit
 
-    port = free_port_before_a_free_one()
+    port = free_port(then_free=1)
     ports = {"HTTP": port, "gRPC": port + 1}
     with held(*(ports[k] for k in taken)):
         status, out, _ = serve_until_exit("--arg", f"models={stored_default}", "--arg", f"grpc_port={port + 1}",

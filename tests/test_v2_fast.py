@@ -79,8 +79,8 @@ def test_v2_infer_fast_path_answers_as_fastapi_route_does(default_onnx, digits_t
         class Direct:  # the API as FastPaths reaches it, past the router
             fast_handler = staticmethod(app.fast_handler)
 
-            async def __call__(self, scope, receive, send):
-                await app(scope, receive, send)
+            async def __call__(self, scope, receive, send, handler=None):
+                await app(scope, receive, send, handler)
                 seen.append("direct")
 
         inner = FastPaths(observed, api=Direct()) if front else observed
@@ -106,7 +106,8 @@ def test_v2_infer_fast_path_answers_as_fastapi_route_does(default_onnx, digits_t
         assert a == b == c == d == e, (case[0], case[1].get("params"), a, b, c, d, e)
     # the infer cases took the fast path; the last three (no infer route's path) went to FastAPI's router either way
     routed_endpoints = via_router[False, "", False]
-    assert routed_endpoints[:15] == ["infer_route"] * 15, via_router
+    assert routed_endpoints[:15] == ["infer_route"] * 3 + ["infer_version_route"] + ["infer_route"] * 3 + [
+        "infer_version_route"] + ["infer_route"] * 7, via_router
     assert via_router[True, "", False] == via_router[True, "/cnn", False] == [None] * 15 + routed_endpoints[15:]
     # from the middleware: past the router to the API's fast path, the others through the router; all through it
     # where the fast path is off

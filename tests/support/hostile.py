@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import socket
 import struct
 import zlib
 
@@ -275,3 +276,23 @@ def model_never_ending(src, out) -> str:
     ]
     _add_to_outputs(model, nodes, "loop_term")
     return _save(model, out)
+
+
+def raw_http(srv, method: str, target: str, headers: list[tuple[bytes, bytes]], body: bytes = b"") -> tuple:
+    """One request on a connection of its own, written byte for byte (a client library would refuse or tidy some
+    of these headers): (status, [(name, value)], body), or an AssertionError when no whole answer came back."""
+    head = [f"{method} {target} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Connection: close",
+            b"Content-Length: %d" % len(body), *(k + b": " + v for k, v in headers)]
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=60) as s:
+        s.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    raw_head, sep, rest = answer.partition(b"\r\n\r\n")
+    assert sep, f"no whole answer (connection dropped?): {answer[:200]!r}"
+    status_line, *lines = raw_head.split(b"\r\n")
+    status = int(status_line.split()[1])
+    fields = [(k.strip().lower(), v.strip()) for k, _, v in (line.partition(b":") for line in lines)]
+    length = next((int(v) for k, v in fields if k == b"content-length"), None)
+    assert length is None or len(rest) == length, f"answer cut short: {len(rest)} of {length} bytes"
+    return status, fields, rest

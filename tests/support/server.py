@@ -13,12 +13,30 @@ from cnnserve.core.store import bentoml_command
 ROOT = Path(__file__).resolve().parents[2]  # the repository root: each server runs from it, as a user's would
 
 
-def free_port() -> int:
+def free_port(then_free: int = 0) -> int:
+    """A loopback port free now (and its next ``then_free`` too), drawn at random below the kernel's ephemeral
+    range: a server binds it seconds later, and meanwhile the suite's outgoing connections and port-0 binds
+    take ephemeral ports (in CI one took a port handed out this way before its server bound it)."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low - 1 - then_free)
+        socks = [socket.socket() for _ in range(then_free + 1)]
+        try:
+            for i, s in enumerate(socks):
+                s.bind(("127.0.0.1", port + i))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {then_free + 1} free ports in a row below the ephemeral range ({low})")
 
 
 class Server:
