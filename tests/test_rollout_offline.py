@@ -393,6 +393,101 @@ def test_a_busy_worker_shadows_only_within_its_share_of_time(tmp_path):
         rollout.close()
 
 
+def test_the_shadow_share_holds_over_any_history(tmp_path, monkeypatch):
+    """``Rollout._room`` searched with hypothesis (a stateful test on real batchers, the rule's clock stepped by the
+    test): whatever the order of busy and idle spells, waits, measured costs per image and shadow sizes,
+    - the shadow work granted while the primary is busy, over any stretch of time, is at most the share of that
+      stretch plus the most a worker saves (``CREDIT_S``): a busy worker never gives more;
+    - a busy worker refuses a run only when the share of the time since its last busy grant (at most ``CREDIT_S``)
+      does not cover the run's cost: it never starves the shadow of the share it has;
+    - an idle primary always lends its time, and ``shadow_queue`` always bounds the candidate's images."""
+    from types import SimpleNamespace
+
+    from hypothesis import settings as hsettings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+
+    from cnnserve.core.config import Settings
+    from cnnserve.service import rollout as rollout_module
+    from cnnserve.service.batching import MicroBatcher
+    from cnnserve.service.rollout import CREDIT_S, RUN_COST_S, Rollout
+
+    clock = SimpleNamespace(now=1000.0)
+    real_time = rollout_module.time
+    monkeypatch.setattr(rollout_module, "time", SimpleNamespace(
+        monotonic=lambda: clock.now, time=real_time.time, perf_counter=real_time.perf_counter))
+    eps = 1e-9
+    folders = iter(range(10**6))
+
+    class ShadowShare(RuleBasedStateMachine):
+        @initialize(share=st.sampled_from([0.0, 0.01, 0.05, 0.5, 1.0]), queue=st.integers(1, 32))
+        def start(self, share, queue):
+            folder = tmp_path / str(next(folders))
+            folder.mkdir()
+            self.share, self.queue = share, queue
+            self.rollout = Rollout(None, folder, Settings(shadow_share=share, shadow_queue=queue))
+            self.primary = MicroBatcher(lambda b: b, 8, 64, 0, name="primary")
+            self.cand = MicroBatcher(lambda b: b, 8, 64, 0, name="candidate")
+            self.started = clock.now
+            self.grants: list[tuple[float, float]] = []  # (when, cost) of each run granted while busy
+            self.last = clock.now  # the last busy grant, or the start
+
+        def teardown(self):
+            if hasattr(self, "rollout"):
+                self.primary.close(), self.cand.close()
+                self.rollout.close()
+
+        @rule(seconds=st.one_of(st.floats(0, 0.01), st.floats(0, 3)))
+        def wait(self, seconds):
+            clock.now += seconds
+
+        @rule(queued=st.integers(0, 3), running=st.integers(0, 3))
+        def primary_has(self, queued, running):
+            self.primary._queued, self.primary._running = queued, running
+
+        @rule(per_image=st.one_of(st.sampled_from([0.0, 1e-4, 1e-3, 0.01, 0.05]), st.floats(0, 0.3)),
+              held=st.one_of(st.just(0), st.integers(0, 40)))
+        def candidate_is(self, per_image, held):
+            self.cand._per_image, self.cand._queued = per_image, held
+
+        @rule(n=st.one_of(st.integers(1, 4), st.integers(1, 40)), times=st.integers(1, 30),
+              apart=st.sampled_from([0.0, 1e-3, 0.02]))
+        def ask(self, n, times, apart):
+            for _ in range(times):  # a burst of requests, each shadowed
+                self.ask_once(n)
+                clock.now += apart
+
+        def ask_once(self, n):
+            busy = bool(self.primary._queued or self.primary._running)
+            granted = self.rollout._room(self.primary, self.cand, n)
+            cost = max(self.cand._per_image * n, RUN_COST_S)
+            if self.cand._queued + n > self.queue:
+                assert not granted, f"{n} more images over shadow_queue {self.queue} ({self.cand._queued} held)"
+                return
+            if not busy:
+                assert granted, "an idle primary refused the shadow"
+                return
+            if granted:
+                self.grants.append((clock.now, cost))
+                self.last = clock.now
+            else:
+                saved = min(CREDIT_S, self.share * (clock.now - self.last))
+                assert cost > saved - eps, f"refused a run of {cost:.4f} s with {saved:.4f} s saved"
+
+        @invariant()
+        def within_the_share(self):
+            if not hasattr(self, "rollout"):
+                return
+            for since in [self.started, *(t for t, _ in self.grants)]:
+                given = sum(c for t, c in self.grants if t >= since)
+                allowed = CREDIT_S + self.share * (clock.now - since)
+                assert given <= allowed + eps, f"{given:.4f} s of shadow work since {since - self.started:.3f} s, " \
+                                               f"allowed {allowed:.4f}"
+
+    run_state_machine_as_test(ShadowShare, settings=hsettings(max_examples=150, stateful_step_count=30,
+                                                               deadline=None, derandomize=True, database=None))
+
+
 def test_evaluate_on_the_test_split_gives_the_accuracy_training_reported(default_run, default_onnx, digits_test,
                                                                           tmp_path):
     """The held-out digits written as PNG files in class folders (lossless: the pixels training tested on): the
