@@ -238,9 +238,9 @@ def test_a_json_access_line_has_every_field_and_escapes_what_clients_send(traced
 
 
 def test_json_lines_are_what_the_json_encoder_writes(capsys):
-    """In one process, records whose every string needs escaping: each line is the very text ``json`` writes
-    for its fields (the fields in the same order, floats as ``repr(round(x, 3))``), for HTTP and gRPC, with and
-    without stage timings, a model, a refusal's code, an API key and a trace."""
+    """In one process, records whose every string needs escaping: each line is ASCII and parses to its fields in
+    their order, milliseconds written with three decimals (``0.040``: JSON's number for 0.04), for HTTP and gRPC,
+    with and without stage timings, a model, a refusal's code, an API key and a trace."""
     import random
 
     from cnnserve.service.telemetry import RequestRecord, Telemetry
@@ -274,7 +274,10 @@ def test_json_lines_are_what_the_json_encoder_writes(capsys):
         assert line.endswith("\n") and line.count("\n") == 1, line
         fields = json.loads(line)
         expected = expected_fields(telemetry, record, end, trace_ids, fields["@timestamp"])
-        assert line == json.dumps(expected, separators=(",", ":")) + "\n"
+        assert list(fields) == list(expected) and fields == expected, (line, expected)
+        assert line.isascii(), line  # every string escaped as the encoder does by default
+        for key in ("cnnserve.latency_ms", *(k for k in fields if k.startswith("cnnserve.stage_ms."))):
+            assert len(line.split(f'"{key}":', 1)[1].split(",", 1)[0].split("}", 1)[0].split(".")[1]) == 3, key
 
 
 def expected_fields(telemetry, record, end: float, trace_ids, stamp: str) -> dict:
