@@ -120,7 +120,7 @@ class InferenceService:
 
     async def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(name="cnnserve", version=__version__,
-                                         extensions=[*v2.EXTENSIONS, "classification"])
+                                         extensions=list(v2.EXTENSIONS))
 
     async def ModelMetadata(self, request, context):  # noqa: N802
         d = v2.model_metadata(self.engine, request.name, request.version or None)
@@ -220,10 +220,8 @@ class InferenceService:
         call = engine.call(model_name, model_version, priority=priority, start=t0)
         model, ticket = call.model, call.ticket
         left = context.time_remaining()
-        timeout_us = _param(request.parameters, "timeout")
-        for seconds in (left, timeout_us / 1e6 if type(timeout_us) is int and timeout_us > 0 else None):
-            if seconds is not None and (ticket.deadline is None or t0 + seconds < ticket.deadline):
-                ticket.deadline = t0 + seconds
+        for seconds in (left, v2.timeout_seconds(_param(request.parameters, "timeout"))):
+            v2.tighten(ticket, seconds)
         if len(request.inputs) != 1:
             raise v2.not_one_input()
         t = request.inputs[0]
@@ -242,13 +240,14 @@ class InferenceService:
                 raise APIError(400, "bad_data", "UINT8 contents go in uint_contents (or raw_input_contents)")
         pixels = v2.tensor_input(engine, call, tensor)
         wanted = v2.output_names([o.name for o in request.outputs])  # each at most once
-        classes = [classification(o.parameters, model.spec.num_classes) for o in request.outputs] or [None] * 2
+        classes = [v2.classification(_param(o.parameters, "classification"), model.spec.num_classes)
+                   for o in request.outputs] or [None] * 2
         parts = await v2.outputs(engine, call, pixels)
         # what the answer will take, before it is built: one FP32 row per image, or k texts per image
         planned, size = [], len(request.id) + len(model.name) + len(model.version or "") + 64
         for name, k in zip(wanted, classes):
             part = np.ascontiguousarray(parts[name], np.float32)
-            top = np.argsort(-part, axis=1, kind="stable")[:, :k] if k else None
+            top = v2.top_of(part, k)
             size += 64 + (part.nbytes if top is None else v2.text_bytes(part, top, model.spec.labels))
             planned.append((name, part, top))
         if size > self.max_answer:
@@ -259,8 +258,7 @@ class InferenceService:
         out = pb.ModelInferResponse(model_name=model.name, model_version=model.version, id=request.id)
         for name, part, top in planned:
             if top is not None:  # Triton's classification extension: the top k as "value:index:label", BYTES
-                labels = model.spec.labels
-                texts = [f"{row[i]:f}:{i}:{labels[i]}".encode() for row, idx in zip(part, top) for i in idx]
+                texts = [t.encode() for t in v2.classified(part, top, model.spec.labels)]
                 out.outputs.add(name=name, datatype="BYTES", shape=list(top.shape))
                 out.raw_output_contents.append(b"".join(len(t).to_bytes(4, "little") + t for t in texts))
                 continue
@@ -289,16 +287,6 @@ def _settled(pending) -> None:
                                        "when it is READY")
 
 
-def classification(params, num_classes: int) -> int | None:
-    """An output's ``classification`` parameter (tritonclient's ``class_count``): how many classes, or None."""
-    k = _param(params, "classification")
-    if k is None or k == 0:
-        return None
-    if type(k) is not int or not 1 <= k <= num_classes:
-        raise APIError(400, "bad_top_k", f"classification must be between 1 and {num_classes}, got {short(k)}")
-    return k
-
-
 TYPED = ("bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents", "fp32_contents",
          "fp64_contents", "bytes_contents")
 
@@ -313,16 +301,7 @@ def _param(params, key: str):
 
 
 def priority_of(params) -> str | None:
-    value = _param(params, "priority")
-    if value is None or value == 0:
-        return None
-    if isinstance(value, bool):
-        raise APIError(400, "bad_priority", f"priority must be interactive or bulk (or 1, 2), got {value}")
-    if isinstance(value, int):
-        return "interactive" if value == 1 else "bulk"
-    if isinstance(value, str):
-        return value  # the engine checks it
-    raise APIError(400, "bad_priority", f"priority must be interactive or bulk (or 1, 2), got {short(value)}")
+    return v2.priority_value(_param(params, "priority"))
 
 
 class Metrics:

@@ -25,8 +25,8 @@ from .engine import Call, Engine
 from .errors import APIError, decimal, json_depth, short
 from .params import EngineDep, RequestParams
 from .patches import runtime_info
-from .v2 import (EXTENSIONS, IMAGE_INPUT, Tensor, model_metadata, not_one_input, output_names, outputs,
-                 tensor_input)
+from .v2 import (EXTENSIONS, IMAGE_INPUT, Tensor, classification, classified, model_metadata, not_one_input,
+                 output_names, outputs, priority_value, tensor_input, tighten, timeout_seconds, top_of)
 
 
 async def parse(config: Settings, body: bytes, header_length: str | None) -> tuple[dict, bytes]:
@@ -76,13 +76,24 @@ def input_of(engine: Engine, call: Call, req: dict, binary: bytes) -> np.ndarray
     return tensor_input(engine, call, tensor)
 
 
-def outputs_of(req: dict) -> list[str]:
+def outputs_of(req: dict, num_classes: int) -> list[tuple[str, int | None]]:
+    """The outputs asked for, each with its ``classification`` (how many top classes as texts, or None)."""
     wanted = req.get("outputs")
     if wanted is None:
-        return list(onnxmeta.OUTPUTS)
+        return [(o, None) for o in onnxmeta.OUTPUTS]
     if not isinstance(wanted, list):
         raise APIError(400, "bad_output", f"'outputs' must be a list, got {short(wanted)}")
-    return output_names([o.get("name") if isinstance(o, dict) else o for o in wanted])
+    names = output_names([o.get("name") if isinstance(o, dict) else o for o in wanted])
+    return list(zip(names, [classification(parameters(o).get("classification"), num_classes) for o in wanted]
+                    or [None] * len(names)))
+
+
+def parameters(part) -> dict:
+    """A request's or an output's ``parameters`` object ({} without one)."""
+    params = part.get("parameters") if isinstance(part, dict) else None
+    if params is not None and not isinstance(params, dict):
+        raise APIError(400, "bad_parameters", f"'parameters' must be an object, got {short(params)}")
+    return params or {}
 
 
 #: An answer of more numbers than this is serialised in a thread, not on the event loop that serves the others
@@ -97,31 +108,41 @@ async def infer(engine: Engine, call: Call, body: bytes, header_length: str | No
     req, binary = await parse(engine.config, body, header_length)
     if "id" in req and not isinstance(req["id"], str):
         raise APIError(400, "bad_request", f"'id' must be a string, got {short(req['id'])}")
+    # Triton's request parameters, as gRPC reads them (and tritonclient sends them): over the query's
+    params = parameters(req)
+    priority = priority_value(params.get("priority"))
+    if priority is not None:
+        call.ticket.priority = priority
+    tighten(call.ticket, timeout_seconds(params.get("timeout")))
     pixels = input_of(engine, call, req, binary)
-    wanted = outputs_of(req)  # refused before the model runs
+    wanted = outputs_of(req, model.spec.num_classes)  # refused before the model runs
     parts = await outputs(engine, call, pixels)
+
+    def output(name: str, k: int | None) -> dict:
+        part = parts[name]
+        top = top_of(part, k)
+        if top is not None:  # Triton's classification extension
+            return {"name": name, "datatype": "BYTES", "shape": list(top.shape),
+                    "data": classified(part, top, model.spec.labels)}
+        return {"name": name, "datatype": "FP32", "shape": list(part.shape), "data": part.ravel().tolist()}
 
     def render() -> JSONResponse:
         resp = {"model_name": model.name, "model_version": model.version,
-                "outputs": [{"name": o, "datatype": "FP32", "shape": list(parts[o].shape),
-                             "data": parts[o].ravel().tolist()} for o in wanted]}
+                "outputs": [output(o, k) for o, k in wanted]}
         if "id" in req:  # the protocol's id: the request's own, echoed
             resp["id"] = req["id"]
         elif call.request is not None:  # else the one its X-Request-ID header carries
             resp["id"] = call.request.id
         return JSONResponse(resp)
 
-    if sum(parts[o].size for o in wanted) > INLINE_ANSWER_VALUES:
+    if sum(parts[o].size for o, _ in wanted) > INLINE_ANSWER_VALUES:
         return await anyio.to_thread.run_sync(render)
     return render()
 
 
 def binary_data_size(t: dict):
     """An Open Inference Protocol input's ``binary_data_size`` (None without the binary extension)."""
-    params = t.get("parameters")
-    if params is not None and not isinstance(params, dict):
-        raise APIError(400, "bad_parameters", f"input 'parameters' must be an object, got {short(params)}")
-    return (params or {}).get("binary_data_size")
+    return parameters(t).get("binary_data_size")
 
 
 # -- the routes: JSON with the binary tensor extension on input ---------------------------------------------
@@ -134,7 +155,15 @@ V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"s
             "shape": {"type": "array", "items": {"type": "integer"}, "example": [1, 1, 28, 28]},
             "data": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}}}}},
         "outputs": {"type": "array", "items": {"type": "object", "properties": {
-            "name": {"type": "string", "enum": list(onnxmeta.OUTPUTS)}}}}}},
+            "name": {"type": "string", "enum": list(onnxmeta.OUTPUTS)},
+            "parameters": {"type": "object", "properties": {"classification": {
+                "type": "integer", "minimum": 0, "description": "answer the top N classes as BYTES texts "
+                "'value:index:label' (Triton's classification extension)"}}}}}},
+        "parameters": {"type": "object", "properties": {
+            "priority": {"type": "string", "enum": ["interactive", "bulk"], "description": "as the query's "
+                         "priority (Triton's integers too: 1 interactive, 2 bulk); this one counts"},
+            "timeout": {"type": "integer", "minimum": 0, "description": "deadline in microseconds from arrival, "
+                        "where sooner than the query's timeout_ms"}}}}},
     # a request the default model (28 x 28 grey) answers: a blank image, its probabilities
     "example": {"inputs": [{"name": onnxmeta.INPUT, "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
                 "outputs": [{"name": onnxmeta.PROBABILITIES}]}}}}}

@@ -14,11 +14,12 @@ import numpy as np
 from cnnserve.core import onnxmeta
 from cnnserve.core.confidence import not_finite_rows
 
-from .engine import Call, Engine
+from .batching import PRIORITIES
+from .engine import Call, Engine, Ticket
 from .errors import APIError, model_output_not_finite, short
 
 #: The Open Inference Protocol's extensions served (Triton's names), over HTTP and gRPC alike.
-EXTENSIONS = ("binary_tensor_data", "model_repository", "model_configuration", "statistics")
+EXTENSIONS = ("binary_tensor_data", "classification", "model_repository", "model_configuration", "statistics")
 #: The input that carries encoded images (BYTES) instead of pixels.
 IMAGE_INPUT = "image"
 
@@ -170,6 +171,50 @@ def output_names(names: list) -> list[str]:
                                                     "at most once")
         seen.append(o)
     return seen or list(onnxmeta.OUTPUTS)
+
+
+# -- Triton's request and output parameters, as either protocol carries them -------------------------------
+
+def priority_value(value) -> str | None:
+    """The ``priority`` request parameter: ``interactive`` or ``bulk``, or an integer (1 interactive, 2 and more
+    bulk); None where it is absent or 0 (the default)."""
+    if value is None or (type(value) is int and value == 0):
+        return None
+    if type(value) is int:
+        return "interactive" if value == 1 else "bulk"
+    if isinstance(value, str) and value in PRIORITIES:
+        return value
+    raise APIError(400, "bad_priority", f"priority must be interactive or bulk (or 1, 2), got {short(value)}")
+
+
+def tighten(ticket: Ticket, seconds: float | None) -> None:
+    """The request's deadline ``seconds`` after its arrival where that is sooner (a gRPC deadline, Triton's
+    ``timeout`` parameter in microseconds)."""
+    if seconds is not None and seconds > 0 and (ticket.deadline is None or ticket.start + seconds < ticket.deadline):
+        ticket.deadline = ticket.start + seconds
+
+
+def timeout_seconds(value) -> float | None:
+    return value / 1e6 if type(value) is int and value > 0 else None
+
+
+def classification(k, num_classes: int) -> int | None:
+    """An output's ``classification`` parameter (tritonclient's ``class_count``): how many classes, or None."""
+    if k is None or (type(k) is int and k == 0):
+        return None
+    if type(k) is not int or not 1 <= k <= num_classes:
+        raise APIError(400, "bad_top_k", f"classification must be between 1 and {num_classes}, got {short(k)}")
+    return k
+
+
+def top_of(part: np.ndarray, k: int | None) -> np.ndarray | None:
+    """The indices of each row's ``k`` largest values, largest first (None without classification)."""
+    return np.argsort(-part, axis=1, kind="stable")[:, :k] if k else None
+
+
+def classified(part: np.ndarray, top: np.ndarray, labels: tuple[str, ...]) -> list[str]:
+    """Triton's classification extension: each row's top classes as ``value:index:label`` texts (BYTES)."""
+    return [f"{row[i]:f}:{i}:{labels[i]}" for row, idx in zip(part, top) for i in idx]
 
 
 async def outputs(engine: Engine, call: Call, pixels: np.ndarray | list[bytes]) -> dict[str, np.ndarray]:

@@ -139,6 +139,31 @@ def test_open_inference_protocol_with_tritonclient(server, digits_test, referenc
         assert res.get_response()["id"] == "r1"
 
 
+def test_tritonclient_http_classification_and_priority(server, digits_test, reference):
+    """tritonclient.http's ``class_count`` gets Triton's classification extension (the top k as BYTES
+    "probability:index:label", as over gRPC) and its ``priority`` and ``timeout`` request parameters are read
+    (an unknown priority refused as gRPC refuses it)."""
+    c = triton.InferenceServerClient(server.url.removeprefix("http://"))
+    assert "classification" in c.get_server_metadata()["extensions"]
+    x = digits_test[0][:2]
+    want = reference[0].run(["probabilities"], {"pixels": x})[0]
+    inp = triton.InferInput("pixels", list(x.shape), "UINT8")
+    inp.set_data_from_numpy(x)
+    res = c.infer("lenet5-digits", [inp], outputs=[triton.InferRequestedOutput("probabilities", class_count=3)],
+                  priority=2, timeout=60_000_000)
+    texts = res.as_numpy("probabilities")
+    assert texts.shape == (2, 3)
+    for row, probs in zip(texts, want):
+        top = np.argsort(-probs)[:3]
+        fields = [(t.decode() if isinstance(t, bytes) else t).split(":") for t in row]  # (JSON's data: str)
+        assert [int(f[1]) for f in fields] == top.tolist() and [f[2] for f in fields] == [str(i) for i in top]
+        assert [float(f[0]) for f in fields] == pytest.approx(probs[top].tolist(), abs=1e-6)
+    r = httpx.post(f"{server.url}/v2/models/lenet5-digits/infer", timeout=30, json={
+        "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}],
+        "parameters": {"priority": "urgent"}})
+    assert r.status_code == 400 and r.json()["code"] == "bad_priority", r.text
+
+
 def test_encoded_images_over_the_open_inference_protocol(server, client, digits_test, reference):
     """A BYTES input named ``image``: encoded images decoded by the service's own preprocessing, sent
     by tritonclient with the binary tensor extension and as base64 JSON; the answers equal the model's
