@@ -69,7 +69,7 @@ def input_of(engine: Engine, call: Call, req: dict, binary: bytes) -> np.ndarray
     tensor = Tensor(t.get("name"), t.get("datatype"), t.get("shape"), data=t.get("data"))
     size = binary_data_size(t)
     if size is not None:
-        if type(size) is not int or not 0 < size <= len(binary):
+        if type(size) is not int or not 0 <= size <= len(binary):  # (an empty tensor is refused by its shape)
             raise APIError(400, "bad_binary", f"binary_data_size {short(size)} does not fit the "
                                                  f"{len(binary)} bytes sent")
         tensor.raw = memoryview(binary)[:size]
