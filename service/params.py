@@ -75,7 +75,7 @@ def engine_of(request: Request) -> Engine:
 async def _engine(request: Request) -> Engine:
     # async: FastAPI runs a plain function's dependency in a worker thread, a hop per request that took a tenth of
     # a v2 request's CPU in the peers section's profile (bench/peers/profile.py)
-    return request.app.state.engine
+    return engine_of(request)
 
 
 #: The one dependency of the routes that need the engine.
