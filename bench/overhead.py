@@ -197,9 +197,20 @@ def telemetry_section(w: dict, concurrency: int, duration: float, warmup: float,
                               "cpu_ms": statistics.median(r["cpu_ms"] for r in rs),
                               "cpu_ratio": statistics.median(cpu) if cpu else None,
                               "failures": sum(r["failures"] for r in rs), "runs": rs}
-    out["targets"] = {side: {"floor": floor, "ratio": out["sides"][side]["ratio"],
-                             "met": (out["sides"][side]["ratio"] or 0) >= floor}
-                      for side, floor in TELEMETRY_TARGETS.items()}
+    out["targets"] = telemetry_targets(runs)
+    return out
+
+
+def telemetry_targets(runs: dict[str, list[dict]]) -> dict:
+    """Each target side's throughput against the plain servers' in the same round: the mean of ``as shipped`` and
+    ``tracing 0``, the baseline's very code served twice. Against ``as shipped`` alone the verdict leaned on one
+    server: in five runs of one day the second plain server read 0.999-1.047 of the first."""
+    plain = [(a["throughput_rps"] + b["throughput_rps"]) / 2 for a, b in zip(runs["as shipped"], runs["tracing 0"])]
+    out = {}
+    for side, floor in TELEMETRY_TARGETS.items():
+        ratios = [r["throughput_rps"] / p for r, p in zip(runs[side], plain) if p]
+        ratio = statistics.median(ratios) if ratios else 0.0
+        out[side] = {"floor": floor, "ratio": ratio, "against": "plain", "met": ratio >= floor}
     return out
 
 
@@ -231,6 +242,8 @@ def telemetry_lines(name: str, d: dict) -> list[str]:
         lines.append(f"- the noise: `tracing 0` runs the baseline's very code (no tracer at 0) and measured "
                      f"{same['ratio']:.3f} of it, rounds {same['ratio_spread'][0]:.3f}-{same['ratio_spread'][1]:.3f}")
     for side, t in d["targets"].items():
-        lines.append(f"- {side}: {t['ratio']:.3f} of the baseline's throughput, target at least {t['floor']:.2f}: "
+        against = ("the plain servers' throughput (the mean of as shipped and tracing 0 in each round)"
+                   if t.get("against") == "plain" else "the baseline's throughput")
+        lines.append(f"- {side}: {t['ratio']:.3f} of {against}, target at least {t['floor']:.2f}: "
                      f"**{'MET' if t['met'] else 'MISSED'}**")
     return lines + [""]
