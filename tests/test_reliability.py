@@ -316,6 +316,24 @@ def raw(port: int, data: bytes, wait: float = 8.0) -> bytes:
         s.close()
 
 
+def test_a_body_that_keeps_arriving_is_read_past_the_idle_timeout(capped_server, digits_test):
+    """``body_timeout_s`` (1 s here) bounds the silence between a body's bytes, not the whole body: a PNG sent in six
+    pieces 0.3 s apart (1.5 s in all) is classified."""
+    png = encode(digits_test[0][0][0])
+    head = (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(png))
+    pieces = [png[i * len(png) // 6:(i + 1) * len(png) // 6] for i in range(6)]
+    with socket.create_connection(("127.0.0.1", capped_server.port), timeout=30) as s:
+        s.sendall(head)
+        for piece in pieces:
+            time.sleep(0.3)
+            s.sendall(piece)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
 def test_incomplete_bodies_and_heads_get_a_prompt_4xx(capped_server):
     port = capped_server.port
     answer = raw(port, b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
