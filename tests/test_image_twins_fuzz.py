@@ -8,7 +8,10 @@ Invariants, for every image:
   ``code``, gRPC's ``cnnserve-code``);
 - answered, the probabilities agree: /classify's top 10 (every class of the model) are v2's ``probabilities`` over
   REST and over gRPC, to float32's last digits;
-- none is a 5xx, INTERNAL or UNKNOWN."""
+- none is a 5xx, INTERNAL or UNKNOWN.
+
+And a batch: ``POST /classify/batch`` with several such files answers each as ``/classify`` answers it alone (the
+same probabilities, or an error entry with the same code), in order, the good ones still answered beside bad ones."""
 
 from __future__ import annotations
 
@@ -137,3 +140,49 @@ def test_an_image_is_answered_alike_by_every_front_end(served):
     check()
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(repr(p)[:800] for p in problems[:6])
     assert seen.get("200 200 OK", 0) >= 50 and sum(n for k, n in seen.items() if k.startswith("4")) >= 10, seen
+
+
+def multipart(files: list[tuple[bytes, str]]) -> tuple[bytes, bytes]:
+    boundary = b"twinsboundary7"
+    body = b"".join(b"--" + boundary + b'\r\nContent-Disposition: form-data; name="images"; filename="f%d"\r\n'
+                    % i + b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + data + b"\r\n"
+                    for i, (data, ctype) in enumerate(files))
+    return body + b"--" + boundary + b"--\r\n", b"multipart/form-data; boundary=" + boundary
+
+
+def test_a_batch_answers_each_image_as_classify_does(served):
+    srv, _ = served
+    problems: list = []
+    seen = {"answered": 0, "refused": 0}
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(files=st.lists(images(), min_size=1, max_size=6))
+    def check(files):
+        body, ctype = multipart(files)
+        status, _, raw = raw_http(srv, "POST", f"/classify/batch?model={MODEL}&top_k={CLASSES}",
+                                  [(b"Content-Type", ctype)], body)
+        if status != 200:
+            problems.append(("batch", status, raw[:300]))
+            return
+        results = json.loads(raw)["results"]
+        if [r["index"] for r in results] != list(range(len(files))):
+            problems.append(("order", [r["index"] for r in results]))
+            return
+        for (data, kind), r in zip(files, results):
+            alone = via_classify(srv, data, kind)
+            if "error" in r:
+                seen["refused"] += 1
+                if alone[0] == 200 or alone[1] != r["error"]["code"] or alone[0] != r["error"]["status"]:
+                    problems.append(("refused in the batch", r["error"], "alone", alone[:2], len(data)))
+            else:
+                seen["answered"] += 1
+                probs = np.zeros(CLASSES, np.float32)
+                for p in r["predictions"]:
+                    probs[p["index"]] = p["probability"]
+                if alone[0] != 200 or not np.allclose(alone[2], probs, rtol=0, atol=2e-7):
+                    problems.append(("answered in the batch", probs, "alone", alone, len(data)))
+
+    check()
+    assert not problems, f"{len(problems)} problems:\n" + "\n".join(repr(p)[:800] for p in problems[:6])
+    assert seen["answered"] >= 50 and seen["refused"] >= 5, seen
