@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 CAP_MB = 6144  # per process of the server, as the other fuzz tests
 MODEL = "lenet5-digits"
 GRPC_OF_HTTP = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT",
-                504: "DEADLINE_EXCEEDED"}  # as docs/serving.md's gRPC section maps them
+                504: "DEADLINE_EXCEEDED"}  # as docs/grpc.md's table of refusals maps them
 TYPED = {"UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
          "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
          "FP32": "fp32_contents", "FP64": "fp64_contents", "BOOL": "bool_contents", "BYTES": "bytes_contents"}
