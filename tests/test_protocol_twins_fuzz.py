@@ -8,7 +8,10 @@ Invariants, for every request:
   ``cnnserve-code`` trailing metadata) and the status the code maps to (400 INVALID_ARGUMENT, 404 NOT_FOUND);
 - answered, the outputs are the same: names, datatypes, shapes and values (FP32 to the bit, classification texts
   to the letter);
-- neither is a 5xx (but the 504 a client's own ``timeout`` asks for), INTERNAL or UNKNOWN."""
+- neither is a 5xx (but the 504 a client's own ``timeout`` asks for), INTERNAL or UNKNOWN.
+
+Beside inference, metadata, readiness, Triton's configuration and statistics of any model name and version answer
+alike over REST's paths and gRPC's fields."""
 
 from __future__ import annotations
 
@@ -237,3 +240,83 @@ def test_rest_and_grpc_answer_the_same_request_alike(twin):
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(repr(p)[:1200] for p in problems[:6])
     assert seen.get("200 OK", 0) >= 20 and seen.get("400 INVALID_ARGUMENT", 0) >= 20, seen
     assert seen.get("404 NOT_FOUND") and seen.get("504 DEADLINE_EXCEEDED"), seen
+
+
+# -- beside inference: metadata, readiness, configuration and statistics ---------------------------------------
+
+# Not "stats": GET /v2/models/stats is the protocol's every-model statistics (Triton's path), so over REST a model of
+# that name has no metadata route, as in Triton; nor "/", which no path segment holds.
+NAMES = st.one_of(st.sampled_from([MODEL, MODEL, MODEL, "nope", "名前", "x" * 300, "a b", "..", "%", "?"]),
+                  st.text(st.characters(blacklist_characters="/", blacklist_categories=("Cs",)), min_size=1,
+                          max_size=10).filter(lambda n: n != "stats"))
+KINDS = {"metadata": ("", "ModelMetadata"), "ready": ("/ready", "ModelReady"), "config": ("/config", "ModelConfig"),
+         "stats": ("/stats", "ModelStatistics")}
+
+
+def rest_view(kind: str, doc: dict):
+    if kind == "metadata":
+        return (doc["name"], doc["versions"], doc["platform"],
+                [(t["name"], t["datatype"], t["shape"]) for t in doc["inputs"] + doc["outputs"]])
+    if kind == "ready":
+        return doc["ready"]
+    if kind == "config":
+        return doc["name"], doc["max_batch_size"], [t["name"] for t in doc["input"]]
+    return sorted((m["name"], m["version"]) for m in doc["model_stats"])
+
+
+def grpc_view(kind: str, resp):
+    if kind == "metadata":
+        return (resp.name, list(resp.versions), resp.platform,
+                [(t.name, t.datatype, list(t.shape)) for t in [*resp.inputs, *resp.outputs]])
+    if kind == "ready":
+        return resp.ready
+    if kind == "config":
+        return resp.config.name, resp.config.max_batch_size, [t.name for t in resp.config.input]
+    return sorted((m.name, m.version) for m in resp.model_stats)
+
+
+def test_rest_and_grpc_describe_a_model_alike(twin):
+    """Metadata, readiness, Triton's configuration and statistics for any model name and version (the served one,
+    unknown ones, odd characters), over REST's paths and gRPC's fields: the same description, or the same
+    refusal (status and service code)."""
+    from urllib.parse import quote
+
+    srv, channel, version = twin
+    problems: list = []
+    seen: dict = {}
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(kind=st.sampled_from(sorted(KINDS)), name=NAMES,
+           v=st.sampled_from(["", "", "{version}", "9", "latest", "ü"]))
+    def check(kind, name, v):
+        v = v.replace("{version}", version)
+        suffix, method = KINDS[kind]
+        target = f"/v2/models/{quote(name, safe='')}" + (f"/versions/{quote(v, safe='')}" if v else "") + suffix
+        status, _, raw = raw_http(srv, "GET", target, [])
+        doc = json.loads(raw)
+        request = {"ModelMetadata": pb.ModelMetadataRequest, "ModelReady": pb.ModelReadyRequest,
+                   "ModelConfig": pb.ModelConfigRequest, "ModelStatistics": pb.ModelStatisticsRequest}[method]
+        answer = {"ModelMetadata": pb.ModelMetadataResponse, "ModelReady": pb.ModelReadyResponse,
+                  "ModelConfig": pb.ModelConfigResponse, "ModelStatistics": pb.ModelStatisticsResponse}[method]
+        try:
+            resp = answer.FromString(channel.unary_unary(path(method))(
+                request(name=name, version=v).SerializeToString(), timeout=30))
+            code, service_code = "OK", None
+        except grpc.RpcError as e:
+            resp, code = None, e.code().name
+            service_code = dict(e.trailing_metadata() or ()).get("cnnserve-code")
+        seen[f"{kind} {status} {code}"] = seen.get(f"{kind} {status} {code}", 0) + 1
+        if status >= 500 or code in ("INTERNAL", "UNKNOWN"):
+            problems.append((kind, name, v, status, doc, code))
+        elif (status == 200) != (code == "OK"):
+            problems.append((kind, name, v, f"REST {status} {doc}", f"gRPC {code} {service_code}"))
+        elif status == 200:
+            if rest_view(kind, doc) != grpc_view(kind, resp):
+                problems.append((kind, name, v, "differ", rest_view(kind, doc), grpc_view(kind, resp)))
+        elif doc.get("code") != service_code or GRPC_OF_HTTP.get(status) != code:
+            problems.append((kind, name, v, f"REST {status} {doc.get('code')}", f"gRPC {code} {service_code}"))
+
+    check()
+    assert not problems, f"{len(problems)} problems:\n" + "\n".join(repr(p)[:600] for p in problems[:8])
+    assert all(seen.get(f"{kind} 200 OK") for kind in KINDS) and any(" 404 NOT_FOUND" in k for k in seen), seen
