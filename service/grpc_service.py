@@ -37,7 +37,6 @@ from cnnserve.core.grpc_proto import pb
 from . import apikeys, repository, telemetry as _telemetry, triton, v2
 from .engine import Engine
 from .errors import APIError, short
-from .http_server import DRAIN
 
 Code = grpc.StatusCode
 #: HTTP statuses of ``APIError`` to gRPC status codes (an unlisted 4xx is INVALID_ARGUMENT).
@@ -115,8 +114,7 @@ class InferenceService:
         return pb.ServerReadyResponse(ready=self.engine.ready)
 
     async def ModelReady(self, request, context):  # noqa: N802
-        m = self.engine.model(request.name, request.version or None)
-        return pb.ModelReadyResponse(ready=m.warmup_ms > 0 and not DRAIN.active)
+        return pb.ModelReadyResponse(ready=v2.model_ready(self.engine, request.name, request.version or None)[1])
 
     async def ServerMetadata(self, request, context):  # noqa: N802
         return pb.ServerMetadataResponse(name="cnnserve", version=__version__,

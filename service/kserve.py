@@ -25,6 +25,7 @@ from .engine import Call, Engine
 from .errors import APIError, decimal, json_depth, short
 from .params import EngineDep, RequestParams
 from .patches import runtime_info
+from .v2 import model_ready as v2_model_ready
 from .v2 import (EXTENSIONS, IMAGE_INPUT, Tensor, classification, classified, model_metadata, not_one_input,
                  output_names, outputs, priority_value, tensor_input, tighten, timeout_seconds, top_of)
 
@@ -197,8 +198,8 @@ async def get_model_metadata(name: str, engine: EngineDep, version: str | None =
 @router.get("/v2/models/{name}/ready", summary="Model readiness")
 @router.get("/v2/models/{name}/versions/{version}/ready", summary="Readiness of one loaded version")
 async def model_ready(name: str, engine: EngineDep, version: str | None = None):
-    m = engine.model(name, version)
-    return {"name": m.name, "ready": m.warmup_ms > 0}
+    name, ok = v2_model_ready(engine, name, version)
+    return {"name": name, "ready": ok}
 
 
 @router.post("/v2/models/{name}/infer", openapi_extra=V2_BODY,

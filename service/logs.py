@@ -85,7 +85,7 @@ _STAGES: dict[tuple, str] = {}  # the stages' names (a closed set: the service's
 def _stage_fields(names: tuple, ms: list) -> str:
     """``,"cnnserve.stage_ms.NAME":MS`` for each stage, in one format of a template made once per set of names: each
     number with three decimals (valid JSON, which reads ``0.040`` as ``0.04``). One value at a time, rounded and
-    written in its shortest form, the stages took half a line's time."""
+    written in its shortest form, the stages took a third of a line's time."""
     template = _STAGES.get(names)
     if template is None:
         template = _STAGES[names] = "".join(f",{_STR(f'cnnserve.stage_ms.{n}')}:%.3f" for n in names)

@@ -32,6 +32,13 @@ def model_metadata(engine: Engine, name: str, version: str | None = None) -> dic
             "inputs": [d["input"]], "outputs": d["outputs"]}
 
 
+def model_ready(engine: Engine, name: str, version: str | None = None) -> tuple[str, bool]:
+    """A model version's name and readiness, as both front ends answer it: warmed up, in a worker not draining
+    (gRPC's answer said so during a drain, HTTP's did not)."""
+    m = engine.model(name, version)
+    return m.name, m.warmup_ms > 0 and not engine.draining()
+
+
 @dataclass
 class Tensor:
     """An infer request's input tensor, whatever the protocol carried it in: its name, datatype and shape as

@@ -230,3 +230,34 @@ def test_v2_infer_refuses_json_nested_too_deep(default_onnx):
     assert deep == deeper == (400, "bad_json", True), (deep, deeper)
     assert at_limit[2] is False and wide[2] is False and binary[2] is False, (at_limit, wide, binary)
     assert at_limit[:2] == wide[:2] == binary[:2] == (400, "bad_request"), (at_limit, wide, binary)
+
+
+def test_a_draining_worker_says_its_models_are_not_ready_over_both_protocols(default_onnx):
+    """Once a drain begins (the server's SIGTERM), a model's readiness is false over REST as over gRPC (HTTP's once
+    still said ready), and true again where no drain is under way."""
+    import httpx
+
+    from cnnserve.core.grpc_proto import pb
+    from cnnserve.service.api import create_app
+    from cnnserve.service.engine import Engine
+    from cnnserve.service.grpc_service import InferenceService
+
+    m = load_model(default_onnx, version="v1", providers="cpu")
+    draining = [False]
+    engine = Engine([m], draining=lambda: draining[0])
+
+    async def both() -> tuple:
+        transport = httpx.ASGITransport(app=create_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            rest = (await client.get(f"/v2/models/{m.name}/ready")).json()["ready"]
+        service = InferenceService.__new__(InferenceService)
+        service.engine = engine
+        grpc_ready = (await service.ModelReady(pb.ModelReadyRequest(name=m.name), None)).ready
+        return rest, grpc_ready
+
+    try:
+        assert asyncio.run(both()) == (True, True)
+        draining[0] = True
+        assert asyncio.run(both()) == (False, False)
+    finally:
+        engine.close()
