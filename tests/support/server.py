@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository root: each server r
 
 def free_port(then_free: int = 0) -> int:
     """A loopback port free now (and its next ``then_free`` too), drawn at random below the kernel's ephemeral
-    range: a server binds it seconds later, and meanwhile the suite's outgoing connections and port-0 binds
-    take ephemeral ports (in CI one took a port handed out this way before its server bound it)."""
+    range and handed out once (``_reserve``): a server binds it seconds later, and meanwhile the suite's
+    outgoing connections and port-0 binds take ephemeral ports (in CI one took a port handed out this way
+    before its server bound it)."""
     import random
     import socket
 
@@ -30,13 +31,42 @@ def free_port(then_free: int = 0) -> int:
         try:
             for i, s in enumerate(socks):
                 s.bind(("127.0.0.1", port + i))
-            return port
         except OSError:
             continue
         finally:
             for s in socks:
                 s.close()
+        if all(_reserve(port + i) for i in range(then_free + 1)):
+            return port
     raise RuntimeError(f"no {then_free + 1} free ports in a row below the ephemeral range ({low})")
+
+
+#: Ports handed out lately, one file each, shared by every process of the machine (pytest's workers, the harness)
+RESERVED = Path(tempfile.gettempdir()) / "cnnserve-test-ports"
+HOLD_S = 900
+
+
+def _reserve(port: int) -> bool:
+    """Whether ``port`` was not handed out in the last HOLD_S seconds by any process, marking it handed out now.
+    A free port is not enough: BentoML's HTTP socket and every gRPC worker bind with SO_REUSEPORT, so a port
+    drawn for one server's gRPC and, before it bound, for another's HTTP was bound by both, and the second
+    server's readiness probe got HTTP/2 frames from the first one's gRPC (seen in CI)."""
+    import time
+
+    RESERVED.mkdir(exist_ok=True)
+    mark = RESERVED / str(port)
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        pass
+    try:
+        if time.time() - mark.stat().st_mtime < HOLD_S:
+            return False
+        os.utime(mark)
+        return True
+    except FileNotFoundError:
+        return _reserve(port)
 
 
 class Server:
