@@ -67,6 +67,23 @@ def tree_cpu(pid: int) -> dict[int, float]:
     return out
 
 
+def settle(pid: int, idle_cores: float = 0.1, limit: float = 60.0) -> float:
+    """Until the process tree of ``pid`` has worked off what the last run left in flight, which would take the cores
+    from whatever is measured next (wrk stops with ``concurrency`` requests outstanding, which a server still runs:
+    ResNet-18 at 256 connections leaves seconds of work; a traced server still exports its spans, and the harness's
+    receiver parses them): its CPU under ``idle_cores`` + 0.1 of a core over 0.3 s, at most ``limit`` seconds.
+    Returns the seconds waited."""
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < limit:
+        a = sum(tree_cpu(pid).values())
+        time.sleep(0.3)
+        if (sum(tree_cpu(pid).values()) - a) / 0.3 < idle_cores + 0.1:
+            break
+    return time.time() - t0
+
+
 def wrk(url: str, bodies: Path, concurrency: int, duration: float) -> dict:
     import shutil
 

@@ -233,3 +233,22 @@ def test_telemetry_targets_are_judged_against_both_plain_servers():
     assert set(targets) == set(TELEMETRY_TARGETS)
     assert targets["JSON logs"]["met"] is False and round(targets["JSON logs"]["ratio"], 3) == 0.962
     assert targets["tracing 0.01"]["met"] is True and targets["tracing 0.01"]["ratio"] == 1.0
+
+
+def test_a_run_waits_until_the_servers_have_worked_off_the_last_one():
+    """``settle`` returns once the process tree is idle: a child still busy (a server finishing the requests wrk
+    left in flight, or exporting spans) has finished by then."""
+    import os
+    import subprocess
+    import sys
+
+    from bench.tune_measure import settle
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                             "while time.process_time() - t < 1.5: pass"])
+    try:
+        settle(os.getpid(), idle_cores=0.1, limit=60)
+        assert busy.poll() is not None, "settle returned while a child was still working"
+    finally:
+        busy.kill()
+        busy.wait()

@@ -49,17 +49,10 @@ def idle_cpu(servers: dict[str, Running], seconds: float) -> dict[str, float]:
 
 
 def settle(srv: Running, idle_cores: float = 0.1, limit: float = 60.0) -> float:
-    """Until the server has worked off what the last run left in flight (wrk stops with ``concurrency`` requests
-    outstanding, which the server still runs, taking the cores from whatever is measured next: ResNet-18 at 256
-    connections leaves seconds of work): its tree's CPU under ``idle_cores`` + 0.1 of a core over 0.3 s, at most
-    ``limit`` seconds. Returns the seconds waited."""
-    t0 = time.time()
-    while time.time() - t0 < limit:
-        a = sum(tree_cpu(srv.proc.pid).values())
-        time.sleep(0.3)
-        if (sum(tree_cpu(srv.proc.pid).values()) - a) / 0.3 < idle_cores + 0.1:
-            break
-    return time.time() - t0
+    """Until the server is idle again (``tune_measure.settle``). Returns the seconds waited."""
+    from ..tune_measure import settle as settle_tree
+
+    return settle_tree(srv.proc.pid, idle_cores, limit)
 
 
 def measure(srv: Running, kind: str, lists: dict, concurrency: int, duration: float, idle_cores: float = 0.1) -> dict:
