@@ -133,7 +133,7 @@ def fit(proto: onnx.ModelProto, info: ModelInfo, val, test, calibrate: bool = Tr
     ood = {"score": "energy_distance", **rule, "temperature": t, "threshold": limit,
            "validation_pass_rate": cal.PASS_RATE,
            "test_pass_rate": float((test_scores <= limit).mean()), "n_validation": int(len(val[1])),
-           "n_test": int(len(y)), "sets": sets,  # and the reference for drift (service/drift.py):
+           "n_test": int(len(y)), "sets": sets,  # and the reference for drift (service/answers.py):
            "test_class_mix": np.round(np.bincount(probs.argmax(1), minlength=info.spec.num_classes) / len(y),
                                       6).tolist()}
 

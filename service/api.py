@@ -5,7 +5,7 @@ A FastAPI app mounted on the BentoML service (``service.py``); BentoML adds /rea
 merges these routes into its OpenAPI document (/docs.json). Routes are thin: each checks its parameters
 into a ``Call`` (``Engine.call``), reads the request within its size limit and hands both to the engine
 (the ``EngineDep`` dependency: what ``service.py`` put in ``app.state.engine``). Query parameters are the
-pydantic models of ``params.py``; the routes of each module are a FastAPI ``APIRouter``. Errors are JSON
+pydantic models of ``incoming.py``; the routes of each module are a FastAPI ``APIRouter``. Errors are JSON
 ``{"error": message, "code": reason}`` with a 4xx status (503 with Retry-After under overload), never a 500
 for anything a client sends.
 """
@@ -28,11 +28,11 @@ from starlette.staticfiles import StaticFiles
 from cnnserve.core.confidence import NotFinite
 
 from . import apikeys, kserve, repository, rollout_api, telemetry, triton
-from .bodies import IMAGE_FIELD, IMAGES_FIELD, image_files, read_body, watch_disconnect
 from .engine import Engine
 from .errors import ANSWERED, APIError, model_output_not_finite, routing_error
 from .explain import explain_image, heatmap_png
-from .params import ClassifyParams, EngineDep, ExplainParams, RequestParams, engine_of, refusal
+from .incoming import (IMAGE_FIELD, IMAGES_FIELD, ClassifyParams, EngineDep, ExplainParams, RequestParams, engine_of,
+                       image_files, read_body, refusal, watch_disconnect)
 from .patches import runtime_info
 from .registry import request_scope
 
@@ -217,7 +217,7 @@ class CnnServeAPI(FastAPI):
     Profiled under load (bench/results/2026-11-23-vm-request-cost.md), FastAPI's routing, its
     middleware stack and the dependency solving of four query parameters took about a fifth of a
     worker's time for a request whose own work is a small PNG. The fast path validates the same
-    parameter model (``params.py``) and runs the same handler (``classify_request``); the v2 infer
+    parameter model (``incoming.py``) and runs the same handler (``classify_request``); the v2 infer
     route's dependencies took a fifth of its CPU (bench/results/2026-12-07-vm-peers-profile.md) and its
     fast path runs ``kserve.infer_request``. Every other route, and the OpenAPI document, is FastAPI's."""
 

@@ -23,13 +23,12 @@ from cnnserve.core.config import DEFAULTS, Settings
 from cnnserve.core.preprocess import ImageError, open_image, preprocess
 from cnnserve.core.runtime import Model
 
+from .answers import Monitor, Statistics
 from .batching import PRIORITIES, ClientGone, DeadlineExceeded, MicroBatcher, Overloaded
 from .capture import Capture
 from .decoding import DecodeFailed, DecodePool
-from .drift import Monitor
 from .errors import REQUEST_CODES, APIError, model_output_not_finite
 from .registry import ModelRegistry, Served
-from .stats import Statistics
 from .telemetry import RequestRecord, current as current_request
 
 @dataclass
@@ -41,7 +40,7 @@ class Ticket:
     deadline: float | None = None
     priority: str = "interactive"
     gone: asyncio.Future | None = None
-    #: when the request arrived (``time.perf_counter()``): its statistics count from there (``stats.py``)
+    #: when the request arrived (``time.perf_counter()``): its statistics count from there (``answers.Statistics``)
     start: float | None = None
 
 
@@ -94,7 +93,7 @@ class Engine:
         self.decoders = DecodePool(config.decoders, config.limits, config.decode_cpu_ms / 1000,
                                    config.max_queue, c * h * w)
         self._stage_metrics: dict = {}  # (model, stage, method) -> histogram child, looked up once
-        self.stats = Statistics()  # Triton's statistics extension: what each version did (stats.py, triton.py)
+        self.stats = Statistics()  # Triton's statistics extension: what each version did (answers.py, triton.py)
         self.monitor = None  # drift, drained off the request path: set before the first batcher can run
         self.rollout = None  # answers, canary and shadow (rollout.py): the worker's sync sets it (workers.py)
         self.registry = ModelRegistry(models, config, self._batcher, self.decoders.grow, metrics)

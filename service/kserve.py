@@ -20,10 +20,9 @@ from cnnserve import __version__
 from cnnserve.core import onnxmeta
 from cnnserve.core.config import Settings
 
-from .bodies import read_body, watch_disconnect
 from .engine import Call, Engine
 from .errors import APIError, decimal, json_depth, short
-from .params import EngineDep, RequestParams
+from .incoming import EngineDep, RequestParams, read_body, watch_disconnect
 from .patches import runtime_info
 from .v2 import model_ready as v2_model_ready
 from .v2 import (EXTENSIONS, IMAGE_INPUT, Tensor, classification, classified, model_metadata, not_one_input,

@@ -146,7 +146,7 @@ def metrics() -> SimpleNamespace:
                                "agreed on", ["model", "primary", "candidate"], multiprocess_mode="livemax"),
         shadow_dropped=Gauge("cnnserve_shadow_dropped", "Shadow runs dropped under load",
                              ["model", "primary", "candidate"], multiprocess_mode="livemax"),
-        # drift (service/drift.py, off the request path): what the answers look like, per model
+        # drift (service/answers.py, off the request path): what the answers look like, per model
         top1_probability=Histogram("cnnserve_top1_probability", "Top-1 probability of each answer", ["model"],
                                    buckets=(0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)),
         ood_score=Histogram("cnnserve_ood_score", "OOD score of each answer: its energy's distance from the "

@@ -35,11 +35,10 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from .bodies import read_body
 from .engine import Engine
 from .errors import APIError, json_depth, short
+from .incoming import engine_of, read_body
 from .modelstate import stored_file
-from .params import engine_of
 from .registry import LoadFailed
 
 TAGS = ["model repository (Open Inference Protocol extension)"]

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from .engine import Engine
 from .errors import APIError, short
 from .modelstate import stored_file
-from .params import engine_of
+from .incoming import engine_of
 from .registry import LoadFailed
 from .repository import _json_body, answer, control_request, json_body, settle
 from .telemetry import sane_id

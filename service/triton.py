@@ -31,9 +31,9 @@ from fastapi import APIRouter, Request
 from cnnserve.core import onnxmeta
 from cnnserve.core.runtime import CPU
 
+from .answers import BATCH_PARTS, REQUEST_PARTS, Statistics
 from .engine import Engine
-from .params import EngineDep
-from .stats import BATCH_PARTS, REQUEST_PARTS, Statistics
+from .incoming import EngineDep
 
 TAGS = ["open inference protocol: Triton's model configuration and statistics extensions"]
 router = APIRouter(tags=TAGS)

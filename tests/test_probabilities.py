@@ -16,7 +16,7 @@ import pytest
 from cnnserve.core.confidence import ood_scores
 from cnnserve.core.onnxmeta import ModelInfo
 from cnnserve.export import calibrate as cal
-from cnnserve.service.drift import psi
+from cnnserve.service.answers import psi
 from tests.conftest import Server, encode, run_cli
 
 

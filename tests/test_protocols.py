@@ -304,7 +304,7 @@ def test_the_monitor_reads_one_view_while_another_model_is_swapped():
 
     from cnnserve.core.onnxmeta import ModelInfo
     from cnnserve.core.spec import ModelSpec
-    from cnnserve.service.drift import Monitor
+    from cnnserve.service.answers import Monitor
 
     reg = CollectorRegistry()
     metrics = SimpleNamespace(class_psi=Gauge("psi", "", ["model"], registry=reg),

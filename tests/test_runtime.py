@@ -222,7 +222,7 @@ def test_classify_fast_path_answers_as_fastapi_route_does(default_onnx, digits_t
 
 def test_classify_params_parse():
     from cnnserve.service.errors import APIError
-    from cnnserve.service.params import ClassifyParams
+    from cnnserve.service.incoming import ClassifyParams
 
     p = ClassifyParams.from_query(b"top_k=2&model=a%20b&timeout_ms=1.5e3&priority=bulk&top_k=3&other=1")
     assert (p.top_k, p.model, p.timeout_ms, p.priority) == (3, "a b", 1500.0, "bulk")  # the last top_k counts

@@ -224,7 +224,7 @@ class Settings(BaseModel):
     capture_rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.01
     capture_max_mb: Positive = 1024.0
     capture_queue: Count = 256
-    # Drift (service/drift.py): every batch's answers counted off the request path into /metrics and
+    # Drift (service/answers.py): every batch's answers counted off the request path into /metrics and
     # /models/NAME/monitor; false: neither (the per-answer ood_score and in_distribution stay)
     drift_monitor: bool = True
     # The GPU (cnnserve.core.binding, docs/gpu.md); none of these matter on CPU but io_binding=on. device_id: which
