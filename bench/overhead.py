@@ -32,11 +32,10 @@ def bodies_file(w: dict, folder: Path, limit: int = 64) -> Path:
 
 def interleaved(w: dict, sides: dict, what: str, concurrency: int, duration: float, warmup: float, repeats: int,
                 log=print) -> dict[str, list[dict]]:
-    """Every side's server started, then ``repeats`` rounds of one wrk run each, each round starting one side
-    further on (so that no side is always measured first), each run once every server is idle again: each side's
-    runs. In a rotation each side always follows the same one, and without the wait the side after 100% tracing
-    ran while that server still exported its spans and the receiver (in this process) parsed them: the plain
-    service measured 3-5% below its twin with tracing at 0 in every run of a day."""
+    """Every side's server started, then ``repeats`` rounds of one wrk run each, in the orders of a Williams
+    square (``balanced_orders``: each side first in one round of every ``len(sides)``, and after each other side
+    as often), each run once every server is idle again: each side's runs. In a plain rotation each side always
+    followed the same one, so whatever one side leaves behind fell on one other side only."""
     import os
     import shutil
 
@@ -52,8 +51,9 @@ def interleaved(w: dict, sides: dict, what: str, concurrency: int, duration: flo
         for side, extra in sides.items():
             servers[side] = start(w["tag"], {**w["serve"], **extra})
         order = list(servers.items())
+        rounds = balanced_orders(len(order))
         for i in range(repeats):
-            for side, srv in order[i % len(order):] + order[:i % len(order)]:
+            for side, srv in (order[k] for k in rounds[i % len(rounds)]):
                 r = measure(srv, name, bodies, concurrency, duration, warmup if i == 0 else 0)
                 # this process's tree: every server, and the receiver's thread here
                 r["settle_s"] = round(settle(os.getpid(), 0.05 * len(servers), limit=30), 2)
@@ -64,6 +64,21 @@ def interleaved(w: dict, sides: dict, what: str, concurrency: int, duration: flo
         for srv in servers.values():
             srv.stop()
     return runs
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """A Williams square of ``n`` sides: ``n`` orders (``2n`` for an odd ``n``) in which each side comes first
+    equally often and directly after each other side equally often, so that what a run leaves behind (a
+    server's late work, a warm cache) falls on every side alike."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(x + i) % n for x in first] for i in range(n)]
+    return rows if n % 2 == 0 else rows + [row[::-1] for row in rows]
 
 
 def section(w: dict, concurrency: int, duration: float, warmup: float, repeats: int, log=print) -> dict:

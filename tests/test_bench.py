@@ -252,3 +252,19 @@ def test_a_run_waits_until_the_servers_have_worked_off_the_last_one():
     finally:
         busy.kill()
         busy.wait()
+
+
+@pytest.mark.parametrize("n", range(1, 9))
+def test_interleaved_rounds_balance_who_goes_first_and_who_follows_whom(n):
+    from collections import Counter
+
+    from bench.overhead import balanced_orders
+
+    rows = balanced_orders(n)
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    firsts = Counter(row[0] for row in rows)
+    assert set(firsts) == set(range(n)) and len(set(firsts.values())) == 1
+    follows = Counter((a, b) for row in rows for a, b in zip(row, row[1:]))
+    if n > 1:  # every ordered pair of two sides, each as often as the others
+        assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+        assert len(set(follows.values())) == 1
