@@ -1,6 +1,7 @@
 """The benchmark report's PNG: throughput, latency percentiles and where the time goes for each
-workload served, and the int8 formats against fp32, from the JSON document that ``bench/harness.py``
-measures (``bench/report.py`` writes the Markdown beside it). Drawing only: nothing here runs a model."""
+workload served, the int8 formats against fp32, and request telemetry's cost, from the JSON document that
+``bench/harness.py`` measures (``bench/report.py`` writes the Markdown beside it). Drawing only: nothing here
+runs a model."""
 
 from __future__ import annotations
 
@@ -28,6 +29,11 @@ def plot(doc: dict, stem: Path) -> None:
     if quantized:
         plot_int8(doc, quantized, stem.with_name(stem.name + "-int8").with_suffix(".png")
                   if any(r.get("service") for r in doc["workloads"].values()) else stem.with_suffix(".png"))
+    served = any(r.get("service") for r in doc["workloads"].values())
+    telemetry = {n: r["telemetry"] for n, r in doc["workloads"].items() if r.get("telemetry")}
+    if telemetry:
+        plot_telemetry(telemetry, doc, stem.with_name(stem.name + "-telemetry").with_suffix(".png")
+                       if served or quantized else stem.with_suffix(".png"))
     names = [n for n, r in doc["workloads"].items() if r.get("service")]
     if not names:
         return
@@ -96,6 +102,38 @@ def plot_int8(doc: dict, quantized: dict, path: Path) -> None:
                                                              f"({'VNNI' if q['vnni'] else 'no VNNI'})")
         ax.legend(fontsize=8)
     fig.suptitle(f"INT8 on {doc['machine']['cpu']} ({doc['machine']['cores']} cores)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_telemetry(sections: dict, doc: dict, path: Path) -> None:
+    """Per workload: each telemetry side's throughput over both plain servers' (``as shipped`` and ``tracing 0``,
+    the same code) in each round (dots) and their median (bar), against the 0.97 target."""
+    import statistics
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(sections), figsize=(7.5 * len(sections), 4.5), squeeze=False)
+    for ax, (name, t) in zip(axes[0], sections.items()):
+        sides = t["sides"]
+        plain = [(a["throughput_rps"] + b["throughput_rps"]) / 2
+                 for a, b in zip(sides["as shipped"]["runs"], sides["tracing 0"]["runs"])]
+        for i, (side, x) in enumerate(sides.items()):
+            ratios = [r["throughput_rps"] / p for r, p in zip(x["runs"], plain) if p]
+            ax.barh(i, statistics.median(ratios), color=plt.cm.tab10(i), alpha=0.6)
+            ax.scatter(ratios, [i] * len(ratios), s=12, color="black", zorder=3)
+        ax.axvline(0.97, ls="--", color="red", label="target for JSON logs and 1% tracing")
+        ax.axvline(1.0, color="grey", lw=0.8)
+        ax.set_yticks(range(len(sides)), list(sides))
+        ax.invert_yaxis()
+        ax.set(xlim=(0.4, 1.25), xlabel="req/s over both plain servers' (bar: median of rounds; dots: rounds)",
+               title=f"{name}: request telemetry's cost, {t['concurrency']} connections, {t['repeats']} rounds")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{doc['machine']['cpu']} ({doc['machine']['cores']} cores)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -268,3 +268,16 @@ def test_interleaved_rounds_balance_who_goes_first_and_who_follows_whom(n):
     if n > 1:  # every ordered pair of two sides, each as often as the others
         assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
         assert len(set(follows.values())) == 1
+
+
+def test_the_telemetry_section_is_drawn_beside_its_numbers(tmp_path):
+    """A telemetry-only report gets its PNG (the section's sides against both plain servers, round by round),
+    from a committed run's JSON."""
+    from pathlib import Path
+
+    from bench.report_plots import plot
+
+    doc = json.loads((Path(__file__).parents[1] / "bench/results/2026-12-07-vm-telemetry-8.json").read_text())
+    plot(doc, tmp_path / "report")
+    png = tmp_path / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
