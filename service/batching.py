@@ -98,10 +98,8 @@ class MicroBatcher:
         self.on_execution = on_execution
         self.bulk_slice_s, self.fixed_slice = bulk_slice_ms / 1000, fixed_slice
         self._queues: dict[str, deque] = {p: deque() for p in PRIORITIES}
-        self._queued = 0  # images waiting (not yet in a running batch)
-        self._bulk_queued = 0
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._queued, self._bulk_queued = 0, 0  # images waiting (not yet in a running batch), and bulk ones
+        self._wake, self._task = None, None  # asyncio.Event and the drain's task, made on first use
         self.in_flight = in_flight
         self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix=f"infer-{name}")
         self._running = 0  # images in runs now
@@ -154,8 +152,10 @@ class MicroBatcher:
                 self._forget(item)
             if marks is not None and item.started is not None:
                 marks.setdefault("started", item.started)
+            # a failed request's exception holds every frame it passed (its body's too): no cycle (decoding.py)
+            started, seconds, fut, item = item.started, item.seconds, None, None
         if timings is not None:
-            timings["queue"], timings["inference"] = item.started - now, item.seconds
+            timings["queue"], timings["inference"] = started - now, seconds
         return rows
 
     def check_room(self, n: int, priority: str = "interactive") -> None:
