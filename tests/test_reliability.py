@@ -576,8 +576,9 @@ def test_soak_with_hostile_images_mixed_in(capped_server, bodies):
 
 def test_a_refused_request_leaves_no_cycle_holding_its_body():
     """A request the batcher answers 499 (504 and model errors come the same way), or a decoding process refuses,
-    is freed by reference counting alone: its exception's traceback holds the caller's frame (and its body), and a waiting frame that kept the
-    future holding the exception made a cycle only a full collection freed. The collector is off here."""
+    is freed by reference counting alone: its exception's traceback holds the caller's frame (and its body), and
+    a waiting frame that kept the future holding the exception made a cycle only a full collection freed. The
+    collector is off here."""
     import gc
     import weakref
 
@@ -619,12 +620,13 @@ def test_a_refused_request_leaves_no_cycle_holding_its_body():
     finally:
         gc.enable()
 
+
 def test_refused_bodies_do_not_stay_in_the_worker(stored_default, bodies):
     """A body a decoding process refuses (here 13-20 MB images of too many chunks) is freed once it is answered.
     Its exception held the decoding frame, whose job held the future holding the exception: a cycle only the
     cyclic collector frees, so under load such bodies stayed (150 MB of them in one worker after a 15 s soak; here
-    102-134 MB in three runs of four, 1 MB once fixed). The worker's private memory (USS: not the regions it shares with its decoding processes) is measured once the
-    decoding processes are up, and again after the soak."""
+    102-134 MB in three runs of four, 1 MB once fixed). The worker's private memory (USS: not the regions it
+    shares with its decoding processes) is measured once the decoding processes are up, and again after the soak."""
     import psutil
 
     big = [(data, "application/octet-stream") for data, _, _ in hostile.images().values() if len(data) > 10 * 2**20]
@@ -642,6 +644,7 @@ def test_refused_bodies_do_not_stay_in_the_worker(stored_default, bodies):
         srv.stop()
     assert out["5xx"] == 0 and out["statuses"].get(400, 0) > 20, out
     assert grown < 40, f"the worker kept {grown:.0f} MB after the soak: {out}"
+
 
 # --- bounded labels, idle connections, numbers of any length, shared homes ----------------------------
 
