@@ -153,7 +153,7 @@ class MicroBatcher:
             if marks is not None and item.started is not None:
                 marks.setdefault("started", item.started)
             # a failed request's exception holds every frame it passed (its body's too): no cycle (decoding.py)
-            started, seconds, fut, item = item.started, item.seconds, None, None
+            started, seconds, fut, item, timer = item.started, item.seconds, None, None, None
         if timings is not None:
             timings["queue"], timings["inference"] = started - now, seconds
         return rows
