@@ -25,16 +25,15 @@ def plot(doc: dict, stem: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = [n for n, r in doc["workloads"].items() if r.get("service")]  # the main PNG's, where there is one
     quantized = {n: r["int8"] for n, r in doc["workloads"].items() if r.get("int8")}
     if quantized:
         plot_int8(doc, quantized, stem.with_name(stem.name + "-int8").with_suffix(".png")
-                  if any(r.get("service") for r in doc["workloads"].values()) else stem.with_suffix(".png"))
-    served = any(r.get("service") for r in doc["workloads"].values())
+                  if names else stem.with_suffix(".png"))
     telemetry = {n: r["telemetry"] for n, r in doc["workloads"].items() if r.get("telemetry")}
     if telemetry:
         plot_telemetry(telemetry, doc, stem.with_name(stem.name + "-telemetry").with_suffix(".png")
-                       if served or quantized else stem.with_suffix(".png"))
-    names = [n for n, r in doc["workloads"].items() if r.get("service")]
+                       if names or quantized else stem.with_suffix(".png"))
     if not names:
         return
     fig, axes = plt.subplots(3, len(names), figsize=(6.5 * len(names), 12), squeeze=False)
