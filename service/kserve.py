@@ -49,9 +49,9 @@ async def parse(config: Settings, body: bytes, header_length: str | None) -> tup
     problem = None
     try:
         if len(head) > 64 * 1024:
-            req = await anyio.to_thread.run_sync(json.loads, head or b"{}")
+            req = await anyio.to_thread.run_sync(loads, head)
         else:
-            req = json.loads(head or b"{}")
+            req = loads(head)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, over-long integers
         problem = f"the request is not valid JSON: {str(e)[:200]}"
     if problem:
@@ -59,6 +59,74 @@ async def parse(config: Settings, body: bytes, header_length: str | None) -> tup
     if not isinstance(req, dict):
         raise APIError(400, "bad_request", "the request must be a JSON object with 'inputs'")
     return req, binary
+
+
+#: A JSON array whose text is at least this long and holds only integers is read by numpy, not as Python ints.
+NUMPY_ARRAY_BYTES = 4096
+#: Each array read by numpy stands as an integer while the parser reads the rest: the first as this one, the
+#: next ones counting down. A body whose text holds these digits anywhere is parsed plainly, so no client can
+#: send one of them.
+_MARK = -(10 ** 30)
+_MARK_DIGITS = b"1" + b"0" * 26
+_DATA = re.compile(rb'"data"[ \t\n\r]*:[ \t\n\r]*\[')
+
+
+def loads(head: bytes):
+    """``json.loads``, with each long array of integers that is an input's ``data`` (a UINT8 tensor's pixels)
+    read by numpy: the parser's Python ints and numpy's conversion of them took 10 of the 42 CPU-ms of a
+    ResNet-18 JSON request. The result is json.loads's, those arrays as int64 ndarrays. Where this reading
+    cannot show that it is (a value past int64, a key given twice, an array that is not an input's data),
+    json.loads reads the whole body, and says what is wrong with it."""
+    if len(head) < NUMPY_ARRAY_BYTES or _MARK_DIGITS in head:
+        return json.loads(head or b"{}")
+    arrays, pieces, pos = [], [], 0
+    for m in _DATA.finditer(head):
+        end = head.find(b"]", m.end())
+        if end - m.end() >= NUMPY_ARRAY_BYTES and m.start() >= pos:
+            ints = integers(head[m.end():end])
+            if ints is not None:
+                pieces += [head[pos:m.end()], str(_MARK - len(arrays)).encode()]
+                arrays.append(ints)
+                pos = end
+    if not arrays:
+        return json.loads(head)
+    try:
+        req = json.loads(b"".join(pieces) + head[pos:])
+    except (ValueError, RecursionError):
+        return json.loads(head)  # its error, with the client's own positions
+    inputs = req.get("inputs") if isinstance(req, dict) else None
+    found = {}  # each mark's input (a mark's text is in the body once, so it is found once at most)
+    for t in inputs if isinstance(inputs, list) else ():
+        data = t.get("data") if isinstance(t, dict) else None
+        if type(data) is list and len(data) == 1 and type(data[0]) is int and 0 <= _MARK - data[0] < len(arrays):
+            found[_MARK - data[0]] = t
+    if len(found) != len(arrays):  # a mark lost to a repeated key, or one that is not an input's data
+        return json.loads(head)
+    for i, arr in enumerate(arrays):
+        found[i]["data"] = arr
+    return req
+
+
+def integers(text: bytes) -> np.ndarray | None:
+    """The non-negative integers of an array's text between its brackets, or None where that text is not
+    exactly a JSON list of them (digits, commas and JSON's white space; no empty element, no white space
+    inside a number, no leading zero) or a number needs more than 18 digits."""
+    compact = text.translate(None, b" \t\n\r")
+    if (compact.translate(None, b"0123456789,") or not compact or compact[:1] == b"," or compact[-1:] == b","
+            or b",," in compact):
+        return None
+    commas = compact.count(b",")
+    digit = (np.frombuffer(text, np.uint8) - np.uint8(48)) < 10  # (comparisons: fancy indexing took 5x longer)
+    if int(np.count_nonzero(digit[1:] > digit[:-1])) + bool(digit[0]) != commas + 1:
+        return None  # white space inside a number ("1 2")
+    c = np.frombuffer(compact, np.uint8)  # digits and commas only, so a digit is what is not a comma
+    if c[0] == 48 and c.size > 1 and c[1] != 44 or ((c[:-2] == 44) & (c[1:-1] == 48) & (c[2:] != 44)).any():
+        return None  # a leading zero
+    values = np.fromstring(compact, np.int64, sep=",")
+    if values.size != commas + 1 or values.max() >= 10 ** 18:
+        return None
+    return values
+
 
 def input_of(engine: Engine, call: Call, req: dict, binary: bytes) -> np.ndarray | list[bytes]:
     """The JSON request's one input (see ``tensor_input``), with the binary tensor extension's part."""

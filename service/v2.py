@@ -86,7 +86,7 @@ def tensor_input(engine: Engine, call: Call, t: Tensor) -> np.ndarray | list[byt
     data = t.data
     if isinstance(data, (str, bytes, dict)) or not hasattr(data, "__len__"):
         raise APIError(400, "bad_request", "input needs 'data' (a list of integers) or binary_data_size")
-    if not isinstance(data, list) and len(data) != count:  # gRPC's flat contents: counted before converted
+    if not isinstance(data, (list, np.ndarray)) and len(data) != count:  # gRPC's flat contents, before converted
         raise APIError(400, "bad_data", f"input data must be {count} integers for shape {shape}, got {len(data)}")
     problem = None
     try:

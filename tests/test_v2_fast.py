@@ -8,6 +8,7 @@ import base64
 import json
 
 import numpy as np
+from hypothesis import strategies as st
 
 from cnnserve.core.runtime import load_model
 
@@ -261,3 +262,97 @@ def test_a_draining_worker_says_its_models_are_not_ready_over_both_protocols(def
         assert asyncio.run(both()) == (False, False)
     finally:
         engine.close()
+
+
+def _plain(obj):
+    """``obj`` with each ndarray as the list json.loads would have made."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _outcome(parse, body: bytes):
+    try:
+        return "parsed", _plain(parse(body))
+    except (ValueError, RecursionError) as e:
+        return type(e).__name__, str(e)
+
+
+_JSON_SPACE = st.sampled_from(["", " ", "  ", "\n", "\t", "\r\n "])
+_NUMBERS = st.one_of(st.integers(0, 255), st.integers(0, 255), st.integers(-5, 10 ** 20),
+                     st.floats(allow_nan=False, allow_infinity=False), st.booleans())
+# what could make a list of digits read otherwise than JSON reads it, put anywhere in the body's text
+_SNIPPETS = st.sampled_from(["0", "00", " ", ",", ",,", "-", ".", "e5", '"', "[", "]", "1 2", "\\", "\u00e9",
+                             str(-(10 ** 30)), str(-(10 ** 30) - 1), '"data": [1, 2]', '"data":[', "99999999999999999999"])
+
+
+@st.composite
+def _bodies(draw) -> bytes:
+    """An infer request's JSON as clients write it (any spacing, any key order, extra keys, data lists of
+    integers and sometimes of anything), sometimes with a few characters put in or taken out anywhere."""
+    def array(values: list) -> str:
+        gap = draw(_JSON_SPACE)
+        texts = [json.dumps(v) for v in values]
+        if texts and draw(st.integers(0, 3)) == 0:  # one number not quite JSON's, or just past a limit
+            i = draw(st.integers(0, len(texts) - 1))
+            texts[i] = draw(st.sampled_from(["0{}", "{} 1", "{}0000000000000000000", "-{}", "{}.0", "{}e0"])).format(
+                texts[i])
+        return "[" + gap + ("," + draw(_JSON_SPACE)).join(texts) + gap + "]"
+
+    inputs = []
+    for _ in range(draw(st.integers(0, 3))):
+        values = draw(st.lists(st.integers(0, 255) if draw(st.booleans()) else _NUMBERS, max_size=40))
+        data = array(values) if draw(st.integers(0, 5)) else json.dumps(draw(st.sampled_from(
+            [[values], "text", {"data": values}, None, [-(10 ** 30)], [-(10 ** 30) - 1]])))  # (marks, as data)
+        fields = ['"name": "pixels"', '"datatype": "UINT8"', f'"shape": [1, {len(values)}]',
+                  f'"data"{draw(_JSON_SPACE)}:{draw(_JSON_SPACE)}{data}']
+        if draw(st.integers(0, 9)) == 0:
+            fields.append(f'"data": {array(values)}')  # a key twice: JSON keeps the last
+        inputs.append("{" + ", ".join(draw(st.permutations(fields))) + "}")
+    extra = draw(st.sampled_from(['', '"id": "x", ', '"id": "\\"data\\": [1, 2, 3]", ', '"x": {"data": [7, 8]}, ',
+                                  '"outputs": [{"name": "probabilities"}], ']))
+    text = "{" + extra + '"inputs"' + draw(_JSON_SPACE) + ":" + "[" + ", ".join(inputs) + "]}"
+    for _ in range(draw(st.integers(0, 2))):
+        at = draw(st.integers(0, len(text)))
+        text = text[:at] + draw(_SNIPPETS) + text[at + draw(st.integers(0, 2)):]
+    return text.encode("utf-8" if draw(st.integers(0, 9)) else "utf-16")
+
+
+def test_json_tensors_read_by_numpy_are_what_json_reads(monkeypatch):
+    """A big JSON tensor's integers are read by numpy (``kserve.loads``), not as Python ints: for any body, the
+    request is exactly what ``json.loads`` makes of it (the data as an ndarray of the same numbers), or the same
+    error with the same message. Every array is a candidate here (the size from which numpy reads is set to one
+    byte); at the real size, a ResNet-18 body takes the numpy path."""
+    from hypothesis import HealthCheck, given, settings
+
+    from cnnserve.service import kserve
+
+    taken = []
+    real = kserve.integers
+
+    def counted(text: bytes):
+        out = real(text)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kserve, "NUMPY_ARRAY_BYTES", 1)
+    monkeypatch.setattr(kserve, "integers", counted)
+
+    @settings(max_examples=1500, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(_bodies())
+    def search(body: bytes):
+        assert _outcome(kserve.loads, body) == _outcome(json.loads, body), body
+
+    search()
+    assert sum(taken) > 500, sum(taken)  # the numpy path ran, and often
+
+    monkeypatch.undo()
+    x = np.random.default_rng(0).integers(0, 256, (1, 3, 224, 224))
+    body = json.dumps({"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": list(x.shape),
+                                   "data": x.ravel().tolist()}]}).encode()
+    data = kserve.loads(body)["inputs"][0]["data"]
+    assert isinstance(data, np.ndarray) and np.array_equal(data, x.ravel())
