@@ -10,6 +10,14 @@ import time
 from pathlib import Path
 
 
+def over(concurrency) -> str:
+    """How the check's figure was made: the geometric mean of req/s over the concurrencies (``tune_search.served``);
+    a report written before that compared req/s at one concurrency."""
+    if isinstance(concurrency, int):
+        return f"at {concurrency} connections"
+    return f"over {', '.join(map(str, concurrency))} connections (the geometric mean)"
+
+
 def verdict(a, defaults: dict, best: dict, check: dict | None) -> tuple[dict, bool, list[str]]:
     """The trial whose settings are written, whether it met the constraint, and what to tell the user."""
     limit = f"p99 <= {a.p99_ms:g} ms at {' and '.join(map(str, a.concurrency))} connections with no failed request"
@@ -21,17 +29,17 @@ def verdict(a, defaults: dict, best: dict, check: dict | None) -> tuple[dict, bo
     if best is defaults:
         return defaults, True, [f"the defaults met {limit} and no other setting beat them in the search; "
                                 f"{a.out} holds the defaults"]
-    top = check["concurrency"]
+    top = over(check["concurrency"])
     w, d = check["median"]["winner"], check["median"]["defaults"]
     if check["kept"]:
-        return best, True, [f"chosen: trial {best['trial']} ({best['label']}): {w:.0f} req/s at {top} connections "
+        return best, True, [f"chosen: trial {best['trial']} ({best['label']}): {w:.0f} req/s {top} "
                             f"against the defaults' {d:.0f} ({w / d:.2f}x; median of 3 interleaved runs each, "
                             f"its slowest run above their fastest), {limit}"]
     why = ("it missed the constraint in the check" if not check["meets"]["winner"]
            else "it did not beat them beyond their spread")
     return defaults, bool(defaults.get("meets")), [
         f"trial {best['trial']} ({best['label']}) led the search, but in the check against the defaults "
-        f"({w:.0f} against {d:.0f} req/s at {top} connections, median of 3 interleaved runs) {why}: "
+        f"({w:.0f} against {d:.0f} req/s {top}, median of 3 interleaved runs) {why}: "
         f"the defaults stay in {a.out}"]
 
 
@@ -83,7 +91,7 @@ def markdown(doc: dict, settings: dict, where: str, png: str) -> str:
                          f"{r['mean_batch']:.1f} | {r['n_503']} | {r['failures']} | {ok} |")
     check = doc["check"]
     if check:
-        lines += ["", f"The check, at {check['concurrency']} connections, interleaved (req/s per run): "
+        lines += ["", f"The check, {over(check['concurrency'])}, interleaved (req/s per run): "
                       f"defaults {', '.join(f'{x:.0f}' for x in check['rates']['defaults'])}; "
                       f"winner {', '.join(f'{x:.0f}' for x in check['rates']['winner'])}."]
     return "\n".join(lines) + "\n"

@@ -163,6 +163,21 @@ def _trial(n, rps, p99, failures=0, meets=True):
             "meets": meets, "rows": [{"concurrency": 64, "throughput_rps": rps, "p99_ms": p99, "failures": failures}]}
 
 
+def test_a_setting_is_ranked_by_what_it_serves_over_every_concurrency():
+    """The tuner's figure is the geometric mean of req/s over the concurrencies: a setting level with the defaults
+    at the highest and far faster for a lone client beats them (ResNet-18's one worker against two), and one that
+    gains a little at the highest by keeping a lone client waiting does not."""
+    from bench.tune_search import better, score, served
+
+    def rows(*rates):
+        return [{"concurrency": c, "throughput_rps": r, "p99_ms": 50.0, "failures": 0} for c, r in zip((1, 8, 32), rates)]
+
+    two_workers, one_worker = rows(91, 178, 200), rows(139, 182, 198)
+    assert served(rows(10, 100, 1000)) == pytest.approx(100)
+    assert better(score(one_worker, 100), score(two_workers, 100))
+    assert not better(score(rows(60, 178, 210), 100), score(two_workers, 100))
+
+
 def test_the_winner_is_kept_only_beyond_the_defaults_spread():
     from argparse import Namespace
 
