@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
     """``cnnserve tune``'s parser (registered by ``cnnserve/cli.py``)."""
     doc = ("Choose the service's settings by measurement on this machine: start the real service with candidate "
            "settings, drive it with wrk and the model's own held-out images, hill-climb from the defaults to the "
-           "highest throughput whose p99 meets --p99-ms at every --concurrency, check the winner against the "
+           "setting that serves most over every --concurrency (the geometric mean of its req/s) with p99 within "
+           "--p99-ms at each, check the winner against the "
            "defaults (3 interleaved runs each), and write the service arguments (`bentoml serve --arg-file "
            "tuned.yaml`) with a Markdown report and a PNG of every trial.")
     p = sub.add_parser("tune", help="choose the service's settings for a model by measuring them here",
