@@ -81,7 +81,10 @@ def loads(head: bytes):
         return json.loads(head or b"{}")
     arrays, pieces, pos = [], [], 0
     for m in _DATA.finditer(head):
-        end = head.find(b"]", m.end())
+        # the array ends at the first "]", and before any quote: looked for up to the next quote, so that each
+        # byte is scanned once however many "data" keys a client nests (the first "]" could be far after them)
+        quote = head.find(b'"', m.end())
+        end = head.find(b"]", m.end(), len(head) if quote < 0 else quote)
         if end - m.end() >= NUMPY_ARRAY_BYTES and m.start() >= pos:
             ints = integers(head[m.end():end])
             if ints is not None:
