@@ -170,7 +170,8 @@ def test_a_setting_is_ranked_by_what_it_serves_over_every_concurrency():
     from bench.tune_search import better, score, served
 
     def rows(*rates):
-        return [{"concurrency": c, "throughput_rps": r, "p99_ms": 50.0, "failures": 0} for c, r in zip((1, 8, 32), rates)]
+        return [{"concurrency": c, "throughput_rps": r, "p99_ms": 50.0, "failures": 0}
+                for c, r in zip((1, 8, 32), rates)]
 
     two_workers, one_worker = rows(91, 178, 200), rows(139, 182, 198)
     assert served(rows(10, 100, 1000)) == pytest.approx(100)

@@ -287,7 +287,8 @@ _NUMBERS = st.one_of(st.integers(0, 255), st.integers(0, 255), st.integers(-5, 1
                      st.floats(allow_nan=False, allow_infinity=False), st.booleans())
 # what could make a list of digits read otherwise than JSON reads it, put anywhere in the body's text
 _SNIPPETS = st.sampled_from(["0", "00", " ", ",", ",,", "-", ".", "e5", '"', "[", "]", "1 2", "\\", "\u00e9",
-                             str(-(10 ** 30)), str(-(10 ** 30) - 1), '"data": [1, 2]', '"data":[', "99999999999999999999"])
+                             str(-(10 ** 30)), str(-(10 ** 30) - 1), '"data": [1, 2]', '"data":[',
+                             "99999999999999999999"])
 
 
 @st.composite
