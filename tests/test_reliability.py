@@ -573,7 +573,6 @@ def test_soak_with_hostile_images_mixed_in(capped_server, bodies):
     assert out["rss_after_mb"] - out["rss_before_mb"] < 300, out
 
 
-
 def test_a_refused_request_leaves_no_cycle_holding_its_body():
     """A request the batcher answers 499 (504 and model errors come the same way), or a decoding process refuses,
     is freed by reference counting alone: its exception's traceback holds the caller's frame (and its body), and
